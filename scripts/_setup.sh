@@ -1,0 +1,52 @@
+# Installs whatever is missing, and nothing when nothing is; sourced by scripts/chat and
+# scripts/test.  Usage: setup_project [pip-extras]
+# - Debian packages: python3-venv and g++ (llama-cpp-python compiles llama.cpp on first
+#   install), espeak-ng (speech).  Installed with apt-get as root, or sudo, when missing.
+# - .venv with this project installed (editable).  Re-installed only when pyproject.toml
+#   changes; pip's wheel cache makes the llama.cpp build a one-time cost.
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+
+_say() { printf '\033[2m[setup] %s\033[0m\n' "$*" >&2; }
+
+_apt_install() {
+  local runner=()
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then runner=(sudo); else
+      _say "please install these Debian packages: $* (no root, no sudo)"; return 1
+    fi
+  fi
+  _say "installing Debian packages: $*"
+  "${runner[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+    "${runner[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+setup_project() {
+  local extras="${1:-}"
+  local python="${PYTHON:-python3}"
+  local need=()
+  if ! [ -x "$VENV/bin/python" ]; then
+    "$python" -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+    command -v g++ >/dev/null 2>&1 || need+=(g++)
+  fi
+  command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
+  if [ ${#need[@]} -gt 0 ]; then
+    _apt_install "${need[@]}" || _say "continuing without: ${need[*]}"
+  fi
+  if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+    _say "Python 3.10 or newer is needed ($python is $("$python" --version 2>&1))"; return 1
+  fi
+  if ! [ -x "$VENV/bin/python" ]; then
+    _say "creating $VENV"
+    "$python" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.installed${extras:+-$extras}"
+  local want
+  want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-32)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    _say "installing the project into .venv (the first time builds llama.cpp: several minutes)"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT${extras:+[$extras]}"
+    echo "$want" > "$stamp"
+  fi
+}

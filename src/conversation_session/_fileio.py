@@ -1,0 +1,145 @@
+"""Small, careful file primitives: atomic replace, bounded safe reads, advisory locks."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = [
+    "FileTooLargeError",
+    "NotARegularFileError",
+    "atomic_write_bytes",
+    "dir_lock",
+    "flock_holder",
+    "fsync_dir",
+    "read_regular_file",
+]
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+class NotARegularFileError(OSError):
+    """A symlink, FIFO, device or directory stands where a session file should be."""
+
+
+class FileTooLargeError(OSError):
+    """A file is larger than the caller is willing to read."""
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """Read ``path`` without following a symlink, refusing anything but a regular file.
+
+    The size is checked on the open descriptor before reading, so a planted multi-GB file
+    costs nothing, and a file swapped for a symlink between a listing and the read is refused.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotARegularFileError(errno.ELOOP, "is a symbolic link; not followed", str(path)) from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFileError(errno.EINVAL, "is not a regular file", str(path))
+        if st.st_size > max_bytes:
+            raise FileTooLargeError(
+                errno.EFBIG, f"is {st.st_size:,} bytes, over the {max_bytes:,}-byte limit", str(path)
+            )
+        chunks = []
+        remaining = max_bytes + 1  # a file that grows while we read is still bounded
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > max_bytes:
+            raise FileTooLargeError(errno.EFBIG, f"grew over the {max_bytes:,}-byte limit", str(path))
+        return data
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort: not every filesystem allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | _O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old file or the new, never a mix.
+
+    The new content goes to a temporary file in the same directory (same filesystem, so the
+    rename is atomic), is flushed and fsynced, and only then renamed over the live file; the
+    directory is fsynced so the rename itself survives a power cut.  On any failure, Ctrl-C
+    included, the temporary file is removed and the live file is untouched.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def dir_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``directory/.lock`` (threads and processes alike).
+
+    Used only around creating and removing session files, so that "is this name free?" and
+    "claim it" are one step even when twenty sessions start in the same second.
+    """
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def flock_holder(fd: int) -> int | None:
+    """The pid holding a conflicting flock on the file behind ``fd``, from /proc/locks (Linux)."""
+    try:
+        st = os.fstat(fd)
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    wanted = f":{st.st_ino}"
+    for line in lines:
+        parts = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 12345 fd:01:123456 0 EOF"; blocked waiters have "->".
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5].endswith(wanted):
+            dev = parts[5].rsplit(":", 1)[0]
+            major, minor = (int(x, 16) for x in dev.split(":"))
+            if os.makedev(major, minor) == st.st_dev:
+                with contextlib.suppress(ValueError):
+                    return int(parts[4])
+    return None

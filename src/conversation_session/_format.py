@@ -1,0 +1,206 @@
+"""The session file format, spelled out, with validation and ordered upgrade steps.
+
+A session is stored as ``<sessions_dir>/<session_id>.json`` in the seed's format::
+
+    {
+      "schema_version": 1,
+      "session_id": "session_1730000001",
+      "created_at": "2025-10-24T12:00:00",
+      "updated_at": "2025-10-24T12:03:10",
+      "llm_model": "qwen2.5:3b",
+      "turns": 3,
+      "conversation_history": [{"role": "user", "content": "你好"}, ...]
+    }
+
+Files without ``schema_version`` (written by the seed's own implementation) are version 0 and
+are upgraded on load by the steps in ``MIGRATIONS``.  Turns completed since the last snapshot
+live in ``<session_id>.journal``: one JSON object per line, see ``JournalRecordDict``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, TypedDict
+
+from ._exceptions import SessionFormatError
+
+__all__ = [
+    "MIGRATIONS",
+    "ROLES",
+    "SCHEMA_VERSION",
+    "JournalRecordDict",
+    "MessageDict",
+    "SessionFileDict",
+    "SessionRecord",
+    "count_turns",
+    "now_iso",
+    "parse_journal_line",
+    "validate_messages",
+]
+
+SCHEMA_VERSION = 1
+ROLES = frozenset({"system", "user", "assistant"})
+
+
+class MessageDict(TypedDict):
+    role: str
+    content: str
+
+
+class SessionFileDict(TypedDict):
+    schema_version: int
+    session_id: str
+    created_at: str
+    updated_at: str
+    llm_model: str
+    turns: int
+    conversation_history: list[MessageDict]
+
+
+class JournalRecordDict(TypedDict):
+    """One line of ``<session_id>.journal``: messages appended at index ``start``."""
+
+    start: int
+    messages: list[MessageDict]
+    updated_at: str
+
+
+def now_iso() -> str:
+    """Local time, ISO 8601 to the second, as the seed's ``created_at`` shows."""
+    return datetime.now(timezone.utc).astimezone().replace(tzinfo=None).isoformat(timespec="seconds")
+
+
+def count_turns(messages: list[MessageDict]) -> int:
+    """A turn is one completed exchange, so it is counted by the assistant's replies."""
+    return sum(1 for m in messages if m["role"] == "assistant")
+
+
+def validate_messages(value: Any, *, where: str = "conversation_history") -> list[MessageDict]:
+    """Return ``value`` as a list of ``{role, content}`` messages or raise ``SessionFormatError``."""
+    if not isinstance(value, list):
+        raise SessionFormatError(f"{where} is {type(value).__name__}, not a list")
+    out: list[MessageDict] = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise SessionFormatError(f"{where}[{i}] is {type(m).__name__}, not an object")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or role not in ROLES:
+            raise SessionFormatError(f"{where}[{i}].role is {role!r}, not one of {sorted(ROLES)}")
+        if not isinstance(content, str):
+            raise SessionFormatError(f"{where}[{i}].content is {type(content).__name__}, not a string")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _require_str(data: dict[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str):
+        raise SessionFormatError(f"{key!r} is {type(value).__name__}, not a string")
+    return value
+
+
+# Upgrade steps, in order: step N turns a version N-1 dict into version N.  Never edit a step
+# once released; add a new one and bump SCHEMA_VERSION.
+def _v1_from_seed(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 0 is the seed's format: no schema_version, no updated_at."""
+    data = dict(data)
+    data.setdefault("updated_at", data.get("created_at"))
+    data.setdefault("llm_model", "unknown")
+    data["schema_version"] = 1
+    return data
+
+
+MIGRATIONS: list[tuple[int, Callable[[dict[str, Any]], dict[str, Any]]]] = [
+    (1, _v1_from_seed),
+]
+
+
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """Apply every upgrade step newer than the file's ``schema_version``."""
+    version = data.get("schema_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise SessionFormatError(f"schema_version is {version!r}, not a whole number")
+    if version > SCHEMA_VERSION:
+        raise SessionFormatError(
+            f"schema_version {version} is newer than this release understands ({SCHEMA_VERSION}); "
+            "upgrade conversation_session to read it"
+        )
+    for target, step in MIGRATIONS:
+        if version < target:
+            data = step(data)
+            version = target
+    return data
+
+
+@dataclass
+class SessionRecord:
+    """A session's persisted state; ``to_dict``/``from_dict`` are the only way in and out."""
+
+    session_id: str
+    llm_model: str
+    created_at: str = field(default_factory=now_iso)
+    updated_at: str = ""
+    messages: list[MessageDict] = field(default_factory=list)
+
+    @property
+    def turns(self) -> int:
+        return count_turns(self.messages)
+
+    def to_dict(self, messages: list[MessageDict] | None = None) -> SessionFileDict:
+        history = self.messages if messages is None else messages
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "session_id": self.session_id,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at or self.created_at,
+            "llm_model": self.llm_model,
+            "turns": count_turns(history),
+            "conversation_history": history,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SessionRecord:
+        """Validate a parsed session file (any schema version) into a record."""
+        if not isinstance(data, dict):
+            raise SessionFormatError(f"the top level is {type(data).__name__}, not an object")
+        data = upgrade(data)
+        messages = validate_messages(data.get("conversation_history"))
+        created_at = _require_str(data, "created_at")
+        updated_at = data.get("updated_at") or created_at
+        if not isinstance(updated_at, str):
+            raise SessionFormatError(f"'updated_at' is {type(updated_at).__name__}, not a string")
+        # "turns" is derived from the history; a disagreeing value on disk is not trusted.
+        turns = data.get("turns")
+        if turns is not None and (isinstance(turns, bool) or not isinstance(turns, int)):
+            raise SessionFormatError(f"'turns' is {type(turns).__name__}, not a whole number")
+        return cls(
+            session_id=_require_str(data, "session_id"),
+            llm_model=_require_str(data, "llm_model"),
+            created_at=created_at,
+            updated_at=updated_at,
+            messages=messages,
+        )
+
+
+def parse_journal_line(line: bytes) -> JournalRecordDict:
+    """Parse one journal line; a torn or damaged line raises ``SessionFormatError``."""
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise SessionFormatError(f"journal line is not JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise SessionFormatError("journal line is not an object")
+    start = data.get("start")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise SessionFormatError(f"journal line has start={start!r}")
+    updated_at = data.get("updated_at")
+    if not isinstance(updated_at, str):
+        raise SessionFormatError("journal line has no updated_at")
+    return {
+        "start": start,
+        "messages": validate_messages(data.get("messages"), where="journal messages"),
+        "updated_at": updated_at,
+    }

@@ -1,0 +1,459 @@
+"""ConversationSession: turn orchestration, timeouts, trimming, and persistence hooks.
+
+A turn joins the history only once it is complete: the reply is generated from
+``history + [user message]``, and only when the backend has finished are both messages added
+(in one step) and journaled.  A timeout, a backend error or Ctrl-C therefore leaves memory,
+file and KV cache exactly as they were after the previous turn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ._exceptions import BackendError, SessionError, SessionTimeoutError
+from ._format import MessageDict, count_turns
+from ._result import ChatResult
+from ._store import HistoryStore, SessionWriter, validate_session_id
+from .backends import Backend, GenerationRequest, create_backend, estimate_tokens
+
+__all__ = ["SESSIONS_DIR_ENV", "ConversationSession"]
+
+logger = logging.getLogger("conversation_session")
+
+SESSIONS_DIR_ENV = "CONVERSATION_SESSIONS_DIR"
+# After a cancel the worker finishes its current step (one prefill chunk, one token, or a
+# socket read that the cancel has just shut down); this only guards against a stuck backend.
+_JOIN_TIMEOUT_S = 15.0
+_PIECE, _DONE, _ERROR = range(3)
+
+
+def default_sessions_dir() -> str:
+    return os.environ.get(SESSIONS_DIR_ENV) or "sessions"
+
+
+class _Expired(Exception):
+    pass
+
+
+class ConversationSession:
+    """A conversation that saves every completed turn and survives timeouts and restarts.
+
+    Args:
+        llm_model: model to use: a ``.gguf`` path for ``llama-cpp`` (``None``: the bundled
+            SmolLM2-135M-Instruct), a model name for ``ollama`` (``None``: ``qwen2.5:3b``).
+        backend: ``"llama-cpp"`` (in-process), ``"ollama"``, ``"openai"``, or a ``Backend``.
+        base_url: server URL for the server backends.
+        enable_cache: keep the history (and the KV cache) between turns and save it; False is
+            stateless: each ``chat()`` sends only its own message and nothing is saved.
+        timeout: seconds a whole turn may take (``None``: no limit).
+        tts_wait_timeout: seconds to wait for speech to finish once the text is complete.
+        tts: speech engine name (``"espeak"``) or object; ``None`` is silent.
+        sessions_dir: where session files live (default ``$CONVERSATION_SESSIONS_DIR`` or
+            ``sessions``).
+        system_prompt: sent first in every prompt; never trimmed; not part of the history.
+        max_tokens: reply length limit in tokens.
+        temperature: sampling temperature (0 = greedy).
+        backend_options: extra keyword arguments for the backend (``n_ctx``, ``num_ctx``, ...).
+
+    Raises:
+        BackendError: the backend cannot be set up (model file missing, ...).
+        SessionError: the sessions folder cannot be created.
+    """
+
+    def __init__(
+        self,
+        llm_model: str | os.PathLike[str] | None = None,
+        *,
+        backend: str | Backend = "llama-cpp",
+        base_url: str | None = None,
+        enable_cache: bool = True,
+        timeout: float | None = 60.0,
+        tts_wait_timeout: float | None = 30.0,
+        tts: Any = None,
+        sessions_dir: str | os.PathLike[str] | None = None,
+        system_prompt: str | None = None,
+        max_tokens: int = 512,
+        temperature: float = 0.7,
+        backend_options: dict[str, Any] | None = None,
+    ):
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive or None, not {timeout!r}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, not {max_tokens!r}")
+        self.enable_cache = enable_cache
+        self.timeout = timeout
+        self.tts_wait_timeout = tts_wait_timeout
+        self.tts = tts
+        self.system_prompt = system_prompt
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        if isinstance(backend, Backend):
+            self.backend = backend
+        else:
+            self.backend = create_backend(
+                backend, None if llm_model is None else str(llm_model), base_url=base_url,
+                **(backend_options or {}),
+            )
+        self.llm_model = self.backend.model_name
+        self.store = HistoryStore(sessions_dir if sessions_dir is not None else default_sessions_dir())
+        self._lock = threading.RLock()
+        self._messages: list[MessageDict] = []
+        self._trim_start = 0          # history[_trim_start:] is what the prompt carries
+        self._closed = False
+        self._last: ChatResult | None = None
+        self._total_prompt = 0
+        self._total_cached = 0
+        self._writer: SessionWriter | None = None
+        self._stateless_id = f"session_{int(time.time())}"
+        if enable_cache:
+            self._writer = self.store.create(self.llm_model)
+            self._writer.bind(self._messages)
+        logger.debug("session %s started (backend %s, model %s)", self.session_id, self.backend.name,
+                     self.llm_model)
+
+    # -- context manager -----------------------------------------------------------------
+    def __enter__(self) -> ConversationSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush the session file, release the session lock and the backend. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                if self._writer is not None:
+                    self._writer.close()
+            finally:
+                self.backend.close()
+
+    # -- properties ----------------------------------------------------------------------
+    @property
+    def session_id(self) -> str:
+        return self._writer.session_id if self._writer is not None else self._stateless_id
+
+    @property
+    def history(self) -> list[MessageDict]:
+        """A copy of the kept conversation (completed turns only)."""
+        return [dict(m) for m in self._messages]  # type: ignore[misc]
+
+    @property
+    def turns(self) -> int:
+        return count_turns(self._messages)
+
+    @property
+    def path(self) -> Path:
+        return self.store.snapshot_path(self.session_id)
+
+    # -- the turn ------------------------------------------------------------------------
+    def chat(self, text: str, *, on_token: Callable[[str], None] | None = None) -> ChatResult:
+        """Send ``text`` and return the completed reply; the turn is saved before returning.
+
+        Args:
+            text: the user's message.
+            on_token: called with each streamed piece of the reply, as it arrives.
+
+        Raises:
+            SessionTimeoutError: the turn took longer than ``timeout``; nothing of it is kept,
+                the session stays usable and its KV cache valid.
+            BackendError: the backend failed (server down, model missing, ...).
+            ValueError: ``text`` is empty.
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("the message is empty")
+        with self._lock:
+            if self._closed:
+                raise SessionError("the session is closed; start a new ConversationSession")
+            user: MessageDict = {"role": "user", "content": text}
+            prompt, trimmed = self._prompt_for(user)
+            request = GenerationRequest(messages=prompt, max_tokens=self.max_tokens,
+                                        temperature=self.temperature)
+            t0 = time.perf_counter()
+            pieces, ttft = self._generate(request, t0, on_token)
+            total = time.perf_counter() - t0
+            reply: MessageDict = {"role": "assistant", "content": "".join(pieces)}
+            saved = False
+            if self.enable_cache:
+                # One extend: a background snapshot never sees half a turn.
+                self._messages.extend((user, reply))
+                assert self._writer is not None
+                t1 = time.perf_counter()
+                saved = self._writer.commit()
+                logger.debug("turn %d committed in %.3f ms", self.turns, (time.perf_counter() - t1) * 1000)
+            usage = request.usage
+            self._total_prompt += usage.prompt_tokens or 0
+            self._total_cached += usage.cached_tokens or 0
+            self._last = ChatResult(
+                response=reply["content"],
+                turn=self.turns if self.enable_cache else 1,
+                ttft_s=ttft,
+                total_s=total,
+                prompt_tokens=usage.prompt_tokens,
+                cached_tokens=usage.cached_tokens,
+                completion_tokens=usage.completion_tokens,
+                saved=saved,
+                finish_reason=usage.finish_reason,
+                trimmed_turns=trimmed,
+            )
+            return self._last
+
+    def _generate(self, request: GenerationRequest, t0: float,
+                  on_token: Callable[[str], None] | None) -> tuple[list[str], float | None]:
+        """Run the backend in a worker thread so that a deadline or Ctrl-C can stop it.
+
+        The caller's thread only waits on a queue; on expiry or interruption it cancels the
+        request (which stops the model or closes the socket) and joins the worker, so no
+        computation outlives the turn.
+        """
+        results: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+        backend = self.backend
+
+        def work() -> None:
+            try:
+                with contextlib.closing(backend.generate(request)) as stream:  # type: ignore[arg-type]
+                    for piece in stream:
+                        results.put((_PIECE, piece))
+                        if request.cancel.cancelled:
+                            break
+                results.put((_DONE, None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                results.put((_ERROR, exc))
+
+        worker = threading.Thread(target=work, name=f"generate-{self.session_id}", daemon=True)
+        deadline = None if self.timeout is None else t0 + self.timeout
+        pieces: list[str] = []
+        ttft: float | None = None
+        worker.start()
+        try:
+            while True:
+                wait = None if deadline is None else deadline - time.perf_counter()
+                if wait is not None and wait <= 0:
+                    raise _Expired
+                try:
+                    kind, value = results.get(timeout=wait)
+                except queue.Empty:
+                    raise _Expired from None
+                if kind == _PIECE:
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    pieces.append(value)
+                    if on_token is not None:
+                        on_token(value)
+                elif kind == _DONE:
+                    break
+                else:
+                    if isinstance(value, SessionError):
+                        raise value
+                    raise BackendError(f"{backend.name} backend failed: {value!r}") from value
+        except BaseException as exc:
+            request.cancel.cancel()
+            worker.join(_JOIN_TIMEOUT_S)
+            if worker.is_alive():
+                logger.warning("the %s backend did not stop within %.0f s of being cancelled",
+                               backend.name, _JOIN_TIMEOUT_S)
+            if isinstance(exc, _Expired):
+                partial = "".join(pieces)
+                logger.info("turn timed out after %.1f s; %d characters discarded, history kept",
+                            self.timeout, len(partial))
+                raise SessionTimeoutError(
+                    f"the reply took longer than timeout={self.timeout} s; the conversation so far "
+                    "is kept and you can continue",
+                    partial_response=partial, timeout=self.timeout,
+                ) from None
+            raise
+        worker.join(_JOIN_TIMEOUT_S)
+        return pieces, ttft
+
+    # -- context window ------------------------------------------------------------------
+    def _prompt_for(self, user: MessageDict) -> tuple[list[MessageDict], int]:
+        """The messages to send: system prompt, as much recent history as fits, the new message.
+
+        The oldest whole turns are left out when the context window would overflow (the
+        history itself keeps them).  When that happens a quarter of the window more is freed,
+        so the prompt's prefix, and with it the KV cache, stays stable for the next turns
+        instead of shifting every turn.
+        """
+        system: list[MessageDict] = (
+            [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        )
+        history = self._messages if self.enable_cache else []
+        n_ctx = self.backend.context_length()
+        if n_ctx is None:
+            return system + history[self._trim_start:] + [user], self._trimmed_turns()
+        budget = n_ctx - self.max_tokens
+        backend = self.backend
+
+        def fits(start: int, limit: int) -> bool:
+            msgs = system + history[start:] + [user]
+            estimate = estimate_tokens(msgs)
+            if backend.exact_token_count and estimate > limit // 2:
+                return backend.count_tokens(msgs) <= limit
+            return estimate <= limit
+
+        if not fits(len(history), budget):
+            need = backend.count_tokens([*system, user])
+            raise SessionError(
+                f"the message is too long: with the system prompt it takes {need} tokens, and the "
+                f"{n_ctx}-token context leaves {budget} after reserving max_tokens={self.max_tokens}; "
+                "shorten it or raise the context size"
+            )
+        if not fits(self._trim_start, budget):
+            starts = [i for i in range(self._trim_start + 1, len(history)) if history[i]["role"] == "user"]
+            starts.append(len(history))
+            target = budget - n_ctx // 4
+            new_start = next((s for s in starts if fits(s, target)), None)
+            if new_start is None:
+                new_start = next(s for s in starts if fits(s, budget))
+            dropped = count_turns(history[self._trim_start:new_start])
+            self._trim_start = new_start
+            logger.warning("context window (%d tokens) full: %d oldest turn(s) left out of the prompt "
+                           "(still in the history and the file)", n_ctx, dropped)
+        return system + history[self._trim_start:] + [user], self._trimmed_turns()
+
+    def _trimmed_turns(self) -> int:
+        return count_turns(self._messages[: self._trim_start])
+
+    # -- persistence ---------------------------------------------------------------------
+    def save_history(self) -> Path:
+        """Write the session file now (it is also written after every turn) and return its path.
+
+        Raises:
+            SessionError: ``enable_cache=False`` (nothing is kept to save), or the write failed.
+        """
+        with self._lock:
+            if not self.enable_cache or self._writer is None:
+                raise SessionError(
+                    "this session was created with enable_cache=False, so it keeps no history to "
+                    "save; create it with enable_cache=True to persist conversations"
+                )
+            try:
+                return self._writer.write_snapshot()
+            except OSError as exc:
+                raise SessionError(
+                    f"could not save {self.path}: {exc.strerror or exc}; the conversation is kept in "
+                    "memory, free some space or fix the folder's permissions and save again"
+                ) from exc
+
+    def load_history(self, session_id: str | None = None) -> bool:
+        """Continue a saved session: its history, in its own file, under its own id.
+
+        Args:
+            session_id: the session to load; ``None`` for the most recently updated one.
+                Unreadable or malformed files are skipped with a warning.
+
+        Returns:
+            True if a session was loaded, False if there was none (or it had no turns).
+
+        Raises:
+            ValueError: ``session_id`` is not a plain session name.
+            SessionFormatError: the named session's file is corrupt.
+            SessionLockedError: the session is open for writing elsewhere.
+        """
+        if session_id is not None:
+            validate_session_id(session_id)
+        with self._lock:
+            if not self.enable_cache or self._writer is None:
+                logger.warning("load_history() ignored: enable_cache=False keeps no history")
+                return False
+            t0 = time.perf_counter()
+            if session_id is None:
+                record = self.store.load_newest(exclude={self.session_id})
+                if record is None:
+                    logger.info("no saved session to resume in %s", self.store.directory)
+                    return False
+                session_id = record.session_id
+            elif session_id == self.session_id:
+                return bool(self._messages)
+            try:
+                writer, record = self.store.open(session_id)
+            except FileNotFoundError:
+                logger.info("no saved session %s in %s", session_id, self.store.directory)
+                return False
+            old = self._writer
+            self._writer = writer
+            self._messages = record.messages
+            writer.bind(self._messages)
+            self._trim_start = 0
+            old.close()
+            logger.info("resumed %s: %d turns, %d messages in %.1f ms", session_id, record.turns,
+                        len(record.messages), (time.perf_counter() - t0) * 1000)
+            if record.llm_model not in ("unknown", self.llm_model):
+                logger.info("session %s was recorded with %s; continuing with %s", session_id,
+                            record.llm_model, self.llm_model)
+            return bool(self._messages)
+
+    def clear_history(self) -> None:
+        """Start over: empty history and KV cache, new session id (the old file stays on disk)."""
+        with self._lock:
+            if self._closed:
+                raise SessionError("the session is closed")
+            self.backend.reset_cache()
+            self._trim_start = 0
+            self._last = None
+            self._total_prompt = self._total_cached = 0
+            if self._writer is not None:
+                old = self._writer
+                self._messages = []
+                self._writer = self.store.create(self.llm_model)
+                self._writer.bind(self._messages)
+                old.close()
+            self._stateless_id = f"session_{int(time.time())}"
+
+    # -- reports -------------------------------------------------------------------------
+    def get_history_summary(self) -> dict[str, Any]:
+        """The seed's summary: ``session_id``, ``turns``, ``total_messages``, ``has_history_file``, ..."""
+        with self._lock:
+            writer = self._writer
+            record = writer.record if writer is not None else None
+            return {
+                "session_id": self.session_id,
+                "turns": self.turns,
+                "total_messages": len(self._messages),
+                "has_history_file": bool(writer is not None and writer.has_file),
+                "created_at": record.created_at if record else None,
+                "updated_at": (record.updated_at or record.created_at) if record else None,
+                "llm_model": self.llm_model,
+                "backend": self.backend.name,
+                "path": str(self.path) if writer is not None else None,
+                "enable_cache": self.enable_cache,
+                "last_save_error": str(writer.last_error) if writer and writer.last_error else None,
+            }
+
+    def get_cache_stats(self) -> dict[str, Any]:
+        """KV-cache and speed figures (the seed's ``stats`` command)."""
+        with self._lock:
+            last = self._last
+            stats: dict[str, Any] = {
+                "backend": self.backend.name,
+                "llm_model": self.llm_model,
+                "n_ctx": self.backend.context_length(),
+                "tokens_in_cache": None,
+                "state_bytes": None,
+                "model_load_s": None,
+                "prompt_tokens": last.prompt_tokens if last else None,
+                "cached_tokens": last.cached_tokens if last else None,
+                "completion_tokens": last.completion_tokens if last else None,
+                "ttft_s": last.ttft_s if last else None,
+                "tokens_per_s": last.tokens_per_s if last else None,
+                "total_prompt_tokens": self._total_prompt,
+                "total_cached_tokens": self._total_cached,
+                "cache_hit_ratio": (self._total_cached / self._total_prompt) if self._total_prompt else None,
+                "trimmed_turns": self._trimmed_turns(),
+            }
+            stats.update(self.backend.cache_stats())
+            return stats
+
+    def __repr__(self) -> str:
+        return (f"<ConversationSession {self.session_id} backend={self.backend.name} "
+                f"model={self.llm_model} turns={self.turns}>")

@@ -1,0 +1,142 @@
+"""The backend interface: one streaming generator plus capability flags.
+
+A backend turns a list of messages into a stream of text pieces.  It knows nothing of
+sessions, files or timeouts: the session runs ``generate()`` in a worker thread, and to stop
+it (deadline, Ctrl-C) it cancels the request's ``CancelToken``.  A backend checks the token
+between steps and registers ``on_cancel`` callbacks for anything that blocks (a socket read),
+so that cancelling really stops the work, not just the reading of it.
+
+Figures the backend learns while generating (prompt tokens, tokens served from its KV cache,
+timings) go into ``request.usage``.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .._format import MessageDict
+
+__all__ = ["Backend", "CancelToken", "GenerationRequest", "Usage", "estimate_tokens"]
+
+
+class CancelToken:
+    """A one-way flag with callbacks, shared between the session and a running backend."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep until cancelled or ``timeout`` passes; True if cancelled."""
+        return self._event.wait(timeout)
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception:  # a failing callback must not stop the others  # noqa: BLE001
+                pass
+
+    def on_cancel(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` on cancellation (at once if already cancelled)."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(fn)
+                return
+        fn()
+
+
+@dataclass
+class Usage:
+    """What a backend reports about one generation; ``None`` where it does not know."""
+
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    completion_tokens: int | None = None
+    load_s: float | None = None
+    prompt_eval_s: float | None = None
+    eval_s: float | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationRequest:
+    messages: list[MessageDict]
+    max_tokens: int = 512
+    temperature: float = 0.7
+    cancel: CancelToken = field(default_factory=CancelToken)
+    usage: Usage = field(default_factory=Usage)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def estimate_tokens(messages: list[MessageDict]) -> int:
+    """A deliberately generous token count for backends that cannot tokenize locally.
+
+    CJK and other non-ASCII characters are often a token each; ASCII text averages about four
+    characters a token; each message costs a few tokens of chat-template framing.  Erring high
+    only trims a little early, erring low would let the server cut the front silently.
+    """
+    total = 0
+    for m in messages:
+        text = m["content"]
+        ascii_chars = sum(1 for ch in text if ch < "\x80")
+        total += (ascii_chars + 2) // 3 + (len(text) - ascii_chars) + 6
+    return total + 3
+
+
+class Backend(ABC):
+    """A model that streams replies.  Subclasses implement ``generate``.
+
+    Capability flags:
+        can_stream: pieces arrive as they are generated (not all at the end).
+        reuses_prompt_cache: a repeated prompt prefix is not computed again, so keeping the
+            sent history stable between turns makes them cheap.
+        exact_token_count: ``count_tokens`` is exact (else an overestimate).
+    """
+
+    name: ClassVar[str] = "backend"
+    can_stream: ClassVar[bool] = True
+    reuses_prompt_cache: ClassVar[bool] = False
+    exact_token_count: ClassVar[bool] = False
+
+    model_name: str = ""
+
+    @abstractmethod
+    def generate(self, request: GenerationRequest) -> Iterator[str]:
+        """Yield the reply's text pieces; stop early when ``request.cancel`` is cancelled.
+
+        Raises:
+            BackendError: the backend cannot produce a reply (message says what to do).
+        """
+
+    def context_length(self) -> int | None:
+        """The context window in tokens, or None when unknown (then nothing is trimmed)."""
+        return None
+
+    def count_tokens(self, messages: list[MessageDict]) -> int:
+        """Tokens the messages take in the prompt, including chat-template framing."""
+        return estimate_tokens(messages)
+
+    def cache_stats(self) -> dict[str, Any]:
+        """Backend-specific figures for ``ConversationSession.get_cache_stats``."""
+        return {}
+
+    def reset_cache(self) -> None:  # noqa: B027 - optional hook
+        """Forget any cached prompt state (``clear``)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the backend holds (connections; shared models stay loaded)."""

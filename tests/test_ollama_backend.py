@@ -1,0 +1,99 @@
+"""The Ollama backend against a local server that speaks Ollama's REST API (see ollama_api_server)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from conversation_session import (
+    BackendError,
+    ConversationSession,
+    HistoryStore,
+    ModelNotFoundError,
+    SessionTimeoutError,
+)
+from ollama_api_server import OllamaAPIServer
+
+
+@pytest.fixture
+def server():
+    srv = OllamaAPIServer().start()
+    yield srv
+    srv.stop()
+
+
+def test_streams_the_whole_history_and_saves(server, sessions_dir):
+    pieces = []
+    with ConversationSession(backend="ollama", base_url=server.url, max_tokens=64) as s:
+        assert s.llm_model == "qwen2.5:3b"  # the seed's model is the default
+        r1 = s.chat("我叫小明", on_token=pieces.append)
+        r2 = s.chat("我叫什么名字？")
+    assert r1.response == "You said: 我叫小明. I remember 1 messages."
+    assert len(pieces) > 3 and "".join(pieces) == r1.response
+    assert r2.response.endswith("I remember 3 messages.")
+    sent = server.chats[-1].body
+    assert sent["model"] == "qwen2.5:3b" and sent["stream"] is True
+    assert [m["content"] for m in sent["messages"]] == ["我叫小明", r1.response, "我叫什么名字？"]
+    assert sent["options"]["num_ctx"] == 4096 and sent["options"]["num_predict"] == 64
+    # Figures from Ollama's final chunk; the server's prompt cache served the first turn.
+    assert r2.prompt_tokens == server.chats[-1].prompt_eval_count
+    assert r2.completion_tokens == len(r2.response.split(" "))
+    assert not any(c.truncated for c in server.chats)
+    assert HistoryStore(sessions_dir).load(s.session_id).turns == 2
+
+
+def test_timeout_closes_the_stream_and_the_server_stops(server, sessions_dir):
+    server.token_delay = 0.02
+    with ConversationSession(backend="ollama", base_url=server.url, timeout=0.5) as s:
+        s.chat("hello")
+        t0 = time.monotonic()
+        with pytest.raises(SessionTimeoutError) as info:
+            s.chat("tell me something long")
+        assert time.monotonic() - t0 < 1.5
+        assert info.value.partial_response.startswith("word0")
+        record = server.wait_for_chat_end()
+        assert record.disconnected and not record.finished
+        assert record.words_sent < 300  # it stopped generating, it did not run to the end
+        assert record.done_at - t0 < 1.5
+        assert s.chat("and now?").turn == 2  # the session goes on with its history
+        assert next(m["content"] for m in server.chats[-1].body["messages"]) == "hello"
+    assert HistoryStore(sessions_dir).load(s.session_id).turns == 2
+
+
+def test_server_down_fails_fast_with_the_url_and_what_to_do(sessions_dir):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with ConversationSession(backend="ollama", base_url=url, timeout=60) as s:
+        t0 = time.monotonic()
+        with pytest.raises(BackendError, match=r"cannot connect to Ollama at .*ollama serve") as info:
+            s.chat("hi")
+        assert url in str(info.value)
+        assert time.monotonic() - t0 < 6
+        assert s.turns == 0
+
+
+def test_unknown_model_says_ollama_pull(server):
+    with ConversationSession("llama9:70b", backend="ollama", base_url=server.url) as s:
+        with pytest.raises(ModelNotFoundError, match="ollama pull llama9:70b"):
+            s.chat("hi")
+
+
+def test_ollama_host_environment_variable(server, monkeypatch):
+    monkeypatch.setenv("OLLAMA_HOST", server.url.removeprefix("http://"))
+    with ConversationSession(backend="ollama") as s:
+        assert s.chat("hi").response.startswith("You said: hi")
+
+
+def test_context_window_from_api_show_and_trimming(server, sessions_dir):
+    server.context_length = 300  # the model supports less than the num_ctx we ask for
+    with ConversationSession(backend="ollama", base_url=server.url, max_tokens=40) as s:
+        for i in range(40):
+            s.chat(f"message {i} " + "padding " * 10)
+        assert s.get_cache_stats()["trimmed_turns"] > 0
+    assert not any(c.truncated for c in server.chats)
+    assert all(c.prompt_tokens <= 300 for c in server.chats)
+    assert HistoryStore(sessions_dir).load(s.session_id).turns == 40
