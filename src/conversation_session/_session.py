@@ -22,7 +22,7 @@ from ._exceptions import BackendError, SessionError, SessionTimeoutError
 from ._format import MessageDict, count_turns
 from ._result import ChatResult
 from ._store import HistoryStore, SessionWriter, validate_session_id
-from .backends import Backend, GenerationRequest, create_backend, estimate_tokens
+from .backends import Backend, CancelToken, GenerationRequest, create_backend, estimate_tokens
 
 __all__ = ["SESSIONS_DIR_ENV", "ConversationSession"]
 
@@ -41,6 +41,39 @@ def default_sessions_dir() -> str:
 
 class _Expired(Exception):
     pass
+
+
+class _Warmup:
+    """A background ``Backend.warm`` call for a just-restored conversation."""
+
+    def __init__(self, backend: Backend, messages: list[MessageDict]):
+        self.cancel = CancelToken()
+        self.stats: dict[str, Any] = {"warmup": "running", "warmup_messages": len(messages)}
+        self._t0 = time.perf_counter()
+
+        def run() -> None:
+            try:
+                figures = backend.warm(messages, self.cancel)
+                self.stats.update(figures or {})
+                self.stats["warmup"] = "cancelled" if self.cancel.cancelled else "done"
+            except Exception as exc:  # noqa: BLE001 - a failed warm-up only costs speed
+                self.stats["warmup"] = "failed"
+                self.stats["warmup_error"] = str(exc)
+                logger.info("warm-up of the restored conversation failed: %s", exc)
+            self.stats["warmup_s"] = round(time.perf_counter() - self._t0, 4)
+
+        self.thread = threading.Thread(target=run, name="warmup", daemon=True)
+        self.thread.start()
+
+    def wait(self, timeout: float | None) -> None:
+        """Let the warm-up finish (it is work the next turn would do anyway), up to ``timeout``."""
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.stop()
+
+    def stop(self) -> None:
+        self.cancel.cancel()
+        self.thread.join(_JOIN_TIMEOUT_S)
 
 
 class ConversationSession:
@@ -112,6 +145,7 @@ class ConversationSession:
         self._total_prompt = 0
         self._total_cached = 0
         self._writer: SessionWriter | None = None
+        self._warmup: _Warmup | None = None
         self._stateless_id = f"session_{int(time.time())}"
         if enable_cache:
             self._writer = self.store.create(self.llm_model)
@@ -132,6 +166,7 @@ class ConversationSession:
             if self._closed:
                 return
             self._closed = True
+            self._stop_warmup()
             try:
                 if self._writer is not None:
                     self._writer.close()
@@ -176,10 +211,12 @@ class ConversationSession:
             if self._closed:
                 raise SessionError("the session is closed; start a new ConversationSession")
             user: MessageDict = {"role": "user", "content": text}
+            t0 = time.perf_counter()
+            if self._warmup is not None:
+                self._warmup.wait(self.timeout)
             prompt, trimmed = self._prompt_for(user)
             request = GenerationRequest(messages=prompt, max_tokens=self.max_tokens,
                                         temperature=self.temperature)
-            t0 = time.perf_counter()
             pieces, ttft = self._generate(request, t0, on_token)
             total = time.perf_counter() - t0
             reply: MessageDict = {"role": "assistant", "content": "".join(pieces)}
@@ -321,6 +358,20 @@ class ConversationSession:
                            "(still in the history and the file)", n_ctx, dropped)
         return system + history[self._trim_start:] + [user], self._trimmed_turns()
 
+    def _start_warmup(self) -> None:
+        """Load the restored conversation into the backend's cache while the user types."""
+        if not self.backend.can_warm or not self._messages:
+            return
+        try:
+            prompt, _ = self._prompt_for({"role": "user", "content": "…"})
+        except SessionError:
+            return
+        self._warmup = _Warmup(self.backend, prompt[:-1])
+
+    def _stop_warmup(self) -> None:
+        if self._warmup is not None:
+            self._warmup.stop()
+
     def _trimmed_turns(self) -> int:
         return count_turns(self._messages[: self._trim_start])
 
@@ -381,11 +432,13 @@ class ConversationSession:
                 logger.info("no saved session %s in %s", session_id, self.store.directory)
                 return False
             old = self._writer
+            self._stop_warmup()
             self._writer = writer
             self._messages = record.messages
             writer.bind(self._messages)
             self._trim_start = 0
             old.close()
+            self._start_warmup()
             logger.info("resumed %s: %d turns, %d messages in %.1f ms", session_id, record.turns,
                         len(record.messages), (time.perf_counter() - t0) * 1000)
             if record.llm_model not in ("unknown", self.llm_model):
@@ -398,6 +451,7 @@ class ConversationSession:
         with self._lock:
             if self._closed:
                 raise SessionError("the session is closed")
+            self._stop_warmup()
             self.backend.reset_cache()
             self._trim_start = 0
             self._last = None
@@ -452,6 +506,8 @@ class ConversationSession:
                 "trimmed_turns": self._trimmed_turns(),
             }
             stats.update(self.backend.cache_stats())
+            if self._warmup is not None:
+                stats.update(self._warmup.stats)
             return stats
 
     def __repr__(self) -> str:

@@ -106,12 +106,14 @@ class Backend(ABC):
         reuses_prompt_cache: a repeated prompt prefix is not computed again, so keeping the
             sent history stable between turns makes them cheap.
         exact_token_count: ``count_tokens`` is exact (else an overestimate).
+        can_warm: ``warm`` does something (loads a restored history into the prompt cache).
     """
 
     name: ClassVar[str] = "backend"
     can_stream: ClassVar[bool] = True
     reuses_prompt_cache: ClassVar[bool] = False
     exact_token_count: ClassVar[bool] = False
+    can_warm: ClassVar[bool] = False
 
     model_name: str = ""
 
@@ -130,6 +132,15 @@ class Backend(ABC):
     def count_tokens(self, messages: list[MessageDict]) -> int:
         """Tokens the messages take in the prompt, including chat-template framing."""
         return estimate_tokens(messages)
+
+    def warm(self, messages: list[MessageDict], cancel: CancelToken) -> dict[str, Any]:
+        """Bring ``messages`` (a restored conversation, as the next prompt will start) into the
+        backend's prompt cache, so the first turn after a restart does not pay for it.
+
+        Runs in a background thread right after ``load_history``; must stop soon after
+        ``cancel`` is cancelled.  Returns figures for ``get_cache_stats`` (e.g. tokens, seconds).
+        """
+        return {}
 
     def cache_stats(self) -> dict[str, Any]:
         """Backend-specific figures for ``ConversationSession.get_cache_stats``."""
