@@ -65,7 +65,7 @@ def test_resume_in_a_new_process(sessions_dir):
 
 
 def test_timeout_stops_generation_and_the_next_turn_reuses_the_cache(sessions_dir):
-    with ConversationSession(max_tokens=4000, temperature=0, timeout=0.5) as s:
+    with ConversationSession(max_tokens=4000, temperature=0, timeout=0.5, persist_kv_cache=False) as s:
         first = s.chat("Say hello.")  # small enough to finish within the timeout
         s.max_tokens = 4000
         with pytest.raises(SessionTimeoutError) as info:

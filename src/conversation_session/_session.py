@@ -23,6 +23,7 @@ from ._format import MessageDict, count_turns
 from ._result import ChatResult
 from ._store import HistoryStore, SessionWriter, validate_session_id
 from .backends import Backend, CancelToken, GenerationRequest, create_backend, estimate_tokens
+from .backends._kvstate import enforce_cap
 
 __all__ = ["SESSIONS_DIR_ENV", "ConversationSession"]
 
@@ -43,17 +44,59 @@ class _Expired(Exception):
     pass
 
 
+class _LatestJob:
+    """Runs submitted jobs in one background thread; a job not started yet is replaced by a newer one."""
+
+    def __init__(self, name: str):
+        self._cond = threading.Condition()
+        self._job: Callable[[], None] | None = None
+        self._busy = False
+        self._name = name
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._cond:
+            self._job = job
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._job is None:
+                    self._cond.wait()
+                job, self._job, self._busy = self._job, None, True
+            try:
+                job()
+            except Exception:
+                logger.exception("background %s failed", self._name)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until no job is pending or running; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._job is None and not self._busy, timeout)
+
+
 class _Warmup:
     """A background ``Backend.warm`` call for a just-restored conversation."""
 
-    def __init__(self, backend: Backend, messages: list[MessageDict]):
+    def __init__(self, backend: Backend, messages: list[MessageDict],
+                 restore: Callable[[], dict[str, Any]] | None = None):
         self.cancel = CancelToken()
         self.stats: dict[str, Any] = {"warmup": "running", "warmup_messages": len(messages)}
         self._t0 = time.perf_counter()
 
         def run() -> None:
             try:
-                figures = backend.warm(messages, self.cancel)
+                if restore is not None:
+                    self.stats.update(restore())
+                figures = backend.warm(messages, self.cancel) if backend.can_warm else {}
                 self.stats.update(figures or {})
                 self.stats["warmup"] = "cancelled" if self.cancel.cancelled else "done"
             except Exception as exc:  # noqa: BLE001 - a failed warm-up only costs speed
@@ -95,6 +138,11 @@ class ConversationSession:
         max_tokens: reply length limit in tokens.
         temperature: sampling temperature (0 = greedy).
         backend_options: extra keyword arguments for the backend (``n_ctx``, ``num_ctx``, ...).
+        persist_kv_cache: with a backend that can (``llama-cpp``), keep the KV cache of the
+            completed conversation in ``<session_id>.kv`` so a restart resumes without
+            recomputing it.
+        kv_cache_max_bytes: total size cap of the ``.kv`` files in ``sessions_dir`` (least
+            recently used are deleted first).
 
     Raises:
         BackendError: the backend cannot be set up (model file missing, ...).
@@ -116,6 +164,8 @@ class ConversationSession:
         max_tokens: int = 512,
         temperature: float = 0.7,
         backend_options: dict[str, Any] | None = None,
+        persist_kv_cache: bool = True,
+        kv_cache_max_bytes: int = 1 << 30,
     ):
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive or None, not {timeout!r}")
@@ -146,6 +196,11 @@ class ConversationSession:
         self._total_cached = 0
         self._writer: SessionWriter | None = None
         self._warmup: _Warmup | None = None
+        self.persist_kv_cache = bool(persist_kv_cache and enable_cache and self.backend.can_persist_state)
+        self.kv_cache_max_bytes = kv_cache_max_bytes
+        self._kv_saver = _LatestJob("kv-cache-save")
+        self._kv_stats: dict[str, Any] = {}
+        self._turn_seq = 0            # bumped when a turn starts: older KV saves are then stale
         self._stateless_id = f"session_{int(time.time())}"
         if enable_cache:
             self._writer = self.store.create(self.llm_model)
@@ -167,6 +222,7 @@ class ConversationSession:
                 return
             self._closed = True
             self._stop_warmup()
+            self._flush_kv_save()
             try:
                 if self._writer is not None:
                     self._writer.close()
@@ -211,13 +267,21 @@ class ConversationSession:
             if self._closed:
                 raise SessionError("the session is closed; start a new ConversationSession")
             user: MessageDict = {"role": "user", "content": text}
+            self._turn_seq += 1
             t0 = time.perf_counter()
             if self._warmup is not None:
                 self._warmup.wait(self.timeout)
             prompt, trimmed = self._prompt_for(user)
             request = GenerationRequest(messages=prompt, max_tokens=self.max_tokens,
                                         temperature=self.temperature)
-            pieces, ttft = self._generate(request, t0, on_token)
+            try:
+                pieces, ttft = self._generate(request, t0, on_token)
+            except BaseException:
+                # The cache still holds the completed conversation (plus the abandoned turn's
+                # tokens, which a save drops): keep it on disk too, if a save was skipped.
+                if self.persist_kv_cache and self._messages:
+                    self._schedule_kv_save(prompt[:-1])
+                raise
             total = time.perf_counter() - t0
             reply: MessageDict = {"role": "assistant", "content": "".join(pieces)}
             saved = False
@@ -228,6 +292,8 @@ class ConversationSession:
                 t1 = time.perf_counter()
                 saved = self._writer.commit()
                 logger.debug("turn %d committed in %.3f ms", self.turns, (time.perf_counter() - t1) * 1000)
+                if self.persist_kv_cache:
+                    self._schedule_kv_save([*prompt, reply])
             usage = request.usage
             self._total_prompt += usage.prompt_tokens or 0
             self._total_cached += usage.cached_tokens or 0
@@ -359,14 +425,46 @@ class ConversationSession:
         return system + history[self._trim_start:] + [user], self._trimmed_turns()
 
     def _start_warmup(self) -> None:
-        """Load the restored conversation into the backend's cache while the user types."""
-        if not self.backend.can_warm or not self._messages:
+        """Load the restored conversation into the backend's cache while the user types:
+        from the saved KV cache when there is a valid one, else by prefilling it."""
+        backend = self.backend
+        if not (backend.can_warm or self.persist_kv_cache) or not self._messages:
             return
         try:
             prompt, _ = self._prompt_for({"role": "user", "content": "…"})
         except SessionError:
             return
-        self._warmup = _Warmup(self.backend, prompt[:-1])
+        messages = prompt[:-1]
+        restore = None
+        if self.persist_kv_cache:
+            path, cap = self.store.kv_path(self.session_id), self.kv_cache_max_bytes
+
+            def restore() -> dict[str, Any]:
+                return backend.restore_state(path, messages, max_bytes=cap)
+        self._warmup = _Warmup(backend, messages, restore)
+
+    def _schedule_kv_save(self, messages: list[MessageDict]) -> None:
+        """Save the KV cache of the turn just completed, in the background (never delays a reply)."""
+        seq, backend, cap = self._turn_seq, self.backend, self.kv_cache_max_bytes
+        path = self.store.kv_path(self.session_id)
+
+        def job() -> None:
+            try:
+                figures = backend.save_state(path, messages, still_current=lambda: self._turn_seq == seq)
+            except (OSError, SessionError) as exc:
+                figures = {"kv_save": f"failed: {exc}"}
+                logger.warning("could not save the KV cache to %s: %s (only speed is lost)", path, exc)
+            self._kv_stats.update(figures)
+            if figures.get("kv_save") == "saved":
+                evicted = enforce_cap(path.parent, cap, keep=path)
+                if evicted:
+                    logger.info("KV cache files over %d bytes: removed %s", cap, ", ".join(p.name for p in evicted))
+
+        self._kv_saver.submit(job)
+
+    def _flush_kv_save(self) -> None:
+        if not self._kv_saver.flush(_JOIN_TIMEOUT_S):
+            logger.warning("the KV cache save did not finish within %.0f s", _JOIN_TIMEOUT_S)
 
     def _stop_warmup(self) -> None:
         if self._warmup is not None:
@@ -433,6 +531,7 @@ class ConversationSession:
                 return False
             old = self._writer
             self._stop_warmup()
+            self._flush_kv_save()
             self._writer = writer
             self._messages = record.messages
             writer.bind(self._messages)
@@ -452,6 +551,7 @@ class ConversationSession:
             if self._closed:
                 raise SessionError("the session is closed")
             self._stop_warmup()
+            self._flush_kv_save()
             self.backend.reset_cache()
             self._trim_start = 0
             self._last = None
@@ -506,6 +606,8 @@ class ConversationSession:
                 "trimmed_turns": self._trimmed_turns(),
             }
             stats.update(self.backend.cache_stats())
+            stats["kv_persist"] = self.persist_kv_cache
+            stats.update(self._kv_stats)
             if self._warmup is not None:
                 stats.update(self._warmup.stats)
             return stats

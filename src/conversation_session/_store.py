@@ -117,6 +117,10 @@ class HistoryStore:
     def journal_path(self, session_id: str) -> Path:
         return self.directory / f"{validate_session_id(session_id)}.journal"
 
+    def kv_path(self, session_id: str) -> Path:
+        """Where the session's saved KV cache lives (embedded backend only)."""
+        return self.directory / f"{validate_session_id(session_id)}.kv"
+
     def ensure_dir(self) -> None:
         """Create ``sessions_dir`` private to the user (0700) if it does not exist."""
         if not self.directory.is_dir():
@@ -275,6 +279,8 @@ class HistoryStore:
                     with contextlib.suppress(FileNotFoundError):
                         p.unlink()
                         removed = True
+                with contextlib.suppress(FileNotFoundError):
+                    self.kv_path(session_id).unlink()
             finally:
                 if fd is not None:
                     os.close(fd)

@@ -16,6 +16,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from .._format import MessageDict
@@ -107,6 +108,8 @@ class Backend(ABC):
             sent history stable between turns makes them cheap.
         exact_token_count: ``count_tokens`` is exact (else an overestimate).
         can_warm: ``warm`` does something (loads a restored history into the prompt cache).
+        can_persist_state: ``save_state``/``restore_state`` keep the KV cache on disk, so a
+            restarted process need not recompute the conversation.
     """
 
     name: ClassVar[str] = "backend"
@@ -114,6 +117,7 @@ class Backend(ABC):
     reuses_prompt_cache: ClassVar[bool] = False
     exact_token_count: ClassVar[bool] = False
     can_warm: ClassVar[bool] = False
+    can_persist_state: ClassVar[bool] = False
 
     model_name: str = ""
 
@@ -141,6 +145,15 @@ class Backend(ABC):
         ``cancel`` is cancelled.  Returns figures for ``get_cache_stats`` (e.g. tokens, seconds).
         """
         return {}
+
+    def save_state(self, path: Path, messages: list[MessageDict],
+                   still_current: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Save the KV cache of the completed conversation ``messages`` (``can_persist_state``)."""
+        raise NotImplementedError
+
+    def restore_state(self, path: Path, messages: list[MessageDict], max_bytes: int) -> dict[str, Any]:
+        """Restore a KV cache saved by ``save_state`` if it matches ``messages`` exactly."""
+        raise NotImplementedError
 
     def cache_stats(self) -> dict[str, Any]:
         """Backend-specific figures for ``ConversationSession.get_cache_stats``."""

