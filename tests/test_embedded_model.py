@@ -65,9 +65,9 @@ def test_resume_in_a_new_process(sessions_dir):
 
 
 def test_timeout_stops_generation_and_the_next_turn_reuses_the_cache(sessions_dir):
-    with ConversationSession(max_tokens=4000, temperature=0, timeout=0.5, persist_kv_cache=False) as s:
-        first = s.chat("Say hello.")  # small enough to finish within the timeout
-        s.max_tokens = 4000
+    with ConversationSession(max_tokens=16, temperature=0, persist_kv_cache=False) as s:
+        first = s.chat("Say hello.")
+        s.max_tokens, s.timeout = 4000, 0.5
         with pytest.raises(SessionTimeoutError) as info:
             s.chat("Write a very long story about a dragon and a knight.")
         assert info.value.partial_response  # it was generating when the deadline hit
