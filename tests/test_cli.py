@@ -1,0 +1,179 @@
+"""The terminal app, driven as a user would: through pipes and in a real pseudo-terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from conversation_session import HistoryStore
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "您:"  # prompt_toolkit draws the trailing space as a cursor move
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+pytestmark = pytest.mark.model
+
+
+def run_app(lines: list[str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "--max-tokens", "8", "--temperature", "0", *args],
+        input="".join(line + "\n" for line in lines), capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def spawn(*args: str, sessions_dir: Path) -> pexpect.spawn:
+    child = pexpect.spawn(
+        sys.executable, [str(ROOT / "main.py"), "--temperature", "0", *args], cwd=str(ROOT),
+        # pexpect answers no cursor-position requests; tell prompt_toolkit not to wait for them.
+        env={**os.environ, "CONVERSATION_SESSIONS_DIR": str(sessions_dir), "TERM": "xterm",
+             "PROMPT_TOOLKIT_NO_CPR": "1"},
+        encoding="utf-8", timeout=60, dimensions=(40, 200),
+    )
+    child.expect(PROMPT)
+    return child
+
+
+def test_pipe_mode_runs_every_seed_command_plainly(sessions_dir):
+    proc = run_app(["你好", "history", "stats", "help", "sessions", "\\help", "/history", "clear", "history", "quit"])
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert not ANSI.search(out) and "⠋" not in out  # no colour codes, no spinner in a pipe
+    assert "1 turn(s), 2 message(s)" in out and "您: 你好" in out
+    assert "📊 KV cache" in out and "context window" in out and "8192 tokens" in out
+    assert "Commands (also with a leading slash" in out
+    assert "2 turn(s), 4 message(s)" in out  # /history, after `\help` was sent as a message
+    assert "🧹 new session" in out and "0 turn(s), 0 message(s)" in out
+    sessions = HistoryStore(sessions_dir).list_sessions()
+    assert len(sessions) == 1 and sessions[0].turns == 2
+    messages = [m["content"] for m in HistoryStore(sessions_dir).load(sessions[0].session_id).messages]
+    assert messages[0] == "你好" and messages[2] == "help"
+
+
+def test_end_of_input_exits_cleanly_and_says_where_it_saved(sessions_dir):
+    proc = run_app(["hello"])
+    assert proc.returncode == 0
+    assert "saved 1 turn(s) in" in proc.stdout
+
+
+def test_resume_latest_and_by_id_and_the_startup_hint(sessions_dir):
+    run_app(["My name is Xiaoming."])
+    (sid,) = [s.session_id for s in HistoryStore(sessions_dir).list_sessions()]
+    hint = run_app(["quit"])
+    assert f"An earlier session exists: {sid}" in hint.stdout and f"resume {sid}" in hint.stdout
+    latest = run_app(["history", "quit"], "--resume")
+    assert f"resumed {sid}: 1 turn(s)" in latest.stdout and "My name is Xiaoming." in latest.stdout
+    by_id = run_app(["What is my name?", "quit"], "--resume", sid)
+    assert f"resumed {sid}" in by_id.stdout
+    assert HistoryStore(sessions_dir).load(sid).turns == 2
+    missing = run_app([], "--resume", "session_404")
+    assert missing.returncode == 1 and "no saved session session_404" in missing.stdout
+    hostile = run_app([], "--resume", "../etc/passwd")
+    assert hostile.returncode == 1 and "invalid session id" in hostile.stdout
+
+
+def test_in_chat_resume_new_delete_and_export(sessions_dir, tmp_path):
+    run_app(["first session"])
+    (old,) = [s.session_id for s in HistoryStore(sessions_dir).list_sessions()]
+    export_md = tmp_path / "out.md"
+    proc = run_app(["hello", f"resume {old}", "history", "new", f"delete {old}", "n", f"export {old} {export_md}",
+                    f"delete {old}", "y", "sessions", "delete ../x", "resume session_404"])
+    out = proc.stdout
+    assert f"resumed {old}: 1 turn(s)" in out
+    assert "not deleted" in out and f"deleted {old}" in out
+    assert export_md.read_text().startswith(f"# {old}")
+    assert "invalid session id" in out and "no saved session session_404" in out
+    assert old not in [s.session_id for s in HistoryStore(sessions_dir).list_sessions()]
+
+
+def test_a_timeout_prints_one_line_and_the_chat_goes_on(sessions_dir):
+    proc = run_app(["Hi", "Write a very long story about a dragon and a knight.", "history"],
+                   "--timeout", "0.5", "--max-tokens", "4000")
+    assert proc.returncode == 0
+    assert re.search(r"timed out after 0\.5 s; the conversation so far is kept", proc.stdout)
+    history = proc.stdout.split("📜")[-1]
+    assert "1 turn(s)" in history or "turn(s)" in history
+
+
+def test_server_down_prints_one_clear_line(sessions_dir):
+    proc = run_app(["hello", "history"], "--backend", "ollama", "--base-url", "http://127.0.0.1:9")
+    assert proc.returncode == 0
+    assert "cannot connect to Ollama at http://127.0.0.1:9" in proc.stdout and "ollama serve" in proc.stdout
+    assert "0 turn(s)" in proc.stdout
+
+
+def test_module_and_console_script_entry_points():
+    version = subprocess.run([sys.executable, "-m", "conversation_session", "--version"],
+                             capture_output=True, text=True, check=True).stdout
+    script = Path(sys.executable).parent / "conversation-session"
+    assert script.exists()
+    assert subprocess.run([str(script), "--version"], capture_output=True, text=True, check=True).stdout == version
+    assert re.match(r"conversation-session \d+\.\d+", version)
+
+
+# -- a real terminal ------------------------------------------------------------------------
+
+def test_ctrl_c_stops_the_reply_and_does_not_save_it(sessions_dir):
+    child = spawn("--max-tokens", "4000", sessions_dir=sessions_dir)
+    child.sendline("Write a very long story about a dragon and a knight.")
+    child.expect("🤖 ")
+    child.expect(r"\w+ \w+ \w+")  # some of the reply has streamed
+    child.sendintr()
+    child.expect("interrupted: this reply was not saved")
+    child.expect(PROMPT)
+    child.sendline("history")
+    child.expect(r"0 turn\(s\)")
+    child.expect(PROMPT)
+    child.sendline("quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    for info in HistoryStore(sessions_dir).list_sessions():
+        assert "dragon" not in json.dumps(HistoryStore(sessions_dir).load(info.session_id).messages)
+
+
+def test_ctrl_c_at_the_prompt_explains_and_a_second_one_quits(sessions_dir):
+    child = spawn(sessions_dir=sessions_dir)
+    child.sendintr()
+    child.expect("Ctrl-C again, Ctrl-D or `quit` to leave")
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_spinner_streaming_and_arrow_key_history_across_runs(sessions_dir):
+    child = spawn("--max-tokens", "8", sessions_dir=sessions_dir)
+    child.sendline("hello there")
+    child.expect("thinking…")  # the spinner shows until the first token
+    child.expect("🤖 ")
+    child.expect(PROMPT)
+    child.send("\x1b[A")  # Up: the previous input comes back for editing
+    child.expect("hello there")
+    child.send("\r")
+    child.expect("🤖 ")
+    child.expect(PROMPT)
+    child.sendeof()  # Ctrl-D leaves
+    child.expect(pexpect.EOF)
+    child.close()
+    (info,) = HistoryStore(sessions_dir).list_sessions()
+    assert [m["content"] for m in HistoryStore(sessions_dir).load(info.session_id).messages][::2] == [
+        "hello there", "hello there"]
+    again = spawn("--max-tokens", "8", sessions_dir=sessions_dir)
+    again.send("\x1b[A")  # input history is kept across runs
+    again.expect("hello there")
+    again.sendcontrol("u")
+    again.sendline("你好，世界")  # wide characters are echoed and sent intact
+    again.expect("🤖 ")
+    again.expect(PROMPT)
+    again.sendline("quit")
+    again.expect(pexpect.EOF)
+    contents = [HistoryStore(sessions_dir).load(i.session_id).messages[0]["content"]
+                for i in HistoryStore(sessions_dir).list_sessions()]
+    assert "你好，世界" in contents
