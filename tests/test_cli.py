@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pexpect
@@ -177,3 +178,25 @@ def test_spinner_streaming_and_arrow_key_history_across_runs(sessions_dir):
     contents = [HistoryStore(sessions_dir).load(i.session_id).messages[0]["content"]
                 for i in HistoryStore(sessions_dir).list_sessions()]
     assert "你好，世界" in contents
+
+
+def test_seed_scripts_interactive_demo_and_debug_logging(sessions_dir):
+    demo = subprocess.run([sys.executable, str(ROOT / "test_session.py"), "interactive"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert demo.returncode == 0, demo.stderr
+    assert "对话轮次: 3" in demo.stdout and "消息总数: 6" in demo.stdout and "已保存: 是" in demo.stdout
+    code = """
+        from logger_config import setup_logger
+        from conversation_session import ConversationSession, FakeBackend
+        logger = setup_logger(level="DEBUG")
+        with ConversationSession(backend=FakeBackend()) as s:
+            s.chat("你好")
+            s.save_history()
+        with ConversationSession(backend=FakeBackend()) as s:
+            s.load_history()
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"DEBUG .*saved .*session_\d+\.json: 2 messages, \d+ bytes in [\d.]+ ms", proc.stderr)
+    assert re.search(r"DEBUG .*loaded .*session_\d+\.json: 2 messages, \d+ bytes in [\d.]+ ms", proc.stderr)

@@ -200,8 +200,10 @@ class HistoryStore:
         if not record.created_at:
             # A session that crashed before its first snapshot: date it by its journal.
             record.created_at = record.updated_at or now_iso()
-        logger.debug("loaded %s: %d messages in %.2f ms", snap, len(record.messages),
-                     (time.perf_counter() - t0) * 1000)
+        if logger.isEnabledFor(logging.DEBUG):
+            size = sum(p.stat().st_size for p in (snap, journal) if p.exists())
+            logger.debug("loaded %s: %d messages, %d bytes in %.2f ms", snap, len(record.messages), size,
+                         (time.perf_counter() - t0) * 1000)
         return record
 
     def _candidates(self) -> list[tuple[float, str]]:
