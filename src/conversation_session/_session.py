@@ -15,15 +15,17 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ._exceptions import BackendError, SessionError, SessionTimeoutError
+from ._exceptions import BackendError, SessionError, SessionTimeoutError, TTSTimeoutError
 from ._format import MessageDict, count_turns
 from ._result import ChatResult
 from ._store import HistoryStore, SessionWriter, validate_session_id
 from .backends import Backend, CancelToken, GenerationRequest, create_backend, estimate_tokens
 from .backends._kvstate import enforce_cap
+from .speech import Speaker, SpeechTimeout, create_speaker
 
 __all__ = ["SESSIONS_DIR_ENV", "ConversationSession"]
 
@@ -42,6 +44,15 @@ def default_sessions_dir() -> str:
 
 class _Expired(Exception):
     pass
+
+
+def _speaking(speaker: Speaker, on_token: Callable[[str], None] | None) -> Callable[[str], None]:
+    def feed(piece: str) -> None:
+        speaker.feed(piece)
+        if on_token is not None:
+            on_token(piece)
+
+    return feed
 
 
 class _LatestJob:
@@ -131,7 +142,8 @@ class ConversationSession:
             stateless: each ``chat()`` sends only its own message and nothing is saved.
         timeout: seconds a whole turn may take (``None``: no limit).
         tts_wait_timeout: seconds to wait for speech to finish once the text is complete.
-        tts: speech engine name (``"espeak"``) or object; ``None`` is silent.
+        tts: speak replies as they stream: ``"espeak"`` (espeak-ng) or a ``SpeechEngine``;
+            ``None`` is silent.  A missing espeak-ng logs how to install it and stays silent.
         sessions_dir: where session files live (default ``$CONVERSATION_SESSIONS_DIR`` or
             ``sessions``).
         system_prompt: sent first in every prompt; never trimmed; not part of the history.
@@ -143,6 +155,8 @@ class ConversationSession:
             recomputing it.
         kv_cache_max_bytes: total size cap of the ``.kv`` files in ``sessions_dir`` (least
             recently used are deleted first).
+        tts_output_dir: also write the speech as WAV files into this folder.
+        tts_options: ``rate`` (words per minute), ``voice``, ``playback`` for the speech engine.
 
     Raises:
         BackendError: the backend cannot be set up (model file missing, ...).
@@ -166,6 +180,8 @@ class ConversationSession:
         backend_options: dict[str, Any] | None = None,
         persist_kv_cache: bool = True,
         kv_cache_max_bytes: int = 1 << 30,
+        tts_output_dir: str | os.PathLike[str] | None = None,
+        tts_options: dict[str, Any] | None = None,
     ):
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive or None, not {timeout!r}")
@@ -175,6 +191,7 @@ class ConversationSession:
         self.timeout = timeout
         self.tts_wait_timeout = tts_wait_timeout
         self.tts = tts
+        self._speaker = create_speaker(tts, output_dir=tts_output_dir, **(tts_options or {}))
         self.system_prompt = system_prompt
         self.max_tokens = max_tokens
         self.temperature = temperature
@@ -224,6 +241,8 @@ class ConversationSession:
             self._stop_warmup()
             self._flush_kv_save()
             try:
+                if self._speaker is not None:
+                    self._speaker.close()
                 if self._writer is not None:
                     self._writer.close()
             finally:
@@ -258,6 +277,8 @@ class ConversationSession:
         Raises:
             SessionTimeoutError: the turn took longer than ``timeout``; nothing of it is kept,
                 the session stays usable and its KV cache valid.
+            TTSTimeoutError: the reply is complete and saved (``.result``), but speaking it took
+                longer than ``tts_wait_timeout``; the speech was stopped.
             BackendError: the backend failed (server down, model missing, ...).
             ValueError: ``text`` is empty.
         """
@@ -274,9 +295,15 @@ class ConversationSession:
             prompt, trimmed = self._prompt_for(user)
             request = GenerationRequest(messages=prompt, max_tokens=self.max_tokens,
                                         temperature=self.temperature)
+            speaker = self._speaker
+            if speaker is not None:
+                speaker.start_turn(t0, f"{self.session_id}_turn{self.turns + 1:04d}_{self._turn_seq}")
+                on_token = _speaking(speaker, on_token)
             try:
                 pieces, ttft = self._generate(request, t0, on_token)
             except BaseException:
+                if speaker is not None:
+                    speaker.cancel()
                 # The cache still holds the completed conversation (plus the abandoned turn's
                 # tokens, which a save drops): keep it on disk too, if a save was skipped.
                 if self.persist_kv_cache and self._messages:
@@ -309,7 +336,26 @@ class ConversationSession:
                 finish_reason=usage.finish_reason,
                 trimmed_turns=trimmed,
             )
+            if speaker is not None:
+                self._finish_speech(speaker)
             return self._last
+
+    def _finish_speech(self, speaker: Speaker) -> None:
+        """Wait for the reply to be spoken, at most ``tts_wait_timeout``; the turn is already saved."""
+        assert self._last is not None
+        try:
+            report = speaker.finish(self.tts_wait_timeout)
+        except SpeechTimeout as exc:
+            self._last = replace(self._last, tts_first_audio_s=speaker.first_audio_s)
+            raise TTSTimeoutError(
+                f"speaking the reply took longer than tts_wait_timeout={self.tts_wait_timeout} s, so it "
+                "was stopped; the turn itself is complete and saved",
+                result=self._last, timeout=self.tts_wait_timeout,
+            ) from exc
+        except BaseException:
+            speaker.cancel()
+            raise
+        self._last = replace(self._last, tts_first_audio_s=report.first_audio_s)
 
     def _generate(self, request: GenerationRequest, t0: float,
                   on_token: Callable[[str], None] | None) -> tuple[list[str], float | None]:
@@ -550,6 +596,8 @@ class ConversationSession:
         with self._lock:
             if self._closed:
                 raise SessionError("the session is closed")
+            if self._speaker is not None:
+                self._speaker.cancel()
             self._stop_warmup()
             self._flush_kv_save()
             self.backend.reset_cache()
@@ -599,6 +647,7 @@ class ConversationSession:
                 "cached_tokens": last.cached_tokens if last else None,
                 "completion_tokens": last.completion_tokens if last else None,
                 "ttft_s": last.ttft_s if last else None,
+                "tts_first_audio_s": last.tts_first_audio_s if last else None,
                 "tokens_per_s": last.tokens_per_s if last else None,
                 "total_prompt_tokens": self._total_prompt,
                 "total_cached_tokens": self._total_cached,

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from .._exceptions import BackendError, SessionError, SessionTimeoutError
+from .._exceptions import BackendError, SessionError, SessionTimeoutError, TTSTimeoutError
 from .._session import ConversationSession
 from .._store import HistoryStore, validate_session_id
 from ._args import sessions_dir_from
@@ -71,7 +71,7 @@ class ChatApp:
                 a.model, backend=a.backend, base_url=a.base_url, timeout=a.timeout,
                 tts_wait_timeout=a.tts_wait_timeout, tts=tts, sessions_dir=sessions_dir_from(a),
                 system_prompt=a.system, max_tokens=a.max_tokens, temperature=a.temperature,
-                backend_options=_backend_options(a),
+                backend_options=_backend_options(a), tts_output_dir=getattr(a, "tts_output_dir", None),
             )
         finally:
             self.console.stop_spinner()
@@ -197,11 +197,19 @@ class ChatApp:
                 started = True
             c.write(piece)
 
+        turns_before = session.turns
         try:
             result = session.chat(text, on_token=on_token)
         except KeyboardInterrupt:
             c.stop_spinner()
-            c.line(("\n" if started else "") + "⏹️  interrupted: this reply was not saved", "yellow")
+            if session.turns > turns_before:  # the text was complete; only its speech was stopped
+                c.line(("\n" if started else "") + "🔇 speech stopped (the reply is saved)", "yellow")
+            else:
+                c.line(("\n" if started else "") + "⏹️  interrupted: this reply was not saved", "yellow")
+            return True
+        except TTSTimeoutError as exc:
+            c.line(("\n" if started else "") + f"🔇 speech stopped after {exc.timeout:g} s (--tts-wait-timeout); "
+                   "the reply is saved", "yellow")
             return True
         except SessionTimeoutError as exc:
             c.stop_spinner()
