@@ -92,3 +92,14 @@ def test_upgrade_steps_are_ordered_and_reach_the_current_version():
 def test_malformed_sessions_are_rejected_with_the_reason(bad, reason):
     with pytest.raises(SessionFormatError, match=reason):
         SessionRecord.from_dict(bad)
+
+
+def test_lone_surrogates_are_refused_on_load_and_in_chat(fake):
+    bad = {"session_id": "s", "created_at": "x", "llm_model": "m",
+           "conversation_history": json.loads('[{"role": "user", "content": "a\\ud800b"}]')}
+    with pytest.raises(SessionFormatError, match="lone surrogate"):
+        SessionRecord.from_dict(bad)
+    with pytest.raises(SessionFormatError, match="updated_at"):
+        SessionRecord.from_dict({**bad, "conversation_history": [], "updated_at": []})
+    with ConversationSession(backend=fake) as s, pytest.raises(ValueError, match="surrogate"):
+        s.chat("a\ud800b")

@@ -36,6 +36,7 @@ __all__ = [
     "SessionFileDict",
     "SessionRecord",
     "count_turns",
+    "is_utf8_text",
     "now_iso",
     "parse_journal_line",
     "validate_messages",
@@ -78,6 +79,15 @@ def count_turns(messages: list[MessageDict]) -> int:
     return sum(1 for m in messages if m["role"] == "assistant")
 
 
+def is_utf8_text(text: str) -> bool:
+    """False for strings JSON can carry but UTF-8 cannot (lone surrogates such as ``"\\ud800"``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def validate_messages(value: Any, *, where: str = "conversation_history") -> list[MessageDict]:
     """Return ``value`` as a list of ``{role, content}`` messages or raise ``SessionFormatError``."""
     if not isinstance(value, list):
@@ -91,6 +101,8 @@ def validate_messages(value: Any, *, where: str = "conversation_history") -> lis
             raise SessionFormatError(f"{where}[{i}].role is {role!r}, not one of {sorted(ROLES)}")
         if not isinstance(content, str):
             raise SessionFormatError(f"{where}[{i}].content is {type(content).__name__}, not a string")
+        if not is_utf8_text(content):
+            raise SessionFormatError(f"{where}[{i}].content has a lone surrogate (\\ud800-\\udfff), not text")
         out.append({"role": role, "content": content})
     return out
 
@@ -169,7 +181,7 @@ class SessionRecord:
         data = upgrade(data)
         messages = validate_messages(data.get("conversation_history"))
         created_at = _require_str(data, "created_at")
-        updated_at = data.get("updated_at") or created_at
+        updated_at = data.get("updated_at", created_at)
         if not isinstance(updated_at, str):
             raise SessionFormatError(f"'updated_at' is {type(updated_at).__name__}, not a string")
         # "turns" is derived from the history; a disagreeing value on disk is not trusted.
@@ -180,7 +192,7 @@ class SessionRecord:
             session_id=_require_str(data, "session_id"),
             llm_model=_require_str(data, "llm_model"),
             created_at=created_at,
-            updated_at=updated_at,
+            updated_at=updated_at or created_at,
             messages=messages,
         )
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ._exceptions import BackendError, SessionError, SessionTimeoutError, TTSTimeoutError
-from ._format import MessageDict, count_turns
+from ._format import MessageDict, count_turns, is_utf8_text
 from ._result import ChatResult
 from ._store import HistoryStore, SessionWriter, validate_session_id
 from .backends import Backend, CancelToken, GenerationRequest, create_backend, estimate_tokens
@@ -284,6 +284,8 @@ class ConversationSession:
         """
         if not isinstance(text, str) or not text.strip():
             raise ValueError("the message is empty")
+        if not is_utf8_text(text):
+            raise ValueError("the message contains a lone surrogate character and cannot be saved as UTF-8")
         with self._lock:
             if self._closed:
                 raise SessionError("the session is closed; start a new ConversationSession")

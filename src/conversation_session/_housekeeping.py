@@ -1,0 +1,467 @@
+"""Housekeeping for a sessions folder: backups, imports, pruning and a doctor for damaged files.
+
+Everything here works through ``HistoryStore`` and its locks, so it is safe while sessions are
+in use: exports are made from full loads (snapshot plus journal), a session open for writing is
+never pruned, and the doctor never deletes anything; it moves problem files aside to
+``<name>.corrupt-<YYYYmmddHHMMSS>`` where a person can still look at them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from ._exceptions import SessionError, SessionFormatError, SessionLockedError
+from ._fileio import FileTooLargeError, NotARegularFileError, atomic_write_bytes, dir_lock, read_regular_file
+from ._format import SessionRecord, parse_journal_line
+from ._store import HistoryStore, encode_snapshot
+
+__all__ = [
+    "INFO_KINDS",
+    "STRAY_TEMP_AGE_S",
+    "ExportResult",
+    "Problem",
+    "doctor",
+    "export_all",
+    "import_session",
+    "is_locked",
+    "prune",
+    "session_age_reference",
+]
+
+logger = logging.getLogger("conversation_session.housekeeping")
+
+STRAY_TEMP_AGE_S = 60.0
+"""A temporary file this old cannot belong to a write in progress (writes take milliseconds)."""
+
+INFO_KINDS = frozenset({"id-mismatch"})
+"""Problem kinds that are only reported: the file still loads, so nothing is moved."""
+
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_TEMP_RE = re.compile(r"\..+\.tmp")
+_ASIDE_RE = re.compile(r".+\.corrupt-\d{14}(-\d+)?")
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_KNOWN_FILES = frozenset({".lock", ".input_history"})
+
+
+# -- helpers -------------------------------------------------------------------------------
+def is_locked(store: HistoryStore, session_id: str) -> bool:
+    """True if ``session_id`` is open for writing (its journal holds a ``flock``).
+
+    The probe runs under the folder lock, which every writer takes while it acquires its own
+    lock, so a writer starting at the same moment never sees the probe as a rival.
+    """
+    path = store.journal_path(session_id)
+    if not store.directory.is_dir():
+        return False
+    with dir_lock(store.directory):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC)
+        except FileNotFoundError:
+            return False  # a writer always has a journal
+        except OSError:
+            return False  # a symlink or unreadable journal: no writer can hold it either
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also releases the probe's own lock
+    return False
+
+
+def _disk_error(action: str, path: Path, exc: OSError) -> SessionError:
+    reason = exc.strerror or str(exc)
+    hint = ("free some disk space or choose another folder"
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else
+            "check the folder exists and is writable")
+    return SessionError(f"cannot {action} {path}: {reason}; {hint}")
+
+
+def _load_stable(store: HistoryStore, session_id: str, attempts: int = 5) -> SessionRecord:
+    """Load a session whose files did not change while they were read (a consistent copy).
+
+    A writer may replace the snapshot and empty the journal between the two reads of a load;
+    the result is then an older, still valid prefix.  Retrying until the files are unchanged
+    across the load gives the state at one moment.
+    """
+    def marks() -> tuple[tuple[int, int, int] | None, ...]:
+        out = []
+        for p in (store.snapshot_path(session_id), store.journal_path(session_id)):
+            try:
+                st = p.lstat()
+                out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    record = store.load(session_id)
+    for _ in range(attempts):
+        before = marks()
+        record = store.load(session_id)
+        if marks() == before:
+            break
+    return record
+
+
+# -- export / import -------------------------------------------------------------------------
+@dataclass
+class ExportResult:
+    """What ``export_all`` wrote, and which sessions it skipped and why."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def export_all(store: HistoryStore, dest_dir: str | os.PathLike[str]) -> ExportResult:
+    """Write every session with at least one message to ``dest_dir/<id>.json``.
+
+    Each copy comes from a full load (snapshot and journal merged) and is written atomically,
+    so it is complete even while the session is being written; damaged sessions are skipped
+    and listed in ``skipped``.  A failed write (disk full) raises ``SessionError``; files
+    already written stay.
+    """
+    dest = Path(dest_dir)
+    with contextlib.suppress(OSError):
+        if store.directory.resolve() == dest.resolve():
+            raise SessionError(f"cannot export into the sessions folder itself ({dest}); choose another folder")
+    try:
+        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _disk_error("create the export folder", dest, exc) from exc
+    result = ExportResult()
+    for _mtime, session_id in store._candidates():
+        try:
+            record = _load_stable(store, session_id)
+            if not record.messages:
+                continue
+            data = encode_snapshot(record, record.messages)
+        except (SessionFormatError, OSError) as exc:
+            logger.warning("not exported: %s: %s", session_id, exc)
+            result.skipped[session_id] = str(exc)
+            continue
+        path = dest / f"{session_id}.json"
+        try:
+            atomic_write_bytes(path, data)
+        except OSError as exc:
+            raise _disk_error("write the export", path, exc) from exc
+        result.written.append(path)
+    return result
+
+
+def import_session(store: HistoryStore, path: str | os.PathLike[str]) -> str:
+    """Copy a session file (as ``export`` writes it) into the store; returns its id there.
+
+    The file is validated like any session file (``SessionFormatError`` says what is wrong).
+    It keeps its own id when that is a valid name not yet taken; otherwise it gets a new
+    ``session_<unix seconds>`` id (``_2``, ``_3``, ... if that is taken too).
+    """
+    src = Path(path)
+    try:
+        raw = read_regular_file(src.resolve(), store.max_file_bytes)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise SessionFormatError(f"cannot import {src}: {exc.strerror or exc}", path=src) from exc
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SessionFormatError(f"cannot import {src}: not UTF-8 ({exc.reason})", path=src) from exc
+    except RecursionError as exc:
+        raise SessionFormatError(f"cannot import {src}: JSON nested too deeply", path=src) from exc
+    except ValueError as exc:
+        raise SessionFormatError(f"cannot import {src}: not valid JSON ({exc})", path=src) from exc
+    try:
+        record = SessionRecord.from_dict(data)
+        if not record.messages:
+            raise SessionFormatError("it has no messages")
+    except SessionFormatError as exc:
+        raise SessionFormatError(f"cannot import {src}: not a valid session file: {exc}", path=src) from exc
+    store.ensure_dir()
+    wanted = record.session_id if _ID_RE.fullmatch(record.session_id) else None
+    base = f"session_{int(time.time())}"
+    with dir_lock(store.directory):
+        names = ([wanted] if wanted else []) + [base if n == 1 else f"{base}_{n}" for n in range(1, 100_000)]
+        for session_id in names:
+            snap, journal = store.snapshot_path(session_id), store.journal_path(session_id)
+            if snap.exists() or snap.is_symlink() or journal.exists() or journal.is_symlink():
+                continue
+            record.session_id = session_id
+            try:
+                atomic_write_bytes(snap, encode_snapshot(record, record.messages))
+            except OSError as exc:
+                raise _disk_error("write", snap, exc) from exc
+            return session_id
+    raise SessionError(f"no free session name in {store.directory}")  # pragma: no cover
+
+
+# -- prune -----------------------------------------------------------------------------------
+def session_age_reference(updated_at: str, fallback_mtime: float) -> float:
+    """A session's last update as a Unix time: its ``updated_at`` (local time), else the file mtime."""
+    try:
+        dt = datetime.fromisoformat(updated_at)
+    except (TypeError, ValueError):
+        return fallback_mtime
+    try:
+        return dt.timestamp()  # naive means local time, as the format writes it
+    except (OverflowError, OSError, ValueError):
+        return fallback_mtime
+
+
+def prune(store: HistoryStore, older_than: timedelta | None = None, keep: int | None = None,
+          dry_run: bool = False) -> list[str]:
+    """Delete old sessions; returns the ids deleted (or that would be, with ``dry_run``).
+
+    A session goes if it is not among the ``keep`` most recently updated and (when
+    ``older_than`` is given) was last updated more than ``older_than`` ago.  Sessions open for
+    writing are skipped, and so are damaged ones (``doctor`` deals with those).
+    """
+    if older_than is None and keep is None:
+        raise ValueError("prune needs older_than, keep, or both")
+    if keep is not None and keep < 0:
+        raise ValueError(f"keep must be 0 or more, not {keep}")
+    if older_than is not None and older_than < timedelta(0):
+        raise ValueError(f"older_than must not be negative, not {older_than}")
+    mtimes = {sid: m for m, sid in store._candidates()}
+    infos = store.list_sessions()
+    aged = sorted(((session_age_reference(i.updated_at, mtimes.get(i.session_id, 0.0)), i.session_id)
+                   for i in infos), reverse=True)
+    cutoff = None if older_than is None else time.time() - older_than.total_seconds()
+    doomed = [sid for n, (when, sid) in enumerate(aged)
+              if (keep is None or n >= keep) and (cutoff is None or when < cutoff)]
+    out = []
+    for sid in doomed:
+        if is_locked(store, sid):
+            logger.info("not pruned: %s is open for writing", sid)
+            continue
+        if dry_run:
+            out.append(sid)
+            continue
+        try:
+            if store.delete(sid):
+                out.append(sid)
+        except SessionLockedError:
+            logger.info("not pruned: %s is open for writing", sid)
+    return out
+
+
+# -- doctor ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Problem:
+    """A file in the sessions folder that needs attention.
+
+    ``kind`` is one of: ``symlink``, ``not-regular``, ``oversized``, ``unreadable``,
+    ``unparseable``, ``malformed``, ``id-mismatch`` (loads; the file name wins),
+    ``stray-temp``, ``orphan-journal``, ``torn-journal``, ``damaged-journal``.
+    ``moved_to`` is set when ``doctor(fix=True)`` moved the file aside.
+    """
+
+    path: Path
+    kind: str
+    detail: str
+    moved_to: Path | None = None
+
+    @property
+    def fixable(self) -> bool:
+        return self.kind not in INFO_KINDS
+
+
+def _aside_name(path: Path, stamp: str) -> Path:
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 2
+    while target.exists() or target.is_symlink():
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        n += 1
+    return target
+
+
+def _move_aside(store: HistoryStore, path: Path, stamp: str) -> Path:
+    """Rename ``path`` (never following a symlink) to a free ``.corrupt-`` name beside it."""
+    with dir_lock(store.directory):
+        target = _aside_name(path, stamp)
+        os.rename(path, target)
+    return target
+
+
+def _check_file(store: HistoryStore, path: Path, st: os.stat_result) -> tuple[str, str] | None:
+    """(kind, detail) for a file that cannot be read as a session file, without reading it if unsafe."""
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return "symlink", f"a symbolic link (to {target}); session files are never followed through links"
+    if not stat.S_ISREG(st.st_mode):
+        return "not-regular", "not a regular file (a directory, FIFO or device)"
+    if st.st_size > store.max_file_bytes:
+        return "oversized", f"{st.st_size:,} bytes, over the {store.max_file_bytes:,}-byte limit"
+    return None
+
+
+def _snapshot_problem(store: HistoryStore, path: Path) -> tuple[tuple[str, str] | None, int | None]:
+    """(problem, message count) for a regular ``<id>.json`` of acceptable size."""
+    try:
+        raw = read_regular_file(path, store.max_file_bytes)
+    except (NotARegularFileError, FileTooLargeError) as exc:
+        return ("not-regular", exc.strerror or str(exc)), None
+    except OSError as exc:
+        return ("unreadable", f"cannot read ({exc.strerror or exc})"), None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return ("unparseable", f"not UTF-8 ({exc.reason})"), None
+    except RecursionError:
+        return ("unparseable", "JSON nested too deeply"), None
+    except ValueError as exc:
+        return ("unparseable", f"not valid JSON ({exc})"), None
+    try:
+        record = SessionRecord.from_dict(data)
+    except SessionFormatError as exc:
+        return ("malformed", str(exc)), None
+    stem = path.name[: -len(".json")]
+    if record.session_id != stem:
+        return ("id-mismatch", f"says session_id={record.session_id!r}; it loads as {stem} (the file name wins)"), \
+            len(record.messages)
+    return None, len(record.messages)
+
+
+def _journal_problem(store: HistoryStore, path: Path, have: int | None) -> tuple[str, str] | None:
+    """Check a regular, unlocked ``<id>.journal`` the way loading replays it."""
+    try:
+        raw = read_regular_file(path, store.max_file_bytes)
+    except OSError as exc:
+        return "unreadable", f"cannot read ({exc.strerror or exc})"
+    if not raw:
+        if have is None:
+            return "orphan-journal", "an empty journal with no snapshot, left by a process that ended early"
+        return None
+    count = have or 0
+    lines = raw.split(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            entry = parse_journal_line(line)
+        except SessionFormatError as exc:
+            if i == last:
+                return "torn-journal", f"line {i + 1} is incomplete ({exc}), left by a write that was cut off"
+            return "damaged-journal", f"line {i + 1} is damaged ({exc}); lines after it are not loaded"
+        if entry["start"] > count:
+            return "damaged-journal", (f"line {i + 1} starts at message {entry['start']} but only {count} "
+                                       "exist; lines from there are not loaded")
+        count = max(count, entry["start"] + len(entry["messages"]))
+    return None
+
+
+def _move_journal_aside(store: HistoryStore, session_id: str, path: Path, stamp: str, *, fold: bool) -> Path | None:
+    """Move a journal aside while holding its session's lock; None if the session is open.
+
+    With ``fold``, the turns the journal still holds are first saved into a fresh snapshot,
+    so moving it aside loses nothing that loading would have shown.
+    """
+    try:
+        with dir_lock(store.directory):
+            fd = store._open_locked_journal(session_id, create=False)
+    except SessionLockedError:
+        return None
+    try:
+        if fold and fd is not None:
+            try:
+                record = store.load(session_id)
+                data = encode_snapshot(record, record.messages) if record.messages else None
+            except SessionFormatError as exc:
+                logger.warning("%s: nothing saved from the journal: %s", session_id, exc)
+            else:
+                if data is not None:
+                    atomic_write_bytes(store.snapshot_path(session_id), data)
+        return _move_aside(store, path, stamp)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def doctor(store: HistoryStore, fix: bool = False) -> list[Problem]:
+    """List the problem files in the sessions folder; with ``fix``, move them aside.
+
+    Nothing is ever deleted.  Files of sessions open for writing are left alone, and so are
+    temporary files younger than ``STRAY_TEMP_AGE_S`` (a write may be in progress).  Before a
+    damaged journal is moved aside, the turns it still holds are saved into the snapshot.
+    """
+    directory = store.directory
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise SessionError(f"cannot read the sessions folder {directory}: {exc.strerror or exc}") from exc
+    stamp = datetime.now().strftime("%Y%m%d%H%M%S")
+    now = time.time()
+    found: list[tuple[Path, str, str, str | None]] = []  # path, kind, detail, session id of a journal
+    snapshot_counts: dict[str, int | None] = {}
+    journals: list[tuple[Path, str, os.stat_result]] = []
+    for entry in entries:
+        name = entry.name
+        path = Path(entry.path)
+        if name in _KNOWN_FILES or _ASIDE_RE.fullmatch(name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue  # vanished since the listing
+        if _TEMP_RE.fullmatch(name):
+            if now - st.st_mtime >= STRAY_TEMP_AGE_S:
+                found.append((path, "stray-temp", f"a temporary file left by an interrupted save "
+                                                  f"({int(now - st.st_mtime)} s old)", None))
+            continue
+        stem, dot, ext = name.rpartition(".")
+        if not dot or ext not in ("json", "journal") or not _ID_RE.fullmatch(stem):
+            continue
+        bad = _check_file(store, path, st)
+        if ext == "journal":
+            if bad is None:
+                journals.append((path, stem, st))
+            elif not (stat.S_ISREG(st.st_mode) and is_locked(store, stem)):
+                found.append((path, *bad, None))
+            continue
+        if bad is not None:
+            found.append((path, *bad, None))
+            snapshot_counts[stem] = None
+            continue
+        problem, count = _snapshot_problem(store, path)
+        snapshot_counts[stem] = count
+        if problem is not None:
+            found.append((path, *problem, None))
+    for path, stem, _st in journals:
+        if is_locked(store, stem):
+            continue  # in use: its writer owns it
+        problem = _journal_problem(store, path, snapshot_counts.get(stem))
+        if problem is not None:
+            found.append((path, *problem, stem))
+    problems: list[Problem] = []
+    for path, kind, detail, journal_of in found:
+        moved: Path | None = None
+        if fix and kind not in INFO_KINDS:
+            try:
+                if journal_of is None:
+                    moved = _move_aside(store, path, stamp)
+                else:
+                    moved = _move_journal_aside(store, journal_of, path, stamp,
+                                                fold=kind in ("torn-journal", "damaged-journal"))
+                    if moved is None:
+                        detail += " (left alone: the session was opened meanwhile)"
+            except (OSError, SessionError) as exc:
+                detail += f" (could not move it aside: {getattr(exc, 'strerror', None) or exc})"
+        problems.append(Problem(path, kind, detail, moved))
+    return problems

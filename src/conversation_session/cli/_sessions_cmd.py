@@ -1,0 +1,245 @@
+"""The non-interactive commands: ``sessions list|export|import|delete|prune`` and ``doctor``.
+
+Each returns an exit status: 0 done, 1 failed (one line on stderr says why and what to do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import TextIO
+
+from .._exceptions import SessionError, SessionLockedError
+from .._housekeeping import INFO_KINDS, doctor, export_all, import_session, prune
+from .._store import HistoryStore, SessionInfo, encode_snapshot, validate_session_id
+from ._args import sessions_dir_from
+from ._export import export_session, render_markdown
+
+__all__ = ["CommandError", "apply_retention", "run_command"]
+
+logger = logging.getLogger("conversation_session.cli")
+
+
+class CommandError(SessionError):
+    """A housekeeping command cannot go on; the message is shown as one line on stderr."""
+
+
+def _clean(text: str) -> str:
+    """Text safe to print: a lone surrogate from a damaged file must not crash the output."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    return f"{n / 1024:.1f} KB" if n < 1024 * 1024 else f"{n / (1024 * 1024):.1f} MB"
+
+
+class _Commands:
+    def __init__(self, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO):
+        self.args = args
+        self.stdin, self.out, self.err = stdin, stdout, stderr
+        self.store = HistoryStore(sessions_dir_from(args))
+
+    def say(self, text: str = "") -> None:
+        print(_clean(text), file=self.out)
+
+    def confirm(self, question: str) -> bool:
+        """True to go ahead: ``--yes``, or a "y" typed at the terminal."""
+        if getattr(self.args, "yes", False):
+            return True
+        if not self.stdin.isatty():
+            raise CommandError("not confirmed: standard input is not a terminal, so nobody can answer; "
+                               "add --yes to go ahead")
+        print(f"{question} [y/N] ", end="", file=self.out, flush=True)
+        answer = self.stdin.readline()
+        return answer.strip().lower() in ("y", "yes")
+
+    def _no_session(self, session_id: str) -> CommandError:
+        return CommandError(f"no saved session {session_id} in {self.store.directory}; "
+                            "see `sessions list`")
+
+    # -- sessions list -------------------------------------------------------------------------
+    def list(self) -> int:
+        infos = self.store.list_sessions()
+        if self.args.json:
+            self.out.write(json.dumps([_info_dict(i) for i in infos], ensure_ascii=False, indent=2)
+                           .encode("utf-8", "replace").decode("utf-8") + "\n")
+            return 0
+        if not infos:
+            self.say(f"no saved sessions in {self.store.directory}")
+            return 0
+        self.say(f"{'ID':<26} {'CREATED':<19}  {'UPDATED':<19}  {'TURNS':>5}  {'SIZE':>8}  FIRST LINE")
+        for i in infos:
+            first = i.first_user_line[:60] + ("…" if len(i.first_user_line) > 60 else "")
+            self.say(f"{i.session_id:<26} {i.created_at:<19}  {i.updated_at:<19}  {i.turns:>5}  "
+                     f"{_size(i.size_bytes):>8}  {first}")
+        return 0
+
+    # -- sessions export -----------------------------------------------------------------------
+    def export(self) -> int:
+        a = self.args
+        if a.all_dir is not None:
+            if a.session_id or a.output or a.format:
+                raise _Usage("export --all DIR takes no ID, -o or --format (it writes JSON files)")
+            result = export_all(self.store, Path(a.all_dir))
+            for sid, why in result.skipped.items():
+                print(_clean(f"skipped {sid}: {why}"), file=self.err)
+            self.say(f"exported {len(result.written)} session(s) to {a.all_dir}"
+                     + (f"; {len(result.skipped)} damaged one(s) skipped (see `doctor`)" if result.skipped else ""))
+            return 0
+        if not a.session_id:
+            raise _Usage("export needs a session ID, or --all DIR")
+        sid = _valid_id(a.session_id)
+        try:
+            record = self.store.load(sid)
+            if a.output and a.output != "-":
+                try:
+                    path = export_session(self.store, sid, Path(a.output), a.format)
+                except OSError as exc:
+                    raise CommandError(f"cannot write {a.output}: {exc.strerror or exc}; check the folder "
+                                       "exists, is writable and has free space") from exc
+                print(_clean(f"exported {sid} to {path}"), file=self.err)
+                return 0
+            text = (render_markdown(self.store, sid) if a.format == "md"
+                    else encode_snapshot(record, record.messages).decode("utf-8"))
+        except FileNotFoundError:
+            raise self._no_session(sid) from None
+        except UnicodeEncodeError as exc:
+            raise CommandError(f"session {sid} contains text that is not valid Unicode ({exc.reason}); "
+                               "run `doctor`") from exc
+        self.out.write(_clean(text))
+        self.out.flush()
+        return 0
+
+    # -- sessions import -----------------------------------------------------------------------
+    def import_(self) -> int:
+        try:
+            sid = import_session(self.store, Path(self.args.path))
+        except FileNotFoundError:
+            raise CommandError(f"cannot import {self.args.path}: no such file") from None
+        self.say(sid)
+        print(_clean(f"imported {self.args.path} as {sid}"), file=self.err)
+        return 0
+
+    # -- sessions delete -----------------------------------------------------------------------
+    def delete(self) -> int:
+        sid = _valid_id(self.args.session_id)
+        if not (self.store.snapshot_path(sid).exists() or self.store.snapshot_path(sid).is_symlink()
+                or self.store.journal_path(sid).exists()):
+            raise self._no_session(sid)
+        if not self.confirm(f"Delete {sid}? This cannot be undone."):
+            self.say("not deleted")
+            return 1
+        if not self.store.delete(sid):
+            raise self._no_session(sid)
+        self.say(f"deleted {sid}")
+        return 0
+
+    # -- sessions prune ------------------------------------------------------------------------
+    def prune(self) -> int:
+        a = self.args
+        if a.older_than is None and a.keep is None:
+            raise _Usage("prune needs --older-than AGE, --keep N, or both")
+        doomed = prune(self.store, a.older_than, a.keep, dry_run=True)
+        if not doomed:
+            self.say("nothing to prune")
+            return 0
+        infos = {i.session_id: i for i in self.store.list_sessions()}
+        verb = "would delete" if a.dry_run else "will delete"
+        self.say(f"{verb} {len(doomed)} session(s):")
+        for sid in doomed:
+            i = infos.get(sid)
+            self.say(f"  {sid:<26} updated {i.updated_at:<19}  {i.turns:>4} turn(s)  {i.first_user_line[:50]}"
+                     if i else f"  {sid}")
+        if a.dry_run:
+            return 0
+        if not self.confirm(f"Delete these {len(doomed)} session(s)? This cannot be undone."):
+            self.say("nothing deleted")
+            return 1
+        deleted, busy = 0, []
+        for sid in doomed:
+            try:
+                deleted += self.store.delete(sid)
+            except SessionLockedError:
+                busy.append(sid)
+        self.say(f"deleted {deleted} session(s)" + (f"; {len(busy)} in use, kept: {', '.join(busy)}" if busy else ""))
+        return 0
+
+    # -- doctor ------------------------------------------------------------------------------
+    def doctor(self) -> int:
+        problems = doctor(self.store, fix=self.args.fix)
+        if not problems:
+            self.say(f"no problems in {self.store.directory}")
+            return 0
+        unresolved = 0
+        for p in problems:
+            self.say(f"{p.kind:<16} {p.path.name}: {p.detail}")
+            if p.moved_to is not None:
+                self.say(f"{'':<16} moved aside to {p.moved_to.name}")
+            elif p.kind not in INFO_KINDS:
+                unresolved += 1
+        if unresolved:
+            hint = "" if self.args.fix else "; `doctor --fix` moves them aside (nothing is deleted)"
+            print(f"error: {unresolved} problem file(s) in {self.store.directory}{hint}", file=self.err)
+            return 1
+        return 0
+
+
+class _Usage(Exception):
+    """Wrong combination of arguments: exit status 2."""
+
+
+def _valid_id(text: str) -> str:
+    try:
+        return validate_session_id(text)
+    except ValueError as exc:
+        raise _Usage(str(exc)) from None
+
+
+def _info_dict(i: SessionInfo) -> dict[str, object]:
+    return {"session_id": i.session_id, "created_at": i.created_at, "updated_at": i.updated_at,
+            "turns": i.turns, "total_messages": i.total_messages, "size_bytes": i.size_bytes,
+            "llm_model": i.llm_model, "first_user_line": i.first_user_line, "path": str(i.path)}
+
+
+def run_command(args: argparse.Namespace, *, usage: Callable[[str], object] | None = None,
+                stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """Run ``args.command`` (``sessions ...`` or ``doctor``); returns the exit status."""
+    err = stderr or sys.stderr
+    try:
+        cmds = _Commands(args, stdin or sys.stdin, stdout or sys.stdout, err)
+        if args.command == "doctor":
+            return cmds.doctor()
+        action = {"list": cmds.list, "export": cmds.export, "import": cmds.import_,
+                  "delete": cmds.delete, "prune": cmds.prune}[args.sessions_command]
+        return action()
+    except _Usage as exc:
+        if usage is not None:
+            usage(str(exc))  # argparse's error(): prints usage and exits 2
+        print(f"error: {exc}", file=err)
+        return 2
+    except (SessionError, OSError, ValueError) as exc:
+        text = str(exc) if not isinstance(exc, OSError) or not exc.strerror else (
+            f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror}")
+        print(_clean(f"error: {text}"), file=err)
+        return 1
+
+
+def apply_retention(sessions_dir: str, days: float, *, stderr: TextIO | None = None) -> list[str]:
+    """Delete sessions not updated for ``days`` days (those in use are kept); returns their ids."""
+    store = HistoryStore(sessions_dir)
+    try:
+        deleted = prune(store, older_than=timedelta(days=days))
+    except (SessionError, OSError) as exc:
+        logger.warning("retention: could not prune %s: %s", store.directory, exc)
+        return []
+    if deleted:
+        print(f"retention: deleted {len(deleted)} session(s) not updated for {days:g} day(s)",
+              file=stderr or sys.stderr)
+    return deleted
