@@ -16,6 +16,7 @@ from conversation_session import (
     ConversationSession,
     FakeBackend,
     HistoryStore,
+    SessionError,
     SessionFormatError,
     SessionLockedError,
 )
@@ -241,3 +242,25 @@ def test_a_failed_save_keeps_the_turn_and_the_next_save_writes_everything(sessio
     assert response2 == "Reply 2: second"
     assert turns_in_memory == 3 and turns_on_disk == 3
     assert "could not save turn" in out.stderr
+
+
+def test_a_locked_session_can_be_opened_read_only(sessions_dir):
+    with ConversationSession(backend=FakeBackend()) as owner:
+        owner.chat("我喜欢 Python")
+        sid = owner.session_id
+        with ConversationSession(backend=FakeBackend()) as viewer:
+            with pytest.raises(SessionLockedError):
+                viewer.load_history(sid)
+            assert viewer.load_history(sid, read_only=True) is True
+            summary = viewer.get_history_summary()
+            assert summary["read_only"] is True and summary["turns"] == 1 and summary["session_id"] == sid
+            assert summary["has_history_file"] and summary["created_at"]
+            assert viewer.history[0]["content"] == "我喜欢 Python"
+            with pytest.raises(SessionError, match="read-only"):
+                viewer.chat("hello")
+            with pytest.raises(SessionError, match="read-only"):
+                viewer.save_history()
+            viewer.clear_history()  # back to a new, writable session
+            assert viewer.session_id != sid and viewer.chat("hello").saved
+        owner.chat("still mine")  # the owner was never disturbed
+    assert HistoryStore(sessions_dir).load(sid).turns == 2

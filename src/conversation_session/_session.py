@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ._exceptions import BackendError, SessionError, SessionTimeoutError, TTSTimeoutError
-from ._format import MessageDict, count_turns, is_utf8_text
+from ._format import MessageDict, SessionRecord, count_turns, is_utf8_text
 from ._result import ChatResult
 from ._store import HistoryStore, SessionWriter, validate_session_id
 from .backends import Backend, CancelToken, GenerationRequest, create_backend, estimate_tokens
@@ -213,6 +213,7 @@ class ConversationSession:
         self._total_cached = 0
         self._writer: SessionWriter | None = None
         self._warmup: _Warmup | None = None
+        self._read_only: SessionRecord | None = None  # a session opened with read_only=True
         self.persist_kv_cache = bool(persist_kv_cache and enable_cache and self.backend.can_persist_state)
         self.kv_cache_max_bytes = kv_cache_max_bytes
         self._kv_saver = _LatestJob("kv-cache-save")
@@ -289,6 +290,11 @@ class ConversationSession:
         with self._lock:
             if self._closed:
                 raise SessionError("the session is closed; start a new ConversationSession")
+            if self._read_only is not None:
+                raise SessionError(
+                    f"session {self._read_only.session_id} was opened read-only; call clear_history() to start a new "
+                    "session, or load it without read_only once no other process has it open"
+                )
             user: MessageDict = {"role": "user", "content": text}
             self._turn_seq += 1
             t0 = time.perf_counter()
@@ -529,6 +535,9 @@ class ConversationSession:
             SessionError: ``enable_cache=False`` (nothing is kept to save), or the write failed.
         """
         with self._lock:
+            if self._read_only is not None:
+                raise SessionError(
+                    f"session {self._read_only.session_id} was opened read-only; it is not saved from here")
             if not self.enable_cache or self._writer is None:
                 raise SessionError(
                     "this session was created with enable_cache=False, so it keeps no history to "
@@ -542,12 +551,15 @@ class ConversationSession:
                     "memory, free some space or fix the folder's permissions and save again"
                 ) from exc
 
-    def load_history(self, session_id: str | None = None) -> bool:
+    def load_history(self, session_id: str | None = None, *, read_only: bool = False) -> bool:
         """Continue a saved session: its history, in its own file, under its own id.
 
         Args:
             session_id: the session to load; ``None`` for the most recently updated one.
                 Unreadable or malformed files are skipped with a warning.
+            read_only: only look: load the history without taking the session's lock (so it
+                works while another process has it open); ``chat()`` then refuses until
+                ``clear_history()`` starts a new session.
 
         Returns:
             True if a session was loaded, False if there was none (or it had no turns).
@@ -555,12 +567,12 @@ class ConversationSession:
         Raises:
             ValueError: ``session_id`` is not a plain session name.
             SessionFormatError: the named session's file is corrupt.
-            SessionLockedError: the session is open for writing elsewhere.
+            SessionLockedError: the session is open for writing elsewhere (not with read_only).
         """
         if session_id is not None:
             validate_session_id(session_id)
         with self._lock:
-            if not self.enable_cache or self._writer is None:
+            if not self.enable_cache:
                 logger.warning("load_history() ignored: enable_cache=False keeps no history")
                 return False
             t0 = time.perf_counter()
@@ -570,8 +582,10 @@ class ConversationSession:
                     logger.info("no saved session to resume in %s", self.store.directory)
                     return False
                 session_id = record.session_id
-            elif session_id == self.session_id:
+            elif session_id == self.session_id and not read_only and self._read_only is None:
                 return bool(self._messages)
+            if read_only:
+                return self._load_read_only(session_id)
             try:
                 writer, record = self.store.open(session_id)
             except FileNotFoundError:
@@ -581,10 +595,12 @@ class ConversationSession:
             self._stop_warmup()
             self._flush_kv_save()
             self._writer = writer
+            self._read_only = None
             self._messages = record.messages
             writer.bind(self._messages)
             self._trim_start = 0
-            old.close()
+            if old is not None:
+                old.close()
             self._start_warmup()
             logger.info("resumed %s: %d turns, %d messages in %.1f ms", session_id, record.turns,
                         len(record.messages), (time.perf_counter() - t0) * 1000)
@@ -592,6 +608,24 @@ class ConversationSession:
                 logger.info("session %s was recorded with %s; continuing with %s", session_id,
                             record.llm_model, self.llm_model)
             return bool(self._messages)
+
+    def _load_read_only(self, session_id: str) -> bool:
+        try:
+            record = self.store.load(session_id)
+        except FileNotFoundError:
+            logger.info("no saved session %s in %s", session_id, self.store.directory)
+            return False
+        self._stop_warmup()
+        self._flush_kv_save()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._read_only = record
+        self._stateless_id = session_id
+        self._messages = record.messages
+        self._trim_start = 0
+        logger.info("opened %s read-only: %d turns", session_id, record.turns)
+        return bool(self._messages)
 
     def clear_history(self) -> None:
         """Start over: empty history and KV cache, new session id (the old file stays on disk)."""
@@ -606,30 +640,33 @@ class ConversationSession:
             self._trim_start = 0
             self._last = None
             self._total_prompt = self._total_cached = 0
-            if self._writer is not None:
-                old = self._writer
-                self._messages = []
+            old = self._writer
+            self._messages = []
+            self._stateless_id = f"session_{int(time.time())}"
+            if self.enable_cache:
                 self._writer = self.store.create(self.llm_model)
                 self._writer.bind(self._messages)
+                self._read_only = None
+            if old is not None:
                 old.close()
-            self._stateless_id = f"session_{int(time.time())}"
 
     # -- reports -------------------------------------------------------------------------
     def get_history_summary(self) -> dict[str, Any]:
         """The seed's summary: ``session_id``, ``turns``, ``total_messages``, ``has_history_file``, ..."""
         with self._lock:
             writer = self._writer
-            record = writer.record if writer is not None else None
+            record = writer.record if writer is not None else self._read_only
             return {
                 "session_id": self.session_id,
                 "turns": self.turns,
                 "total_messages": len(self._messages),
-                "has_history_file": bool(writer is not None and writer.has_file),
+                "has_history_file": bool(writer is not None and writer.has_file) or self._read_only is not None,
                 "created_at": record.created_at if record else None,
                 "updated_at": (record.updated_at or record.created_at) if record else None,
                 "llm_model": self.llm_model,
                 "backend": self.backend.name,
-                "path": str(self.path) if writer is not None else None,
+                "path": str(self.path) if writer is not None or self._read_only else None,
+                "read_only": self._read_only is not None,
                 "enable_cache": self.enable_cache,
                 "last_save_error": str(writer.last_error) if writer and writer.last_error else None,
             }
