@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for speech to finish (default 30)")
     p.add_argument("--tts", choices=["none", "espeak"], default="none", help="speak replies")
     p.add_argument("--tts-output-dir", default=None, help="write speech as WAV files here")
+    p.add_argument("--tts-rate", type=int, default=None, metavar="WPM", help="speech rate, words per minute")
+    p.add_argument("--tts-voice", default=None, help="espeak-ng voice for all text (default: by language)")
+    p.add_argument("--no-kv-file", dest="persist_kv", action="store_false",
+                   help="do not keep the embedded model's KV cache on disk beside the session")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="SESSION_ID",
                    help="continue a saved session (the latest when no id is given)")

@@ -71,7 +71,9 @@ class ChatApp:
                 a.model, backend=a.backend, base_url=a.base_url, timeout=a.timeout,
                 tts_wait_timeout=a.tts_wait_timeout, tts=tts, sessions_dir=sessions_dir_from(a),
                 system_prompt=a.system, max_tokens=a.max_tokens, temperature=a.temperature,
-                backend_options=_backend_options(a), tts_output_dir=getattr(a, "tts_output_dir", None),
+                backend_options=_backend_options(a), tts_output_dir=a.tts_output_dir,
+                tts_options={k: v for k, v in (("rate", a.tts_rate), ("voice", a.tts_voice)) if v is not None},
+                persist_kv_cache=a.persist_kv,
             )
         finally:
             self.console.stop_spinner()
@@ -301,6 +303,17 @@ class ChatApp:
             ("turns left out of the prompt", fmt(st.get("trimmed_turns"))),
             ("model load time", fmt(st.get("model_load_s"), " s")),
         ]
+        if st.get("kv_restored") is not None:
+            rows.append(("KV cache restored on resume",
+                         f"yes: {st['kv_restore_tokens']} tokens, {st['kv_restore_bytes']:,} bytes in "
+                         f"{st['kv_restore_s'] * 1000:.0f} ms" if st["kv_restored"]
+                         else f"no ({st.get('kv_restore_reason')})"))
+        if st.get("warmup"):
+            rows.append(("resume warm-up", f"{st['warmup']} in {fmt(st.get('warmup_s'), ' s')}"))
+        if st.get("kv_save"):
+            rows.append(("KV cache file", st["kv_save"]))
+        if st.get("tts_first_audio_s") is not None:
+            rows.append(("time to first audio", fmt(st["tts_first_audio_s"], " s")))
         self.console.line("📊 KV cache")
         for name, value in rows:
             self.console.line(f"   {name:<30} {value}")
