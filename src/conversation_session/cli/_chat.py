@@ -113,27 +113,37 @@ class ChatApp:
             if not self._start(session):
                 return 1
             self._prompt = self._make_prompt()
-            while True:
-                try:
-                    line = self._prompt("💬 您: " if self.interactive else "")
-                except EOFError:
-                    if self.interactive:
-                        c.line()
-                    break
-                except KeyboardInterrupt:
-                    self._interrupts += 1
-                    if self._interrupts >= 2:
-                        c.line()
-                        break
-                    c.line("(Ctrl-C again, Ctrl-D or `quit` to leave)", "dim")
-                    continue
-                self._interrupts = 0
-                if not self._handle(line):
-                    break
+            try:
+                self._loop()
+            except KeyboardInterrupt:
+                # A Ctrl-C outside a reply and outside the prompt (say, while a hint prints)
+                # means the user is pressing it repeatedly: leave, cleanly, like the second one.
+                c.line()
             summary = session.get_history_summary()
         if summary["turns"]:
             c.line(f"👋 saved {summary['turns']} turn(s) in {summary['path']}", "dim")
         return 0
+
+    def _loop(self) -> None:
+        c = self.console
+        assert self._prompt is not None
+        while True:
+            try:
+                line = self._prompt("💬 您: " if self.interactive else "")
+            except EOFError:
+                if self.interactive:
+                    c.line()
+                return
+            except KeyboardInterrupt:
+                self._interrupts += 1
+                if self._interrupts >= 2:
+                    c.line()
+                    return
+                c.line("(Ctrl-C again, Ctrl-D or `quit` to leave)", "dim")
+                continue
+            self._interrupts = 0
+            if not self._handle(line):
+                return
 
     def _start(self, session: ConversationSession) -> bool:
         c = self.console
