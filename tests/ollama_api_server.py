@@ -15,6 +15,11 @@ between words.  Every request is recorded, including whether the client went awa
 (a write fails) and how many words were sent before that, so a test can check that a
 cancelled turn really stopped the generation.
 
+Knobs for tests: ``prompt_delay`` (seconds before the first chunk, as Ollama loading a model or
+computing a long prompt; like Ollama it sends no headers meanwhile and gives up when the client
+disconnects), and ``fault``: ``"http500"``, ``"malformed"`` (a line that is not JSON mid-stream) or
+``"error"`` (an ``{"error": ...}`` chunk mid-stream, as when the runner crashes).
+
 Run it by hand:  python tests/ollama_api_server.py --port 11434
 """
 
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -62,6 +69,8 @@ class OllamaAPIServer(ThreadingHTTPServer):
         self.models = set(models)
         self.token_delay = token_delay
         self.context_length = context_length
+        self.prompt_delay = 0.0
+        self.fault: str | None = None
         self.chats: list[ChatRecord] = []
         self.requests: list[tuple[str, str]] = []
         self._cache: list[str] = []
@@ -80,6 +89,16 @@ class OllamaAPIServer(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+    def wait_for_chat(self, count: int, timeout: float = 5.0) -> ChatRecord:
+        """The ``count``-th chat request (1-based) once it has arrived."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.chats) >= count:
+                    return self.chats[count - 1]
+            time.sleep(0.005)
+        raise AssertionError(f"chat request {count} did not arrive")
 
     def wait_for_chat_end(self, index: int = -1, timeout: float = 5.0) -> ChatRecord:
         deadline = time.monotonic() + timeout
@@ -119,6 +138,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(400, {"error": "request body must be an object"})
             return None
         return data
+
+    def _client_gone(self) -> bool:
+        """True once the client has closed or shut down its end (readable, nothing to read)."""
+        sock = self.connection
+        if not select.select([sock], [], [], 0)[0]:
+            return False
+        try:
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _chunk(self, payload: dict[str, Any]) -> None:
         line = json.dumps(payload, ensure_ascii=False).encode() + b"\n"
@@ -208,9 +237,20 @@ class _Handler(BaseHTTPRequestHandler):
             "model": model, "created_at": created, "message": {"role": "assistant", "content": ""},
             "done": True, "done_reason": "stop" if num_predict < 0 or len(words) < num_predict else "length",
             "load_duration": 1_000_000, "prompt_eval_count": record.prompt_eval_count,
-            "prompt_eval_duration": 2_000_000 + 100_000 * record.prompt_eval_count,
+            "prompt_eval_duration": 2_000_000 + 100_000 * (len(tokens) - cached),
             "eval_count": len(words),
         }
+        if srv.fault == "http500":
+            record.done_at = time.monotonic()
+            self._send_json(500, {"error": "llama runner process has terminated: signal: killed"})
+            return
+        deadline = time.monotonic() + srv.prompt_delay
+        while time.monotonic() < deadline:  # "loading the model": no headers yet
+            if self._client_gone():
+                record.disconnected, record.done_at = True, time.monotonic()
+                self.close_connection = True
+                return
+            time.sleep(0.005)
         if not stream:
             for _ in words:
                 time.sleep(srv.token_delay)
@@ -231,6 +271,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self._chunk({"model": model, "created_at": created,
                              "message": {"role": "assistant", "content": piece}, "done": False})
                 record.words_sent += 1
+                if srv.fault and i == 1:
+                    if srv.fault == "malformed":
+                        line = b"{this is not json\n"
+                        self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
+                    else:
+                        self._chunk({"error": "an error was encountered while running the model: out of memory"})
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                    return
             final["eval_duration"] = final["total_duration"] = time.perf_counter_ns() - t0
             self._chunk(final)
             self.wfile.write(b"0\r\n\r\n")

@@ -97,3 +97,88 @@ def test_context_window_from_api_show_and_trimming(server, sessions_dir):
     assert not any(c.truncated for c in server.chats)
     assert all(c.prompt_tokens <= 300 for c in server.chats)
     assert HistoryStore(sessions_dir).load(s.session_id).turns == 40
+
+
+def _two_turns(url: str) -> tuple[str, list[dict[str, str]]]:
+    with ConversationSession(backend="ollama", base_url=url, system_prompt="Be brief.") as s:
+        s.chat("我叫小明")
+        s.chat("I like tea")
+        return s.session_id, s.history
+
+
+def test_warm_resume_sends_the_restored_history_without_blocking(server, sessions_dir):
+    session_id, history = _two_turns(server.url)
+    server.token_delay = 0.5  # the warm-up's single token takes half a second
+    with ConversationSession(backend="ollama", base_url=server.url, system_prompt="Be brief.") as s:
+        t0 = time.monotonic()
+        assert s.load_history(session_id)
+        assert time.monotonic() - t0 < 0.25  # load_history does not wait for the server
+        warm = server.wait_for_chat(3)
+        server.token_delay = 0.0
+        assert warm.body["options"]["num_predict"] == 1
+        assert warm.body["keep_alive"] == "30m"
+        assert warm.body["messages"] == [{"role": "system", "content": "Be brief."}, *history]
+        result = s.chat("What do I like?")  # waits for the warm-up, then finds the history cached
+        assert result.response.endswith("I remember 6 messages.")
+        assert server.chats[-1].prompt_eval_count < 10  # only the new message was computed
+        stats = s.get_cache_stats()
+    assert stats["warmup"] == "done"
+    assert stats["warmup_prompt_tokens"] == warm.prompt_eval_count > 0
+    assert len(server.chats) == 4
+
+
+def test_warm_up_stops_at_once_when_the_session_closes(server):
+    session_id, _ = _two_turns(server.url)
+    server.prompt_delay = 5.0  # loading the model: no headers, no bytes for five seconds
+    s = ConversationSession(backend="ollama", base_url=server.url, system_prompt="Be brief.")
+    assert s.load_history(session_id)
+    warm = server.wait_for_chat(3)
+    t0 = time.monotonic()
+    s.close()
+    assert time.monotonic() - t0 < 1.0
+    assert server.wait_for_chat_end().disconnected  # the server saw the client go and gave up
+    assert warm.done_at - t0 < 1.0
+
+
+def test_keep_alive_is_sent_and_configurable(server):
+    with ConversationSession(backend="ollama", base_url=server.url) as s:
+        s.chat("hi")
+    assert server.chats[-1].body["keep_alive"] == "30m"
+    with ConversationSession(backend="ollama", base_url=server.url, backend_options={"keep_alive": -1}) as s:
+        s.chat("hi")
+    assert server.chats[-1].body["keep_alive"] == -1
+    with ConversationSession(backend="ollama", base_url=server.url, backend_options={"keep_alive": None}) as s:
+        s.chat("hi")
+    assert "keep_alive" not in server.chats[-1].body  # the server's own default
+
+
+def test_server_figures_in_results_and_cache_stats(server):
+    with ConversationSession(backend="ollama", base_url=server.url) as s:
+        s.chat("hello there")
+        r = s.chat("and again")
+        stats = s.get_cache_stats()
+        assert r.prompt_tokens == server.chats[-1].prompt_eval_count and r.cached_tokens is None
+        assert stats["model_load_s"] == 0.001  # load_duration, 1 ms on this server
+        assert stats["prompt_eval_tokens"] == r.prompt_tokens
+        assert stats["server_tokens_per_s"] > 0 and stats["prompt_tokens_per_s"] > 0
+        assert stats["n_ctx"] == 4096 and stats["keep_alive"] == "30m"
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    ("http500", r"HTTP 500 to /api/chat: llama runner process has terminated: signal: killed"),
+    ("malformed", r"malformed stream: Expecting property name"),
+    ("error", r"failed mid-reply: an error was encountered while running the model: out of memory"),
+])
+def test_server_failures_are_backend_errors_and_keep_the_history(server, sessions_dir, fault, message):
+    with ConversationSession(backend="ollama", base_url=server.url, timeout=30) as s:
+        s.chat("hello")
+        server.fault = fault
+        t0 = time.monotonic()
+        with pytest.raises(BackendError, match=message) as info:
+            s.chat("this one fails")
+        assert time.monotonic() - t0 < 2
+        assert server.url in str(info.value)
+        assert s.turns == 1
+        server.fault = None
+        assert s.chat("and now?").turn == 2
+    assert [m["content"] for m in HistoryStore(sessions_dir).load(s.session_id).messages][::2] == ["hello", "and now?"]

@@ -330,8 +330,9 @@ class ConversationSession:
                 if self.persist_kv_cache:
                     self._schedule_kv_save([*prompt, reply])
             usage = request.usage
-            self._total_prompt += usage.prompt_tokens or 0
-            self._total_cached += usage.cached_tokens or 0
+            if usage.prompt_tokens and usage.cached_tokens is not None:  # a ratio of known turns only
+                self._total_prompt += usage.prompt_tokens
+                self._total_cached += usage.cached_tokens
             self._last = ChatResult(
                 response=reply["content"],
                 turn=self.turns if self.enable_cache else 1,
