@@ -83,21 +83,24 @@ class SessionInfo:
     first_user_line: str
 
 
-def encode_snapshot(record: SessionRecord, messages: list[MessageDict]) -> bytes:
+# One encoder, built once: json.dumps(..., ensure_ascii=False) builds a new one per call.
+encode_json = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def encode_snapshot(record: SessionRecord, messages: list[MessageDict], encoded: list[str] | None = None) -> bytes:
     """Serialise a snapshot like the seed shows it: one message per line, Chinese readable.
 
-    Each message goes through the C JSON encoder on its own, which keeps a 5,000-message
-    snapshot to a few milliseconds (``indent=`` would switch to the pure-Python encoder).
+    Each message goes through the C JSON encoder on its own (``indent=`` would switch to the
+    pure-Python one); ``encoded``, the messages already encoded, spares even that.
     """
     data = record.to_dict(messages)
     head = ",\n".join(
-        f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}"
-        for k, v in data.items()
-        if k != "conversation_history"
+        f"  {json.dumps(k)}: {encode_json(v)}" for k, v in data.items() if k != "conversation_history"
     )
     if messages:
-        body = ",\n".join("    " + json.dumps(m, ensure_ascii=False) for m in messages)
-        history = f'  "conversation_history": [\n{body}\n  ]'
+        lines = encoded if encoded is not None else [encode_json(m) for m in messages]
+        body = ",\n    ".join(lines)
+        history = f'  "conversation_history": [\n    {body}\n  ]'
     else:
         history = '  "conversation_history": []'
     return f"{{\n{head},\n{history}\n}}\n".encode()
@@ -133,13 +136,14 @@ class HistoryStore:
                 ) from exc
 
     # -- reading -------------------------------------------------------------------------
-    def _read_json(self, path: Path) -> object:
+    def _read_json(self, path: Path) -> tuple[object, bytes]:
+        """The parsed file and its bytes."""
         try:
             raw = read_regular_file(path, self.max_file_bytes)
         except OSError as exc:
             raise SessionFormatError(f"{path.name}: cannot read ({exc.strerror or exc})", path=path) from exc
         try:
-            return json.loads(raw.decode("utf-8"))
+            return json.loads(raw.decode("utf-8")), raw
         except UnicodeDecodeError as exc:
             raise SessionFormatError(f"{path.name}: not UTF-8 ({exc.reason})", path=path) from exc
         except RecursionError as exc:
@@ -188,7 +192,11 @@ class HistoryStore:
         t0 = time.perf_counter()
         snap, journal = self.snapshot_path(session_id), self.journal_path(session_id)
         if snap.exists() or snap.is_symlink():
-            record = SessionRecord.from_dict(self._read_json(snap))
+            data, raw = self._read_json(snap)
+            try:
+                record = SessionRecord.from_dict(data, raw=raw)
+            except SessionFormatError as exc:
+                raise SessionFormatError(f"{snap.name}: {exc}", path=snap) from None
             if record.session_id != session_id:
                 logger.warning("%s says session_id=%r; using the file name", snap.name, record.session_id)
                 record.session_id = session_id
@@ -393,8 +401,12 @@ class SessionWriter:
         self._cond = threading.Condition()
         self._wanted = False
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._encoded: list[str] = []          # encode_json of messages[: len(_encoded)]
         self.last_error: OSError | None = None
+        # Started now, not at the first turn: Thread.start() waits for the thread to run,
+        # which would land on that turn's save.
+        self._thread = threading.Thread(target=self._run, name=f"snapshot-{self.session_id}", daemon=True)
+        self._thread.start()
         _open_writers.add(self)
 
     @property
@@ -438,10 +450,10 @@ class SessionWriter:
             return not self._journal_torn
         with self._lock:
             self.record.updated_at = now_iso()
-            line = json.dumps(
-                {"start": start, "messages": self._messages[start:end], "updated_at": self.record.updated_at},
-                ensure_ascii=False,
-            ).encode() + b"\n"
+            # Each message is encoded once, here; snapshots reuse these strings.
+            new = [encode_json(m) for m in self._messages[start:end]]
+            line = (f'{{"start": {start}, "messages": [{", ".join(new)}], '
+                    f'"updated_at": {encode_json(self.record.updated_at)}}}\n').encode()
             try:
                 view = memoryview(line)
                 while view:
@@ -455,6 +467,8 @@ class SessionWriter:
                 return False
             self._journal_size += len(line)
             self._journaled = end
+            if len(self._encoded) == start:
+                self._encoded.extend(new)
             self.last_error = None
         logger.debug("journaled %d message(s) of %s (%d bytes)", end - start, self.session_id, len(line))
         self._request_snapshot()
@@ -474,10 +488,6 @@ class SessionWriter:
     def _request_snapshot(self) -> None:
         with self._cond:
             self._wanted = True
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=f"snapshot-{self.session_id}",
-                                                daemon=True)
-                self._thread.start()
             self._cond.notify()
 
     def _run(self) -> None:
@@ -501,9 +511,16 @@ class SessionWriter:
             with self._lock:
                 upto = len(self._messages)
                 messages = self._messages[:upto]
+                encoded = self._encoded[:upto]
                 if not self.record.updated_at:
                     self.record.updated_at = now_iso()
-            data = encode_snapshot(self.record, messages)
+            if len(encoded) < upto:  # messages loaded from disk, or saved without a journal
+                extra = [encode_json(m) for m in messages[len(encoded):]]
+                with self._lock:
+                    if len(self._encoded) == len(encoded):
+                        self._encoded.extend(extra)
+                encoded += extra
+            data = encode_snapshot(self.record, messages, encoded)
             path = self.snapshot_path
             atomic_write_bytes(path, data)
             with self._lock:
@@ -539,7 +556,7 @@ class SessionWriter:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if self._thread is not threading.current_thread():
             self._thread.join()
         with self._lock:
             fd = self._fd
