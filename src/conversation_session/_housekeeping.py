@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import re
@@ -24,7 +23,7 @@ from pathlib import Path
 from ._exceptions import SessionError, SessionFormatError, SessionLockedError
 from ._fileio import FileTooLargeError, NotARegularFileError, atomic_write_bytes, dir_lock, read_regular_file
 from ._format import SessionRecord, parse_journal_line
-from ._store import HistoryStore, encode_snapshot
+from ._store import HistoryStore, encode_snapshot, parse_json_bytes
 
 __all__ = [
     "INFO_KINDS",
@@ -174,16 +173,9 @@ def import_session(store: HistoryStore, path: str | os.PathLike[str]) -> str:
         raise
     except OSError as exc:
         raise SessionFormatError(f"cannot import {src}: {exc.strerror or exc}", path=src) from exc
+    data = parse_json_bytes(raw, f"cannot import {src}", src)
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise SessionFormatError(f"cannot import {src}: not UTF-8 ({exc.reason})", path=src) from exc
-    except RecursionError as exc:
-        raise SessionFormatError(f"cannot import {src}: JSON nested too deeply", path=src) from exc
-    except ValueError as exc:
-        raise SessionFormatError(f"cannot import {src}: not valid JSON ({exc})", path=src) from exc
-    try:
-        record = SessionRecord.from_dict(data)
+        record = SessionRecord.from_dict(data, raw=raw)
         if not record.messages:
             raise SessionFormatError("it has no messages")
     except SessionFormatError as exc:
@@ -318,15 +310,11 @@ def _snapshot_problem(store: HistoryStore, path: Path) -> tuple[tuple[str, str] 
     except OSError as exc:
         return ("unreadable", f"cannot read ({exc.strerror or exc})"), None
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        return ("unparseable", f"not UTF-8 ({exc.reason})"), None
-    except RecursionError:
-        return ("unparseable", "JSON nested too deeply"), None
-    except ValueError as exc:
-        return ("unparseable", f"not valid JSON ({exc})"), None
+        data = parse_json_bytes(raw, path.name, path)
+    except SessionFormatError as exc:
+        return ("unparseable", str(exc)), None
     try:
-        record = SessionRecord.from_dict(data)
+        record = SessionRecord.from_dict(data, raw=raw)
     except SessionFormatError as exc:
         return ("malformed", str(exc)), None
     stem = path.name[: -len(".json")]

@@ -43,6 +43,9 @@ __all__ = [
     "HistoryStore",
     "SessionInfo",
     "SessionWriter",
+    "encode_json",
+    "encode_snapshot",
+    "parse_json_bytes",
     "validate_session_id",
 ]
 
@@ -106,6 +109,18 @@ def encode_snapshot(record: SessionRecord, messages: list[MessageDict], encoded:
     return f"{{\n{head},\n{history}\n}}\n".encode()
 
 
+def parse_json_bytes(raw: bytes, label: str, path: Path | None = None) -> object:
+    """``json.loads`` of a file's bytes; every failure is a ``SessionFormatError`` starting with ``label``."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SessionFormatError(f"{label}: not UTF-8 ({exc.reason})", path=path) from exc
+    except RecursionError as exc:
+        raise SessionFormatError(f"{label}: JSON nested too deeply", path=path) from exc
+    except ValueError as exc:
+        raise SessionFormatError(f"{label}: not valid JSON ({exc})", path=path) from exc
+
+
 class HistoryStore:
     """All sessions in one directory."""
 
@@ -142,14 +157,7 @@ class HistoryStore:
             raw = read_regular_file(path, self.max_file_bytes)
         except OSError as exc:
             raise SessionFormatError(f"{path.name}: cannot read ({exc.strerror or exc})", path=path) from exc
-        try:
-            return json.loads(raw.decode("utf-8")), raw
-        except UnicodeDecodeError as exc:
-            raise SessionFormatError(f"{path.name}: not UTF-8 ({exc.reason})", path=path) from exc
-        except RecursionError as exc:
-            raise SessionFormatError(f"{path.name}: JSON nested too deeply", path=path) from exc
-        except ValueError as exc:
-            raise SessionFormatError(f"{path.name}: not valid JSON ({exc})", path=path) from exc
+        return parse_json_bytes(raw, path.name, path), raw
 
     def _replay_journal(self, session_id: str, record: SessionRecord) -> None:
         """Apply journal records on top of the snapshot; a torn last line is expected after a crash."""
