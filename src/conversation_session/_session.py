@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -32,18 +31,16 @@ __all__ = ["SESSIONS_DIR_ENV", "ConversationSession"]
 logger = logging.getLogger("conversation_session")
 
 SESSIONS_DIR_ENV = "CONVERSATION_SESSIONS_DIR"
-# After a cancel the worker finishes its current step (one prefill chunk, one token, or a
-# socket read that the cancel has just shut down); this only guards against a stuck backend.
+# Background work (a warm-up, a KV-cache save) stops within one step of being cancelled or
+# finishes soon; this only guards against a stuck backend.
 _JOIN_TIMEOUT_S = 15.0
-_PIECE, _DONE, _ERROR = range(3)
+# A KV-cache save waits this long for the next turn before it starts: scripted, back-to-back
+# turns then skip the saves they would only wait for, and a person typing never notices.
+_KV_SAVE_DELAY_S = 0.5
 
 
 def default_sessions_dir() -> str:
     return os.environ.get(SESSIONS_DIR_ENV) or "sessions"
-
-
-class _Expired(Exception):
-    pass
 
 
 def _speaking(speaker: Speaker, on_token: Callable[[str], None] | None) -> Callable[[str], None]:
@@ -56,12 +53,15 @@ def _speaking(speaker: Speaker, on_token: Callable[[str], None] | None) -> Calla
 
 
 class _LatestJob:
-    """Runs submitted jobs in one background thread; a job not started yet is replaced by a newer one."""
+    """Runs submitted jobs in one background thread, each after ``delay`` seconds; a job that
+    has not started when a newer one arrives is dropped for it."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, delay: float = 0.0):
         self._cond = threading.Condition()
         self._job: Callable[[], None] | None = None
         self._busy = False
+        self._hurry = False
+        self._delay = delay
         self._name = name
         self._thread: threading.Thread | None = None
 
@@ -78,20 +78,33 @@ class _LatestJob:
             with self._cond:
                 while self._job is None:
                     self._cond.wait()
-                job, self._job, self._busy = self._job, None, True
+                job = self._job
+                deadline = time.monotonic() + self._delay
+                # Wait out the delay unless flushed; a newer job restarts it.
+                while not self._hurry and (wait := deadline - time.monotonic()) > 0:
+                    self._cond.wait(wait)
+                    if self._job is not job:
+                        job, deadline = self._job, time.monotonic() + self._delay
+                self._job, self._busy = None, True
             try:
-                job()
-            except Exception:
+                job()  # type: ignore[misc]
+            except Exception:  # a failed background job must not kill the thread
                 logger.exception("background %s failed", self._name)
             finally:
                 with self._cond:
                     self._busy = False
+                    if self._job is None:
+                        self._hurry = False
                     self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until no job is pending or running; False on timeout."""
+        """Run any pending job now and wait for it; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._job is None and not self._busy, timeout)
+            self._hurry = True
+            self._cond.notify_all()
+            done = self._cond.wait_for(lambda: self._job is None and not self._busy, timeout)
+            self._hurry = False
+            return done
 
 
 class _Warmup:
@@ -216,7 +229,7 @@ class ConversationSession:
         self._read_only: SessionRecord | None = None  # a session opened with read_only=True
         self.persist_kv_cache = bool(persist_kv_cache and enable_cache and self.backend.can_persist_state)
         self.kv_cache_max_bytes = kv_cache_max_bytes
-        self._kv_saver = _LatestJob("kv-cache-save")
+        self._kv_saver = _LatestJob("kv-cache-save", delay=_KV_SAVE_DELAY_S)
         self._kv_stats: dict[str, Any] = {}
         self._turn_seq = 0            # bumped when a turn starts: older KV saves are then stale
         self._stateless_id = f"session_{int(time.time())}"
@@ -368,69 +381,60 @@ class ConversationSession:
 
     def _generate(self, request: GenerationRequest, t0: float,
                   on_token: Callable[[str], None] | None) -> tuple[list[str], float | None]:
-        """Run the backend in a worker thread so that a deadline or Ctrl-C can stop it.
+        """Run the backend in this thread, with a sleeping watchdog for the deadline.
 
-        The caller's thread only waits on a queue; on expiry or interruption it cancels the
-        request (which stops the model or closes the socket) and joins the worker, so no
-        computation outlives the turn.
+        On expiry the watchdog cancels the request, which stops the model at its next step or
+        shuts the socket down, so the loop ends and no computation outlives the turn.  Ctrl-C
+        arrives here as KeyboardInterrupt between two steps and closes the stream the same way.
+
+        Generating here rather than in a worker thread matters on a small machine: llama.cpp's
+        threads wait for each other at every step, and a third thread waking for every token
+        (to hand it over) delays them all.
         """
-        results: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
-        backend = self.backend
+        expired = threading.Event()
 
-        def work() -> None:
-            try:
-                with contextlib.closing(backend.generate(request)) as stream:  # type: ignore[arg-type]
-                    for piece in stream:
-                        results.put((_PIECE, piece))
-                        if request.cancel.cancelled:
-                            break
-                results.put((_DONE, None))
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                results.put((_ERROR, exc))
+        def expire() -> None:
+            expired.set()
+            request.cancel.cancel()
 
-        worker = threading.Thread(target=work, name=f"generate-{self.session_id}", daemon=True)
-        deadline = None if self.timeout is None else t0 + self.timeout
+        watchdog = None
+        if self.timeout is not None:
+            watchdog = threading.Timer(max(t0 + self.timeout - time.perf_counter(), 0.0), expire)
+            watchdog.daemon = True
+            watchdog.start()
         pieces: list[str] = []
         ttft: float | None = None
-        worker.start()
         try:
-            while True:
-                wait = None if deadline is None else deadline - time.perf_counter()
-                if wait is not None and wait <= 0:
-                    raise _Expired
-                try:
-                    kind, value = results.get(timeout=wait)
-                except queue.Empty:
-                    raise _Expired from None
-                if kind == _PIECE:
+            with contextlib.closing(self.backend.generate(request)) as stream:  # type: ignore[arg-type]
+                for piece in stream:
+                    if expired.is_set():
+                        break
                     if ttft is None:
                         ttft = time.perf_counter() - t0
-                    pieces.append(value)
+                    pieces.append(piece)
                     if on_token is not None:
-                        on_token(value)
-                elif kind == _DONE:
-                    break
-                else:
-                    if isinstance(value, SessionError):
-                        raise value
-                    raise BackendError(f"{backend.name} backend failed: {value!r}") from value
-        except BaseException as exc:
+                        on_token(piece)
+        except SessionError:
+            if not expired.is_set():
+                raise
+        except Exception as exc:
+            if not expired.is_set():
+                raise BackendError(f"{self.backend.name} backend failed: {exc!r}") from exc
+        except BaseException:
             request.cancel.cancel()
-            worker.join(_JOIN_TIMEOUT_S)
-            if worker.is_alive():
-                logger.warning("the %s backend did not stop within %.0f s of being cancelled",
-                               backend.name, _JOIN_TIMEOUT_S)
-            if isinstance(exc, _Expired):
-                partial = "".join(pieces)
-                logger.info("turn timed out after %.1f s; %d characters discarded, history kept",
-                            self.timeout, len(partial))
-                raise SessionTimeoutError(
-                    f"the reply took longer than timeout={self.timeout} s; the conversation so far "
-                    "is kept and you can continue",
-                    partial_response=partial, timeout=self.timeout,
-                ) from None
             raise
-        worker.join(_JOIN_TIMEOUT_S)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+        if expired.is_set():
+            partial = "".join(pieces)
+            logger.info("turn timed out after %.1f s; %d characters discarded, history kept",
+                        self.timeout, len(partial))
+            raise SessionTimeoutError(
+                f"the reply took longer than timeout={self.timeout} s; the conversation so far "
+                "is kept and you can continue",
+                partial_response=partial, timeout=self.timeout,
+            )
         return pieces, ttft
 
     # -- context window ------------------------------------------------------------------

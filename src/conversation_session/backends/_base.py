@@ -73,6 +73,11 @@ class Usage:
     eval_s: float | None = None
     finish_reason: str | None = None
 
+    def figures(self, prefix: str) -> dict[str, Any]:
+        """The known figures as ``{prefix + name: value}``, for ``get_cache_stats``."""
+        names = ("prompt_tokens", "cached_tokens", "completion_tokens", "load_s", "prompt_eval_s", "eval_s")
+        return {prefix + n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
 
 @dataclass
 class GenerationRequest:

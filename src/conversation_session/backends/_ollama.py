@@ -206,9 +206,7 @@ class OllamaBackend(Backend):
         for part in self._chat(messages, {"num_predict": 1, "temperature": 0}, cancel):
             if part.get("done"):
                 self._record(part, usage)
-        figures = {"warmup_prompt_tokens": usage.prompt_tokens, "warmup_prompt_eval_s": usage.prompt_eval_s,
-                   "warmup_load_s": usage.load_s}
-        return {k: v for k, v in figures.items() if v is not None}
+        return usage.figures("warmup_")
 
     def cache_stats(self) -> dict[str, Any]:
         n_ctx = self.context_length()

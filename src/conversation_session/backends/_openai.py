@@ -361,9 +361,7 @@ class OpenAIBackend(Backend):
         with contextlib.closing(self._events(body, cancel)) as chunks:
             for chunk in chunks:
                 self._record(chunk, usage)
-        figures = {"warmup_prompt_tokens": usage.prompt_tokens, "warmup_cached_tokens": usage.cached_tokens,
-                   "warmup_prompt_eval_s": usage.prompt_eval_s}
-        return {k: v for k, v in figures.items() if v is not None}
+        return usage.figures("warmup_")
 
     def cache_stats(self) -> dict[str, Any]:
         n_ctx = self.context_length()
