@@ -32,11 +32,13 @@ class FileTooLargeError(OSError):
     """A file is larger than the caller is willing to read."""
 
 
-def read_regular_file(path: Path, max_bytes: int) -> bytes:
+def read_regular_file(path: Path, max_bytes: int) -> bytearray:
     """Read ``path`` without following a symlink, refusing anything but a regular file.
 
     The size is checked on the open descriptor before reading, so a planted multi-GB file
     costs nothing, and a file swapped for a symlink between a listing and the read is refused.
+    The bytes land in one buffer of the file's size (no joining of chunks; writable, so a KV
+    cache can hand it to llama.cpp without another copy).
     """
     try:
         fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK)
@@ -52,18 +54,23 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes:
             raise FileTooLargeError(
                 errno.EFBIG, f"is {st.st_size:,} bytes, over the {max_bytes:,}-byte limit", str(path)
             )
-        chunks = []
-        remaining = max_bytes + 1  # a file that grows while we read is still bounded
-        while remaining > 0:
-            chunk = os.read(fd, min(remaining, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        data = b"".join(chunks)
-        if len(data) > max_bytes:
-            raise FileTooLargeError(errno.EFBIG, f"grew over the {max_bytes:,}-byte limit", str(path))
-        return data
+        buf = bytearray(st.st_size)
+        view = memoryview(buf)
+        got = 0
+        while got < len(buf):
+            n = os.readv(fd, [view[got:]])
+            if n == 0:  # the file shrank while we read: return what is there
+                del view
+                del buf[got:]
+                return buf
+            got += n
+        del view
+        # A journal may grow while we read it: take the rest too, still within the limit.
+        while chunk := os.read(fd, 1 << 20):
+            buf += chunk
+            if len(buf) > max_bytes:
+                raise FileTooLargeError(errno.EFBIG, f"grew over the {max_bytes:,}-byte limit", str(path))
+        return buf
     finally:
         os.close(fd)
 

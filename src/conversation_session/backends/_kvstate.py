@@ -74,7 +74,7 @@ def read_kv_file(path: Path, max_bytes: int) -> tuple[dict[str, Any], memoryview
     if not isinstance(header, dict) or header.get("format") != KV_FORMAT:
         raise KVStateError(f"{path.name} is format {header.get('format') if isinstance(header, dict) else '?'}, "
                            f"not {KV_FORMAT}")
-    payload = memoryview(raw)[8 + head_len:]
+    payload = memoryview(raw)[8 + head_len:]  # writable (a bytearray): llama.cpp reads it in place
     if len(payload) != header.get("payload_bytes"):
         raise KVStateError(f"{path.name} is truncated ({len(payload)} of {header.get('payload_bytes')} bytes)")
     if zlib.crc32(payload) != header.get("payload_crc32"):

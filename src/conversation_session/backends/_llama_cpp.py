@@ -349,7 +349,7 @@ class LlamaCppBackend(Backend):
         if not isinstance(n, int) or not 0 < n <= len(tokens) or tokens_digest(tokens[:n]) != header.get(
                 "tokens_sha256"):
             return refuse("the conversation or its chat template no longer matches it")
-        src = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
+        src = (ctypes.c_uint8 * len(payload)).from_buffer(payload)  # the file's own buffer: no copy
         with m.lock:
             llama = m.llama
             llama.n_tokens = 0
