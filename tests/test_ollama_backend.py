@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -182,3 +185,19 @@ def test_server_failures_are_backend_errors_and_keep_the_history(server, session
         server.fault = None
         assert s.chat("and now?").turn == 2
     assert [m["content"] for m in HistoryStore(sessions_dir).load(s.session_id).messages][::2] == ["hello", "and now?"]
+
+
+def test_the_terminal_app_on_ollama(server, sessions_dir):
+    """`--backend ollama` in the app: streamed replies, commands, resume, errors as one line."""
+    main = Path(__file__).resolve().parent.parent / "main.py"
+    args = [sys.executable, str(main), "--backend", "ollama", "--base-url", server.url]
+    first = subprocess.run(args, input="我叫小明\nhistory\nstats\n", capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert "You said: 我叫小明. I remember 1 messages." in first.stdout
+    assert "1 turn(s), 2 message(s)" in first.stdout and "ollama / qwen2.5:3b" in first.stdout
+    again = subprocess.run([*args, "--resume"], input="我叫什么名字？\n", capture_output=True, text=True, timeout=60)
+    assert "resumed session_" in again.stdout and "I remember 3 messages." in again.stdout
+    missing = subprocess.run([*args, "--model", "llama9:70b"], input="hi\nquit\n", capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 0
+    assert "ollama pull llama9:70b" in missing.stdout and missing.stdout.count("❌") == 1

