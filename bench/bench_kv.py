@@ -268,7 +268,7 @@ def main() -> None:
         resume = bench_resume(backend, [250, 500, 1000, 2000], reps, sessions)
         reuse = bench_reuse(backend, sessions)
         timeout = bench_timeout(backend, sessions, max(2, reps // 2))
-        overhead = bench_overhead(backend, sessions, 8, max(2, reps // 2))
+        overhead = bench_overhead(backend, sessions, 8, reps + 1)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "kv.json").write_text(
         json.dumps({"resume": resume, "reuse": reuse, "timeout": timeout, "overhead": overhead}, indent=2)
