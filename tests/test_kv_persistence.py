@@ -174,3 +174,16 @@ def test_persistence_can_be_turned_off(sessions_dir):
     with ConversationSession(max_tokens=8, persist_kv_cache=False) as s:
         s.chat("Hello there, tell me a short fact about the moon, please.")
     assert not list(sessions_dir.glob("*.kv"))
+
+
+def test_closed_sessions_leave_no_saver_threads(sessions_dir):
+    import threading
+
+    def savers():
+        return {t for t in threading.enumerate() if t.name == "kv-cache-save" or t.name.startswith("snapshot-")}
+
+    before = savers()
+    for _ in range(3):
+        with ConversationSession(max_tokens=4, temperature=0) as s:
+            s.chat("Hello there, how are you doing today?")
+    assert savers() - before == set()

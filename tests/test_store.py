@@ -264,3 +264,61 @@ def test_a_locked_session_can_be_opened_read_only(sessions_dir):
             assert viewer.session_id != sid and viewer.chat("hello").saved
         owner.chat("still mine")  # the owner was never disturbed
     assert HistoryStore(sessions_dir).load(sid).turns == 2
+
+
+def test_resuming_after_a_torn_journal_line_loses_no_new_turn(sessions_dir):
+    with ConversationSession(backend=FakeBackend()) as s:
+        s.chat("one")
+        sid = s.session_id
+    # A crash mid-append: a journal that ends in half a line.
+    journal = sessions_dir / f"{sid}.journal"
+    journal.write_bytes(b'{"start": 2, "messages": [{"role": "user", "con')
+    with ConversationSession(backend=FakeBackend()) as s:
+        assert s.load_history(sid)
+        assert s.chat("two").saved
+        # Read back at once, as a crash right now would: the new turn must be visible.
+        assert HistoryStore(sessions_dir).load(sid).turns == 2
+    assert HistoryStore(sessions_dir).load(sid).turns == 2
+
+
+def test_load_history_skips_a_newest_session_open_elsewhere(sessions_dir):
+    with ConversationSession(backend=FakeBackend()) as older:
+        older.chat("older")
+        old_id = older.session_id
+    with ConversationSession(backend=FakeBackend()) as busy:
+        busy.chat("busy")
+        busy.save_history()
+        os.utime(sessions_dir / f"{busy.session_id}.json", (2e9, 2e9))
+        with ConversationSession(backend=FakeBackend()) as third:
+            assert third.load_history() is True
+            assert third.session_id == old_id  # the newest is held by `busy`: the next one loads
+
+
+def test_an_empty_saved_session_is_not_resumed(sessions_dir, fake):
+    with ConversationSession(backend=fake) as empty:
+        empty.save_history()
+        empty_id = empty.session_id
+    with ConversationSession(backend=FakeBackend()) as s:
+        own = s.session_id
+        assert s.load_history(empty_id) is False
+        assert s.session_id == own
+
+
+def test_an_unusable_sessions_folder_is_a_session_error(sessions_dir, fake):
+    sessions_dir.mkdir()
+    (sessions_dir / ".lock").mkdir()  # nothing can lock the folder
+    with pytest.raises(SessionError, match="cannot create a session in"):
+        ConversationSession(backend=fake)
+
+
+def test_a_failed_clear_history_leaves_the_session_as_it_was(sessions_dir, fake):
+    with ConversationSession(backend=fake) as s:
+        s.chat("one")
+        sid = s.session_id
+        (sessions_dir / ".lock").unlink()
+        (sessions_dir / ".lock").mkdir()
+        with pytest.raises(SessionError):
+            s.clear_history()
+        assert s.session_id == sid and s.turns == 1
+        assert s.chat("two").saved
+    assert HistoryStore(sessions_dir).load(sid).turns == 2

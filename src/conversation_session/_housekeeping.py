@@ -23,7 +23,7 @@ from pathlib import Path
 from ._exceptions import SessionError, SessionFormatError, SessionLockedError
 from ._fileio import FileTooLargeError, NotARegularFileError, atomic_write_bytes, dir_lock, read_regular_file
 from ._format import SessionRecord, parse_journal_line
-from ._store import HistoryStore, encode_snapshot, parse_json_bytes
+from ._store import _ID_RE, _O_CLOEXEC, _O_NOFOLLOW, HistoryStore, encode_snapshot, parse_json_bytes
 
 __all__ = [
     "INFO_KINDS",
@@ -46,11 +46,8 @@ STRAY_TEMP_AGE_S = 60.0
 INFO_KINDS = frozenset({"id-mismatch"})
 """Problem kinds that are only reported: the file still loads, so nothing is moved."""
 
-_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _TEMP_RE = re.compile(r"\..+\.tmp")
 _ASIDE_RE = re.compile(r".+\.corrupt-\d{14}(-\d+)?")
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _KNOWN_FILES = frozenset({".lock", ".input_history"})
 
 
@@ -105,13 +102,12 @@ def _load_stable(store: HistoryStore, session_id: str, attempts: int = 5) -> Ses
                 out.append(None)
         return tuple(out)
 
-    record = store.load(session_id)
-    for _ in range(attempts):
+    for _ in range(attempts - 1):
         before = marks()
         record = store.load(session_id)
         if marks() == before:
-            break
-    return record
+            return record
+    return store.load(session_id)
 
 
 # -- export / import -------------------------------------------------------------------------
@@ -140,7 +136,7 @@ def export_all(store: HistoryStore, dest_dir: str | os.PathLike[str]) -> ExportR
     except OSError as exc:
         raise _disk_error("create the export folder", dest, exc) from exc
     result = ExportResult()
-    for _mtime, session_id in store._candidates():
+    for _mtime, session_id in store.candidates():
         try:
             record = _load_stable(store, session_id)
             if not record.messages:
@@ -225,7 +221,7 @@ def prune(store: HistoryStore, older_than: timedelta | None = None, keep: int | 
         raise ValueError(f"keep must be 0 or more, not {keep}")
     if older_than is not None and older_than < timedelta(0):
         raise ValueError(f"older_than must not be negative, not {older_than}")
-    mtimes = {sid: m for m, sid in store._candidates()}
+    mtimes = {sid: m for m, sid in store.candidates()}
     infos = store.list_sessions()
     aged = sorted(((session_age_reference(i.updated_at, mtimes.get(i.session_id, 0.0)), i.session_id)
                    for i in infos), reverse=True)

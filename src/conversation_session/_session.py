@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ._exceptions import BackendError, SessionError, SessionTimeoutError, TTSTimeoutError
+from ._exceptions import BackendError, SessionError, SessionLockedError, SessionTimeoutError, TTSTimeoutError
 from ._format import MessageDict, SessionRecord, count_turns, is_utf8_text
 from ._result import ChatResult
 from ._store import HistoryStore, SessionWriter, validate_session_id
@@ -50,6 +50,10 @@ def _speaking(speaker: Speaker, on_token: Callable[[str], None] | None) -> Calla
             on_token(piece)
 
     return feed
+
+
+def _STOP() -> None:
+    """Sentinel job: ends a _LatestJob's thread."""
 
 
 class _LatestJob:
@@ -85,17 +89,29 @@ class _LatestJob:
                     self._cond.wait(wait)
                     if self._job is not job:
                         job, deadline = self._job, time.monotonic() + self._delay
+                if job is _STOP:
+                    self._job = None
+                    self._cond.notify_all()
+                    return
                 self._job, self._busy = None, True
             try:
                 job()  # type: ignore[misc]
             except Exception:  # a failed background job must not kill the thread
                 logger.exception("background %s failed", self._name)
             finally:
+                job = None  # the closure holds the session: do not keep it alive from here
                 with self._cond:
                     self._busy = False
                     if self._job is None:
                         self._hurry = False
                     self._cond.notify_all()
+
+    def stop(self) -> None:
+        """Let the thread end once any pending job has run (``flush`` first to wait for it)."""
+        with self._cond:
+            if self._thread is not None and self._job is None:
+                self._job, self._hurry = _STOP, True
+                self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Run any pending job now and wait for it; False on timeout."""
@@ -132,11 +148,11 @@ class _Warmup:
         self.thread = threading.Thread(target=run, name="warmup", daemon=True)
         self.thread.start()
 
-    def wait(self, timeout: float | None) -> None:
-        """Let the warm-up finish (it is work the next turn would do anyway), up to ``timeout``."""
+    def wait(self, timeout: float | None) -> bool:
+        """Let the warm-up finish (it is work the next turn would do anyway); False if it has not
+        within ``timeout`` (it goes on)."""
         self.thread.join(timeout)
-        if self.thread.is_alive():
-            self.stop()
+        return not self.thread.is_alive()
 
     def stop(self) -> None:
         self.cancel.cancel()
@@ -204,7 +220,6 @@ class ConversationSession:
         self.timeout = timeout
         self.tts_wait_timeout = tts_wait_timeout
         self.tts = tts
-        self._speaker = create_speaker(tts, output_dir=tts_output_dir, **(tts_options or {}))
         self.system_prompt = system_prompt
         self.max_tokens = max_tokens
         self.temperature = temperature
@@ -233,9 +248,17 @@ class ConversationSession:
         self._kv_stats: dict[str, Any] = {}
         self._turn_seq = 0            # bumped when a turn starts: older KV saves are then stale
         self._stateless_id = f"session_{int(time.time())}"
-        if enable_cache:
-            self._writer = self.store.create(self.llm_model)
-            self._writer.bind(self._messages)
+        self._speaker = create_speaker(tts, output_dir=tts_output_dir, **(tts_options or {}))
+        try:
+            if enable_cache:
+                self._writer = self.store.create(self.llm_model)
+                self._writer.bind(self._messages)
+        except BaseException:
+            if self._speaker is not None:
+                self._speaker.close()
+            if not isinstance(backend, Backend):  # ours to release; a caller's stays theirs
+                self.backend.close()
+            raise
         logger.debug("session %s started (backend %s, model %s)", self.session_id, self.backend.name,
                      self.llm_model)
 
@@ -254,6 +277,7 @@ class ConversationSession:
             self._closed = True
             self._stop_warmup()
             self._flush_kv_save()
+            self._kv_saver.stop()
             try:
                 if self._speaker is not None:
                     self._speaker.close()
@@ -309,10 +333,14 @@ class ConversationSession:
                     "session, or load it without read_only once no other process has it open"
                 )
             user: MessageDict = {"role": "user", "content": text}
-            self._turn_seq += 1
             t0 = time.perf_counter()
-            if self._warmup is not None:
-                self._warmup.wait(self.timeout)
+            if self._warmup is not None and not self._warmup.wait(self.timeout):
+                # Its work is the work this turn would do: let it go on for the next attempt.
+                raise SessionTimeoutError(
+                    f"the restored conversation was still being loaded into the model after timeout="
+                    f"{self.timeout} s (the warm-up after load_history()); nothing was lost, ask again "
+                    "in a moment", timeout=self.timeout,
+                )
             prompt, trimmed = self._prompt_for(user)
             request = GenerationRequest(messages=prompt, max_tokens=self.max_tokens,
                                         temperature=self.temperature)
@@ -320,6 +348,7 @@ class ConversationSession:
             if speaker is not None:
                 speaker.start_turn(t0, f"{self.session_id}_turn{self.turns + 1:04d}_{self._turn_seq}")
                 on_token = _speaking(speaker, on_token)
+            self._turn_seq += 1  # a KV-cache save still pending for the previous turn is now stale
             try:
                 pieces, ttft = self._generate(request, t0, on_token)
             except BaseException:
@@ -404,6 +433,7 @@ class ConversationSession:
             watchdog.start()
         pieces: list[str] = []
         ttft: float | None = None
+        completed = False
         try:
             with contextlib.closing(self.backend.generate(request)) as stream:  # type: ignore[arg-type]
                 for piece in stream:
@@ -414,6 +444,10 @@ class ConversationSession:
                     pieces.append(piece)
                     if on_token is not None:
                         on_token(piece)
+                else:
+                    # The stream ended before anything cancelled it: the reply is whole, and a
+                    # deadline that fires from now on cuts nothing.
+                    completed = not request.cancel.cancelled
         except SessionError:
             if not expired.is_set():
                 raise
@@ -426,7 +460,7 @@ class ConversationSession:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
-        if expired.is_set():
+        if expired.is_set() and not completed:
             partial = "".join(pieces)
             logger.info("turn timed out after %.1f s; %d characters discarded, history kept",
                         self.timeout, len(partial))
@@ -581,38 +615,75 @@ class ConversationSession:
                 logger.warning("load_history() ignored: enable_cache=False keeps no history")
                 return False
             t0 = time.perf_counter()
+            if read_only:
+                if session_id is None:
+                    newest = self.store.load_newest(exclude={self.session_id})
+                    if newest is None:
+                        logger.info("no saved session to view in %s", self.store.directory)
+                        return False
+                    session_id = newest.session_id
+                return self._load_read_only(session_id)
             if session_id is None:
-                record = self.store.load_newest(exclude={self.session_id})
-                if record is None:
+                opened = self._open_newest()
+                if opened is None:
                     logger.info("no saved session to resume in %s", self.store.directory)
                     return False
-                session_id = record.session_id
-            elif session_id == self.session_id and not read_only and self._read_only is None:
+                writer, record = opened
+            elif session_id == self.session_id and self._read_only is None:
                 return bool(self._messages)
-            if read_only:
-                return self._load_read_only(session_id)
+            else:
+                try:
+                    writer, record = self.store.open(session_id)
+                except FileNotFoundError:
+                    logger.info("no saved session %s in %s", session_id, self.store.directory)
+                    return False
+                if not record.messages:
+                    writer.close()
+                    logger.info("session %s has no turns; nothing to resume", session_id)
+                    return False
+            self._switch_to(writer, record)
+            logger.info("resumed %s: %d turns, %d messages in %.1f ms", record.session_id, record.turns,
+                        len(record.messages), (time.perf_counter() - t0) * 1000)
+            if record.llm_model not in ("unknown", self.llm_model):
+                logger.info("session %s was recorded with %s; continuing with %s", record.session_id,
+                            record.llm_model, self.llm_model)
+            return True
+
+    def _open_newest(self) -> tuple[SessionWriter, SessionRecord] | None:
+        """Open the most recently updated session that loads, has turns and is not open elsewhere."""
+        for _mtime, session_id in self.store.candidates():
+            if session_id == self.session_id:
+                continue
             try:
                 writer, record = self.store.open(session_id)
             except FileNotFoundError:
-                logger.info("no saved session %s in %s", session_id, self.store.directory)
-                return False
-            old = self._writer
-            self._stop_warmup()
-            self._flush_kv_save()
-            self._writer = writer
-            self._read_only = None
-            self._messages = record.messages
-            writer.bind(self._messages)
-            self._trim_start = 0
-            if old is not None:
-                old.close()
-            self._start_warmup()
-            logger.info("resumed %s: %d turns, %d messages in %.1f ms", session_id, record.turns,
-                        len(record.messages), (time.perf_counter() - t0) * 1000)
-            if record.llm_model not in ("unknown", self.llm_model):
-                logger.info("session %s was recorded with %s; continuing with %s", session_id,
-                            record.llm_model, self.llm_model)
-            return bool(self._messages)
+                continue
+            except SessionLockedError as exc:
+                logger.info("skipping session %s: %s", session_id, exc)
+                continue
+            except SessionError as exc:
+                logger.warning("skipping session %s: %s", session_id, exc)
+                continue
+            if record.messages:
+                return writer, record
+            writer.close()
+        return None
+
+    def _switch_to(self, writer: SessionWriter, record: SessionRecord) -> None:
+        """Continue ``record`` through ``writer`` from now on; figures of the old session go."""
+        old = self._writer
+        self._stop_warmup()
+        self._flush_kv_save()
+        self._writer = writer
+        self._read_only = None
+        self._messages = record.messages
+        writer.bind(self._messages)
+        self._trim_start = 0
+        self._warmup = None
+        self._kv_stats = {}
+        if old is not None:
+            old.close()
+        self._start_warmup()
 
     def _load_read_only(self, session_id: str) -> bool:
         try:
@@ -629,29 +700,39 @@ class ConversationSession:
         self._stateless_id = session_id
         self._messages = record.messages
         self._trim_start = 0
+        self._warmup = None
+        self._kv_stats = {}
         logger.info("opened %s read-only: %d turns", session_id, record.turns)
         return bool(self._messages)
 
     def clear_history(self) -> None:
-        """Start over: empty history and KV cache, new session id (the old file stays on disk)."""
+        """Start over: empty history and KV cache, new session id (the old file stays on disk).
+
+        Raises:
+            SessionError: the new session cannot be created (the current one then goes on).
+        """
         with self._lock:
             if self._closed:
                 raise SessionError("the session is closed")
+            # Created first: if this fails, nothing has changed.
+            new = self.store.create(self.llm_model) if self.enable_cache else None
             if self._speaker is not None:
                 self._speaker.cancel()
             self._stop_warmup()
             self._flush_kv_save()
             self.backend.reset_cache()
-            self._trim_start = 0
-            self._last = None
-            self._total_prompt = self._total_cached = 0
             old = self._writer
             self._messages = []
+            self._writer = new
+            if new is not None:
+                new.bind(self._messages)
+            self._read_only = None
+            self._trim_start = 0
+            self._last = None
+            self._warmup = None
+            self._kv_stats = {}
+            self._total_prompt = self._total_cached = 0
             self._stateless_id = f"session_{int(time.time())}"
-            if self.enable_cache:
-                self._writer = self.store.create(self.llm_model)
-                self._writer.bind(self._messages)
-                self._read_only = None
             if old is not None:
                 old.close()
 

@@ -159,13 +159,17 @@ class HistoryStore:
             raise SessionFormatError(f"{path.name}: cannot read ({exc.strerror or exc})", path=path) from exc
         return parse_json_bytes(raw, path.name, path), raw
 
-    def _replay_journal(self, session_id: str, record: SessionRecord) -> None:
-        """Apply journal records on top of the snapshot; a torn last line is expected after a crash."""
+    def _replay_journal(self, session_id: str, record: SessionRecord) -> bool:
+        """Apply journal records on top of the snapshot; a torn last line is expected after a crash.
+
+        Returns False when the journal does not end cleanly (a torn or damaged line): nothing
+        may be appended to it then, or the new lines would hide behind the damage.
+        """
         path = self.journal_path(session_id)
         try:
             raw = read_regular_file(path, self.max_file_bytes)
         except FileNotFoundError:
-            return
+            return True
         except OSError as exc:
             raise SessionFormatError(f"{path.name}: cannot read ({exc.strerror or exc})", path=path) from exc
         lines = raw.split(b"\n")
@@ -178,16 +182,17 @@ class HistoryStore:
                 # Only the unacknowledged tail of a crashed write can be torn; stop there.
                 level = logging.DEBUG if n == len(lines) else logging.WARNING
                 logger.log(level, "%s line %d ignored (and all after it): %s", path.name, n, exc)
-                return
+                return False
             have = len(record.messages)
             start, msgs = entry["start"], entry["messages"]
             if start > have:
                 logger.warning("%s line %d starts at message %d but only %d exist; ignored from here",
                                path.name, n, start, have)
-                return
+                return False
             # Records already folded into the snapshot overlap it; take only what is new.
             record.messages.extend(msgs[have - start:])
             record.updated_at = entry["updated_at"]
+        return not raw or raw.endswith(b"\n")
 
     def load(self, session_id: str) -> SessionRecord:
         """Load a session (snapshot plus journal).
@@ -197,6 +202,10 @@ class HistoryStore:
             FileNotFoundError: there is no such session.
             SessionFormatError: the session's files are unreadable or malformed.
         """
+        return self._load(session_id)[0]
+
+    def _load(self, session_id: str) -> tuple[SessionRecord, bool]:
+        """``load``, and whether the journal ended cleanly."""
         t0 = time.perf_counter()
         snap, journal = self.snapshot_path(session_id), self.journal_path(session_id)
         if snap.exists() or snap.is_symlink():
@@ -212,7 +221,7 @@ class HistoryStore:
             record = SessionRecord(session_id=session_id, llm_model="unknown", created_at="", updated_at="")
         else:
             raise FileNotFoundError(errno.ENOENT, "no such session", str(snap))
-        self._replay_journal(session_id, record)
+        clean = self._replay_journal(session_id, record)
         if not record.created_at:
             # A session that crashed before its first snapshot: date it by its journal.
             record.created_at = record.updated_at or now_iso()
@@ -220,9 +229,9 @@ class HistoryStore:
             size = sum(p.stat().st_size for p in (snap, journal) if p.exists())
             logger.debug("loaded %s: %d messages, %d bytes in %.2f ms", snap, len(record.messages), size,
                          (time.perf_counter() - t0) * 1000)
-        return record
+        return record, clean
 
-    def _candidates(self) -> list[tuple[float, str]]:
+    def candidates(self) -> list[tuple[float, str]]:
         """Session ids in the folder with their last-modified time, newest first."""
         newest: dict[str, float] = {}
         try:
@@ -243,7 +252,7 @@ class HistoryStore:
     def load_newest(self, exclude: Iterable[str] = ()) -> SessionRecord | None:
         """The most recently updated session that loads and has at least one message."""
         skip = set(exclude)
-        for _mtime, session_id in self._candidates():
+        for _mtime, session_id in self.candidates():
             if session_id in skip:
                 continue
             try:
@@ -258,7 +267,7 @@ class HistoryStore:
     def list_sessions(self) -> list[SessionInfo]:
         """Every loadable session with at least one message, newest first; bad files are logged."""
         out = []
-        for _mtime, session_id in self._candidates():
+        for _mtime, session_id in self.candidates():
             try:
                 record = self.load(session_id)
             except (SessionFormatError, OSError) as exc:
@@ -344,21 +353,28 @@ class HistoryStore:
         """Start a new session named ``session_<unix seconds>``, with a suffix if that is taken."""
         self.ensure_dir()
         base = f"session_{int(time.time())}"
-        with dir_lock(self.directory):
-            for n in range(1, 100_000):
-                session_id = base if n == 1 else f"{base}_{n}"
-                snap, journal = self.snapshot_path(session_id), self.journal_path(session_id)
-                if snap.exists() or snap.is_symlink():
-                    continue
-                try:
-                    fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
-                                 | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
-                except FileExistsError:
-                    continue
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new file: cannot be held
-                record = SessionRecord(session_id=session_id, llm_model=record_model)
-                return SessionWriter(self, record, fd, snapshot_upto=None)
+        try:
+            with dir_lock(self.directory):
+                for n in range(1, 100_000):
+                    session_id = base if n == 1 else f"{base}_{n}"
+                    snap, journal = self.snapshot_path(session_id), self.journal_path(session_id)
+                    if snap.exists() or snap.is_symlink():
+                        continue
+                    try:
+                        fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
+                                     | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+                    except FileExistsError:
+                        continue
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new file: cannot be held
+                    record = SessionRecord(session_id=session_id, llm_model=record_model)
+                    return SessionWriter(self, record, fd, snapshot_upto=None)
+        except OSError as exc:
+            raise self._folder_error("create a session in", exc) from exc
         raise SessionError(f"no free session name in {self.directory}")  # pragma: no cover
+
+    def _folder_error(self, action: str, exc: OSError) -> SessionError:
+        return SessionError(f"cannot {action} {self.directory}: {exc.strerror or exc}; check that the folder is "
+                            "writable, or choose another with sessions_dir=... (--sessions-dir)")
 
     def open(self, session_id: str) -> tuple[SessionWriter, SessionRecord]:
         """Open an existing session for writing: lock it, then load it (so nothing is missed)."""
@@ -366,16 +382,28 @@ class HistoryStore:
         if not (self.snapshot_path(session_id).exists() or self.journal_path(session_id).exists()):
             raise FileNotFoundError(errno.ENOENT, "no such session", str(self.snapshot_path(session_id)))
         self.ensure_dir()
-        with dir_lock(self.directory):
-            fd = self._open_locked_journal(session_id, create=True)
+        journal = self.journal_path(session_id)
+        try:
+            with dir_lock(self.directory):
+                created = not journal.exists()
+                fd = self._open_locked_journal(session_id, create=True)
+        except OSError as exc:
+            raise self._folder_error("open a session in", exc) from exc
         assert fd is not None
         try:
-            record = self.load(session_id)
+            record, clean = self._load(session_id)
             snapshot_upto = len(record.messages) if os.fstat(fd).st_size == 0 else None
-            return SessionWriter(self, record, fd, snapshot_upto=snapshot_upto), record
+            writer = SessionWriter(self, record, fd, snapshot_upto=snapshot_upto)
         except BaseException:
+            # Leave a damaged session as it was found: no empty journal beside it.
+            if created:
+                with contextlib.suppress(OSError):
+                    journal.unlink()
             os.close(fd)
             raise
+        # A journal torn by a crash must not be appended to: the first save will be a snapshot.
+        writer._journal_torn = not clean
+        return writer, record
 
 
 _open_writers: weakref.WeakSet[SessionWriter] = weakref.WeakSet()
@@ -408,6 +436,8 @@ class SessionWriter:
         self._snapshot_lock = threading.Lock()  # one snapshot write at a time
         self._cond = threading.Condition()
         self._wanted = False
+        self._requested = 0                     # snapshots asked for / attempted: flush() waits on them
+        self._done = 0
         self._stopping = False
         self._encoded: list[str] = []          # encode_json of messages[: len(_encoded)]
         self.last_error: OSError | None = None
@@ -496,7 +526,8 @@ class SessionWriter:
     def _request_snapshot(self) -> None:
         with self._cond:
             self._wanted = True
-            self._cond.notify()
+            self._requested += 1
+            self._cond.notify_all()
 
     def _run(self) -> None:
         while True:
@@ -506,11 +537,16 @@ class SessionWriter:
                 if not self._wanted:
                     return
                 self._wanted = False
+                target = self._requested
             try:
                 self.write_snapshot()
             except OSError as exc:
                 logger.warning("background save of %s failed: %s (the journal still has every turn)",
                                self.snapshot_path, exc.strerror or exc)
+            finally:
+                with self._cond:
+                    self._done = max(self._done, target)
+                    self._cond.notify_all()
 
     def write_snapshot(self) -> Path:
         """Write ``<id>.json`` with every message so far, atomically; then empty the journal."""
@@ -548,22 +584,17 @@ class SessionWriter:
                          (time.perf_counter() - t0) * 1000)
             return path
 
-    def flush(self) -> None:
-        """Wait until the background snapshot (if any) is written."""
-        with self._snapshot_lock:
-            pass
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Wait until every snapshot asked for so far has been attempted; False on timeout."""
         with self._cond:
-            pending = self._wanted
-        if pending:
-            self.write_snapshot()
-            with self._cond:
-                self._wanted = False
+            target = self._requested
+            return self._cond.wait_for(lambda: self._done >= target or not self._thread.is_alive(), timeout)
 
     def close(self) -> None:
         """Write a final snapshot, remove the journal, release the lock. Idempotent."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
+            self._cond.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join()
         with self._lock:
