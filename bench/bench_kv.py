@@ -47,6 +47,18 @@ def history_of(backend: LlamaCppBackend, tokens: int) -> list[dict[str, str]]:
     return messages
 
 
+def bench_session(backend, sessions_dir, *, max_tokens: int, persist_kv_cache: bool = True) -> ConversationSession:
+    """The benchmarks' session: greedy, no time limit."""
+    return ConversationSession(
+        backend=backend,
+        timeout=None,
+        sessions_dir=sessions_dir,
+        max_tokens=max_tokens,
+        temperature=0,
+        persist_kv_cache=persist_kv_cache,
+    )
+
+
 def seed_session(sessions: Path, backend: LlamaCppBackend, messages) -> str:
     """A saved session with ``messages`` and its KV cache on disk (as after a real turn)."""
     with ConversationSession(backend=backend, timeout=None, sessions_dir=sessions, max_tokens=1, temperature=0) as s:
@@ -80,14 +92,7 @@ def bench_resume(backend, lengths, reps, root):
             times = []
             for _ in range(reps):
                 backend.reset_cache()
-                with ConversationSession(
-                    backend=backend,
-                    timeout=None,
-                    sessions_dir=fresh_copy(base),
-                    max_tokens=4,
-                    temperature=0,
-                    persist_kv_cache=persist,
-                ) as s:
+                with bench_session(backend, fresh_copy(base), max_tokens=4, persist_kv_cache=persist) as s:
                     t0 = time.perf_counter()
                     s.load_history(sid)
                     first, result = ttft(s, "And the river?")
@@ -95,14 +100,7 @@ def bench_resume(backend, lengths, reps, root):
                     restored = s.get_cache_stats().get("kv_restored")
             cases[label] = (statistics.median(times), restored)
         warm = []
-        with ConversationSession(
-            backend=backend,
-            timeout=None,
-            sessions_dir=fresh_copy(base),
-            max_tokens=4,
-            temperature=0,
-            persist_kv_cache=False,
-        ) as s:
+        with bench_session(backend, fresh_copy(base), max_tokens=4, persist_kv_cache=False) as s:
             s.load_history(sid)
             ttft(s, "And the river?")
             for _ in range(reps):
@@ -154,14 +152,7 @@ def bench_timeout(backend, root, reps):
     sid = seed_session(base, backend, history_of(backend, 1000))
     recover, fresh = [], []
     for _ in range(reps):
-        with ConversationSession(
-            backend=backend,
-            timeout=None,
-            sessions_dir=fresh_copy(base),
-            max_tokens=4000,
-            temperature=0,
-            persist_kv_cache=False,
-        ) as s:
+        with bench_session(backend, fresh_copy(base), max_tokens=4000, persist_kv_cache=False) as s:
             s.timeout = 0.5
             s.load_history(sid)
             try:
@@ -172,14 +163,7 @@ def bench_timeout(backend, root, reps):
             first, result = ttft(s, "And the river?")
             recover.append(time.perf_counter() - t_err - (result.total_s - first))
         backend.reset_cache()
-        with ConversationSession(
-            backend=backend,
-            timeout=None,
-            sessions_dir=fresh_copy(base),
-            max_tokens=4,
-            temperature=0,
-            persist_kv_cache=False,
-        ) as s:
+        with bench_session(backend, fresh_copy(base), max_tokens=4, persist_kv_cache=False) as s:
             s.load_history(sid)
             s._stop_warmup()  # a fresh session that has not prefilled anything yet
             backend.reset_cache()
@@ -203,14 +187,7 @@ def bench_overhead(backend, sessions, turns, reps):
         direct_t.append(time.perf_counter() - t0)
         for persist, bucket in ((False, session_t), (True, session_kv_t)):
             backend.reset_cache()
-            with ConversationSession(
-                backend=backend,
-                timeout=None,
-                sessions_dir=sessions,
-                max_tokens=24,
-                temperature=0,
-                persist_kv_cache=persist,
-            ) as s:
+            with bench_session(backend, sessions, max_tokens=24, persist_kv_cache=persist) as s:
                 t0 = time.perf_counter()
                 for p in prompts:
                     s.chat(p)
