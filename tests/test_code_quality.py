@@ -16,6 +16,12 @@ def test_ruff_is_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_mypy_is_clean():
+    proc = subprocess.run([sys.executable, "-m", "mypy", str(ROOT / "src" / "conversation_session")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_public_api():
     for name in ("ConversationSession", "ChatResult", "SessionError", "SessionTimeoutError", "BackendError",
                  "setup_logger", "Backend", "FakeBackend"):

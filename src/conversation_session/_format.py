@@ -95,7 +95,7 @@ def is_utf8_text(text: str) -> bool:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def check_text(data: Any, raw: bytes | None = None) -> None:
+def check_text(data: Any, raw: bytes | bytearray | None = None) -> None:
     """Raise ``SessionFormatError`` if a string in ``data`` (keys included) cannot be UTF-8.
 
     Such a file parses, but could never be written back.  With ``raw``, the bytes ``data`` was
@@ -198,7 +198,7 @@ class SessionRecord:
         }
 
     @classmethod
-    def from_dict(cls, data: Any, *, raw: bytes | None = None) -> SessionRecord:
+    def from_dict(cls, data: Any, *, raw: bytes | bytearray | None = None) -> SessionRecord:
         """Validate a parsed session file (any schema version) into a record.
 
         Args:
@@ -227,7 +227,7 @@ class SessionRecord:
         )
 
 
-def parse_journal_line(line: bytes) -> JournalRecordDict:
+def parse_journal_line(line: bytes | bytearray) -> JournalRecordDict:
     """Parse one journal line; a torn or damaged line raises ``SessionFormatError``."""
     try:
         data = json.loads(line)

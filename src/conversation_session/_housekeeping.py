@@ -93,7 +93,7 @@ def _load_stable(store: HistoryStore, session_id: str, attempts: int = 5) -> Ses
     across the load gives the state at one moment.
     """
     def marks() -> tuple[tuple[int, int, int] | None, ...]:
-        out = []
+        out: list[tuple[int, int, int] | None] = []
         for p in (store.snapshot_path(session_id), store.journal_path(session_id)):
             try:
                 st = p.lstat()

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,17 @@ _KV_SAVE_DELAY_S = 0.5
 
 def default_sessions_dir() -> str:
     return os.environ.get(SESSIONS_DIR_ENV) or "sessions"
+
+
+@contextlib.contextmanager
+def _closing(stream: Iterator[str]) -> Generator[Iterator[str], None, None]:
+    """Close a backend's stream however the loop ends (a generator's ``finally`` then runs)."""
+    try:
+        yield stream
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
 
 
 def _speaking(speaker: Speaker, on_token: Callable[[str], None] | None) -> Callable[[str], None]:
@@ -95,23 +106,26 @@ class _LatestJob:
                     return
                 self._job, self._busy = None, True
             try:
-                job()  # type: ignore[misc]
+                job()
             except Exception:  # a failed background job must not kill the thread
                 logger.exception("background %s failed", self._name)
             finally:
-                job = None  # the closure holds the session: do not keep it alive from here
+                del job  # the closure holds the session: do not keep it alive from here
                 with self._cond:
                     self._busy = False
                     if self._job is None:
                         self._hurry = False
                     self._cond.notify_all()
 
-    def stop(self) -> None:
-        """Let the thread end once any pending job has run (``flush`` first to wait for it)."""
+    def stop(self, timeout: float | None = None) -> None:
+        """End the thread once any pending job has run (``flush`` first to wait for it)."""
         with self._cond:
-            if self._thread is not None and self._job is None:
-                self._job, self._hurry = _STOP, True
-                self._cond.notify_all()
+            thread = self._thread
+            if thread is None or self._job is not None:
+                return  # never started, or still has work (a flush that timed out): leave it
+            self._job, self._hurry = _STOP, True
+            self._cond.notify_all()
+        thread.join(timeout)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Run any pending job now and wait for it; False on timeout."""
@@ -277,7 +291,7 @@ class ConversationSession:
             self._closed = True
             self._stop_warmup()
             self._flush_kv_save()
-            self._kv_saver.stop()
+            self._kv_saver.stop(_JOIN_TIMEOUT_S)
             try:
                 if self._speaker is not None:
                     self._speaker.close()
@@ -435,7 +449,7 @@ class ConversationSession:
         ttft: float | None = None
         completed = False
         try:
-            with contextlib.closing(self.backend.generate(request)) as stream:  # type: ignore[arg-type]
+            with _closing(self.backend.generate(request)) as stream:
                 for piece in stream:
                     if expired.is_set():
                         break

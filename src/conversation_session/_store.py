@@ -109,7 +109,7 @@ def encode_snapshot(record: SessionRecord, messages: list[MessageDict], encoded:
     return f"{{\n{head},\n{history}\n}}\n".encode()
 
 
-def parse_json_bytes(raw: bytes, label: str, path: Path | None = None) -> object:
+def parse_json_bytes(raw: bytes | bytearray, label: str, path: Path | None = None) -> object:
     """``json.loads`` of a file's bytes; every failure is a ``SessionFormatError`` starting with ``label``."""
     try:
         return json.loads(raw.decode("utf-8"))
@@ -151,7 +151,7 @@ class HistoryStore:
                 ) from exc
 
     # -- reading -------------------------------------------------------------------------
-    def _read_json(self, path: Path) -> tuple[object, bytes]:
+    def _read_json(self, path: Path) -> tuple[object, bytearray]:
         """The parsed file and its bytes."""
         try:
             raw = read_regular_file(path, self.max_file_bytes)

@@ -17,8 +17,8 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Generator, Iterator
+from typing import Any, cast
 
 import httpx
 import ollama
@@ -137,7 +137,7 @@ class OllamaBackend(Backend):
 
     # -- requests ------------------------------------------------------------------------
     def _chat(self, messages: list[MessageDict], options: dict[str, Any],
-              cancel: CancelToken) -> Iterator[dict[str, Any]]:
+              cancel: CancelToken) -> Generator[dict[str, Any], None, None]:
         """Stream ``/api/chat`` and yield its chunks (as dicts) until the ``done`` one.
 
         Raises BackendError on failure; returns quietly when ``cancel`` is what broke the
@@ -147,8 +147,10 @@ class OllamaBackend(Backend):
             return
         self._killer.bind(cancel)
         try:
-            stream = self._client.chat(model=self.model_name, messages=messages, stream=True,
-                                       options={"num_ctx": self.num_ctx, **options}, keep_alive=self.keep_alive)
+            # The client types it as an Iterator; it is a generator, and closing it closes the response.
+            stream = cast(Generator[ollama.ChatResponse, None, None], self._client.chat(
+                model=self.model_name, messages=messages, stream=True,
+                options={"num_ctx": self.num_ctx, **options}, keep_alive=self.keep_alive))
             with contextlib.closing(stream):
                 for chunk in stream:
                     part = chunk.model_dump(exclude_none=True)

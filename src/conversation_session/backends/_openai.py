@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -139,7 +139,8 @@ class OpenAIBackend(Backend):
         found: list[int] = []
         entry = next((m for m in self._list_models() if m.get("id") == self.model_name), None)
         if entry is not None:
-            meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
+            meta = entry.get("meta")
+            meta = meta if isinstance(meta, dict) else {}
             found += [v for k in _MODEL_CTX_KEYS if (v := _int(entry.get(k)))]
             found += [v for k in _META_CTX_KEYS if (v := _int(meta.get(k)))]
         if urlsplit(self.base_url).path == "/v1":
@@ -232,7 +233,7 @@ class OpenAIBackend(Backend):
         body.update(options)
         return body
 
-    def _events(self, body: dict[str, Any], cancel: CancelToken) -> Iterator[dict[str, Any]]:
+    def _events(self, body: dict[str, Any], cancel: CancelToken) -> Generator[dict[str, Any], None, None]:
         """POST ``/chat/completions`` and yield each streamed chunk (or the one JSON answer of
         a server that does not stream).  Returns quietly when ``cancel`` broke the connection."""
         if cancel.cancelled:
