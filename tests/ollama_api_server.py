@@ -29,12 +29,12 @@ import argparse
 import json
 import select
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from loopback_server import JSONHandler, LoopbackServer
 
 
 @dataclass
@@ -60,45 +60,17 @@ def _tokens(messages: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-class OllamaAPIServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class OllamaAPIServer(LoopbackServer[ChatRecord]):
     def __init__(self, port: int = 0, *, models: tuple[str, ...] = ("qwen2.5:3b",),
                  token_delay: float = 0.0, context_length: int = 32768):
-        super().__init__(("127.0.0.1", port), _Handler)
+        super().__init__(_Handler, port)
         self.models = set(models)
         self.token_delay = token_delay
         self.context_length = context_length
         self.prompt_delay = 0.0
         self.fault: str | None = None
-        self.chats: list[ChatRecord] = []
         self.requests: list[tuple[str, str]] = []
         self._cache: list[str] = []
-        self.lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def start(self) -> OllamaAPIServer:
-        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-
-    def wait_for_chat(self, count: int, timeout: float = 5.0) -> ChatRecord:
-        """The ``count``-th chat request (1-based) once it has arrived."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if len(self.chats) >= count:
-                    return self.chats[count - 1]
-            time.sleep(0.005)
-        raise AssertionError(f"chat request {count} did not arrive")
 
     def wait_for_chat_end(self, index: int = -1, timeout: float = 5.0) -> ChatRecord:
         deadline = time.monotonic() + timeout
@@ -110,21 +82,8 @@ class OllamaAPIServer(ThreadingHTTPServer):
         raise AssertionError("the chat request did not end")
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(JSONHandler):
     server: OllamaAPIServer
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet
-        pass
-
-    # -- plumbing ----------------------------------------------------------------------
-    def _send_json(self, status: int, payload: Any) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def _read_body(self) -> dict[str, Any] | None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -132,10 +91,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             data = json.loads(raw or b"{}")
         except ValueError as exc:
-            self._send_json(400, {"error": f"invalid character in request body: {exc}"})
+            self.send_json(400, {"error": f"invalid character in request body: {exc}"})
             return None
         if not isinstance(data, dict):
-            self._send_json(400, {"error": "request body must be an object"})
+            self.send_json(400, {"error": "request body must be an object"})
             return None
         return data
 
@@ -165,11 +124,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body)
         elif self.path == "/api/version":
-            self._send_json(200, {"version": "0.12.6"})
+            self.send_json(200, {"version": "0.12.6"})
         elif self.path == "/api/tags":
-            self._send_json(200, {"models": [{"name": m, "model": m} for m in sorted(self.server.models)]})
+            self.send_json(200, {"models": [{"name": m, "model": m} for m in sorted(self.server.models)]})
         else:
-            self._send_json(404, {"error": "404 page not found"})
+            self.send_json(404, {"error": "404 page not found"})
 
     def do_POST(self) -> None:
         self.server.requests.append(("POST", self.path))
@@ -179,10 +138,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/api/show":
             model = body.get("model") or body.get("name")
             if model not in self.server.models:
-                self._send_json(404, {"error": f"model '{model}' not found"})
+                self.send_json(404, {"error": f"model '{model}' not found"})
                 return
             family = str(model).split(":")[0].replace(".", "")
-            self._send_json(200, {
+            self.send_json(200, {
                 "modelfile": f"FROM {model}",
                 "parameters": "stop \"<|im_end|>\"",
                 "template": "{{ .Prompt }}",
@@ -195,17 +154,17 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/api/chat":
             self._chat(body)
         else:
-            self._send_json(404, {"error": "404 page not found"})
+            self.send_json(404, {"error": "404 page not found"})
 
     def _chat(self, body: dict[str, Any]) -> None:
         srv = self.server
         model = body.get("model")
         messages = body.get("messages")
         if not isinstance(messages, list):
-            self._send_json(400, {"error": "messages must be a list"})
+            self.send_json(400, {"error": "messages must be a list"})
             return
         if model not in srv.models:
-            self._send_json(404, {"error": f"model \"{model}\" not found, try pulling it first"})
+            self.send_json(404, {"error": f"model \"{model}\" not found, try pulling it first"})
             return
         options = body.get("options") or {}
         num_ctx = int(options.get("num_ctx") or 4096)
@@ -242,7 +201,7 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if srv.fault == "http500":
             record.done_at = time.monotonic()
-            self._send_json(500, {"error": "llama runner process has terminated: signal: killed"})
+            self.send_json(500, {"error": "llama runner process has terminated: signal: killed"})
             return
         deadline = time.monotonic() + srv.prompt_delay
         while time.monotonic() < deadline:  # "loading the model": no headers yet
@@ -257,7 +216,7 @@ class _Handler(BaseHTTPRequestHandler):
             final["message"]["content"] = " ".join(words)
             final["eval_duration"] = final["total_duration"] = time.perf_counter_ns() - t0
             record.words_sent, record.finished, record.done_at = len(words), True, time.monotonic()
-            self._send_json(200, final)
+            self.send_json(200, final)
             return
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")

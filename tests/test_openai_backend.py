@@ -17,9 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ from conversation_session import (
 from conversation_session.backends import CancelToken
 from conversation_session.backends._llama_cpp import bundled_model_path
 from conversation_session.backends._openai import OpenAIBackend, normalize_base_url
+from loopback_server import JSONHandler, LoopbackServer
 
 LONG_PROMPT = "Write a long, detailed essay about the history of the Roman Empire."
 
@@ -103,7 +102,7 @@ def llama_server():
 
 # -- a recording OpenAI-compatible server ------------------------------------------------
 
-class Recorder(ThreadingHTTPServer):
+class Recorder(LoopbackServer[dict[str, Any]]):
     """Streams ``Hello from the recorder.`` word by word; records every chat request.
 
     ``delay``: seconds before answering (no headers meanwhile; gives up if the client goes).
@@ -112,48 +111,19 @@ class Recorder(ThreadingHTTPServer):
     Usage counts words; ``cached_tokens`` is the common prefix with the previous request.
     """
 
-    daemon_threads = True
-
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _RecorderHandler)
+        super().__init__(_RecorderHandler)
         self.models = [{"id": "tiny-model", "object": "model", "meta": {"n_ctx_train": 8192}},
                        {"id": "other-model", "object": "model"}]
         self.props_n_ctx: int | None = 3000
         self.delay = 0.0
         self.fault: str | None = None
         self.old_server = False  # rejects stream_options, sends no usage, ignores stream=true
-        self.chats: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
         self._cache: list[str] = []
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def wait_for_chat(self, count: int, timeout: float = 5.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if len(self.chats) >= count:
-                    return self.chats[count - 1]
-            time.sleep(0.005)
-        raise AssertionError(f"chat request {count} did not arrive")
-
-
-class _RecorderHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _RecorderHandler(JSONHandler):
     server: Recorder
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _json(self, status: int, payload: Any) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def _event(self, data: str) -> None:
         self.wfile.write(f"data: {data}\n\n".encode())
@@ -169,11 +139,11 @@ class _RecorderHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/v1/models":
-            self._json(200, {"object": "list", "data": self.server.models})
+            self.send_json(200, {"object": "list", "data": self.server.models})
         elif self.path == "/props" and self.server.props_n_ctx:
-            self._json(200, {"default_generation_settings": {"n_ctx": self.server.props_n_ctx}, "total_slots": 1})
+            self.send_json(200, {"default_generation_settings": {"n_ctx": self.server.props_n_ctx}, "total_slots": 1})
         else:
-            self._json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
+            self.send_json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
 
     def do_POST(self) -> None:
         srv = self.server
@@ -196,15 +166,15 @@ class _RecorderHandler(BaseHTTPRequestHandler):
                     return
                 time.sleep(0.005)
             if srv.fault == "http500":
-                self._json(500, {"error": {"code": 500, "message": "slot unavailable: KV cache is full",
+                self.send_json(500, {"error": {"code": 500, "message": "slot unavailable: KV cache is full",
                                            "type": "server_error"}})
                 return
             if srv.fault == "not_found":
-                self._json(404, {"error": {"message": f"The model `{body['model']}` does not exist",
+                self.send_json(404, {"error": {"message": f"The model `{body['model']}` does not exist",
                                            "type": "invalid_request_error", "code": "model_not_found"}})
                 return
             if srv.old_server and "stream_options" in body:
-                self._json(400, {"error": {"message": "Unrecognized request argument supplied: stream_options",
+                self.send_json(400, {"error": {"message": "Unrecognized request argument supplied: stream_options",
                                            "type": "invalid_request_error"}})
                 return
             reply = "Hello from the recorder.".split(" ")[: body.get("max_tokens") or None]
@@ -218,7 +188,7 @@ class _RecorderHandler(BaseHTTPRequestHandler):
                                        "message": {"role": "assistant", "content": " ".join(reply)}}]}
                 if not srv.old_server:
                     answer.update(usage=usage, timings=timings)
-                self._json(200, answer)
+                self.send_json(200, answer)
                 return
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -248,11 +218,9 @@ class _RecorderHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def recorder():
-    srv = Recorder()
-    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+    srv = Recorder().start()
     yield srv
-    srv.shutdown()
-    srv.server_close()
+    srv.stop()
 
 
 # -- against llama_cpp.server ------------------------------------------------------------
