@@ -684,20 +684,27 @@ class ConversationSession:
         return None
 
     def _switch_to(self, writer: SessionWriter, record: SessionRecord) -> None:
-        """Continue ``record`` through ``writer`` from now on; figures of the old session go."""
+        """Continue ``record`` through ``writer`` from now on."""
+        self._adopt(writer, record.messages)
+        self._start_warmup()
+
+    def _adopt(self, writer: SessionWriter | None, messages: list[MessageDict],
+               read_only: SessionRecord | None = None) -> None:
+        """Make ``messages`` (saved through ``writer``, if any) the conversation.  The old one's
+        background work is finished first and its writer closed; its figures go with it."""
         old = self._writer
         self._stop_warmup()
         self._flush_kv_save()
         self._writer = writer
-        self._read_only = None
-        self._messages = record.messages
-        writer.bind(self._messages)
+        self._read_only = read_only
+        self._messages = messages
+        if writer is not None:
+            writer.bind(messages)
         self._trim_start = 0
         self._warmup = None
         self._kv_stats = {}
         if old is not None:
             old.close()
-        self._start_warmup()
 
     def _load_read_only(self, session_id: str) -> bool:
         try:
@@ -705,17 +712,8 @@ class ConversationSession:
         except FileNotFoundError:
             logger.info("no saved session %s in %s", session_id, self.store.directory)
             return False
-        self._stop_warmup()
-        self._flush_kv_save()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self._read_only = record
+        self._adopt(None, record.messages, read_only=record)
         self._stateless_id = session_id
-        self._messages = record.messages
-        self._trim_start = 0
-        self._warmup = None
-        self._kv_stats = {}
         logger.info("opened %s read-only: %d turns", session_id, record.turns)
         return bool(self._messages)
 
@@ -732,23 +730,11 @@ class ConversationSession:
             new = self.store.create(self.llm_model) if self.enable_cache else None
             if self._speaker is not None:
                 self._speaker.cancel()
-            self._stop_warmup()
-            self._flush_kv_save()
+            self._adopt(new, [])
             self.backend.reset_cache()
-            old = self._writer
-            self._messages = []
-            self._writer = new
-            if new is not None:
-                new.bind(self._messages)
-            self._read_only = None
-            self._trim_start = 0
             self._last = None
-            self._warmup = None
-            self._kv_stats = {}
             self._total_prompt = self._total_cached = 0
             self._stateless_id = f"session_{int(time.time())}"
-            if old is not None:
-                old.close()
 
     # -- reports -------------------------------------------------------------------------
     def get_history_summary(self) -> dict[str, Any]:

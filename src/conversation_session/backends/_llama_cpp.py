@@ -203,12 +203,12 @@ class LlamaCppBackend(Backend):
     def count_tokens(self, messages: list[MessageDict]) -> int:
         return len(self.render(messages))
 
-    def _cached_prefix(self, tokens: list[int]) -> int:
-        """How many leading ``tokens`` the KV cache holds already; at least one token is always
-        left to evaluate, so there are fresh logits to sample from.  Call with the lock held."""
+    def _cached_prefix(self, tokens: list[int], *, leave: int = 1) -> int:
+        """How many leading ``tokens`` the KV cache holds already, leaving at least ``leave`` to
+        evaluate (one by default: fresh logits to sample from).  Call with the lock held."""
         llama = self._model.llama
         cached = 0
-        limit = min(llama.n_tokens, len(tokens) - 1)
+        limit = min(llama.n_tokens, len(tokens) - leave)
         ids = llama.input_ids
         while cached < limit and ids[cached] == tokens[cached]:
             cached += 1
@@ -310,11 +310,7 @@ class LlamaCppBackend(Backend):
             if still_current is not None and not still_current():
                 return {"kv_save": "skipped: a newer turn started"}
             tokens = self.render(messages)
-            keep = 0
-            limit = min(llama.n_tokens, len(tokens))
-            ids = llama.input_ids
-            while keep < limit and ids[keep] == tokens[keep]:
-                keep += 1
+            keep = self._cached_prefix(tokens, leave=0)
             if keep < MIN_STATE_TOKENS:
                 return {"kv_save": f"skipped: only {keep} tokens match the conversation"}
             if llama.n_tokens > keep:

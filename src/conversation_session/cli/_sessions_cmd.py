@@ -16,9 +16,9 @@ from typing import TextIO
 
 from .._exceptions import SessionError, SessionLockedError
 from .._housekeeping import INFO_KINDS, doctor, export_all, import_session, prune
-from .._store import HistoryStore, SessionInfo, encode_snapshot, validate_session_id
+from .._store import HistoryStore, SessionInfo, validate_session_id
 from ._args import sessions_dir_from
-from ._export import export_session, render_markdown
+from ._export import encode_record, export_session
 
 __all__ = ["CommandError", "apply_retention", "run_command"]
 
@@ -98,21 +98,17 @@ class _Commands:
         sid = _valid_id(a.session_id)
         try:
             record = self.store.load(sid)
-            if a.output and a.output != "-":
-                try:
-                    path = export_session(self.store, sid, Path(a.output), a.format)
-                except OSError as exc:
-                    raise CommandError(f"cannot write {a.output}: {exc.strerror or exc}; check the folder "
-                                       "exists, is writable and has free space") from exc
-                print(_clean(f"exported {sid} to {path}"), file=self.err)
-                return 0
-            text = (render_markdown(self.store, sid) if a.format == "md"
-                    else encode_snapshot(record, record.messages).decode("utf-8"))
         except FileNotFoundError:
             raise self._no_session(sid) from None
-        except UnicodeEncodeError as exc:
-            raise CommandError(f"session {sid} contains text that is not valid Unicode ({exc.reason}); "
-                               "run `doctor`") from exc
+        if a.output and a.output != "-":
+            try:
+                path = export_session(self.store, sid, Path(a.output), a.format, record=record)
+            except OSError as exc:
+                raise CommandError(f"cannot write {a.output}: {exc.strerror or exc}; check the folder "
+                                   "exists, is writable and has free space") from exc
+            print(_clean(f"exported {sid} to {path}"), file=self.err)
+            return 0
+        text = encode_record(record, a.format or "json").decode("utf-8")
         self.out.write(_clean(text))
         self.out.flush()
         return 0
