@@ -1,7 +1,9 @@
 # Installs whatever is missing, and nothing when nothing is; sourced by scripts/chat and
 # scripts/test.  Usage: setup_project [pip-extras]
 # - Debian packages: python3-venv and g++ (llama-cpp-python compiles llama.cpp on first
-#   install), espeak-ng (speech).  Installed with apt-get as root, or sudo, when missing.
+#   install), espeak-ng (speech), and with the test tools PostgreSQL's server binaries (the
+#   tests start their own server in a temporary folder).  Installed with apt-get as root, or
+#   sudo, when missing.
 # - .venv with this project installed (editable).  Re-installed only when pyproject.toml
 #   changes; pip's wheel cache makes the llama.cpp build a one-time cost.
 
@@ -31,6 +33,9 @@ setup_project() {
     command -v g++ >/dev/null 2>&1 || need+=(g++)
   fi
   command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
+  if [ "$extras" = dev ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+    need+=(postgresql)
+  fi
   if [ ${#need[@]} -gt 0 ]; then
     _apt_install "${need[@]}" || _say "continuing without: ${need[*]}"
   fi
@@ -45,7 +50,7 @@ setup_project() {
   local want
   want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-32)"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    _say "installing the project into .venv (the first time builds llama.cpp: several minutes)"
+    _say "installing the project into .venv; the first time this compiles llama.cpp from source (about 5 minutes on 2 cores, once: pip caches the result)"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT${extras:+[$extras]}"
     echo "$want" > "$stamp"
   fi

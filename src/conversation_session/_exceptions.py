@@ -8,7 +8,9 @@ Every error the library raises on purpose derives from ``SessionError``::
     ├── BackendError               the model backend failed (server down, model missing, ...)
     │   └── ModelNotFoundError
     ├── SessionFormatError         a session file is unreadable, corrupt or malformed
-    └── SessionLockedError         another process has the session open for writing
+    ├── SessionLockedError         another process (or host) has the session open for writing
+    ├── SessionNotFoundError       no such session in the store (also a FileNotFoundError)
+    └── StoreUnavailableError      the store cannot be reached (database down, folder gone)
 
 Errors from third-party libraries (httpx, llama-cpp, OSError from the disk) are translated at
 the boundary with ``raise ... from exc``, so callers only ever need to catch ``SessionError``.
@@ -28,7 +30,9 @@ __all__ = [
     "SessionError",
     "SessionFormatError",
     "SessionLockedError",
+    "SessionNotFoundError",
     "SessionTimeoutError",
+    "StoreUnavailableError",
     "TTSTimeoutError",
 ]
 
@@ -90,3 +94,18 @@ class SessionLockedError(SessionError):
         super().__init__(message)
         self.session_id = session_id
         self.holder = holder
+
+
+class SessionNotFoundError(SessionError, FileNotFoundError):
+    """The store has no session by that id.  Also a ``FileNotFoundError``, which is what the
+    file store raised before stores were pluggable, so existing ``except`` clauses still work."""
+
+    def __init__(self, message: str, *, session_id: str | None = None):
+        super().__init__(message)
+        self.session_id = session_id
+
+
+class StoreUnavailableError(SessionError):
+    """The session store cannot be reached or used (PostgreSQL down, a lost connection, a folder
+    that cannot be created).  The message names the store (a URL without its password) and what
+    to do.  A turn whose save failed this way still returns, with ``saved=False``."""

@@ -87,6 +87,10 @@ class GenerationRequest:
     cancel: CancelToken = field(default_factory=CancelToken)
     usage: Usage = field(default_factory=Usage)
     options: dict[str, Any] = field(default_factory=dict)
+    # Whose KV state this request continues (the session's identity).  A backend that keeps
+    # per-conversation state (the embedded model) serves several sessions from one model by
+    # switching to this key's state; the others ignore it.
+    cache_key: Any = None
 
 
 def estimate_tokens(messages: list[MessageDict]) -> int:
@@ -137,6 +141,10 @@ class Backend(ABC):
     def context_length(self) -> int | None:
         """The context window in tokens, or None when unknown (then nothing is trimmed)."""
         return None
+
+    def check(self, timeout: float = 5.0) -> None:  # noqa: B027 - optional hook
+        """Fail fast, within ``timeout``, if the backend cannot serve (server down, model
+        missing), with a ``BackendError`` saying what to do.  Called by the chat app at start."""
 
     def count_tokens(self, messages: list[MessageDict]) -> int:
         """Tokens the messages take in the prompt, including chat-template framing."""
