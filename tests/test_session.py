@@ -191,8 +191,7 @@ def test_a_message_longer_than_the_context_is_refused_clearly(fake):
 
 def test_empty_message_and_closed_session(fake):
     s = ConversationSession(backend=fake)
-    with pytest.raises(ValueError):
-        s.chat("   ")
+    assert s.chat("   ").turn == 0 and fake.requests == []  # the seed's loop must not crash on Enter
     s.close()
     s.close()  # idempotent
     with pytest.raises(SessionError, match="closed"):

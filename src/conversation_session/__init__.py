@@ -8,26 +8,35 @@
         print(result.response)
 """
 
+from ._async import AsyncConversationSession
+from ._core import STORE_ENV
 from ._exceptions import (
     BackendError,
     ModelNotFoundError,
     SessionError,
     SessionFormatError,
     SessionLockedError,
+    SessionNotFoundError,
     SessionTimeoutError,
+    StoreUnavailableError,
     TTSTimeoutError,
 )
 from ._format import SCHEMA_VERSION, MessageDict, SessionFileDict, SessionRecord
 from ._logging import setup_logger
 from ._result import ChatResult
 from ._session import SESSIONS_DIR_ENV, ConversationSession
-from ._store import HistoryStore, SessionInfo
+from ._store import HistoryStore
+from ._store_api import SessionInfo, SessionWriterAPI, StoreAPI
+from ._turn import AsyncTurn, Turn
 from ._version import __version__
 from .backends import Backend, CancelToken, FakeBackend, GenerationRequest, HttpTimeouts, Usage
 
 __all__ = [
     "SCHEMA_VERSION",
     "SESSIONS_DIR_ENV",
+    "STORE_ENV",
+    "AsyncConversationSession",
+    "AsyncTurn",
     "Backend",
     "BackendError",
     "CancelToken",
@@ -44,9 +53,14 @@ __all__ = [
     "SessionFormatError",
     "SessionInfo",
     "SessionLockedError",
+    "SessionNotFoundError",
     "SessionRecord",
     "SessionTimeoutError",
+    "SessionWriterAPI",
+    "StoreAPI",
+    "StoreUnavailableError",
     "TTSTimeoutError",
+    "Turn",
     "Usage",
     "__version__",
     "setup_logger",

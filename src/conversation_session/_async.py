@@ -1,0 +1,254 @@
+"""AsyncConversationSession: the same session for asyncio hosts (Home Assistant, Pipecat,
+LiveKit Agents, FastAPI).
+
+Same arguments and methods as ``ConversationSession``, awaited.  It drives the same
+``SessionCore`` and turn logic; what differs is only how it waits:
+
+* the backend streams through ``Backend.agenerate`` (native async HTTP for Ollama and
+  OpenAI-compatible servers; the embedded model on the process's small shared pool, stopping
+  within one token of a cancellation);
+* ``task.cancel()``, ``asyncio.timeout()`` and the session's own ``timeout`` stop the
+  generation where it runs; ``CancelledError`` propagates and only completed turns are kept;
+* nothing blocks the loop: a journal append (microseconds) runs inline, store reads, snapshot
+  folds, KV saves and warm-ups run on the shared pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ._core import SessionCore
+from ._exceptions import SessionError
+from ._format import MessageDict
+from ._result import ChatResult
+from ._runtime import shared_executor
+from ._store import validate_session_id
+from ._store_api import StoreAPI
+from ._turn import AsyncTurn, _TurnSteps
+from .backends import Backend
+
+__all__ = ["AsyncConversationSession"]
+
+logger = logging.getLogger("conversation_session")
+T = TypeVar("T")
+
+
+class AsyncConversationSession:
+    """A conversation for asyncio code; see ``ConversationSession`` for the arguments.
+
+    ::
+
+        async with AsyncConversationSession(backend="ollama", timeout=30) as s:
+            await s.load_history()
+            result = await s.chat("你好")
+            async with s.stream("讲个故事") as turn:
+                async for piece in turn:
+                    print(piece, end="")
+    """
+
+    def __init__(self, llm_model: str | os.PathLike[str] | None = None, *, backend: str | Backend = "llama-cpp",
+                 base_url: str | None = None, enable_cache: bool = True, timeout: float | None = 60.0,
+                 tts_wait_timeout: float | None = 30.0, tts: Any = None,
+                 sessions_dir: str | os.PathLike[str] | None = None, system_prompt: str | None = None,
+                 max_tokens: int = 512, temperature: float = 0.7, backend_options: dict[str, Any] | None = None,
+                 persist_kv_cache: bool = True, kv_cache_max_bytes: int = 1 << 30,
+                 tts_output_dir: str | os.PathLike[str] | None = None, tts_options: dict[str, Any] | None = None,
+                 store: StoreAPI | str | None = None):
+        # Construction touches the store once (a new session's id); for a folder that is a
+        # few microseconds, so it is done here rather than forcing an awaitable constructor.
+        self._core = SessionCore(
+            llm_model, backend=backend, base_url=base_url, enable_cache=enable_cache, timeout=timeout,
+            tts_wait_timeout=tts_wait_timeout, tts=tts, sessions_dir=sessions_dir, system_prompt=system_prompt,
+            max_tokens=max_tokens, temperature=temperature, backend_options=backend_options,
+            persist_kv_cache=persist_kv_cache, kv_cache_max_bytes=kv_cache_max_bytes,
+            tts_output_dir=tts_output_dir, tts_options=tts_options, store=store,
+        )
+        self._lock: asyncio.Lock | None = None   # made on first use, inside the running loop
+        self._turn_task: asyncio.Task[Any] | None = None
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _get_lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(shared_executor(), functools.partial(fn, *args))
+
+    def _check_reentry(self, action: str) -> None:
+        task = asyncio.current_task()
+        if self._turn_task is not None and self._turn_task is task:
+            raise SessionError(f"cannot {action} while this task's turn is still streaming; finish or "
+                               "cancel the turn first")
+
+    # -- context manager --------------------------------------------------------------------
+    async def __aenter__(self) -> AsyncConversationSession:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Flush, release the session's lock and a backend this session created.  Idempotent."""
+        if self._core.closed:
+            return
+        self._check_reentry("close the session")
+        async with self._get_lock():
+            await self._off_loop(self._core.close)
+
+    close = aclose
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def session_id(self) -> str:
+        return self._core.session_id
+
+    @property
+    def history(self) -> list[MessageDict]:
+        return [dict(m) for m in self._core.conversation.messages]  # type: ignore[misc]
+
+    @property
+    def turns(self) -> int:
+        return self._core.conversation.turns
+
+    @property
+    def backend(self) -> Backend:
+        return self._core.backend
+
+    @property
+    def llm_model(self) -> str:
+        return self._core.llm_model
+
+    @property
+    def store(self) -> StoreAPI:
+        return self._core.store
+
+    @property
+    def path(self) -> Path | str | None:
+        store_path = getattr(self._core.store, "snapshot_path", None)
+        return store_path(self.session_id) if store_path is not None else self._core.location
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self._core.conversation.system_prompt
+
+    @property
+    def timeout(self) -> float | None:
+        return self._core.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._core.timeout = value
+
+    # -- the turn ---------------------------------------------------------------------------
+    def stream(self, text: str, *, on_token: Callable[[str], None] | None = None) -> AsyncTurn:
+        """A turn to stream: ``async with s.stream(text) as turn: async for piece in turn``.
+
+        The session takes the turn when the turn starts (``async with`` or the first
+        iteration) and holds it until the turn ends; concurrent calls wait their turn.
+        """
+        core = self._core
+        core.check_can_chat(text)
+
+        async def begin() -> _TurnSteps:
+            self._check_reentry("start another turn")
+            lock = self._get_lock()
+            await lock.acquire()
+            try:
+                core.check_can_chat(text)
+                self._turn_task = asyncio.current_task()
+                loop = asyncio.get_running_loop()
+
+                def release() -> None:
+                    # asyncio.Lock belongs to the loop: a commit run on the pool hands it back there.
+                    def free() -> None:
+                        self._turn_task = None
+                        if lock.locked():
+                            lock.release()
+                    try:
+                        running = asyncio.get_running_loop()
+                    except RuntimeError:
+                        running = None
+                    if running is loop:
+                        free()
+                    else:
+                        loop.call_soon_threadsafe(free)
+
+                return _TurnSteps(core, text, on_token, release)
+            except BaseException:
+                self._turn_task = None
+                lock.release()
+                raise
+
+        return AsyncTurn(begin, self)
+
+    async def _complete(self, steps: _TurnSteps) -> ChatResult:
+        """Commit a completed turn.  A file journal append is one small write: inline.  A store
+        that talks to a server appends off the loop."""
+        if getattr(self._core.store, "blocking_appends", False):
+            return await self._off_loop(steps.complete)
+        return steps.complete()
+
+    async def chat(self, text: str, *, on_token: Callable[[str], None] | None = None) -> ChatResult:
+        """Send ``text``; the completed reply, saved before this returns.  Raises what
+        ``ConversationSession.chat`` raises; a cancelled task keeps nothing of the turn."""
+        turn = self.stream(text, on_token=on_token)
+        async with turn:
+            return await turn.result()
+
+    # -- persistence ------------------------------------------------------------------------
+    async def save_history(self) -> Path | str:
+        self._check_reentry("save")
+        async with self._get_lock():
+            self._core.check_open("save")
+            return await self._off_loop(self._core.save_now)
+
+    async def load_history(self, session_id: str | None = None, *, read_only: bool = False) -> bool:
+        """See ``ConversationSession.load_history``; the store is read off the loop."""
+        if session_id is not None:
+            validate_session_id(session_id)
+        self._check_reentry("load a session")
+        async with self._get_lock():
+            core = self._core
+            core.check_open("load into")
+            if not core.enable_cache:
+                logger.warning("load_history() ignored: enable_cache=False keeps no history")
+                return False
+            t0 = time.perf_counter()
+            if read_only:
+                record = await self._off_loop(core.load_read_only, session_id)
+                return False if record is None else core.viewed(record)
+            if session_id is not None and session_id == core.session_id and core.read_only is None:
+                return bool(core.conversation.messages)
+            opened = await self._off_loop(core.open_for_resume, session_id)
+            if opened is None:
+                return False
+            # Adopting closes the previous writer (a snapshot fold): off the loop as well.
+            await self._off_loop(core.resumed, *opened, t0)
+            return True
+
+    async def clear_history(self) -> None:
+        self._check_reentry("clear")
+        async with self._get_lock():
+            await self._off_loop(self._core.clear)
+
+    # -- reports ----------------------------------------------------------------------------
+    def get_history_summary(self) -> dict[str, Any]:
+        """The seed's summary (no I/O: a plain method)."""
+        return self._core.summary()
+
+    async def get_cache_stats(self) -> dict[str, Any]:
+        """Cache figures; asks the backend, so it runs off the loop."""
+        return await self._off_loop(self._core.stats)
+
+    def __repr__(self) -> str:
+        return (f"<AsyncConversationSession {self.session_id} backend={self.backend.name} "
+                f"model={self.llm_model} turns={self.turns}>")

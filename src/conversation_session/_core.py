@@ -1,0 +1,457 @@
+"""What a session holds, shared by the sync and the async driver.
+
+``SessionCore`` owns the session's collaborators (backend, store writer, conversation, speaker,
+KV file, warm-up) and the operations that are not a turn (resume, clear, reports, close).  It
+holds no thread and no event loop of its own: ``ConversationSession`` calls it under a thread
+lock, ``AsyncConversationSession`` under an asyncio lock, with blocking store reads sent to the
+shared pool.  Turn logic lives in ``_turn.py`` and ``_conversation.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ._conversation import Conversation, Plan
+from ._exceptions import SessionError, SessionLockedError, SessionNotFoundError
+from ._format import MessageDict, SessionRecord, is_utf8_text
+from ._policy import TrimPolicy
+from ._result import ChatResult
+from ._store import HistoryStore, validate_session_id
+from ._store_api import SessionWriterAPI, StoreAPI
+from ._warmth import JOIN_TIMEOUT_S, KVFile, Warmup
+from .backends import Backend, create_backend
+from .speech import create_speaker
+
+__all__ = ["SESSIONS_DIR_ENV", "STORE_ENV", "SessionCore", "default_sessions_dir", "open_store"]
+
+logger = logging.getLogger("conversation_session")
+
+SESSIONS_DIR_ENV = "CONVERSATION_SESSIONS_DIR"
+STORE_ENV = "CONVERSATION_SESSIONS_STORE"
+_keys = itertools.count(1)
+
+
+def default_sessions_dir() -> str:
+    return os.environ.get(SESSIONS_DIR_ENV) or "sessions"
+
+
+def open_store(store: StoreAPI | str | os.PathLike[str] | None, sessions_dir: str | os.PathLike[str] | None
+               ) -> StoreAPI:
+    """A store object from what the caller gave: a store, a URL, or (default) a folder.
+
+    ``store`` wins over ``sessions_dir``; with neither, ``$CONVERSATION_SESSIONS_STORE`` (a URL)
+    and then ``$CONVERSATION_SESSIONS_DIR`` (a folder, default ``sessions``) are used.
+    """
+    if store is None and sessions_dir is None:
+        store = os.environ.get(STORE_ENV) or None
+    if store is None:
+        return HistoryStore(sessions_dir if sessions_dir is not None else default_sessions_dir())
+    if isinstance(store, str) and store.startswith(("postgresql://", "postgres://")):
+        try:
+            from ._pgstore import PostgresStore
+        except ImportError as exc:
+            raise SessionError("the PostgreSQL store needs the postgres extra: "
+                               "pip install 'conversation-session[postgres]'") from exc
+        return PostgresStore.from_url(store)
+    if isinstance(store, (str, os.PathLike)):
+        text = os.fspath(store)
+        if "://" in text and not text.startswith("file://"):
+            raise ValueError(f"unknown store URL {text.split('://')[0]}://...; use postgresql://... or a folder")
+        return HistoryStore(text.removeprefix("file://"))
+    return store
+
+
+def _kv_cache_dir(store: StoreAPI) -> Path:
+    """Where KV files live for a store that has no folder of its own: a per-host cache."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "conversation-session" / "kv"
+    return base / hashlib.sha256(store.description.encode()).hexdigest()[:16]
+
+
+class SessionCore:
+    """The state of one session (see the module docstring)."""
+
+    def __init__(self, llm_model: str | os.PathLike[str] | None, *, backend: str | Backend, base_url: str | None,
+                 enable_cache: bool, timeout: float | None, tts_wait_timeout: float | None, tts: Any,
+                 sessions_dir: str | os.PathLike[str] | None, system_prompt: str | None, max_tokens: int,
+                 temperature: float, backend_options: dict[str, Any] | None, persist_kv_cache: bool,
+                 kv_cache_max_bytes: int, tts_output_dir: str | os.PathLike[str] | None,
+                 tts_options: dict[str, Any] | None, store: StoreAPI | str | None):
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive or None, not {timeout!r}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, not {max_tokens!r}")
+        self.enable_cache = enable_cache
+        self.timeout = timeout
+        self.tts_wait_timeout = tts_wait_timeout
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.sampling: dict[str, Any] = {}
+        self.owns_backend = not isinstance(backend, Backend)  # close only what we created
+        if isinstance(backend, Backend):
+            self.backend = backend
+        else:
+            self.backend = create_backend(backend, None if llm_model is None else str(llm_model), base_url=base_url,
+                                          **(backend_options or {}))
+        self.llm_model = self.backend.model_name
+        self.closed = False
+        self.last: ChatResult | None = None
+        self.turn_seq = 0
+        self.warmup: Warmup | None = None
+        self.read_only: SessionRecord | None = None
+        self._callback_thread: int | None = None
+        self._stateless_id = f"session_{int(time.time())}"
+        self._pending_meta: dict[str, Any] | None = None
+        backend_ = self.backend
+        self.conversation = Conversation(
+            TrimPolicy(backend_.context_length, lambda: self.max_tokens, backend_.count_tokens,
+                       backend_.exact_token_count),
+            system_prompt=system_prompt, stateless=not enable_cache,
+        )
+        self._requested_system = system_prompt
+        self.cache_key = f"cs{next(_keys)}"
+        self.speaker = None
+        self.writer: SessionWriterAPI | None = None
+        try:
+            self.store = open_store(store, sessions_dir)
+            self.persist_kv_cache = bool(persist_kv_cache and enable_cache and backend_.can_persist_state)
+            self.kv = KVFile(backend_, lambda: self.kv_path, kv_cache_max_bytes, self.cache_key)
+            self.speaker = create_speaker(tts, output_dir=tts_output_dir, **(tts_options or {}))
+            if enable_cache:
+                self.writer = self.store.create(self.llm_model)
+                if system_prompt:
+                    self._pending_meta = {"system_prompt": system_prompt}
+        except BaseException:
+            self._release_resources()
+            raise
+
+    # -- identity -------------------------------------------------------------------------
+    @property
+    def session_id(self) -> str:
+        return self.writer.session_id if self.writer is not None else self._stateless_id
+
+    @property
+    def kv_path(self) -> Path:
+        kv_path = getattr(self.store, "kv_path", None)
+        if kv_path is not None:
+            return Path(kv_path(self.session_id))
+        return _kv_cache_dir(self.store) / f"{self.session_id}.kv"
+
+    @property
+    def location(self) -> str | None:
+        snapshot_path = getattr(self.store, "snapshot_path", None)
+        if snapshot_path is not None:
+            return str(snapshot_path(self.session_id))
+        return f"{self.store.description}#{self.session_id}"
+
+    # -- guards ---------------------------------------------------------------------------
+    def check_open(self, action: str = "use") -> None:
+        if self.closed:
+            raise SessionError(f"the session is closed; cannot {action} it (start a new session)")
+        if self._callback_thread == threading.get_ident():
+            raise SessionError(f"cannot {action} the session from inside on_token: the turn is still "
+                               "running; act after chat() returns")
+
+    @contextlib.contextmanager
+    def in_callback(self) -> Iterator[None]:
+        previous, self._callback_thread = self._callback_thread, threading.get_ident()
+        try:
+            yield
+        finally:
+            self._callback_thread = previous
+
+    def check_can_chat(self, text: object) -> None:
+        if not isinstance(text, str):
+            raise TypeError(f"the message must be a str, not {type(text).__name__}")
+        self.check_open("chat in")
+        if not is_utf8_text(text):
+            raise ValueError("the message contains a lone surrogate character and cannot be saved as UTF-8")
+        if self.read_only is not None:
+            raise SessionError(
+                f"session {self.read_only.session_id} was opened read-only; call clear_history() to start a new "
+                "session, or load it without read_only once no other process has it open")
+        ensure_room = getattr(self.writer, "ensure_room", None)
+        if ensure_room is not None and text.strip():
+            # The reply can add up to max_tokens tokens (a few bytes each): refuse now rather than
+            # write a session the loader would then refuse.
+            ensure_room(len(text.encode()) + self.max_tokens * 8 + 256)
+
+    # -- the turn's commit ---------------------------------------------------------------
+    def commit(self, plan: Plan, reply: MessageDict) -> bool:
+        """Append a completed turn to the conversation and journal it; True if durable."""
+        start, new = self.conversation.commit(plan, reply)
+        if not self.enable_cache or self.writer is None:
+            return False
+        t0 = time.perf_counter()
+        meta, self._pending_meta = self._pending_meta, None
+        try:
+            saved = self.writer.append(start, new, meta)
+        except (OSError, SessionError) as exc:  # a store must not lose the reply by raising
+            logger.warning("could not save turn %d of %s: %s; it is kept in memory and saved with the next "
+                           "successful save", self.conversation.turns, self.session_id, exc)
+            saved = False
+        if not saved and meta:
+            self._pending_meta = meta
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("turn %d committed in %.3f ms", self.conversation.turns, (time.perf_counter() - t0) * 1000)
+        if self.persist_kv_cache:
+            seq = self.turn_seq
+            self.kv.schedule([*plan.prompt, reply], lambda: self.turn_seq == seq)
+        return saved
+
+    def after_abort(self, completed_prompt: list[MessageDict]) -> None:
+        # The cache still holds the completed conversation (plus the abandoned turn's tokens,
+        # which a save drops): keep it on disk too, if a save was skipped.
+        if self.persist_kv_cache and self.conversation.messages:
+            seq = self.turn_seq
+            self.kv.schedule(completed_prompt, lambda: self.turn_seq == seq)
+
+    # -- switching conversations ----------------------------------------------------------
+    def adopt(self, writer: SessionWriterAPI | None, record: SessionRecord | None, *, read_only: bool = False) -> None:
+        """Make ``record`` (saved through ``writer``, if any) the conversation.  The old one's
+        background work is finished first, its writer closed, its figures and cache dropped."""
+        old = self.writer
+        self.stop_warmup()
+        self.kv.flush()
+        self.kv.cancel_pending()
+        old_key = self.cache_key
+        self.cache_key = f"cs{next(_keys)}"
+        self.kv = KVFile(self.backend, lambda: self.kv_path, self.kv.cap, self.cache_key)
+        self.writer = writer
+        self.read_only = record if read_only else None
+        messages = list(record.messages) if record is not None else []
+        system = self._requested_system
+        self._pending_meta = None
+        saved_system = getattr(record, "system_prompt", None) if record is not None else None
+        if record is not None and saved_system and system is None:
+            system = saved_system  # the persona comes back with the session
+        elif record is not None and system and saved_system != system:
+            if saved_system:
+                logger.warning("session %s had another system prompt; the new one replaces it from now on",
+                               record.session_id)
+            self._pending_meta = {"system_prompt": system}
+        elif record is None and system:
+            self._pending_meta = {"system_prompt": system}
+        self.conversation.replace(messages, system)
+        self.warmup = None
+        self.last = None
+        with contextlib.suppress(Exception):
+            forget = getattr(self.backend, "forget", None)
+            if forget is not None:
+                forget(old_key)
+        if old is not None:
+            old.close()
+
+    def start_warmup(self) -> None:
+        """Load the restored conversation into the backend's cache while the user types:
+        from the saved KV cache when there is a valid one, else by prefilling it."""
+        backend = self.backend
+        if not (backend.can_warm or self.persist_kv_cache) or not self.conversation.messages:
+            return
+        try:
+            messages = self.conversation.warm_prompt()
+        except SessionError:
+            return
+        restore = None
+        if self.persist_kv_cache:
+            path, cap, key = self.kv_path, self.kv.cap, self.cache_key
+
+            def restore() -> dict[str, Any]:
+                return backend.restore_state(path, messages, max_bytes=cap, cache_key=key)
+        self.warmup = Warmup(backend, messages, restore, self.cache_key)
+
+    def stop_warmup(self) -> None:
+        if self.warmup is not None:
+            self.warmup.stop()
+
+    def open_for_resume(self, session_id: str | None) -> tuple[SessionWriterAPI, SessionRecord] | None:
+        """Open a saved session for writing (``None``: the newest that loads, has turns and is not
+        open elsewhere); None if there is none.  Blocking store I/O."""
+        if session_id is not None:
+            try:
+                writer, record = self.store.open(session_id)
+            except (SessionNotFoundError, FileNotFoundError):
+                logger.info("no saved session %s in %s", session_id, self.store.description)
+                return None
+            if not record.messages:
+                writer.close()
+                logger.info("session %s has no turns; nothing to resume", session_id)
+                return None
+            return writer, record
+        for candidate in self.store.newest_first():
+            if candidate == self.session_id:
+                continue
+            try:
+                writer, record = self.store.open(candidate)
+            except (SessionNotFoundError, FileNotFoundError):
+                continue
+            except SessionLockedError as exc:
+                logger.info("skipping session %s: %s", candidate, exc)
+                continue
+            except SessionError as exc:
+                logger.warning("skipping session %s: %s", candidate, exc)
+                continue
+            if record.messages:
+                return writer, record
+            writer.close()
+        logger.info("no saved session to resume in %s", self.store.description)
+        return None
+
+    def load_read_only(self, session_id: str | None) -> SessionRecord | None:
+        if session_id is None:
+            record = self.store.load_newest(exclude={self.session_id})
+            if record is None:
+                logger.info("no saved session to view in %s", self.store.description)
+            return record
+        validate_session_id(session_id)
+        try:
+            return self.store.load(session_id)
+        except (SessionNotFoundError, FileNotFoundError):
+            logger.info("no saved session %s in %s", session_id, self.store.description)
+            return None
+
+    def resumed(self, writer: SessionWriterAPI, record: SessionRecord, t0: float) -> None:
+        self.adopt(writer, record)
+        self.start_warmup()
+        logger.info("resumed %s: %d turns, %d messages in %.1f ms", record.session_id, record.turns,
+                    len(record.messages), (time.perf_counter() - t0) * 1000)
+        if record.llm_model not in ("unknown", self.llm_model):
+            logger.info("session %s was recorded with %s; continuing with %s", record.session_id,
+                        record.llm_model, self.llm_model)
+
+    def viewed(self, record: SessionRecord) -> bool:
+        self.adopt(None, record, read_only=True)
+        self._stateless_id = record.session_id
+        logger.info("opened %s read-only: %d turns", record.session_id, record.turns)
+        return bool(self.conversation.messages)
+
+    def clear(self) -> None:
+        self.check_open("clear")
+        # Created first: if this fails, nothing has changed.
+        new = self.store.create(self.llm_model) if self.enable_cache else None
+        if self.speaker is not None:
+            self.speaker.cancel()
+        old_key = self.cache_key
+        self.adopt(new, None)
+        with contextlib.suppress(TypeError):
+            self.backend.reset_cache(cache_key=old_key)
+        self._stateless_id = f"session_{int(time.time())}"
+
+    def save_now(self) -> Path | str:
+        if self.read_only is not None:
+            raise SessionError(f"session {self.read_only.session_id} was opened read-only; it is not saved from here")
+        if not self.enable_cache or self.writer is None:
+            raise SessionError(
+                "this session was created with enable_cache=False, so it keeps no history to "
+                "save; create it with enable_cache=True to persist conversations")
+        write_snapshot = getattr(self.writer, "write_snapshot", None)
+        try:
+            if self._pending_meta is not None or write_snapshot is None:
+                # Nothing to append: an empty append makes the pending state durable.
+                ok = self.writer.append(len(self.conversation.messages), [], self._pending_meta) \
+                    if self._pending_meta is not None else self.writer.flush()
+                self._pending_meta = None if ok else self._pending_meta
+            if write_snapshot is not None:
+                return write_snapshot()  # type: ignore[no-any-return,unused-ignore]
+            if not self.writer.flush():
+                raise SessionError(f"could not save {self.location}: {self.writer.last_error}")
+            return self.location or self.session_id
+        except OSError as exc:
+            raise SessionError(
+                f"could not save {self.location}: {exc.strerror or exc}; the conversation is kept in "
+                "memory, free some space or fix the folder's permissions and save again") from exc
+
+    # -- reports -------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        writer = self.writer
+        record = writer.record if writer is not None else self.read_only
+        conv = self.conversation
+        persisted = bool(writer is not None and getattr(writer, "persisted", getattr(writer, "has_file", False)))
+        last_error = getattr(writer, "last_error", None) if writer is not None else None
+        return {
+            "session_id": self.session_id,
+            "turns": conv.turns,
+            "total_messages": len(conv.messages),
+            "has_history_file": persisted or self.read_only is not None,
+            "created_at": record.created_at if record else None,
+            "updated_at": (record.updated_at or record.created_at) if record else None,
+            "llm_model": self.llm_model,
+            "backend": self.backend.name,
+            "path": self.location if writer is not None or self.read_only else None,
+            "store": self.store.description,
+            "read_only": self.read_only is not None,
+            "enable_cache": self.enable_cache,
+            "system_prompt": conv.system_prompt,
+            "last_save_error": str(last_error) if last_error else None,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        last = self.last
+        conv = self.conversation
+        stats: dict[str, Any] = {
+            "backend": self.backend.name,
+            "llm_model": self.llm_model,
+            "n_ctx": self.backend.context_length(),
+            "tokens_in_cache": None,
+            "state_bytes": None,
+            "model_load_s": None,
+            "prompt_tokens": last.prompt_tokens if last else None,
+            "cached_tokens": last.cached_tokens if last else None,
+            "completion_tokens": last.completion_tokens if last else None,
+            "ttft_s": last.ttft_s if last else None,
+            "tts_first_audio_s": last.tts_first_audio_s if last else None,
+            "tokens_per_s": last.tokens_per_s if last else None,
+            "total_prompt_tokens": conv.figures.total_prompt,
+            "total_cached_tokens": conv.figures.total_cached,
+            "cache_hit_ratio": conv.figures.cache_hit_ratio,
+            "trimmed_turns": conv.trimmed_turns,
+        }
+        try:
+            stats.update(self.backend.cache_stats(cache_key=self.cache_key))
+        except TypeError:  # a third-party backend without per-session figures
+            stats.update(self.backend.cache_stats())
+        stats["kv_persist"] = self.persist_kv_cache
+        if self.persist_kv_cache:
+            with contextlib.suppress(OSError):
+                stats["kv_file_bytes"] = self.kv_path.stat().st_size
+        stats.update(self.kv.stats)
+        if self.warmup is not None:
+            stats.update(self.warmup.stats)
+        return stats
+
+    # -- the end -------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.stop_warmup()
+        self.kv.flush(JOIN_TIMEOUT_S)
+        try:
+            if self.speaker is not None:
+                self.speaker.close()
+            if self.writer is not None:
+                if self._pending_meta is not None:
+                    with contextlib.suppress(Exception):
+                        self.writer.append(len(self.conversation.messages), [], self._pending_meta)
+                self.writer.close()
+        finally:
+            with contextlib.suppress(Exception):
+                forget = getattr(self.backend, "forget", None)
+                if forget is not None:
+                    forget(self.cache_key)
+            if self.owns_backend:
+                self.backend.close()
+
+    def _release_resources(self) -> None:
+        if self.speaker is not None:
+            self.speaker.close()
+        if self.owns_backend:
+            self.backend.close()
