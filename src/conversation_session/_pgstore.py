@@ -1,0 +1,932 @@
+"""The PostgreSQL store: one system of record for sessions shared by several hosts.
+
+Tables (in their own schema, ``conversation_session`` unless told otherwise)::
+
+    sessions  one row per session: metadata, counts (turns, messages, bytes), the first user
+              line for listings, and the lease (holder, lease_gen, lease_expires)
+    messages  one row per message, primary key (session_id, idx); never updated, never
+              rewritten: a turn only ever inserts its own rows
+    migrations  the named schema steps applied so far
+
+Each completed turn is **one statement** (so one transaction and one round trip): an ``UPDATE``
+of the session row guarded by the writer's lease and the expected message count, and an
+``INSERT`` of the new messages that only happens if that update matched.  Its cost depends on
+the size of the turn, never on the length of the history.  When ``append()`` returns True the
+transaction has committed.
+
+The lease (one writer per session, across hosts).  ``open()``/``create()`` take the session by
+setting ``holder`` (``host:pid:random``), bumping ``lease_gen`` (the fencing token) and setting
+``lease_expires = now() + lease_ttl_s``; it succeeds only when nobody holds the session or the
+holder's lease has expired.  Appends renew it, and so does one heartbeat per store (a single
+``UPDATE`` for all its writers, every ``lease_ttl_s / 3`` on the shared deadline thread), so a
+live but idle writer keeps its sessions.  A crashed host stops renewing: its sessions can be
+opened elsewhere ``lease_ttl_s`` seconds later at most.  A writer that lost its lease (paused
+past the TTL, cut off by a partition, and someone else opened the session) can never append
+again: the append's ``UPDATE`` requires ``holder`` and ``lease_gen`` to still be its own, inside
+the same statement as the insert, so there is no window between check and write.  A writer
+whose lease expired but was *not* taken over simply renews it on its next append.
+
+Failures: a lost connection, a restarted server, a statement timeout make ``append()`` return
+False with ``last_error`` a ``StoreUnavailableError``; the messages stay in memory and the next
+append writes all of them.  An append whose commit may have happened before the connection
+died is reconciled against the row's message count, so nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+import weakref
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from ._exceptions import (
+    SessionError,
+    SessionFormatError,
+    SessionLockedError,
+    SessionNotFoundError,
+    StoreUnavailableError,
+)
+from ._format import ROLES, MessageDict, SessionRecord, count_turns, is_utf8_text, now_iso
+from ._runtime import Deadline, run_in_background, schedule
+from ._store import encode_json, validate_session_id
+from ._store_api import SessionInfo
+
+if TYPE_CHECKING:
+    import psycopg
+    import psycopg_pool
+
+__all__ = [
+    "DEFAULT_LEASE_TTL_S",
+    "DEFAULT_SCHEMA",
+    "MIGRATIONS",
+    "PostgresStore",
+    "PostgresWriter",
+    "redact_url",
+]
+
+logger = logging.getLogger("conversation_session.pgstore")
+
+DEFAULT_SCHEMA = "conversation_session"
+DEFAULT_LEASE_TTL_S = 15.0
+DEFAULT_POOL_SIZE = 10
+DEFAULT_STATEMENT_TIMEOUT_S = 10.0
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+_SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+# Named, ordered schema steps.  Never edit a released step: add a new one.  ``{s}`` is the
+# quoted schema name.
+MIGRATIONS: list[tuple[str, str]] = [
+    ("0001_sessions_and_messages", """
+CREATE TABLE {s}.sessions (
+    id              text PRIMARY KEY CHECK (id ~ '^[A-Za-z0-9_-]{{1,128}}$'),
+    created_at      text NOT NULL,            -- as in the session file (local time, ISO 8601)
+    updated_at      text NOT NULL,
+    updated_ts      timestamptz NOT NULL DEFAULT now(),   -- for ordering: newest first
+    llm_model       text NOT NULL,
+    system_prompt   text,
+    title           text,
+    turns           integer NOT NULL DEFAULT 0,
+    message_count   integer NOT NULL DEFAULT 0,
+    bytes           bigint NOT NULL DEFAULT 0,             -- JSON size of the history
+    first_user_line text NOT NULL DEFAULT '',
+    holder          text,                                  -- host:pid:random of the writer
+    lease_gen       bigint NOT NULL DEFAULT 0,             -- fencing token, +1 per open
+    lease_expires   timestamptz
+);
+CREATE INDEX sessions_updated_ts ON {s}.sessions (updated_ts DESC, id DESC);
+CREATE TABLE {s}.messages (
+    session_id      text NOT NULL REFERENCES {s}.sessions (id) ON DELETE CASCADE,
+    idx             integer NOT NULL CHECK (idx >= 0),
+    role            text NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+    content         text NOT NULL,
+    -- PostgreSQL text cannot hold NUL; such a content is stored as its JSON string literal.
+    content_is_json boolean NOT NULL DEFAULT false,
+    interrupted     boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (session_id, idx)
+);
+"""),
+]
+
+_RECORD_COLUMNS = "created_at, updated_at, llm_model, system_prompt, title"
+
+
+def redact_url(url: str) -> str:
+    """The URL (or ``key=value`` conninfo) without its password, for messages and logs."""
+    if "://" in url:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            netloc = f"{userinfo.split(':', 1)[0]}@{hostport}"
+        query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "password"])
+        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    try:
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        params = conninfo_to_dict(url)
+        params.pop("password", None)
+        return make_conninfo(**params)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - unparsable: say nothing of it rather than risk the password
+        return "(PostgreSQL conninfo)"
+
+
+def _import_psycopg() -> Any:
+    try:
+        import psycopg
+        import psycopg_pool  # noqa: F401
+    except ImportError as exc:
+        raise StoreUnavailableError(
+            "the PostgreSQL store needs psycopg 3 and psycopg-pool: "
+            "pip install 'conversation-session[postgres]'"
+        ) from exc
+    return psycopg
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0].strip()
+
+
+def _parse_local_iso(text: str) -> float | None:
+    """Seconds since the epoch of a record's local-time ISO string, or None."""
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _first_user_line(messages: Iterable[MessageDict]) -> str:
+    first = next((m["content"] for m in messages if m["role"] == "user"), "")
+    stripped = first.replace("\x00", "").strip()
+    return stripped.splitlines()[0] if stripped else ""
+
+
+def check_messages(messages: list[MessageDict]) -> list[MessageDict]:
+    """The messages an ``append`` takes, checked (``ValueError``); ``interrupted`` is kept."""
+    if not isinstance(messages, list):
+        raise ValueError(f"messages must be a list, not {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] is {type(m).__name__}, not a dict")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ValueError(f"messages[{i}].role is {role!r}, not one of {sorted(ROLES)}")
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content is {type(content).__name__}, not a string")
+        if not is_utf8_text(content):
+            raise ValueError(f"messages[{i}].content holds a lone surrogate: not text")
+    return [dict(m) for m in messages]  # type: ignore[misc]  # a copy: the caller's dicts stay theirs
+
+
+def check_meta(meta: dict[str, Any]) -> None:
+    """Record-level fields must be storable as PostgreSQL text (no NUL)."""
+    for key in ("system_prompt", "title"):
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, str) or "\x00" in value or not is_utf8_text(value)):
+            raise ValueError(f"meta[{key!r}] must be text without NUL characters, not {value!r:.40}")
+
+
+@dataclasses.dataclass
+class AppendBatch:
+    """The parameters of one append statement (shared by the sync and async stores)."""
+
+    params: dict[str, Any]
+    end: int
+
+
+def build_append(session_id: str, holder: str, gen: int, ttl: float, record: SessionRecord,
+                 title: str | None, start: int, encoded_sizes: list[int]) -> AppendBatch:
+    """Parameters of the append statement for ``record.messages[start:]``."""
+    new = record.messages[start:]
+    roles: list[str] = []
+    contents: list[str] = []
+    as_json: list[bool] = []
+    interrupted: list[bool] = []
+    for m in new:
+        content = m["content"]
+        roles.append(m["role"])
+        if "\x00" in content:
+            contents.append(encode_json(content))
+            as_json.append(True)
+        else:
+            contents.append(content)
+            as_json.append(False)
+        interrupted.append(bool(m.get("interrupted")))
+    params = {
+        "id": session_id, "holder": holder, "gen": gen, "ttl": ttl, "start": start,
+        "end": start + len(new), "turns": count_turns(new),
+        # One JSON array of the history: "[" + ", ".join(messages) + "]".
+        # The history as one JSON array, "[" + ", ".join(messages) + "]": each message adds its
+        # own length plus 2 (a separator, or the brackets for the first).
+        "bytes": sum(encoded_sizes[start:start + len(new)]) + 2 * len(new),
+        "updated_at": record.updated_at or now_iso(), "llm_model": record.llm_model,
+        "system_prompt": record.system_prompt, "title": title, "first": _first_user_line(new),
+        "roles": roles, "contents": contents, "as_json": as_json, "interrupted": interrupted,
+    }
+    return AppendBatch(params, start + len(new))
+
+
+class Sql:
+    """Every statement of the store, for one schema (built once per store)."""
+
+    def __init__(self, schema: str):
+        if not _SCHEMA_RE.fullmatch(schema):
+            raise ValueError(f"invalid schema name {schema!r}: use lowercase letters, digits and '_'")
+        s = f'"{schema}"'
+        self.schema = schema
+        self.quoted = s
+        self.lock_key = zlib.crc32(f"conversation_session:{schema}".encode())
+        self.bootstrap = (f"CREATE SCHEMA IF NOT EXISTS {s}; "
+                          f"CREATE TABLE IF NOT EXISTS {s}.migrations "
+                          "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+        self.applied = f"SELECT name FROM {s}.migrations"
+        self.mark_applied = f"INSERT INTO {s}.migrations (name) VALUES (%s)"
+        # The hot path: one statement.  The INSERT reads from the UPDATE's RETURNING, so it
+        # inserts nothing unless the lease (holder, lease_gen) and the count are still ours.
+        self.append = f"""
+WITH s AS (
+    UPDATE {s}.sessions SET
+        message_count = %(end)s::int, turns = turns + %(turns)s::int, bytes = bytes + %(bytes)s::bigint,
+        updated_at = %(updated_at)s, updated_ts = now(), llm_model = %(llm_model)s,
+        system_prompt = %(system_prompt)s, title = coalesce(%(title)s, title),
+        first_user_line = CASE WHEN first_user_line = '' THEN %(first)s ELSE first_user_line END,
+        lease_expires = now() + make_interval(secs => %(ttl)s::float8)
+    WHERE id = %(id)s AND holder = %(holder)s AND lease_gen = %(gen)s::bigint
+      AND message_count = %(start)s::int
+    RETURNING id
+), m AS (
+    INSERT INTO {s}.messages (session_id, idx, role, content, content_is_json, interrupted)
+    SELECT s.id, %(start)s::int + t.ord::int - 1, t.role, t.content, t.as_json, t.interrupted
+    FROM s, unnest(%(roles)s::text[], %(contents)s::text[], %(as_json)s::bool[], %(interrupted)s::bool[])
+         WITH ORDINALITY AS t(role, content, as_json, interrupted, ord)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM m)"""
+        self.lease_state = (f"SELECT holder, lease_gen, message_count, "
+                            f"extract(epoch FROM lease_expires - now())::float8 FROM {s}.sessions WHERE id = %s")
+        self.take = (f"UPDATE {s}.sessions SET holder = %(holder)s, lease_gen = lease_gen + 1, "
+                     "lease_expires = now() + make_interval(secs => %(ttl)s::float8) "
+                     "WHERE id = %(id)s AND (holder IS NULL OR lease_expires <= now()) "
+                     f"RETURNING lease_gen, message_count, bytes, {_RECORD_COLUMNS}")
+        self.create = (f"INSERT INTO {s}.sessions (id, created_at, updated_at, llm_model, holder, lease_gen, "
+                       "lease_expires) VALUES (%(id)s, %(created_at)s, %(created_at)s, %(llm_model)s, %(holder)s, 1, "
+                       "now() + make_interval(secs => %(ttl)s::float8)) ON CONFLICT (id) DO NOTHING RETURNING id")
+        self.ids_like = f"SELECT id FROM {s}.sessions WHERE id = %s OR id LIKE %s"
+        # Release: a session closed without a single message leaves nothing behind (as a file
+        # session does); otherwise only the lease is cleared.
+        self.drop_empty = (f"DELETE FROM {s}.sessions WHERE id = %s AND holder = %s AND lease_gen = %s "
+                           "AND message_count = 0")
+        self.release = (f"UPDATE {s}.sessions SET holder = NULL, lease_expires = NULL "
+                        "WHERE id = %s AND holder = %s AND lease_gen = %s")
+        self.renew = (f"UPDATE {s}.sessions AS x SET lease_expires = now() + make_interval(secs => %s::float8) "
+                      "FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS w(id, holder, gen) "
+                      "WHERE x.id = w.id AND x.holder = w.holder AND x.lease_gen = w.gen RETURNING x.id, x.lease_gen")
+        # One statement, so one snapshot: the history and the metadata always agree.
+        self.message_json = (
+            "'{\"role\":\"' || m.role || '\",\"content\":' || "
+            "CASE WHEN m.content_is_json THEN m.content ELSE to_json(m.content)::text END || "
+            "CASE WHEN m.interrupted THEN ',\"interrupted\":true}' ELSE '}' END")
+        self.load = (f"SELECT {_RECORD_COLUMNS}, message_count, (SELECT coalesce(string_agg({self.message_json}, ',' "
+                     f"ORDER BY m.idx), '') FROM {s}.messages m WHERE m.session_id = x.id) "
+                     f"FROM {s}.sessions x WHERE x.id = %s")
+        self.load_messages = (f"SELECT coalesce(string_agg({self.message_json}, ',' ORDER BY m.idx), '') "
+                              f"FROM {s}.messages m WHERE m.session_id = %s")
+        self.newest_first = f"SELECT id FROM {s}.sessions ORDER BY updated_ts DESC, id DESC"
+        self.newest_with_turns = (f"SELECT id FROM {s}.sessions WHERE turns > 0 AND NOT (id = ANY(%s::text[])) "
+                                  "ORDER BY updated_ts DESC, id DESC LIMIT 1")
+        self.list = (f"SELECT id, created_at, updated_at, llm_model, turns, message_count, bytes, first_user_line, "
+                     f"title FROM {s}.sessions WHERE message_count > 0 ORDER BY updated_ts DESC, id DESC")
+        self.delete = (f"DELETE FROM {s}.sessions WHERE id = %s AND (holder IS NULL OR lease_expires <= now()) "
+                       "RETURNING id")
+        self.is_locked = (f"SELECT holder IS NOT NULL AND lease_expires > now() FROM {s}.sessions WHERE id = %s")
+        self.import_session = (
+            f"INSERT INTO {s}.sessions (id, created_at, updated_at, updated_ts, llm_model, system_prompt, turns, "
+            "message_count, bytes, first_user_line) VALUES (%(id)s, %(created_at)s, %(updated_at)s, "
+            "coalesce(to_timestamp(%(updated_epoch)s::float8), now()), %(llm_model)s, %(system_prompt)s, "
+            "%(turns)s, %(count)s, %(bytes)s, %(first)s) ON CONFLICT (id) DO NOTHING RETURNING id")
+        self.import_messages = (
+            f"INSERT INTO {s}.messages (session_id, idx, role, content, content_is_json, interrupted) "
+            "SELECT %(id)s, t.ord::int - 1, t.role, t.content, t.as_json, t.interrupted "
+            "FROM unnest(%(roles)s::text[], %(contents)s::text[], %(as_json)s::bool[], %(interrupted)s::bool[]) "
+            "WITH ORDINALITY AS t(role, content, as_json, interrupted, ord)")
+
+
+def parse_history(agg: str | None) -> list[MessageDict]:
+    """The messages of a load: the server sends them as one JSON array body (C-speed parse)."""
+    if not agg:
+        return []
+    messages: list[MessageDict] = json.loads(f"[{agg}]")
+    return messages
+
+
+def make_record(session_id: str, row: tuple[Any, ...], messages: list[MessageDict]) -> SessionRecord:
+    """A record from the ``_RECORD_COLUMNS`` of a row (their order) and its messages."""
+    created_at, updated_at, llm_model, system_prompt, _title = row[:5]
+    return SessionRecord(session_id=session_id, llm_model=llm_model, created_at=created_at,
+                         updated_at=updated_at or created_at, messages=messages, system_prompt=system_prompt)
+
+
+def new_holder() -> str:
+    """Who holds a lease, for people reading a ``SessionLockedError``: host, pid, a random tag."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def locked_error(session_id: str, holder: str | None, remaining: float | None) -> SessionLockedError:
+    wait = f"; if that process is gone its lease ends within {max(remaining or 0.0, 0.0):.0f} s" if remaining else ""
+    return SessionLockedError(
+        f"session {session_id} is open for writing by {holder or 'another process'}{wait}; close it there "
+        "first, or start a new session",
+        session_id=session_id, holder=holder,
+    )
+
+
+def import_params(record: SessionRecord) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two statements' parameters for storing a whole record (the id filled in later)."""
+    try:
+        checked = SessionRecord.from_dict(json.loads(encode_json(record.to_dict())))  # validated like a load
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise SessionFormatError(f"not a valid session: {exc}") from exc
+    if not checked.messages:
+        raise SessionFormatError("it has no messages")
+    for name in ("session_id", "created_at", "updated_at", "llm_model", "system_prompt"):
+        value = getattr(checked, name)
+        if isinstance(value, str) and "\x00" in value:
+            raise SessionFormatError(f"{name} contains a NUL character, which PostgreSQL cannot store")
+    msgs = checked.messages
+    roles, contents, as_json, interrupted = [], [], [], []
+    size = 2
+    for i, m in enumerate(msgs):
+        roles.append(m["role"])
+        if "\x00" in m["content"]:
+            contents.append(encode_json(m["content"]))
+            as_json.append(True)
+        else:
+            contents.append(m["content"])
+            as_json.append(False)
+        interrupted.append(bool(m.get("interrupted")))
+        size += len(encode_json(m).encode()) + (2 if i else 0)
+    session = {
+        "created_at": checked.created_at, "updated_at": checked.updated_at or checked.created_at,
+        "updated_epoch": _parse_local_iso(checked.updated_at or checked.created_at),
+        "llm_model": checked.llm_model, "system_prompt": checked.system_prompt, "turns": count_turns(msgs),
+        "count": len(msgs), "bytes": size if msgs else 0, "first": _first_user_line(msgs),
+    }
+    rows = {"roles": roles, "contents": contents, "as_json": as_json, "interrupted": interrupted}
+    return session, rows
+
+
+def import_candidates(preferred: str | None) -> Iterator[str]:
+    """The record's own id when it is a valid one, then fresh ``session_<unix seconds>`` names
+    (as the file store does)."""
+    if preferred is not None:
+        yield preferred
+    base = f"session_{int(time.time())}"
+    for n in range(1, 100_000):
+        yield base if n == 1 else f"{base}_{n}"
+
+
+def create_candidates(taken: set[str], base: str) -> Iterator[str]:
+    for n in range(1, 100_000):
+        session_id = base if n == 1 else f"{base}_{n}"
+        if session_id not in taken:
+            yield session_id
+
+
+class _LeaseLost(Exception):
+    pass
+
+
+class PostgresStore:
+    """Sessions in PostgreSQL (psycopg 3, a connection pool); see the module docstring.
+
+    Args:
+        url: ``postgresql://user:password@host:port/dbname`` (or a libpq conninfo string).
+        pool_size: the most connections this store opens.
+        lease_ttl_s: how long a writer's lease lasts without renewal; a crashed host's sessions
+            can be opened elsewhere at most this long after it died.
+        statement_timeout_s: a statement running longer is cancelled (the append returns False).
+        connect_timeout_s: how long to wait for a connection before giving up.
+        schema: the schema holding the tables (created on first use).
+    """
+
+    def __init__(self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE, lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+                 statement_timeout_s: float = DEFAULT_STATEMENT_TIMEOUT_S,
+                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, schema: str = DEFAULT_SCHEMA):
+        if lease_ttl_s <= 0 or statement_timeout_s <= 0 or connect_timeout_s <= 0 or pool_size < 1:
+            raise ValueError("pool_size, lease_ttl_s, statement_timeout_s and connect_timeout_s must be positive")
+        self.url = url
+        self.pool_size = pool_size
+        self.lease_ttl_s = float(lease_ttl_s)
+        self.statement_timeout_s = float(statement_timeout_s)
+        self.connect_timeout_s = float(connect_timeout_s)
+        self.sql = Sql(schema)
+        self._description = redact_url(url)
+        self._lock = threading.Lock()
+        self._pool: psycopg_pool.ConnectionPool[Any] | None = None
+        self._pid = os.getpid()
+        self._writers: weakref.WeakSet[PostgresWriter] = weakref.WeakSet()
+        self._beat: Deadline | None = None
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> PostgresStore:
+        """The store for a ``postgresql://`` URL (what ``--store URL`` hands over)."""
+        return cls(url, **options)
+
+    @property
+    def description(self) -> str:
+        return self._description
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self._description!r})"
+
+    # -- connections ---------------------------------------------------------------------------
+    def _connect_kwargs(self) -> dict[str, Any]:
+        return {
+            "autocommit": True,
+            "application_name": "conversation_session",
+            "connect_timeout": max(2, round(self.connect_timeout_s)),
+            # A peer that vanished (a partition) is noticed in ~20 s instead of hours.
+            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 2,
+        }
+
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute(f"SET statement_timeout = {int(self.statement_timeout_s * 1000)}")
+
+    def unavailable(self, exc: BaseException, action: str) -> StoreUnavailableError:
+        """A psycopg / pool error as the one error callers handle, naming the store and the remedy."""
+        psycopg = _import_psycopg()
+        from psycopg_pool import PoolTimeout
+
+        where = self._description
+        if isinstance(exc, PoolTimeout):
+            msg = (f"cannot {action}: no connection to PostgreSQL at {where} within {self.connect_timeout_s:g} s; "
+                   "check that the server is running and reachable")
+        elif isinstance(exc, psycopg.errors.QueryCanceled):
+            msg = (f"cannot {action}: PostgreSQL at {where} did not finish within statement_timeout_s="
+                   f"{self.statement_timeout_s:g} s (server overloaded, or a lock held elsewhere)")
+        elif isinstance(exc, psycopg.OperationalError):
+            msg = (f"cannot {action}: PostgreSQL at {where} is unreachable ({_first_line(exc)}); check that the "
+                   "server is running and that the URL (--store, $CONVERSATION_SESSIONS_STORE) is right")
+        else:
+            msg = f"cannot {action} in PostgreSQL at {where}: {_first_line(exc)}"
+        password = _password_of(self.url)
+        if password:
+            msg = msg.replace(password, "***")
+        return StoreUnavailableError(msg)
+
+    def _ready(self) -> psycopg_pool.ConnectionPool[Any]:
+        """The pool; on first use, check the server answers and migrate the schema."""
+        pool = self._pool
+        if pool is not None and self._pid == os.getpid():
+            return pool
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailableError(f"the store {self._description} is closed")
+            if self._pool is not None and self._pid == os.getpid():
+                return self._pool
+            # A forked child must not touch the parent's sockets: new pool, old one abandoned.
+            self._pid = os.getpid()
+            psycopg = _import_psycopg()
+            from psycopg_pool import ConnectionPool
+
+            try:
+                with psycopg.connect(self.url, **self._connect_kwargs()) as conn:
+                    self._configure(conn)
+                    migrate(conn, self.sql)
+            except psycopg.Error as exc:
+                raise self.unavailable(exc, "open the session store") from exc
+            self._pool = ConnectionPool(
+                self.url, kwargs=self._connect_kwargs(), min_size=1, max_size=self.pool_size,
+                configure=self._configure, timeout=self.connect_timeout_s, name="conversation_session",
+                reconnect_timeout=max(60.0, self.connect_timeout_s), open=True,
+            )
+            return self._pool
+
+    @contextlib.contextmanager
+    def connection(self, action: str, *, retry: bool = True) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; any database error leaves as ``StoreUnavailableError``."""
+        psycopg = _import_psycopg()
+        from psycopg_pool import PoolTimeout
+
+        pool = self._ready()
+        try:
+            with pool.connection() as conn:
+                yield conn
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise self.unavailable(exc, action) from exc
+
+    def _run(self, action: str, fn: Callable[[psycopg.Connection[Any]], Any]) -> Any:
+        """``fn(conn)``, once more on a fresh connection if the first one had died (the server
+        restarted, the connection was terminated): every idle connection is checked first."""
+        psycopg = _import_psycopg()
+        from psycopg_pool import PoolTimeout
+
+        pool = self._ready()
+        for attempt in (1, 2):
+            try:
+                with pool.connection() as conn:
+                    return fn(conn)
+            except psycopg.OperationalError as exc:
+                if attempt == 2 or not _is_broken(exc, conn):
+                    raise self.unavailable(exc, action) from exc
+                logger.info("PostgreSQL connection lost (%s); retrying on a fresh one", _first_line(exc))
+                pool.check()
+            except (psycopg.Error, PoolTimeout) as exc:
+                raise self.unavailable(exc, action) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- StoreAPI ------------------------------------------------------------------------------
+    def create(self, llm_model: str) -> PostgresWriter:
+        holder = new_holder()
+        base = f"session_{int(time.time())}"
+        record = SessionRecord(session_id=base, llm_model=llm_model)
+
+        def run(conn: psycopg.Connection[Any]) -> str:
+            taken = {r[0] for r in conn.execute(self.sql.ids_like, (base, base.replace("_", r"\_") + r"\_%"))}
+            for session_id in create_candidates(taken, base):
+                row = conn.execute(self.sql.create, {"id": session_id, "created_at": record.created_at,
+                                                     "llm_model": llm_model, "holder": holder,
+                                                     "ttl": self.lease_ttl_s}).fetchone()
+                if row:
+                    return session_id
+            raise SessionError("no free session id")  # pragma: no cover
+
+        record.session_id = self._run("create a session", run)
+        return PostgresWriter(self, record, holder, gen=1, durable=0, persisted=False, title=None)
+
+    def open(self, session_id: str) -> tuple[PostgresWriter, SessionRecord]:
+        validate_session_id(session_id)
+        holder = new_holder()
+
+        def run(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
+            with conn.transaction():
+                row = conn.execute(self.sql.take, {"id": session_id, "holder": holder,
+                                                   "ttl": self.lease_ttl_s}).fetchone()
+                if row is None:
+                    state = conn.execute(self.sql.lease_state, (session_id,)).fetchone()
+                    if state is None:
+                        raise SessionNotFoundError(f"no session {session_id} in {self._description}",
+                                                   session_id=session_id)
+                    raise locked_error(session_id, state[0], state[3])
+                agg = conn.execute(self.sql.load_messages, (session_id,)).fetchone()
+            return (*row, agg[0] if agg else "")
+
+        gen, count, _bytes, *cols, agg = self._run("open a session", run)
+        record = make_record(session_id, tuple(cols), self._parse(session_id, agg))
+        if len(record.messages) != count:  # pragma: no cover - the constraint makes this impossible
+            raise SessionFormatError(f"session {session_id}: {count} messages counted, {len(record.messages)} stored")
+        writer = PostgresWriter(self, record, holder, gen=gen, durable=count, persisted=True, title=cols[4])
+        return writer, record
+
+    def _parse(self, session_id: str, agg: str | None) -> list[MessageDict]:
+        try:
+            return parse_history(agg)
+        except ValueError as exc:  # pragma: no cover - the server builds the JSON
+            raise SessionFormatError(f"session {session_id}: stored history is not valid JSON ({exc})") from exc
+
+    def load(self, session_id: str) -> SessionRecord:
+        validate_session_id(session_id)
+        with self.connection("load a session") as conn:
+            row = conn.execute(self.sql.load, (session_id,)).fetchone()
+        if row is None:
+            raise SessionNotFoundError(f"no session {session_id} in {self._description}", session_id=session_id)
+        return make_record(session_id, row[:5], self._parse(session_id, row[6]))
+
+    def load_newest(self, exclude: Iterable[str] = ()) -> SessionRecord | None:
+        skip = list(exclude)
+        for _ in range(100):
+            with self.connection("find the newest session") as conn:
+                row = conn.execute(self.sql.newest_with_turns, (skip,)).fetchone()
+            if row is None:
+                return None
+            try:
+                return self.load(row[0])
+            except SessionNotFoundError:  # deleted in between
+                skip.append(row[0])
+        return None
+
+    def newest_first(self) -> list[str]:
+        with self.connection("list sessions") as conn:
+            return [r[0] for r in conn.execute(self.sql.newest_first)]
+
+    def list_sessions(self) -> list[SessionInfo]:
+        with self.connection("list sessions") as conn:
+            rows = conn.execute(self.sql.list).fetchall()
+        return [SessionInfo(session_id=r[0], location=f"{self._description}#{r[0]}", created_at=r[1],
+                            updated_at=r[2] or r[1], llm_model=r[3], turns=r[4], total_messages=r[5],
+                            size_bytes=r[6], first_user_line=r[7], title=r[8]) for r in rows]
+
+    def delete(self, session_id: str) -> bool:
+        validate_session_id(session_id)
+        with self.connection("delete a session") as conn, conn.transaction():
+            if conn.execute(self.sql.delete, (session_id,)).fetchone():
+                return True
+            state = conn.execute(self.sql.lease_state, (session_id,)).fetchone()
+        if state is None:
+            return False
+        raise locked_error(session_id, state[0], state[3])
+
+    def import_record(self, record: SessionRecord) -> str:
+        session, rows = import_params(record)
+        preferred = record.session_id if _ID_RE.fullmatch(record.session_id) else None
+
+        def run(conn: psycopg.Connection[Any]) -> str:
+            with conn.transaction():
+                for session_id in import_candidates(preferred):
+                    if conn.execute(self.sql.import_session, {**session, "id": session_id}).fetchone():
+                        conn.execute(self.sql.import_messages, {**rows, "id": session_id})
+                        return session_id
+            raise SessionError(f"no free id for {record.session_id}")  # pragma: no cover
+
+        session_id: str = self._run("import a session", run)
+        return session_id
+
+    def is_locked(self, session_id: str) -> bool:
+        validate_session_id(session_id)
+        with self.connection("read a session's lease") as conn:
+            row = conn.execute(self.sql.is_locked, (session_id,)).fetchone()
+        return bool(row and row[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+            if self._beat is not None:
+                self._beat.cancel()
+                self._beat = None
+        if pool is not None and self._pid == os.getpid():
+            pool.close()
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writers -------------------------------------------------------------------------------
+    def _register(self, writer: PostgresWriter) -> None:
+        with self._lock:
+            self._writers.add(writer)
+            if self._beat is None:
+                self._beat = schedule(self.lease_ttl_s / 3, self._beat_due)
+
+    def _unregister(self, writer: PostgresWriter) -> None:
+        with self._lock:
+            self._writers.discard(writer)
+
+    def _beat_due(self) -> None:
+        # On the shared deadline thread: quick, so the database work goes to the pool.
+        run_in_background(self.renew_leases, "lease heartbeat")
+
+    def renew_leases(self) -> None:
+        """Renew every open writer's lease in one statement; mark the ones found lost."""
+        with self._lock:
+            self._beat = None
+            writers = [w for w in self._writers if not w.closed and not w.lost]
+            if self._closed:
+                return
+        try:
+            if writers:
+                def run(conn: psycopg.Connection[Any]) -> set[tuple[str, int]]:
+                    rows = conn.execute(self.sql.renew, (self.lease_ttl_s, [w.session_id for w in writers],
+                                                         [w.holder for w in writers], [w.gen for w in writers]))
+                    return {(r[0], r[1]) for r in rows}
+
+                kept = self._run("renew leases", run)
+                for w in writers:
+                    if (w.session_id, w.gen) not in kept:
+                        w.mark_lost("the heartbeat found it")
+        except StoreUnavailableError as exc:
+            logger.debug("lease heartbeat failed: %s", exc)
+        finally:
+            with self._lock:
+                if not self._closed and self._beat is None and any(not w.closed for w in self._writers):
+                    self._beat = schedule(self.lease_ttl_s / 3, self._beat_due)
+
+    def append_batch(self, writer: PostgresWriter, batch_for: Callable[[int], AppendBatch]) -> int:
+        """Run the append statement; returns the new durable count.  Raises ``_LeaseLost`` or
+        ``StoreUnavailableError``."""
+
+        def run(conn: psycopg.Connection[Any]) -> int:
+            durable = writer.durable
+            for _ in range(3):
+                batch = batch_for(durable)
+                matched, _inserted = conn.execute(self.sql.append, batch.params).fetchone()  # type: ignore[misc]
+                if matched:
+                    return batch.end
+                state = conn.execute(self.sql.lease_state, (writer.session_id,)).fetchone()
+                durable = reconcile(writer, state, durable, batch.end)
+            raise StoreUnavailableError(f"session {writer.session_id}: the stored count keeps changing")
+
+        result: int = self._run("save the turn", run)
+        return result
+
+
+def reconcile(writer: PostgresWriter | Any, state: tuple[Any, ...] | None, durable: int, end: int) -> int:
+    """After an append matched no row: the lease is gone (raise ``_LeaseLost``), or an earlier
+    attempt did commit before its connection died (return the stored count to go on from)."""
+    if state is None:
+        raise _LeaseLost(f"session {writer.session_id} no longer exists in the store (deleted)")
+    holder, gen, count = state[0], state[1], state[2]
+    if holder != writer.holder or gen != writer.gen:
+        raise _LeaseLost(f"session {writer.session_id} was taken over by {holder or 'another writer'} "
+                         f"(lease {gen}, ours was {writer.gen}): this writer's lease had expired")
+    if durable < count <= end:
+        logger.info("session %s: %d message(s) were saved by an append whose reply was lost", writer.session_id,
+                    count - durable)
+        return int(count)
+    raise _LeaseLost(f"session {writer.session_id} holds {count} messages where this writer expected {durable}")
+
+
+def _is_broken(exc: BaseException, conn: Any) -> bool:
+    return bool(getattr(conn, "broken", False) or getattr(conn, "closed", False)) or "terminat" in str(exc)
+
+
+def _password_of(url: str) -> str | None:
+    if "://" in url:
+        try:
+            parts = urlsplit(url)
+            return parts.password or dict(parse_qsl(parts.query)).get("password")
+        except ValueError:
+            return None
+    m = re.search(r"password\s*=\s*'?([^'\s]+)", url)
+    return m.group(1) if m else None
+
+
+def migrate(conn: Any, sql: Sql) -> list[str]:
+    """Apply the missing steps of ``MIGRATIONS`` in order, under an advisory lock (so two
+    processes starting at once do not both run them); returns the names applied."""
+    done: list[str] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (sql.lock_key,))
+        conn.execute(sql.bootstrap)
+        applied = {r[0] for r in conn.execute(sql.applied)}
+        known = {name for name, _ in MIGRATIONS}
+        unknown = sorted(applied - known)
+        if unknown:
+            raise StoreUnavailableError(
+                f"the database schema {sql.schema!r} has steps this release does not know ({', '.join(unknown)}): "
+                "it was written by a newer conversation_session; upgrade this one")
+        for name, ddl in MIGRATIONS:
+            if name not in applied:
+                conn.execute(ddl.format(s=sql.quoted))
+                conn.execute(sql.mark_applied, (name,))
+                done.append(name)
+    if done:
+        logger.info("PostgreSQL schema %s: applied %s", sql.schema, ", ".join(done))
+    return done
+
+
+def _release(store: PostgresStore, session_id: str, holder: str, gen: int, pid: int) -> None:
+    """Give a lease back (close, or a writer garbage-collected without close)."""
+    if os.getpid() != pid:  # a forked child never releases its parent's lease
+        return
+
+    def run(conn: Any) -> None:
+        with conn.transaction():
+            conn.execute(store.sql.drop_empty, (session_id, holder, gen))
+            conn.execute(store.sql.release, (session_id, holder, gen))
+
+    try:
+        store._run("release the session", run)
+    except (StoreUnavailableError, SessionError) as exc:
+        logger.warning("could not release session %s (%s); its lease expires by itself within %g s",
+                       session_id, exc, store.lease_ttl_s)
+
+
+class PostgresWriter:
+    """The one writer of an open session in PostgreSQL; holds its lease until ``close()``."""
+
+    def __init__(self, store: PostgresStore, record: SessionRecord, holder: str, *, gen: int, durable: int,
+                 persisted: bool, title: str | None):
+        self.store = store
+        self._record = record
+        self.holder = holder
+        self.gen = gen
+        self.durable = durable                  # messages[:durable] are committed
+        self._persisted = persisted
+        self._title = title
+        self._lock = threading.Lock()
+        self._sizes: list[int] = []             # JSON size of each message, filled lazily
+        self._closed = False
+        self._lost: str | None = None
+        self._pid = os.getpid()
+        self.last_error: BaseException | None = None
+        self._finalizer = weakref.finalize(self, _release, store, record.session_id, holder, gen, os.getpid())
+        store._register(self)
+
+    # -- SessionWriterAPI ------------------------------------------------------------------------
+    @property
+    def session_id(self) -> str:
+        return self._record.session_id
+
+    @property
+    def record(self) -> SessionRecord:
+        return self._record
+
+    @property
+    def persisted(self) -> bool:
+        return self._persisted
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def lost(self) -> bool:
+        return self._lost is not None
+
+    @property
+    def pending(self) -> int:
+        """Messages appended in memory but not yet committed."""
+        return len(self._record.messages) - self.durable
+
+    def mark_lost(self, how: str) -> None:
+        if self._lost is None:
+            self._lost = f"session {self.session_id} was opened by another writer after this one's lease expired"
+            logger.warning("%s (%s): this writer can no longer save", self._lost, how)
+
+    def append(self, start: int, messages: list[MessageDict], meta: dict[str, Any] | None = None) -> bool:
+        with self._lock:
+            if self._closed:
+                raise SessionError(f"session {self.session_id} is closed")
+            if start != len(self._record.messages):
+                raise ValueError(f"append at {start}, but session {self.session_id} has "
+                                 f"{len(self._record.messages)} messages")
+            new = check_messages(messages)
+            if meta:
+                check_meta(meta)
+            self._record.messages.extend(new)
+            if meta:
+                self._record.apply_meta(meta)
+                if isinstance(meta.get("title"), str):
+                    self._title = meta["title"]
+            self._record.updated_at = now_iso()
+            return self._write()
+
+    def _write(self) -> bool:
+        if self._lost is not None:
+            self.last_error = SessionLockedError(f"{self._lost}; the turn is kept in memory only",
+                                                 session_id=self.session_id)
+            logger.warning("not saved: %s", self.last_error)
+            return False
+        messages = self._record.messages
+        sizes = self._sizes
+        while len(sizes) < len(messages):
+            sizes.append(len(encode_json(messages[len(sizes)]).encode()))
+        try:
+            self.durable = self.store.append_batch(self, lambda start: build_append(
+                self.session_id, self.holder, self.gen, self.store.lease_ttl_s, self._record, self._title,
+                start, sizes))
+        except _LeaseLost as exc:
+            self._lost = str(exc)
+            return self._write()
+        except StoreUnavailableError as exc:
+            self.last_error = exc
+            logger.warning("%s; the turn is kept in memory and will be saved with the next one", exc)
+            return False
+        self._persisted = True
+        self.last_error = None
+        return True
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        return True  # nothing runs in the background: an append is complete when it returns
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if os.getpid() != self._pid:  # a forked child: the lease is its parent's
+                self._finalizer.detach()
+                return
+            if self.pending and self._lost is None:
+                self._write()
+        self.store._unregister(self)
+        if self._lost is None:
+            self._finalizer()  # releases the lease, once
+        else:
+            self._finalizer.detach()
+
+    def __enter__(self) -> PostgresWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PostgresWriter({self.session_id!r}, holder={self.holder!r}, gen={self.gen})"
