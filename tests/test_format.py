@@ -25,7 +25,7 @@ def test_saved_file_has_the_seed_format(fake, sessions_dir):
     assert "你好！有什么可以帮助你的？".encode() in raw  # readable Chinese, not \\u escapes
     data = json.loads(raw)
     assert set(data) == SEED_KEYS | {"schema_version", "updated_at"}
-    assert set(data) == set(SessionFileDict.__annotations__)
+    assert set(data) == set(SessionFileDict.__annotations__) - {"system_prompt"}  # only written when set
     assert data["schema_version"] == SCHEMA_VERSION
     assert data["session_id"] == sid and sid.startswith("session_")
     assert data["llm_model"] == "fake-model"
@@ -86,8 +86,10 @@ def test_upgrade_steps_are_ordered_and_reach_the_current_version():
       "conversation_history": [{"role": "user", "content": 5}]}, "content"),
     ({"session_id": 5, "created_at": "x", "llm_model": "m", "conversation_history": []}, "session_id"),
     ({"session_id": "s", "created_at": None, "llm_model": "m", "conversation_history": []}, "created_at"),
-    ({"session_id": "s", "created_at": "x", "llm_model": "m", "turns": "3",
-      "conversation_history": []}, "turns"),
+    ({"session_id": "s", "created_at": "x", "llm_model": "m", "system_prompt": 5,
+      "conversation_history": []}, "system_prompt"),
+    ({"session_id": "s", "created_at": "x", "llm_model": "m",
+      "conversation_history": [{"role": "assistant", "content": "x", "interrupted": "yes"}]}, "interrupted"),
 ])
 def test_malformed_sessions_are_rejected_with_the_reason(bad, reason):
     with pytest.raises(SessionFormatError, match=reason):
@@ -103,3 +105,42 @@ def test_lone_surrogates_are_refused_on_load_and_in_chat(fake):
         SessionRecord.from_dict({**bad, "conversation_history": [], "updated_at": []})
     with ConversationSession(backend=fake) as s, pytest.raises(ValueError, match="surrogate"):
         s.chat("a\ud800b")
+
+
+_BASE = {"session_id": "s", "created_at": "2025-10-24T12:00:00", "llm_model": "m",
+         "conversation_history": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+
+
+@pytest.mark.parametrize("turns", [2.0, "2", "two", None, [], -7, True, 10**40])
+def test_turns_on_disk_is_ignored_and_derived_from_the_history(turns):
+    record = SessionRecord.from_dict({**_BASE, "turns": turns})
+    assert record.turns == 1 and record.to_dict()["turns"] == 1
+
+
+def test_a_utf8_bom_is_accepted(sessions_dir):
+    from conversation_session import HistoryStore
+
+    sessions_dir.mkdir()
+    (sessions_dir / "s.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({**_BASE, "turns": "1"}).encode())
+    line = {"session_id": "s", "start": 2, "messages": _BASE["conversation_history"], "updated_at": "t"}
+    (sessions_dir / "s.journal").write_bytes(b"\xef\xbb\xbf" + json.dumps(line).encode() + b"\n")
+    assert len(HistoryStore(sessions_dir).load("s").messages) == 4
+
+
+def test_schema_2_system_prompt_and_interrupted_round_trip():
+    msgs = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": "half a rep", "interrupted": True},
+            {"role": "user", "content": "again", "interrupted": True, "extra": 1},  # not an assistant's
+            {"role": "assistant", "content": "done", "interrupted": False, "tokens": 5}]
+    record = SessionRecord.from_dict({**_BASE, "schema_version": 2, "system_prompt": "be brief",
+                                      "conversation_history": msgs})
+    assert record.system_prompt == "be brief"
+    assert record.messages == [msgs[0], msgs[1], {"role": "user", "content": "again"},
+                               {"role": "assistant", "content": "done"}]
+    data = record.to_dict()
+    assert data["schema_version"] == 2 and data["system_prompt"] == "be brief"
+    assert SessionRecord.from_dict(json.loads(json.dumps(data))) == record
+    # A version 1 file (and the seed's) has no system prompt, and writes none.
+    old = SessionRecord.from_dict({**_BASE, "schema_version": 1})
+    assert old.system_prompt is None and "system_prompt" not in old.to_dict()
+    assert upgrade({**_BASE, "schema_version": 1})["system_prompt"] is None

@@ -26,7 +26,7 @@ from conversation_session._housekeeping import INFO_KINDS, doctor, export_all, i
 CORPUS = Path(__file__).resolve().parent / "corpus"
 SID = "session_1"
 KINDS = {"symlink", "not-regular", "oversized", "unreadable", "unparseable", "malformed", "id-mismatch",
-         "stray-temp", "orphan-journal", "torn-journal", "damaged-journal"}
+         "stray-temp", "orphan-journal", "torn-journal", "damaged-journal", "foreign-journal"}
 VALID_HISTORY = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
 VALID = json.dumps({"schema_version": 1, "session_id": SID, "created_at": "2025-10-24T12:00:00",
                     "updated_at": "2025-10-24T12:00:00", "llm_model": "m", "turns": 1,
@@ -112,6 +112,15 @@ def check_every_loader_path(directory: Path, snapshot: bytes | None, journal: by
 
 # -- the corpus ----------------------------------------------------------------------------------
 CORPUS_FILES = sorted(p.name for p in CORPUS.iterdir() if p.suffix in (".json", ".journal"))
+LOADABLE = ("seed_no_schema_version.json", "duplicate_keys.json", "session_id_other.json", "session_id_path.json",
+            # harmless oddities (issue 10 §8): a BOM, and "turns" (derived from the history) of any value
+            "utf8_bom.json", "turns_string.json", "turns_bool.json", "nan_and_infinity.json")
+
+
+@pytest.mark.parametrize("name", LOADABLE)
+def test_harmless_corpus_files_load(name, tmp_path):
+    shutil.copy(CORPUS / name, tmp_path / "session_1.json")
+    assert HistoryStore(tmp_path).load("session_1").messages == VALID_HISTORY
 
 
 def test_corpus_is_small_and_covers_both_kinds_of_file():
@@ -135,9 +144,7 @@ def test_corpus_through_the_library_and_the_app(tmp_path, sessions_dir):
     """All corpus snapshots in one folder: the library resumes the only good one, listing skips the rest."""
     sessions_dir.mkdir()
     for n, name in enumerate(CORPUS_FILES):
-        if name.endswith(".json") and name not in ("seed_no_schema_version.json", "duplicate_keys.json",
-                                                   "session_id_other.json", "session_id_path.json",
-                                                   "updated_at_list.json", "lone_surrogate.json"):
+        if name.endswith(".json") and name not in LOADABLE + ("updated_at_list.json", "lone_surrogate.json"):
             shutil.copy(CORPUS / name, sessions_dir / f"session_{1000 + n}.json")
     shutil.copy(CORPUS / "seed_no_schema_version.json", sessions_dir / "session_1.json")
     os.utime(sessions_dir / "session_1.json", (1e9, 1e9))  # the oldest: every bad one is tried first

@@ -305,9 +305,9 @@ def test_an_empty_saved_session_is_not_resumed(sessions_dir, fake):
 
 
 def test_an_unusable_sessions_folder_is_a_session_error(sessions_dir, fake):
-    sessions_dir.mkdir()
-    (sessions_dir / ".lock").mkdir()  # nothing can lock the folder
-    with pytest.raises(SessionError, match="cannot create a session in"):
+    sessions_dir.parent.mkdir(parents=True, exist_ok=True)
+    sessions_dir.write_text("a file where the folder should be")
+    with pytest.raises(SessionError, match="cannot create the sessions folder"):
         ConversationSession(backend=fake)
 
 
@@ -315,10 +315,16 @@ def test_a_failed_clear_history_leaves_the_session_as_it_was(sessions_dir, fake)
     with ConversationSession(backend=fake) as s:
         s.chat("one")
         sid = s.session_id
-        (sessions_dir / ".lock").unlink()
-        (sessions_dir / ".lock").mkdir()
-        with pytest.raises(SessionError):
-            s.clear_history()
+        s._writer.flush()
+        away = sessions_dir.with_name("away")
+        sessions_dir.rename(away)
+        sessions_dir.write_text("a file where the folder was")  # no new session can be made
+        try:
+            with pytest.raises(SessionError):
+                s.clear_history()
+        finally:
+            sessions_dir.unlink()
+            away.rename(sessions_dir)
         assert s.session_id == sid and s.turns == 1
         assert s.chat("two").saved
     assert HistoryStore(sessions_dir).load(sid).turns == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import stat
 from collections.abc import Iterator
@@ -17,11 +18,16 @@ __all__ = [
     "dir_lock",
     "flock_holder",
     "fsync_dir",
+    "open_regular",
     "read_regular_file",
+    "read_regular_file_stat",
 ]
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+logger = logging.getLogger("conversation_session.store")
 
 
 class NotARegularFileError(OSError):
@@ -32,6 +38,33 @@ class FileTooLargeError(OSError):
     """A file is larger than the caller is willing to read."""
 
 
+def open_regular(path: Path, flags: int, mode: int = 0o600) -> int:
+    """``os.open`` that can never block or follow a link, and only ever returns a regular file.
+
+    ``O_NONBLOCK`` makes opening a planted FIFO (or device) return at once instead of waiting
+    for a peer forever; ``O_NOFOLLOW`` refuses a symlink; the ``fstat`` of the descriptor then
+    refuses anything that is not a regular file (``NotARegularFileError``).  For a regular file
+    ``O_NONBLOCK`` changes nothing.
+    """
+    try:
+        fd = os.open(path, flags | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotARegularFileError(errno.ELOOP, "is a symbolic link; not followed", str(path)) from exc
+        if exc.errno in (errno.ENXIO, errno.EISDIR, errno.ENODEV, errno.EOPNOTSUPP):
+            raise NotARegularFileError(exc.errno, "is not a regular file", str(path)) from exc
+        raise
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotARegularFileError(errno.EINVAL, "is not a regular file", str(path))
+    return fd
+
+
 def read_regular_file(path: Path, max_bytes: int) -> bytearray:
     """Read ``path`` without following a symlink, refusing anything but a regular file.
 
@@ -40,16 +73,14 @@ def read_regular_file(path: Path, max_bytes: int) -> bytearray:
     The bytes land in one buffer of the file's size (no joining of chunks; writable, so a KV
     cache can hand it to llama.cpp without another copy).
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise NotARegularFileError(errno.ELOOP, "is a symbolic link; not followed", str(path)) from exc
-        raise
+    return read_regular_file_stat(path, max_bytes)[0]
+
+
+def read_regular_file_stat(path: Path, max_bytes: int) -> tuple[bytearray, os.stat_result]:
+    """``read_regular_file``, and the ``fstat`` of the descriptor it read (its identity)."""
+    fd = open_regular(path, os.O_RDONLY)
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotARegularFileError(errno.EINVAL, "is not a regular file", str(path))
         if st.st_size > max_bytes:
             raise FileTooLargeError(
                 errno.EFBIG, f"is {st.st_size:,} bytes, over the {max_bytes:,}-byte limit", str(path)
@@ -62,7 +93,7 @@ def read_regular_file(path: Path, max_bytes: int) -> bytearray:
             if n == 0:  # the file shrank while we read: return what is there
                 del view
                 del buf[got:]
-                return buf
+                return buf, st
             got += n
         del view
         # A journal may grow while we read it: take the rest too, still within the limit.
@@ -70,7 +101,7 @@ def read_regular_file(path: Path, max_bytes: int) -> bytearray:
             buf += chunk
             if len(buf) > max_bytes:
                 raise FileTooLargeError(errno.EFBIG, f"grew over the {max_bytes:,}-byte limit", str(path))
-        return buf
+        return buf, st
     finally:
         os.close(fd)
 
@@ -116,6 +147,33 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     fsync_dir(path.parent)
 
 
+_warned_lock_dirs: set[str] = set()
+
+
+def _open_dir_lock(directory: Path) -> int:
+    """The descriptor to ``flock`` for the folder: ``.lock``, or the folder itself.
+
+    ``.lock`` is used when it is (or can be made) a regular file.  When it cannot (a planted
+    directory, FIFO or symlink of that name, or a read-only folder where it cannot be
+    created), the folder's own descriptor is locked instead: every process meets the same
+    obstacle, so every process falls back the same way, and no new session is ever blocked.
+    """
+    path = directory / ".lock"
+    try:
+        return open_regular(path, os.O_RDWR | os.O_CREAT)
+    except NotARegularFileError:
+        reason = "is not a regular file (doctor reports it)"
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        reason = f"cannot be used ({exc.strerror})"
+    key = str(directory)
+    if key not in _warned_lock_dirs:
+        _warned_lock_dirs.add(key)
+        logger.warning("%s %s; locking the folder itself instead", path, reason)
+    return os.open(directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+
+
 @contextlib.contextmanager
 def dir_lock(directory: Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``directory/.lock`` (threads and processes alike).
@@ -123,7 +181,7 @@ def dir_lock(directory: Path) -> Iterator[None]:
     Used only around creating and removing session files, so that "is this name free?" and
     "claim it" are one step even when twenty sessions start in the same second.
     """
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    fd = _open_dir_lock(directory)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -3,7 +3,7 @@
 A session is stored as ``<sessions_dir>/<session_id>.json`` in the seed's format::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "session_id": "session_1730000001",
       "created_at": "2025-10-24T12:00:00",
       "updated_at": "2025-10-24T12:03:10",
@@ -11,6 +11,9 @@ A session is stored as ``<sessions_dir>/<session_id>.json`` in the seed's format
       "turns": 3,
       "conversation_history": [{"role": "user", "content": "你好"}, ...]
     }
+
+Version 2 adds ``system_prompt`` (optional, a string or null; written only when set) and lets
+an assistant message carry ``"interrupted": true`` (a reply cut short but kept).
 
 Files without ``schema_version`` (written by the seed's own implementation) are version 0 and
 are upgraded on load by the steps in ``MIGRATIONS``.  Turns completed since the last snapshot
@@ -24,14 +27,19 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from ._exceptions import SessionFormatError
+
+if TYPE_CHECKING:  # Python 3.10 has no typing.NotRequired; annotations are strings at run time
+    from typing_extensions import NotRequired
 
 __all__ = [
     "MIGRATIONS",
     "ROLES",
     "SCHEMA_VERSION",
+    "UTF8_BOM",
+    "JournalMetaDict",
     "JournalRecordDict",
     "MessageDict",
     "SessionFileDict",
@@ -44,13 +52,15 @@ __all__ = [
     "validate_messages",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ROLES = frozenset({"system", "user", "assistant"})
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class MessageDict(TypedDict):
     role: str
     content: str
+    interrupted: NotRequired[bool]  # assistant only; present (True) when the reply was cut short
 
 
 class SessionFileDict(TypedDict):
@@ -60,15 +70,29 @@ class SessionFileDict(TypedDict):
     updated_at: str
     llm_model: str
     turns: int
+    system_prompt: NotRequired[str | None]
     conversation_history: list[MessageDict]
 
 
-class JournalRecordDict(TypedDict):
-    """One line of ``<session_id>.journal``: messages appended at index ``start``."""
+class JournalMetaDict(TypedDict, total=False):
+    """Record-level fields a journal line updates (only those present)."""
 
+    system_prompt: str | None
+
+
+class JournalRecordDict(TypedDict):
+    """One line of ``<session_id>.journal``: messages appended at index ``start``.
+
+    ``session_id`` (written since schema 2) lets replay refuse a journal that belongs to
+    another session (a copied file, a restored backup); lines without it are from older
+    releases and are accepted.
+    """
+
+    session_id: NotRequired[str]
     start: int
     messages: list[MessageDict]
     updated_at: str
+    meta: NotRequired[JournalMetaDict]
 
 
 def now_iso() -> str:
@@ -125,9 +149,18 @@ def validate_messages(value: Any, *, where: str = "conversation_history") -> lis
             raise SessionFormatError(f"{where}[{i}].role is {role!r}, not one of {sorted(ROLES)}")
         if not isinstance(content, str):
             raise SessionFormatError(f"{where}[{i}].content is {type(content).__name__}, not a string")
-        # The parsed dict itself when it is exactly {role, content}: a 5,000-message load
-        # then allocates nothing more.
-        out.append(m if len(m) == 2 else {"role": role, "content": content})  # type: ignore[arg-type]
+        if len(m) == 2:
+            # The parsed dict itself when it is exactly {role, content}: a 5,000-message load
+            # then allocates nothing more.
+            out.append(m)  # type: ignore[arg-type]
+            continue
+        interrupted = m.get("interrupted")
+        if interrupted is not None and not isinstance(interrupted, bool):
+            raise SessionFormatError(f"{where}[{i}].interrupted is {type(interrupted).__name__}, not true/false")
+        msg: MessageDict = {"role": role, "content": content}
+        if interrupted and role == "assistant":
+            msg["interrupted"] = True
+        out.append(msg)  # any other key is dropped: it is not part of the format
     return out
 
 
@@ -149,8 +182,18 @@ def _v1_from_seed(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _v2_system_prompt(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 2: an optional record-level ``system_prompt`` (absent = none) and assistant
+    messages that may carry ``"interrupted": true``.  Nothing in a version 1 file changes."""
+    data = dict(data)
+    data.setdefault("system_prompt", None)
+    data["schema_version"] = 2
+    return data
+
+
 MIGRATIONS: list[tuple[int, Callable[[dict[str, Any]], dict[str, Any]]]] = [
     (1, _v1_from_seed),
+    (2, _v2_system_prompt),
 ]
 
 
@@ -180,22 +223,32 @@ class SessionRecord:
     created_at: str = field(default_factory=now_iso)
     updated_at: str = ""
     messages: list[MessageDict] = field(default_factory=list)
+    system_prompt: str | None = None
 
     @property
     def turns(self) -> int:
         return count_turns(self.messages)
 
-    def to_dict(self, messages: list[MessageDict] | None = None) -> SessionFileDict:
+    def to_dict(self, messages: list[MessageDict] | None = None, *, turns: int | None = None) -> SessionFileDict:
+        """The file's dict; ``turns``, when the caller keeps the count, spares a recount."""
         history = self.messages if messages is None else messages
-        return {
+        data: SessionFileDict = {
             "schema_version": SCHEMA_VERSION,
             "session_id": self.session_id,
             "created_at": self.created_at,
             "updated_at": self.updated_at or self.created_at,
             "llm_model": self.llm_model,
-            "turns": count_turns(history),
+            "turns": count_turns(history) if turns is None else turns,
             "conversation_history": history,
         }
+        if self.system_prompt is not None:  # a session without one keeps the seed's exact keys
+            data["system_prompt"] = self.system_prompt
+        return data
+
+    def apply_meta(self, meta: JournalMetaDict | dict[str, Any] | None) -> None:
+        """Take the record-level fields a journal line (or ``append(meta=...)``) carries."""
+        if meta and "system_prompt" in meta:
+            self.system_prompt = meta["system_prompt"]
 
     @classmethod
     def from_dict(cls, data: Any, *, raw: bytes | bytearray | None = None) -> SessionRecord:
@@ -214,21 +267,25 @@ class SessionRecord:
         updated_at = data.get("updated_at", created_at)
         if not isinstance(updated_at, str):
             raise SessionFormatError(f"'updated_at' is {type(updated_at).__name__}, not a string")
-        # "turns" is derived from the history; a disagreeing value on disk is not trusted.
-        turns = data.get("turns")
-        if turns is not None and (isinstance(turns, bool) or not isinstance(turns, int)):
-            raise SessionFormatError(f"'turns' is {type(turns).__name__}, not a whole number")
+        # "turns" is derived from the history: whatever is on disk (2, 2.0, "2", nonsense) is
+        # not read at all, so it can never make a session unloadable.
+        system_prompt = data.get("system_prompt")
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise SessionFormatError(f"'system_prompt' is {type(system_prompt).__name__}, not a string")
         return cls(
             session_id=_require_str(data, "session_id"),
             llm_model=_require_str(data, "llm_model"),
             created_at=created_at,
             updated_at=updated_at or created_at,
             messages=messages,
+            system_prompt=system_prompt,
         )
 
 
 def parse_journal_line(line: bytes | bytearray) -> JournalRecordDict:
     """Parse one journal line; a torn or damaged line raises ``SessionFormatError``."""
+    if line.startswith(UTF8_BOM):  # an editor's BOM on the first line is harmless
+        line = line[len(UTF8_BOM):]
     try:
         data = json.loads(line)
     except (ValueError, RecursionError) as exc:
@@ -242,8 +299,25 @@ def parse_journal_line(line: bytes | bytearray) -> JournalRecordDict:
     updated_at = data.get("updated_at")
     if not isinstance(updated_at, str):
         raise SessionFormatError("journal line has no updated_at")
-    return {
+    out: JournalRecordDict = {
         "start": start,
         "messages": validate_messages(data.get("messages"), where="journal messages"),
         "updated_at": updated_at,
     }
+    if "session_id" in data:
+        session_id = data["session_id"]
+        if not isinstance(session_id, str):
+            raise SessionFormatError(f"journal line has session_id={session_id!r}")
+        out["session_id"] = session_id
+    meta = data.get("meta")
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise SessionFormatError("journal line has a meta that is not an object")
+        clean: JournalMetaDict = {}
+        if "system_prompt" in meta:
+            sp = meta["system_prompt"]
+            if sp is not None and not isinstance(sp, str):
+                raise SessionFormatError("journal line has a system_prompt that is not a string")
+            clean["system_prompt"] = sp
+        out["meta"] = clean  # unknown meta keys (a newer release's) are ignored
+    return out

@@ -1,8 +1,9 @@
 """Housekeeping for a sessions folder: backups, imports, pruning and a doctor for damaged files.
 
-Everything here works through ``HistoryStore`` and its locks, so it is safe while sessions are
-in use: exports are made from full loads (snapshot plus journal), a session open for writing is
-never pruned, and the doctor never deletes anything; it moves problem files aside to
+Export, import and prune work through the store interface (``StoreAPI``: the file store or
+any other), so they are safe while sessions are in use: exports are made from the store's
+consistent reads, a session open for writing is never pruned.  ``doctor`` is specific to the
+file store: it never deletes anything; it moves problem files aside to
 ``<name>.corrupt-<YYYYmmddHHMMSS>`` where a person can still look at them.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import re
@@ -22,8 +22,9 @@ from pathlib import Path
 
 from ._exceptions import SessionError, SessionFormatError, SessionLockedError
 from ._fileio import FileTooLargeError, NotARegularFileError, atomic_write_bytes, dir_lock, read_regular_file
-from ._format import SessionRecord, parse_journal_line
-from ._store import _ID_RE, _O_CLOEXEC, _O_NOFOLLOW, HistoryStore, encode_snapshot, parse_json_bytes
+from ._format import SessionRecord
+from ._store import _CACHE_NAME, _ID_RE, HistoryStore, aside_path, encode_snapshot, parse_json_bytes, replay_journal
+from ._store_api import StoreAPI
 
 __all__ = [
     "INFO_KINDS",
@@ -48,33 +49,13 @@ INFO_KINDS = frozenset({"id-mismatch"})
 
 _TEMP_RE = re.compile(r"\..+\.tmp")
 _ASIDE_RE = re.compile(r".+\.corrupt-\d{14}(-\d+)?")
-_KNOWN_FILES = frozenset({".lock", ".input_history"})
+_KNOWN_FILES = frozenset({".input_history", _CACHE_NAME})
 
 
 # -- helpers -------------------------------------------------------------------------------
-def is_locked(store: HistoryStore, session_id: str) -> bool:
-    """True if ``session_id`` is open for writing (its journal holds a ``flock``).
-
-    The probe runs under the folder lock, which every writer takes while it acquires its own
-    lock, so a writer starting at the same moment never sees the probe as a rival.
-    """
-    path = store.journal_path(session_id)
-    if not store.directory.is_dir():
-        return False
-    with dir_lock(store.directory):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC)
-        except FileNotFoundError:
-            return False  # a writer always has a journal
-        except OSError:
-            return False  # a symlink or unreadable journal: no writer can hold it either
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)  # also releases the probe's own lock
-    return False
+def is_locked(store: StoreAPI, session_id: str) -> bool:
+    """True if ``session_id`` is open for writing (the store's own probe: ``store.is_locked``)."""
+    return store.is_locked(session_id)
 
 
 def _disk_error(action: str, path: Path, exc: OSError) -> SessionError:
@@ -83,31 +64,6 @@ def _disk_error(action: str, path: Path, exc: OSError) -> SessionError:
             if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else
             "check the folder exists and is writable")
     return SessionError(f"cannot {action} {path}: {reason}; {hint}")
-
-
-def _load_stable(store: HistoryStore, session_id: str, attempts: int = 5) -> SessionRecord:
-    """Load a session whose files did not change while they were read (a consistent copy).
-
-    A writer may replace the snapshot and empty the journal between the two reads of a load;
-    the result is then an older, still valid prefix.  Retrying until the files are unchanged
-    across the load gives the state at one moment.
-    """
-    def marks() -> tuple[tuple[int, int, int] | None, ...]:
-        out: list[tuple[int, int, int] | None] = []
-        for p in (store.snapshot_path(session_id), store.journal_path(session_id)):
-            try:
-                st = p.lstat()
-                out.append((st.st_ino, st.st_mtime_ns, st.st_size))
-            except OSError:
-                out.append(None)
-        return tuple(out)
-
-    for _ in range(attempts - 1):
-        before = marks()
-        record = store.load(session_id)
-        if marks() == before:
-            return record
-    return store.load(session_id)
 
 
 # -- export / import -------------------------------------------------------------------------
@@ -119,26 +75,27 @@ class ExportResult:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def export_all(store: HistoryStore, dest_dir: str | os.PathLike[str]) -> ExportResult:
+def export_all(store: StoreAPI, dest_dir: str | os.PathLike[str]) -> ExportResult:
     """Write every session with at least one message to ``dest_dir/<id>.json``.
 
-    Each copy comes from a full load (snapshot and journal merged) and is written atomically,
-    so it is complete even while the session is being written; damaged sessions are skipped
-    and listed in ``skipped``.  A failed write (disk full) raises ``SessionError``; files
-    already written stay.
+    Each copy comes from the store's consistent read (``store.load``) and is written
+    atomically, so it is complete even while the session is being written; damaged sessions
+    are skipped and listed in ``skipped``.  A failed write (disk full) raises
+    ``SessionError``; files already written stay.
     """
     dest = Path(dest_dir)
+    directory = getattr(store, "directory", None)
     with contextlib.suppress(OSError):
-        if store.directory.resolve() == dest.resolve():
+        if directory is not None and Path(directory).resolve() == dest.resolve():
             raise SessionError(f"cannot export into the sessions folder itself ({dest}); choose another folder")
     try:
         dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise _disk_error("create the export folder", dest, exc) from exc
     result = ExportResult()
-    for _mtime, session_id in store.candidates():
+    for session_id in store.newest_first():
         try:
-            record = _load_stable(store, session_id)
+            record = store.load(session_id)
             if not record.messages:
                 continue
             data = encode_snapshot(record, record.messages)
@@ -155,16 +112,19 @@ def export_all(store: HistoryStore, dest_dir: str | os.PathLike[str]) -> ExportR
     return result
 
 
-def import_session(store: HistoryStore, path: str | os.PathLike[str]) -> str:
+def import_session(store: StoreAPI, path: str | os.PathLike[str], *,
+                   max_file_bytes: int | None = None) -> str:
     """Copy a session file (as ``export`` writes it) into the store; returns its id there.
 
     The file is validated like any session file (``SessionFormatError`` says what is wrong).
     It keeps its own id when that is a valid name not yet taken; otherwise it gets a new
-    ``session_<unix seconds>`` id (``_2``, ``_3``, ... if that is taken too).
+    ``session_<unix seconds>`` id (``_2``, ``_3``, ... if that is taken too): the store's
+    one id allocation, ``store.import_record``.
     """
     src = Path(path)
+    limit = max_file_bytes or getattr(store, "max_file_bytes", None) or 64 * 1024 * 1024
     try:
-        raw = read_regular_file(src.resolve(), store.max_file_bytes)
+        raw = read_regular_file(src.resolve(), limit)
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -174,24 +134,11 @@ def import_session(store: HistoryStore, path: str | os.PathLike[str]) -> str:
         record = SessionRecord.from_dict(data, raw=raw)
         if not record.messages:
             raise SessionFormatError("it has no messages")
+        return store.import_record(record)  # an id that is not a plain name gets a fresh one
     except SessionFormatError as exc:
         raise SessionFormatError(f"cannot import {src}: not a valid session file: {exc}", path=src) from exc
-    store.ensure_dir()
-    wanted = record.session_id if _ID_RE.fullmatch(record.session_id) else None
-    base = f"session_{int(time.time())}"
-    with dir_lock(store.directory):
-        names = ([wanted] if wanted else []) + [base if n == 1 else f"{base}_{n}" for n in range(1, 100_000)]
-        for session_id in names:
-            snap, journal = store.snapshot_path(session_id), store.journal_path(session_id)
-            if snap.exists() or snap.is_symlink() or journal.exists() or journal.is_symlink():
-                continue
-            record.session_id = session_id
-            try:
-                atomic_write_bytes(snap, encode_snapshot(record, record.messages))
-            except OSError as exc:
-                raise _disk_error("write", snap, exc) from exc
-            return session_id
-    raise SessionError(f"no free session name in {store.directory}")  # pragma: no cover
+    except OSError as exc:
+        raise _disk_error("import into", src, exc) from exc
 
 
 # -- prune -----------------------------------------------------------------------------------
@@ -207,13 +154,14 @@ def session_age_reference(updated_at: str, fallback_mtime: float) -> float:
         return fallback_mtime
 
 
-def prune(store: HistoryStore, older_than: timedelta | None = None, keep: int | None = None,
+def prune(store: StoreAPI, older_than: timedelta | None = None, keep: int | None = None,
           dry_run: bool = False) -> list[str]:
     """Delete old sessions; returns the ids deleted (or that would be, with ``dry_run``).
 
     A session goes if it is not among the ``keep`` most recently updated and (when
     ``older_than`` is given) was last updated more than ``older_than`` ago.  Sessions open for
-    writing are skipped, and so are damaged ones (``doctor`` deals with those).
+    writing are skipped, and so are damaged ones (``doctor`` deals with those).  One listing,
+    one ``delete`` per session (which itself refuses a session open for writing).
     """
     if older_than is None and keep is None:
         raise ValueError("prune needs older_than, keep, or both")
@@ -221,20 +169,19 @@ def prune(store: HistoryStore, older_than: timedelta | None = None, keep: int | 
         raise ValueError(f"keep must be 0 or more, not {keep}")
     if older_than is not None and older_than < timedelta(0):
         raise ValueError(f"older_than must not be negative, not {older_than}")
-    mtimes = {sid: m for m, sid in store.candidates()}
     infos = store.list_sessions()
-    aged = sorted(((session_age_reference(i.updated_at, mtimes.get(i.session_id, 0.0)), i.session_id)
+    aged = sorted(((session_age_reference(i.updated_at, session_age_reference(i.created_at, 0.0)), i.session_id)
                    for i in infos), reverse=True)
     cutoff = None if older_than is None else time.time() - older_than.total_seconds()
     doomed = [sid for n, (when, sid) in enumerate(aged)
               if (keep is None or n >= keep) and (cutoff is None or when < cutoff)]
     out = []
     for sid in doomed:
-        if is_locked(store, sid):
-            logger.info("not pruned: %s is open for writing", sid)
-            continue
         if dry_run:
-            out.append(sid)
+            if store.is_locked(sid):
+                logger.info("not pruned: %s is open for writing", sid)
+            else:
+                out.append(sid)
             continue
         try:
             if store.delete(sid):
@@ -251,7 +198,8 @@ class Problem:
 
     ``kind`` is one of: ``symlink``, ``not-regular``, ``oversized``, ``unreadable``,
     ``unparseable``, ``malformed``, ``id-mismatch`` (loads; the file name wins),
-    ``stray-temp``, ``orphan-journal``, ``torn-journal``, ``damaged-journal``.
+    ``stray-temp``, ``orphan-journal``, ``torn-journal``, ``damaged-journal``,
+    ``foreign-journal`` (lines of another session).
     ``moved_to`` is set when ``doctor(fix=True)`` moved the file aside.
     """
 
@@ -265,19 +213,10 @@ class Problem:
         return self.kind not in INFO_KINDS
 
 
-def _aside_name(path: Path, stamp: str) -> Path:
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    n = 2
-    while target.exists() or target.is_symlink():
-        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
-        n += 1
-    return target
-
-
 def _move_aside(store: HistoryStore, path: Path, stamp: str) -> Path:
     """Rename ``path`` (never following a symlink) to a free ``.corrupt-`` name beside it."""
     with dir_lock(store.directory):
-        target = _aside_name(path, stamp)
+        target = aside_path(path, stamp)
         os.rename(path, target)
     return target
 
@@ -321,7 +260,7 @@ def _snapshot_problem(store: HistoryStore, path: Path) -> tuple[tuple[str, str] 
 
 
 def _journal_problem(store: HistoryStore, path: Path, have: int | None) -> tuple[str, str] | None:
-    """Check a regular, unlocked ``<id>.journal`` the way loading replays it."""
+    """Check a regular, unlocked ``<id>.journal`` with the loader's own replay."""
     try:
         raw = read_regular_file(path, store.max_file_bytes)
     except OSError as exc:
@@ -330,23 +269,7 @@ def _journal_problem(store: HistoryStore, path: Path, have: int | None) -> tuple
         if have is None:
             return "orphan-journal", "an empty journal with no snapshot, left by a process that ended early"
         return None
-    count = have or 0
-    lines = raw.split(b"\n")
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            entry = parse_journal_line(line)
-        except SessionFormatError as exc:
-            if i == last:
-                return "torn-journal", f"line {i + 1} is incomplete ({exc}), left by a write that was cut off"
-            return "damaged-journal", f"line {i + 1} is damaged ({exc}); lines after it are not loaded"
-        if entry["start"] > count:
-            return "damaged-journal", (f"line {i + 1} starts at message {entry['start']} but only {count} "
-                                       "exist; lines from there are not loaded")
-        count = max(count, entry["start"] + len(entry["messages"]))
-    return None
+    return replay_journal(raw, path.name[: -len(".journal")], have or 0).problem
 
 
 def _move_journal_aside(store: HistoryStore, session_id: str, path: Path, stamp: str, *, fold: bool) -> Path | None:
@@ -357,7 +280,7 @@ def _move_journal_aside(store: HistoryStore, session_id: str, path: Path, stamp:
     """
     try:
         with dir_lock(store.directory):
-            fd = store._open_locked_journal(session_id, create=False)
+            fd = store._lock_journal(session_id, create=False)
     except SessionLockedError:
         return None
     try:
@@ -404,6 +327,11 @@ def doctor(store: HistoryStore, fix: bool = False) -> list[Problem]:
             st = entry.stat(follow_symlinks=False)
         except OSError:
             continue  # vanished since the listing
+        if name == ".lock":
+            if not stat.S_ISREG(st.st_mode):  # sessions still start (the folder itself is locked)
+                found.append((path, "not-regular", "the folder's lock file is not a regular file "
+                                                   "(a directory, FIFO or link)", None))
+            continue
         if _TEMP_RE.fullmatch(name):
             if now - st.st_mtime >= STRAY_TEMP_AGE_S:
                 found.append((path, "stray-temp", f"a temporary file left by an interrupted save "
@@ -416,7 +344,7 @@ def doctor(store: HistoryStore, fix: bool = False) -> list[Problem]:
         if ext == "journal":
             if bad is None:
                 journals.append((path, stem, st))
-            elif not (stat.S_ISREG(st.st_mode) and is_locked(store, stem)):
+            elif not (stat.S_ISREG(st.st_mode) and store.is_locked(stem)):
                 found.append((path, *bad, None))
             continue
         if bad is not None:
@@ -428,7 +356,7 @@ def doctor(store: HistoryStore, fix: bool = False) -> list[Problem]:
         if problem is not None:
             found.append((path, *problem, None))
     for path, stem, _st in journals:
-        if is_locked(store, stem):
+        if store.is_locked(stem):
             continue  # in use: its writer owns it
         problem = _journal_problem(store, path, snapshot_counts.get(stem))
         if problem is not None:
@@ -442,7 +370,7 @@ def doctor(store: HistoryStore, fix: bool = False) -> list[Problem]:
                     moved = _move_aside(store, path, stamp)
                 else:
                     moved = _move_journal_aside(store, journal_of, path, stamp,
-                                                fold=kind in ("torn-journal", "damaged-journal"))
+                                                fold=kind in ("torn-journal", "damaged-journal", "foreign-journal"))
                     if moved is None:
                         detail += " (left alone: the session was opened meanwhile)"
             except (OSError, SessionError) as exc:

@@ -1,26 +1,36 @@
-"""The history store: where sessions live on disk and how they get there safely.
+"""The file store: where sessions live on disk and how they get there safely.
 
 Each session is two files in ``sessions_dir``:
 
 * ``<id>.json``: a snapshot in the seed's format, only ever replaced atomically, so it is
   always a complete, parseable session.
-* ``<id>.journal``: turns completed since that snapshot, one JSON line each, appended with a
-  single ``write`` before ``chat()`` returns.  This is what makes a turn survive ``kill -9``
-  the moment it is acknowledged, at a cost that does not grow with the history.
+* ``<id>.journal``: turns completed since that snapshot, one JSON line each (naming its
+  session and its position), appended with a single ``write`` before ``chat()`` returns.
+  This is what makes a turn survive ``kill -9`` the moment it is acknowledged, at a cost that
+  does not grow with the history.
 
-A background thread folds the journal into a fresh snapshot after each turn (the seed's
-"asynchronous save"), then empties the journal.  Loading reads the snapshot and replays the
-journal on top, so a crash at any point between those steps loses nothing.
+Background work on the shared pool (``_runtime``) folds the journal into a fresh snapshot
+after each turn and empties the journal; when turns keep arriving meanwhile, the journal is
+still cut down to the turns the snapshot lacks once it holds ``FOLD_LINES`` lines or
+``FOLD_BYTES`` bytes, so resuming never replays an unbounded tail.  Loading reads the journal
+and then the snapshot (see ``HistoryStore.read``: that order is what makes a read consistent
+while a writer is active), and replays the one on the other.
 
 While a session is open for writing, its journal carries an exclusive ``flock``: a second
 writer gets ``SessionLockedError``; the lock dies with the process, so a crash never leaves
 a session locked.
+
+What is never done: follow a symlink, open anything but a regular file (a planted FIFO
+cannot make anything hang), read a file larger than ``max_file_bytes``, or truncate or
+remove a journal holding lines that could not be read without first keeping a copy of it
+(``<name>.corrupt-<time>``, as ``doctor --fix`` does).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -31,30 +41,58 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from ._exceptions import SessionError, SessionFormatError, SessionLockedError
-from ._fileio import atomic_write_bytes, dir_lock, flock_holder, read_regular_file
-from ._format import MessageDict, SessionRecord, count_turns, now_iso, parse_journal_line
+from ._exceptions import SessionError, SessionFormatError, SessionLockedError, SessionNotFoundError
+from ._fileio import (
+    NotARegularFileError,
+    atomic_write_bytes,
+    dir_lock,
+    flock_holder,
+    fsync_dir,
+    open_regular,
+    read_regular_file_stat,
+)
+from ._format import UTF8_BOM, MessageDict, SessionRecord, now_iso, parse_journal_line
+from ._runtime import run_in_background
+from ._store_api import SessionInfo
 
 __all__ = [
     "DEFAULT_MAX_FILE_BYTES",
+    "FOLD_BYTES",
+    "FOLD_LINES",
     "HistoryStore",
+    "JournalReplay",
     "SessionInfo",
     "SessionWriter",
+    "aside_path",
     "encode_json",
     "encode_snapshot",
     "parse_json_bytes",
+    "replay_journal",
     "validate_session_id",
 ]
 
 logger = logging.getLogger("conversation_session.store")
 
 DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
+FOLD_LINES = 64
+"""A journal holding this many lines is cut down at the next snapshot even while turns keep
+arriving (normally it is simply emptied when no turn arrived during the snapshot)."""
+FOLD_BYTES = 1024 * 1024
+"""... or this many bytes."""
+ROOM_MARGIN = 64 * 1024
+"""Head fields and per-line overhead: ``ensure_room`` keeps this much below the read limit."""
+
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_CACHE_NAME = ".list-cache.json"
+_CACHE_VERSION = 1
+_READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def validate_session_id(session_id: object) -> str:
@@ -71,32 +109,19 @@ def validate_session_id(session_id: object) -> str:
     return session_id
 
 
-@dataclass(frozen=True)
-class SessionInfo:
-    """One saved session, as listed by ``HistoryStore.list_sessions``."""
-
-    session_id: str
-    path: Path
-    created_at: str
-    updated_at: str
-    llm_model: str
-    turns: int
-    total_messages: int
-    size_bytes: int
-    first_user_line: str
-
-
 # One encoder, built once: json.dumps(..., ensure_ascii=False) builds a new one per call.
 encode_json = json.JSONEncoder(ensure_ascii=False).encode
 
 
-def encode_snapshot(record: SessionRecord, messages: list[MessageDict], encoded: list[str] | None = None) -> bytes:
+def encode_snapshot(record: SessionRecord, messages: list[MessageDict], encoded: list[str] | None = None,
+                    *, turns: int | None = None) -> bytes:
     """Serialise a snapshot like the seed shows it: one message per line, Chinese readable.
 
     Each message goes through the C JSON encoder on its own (``indent=`` would switch to the
-    pure-Python one); ``encoded``, the messages already encoded, spares even that.
+    pure-Python one); ``encoded``, the messages already encoded, spares even that, and
+    ``turns``, the count the caller keeps, spares a recount.
     """
-    data = record.to_dict(messages)
+    data = record.to_dict(messages, turns=turns)
     head = ",\n".join(
         f"  {json.dumps(k)}: {encode_json(v)}" for k, v in data.items() if k != "conversation_history"
     )
@@ -110,7 +135,11 @@ def encode_snapshot(record: SessionRecord, messages: list[MessageDict], encoded:
 
 
 def parse_json_bytes(raw: bytes | bytearray, label: str, path: Path | None = None) -> object:
-    """``json.loads`` of a file's bytes; every failure is a ``SessionFormatError`` starting with ``label``."""
+    """``json.loads`` of a file's bytes; every failure is a ``SessionFormatError`` starting with ``label``.
+
+    A UTF-8 byte order mark (an editor's) is accepted."""
+    if raw.startswith(UTF8_BOM):
+        raw = raw[len(UTF8_BOM):]
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -121,12 +150,127 @@ def parse_json_bytes(raw: bytes | bytearray, label: str, path: Path | None = Non
         raise SessionFormatError(f"{label}: not valid JSON ({exc})", path=path) from exc
 
 
+def _count_turns(messages: Iterable[MessageDict]) -> int:
+    return sum(1 for m in messages if m["role"] == "assistant")
+
+
+def aside_path(path: Path, stamp: str | None = None) -> Path:
+    """A free ``<name>.corrupt-<YYYYmmddHHMMSS>[-n]`` beside ``path`` (where damaged files go)."""
+    stamp = stamp or datetime.now().strftime("%Y%m%d%H%M%S")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 2
+    while os.path.lexists(target):
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        n += 1
+    return target
+
+
+# -- journal replay: the one copy, used by loading, listing and doctor ------------------------
+@dataclass
+class JournalReplay:
+    """What a journal adds to a snapshot holding ``base`` messages.
+
+    ``problem`` is ``(kind, detail)`` for doctor: ``torn-journal`` (an unacknowledged write
+    cut off by a crash: harmless), ``damaged-journal`` or ``foreign-journal``.  ``unread``
+    is True when lines that may hold acknowledged turns were skipped: the journal must then
+    be copied aside before it is ever truncated or removed.  ``clean`` is False when nothing
+    may be appended to the journal (the new lines would hide behind the damage).
+    """
+
+    base: int
+    new_messages: list[MessageDict] = field(default_factory=list)
+    updated_at: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    clean: bool = True
+    unread: bool = False
+    problem: tuple[str, str] | None = None
+
+    @property
+    def count(self) -> int:
+        return self.base + len(self.new_messages)
+
+
+def replay_journal(raw: bytes | bytearray, session_id: str, base: int) -> JournalReplay:
+    """Replay a journal's bytes over a snapshot of ``base`` messages (which need not be at hand).
+
+    Lines of another session are skipped (and make the journal ``unread``); the first line
+    that is damaged, or starts past the messages known so far, ends the replay.
+    """
+    out = JournalReplay(base=base)
+    body: bytes | bytearray = raw[len(UTF8_BOM):] if raw.startswith(UTF8_BOM) else raw
+    if not body:
+        return out
+    lines: list[bytes] = bytes(body).split(b"\n")  # (one copy of a journal kept short by folding)
+    count = base
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = parse_journal_line(line)
+        except SessionFormatError as exc:
+            out.clean = False
+            if n == len(lines):  # the bytes after the last newline: a write cut off by a crash
+                out.problem = ("torn-journal", f"line {n} is incomplete ({exc}), left by a write that was cut off")
+            else:
+                out.unread = True
+                out.problem = ("damaged-journal", f"line {n} is damaged ({exc}); lines after it are not loaded")
+            return out
+        owner = entry.get("session_id")
+        if owner is not None and owner != session_id:
+            out.unread = True
+            out.clean = False
+            if out.problem is None:
+                out.problem = ("foreign-journal", f"line {n} belongs to session {owner!r}, not {session_id}; "
+                                                  "such lines are not loaded")
+            continue
+        start, msgs = entry["start"], entry["messages"]
+        if start > count:
+            out.unread = True
+            out.clean = False
+            out.problem = ("damaged-journal", f"line {n} starts at message {start} but only {count} exist; "
+                                              "lines from there are not loaded")
+            return out
+        # Lines already folded into the snapshot overlap it; take only what is new.
+        fresh = msgs[count - start:]
+        out.new_messages.extend(fresh)
+        count += len(fresh)
+        out.updated_at = entry["updated_at"]
+        if "meta" in entry:
+            out.meta.update(entry["meta"])
+    return out
+
+
+def _log_replay(name: str, replay: JournalReplay) -> None:
+    if replay.problem is None:
+        return
+    kind, detail = replay.problem
+    logger.log(logging.DEBUG if kind == "torn-journal" else logging.WARNING, "%s: %s", name, detail)
+
+
+def _marks(st: os.stat_result) -> list[int]:
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _first_line(messages: Iterable[MessageDict]) -> str:
+    first = next((m["content"] for m in messages if m["role"] == "user"), "")
+    stripped = first.strip()
+    return stripped.splitlines()[0] if stripped else ""
+
+
 class HistoryStore:
-    """All sessions in one directory."""
+    """All sessions in one directory (the file implementation of ``StoreAPI``)."""
 
     def __init__(self, directory: str | os.PathLike[str], *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
-        self.directory = Path(directory)
+        # Resolved once: a later os.chdir() must not send turns to another folder.
+        self.directory = Path(os.path.abspath(os.fspath(directory)))
         self.max_file_bytes = max_file_bytes
+
+    @property
+    def description(self) -> str:
+        return str(self.directory)
+
+    def close(self) -> None:
+        """Nothing to release: the file store holds no connection."""
 
     # -- paths ---------------------------------------------------------------------------
     def snapshot_path(self, session_id: str) -> Path:
@@ -150,94 +294,90 @@ class HistoryStore:
                     "choose another with sessions_dir=..."
                 ) from exc
 
-    # -- reading -------------------------------------------------------------------------
-    def _read_json(self, path: Path) -> tuple[object, bytearray]:
-        """The parsed file and its bytes."""
-        try:
-            raw = read_regular_file(path, self.max_file_bytes)
-        except OSError as exc:
-            raise SessionFormatError(f"{path.name}: cannot read ({exc.strerror or exc})", path=path) from exc
-        return parse_json_bytes(raw, path.name, path), raw
+    def _exists(self, session_id: str) -> bool:
+        return os.path.lexists(self.snapshot_path(session_id)) or os.path.lexists(self.journal_path(session_id))
 
-    def _replay_journal(self, session_id: str, record: SessionRecord) -> bool:
-        """Apply journal records on top of the snapshot; a torn last line is expected after a crash.
-
-        Returns False when the journal does not end cleanly (a torn or damaged line): nothing
-        may be appended to it then, or the new lines would hide behind the damage.
-        """
-        path = self.journal_path(session_id)
+    # -- reading: the one consistent-read rule ---------------------------------------------
+    def _read_file(self, path: Path) -> tuple[bytearray, os.stat_result] | None:
+        """The file's bytes and identity; None if there is no such file."""
         try:
-            raw = read_regular_file(path, self.max_file_bytes)
+            return read_regular_file_stat(path, self.max_file_bytes)
         except FileNotFoundError:
-            return True
+            return None
         except OSError as exc:
-            raise SessionFormatError(f"{path.name}: cannot read ({exc.strerror or exc})", path=path) from exc
-        lines = raw.split(b"\n")
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = parse_journal_line(line)
-            except SessionFormatError as exc:
-                # Only the unacknowledged tail of a crashed write can be torn; stop there.
-                level = logging.DEBUG if n == len(lines) else logging.WARNING
-                logger.log(level, "%s line %d ignored (and all after it): %s", path.name, n, exc)
-                return False
-            have = len(record.messages)
-            start, msgs = entry["start"], entry["messages"]
-            if start > have:
-                logger.warning("%s line %d starts at message %d but only %d exist; ignored from here",
-                               path.name, n, start, have)
-                return False
-            # Records already folded into the snapshot overlap it; take only what is new.
-            record.messages.extend(msgs[have - start:])
-            record.updated_at = entry["updated_at"]
-        return not raw or raw.endswith(b"\n")
+            hint = "; `doctor --fix` moves it aside" if isinstance(exc, NotARegularFileError) else ""
+            raise SessionFormatError(f"{path.name}: cannot read ({exc.strerror or exc}){hint}", path=path) from exc
 
-    def load(self, session_id: str) -> SessionRecord:
-        """Load a session (snapshot plus journal).
+    def _parse_snapshot(self, session_id: str, raw: bytes | bytearray) -> SessionRecord:
+        snap = self.snapshot_path(session_id)
+        data = parse_json_bytes(raw, snap.name, snap)
+        try:
+            record = SessionRecord.from_dict(data, raw=raw)
+        except SessionFormatError as exc:
+            raise SessionFormatError(f"{snap.name}: {exc}", path=snap) from None
+        if record.session_id != session_id:
+            logger.warning("%s says session_id=%r; using the file name", snap.name, record.session_id)
+            record.session_id = session_id
+        return record
 
-        Raises:
-            ValueError: ``session_id`` is not a plain session name.
-            FileNotFoundError: there is no such session.
-            SessionFormatError: the session's files are unreadable or malformed.
+    def read(self, session_id: str) -> tuple[SessionRecord, JournalReplay, bytearray | None]:
+        """The consistent read every reader uses: the session as of one moment, with every
+        append acknowledged before the call, while a writer may be active.
+
+        The journal is read *before* the snapshot.  A writer only ever empties (or cuts down)
+        the journal after the snapshot holding those turns is in place, so a snapshot read
+        after the journal is at least as new as the journal's base: whatever the interleaving,
+        journal + snapshot holds every turn either held when the read began.  (Reading the
+        snapshot first can pair an old snapshot with a journal emptied meanwhile, and miss turns.)
+
+        Returns the record, the journal's replay and the journal's bytes (None if none).
         """
-        return self._load(session_id)[0]
-
-    def _load(self, session_id: str) -> tuple[SessionRecord, bool]:
-        """``load``, and whether the journal ended cleanly."""
-        t0 = time.perf_counter()
-        snap, journal = self.snapshot_path(session_id), self.journal_path(session_id)
-        if snap.exists() or snap.is_symlink():
-            data, raw = self._read_json(snap)
-            try:
-                record = SessionRecord.from_dict(data, raw=raw)
-            except SessionFormatError as exc:
-                raise SessionFormatError(f"{snap.name}: {exc}", path=snap) from None
-            if record.session_id != session_id:
-                logger.warning("%s says session_id=%r; using the file name", snap.name, record.session_id)
-                record.session_id = session_id
-        elif journal.exists():
-            record = SessionRecord(session_id=session_id, llm_model="unknown", created_at="", updated_at="")
+        validate_session_id(session_id)
+        jpath, spath = self.journal_path(session_id), self.snapshot_path(session_id)
+        journal = self._read_file(jpath)
+        snapshot = self._read_file(spath)
+        if snapshot is None and journal is None:
+            raise SessionNotFoundError(f"no saved session {session_id} in {self.directory}", session_id=session_id)
+        if snapshot is not None:
+            record = self._parse_snapshot(session_id, snapshot[0])
         else:
-            raise FileNotFoundError(errno.ENOENT, "no such session", str(snap))
-        clean = self._replay_journal(session_id, record)
+            record = SessionRecord(session_id=session_id, llm_model="unknown", created_at="", updated_at="")
+        raw = journal[0] if journal is not None else None
+        replay = replay_journal(raw or b"", session_id, len(record.messages))
+        _log_replay(jpath.name, replay)
+        record.messages.extend(replay.new_messages)
+        if replay.updated_at is not None:
+            record.updated_at = replay.updated_at
+        record.apply_meta(replay.meta)
         if not record.created_at:
             # A session that crashed before its first snapshot: date it by its journal.
             record.created_at = record.updated_at or now_iso()
+        return record, replay, raw
+
+    def load(self, session_id: str) -> SessionRecord:
+        """Read a session (journal + snapshot, consistently) without taking its lock.
+
+        Raises:
+            ValueError: ``session_id`` is not a plain session name.
+            SessionNotFoundError: there is no such session (a ``FileNotFoundError``).
+            SessionFormatError: the session's files are unreadable or malformed.
+        """
+        t0 = time.perf_counter()
+        record = self.read(session_id)[0]
         if logger.isEnabledFor(logging.DEBUG):
-            size = sum(p.stat().st_size for p in (snap, journal) if p.exists())
-            logger.debug("loaded %s: %d messages, %d bytes in %.2f ms", snap, len(record.messages), size,
+            logger.debug("loaded %s: %d messages in %.2f ms", self.snapshot_path(session_id), len(record.messages),
                          (time.perf_counter() - t0) * 1000)
-        return record, clean
+        return record
 
     def candidates(self) -> list[tuple[float, str]]:
-        """Session ids in the folder with their last-modified time, newest first."""
+        """Session ids in the folder with their last-modified time, newest first (no file is read)."""
         newest: dict[str, float] = {}
         try:
             entries = list(os.scandir(self.directory))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
+        except OSError as exc:
+            raise SessionError(f"cannot read the sessions folder {self.directory}: {exc.strerror or exc}") from exc
         for entry in entries:
             stem, dot, ext = entry.name.rpartition(".")
             if not dot or ext not in ("json", "journal") or not _ID_RE.fullmatch(stem):
@@ -249,10 +389,14 @@ class HistoryStore:
             newest[stem] = max(newest.get(stem, 0.0), st.st_mtime)
         return sorted(((m, s) for s, m in newest.items()), reverse=True)
 
+    def newest_first(self) -> list[str]:
+        """Session ids, most recently updated first (cheap: no history is read)."""
+        return [sid for _mtime, sid in self.candidates()]
+
     def load_newest(self, exclude: Iterable[str] = ()) -> SessionRecord | None:
         """The most recently updated session that loads and has at least one message."""
         skip = set(exclude)
-        for _mtime, session_id in self.candidates():
+        for session_id in self.newest_first():
             if session_id in skip:
                 continue
             try:
@@ -264,66 +408,115 @@ class HistoryStore:
                 return record
         return None
 
+    # -- listing, through a small cache ------------------------------------------------------
+    def _read_cache(self) -> dict[str, Any]:
+        try:
+            raw = read_regular_file_stat(self.directory / _CACHE_NAME, 16 * 1024 * 1024)[0]
+            data = json.loads(raw)
+        except (OSError, ValueError, RecursionError):
+            return {}
+        if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION:
+            return {}
+        sessions = data.get("sessions")
+        return sessions if isinstance(sessions, dict) else {}
+
+    @staticmethod
+    def _cached_head(entry: object, marks: list[int]) -> dict[str, Any] | None:
+        """A cache entry's snapshot summary, if it describes exactly this snapshot file."""
+        if not isinstance(entry, dict) or entry.get("marks") != marks:
+            return None
+        head = entry.get("head")
+        types = {"created_at": str, "updated_at": str, "llm_model": str, "turns": int, "total": int, "first": str}
+        if not isinstance(head, dict) or any(type(head.get(k)) is not t for k, t in types.items()):
+            return None
+        return head
+
+    def _info(self, session_id: str, cache: dict[str, Any], fresh: dict[str, Any]) -> SessionInfo | None:
+        """One listing row: read the journal, then the snapshot only if the cache does not
+        describe it (same inode, size, mtime and ctime).  The consistent-read order as ``read``."""
+        jpath, spath = self.journal_path(session_id), self.snapshot_path(session_id)
+        journal = self._read_file(jpath)
+        head: dict[str, Any] | None = None
+        size = 0
+        try:
+            st = os.stat(spath, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            marks = _marks(st)
+            head = self._cached_head(cache.get(session_id), marks)
+            if head is None:
+                snapshot = self._read_file(spath)
+                if snapshot is not None:
+                    record = self._parse_snapshot(session_id, snapshot[0])
+                    marks = _marks(snapshot[1])
+                    head = {"created_at": record.created_at, "updated_at": record.updated_at,
+                            "llm_model": record.llm_model, "turns": _count_turns(record.messages),
+                            "total": len(record.messages), "first": _first_line(record.messages)}
+                    st = snapshot[1]
+            if head is not None:
+                fresh[session_id] = {"marks": marks, "head": head}
+                size += st.st_size
+        if head is None:
+            if journal is None:
+                return None
+            head = {"created_at": "", "updated_at": "", "llm_model": "unknown", "turns": 0, "total": 0, "first": ""}
+        updated_at, turns, total, first = head["updated_at"], head["turns"], head["total"], head["first"]
+        if journal is not None:
+            size += journal[1].st_size
+            replay = replay_journal(journal[0], session_id, total)
+            _log_replay(jpath.name, replay)
+            total += len(replay.new_messages)
+            turns += _count_turns(replay.new_messages)
+            updated_at = replay.updated_at or updated_at
+            first = first or _first_line(replay.new_messages)
+        if not total:
+            return None
+        created_at = head["created_at"] or updated_at
+        return SessionInfo(session_id=session_id, location=str(spath), created_at=created_at,
+                           updated_at=updated_at or created_at, llm_model=head["llm_model"], turns=turns,
+                           total_messages=total, size_bytes=size, first_user_line=first)
+
     def list_sessions(self) -> list[SessionInfo]:
-        """Every loadable session with at least one message, newest first; bad files are logged."""
+        """Every readable session with at least one message, newest first; bad files are logged.
+
+        A session's snapshot is parsed only when it changed since the last listing (a small
+        cache, ``.list-cache.json``, keyed by each file's identity); its journal, short by
+        construction, is always replayed.  So a listing of a folder that mostly sits still
+        costs a stat and a small read per session, whatever the histories' length.
+        """
+        cache = self._read_cache()
+        fresh: dict[str, Any] = {}
         out = []
-        for _mtime, session_id in self.candidates():
+        for session_id in self.newest_first():
             try:
-                record = self.load(session_id)
+                info = self._info(session_id, cache, fresh)
             except (SessionFormatError, OSError) as exc:
                 logger.warning("skipping session %s: %s", session_id, exc)
                 continue
-            if not record.messages:
-                continue
-            size = 0
-            for p in (self.snapshot_path(session_id), self.journal_path(session_id)):
-                with contextlib.suppress(OSError):
-                    size += p.lstat().st_size
-            first = next((m["content"] for m in record.messages if m["role"] == "user"), "")
-            out.append(SessionInfo(
-                session_id=session_id,
-                path=self.snapshot_path(session_id),
-                created_at=record.created_at,
-                updated_at=record.updated_at or record.created_at,
-                llm_model=record.llm_model,
-                turns=count_turns(record.messages),
-                total_messages=len(record.messages),
-                size_bytes=size,
-                first_user_line=first.strip().splitlines()[0] if first.strip() else "",
-            ))
+            if info is not None:
+                out.append(info)
+        if fresh != cache:
+            # Best effort: a read-only folder simply lists without a cache.
+            with contextlib.suppress(OSError):
+                data = json.dumps({"version": _CACHE_VERSION, "sessions": fresh}, ensure_ascii=False)
+                atomic_write_bytes(self.directory / _CACHE_NAME, data.encode())
         return out
 
-    def delete(self, session_id: str) -> bool:
-        """Delete a session's files; refuses (``SessionLockedError``) while it is open for writing."""
-        validate_session_id(session_id)
-        if not self.directory.is_dir():
-            return False
-        removed = False
-        with dir_lock(self.directory):
-            fd = self._open_locked_journal(session_id, create=False)
-            try:
-                for p in (self.snapshot_path(session_id), self.journal_path(session_id)):
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
-                        removed = True
-                with contextlib.suppress(FileNotFoundError):
-                    self.kv_path(session_id).unlink()
-            finally:
-                if fd is not None:
-                    os.close(fd)
-        return removed
+    # -- locks ------------------------------------------------------------------------------
+    def _lock_journal(self, session_id: str, *, create: bool) -> int | None:
+        """Open the session's journal and take its exclusive lock; None if there is none.
 
-    # -- writing -------------------------------------------------------------------------
-    def _open_locked_journal(self, session_id: str, *, create: bool) -> int | None:
+        Raises ``SessionLockedError`` if a writer holds it and ``NotARegularFileError`` if
+        something else than a regular file stands there.  Callers hold the folder lock.
+        """
         path = self.journal_path(session_id)
-        flags = os.O_WRONLY | os.O_APPEND | _O_NOFOLLOW | _O_CLOEXEC | (os.O_CREAT if create else 0)
+        flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0)
         while True:
             try:
-                fd = os.open(path, flags, 0o600)
+                fd = open_regular(path, flags)
             except FileNotFoundError:
                 return None
-            except OSError as exc:
-                raise SessionError(f"cannot open {path}: {exc.strerror or exc}") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -336,8 +529,8 @@ class HistoryStore:
                     "or start a new session",
                     session_id=session_id, holder=str(holder) if holder else None,
                 ) from None
-            # The previous holder may have removed the journal after we opened it; a lock on
-            # that orphan would protect nothing, so start again on the live path.
+            # The previous holder may have removed or replaced the journal after we opened
+            # it; a lock on that orphan would protect nothing, so start again on the live path.
             try:
                 st_path = os.stat(path, follow_symlinks=False)
             except FileNotFoundError:
@@ -346,54 +539,127 @@ class HistoryStore:
             if st_path is not None and (st_path.st_ino, st_path.st_dev) == (st_fd.st_ino, st_fd.st_dev):
                 return fd
             os.close(fd)
-            if not create:
+            if not create and st_path is None:
                 return None
 
-    def create(self, record_model: str) -> SessionWriter:
-        """Start a new session named ``session_<unix seconds>``, with a suffix if that is taken."""
-        self.ensure_dir()
+    def is_locked(self, session_id: str) -> bool:
+        """True if ``session_id`` is open for writing (its journal holds a ``flock``).
+
+        The probe runs under the folder lock, which every writer takes while it acquires its
+        own lock, so a writer starting at the same moment never sees the probe as a rival.
+        """
+        path = self.journal_path(session_id)
+        if not self.directory.is_dir():
+            return False
+        with dir_lock(self.directory):
+            try:
+                fd = open_regular(path, os.O_RDONLY)
+            except OSError:
+                return False  # none, a symlink, a FIFO...: no writer can hold it
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            finally:
+                os.close(fd)  # also releases the probe's own lock
+        return False
+
+    # -- ids ---------------------------------------------------------------------------------
+    def _names(self, preferred: str | None) -> Iterable[str]:
+        if preferred is not None:
+            yield preferred
         base = f"session_{int(time.time())}"
-        try:
-            with dir_lock(self.directory):
-                for n in range(1, 100_000):
-                    session_id = base if n == 1 else f"{base}_{n}"
-                    snap, journal = self.snapshot_path(session_id), self.journal_path(session_id)
-                    if snap.exists() or snap.is_symlink():
-                        continue
-                    try:
-                        fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
-                                     | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
-                    except FileExistsError:
-                        continue
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new file: cannot be held
-                    record = SessionRecord(session_id=session_id, llm_model=record_model)
-                    return SessionWriter(self, record, fd, snapshot_upto=None)
-        except OSError as exc:
-            raise self._folder_error("create a session in", exc) from exc
+        for n in range(1, 100_000):
+            yield base if n == 1 else f"{base}_{n}"
+
+    def _claim_id(self, preferred: str | None = None) -> tuple[str, int]:
+        """The one id allocation (``create``, ``import``): a free name, its new journal created
+        and locked, under the folder lock, so no two processes ever get the same id."""
+        with dir_lock(self.directory):
+            for session_id in self._names(preferred):
+                if os.path.lexists(self.snapshot_path(session_id)):
+                    continue
+                try:
+                    fd = os.open(self.journal_path(session_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
+                                 | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+                except FileExistsError:
+                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it
+                return session_id, fd
+        raise SessionError(f"no free session name in {self.directory}")  # pragma: no cover
+
+    def _free_id(self) -> str:
+        """A name free right now, for a session that cannot create its files yet."""
+        for session_id in self._names(None):
+            if not self._exists(session_id):
+                return session_id
         raise SessionError(f"no free session name in {self.directory}")  # pragma: no cover
 
     def _folder_error(self, action: str, exc: OSError) -> SessionError:
         return SessionError(f"cannot {action} {self.directory}: {exc.strerror or exc}; check that the folder is "
                             "writable, or choose another with sessions_dir=... (--sessions-dir)")
 
+    # -- writing -------------------------------------------------------------------------
+    def create(self, llm_model: str) -> SessionWriter:
+        """Start a new session named ``session_<unix seconds>``, with a suffix if that is taken.
+
+        In a folder that cannot be written (a backup mounted read-only), this still returns a
+        writer: it creates its files at its first append, which returns False (and logs why)
+        while it cannot.
+        """
+        try:
+            self.ensure_dir()
+            session_id, fd = self._claim_id()
+        except (OSError, SessionError) as exc:
+            cause = exc if isinstance(exc, OSError) else exc.__cause__
+            if not (isinstance(cause, OSError) and cause.errno in _READ_ONLY_ERRNOS):
+                if isinstance(exc, SessionError):
+                    raise
+                raise self._folder_error("create a session in", exc) from exc
+            session_id = self._free_id()
+            logger.info("%s is not writable (%s); session %s will be created at its first save",
+                        self.directory, cause.strerror or cause, session_id)
+            record = SessionRecord(session_id=session_id, llm_model=llm_model)
+            return SessionWriter(_Core(self, record, None, snapshot_upto=None, persisted=False))
+        record = SessionRecord(session_id=session_id, llm_model=llm_model)
+        return SessionWriter(_Core(self, record, fd, snapshot_upto=None, persisted=False))
+
     def open(self, session_id: str) -> tuple[SessionWriter, SessionRecord]:
-        """Open an existing session for writing: lock it, then load it (so nothing is missed)."""
+        """Open an existing session for writing: lock it, then load it (so nothing is missed).
+
+        A journal holding lines that cannot be read (damaged, or another session's) is first
+        copied to ``<id>.journal.corrupt-<time>``; the log says where.
+
+        Raises:
+            SessionNotFoundError, SessionLockedError, SessionFormatError, SessionError.
+        """
         validate_session_id(session_id)
-        if not (self.snapshot_path(session_id).exists() or self.journal_path(session_id).exists()):
-            raise FileNotFoundError(errno.ENOENT, "no such session", str(self.snapshot_path(session_id)))
-        self.ensure_dir()
+        if not self._exists(session_id):
+            raise SessionNotFoundError(f"no saved session {session_id} in {self.directory}", session_id=session_id)
         journal = self.journal_path(session_id)
         try:
             with dir_lock(self.directory):
-                created = not journal.exists()
-                fd = self._open_locked_journal(session_id, create=True)
+                created = not os.path.lexists(journal)
+                fd = self._lock_journal(session_id, create=True)
+        except NotARegularFileError as exc:
+            raise SessionFormatError(f"{journal.name}: {exc.strerror}; `doctor --fix` moves it aside",
+                                     path=journal) from exc
         except OSError as exc:
-            raise self._folder_error("open a session in", exc) from exc
+            raise self._folder_error("open a session for writing in", exc) from exc
         assert fd is not None
         try:
-            record, clean = self._load(session_id)
-            snapshot_upto = len(record.messages) if os.fstat(fd).st_size == 0 else None
-            writer = SessionWriter(self, record, fd, snapshot_upto=snapshot_upto)
+            record, replay, raw = self.read(session_id)
+            if replay.unread and raw:
+                target = aside_path(journal)
+                atomic_write_bytes(target, bytes(raw))
+                logger.warning("%s holds lines that cannot be loaded (%s); a copy is kept as %s before the "
+                               "journal is rewritten", journal.name, replay.problem[1] if replay.problem else "?",
+                               target)
+            persisted = True
+            core = _Core(self, dataclasses.replace(record, messages=list(record.messages)), fd,
+                         snapshot_upto=len(record.messages) - len(replay.new_messages)
+                         if os.path.exists(self.snapshot_path(session_id)) else None,
+                         persisted=persisted)
         except BaseException:
             # Leave a damaged session as it was found: no empty journal beside it.
             if created:
@@ -401,225 +667,609 @@ class HistoryStore:
                     journal.unlink()
             os.close(fd)
             raise
-        # A journal torn by a crash must not be appended to: the first save will be a snapshot.
-        writer._journal_torn = not clean
-        return writer, record
+        # A journal that does not end cleanly is never appended to: the first save is a snapshot.
+        core.journal_torn = not replay.clean
+        core.journal_lines = raw.count(b"\n") if raw else 0
+        return SessionWriter(core), record
+
+    def delete(self, session_id: str) -> bool:
+        """Delete a session's files; refuses (``SessionLockedError``) while it is open for writing."""
+        validate_session_id(session_id)
+        if not self.directory.is_dir():
+            return False
+        removed = False
+        with dir_lock(self.directory):
+            try:
+                fd = self._lock_journal(session_id, create=False)
+            except NotARegularFileError:
+                fd = None  # a planted FIFO or link: nobody can hold it, just remove the name
+            try:
+                for p in (self.snapshot_path(session_id), self.journal_path(session_id)):
+                    try:
+                        p.unlink()
+                        removed = True
+                    except FileNotFoundError:
+                        pass
+                    except IsADirectoryError:
+                        logger.warning("not deleted: %s is a directory (doctor reports it)", p)
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    self.kv_path(session_id).unlink()
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        return removed
+
+    def import_record(self, record: SessionRecord) -> str:
+        """Store a whole session; keeps its id when free, else a new one; returns the id.
+
+        The record is validated as a load would (every message, every string), and must fit
+        within the size the loader reads."""
+        try:
+            data = encode_snapshot(record, record.messages)
+            again = SessionRecord.from_dict(json.loads(data), raw=data)
+        except (ValueError, UnicodeEncodeError) as exc:
+            raise SessionFormatError(f"not a valid session: {exc}") from exc
+        if not again.messages:
+            raise SessionFormatError("it has no messages")
+        if len(data) > self.max_file_bytes:
+            raise SessionFormatError(f"it is {len(data):,} bytes, over the {self.max_file_bytes:,}-byte limit")
+        self.ensure_dir()
+        wanted = record.session_id if _ID_RE.fullmatch(record.session_id) else None
+        try:
+            session_id, fd = self._claim_id(wanted)
+        except OSError as exc:
+            raise self._folder_error("import a session into", exc) from exc
+        journal = self.journal_path(session_id)
+        try:
+            again.session_id = session_id
+            atomic_write_bytes(self.snapshot_path(session_id), encode_snapshot(again, again.messages))
+        except BaseException:
+            with dir_lock(self.directory):
+                with contextlib.suppress(OSError):
+                    journal.unlink()
+            os.close(fd)
+            raise
+        with dir_lock(self.directory):
+            with contextlib.suppress(OSError):
+                journal.unlink()
+        os.close(fd)
+        return session_id
 
 
-_open_writers: weakref.WeakSet[SessionWriter] = weakref.WeakSet()
+# -- the writer ------------------------------------------------------------------------------
+_cores_lock = threading.Lock()
+_open_cores: set[_Core] = set()
 
 
 @atexit.register
 def _flush_open_writers() -> None:
-    # A program that forgets close() still gets complete snapshots at a normal exit; the
-    # journal has the turns anyway, this only keeps the .json current for people reading it.
-    for writer in list(_open_writers):
+    # A program that forgets close() still gets complete snapshots at a normal exit (the
+    # journal has the turns anyway; this keeps the .json current for people reading it).
+    # Only this process's own writers: a fork()ed child inherits the set but not the writers.
+    pid = os.getpid()
+    with _cores_lock:
+        mine = [c for c in _open_cores if c.pid == pid]
+    for core in mine:
         with contextlib.suppress(Exception):
-            writer.close()
+            core.close()
 
 
-class SessionWriter:
-    """Writes one open session: journal appends on the hot path, snapshots in the background."""
+class _Core:
+    """Everything an open session's writer owns.  ``SessionWriter`` is a thin face over it:
+    background jobs and the garbage-collection finalizer hold the core, never the face, so a
+    writer nobody references any more is collected (and closed)."""
 
-    def __init__(self, store: HistoryStore, record: SessionRecord, journal_fd: int,
-                 *, snapshot_upto: int | None):
+    def __init__(self, store: HistoryStore, record: SessionRecord, journal_fd: int | None,
+                 *, snapshot_upto: int | None, persisted: bool):
         self.store = store
         self.record = record
+        self.messages: list[MessageDict] = record.messages  # the writer's own list
         self.session_id = record.session_id
-        self._fd: int | None = journal_fd
-        self._journal_size = os.fstat(journal_fd).st_size
-        self._journaled = len(record.messages)  # messages[: _journaled] are on disk
-        self._journal_torn = False             # a failed append left half a line behind
-        self._snapshot_upto = snapshot_upto     # messages in the .json, None if none/unknown
-        self._messages: list[MessageDict] = record.messages
-        self._lock = threading.Lock()           # journal fd and counters
-        self._snapshot_lock = threading.Lock()  # one snapshot write at a time
-        self._cond = threading.Condition()
-        self._wanted = False
-        self._requested = 0                     # snapshots asked for / attempted: flush() waits on them
-        self._done = 0
-        self._stopping = False
-        self._encoded: list[str] = []          # encode_json of messages[: len(_encoded)]
-        self.last_error: OSError | None = None
-        # Started now, not at the first turn: Thread.start() waits for the thread to run,
-        # which would land on that turn's save.
-        self._thread = threading.Thread(target=self._run, name=f"snapshot-{self.session_id}", daemon=True)
-        self._thread.start()
-        _open_writers.add(self)
+        self.pid = os.getpid()
+        self.fd = journal_fd
+        self.pending = journal_fd is None      # no files yet (a read-only folder at create())
+        self.orphaned = False                  # the journal was removed underneath us
+        self.journal_size = os.fstat(journal_fd).st_size if journal_fd is not None else 0
+        self.journal_lines = 0
+        self.journal_torn = False              # the journal does not end cleanly: save in full
+        self.journaled = len(self.messages)    # messages[:journaled] are durable
+        self.snapshot_upto = snapshot_upto     # messages in the .json, None if none/unknown
+        self.persisted = persisted
+        self.turns = _count_turns(self.messages)
+        self.encoded: list[str] = []           # encode_json of messages[: len(encoded)]
+        self.size = self._initial_size()
+        self.meta_dirty = False
+        self.full_error_logged = False
+        self.last_error: BaseException | None = None
+        self.lock = threading.Lock()            # the fd, the list and the counters
+        self.snapshot_lock = threading.Lock()   # one snapshot (or reattach) at a time
+        self.snapshot_owner: int | None = None
+        self.cond = threading.Condition(threading.RLock())
+        self.wanted = False
+        self.job_running = False
+        self.requested = 0                      # snapshots asked for / attempted: flush() waits on them
+        self.done = 0
+        self.closed = False
+        self.closing = False
+        with _cores_lock:
+            _open_cores.add(self)
+
+    def _initial_size(self) -> int:
+        size = self.journal_size
+        with contextlib.suppress(OSError):
+            size += os.stat(self.store.snapshot_path(self.session_id), follow_symlinks=False).st_size
+        return size
+
+    @property
+    def journal_path(self) -> Path:
+        return self.store.journal_path(self.session_id)
 
     @property
     def snapshot_path(self) -> Path:
         return self.store.snapshot_path(self.session_id)
 
-    @property
-    def has_file(self) -> bool:
-        return self._snapshot_upto is not None or self._journal_size > 0
+    # -- the hot path --------------------------------------------------------------------
+    def ensure_room(self, nbytes: int) -> None:
+        limit = self.store.max_file_bytes
+        if self.size + max(nbytes, 0) + ROOM_MARGIN > limit:
+            raise ValueError(
+                f"session {self.session_id} is full: it holds about {self.size:,} bytes and sessions are read "
+                f"up to {limit:,} bytes, so {nbytes:,} more would make it unreadable; start a new session "
+                "(clear_history()) to go on")
 
-    def bind(self, messages: list[MessageDict]) -> None:
-        """Follow ``messages`` (the session's live, append-only list) from now on."""
-        self._messages = messages
-        self.record.messages = messages
-
-    # -- hot path --------------------------------------------------------------------------
-    def commit(self) -> bool:
-        """Append every message not yet on disk to the journal; True once it is written.
-
-        One ``write`` of one line: after it returns the turn survives ``kill -9``.  A failure
-        (disk full, permissions) is logged and returns False; memory keeps the messages and
-        the next commit writes them all.
-        """
-        with self._lock:
-            if self._fd is None:
+    def append(self, start: int, messages: list[MessageDict], meta: dict[str, Any] | None) -> bool:
+        with self.lock:
+            if self.closed:
                 raise SessionError(f"session {self.session_id} is closed")
-            start = self._journaled
-            end = len(self._messages)
-            if start >= end:
-                return True
-            torn = self._journal_torn
+            if start != len(self.messages):
+                raise ValueError(f"append at message {start}, but session {self.session_id} holds "
+                                 f"{len(self.messages)} messages")
+            if meta and "system_prompt" in meta and meta["system_prompt"] != self.record.system_prompt:
+                self.record.apply_meta(meta)
+                self.meta_dirty = True
+            self.messages.extend(messages)
+            self.turns += _count_turns(messages)
+        return self.save()
+
+    def save(self) -> bool:
+        """Make every message not yet durable durable; True once it is."""
+        if self.pending or self.orphaned:
+            return self._reattach()
+        with self.lock:
+            torn = self.journal_torn
         if torn:
-            # Appending after a torn line would hide the new turn from loading: save in full.
-            try:
-                self.write_snapshot()
-            except OSError as exc:
-                self.last_error = exc
-                logger.warning("could not save %s: %s; the turn is kept in memory", self.snapshot_path,
-                               exc.strerror or exc)
-                return False
-            return not self._journal_torn
-        with self._lock:
-            self.record.updated_at = now_iso()
-            # Each message is encoded once, here; snapshots reuse these strings.
-            new = [encode_json(m) for m in self._messages[start:end]]
-            line = (f'{{"start": {start}, "messages": [{", ".join(new)}], '
-                    f'"updated_at": {encode_json(self.record.updated_at)}}}\n').encode()
-            try:
-                view = memoryview(line)
-                while view:
-                    view = view[os.write(self._fd, view):]
-            except OSError as exc:
-                self._undo_partial_append()
-                self.last_error = exc
-                logger.warning("could not save turn to %s: %s; the turn is kept in memory and will "
-                               "be saved with the next one", self.store.journal_path(self.session_id),
-                               exc.strerror or exc)
-                return False
-            self._journal_size += len(line)
-            self._journaled = end
-            if len(self._encoded) == start:
-                self._encoded.extend(new)
-            self.last_error = None
+            # Appending after a torn or unreadable line would hide the new turn from loading.
+            return self._save_in_full()
+        with self.lock:
+            return self._append_line()
+
+    def _line(self, start: int, end: int, encoded: list[str], *, with_meta: bool) -> bytes:
+        meta = ""
+        if with_meta:
+            meta = f', "meta": {{"system_prompt": {encode_json(self.record.system_prompt)}}}'
+        return (f'{{"session_id": {encode_json(self.session_id)}, "start": {start}, '
+                f'"messages": [{", ".join(encoded)}], "updated_at": {encode_json(self.record.updated_at)}'
+                f'{meta}}}\n').encode()
+
+    def _append_line(self) -> bool:
+        """One ``write`` of one line with everything not yet durable (caller holds ``lock``)."""
+        assert self.fd is not None
+        start, end = self.journaled, len(self.messages)
+        if start >= end and not self.meta_dirty:
+            return True
+        if self._gone():
+            return False
+        self.record.updated_at = now_iso()
+        # Each message is encoded once, here; snapshots reuse these strings.
+        new = [encode_json(m) for m in self.messages[start:end]]
+        line = self._line(start, end, new, with_meta=self.meta_dirty)
+        if self.size + len(line) > self.store.max_file_bytes:
+            exc = ValueError(f"session {self.session_id} has reached the {self.store.max_file_bytes:,}-byte "
+                             "limit sessions are read up to; the turn is kept in memory only; start a new session")
+            self.last_error = exc
+            if not self.full_error_logged:
+                self.full_error_logged = True
+                logger.error("%s", exc)
+            return False
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:
+            self._undo_partial_append()
+            self.last_error = exc
+            logger.warning("could not save turn to %s: %s; the turn is kept in memory and will "
+                           "be saved with the next one", self.journal_path, exc.strerror or exc)
+            return False
+        if self._gone():  # removed while we wrote: the line is on no file
+            return False
+        self.journal_size += len(line)
+        self.journal_lines += 1
+        self.size += len(line)
+        self.journaled = end
+        self.meta_dirty = False
+        self.persisted = True
+        if len(self.encoded) == start:
+            self.encoded.extend(new)
+        self.last_error = None
         logger.debug("journaled %d message(s) of %s (%d bytes)", end - start, self.session_id, len(line))
         self._request_snapshot()
         return True
 
+    def _gone(self) -> bool:
+        """True (and logged) if the journal has no name any more: a write to it is durable nowhere."""
+        assert self.fd is not None
+        try:
+            gone = os.fstat(self.fd).st_nlink == 0
+        except OSError:
+            gone = True
+        if gone:
+            self.orphaned = True
+            self.last_error = FileNotFoundError(errno.ENOENT, "the journal was removed", str(self.journal_path))
+            logger.error("session %s: %s was removed (or its folder was); this turn is NOT saved; it is kept in "
+                         "memory and the next save writes the whole session again", self.session_id,
+                         self.journal_path)
+        return gone
+
     def _undo_partial_append(self) -> None:
         # A short write leaves half a line; cut it off so the next append starts clean.
         # If even that fails the torn line stays, and loading stops at it: the next save
-        # must then be a full snapshot, which _snapshot_upto=None arranges.
-        assert self._fd is not None
+        # must then be a full snapshot.
+        assert self.fd is not None
         try:
-            os.ftruncate(self._fd, self._journal_size)
+            os.ftruncate(self.fd, self.journal_size)
         except OSError:
-            self._journal_torn = True
+            self.journal_torn = True
+
+    def _save_in_full(self) -> bool:
+        try:
+            self.write_snapshot()
+        except OSError as exc:
+            self.last_error = exc
+            logger.warning("could not save %s: %s; the turn is kept in memory", self.snapshot_path,
+                           exc.strerror or exc)
+            return False
+        with self.lock:
+            ok = not self.journal_torn and self.journaled == len(self.messages)
+            if ok:
+                self.last_error = None
+                self.persisted = True
+            return ok
+
+    def _reattach(self) -> bool:
+        """Give the session files again (first save in a folder that was read-only, or after
+        the journal or folder was removed): a new locked journal, then everything in a snapshot."""
+        with self.snapshot_lock:
+            if self.closed:
+                return False
+            try:
+                self.store.ensure_dir()
+                if self.pending:
+                    session_id, fd = self.store._claim_id(self.session_id)
+                    if session_id != self.session_id:
+                        logger.warning("session id %s was taken meanwhile; this session is %s", self.session_id,
+                                       session_id)
+                        with self.lock:
+                            self.session_id = self.record.session_id = session_id
+                else:
+                    with dir_lock(self.store.directory):
+                        new_fd = self.store._lock_journal(self.session_id, create=True)
+                    assert new_fd is not None
+                    fd = new_fd
+            except (OSError, SessionError) as exc:
+                self.last_error = exc
+                logger.warning("could not save session %s in %s: %s; the turn is kept in memory", self.session_id,
+                               self.store.directory, getattr(exc, "strerror", None) or exc)
+                return False
+            with self.lock:
+                old, self.fd = self.fd, fd
+                self.pending = self.orphaned = False
+                self.journal_size = os.fstat(fd).st_size
+                self.journal_lines = 0
+                self.journal_torn = self.journal_size > 0  # whatever is there is replaced by the snapshot
+                self.snapshot_upto = None
+            if old is not None:
+                os.close(old)
+            logger.info("session %s has files again in %s", self.session_id, self.store.directory)
+        if not self.messages:
+            return True
+        return self._save_in_full()
 
     # -- snapshots -------------------------------------------------------------------------
     def _request_snapshot(self) -> None:
-        with self._cond:
-            self._wanted = True
-            self._requested += 1
-            self._cond.notify_all()
+        with self.cond:
+            self.wanted = True
+            self.requested += 1
+            if not self.job_running:
+                self.job_running = True
+                run_in_background(self._snapshot_job, f"snapshot of {self.session_id}")
 
-    def _run(self) -> None:
+    def _snapshot_job(self) -> None:
         while True:
-            with self._cond:
-                while not self._wanted and not self._stopping:
-                    self._cond.wait()
-                if not self._wanted:
+            with self.cond:
+                if not self.wanted or self.closed:
+                    self.job_running = False
+                    self.done = self.requested if self.closed else self.done
+                    self.cond.notify_all()
                     return
-                self._wanted = False
-                target = self._requested
+                self.wanted = False
+                target = self.requested
             try:
-                self.write_snapshot()
+                self.write_snapshot(background=True)
             except OSError as exc:
                 logger.warning("background save of %s failed: %s (the journal still has every turn)",
                                self.snapshot_path, exc.strerror or exc)
             finally:
-                with self._cond:
-                    self._done = max(self._done, target)
-                    self._cond.notify_all()
+                with self.cond:
+                    self.done = max(self.done, target)
+                    self.cond.notify_all()
 
-    def write_snapshot(self) -> Path:
+    def write_snapshot(self, *, background: bool = False) -> Path:
         """Write ``<id>.json`` with every message so far, atomically; then empty the journal."""
-        with self._snapshot_lock:
-            t0 = time.perf_counter()
-            with self._lock:
-                upto = len(self._messages)
-                messages = self._messages[:upto]
-                encoded = self._encoded[:upto]
-                if not self.record.updated_at:
-                    self.record.updated_at = now_iso()
-            if len(encoded) < upto:  # messages loaded from disk, or saved without a journal
-                extra = [encode_json(m) for m in messages[len(encoded):]]
-                with self._lock:
-                    if len(self._encoded) == len(encoded):
-                        self._encoded.extend(extra)
-                encoded += extra
-            data = encode_snapshot(self.record, messages, encoded)
-            path = self.snapshot_path
-            atomic_write_bytes(path, data)
-            with self._lock:
-                self._snapshot_upto = upto
-                if upto > self._journaled:
-                    self._journaled = upto  # an explicit save also covers unjournaled turns
-                # Only empty the journal if the snapshot holds everything in it; a turn
-                # appended meanwhile stays until the next snapshot.
-                if self._fd is not None and self._journaled <= upto and (self._journal_size or self._journal_torn):
+        with self.snapshot_lock:
+            self.snapshot_owner = threading.get_ident()
+            try:
+                return self._write_snapshot(background)
+            finally:
+                self.snapshot_owner = None
+
+    def _write_snapshot(self, background: bool, *, final: bool = False) -> Path:
+        path = self.snapshot_path
+        if (self.closed and not final) or self.pending or self.orphaned or self.fd is None:
+            if background:
+                return path
+            if self.closed:
+                raise SessionError(f"session {self.session_id} is closed")
+            raise FileNotFoundError(errno.ENOENT, "the session has no files (see the log)", str(path))
+        t0 = time.perf_counter()
+        with self.lock:
+            upto = len(self.messages)
+            messages = self.messages[:upto]
+            encoded = self.encoded[:upto]
+            turns = self.turns
+            size_before = self.size
+            if not self.record.updated_at:
+                self.record.updated_at = now_iso()
+            head = dataclasses.replace(self.record, messages=[])
+            meta_dirty = self.meta_dirty
+        if len(encoded) < upto:  # messages loaded from disk, or saved without a journal
+            extra = [encode_json(m) for m in messages[len(encoded):]]
+            with self.lock:
+                if len(self.encoded) == len(encoded):
+                    self.encoded.extend(extra)
+            encoded += extra
+        data = encode_snapshot(head, messages, encoded, turns=turns)
+        atomic_write_bytes(path, data)
+        with self.lock:
+            self.snapshot_upto = upto
+            self.size = len(data) + (self.size - size_before)
+            self.persisted = True
+            if upto > self.journaled:
+                self.journaled = upto  # an explicit save also covers unjournaled turns
+            if meta_dirty and self.record.system_prompt == head.system_prompt:
+                self.meta_dirty = False
+            if self.fd is not None and (self.journal_size or self.journal_torn):
+                if self.journaled <= upto:
+                    # The snapshot holds everything the journal does: empty it.
                     try:
-                        os.ftruncate(self._fd, 0)
-                        self._journal_size = 0
-                        self._journal_torn = False
+                        os.ftruncate(self.fd, 0)
+                        self.journal_size = self.journal_lines = 0
+                        self.journal_torn = False
                     except OSError as exc:
                         logger.debug("could not empty journal of %s: %s", self.session_id, exc)
-            logger.debug("saved %s: %d messages, %d bytes in %.2f ms", path, upto, len(data),
-                         (time.perf_counter() - t0) * 1000)
-            return path
+                elif self.journal_lines >= FOLD_LINES or self.journal_size >= FOLD_BYTES:
+                    self._cut_journal(upto)
+        logger.debug("saved %s: %d messages, %d bytes in %.2f ms", path, upto, len(data),
+                     (time.perf_counter() - t0) * 1000)
+        return path
 
-    def flush(self, timeout: float | None = 30.0) -> bool:
-        """Wait until every snapshot asked for so far has been attempted; False on timeout."""
-        with self._cond:
-            target = self._requested
-            return self._cond.wait_for(lambda: self._done >= target or not self._thread.is_alive(), timeout)
+    def _cut_journal(self, upto: int) -> None:
+        """Replace the journal by one line holding what the snapshot (of ``upto`` messages)
+        lacks; turns keep arriving, so it is never simply emptied (caller holds ``lock``).
 
-    def close(self) -> None:
-        """Write a final snapshot, remove the journal, release the lock. Idempotent."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
-        with self._lock:
-            fd = self._fd
-            if fd is None:
-                return
+        The new journal is written and locked under a temporary name, then renamed over the
+        old one: a crash at any moment leaves either journal, each complete against the
+        snapshot.  A process that opened the old journal finds it replaced once it gets the
+        lock, and starts again on the live path (``_lock_journal``).
+        """
+        assert self.fd is not None
+        end = self.journaled
+        encoded = [self.encoded[i] if i < len(self.encoded) else encode_json(self.messages[i])
+                   for i in range(upto, end)]
+        line = self._line(upto, end, encoded, with_meta=self.record.system_prompt is not None)
+        path = self.journal_path
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         try:
-            if self._messages and (self._snapshot_upto != len(self._messages) or self._journal_size):
+            fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        except OSError as exc:
+            logger.debug("could not cut the journal of %s: %s", self.session_id, exc)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            logger.debug("could not cut the journal of %s: %s", self.session_id, exc)
+            return
+        fsync_dir(path.parent)
+        old, self.fd = self.fd, fd
+        os.close(old)
+        self.journal_size, self.journal_lines = len(line), 1
+        logger.debug("cut the journal of %s to %d message(s)", self.session_id, end - upto)
+
+    def flush(self, timeout: float | None) -> bool:
+        with self.cond:
+            target = self.requested
+            return self.cond.wait_for(lambda: self.done >= target or self.closed or not self.job_running, timeout)
+
+    # -- the end -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Write a final snapshot, remove the journal, release the lock.  Idempotent.
+
+        In a fork()ed child this only closes the child's copy of the descriptor: the files
+        and the lock (shared with the parent) stay the parent's."""
+        with self.cond:
+            if self.closed or getattr(self, "closing", False):
+                return
+            self.closing = True
+        with _cores_lock:
+            _open_cores.discard(self)
+        if os.getpid() != self.pid:
+            self._mark_closed()
+            if self.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self.fd)
+            return
+        if (self.pending or self.orphaned) and self.journaled < len(self.messages):
+            self._reattach()
+        with self.snapshot_lock:
+            try:
+                if self.fd is None:
+                    if self.journaled < len(self.messages):
+                        logger.error("session %s closed with %d message(s) that could not be saved",
+                                     self.session_id, len(self.messages) - self.journaled)
+                    return
+                self._final_save()
+            finally:
+                with self.lock:
+                    fd, self.fd = self.fd, None
+                if fd is not None:
+                    os.close(fd)
+                self._mark_closed()
+
+    def _mark_closed(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def _final_save(self) -> None:
+        try:
+            if self.orphaned:
+                logger.error("session %s: its files were removed; %d message(s) are not saved", self.session_id,
+                             len(self.messages) - self.journaled)
+                return
+            if self.messages and (self.snapshot_upto != len(self.messages) or self.journal_size or self.journal_torn):
                 try:
-                    self.write_snapshot()
+                    self._write_snapshot(background=False, final=True)
                 except OSError as exc:
                     # Keep the journal: it is the only complete copy now.
-                    logger.warning("could not write %s on close: %s; the journal %s keeps every turn",
-                                   self.snapshot_path, exc.strerror or exc,
-                                   self.store.journal_path(self.session_id))
+                    logger.warning("could not write %s on close: %s; the journal %s keeps every saved turn",
+                                   self.snapshot_path, exc.strerror or exc, self.journal_path)
                     return
+            if self.journal_torn or (self.messages and self.snapshot_upto != len(self.messages)):
+                return
             # Still holding the lock: anyone who opened the journal before the unlink will
             # see it is gone once they get the lock, and start over on the live path.
             with dir_lock(self.store.directory):
                 with contextlib.suppress(FileNotFoundError):
-                    self.store.journal_path(self.session_id).unlink()
+                    self.journal_path.unlink()
         except OSError as exc:
             logger.warning("closing session %s: %s", self.session_id, exc)
-        finally:
-            with self._lock:
-                self._fd = None
-            os.close(fd)
-            _open_writers.discard(self)
+
+    def collected(self) -> None:
+        """The writer was garbage-collected without ``close()``: close it (never blocking on
+        this writer's own snapshot, if the collection happened inside it)."""
+        if os.getpid() == self.pid and self.snapshot_owner == threading.get_ident():
+            with contextlib.suppress(RuntimeError):  # RuntimeError: the pool is shut down
+                run_in_background(self.close, f"closing {self.session_id}")
+                return
+        logger.debug("session %s was not closed; closing it now", self.session_id)
+        self.close()
+
+
+class SessionWriter:
+    """The one writer of an open session (``SessionWriterAPI``): journal appends on the hot
+    path, snapshots in the background on the shared pool, the session's lock until ``close()``."""
+
+    def __init__(self, core: _Core):
+        self._core = core
+        # Collected without close(): release the lock, fold the journal.  Not at exit (the
+        # atexit hook does that for this process only: a forked child must not).
+        self._finalizer = weakref.finalize(self, core.collected)
+        self._finalizer.atexit = False
+
+    # -- what the session reads ----------------------------------------------------------
+    @property
+    def store(self) -> HistoryStore:
+        return self._core.store
+
+    @property
+    def session_id(self) -> str:
+        return self._core.session_id
+
+    @property
+    def record(self) -> SessionRecord:
+        """The session as written so far (its messages are the writer's own list: read only)."""
+        return self._core.record
+
+    @property
+    def persisted(self) -> bool:
+        return self._core.persisted
+
+    @property
+    def has_file(self) -> bool:
+        """Old name of ``persisted``."""
+        return self._core.persisted
+
+    @property
+    def last_error(self) -> BaseException | None:
+        return self._core.last_error
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self._core.snapshot_path
+
+    @property
+    def turns(self) -> int:
+        return self._core.turns
+
+    # -- writing -------------------------------------------------------------------------
+    def append(self, start: int, messages: list[MessageDict], meta: dict[str, Any] | None = None) -> bool:
+        """Append ``messages`` at index ``start`` (the number of messages appended so far, else
+        ``ValueError``); ``meta`` sets record-level fields (``system_prompt``).  True once
+        durable: one ``write`` to the journal.  False (logged, in ``last_error``) when not:
+        the messages stay in memory and the next append writes them first."""
+        return self._core.append(start, list(messages), meta)
+
+    def ensure_room(self, nbytes: int) -> None:
+        """Raise ``ValueError`` if about ``nbytes`` more would make the session larger than the
+        loader reads (``max_file_bytes``): whatever the writer writes, the reader reads."""
+        self._core.ensure_room(nbytes)
+
+    def bind(self, messages: list[MessageDict]) -> None:
+        """Old interface: follow ``messages`` (the session's append-only list); ``commit()``
+        appends what it holds beyond the writer's own copy."""
+        self._bound = messages
+
+    def commit(self) -> bool:
+        """Old interface: append whatever the bound list holds beyond what was appended."""
+        bound = getattr(self, "_bound", None)
+        have = len(self._core.messages)
+        if bound is None or len(bound) <= have:
+            with self._core.lock:
+                if self._core.closed:
+                    raise SessionError(f"session {self.session_id} is closed")
+            return self._core.save()
+        return self.append(have, bound[have:])
+
+    def write_snapshot(self) -> Path:
+        """Write ``<id>.json`` with every message so far now (``save_history()``)."""
+        core = self._core
+        if core.pending or core.orphaned:
+            core._reattach()
+        return core.write_snapshot()
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Wait until every snapshot asked for so far has been attempted; False on timeout."""
+        return self._core.flush(timeout)
+
+    def close(self) -> None:
+        """Write a final snapshot, remove the journal, release the lock.  Idempotent."""
+        self._finalizer.detach()
+        self._core.close()
