@@ -1,34 +1,40 @@
-"""Command-line flags of the terminal app."""
+"""Command-line flags of the terminal app, and where each default comes from.
+
+Two parsers, each flag declared once: the chat's (flags, then an optional one-shot PROMPT)
+and the housekeeping commands' (``sessions ...``, ``doctor``).  ``parse_args`` decides which
+one a command line is for: the first positional word ``sessions`` or ``doctor`` (one that is
+not a flag's value) starts a housekeeping command; global flags may stand before or after it.
+
+Defaults: built in, then the config file (``_config``), then the command line, which wins.
+The sessions folder: ``--sessions-dir``, else ``$CONVERSATION_SESSIONS_DIR``, else the config
+file's ``sessions_dir``, else ``./sessions``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
-from .._session import SESSIONS_DIR_ENV, default_sessions_dir
+from .._session import SESSIONS_DIR_ENV
 from .._version import __version__
 from ..backends import BACKEND_NAMES
+from ._commands import command_help
+from ._config import apply_config
+from ._text import parse_size
 
-__all__ = ["RETENTION_ENV", "build_parser", "parse_duration", "retention_days", "sessions_dir_from"]
+__all__ = ["HOUSEKEEPING", "RETENTION_ENV", "build_parser", "parse_args", "parse_duration",
+           "retention_days", "sessions_dir_from"]
 
 RETENTION_ENV = "CONVERSATION_SESSIONS_RETENTION_DAYS"
+HOUSEKEEPING = ("sessions", "doctor")
+_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
-_EPILOG = f"""\
-commands inside the chat:
-  history    this session: id, turns, file, the last few turns
-  stats      KV-cache figures, time to first token, tokens per second
-  clear      start over (new session; the old file stays)
-  sessions   saved sessions          resume <id>   continue one
-  new        start a new session     delete <id>   delete one (asks first)
-  export <id> [path]                 write a session as JSON (or .md)
-  help       this list               quit / exit / Ctrl-D   leave
-Commands also work with a leading slash (/history). To send a command word as a
-message, start the line with a backslash: \\history
-
-The sessions folder is --sessions-dir, else ${SESSIONS_DIR_ENV}, else ./sessions.
-
-housekeeping (no chat; global flags such as --sessions-dir go before the command):
+_HOUSEKEEPING_HELP = """\
+housekeeping (no chat; exit status 0 ok, 1 error, 2 usage):
   sessions list [--json]                      saved sessions
   sessions export ID [--format json|md] [-o PATH]   one session (stdout without -o)
   sessions export --all DIR                   every session, one JSON file each
@@ -36,61 +42,108 @@ housekeeping (no chat; global flags such as --sessions-dir go before the command
   sessions delete ID [--yes]                  delete one session
   sessions prune [--older-than 30d] [--keep N] [--dry-run] [--yes]
   doctor [--fix]                              find damaged files; --fix moves them aside
-Exit status: 0 ok, 1 error, 2 usage.
 """
 
 
+def _epilog() -> str:
+    return f"""\
+one-shot and pipes:
+  %(prog)s "what is 2+2"                  answer, print, exit
+  cat notes.txt | %(prog)s "summarise this"   standard input is added to the message
+  printf 'hello\\nhistory\\n' | %(prog)s      no PROMPT: one message or command per line
+  Replies go to standard output; notices and errors to standard error. Exit status: 0 ok,
+  1 a turn or the start failed, 2 usage, 130 interrupted (Ctrl-C; every completed turn is saved).
+
+commands inside the chat:
+{command_help()}
+
+The sessions folder is --sessions-dir, else ${SESSIONS_DIR_ENV}, else the config file's
+sessions_dir, else ./sessions. Config file: $XDG_CONFIG_HOME/conversation-session/config.toml
+(default ~/.config/...), TOML, keys are the long flag names: backend = "ollama",
+model = "qwen2.5:3b", temperature = 0.2, system = "...", sessions_dir = "~/chats",
+verbose = true. Flags on the command line win.
+
+{_HOUSEKEEPING_HELP}"""
+
+
+def _global_flags(p: Any, *, suppress: bool) -> None:
+    """The flags both parsers take (declared here once).  ``suppress``: absent unless given,
+    so a value given before the housekeeping command is not overwritten by a default after it."""
+    default: Any = argparse.SUPPRESS if suppress else None
+    p.add_argument("--sessions-dir", default=default,
+                   help=f"where sessions are saved (default: ${SESSIONS_DIR_ENV}, the config file, or ./sessions)")
+    p.add_argument("--log-level", default=argparse.SUPPRESS if suppress else "WARNING", choices=_LOG_LEVELS,
+                   help="log detail on standard error (default WARNING)")
+    p.add_argument("--log-file", default=default, metavar="PATH",
+                   help="also append the log, with every detail at --log-level, to this file")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The chat's parser (its --help also lists the chat and housekeeping commands)."""
     p = argparse.ArgumentParser(
         prog="conversation-session",
-        description="Chat with a local LLM; every turn is saved and survives timeouts and restarts.",
-        epilog=_EPILOG,
+        usage="%(prog)s [flags] [PROMPT ...]\n       %(prog)s [--sessions-dir DIR] {sessions,doctor} ...",
+        description="Chat with a local LLM; every turn is saved and survives timeouts and restarts. "
+                    "With a PROMPT, answer it and exit.",
+        epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--backend", choices=[b for b in BACKEND_NAMES if b != "fake"], default="llama-cpp",
+    p.add_argument("prompt", nargs="*", metavar="PROMPT",
+                   help="answer this one message and exit (standard input, when piped, is added to it)")
+    g = p.add_argument_group("model")
+    g.add_argument("--backend", choices=list(BACKEND_NAMES), default="llama-cpp",
+                   metavar="{" + ",".join(b for b in BACKEND_NAMES if b != "fake") + "}",
                    help="llama-cpp: in-process, no server (default); ollama; openai: any "
-                        "OpenAI-compatible server")
-    p.add_argument("--model", help="a .gguf path (llama-cpp; default: bundled SmolLM2-135M), or the "
+                        "OpenAI-compatible server (fake: scripted echo replies, for tests)")
+    g.add_argument("--model", help="a .gguf path (llama-cpp; default: bundled SmolLM2-135M), or the "
                                    "server's model name (ollama default: qwen2.5:3b)")
-    p.add_argument("--base-url", help="server URL (ollama: $OLLAMA_HOST or http://127.0.0.1:11434)")
-    p.add_argument("--sessions-dir", default=None,
-                   help=f"where sessions are saved (default: ${SESSIONS_DIR_ENV} or ./sessions)")
-    p.add_argument("--timeout", type=_seconds, default=60.0,
-                   help="seconds a reply may take; 0 for no limit (default 60)")
-    p.add_argument("--tts-wait-timeout", type=_seconds, default=30.0,
-                   help="seconds to wait for speech to finish (default 30)")
-    p.add_argument("--tts", choices=["none", "espeak"], default="none", help="speak replies")
-    p.add_argument("--tts-output-dir", default=None, help="write speech as WAV files here")
-    p.add_argument("--tts-rate", type=int, default=None, metavar="WPM", help="speech rate, words per minute")
-    p.add_argument("--tts-voice", default=None, help="espeak-ng voice for all text (default: by language)")
-    p.add_argument("--no-kv-file", dest="persist_kv", action="store_false",
-                   help="do not keep the embedded model's KV cache on disk beside the session")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="SESSION_ID",
-                   help="continue a saved session (the latest when no id is given)")
-    p.add_argument("--max-tokens", type=int, default=512, help="reply length limit (default 512)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
-    p.add_argument("--context-length", type=int, default=None,
+    g.add_argument("--base-url", help="server URL (ollama: $OLLAMA_HOST or http://127.0.0.1:11434)")
+    g.add_argument("--system", default=None, help="system prompt")
+    g.add_argument("--max-tokens", type=_positive_int, default=512, help="reply length limit (default 512)")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed, where the backend takes one")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    g.add_argument("--top-k", type=_positive_int, default=None, help="sample from the K likeliest tokens")
+    g.add_argument("--repeat-penalty", type=float, default=None, help="penalty for repeated tokens")
+    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for the embedded model")
+    g.add_argument("--context-length", type=_positive_int, default=None,
                    help="context window in tokens (llama-cpp default 8192, ollama 4096)")
-    p.add_argument("--log-level", default="WARNING",
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log detail on stderr")
-    p.add_argument("--retention-days", type=_days, default=None, metavar="N",
+    g.add_argument("--timeout", type=_seconds, default=60.0,
+                   help="seconds a reply may take; 0 for no limit (default 60)")
+    g = p.add_argument_group("sessions")
+    g.add_argument("-c", "--continue", dest="continue_", action="store_true",
+                   help="continue the latest session")
+    g.add_argument("--resume", nargs="?", const="", default=None, metavar="SESSION_ID",
+                   help="continue a saved session (the latest when no id is given)")
+    g.add_argument("--no-kv-file", dest="persist_kv", action="store_false",
+                   help="do not keep the embedded model's KV cache on disk beside the session")
+    g.add_argument("--kv-cache-max", type=_size, default=None, metavar="SIZE",
+                   help="cap on the total size of the KV cache files, e.g. 200M or 2G (default 1G)")
+    g.add_argument("--retention-days", type=_days, default=None, metavar="N",
                    help=f"on start, delete sessions not updated for N days (default ${RETENTION_ENV}, "
                         "else keep everything; 0 keeps everything)")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    _add_subcommands(p)
+    g = p.add_argument_group("speech")
+    g.add_argument("--tts", choices=["none", "espeak"], default="none", help="speak replies")
+    g.add_argument("--tts-wait-timeout", type=_seconds, default=30.0,
+                   help="seconds to wait for speech to finish (default 30)")
+    g.add_argument("--tts-output-dir", default=None, help="write speech as WAV files here")
+    g.add_argument("--tts-rate", type=int, default=None, metavar="WPM", help="speech rate, words per minute")
+    g.add_argument("--tts-voice", default=None, help="espeak-ng voice for all text (default: by language)")
+    g = p.add_argument_group("output")
+    g.add_argument("--verbose", action="store_true",
+                   help="after each reply, print its timing: prompt and generation tokens and rates")
+    _global_flags(g, suppress=False)
+    g.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
-def _add_subcommands(p: argparse.ArgumentParser) -> None:
-    # The global flags are accepted after the command too; SUPPRESS keeps a value given before it.
+def build_housekeeping_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="conversation-session", description="Manage saved sessions.",
+                                epilog=_HOUSEKEEPING_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--sessions-dir", default=argparse.SUPPRESS, help="the sessions folder")
-    common.add_argument("--log-level", default=argparse.SUPPRESS,
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log detail on stderr")
-    sub = p.add_subparsers(dest="command", metavar="{sessions,doctor}",
-                           title="housekeeping commands (without one, the chat starts)")
-    sp = sub.add_parser("sessions", parents=[common], help="list, export, import, delete or prune saved sessions",
+    _global_flags(common, suppress=True)
+    sub = p.add_subparsers(dest="command", metavar="{sessions,doctor}", required=True)
+    sp = sub.add_parser("sessions", help="list, export, import, delete or prune saved sessions",
                         description="Manage saved sessions without starting the chat.")
     ss = sp.add_subparsers(dest="sessions_command", metavar="{list,export,import,delete,prune}", required=True)
 
@@ -130,6 +183,50 @@ def _add_subcommands(p: argparse.ArgumentParser) -> None:
     q.add_argument("--fix", action="store_true",
                    help="move problem files aside to <name>.corrupt-<timestamp> (turns still readable "
                         "in a damaged journal are saved first)")
+    return p
+
+
+def _command_index(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int | None:
+    """Index of the housekeeping command word in ``argv``, if one is there as a positional."""
+    takes_value = {opt for action in parser._actions if action.nargs != 0 and action.option_strings
+                   for opt in action.option_strings}
+    for i, token in enumerate(argv):
+        if token == "--":
+            return None
+        if token in HOUSEKEEPING and not (i and argv[i - 1] in takes_value):
+            return i
+        if not token.startswith("-") and not (i and argv[i - 1] in takes_value):
+            return None  # a prompt word came first: the whole line is a chat
+    return None
+
+
+def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> argparse.Namespace:
+    """Parse a command line (exits 2 on a usage error, as argparse does).
+
+    The result has ``command`` (None for the chat; else ``sessions``/``doctor``) and
+    ``config_sessions_dir`` (the config file's folder, used after the environment variable).
+    """
+    environ = dict(os.environ) if environ is None else environ
+    parser = build_parser()
+    config_dir = apply_config(parser, environ)
+    i = _command_index(parser, argv)
+    if i is None:
+        args = parser.parse_args(argv)
+        args.command = None
+        if args.continue_:
+            if args.resume:
+                parser.error("-c/--continue continues the latest session; --resume ID a given one: not both")
+            args.resume = ""
+    else:
+        before = parser.parse_args(argv[:i])
+        if before.prompt:
+            parser.error(f"unexpected words before {argv[i]}: {' '.join(before.prompt)}")
+        args = build_housekeeping_parser().parse_args(argv[i:])
+        for name in ("sessions_dir", "log_level", "log_file"):
+            if not hasattr(args, name):
+                setattr(args, name, getattr(before, name))
+    args.config_sessions_dir = config_dir
+    return args
 
 
 _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", re.IGNORECASE)
@@ -152,6 +249,20 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError("must be 0 or more")
     return value
+
+
+def _positive_int(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _days(text: str) -> float:
@@ -181,11 +292,16 @@ def retention_days(args: argparse.Namespace, environ: dict[str, str]) -> float |
 
 
 def _seconds(text: str) -> float | None:
-    value = float(text)
-    if value < 0:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
         raise argparse.ArgumentTypeError("must be 0 (no limit) or more")
     return value or None
 
 
 def sessions_dir_from(args: argparse.Namespace) -> str:
-    return args.sessions_dir or default_sessions_dir()
+    """The flag, else the environment variable, else the config file, else ``sessions``."""
+    return (getattr(args, "sessions_dir", None) or os.environ.get(SESSIONS_DIR_ENV)
+            or getattr(args, "config_sessions_dir", None) or "sessions")

@@ -1,82 +1,185 @@
-"""The interactive chat: the seed's ``python main.py`` and its commands."""
+"""The chat: the seed's ``python main.py`` and its commands, piped line by line, or one-shot.
+
+Three modes, chosen by what the app is connected to:
+
+* interactive (stdin and stdout are terminals): prompt_toolkit prompt, colour, spinner;
+* piped (no PROMPT, stdin not a terminal): one message or command per line, replies on
+  stdout, everything else on stderr, exit status 1 if any turn failed, 130 on Ctrl-C;
+* one-shot (a PROMPT on the command line): answer it (with piped stdin added) and exit.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
+from .. import ConversationSession
 from .._exceptions import BackendError, SessionError, SessionTimeoutError, TTSTimeoutError
-from .._session import ConversationSession
-from .._store import HistoryStore, validate_session_id
+from .._result import ChatResult
+from ..backends import Backend
 from ._args import sessions_dir_from
-from ._console import Console
+from ._commands import COMMANDS, Command, command_help, find_command, parse_line
+from ._confirm import NotConfirmed, confirm
+from ._console import Console, ConsoleLogHandler
 from ._export import export_session
+from ._text import format_bytes, printable
 
-__all__ = ["ChatApp"]
+__all__ = ["ChatApp", "backend_options"]
 
 logger = logging.getLogger("conversation_session.cli")
 
-COMMANDS = ("history", "stats", "clear", "help", "quit", "exit", "sessions", "resume", "new",
-            "delete", "export")
-HELP = """\
-Commands (also with a leading slash, e.g. /history):
-  history            this session: id, turns, file, the last few turns
-  stats              KV-cache figures, time to first token, tokens per second
-  clear              start over in a new session (the old file stays on disk)
-  sessions           list saved sessions
-  resume <id>        continue a saved session        new    start a new session
-  delete <id>        delete a saved session (asks first)
-  export <id> [path] write a session to a file (.json, or .md for Markdown)
-  help               this list
-  quit / exit        leave (Ctrl-D too)
-Ctrl-C stops a reply that is being written; at an empty prompt it tells how to quit.
-To send a command word as a message, start it with a backslash: \\history"""
+# What the library logs when it trims the prompt; the app says it in its own notice instead.
+_TRIM_LOG_TEXT = "left out of the prompt"
+_HINT_FILE = ".last_hint"
+_SETTINGS = ("system", "temperature", "max_tokens", "timeout", "verbose")
+_CHECK_TIMEOUT_S = 5.0
+
+# Sampling flags -> the backend keyword that takes them (first one the backend accepts).
+_SAMPLING = {"seed": ("seed",), "top_p": ("top_p",), "top_k": ("top_k",),
+             "repeat_penalty": ("repeat_penalty",), "threads": ("n_threads", "num_thread", "threads")}
+_CONTEXT_KEY = {"llama-cpp": "n_ctx", "ollama": "num_ctx", "openai": "context_length", "fake": "context_length"}
 
 
-def _backend_options(args: argparse.Namespace) -> dict[str, object]:
-    if args.context_length is None:
-        return {}
-    key = {"llama-cpp": "n_ctx", "ollama": "num_ctx", "openai": "context_length"}[args.backend]
-    return {key: args.context_length}
+def _backend_params(name: str) -> set[str] | None:
+    """Keyword arguments the backend's constructor takes (None: any, or unknown)."""
+    try:
+        if name == "llama-cpp":
+            from ..backends._llama_cpp import LlamaCppBackend as cls
+        elif name == "ollama":
+            from ..backends._ollama import OllamaBackend as cls  # type: ignore[assignment]
+        elif name == "openai":
+            from ..backends._openai import OpenAIBackend as cls  # type: ignore[assignment]
+        else:
+            from ..backends import FakeBackend as cls  # type: ignore[assignment]
+    except ImportError:
+        return None  # creating it will say what is missing
+    params = inspect.signature(cls.__init__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
+def backend_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    """``backend_options`` for the chosen backend, and the flags it does not take (ignored)."""
+    options: dict[str, Any] = {}
+    if args.context_length is not None:
+        options[_CONTEXT_KEY.get(args.backend, "context_length")] = args.context_length
+    wanted = {flag: getattr(args, flag, None) for flag in _SAMPLING}
+    if not any(v is not None for v in wanted.values()):
+        return options, []
+    params = _backend_params(args.backend)
+    ignored = []
+    for flag, value in wanted.items():
+        if value is None:
+            continue
+        key = next((k for k in _SAMPLING[flag] if params is None or k in params), None)
+        if key is None:
+            ignored.append("--" + flag.replace("_", "-"))
+        else:
+            options[key] = value
+    return options, ignored
+
+
+def _where(store: Any) -> str:
+    return str(getattr(store, "description", None) or getattr(store, "directory", "") or "the store")
+
+
+def _info_location(info: Any) -> str:
+    return getattr(info, "location", None) or str(info.path)
+
+
+def _session_ids(store: Any) -> list[str]:
+    """Saved session ids, newest first, without loading them."""
+    try:
+        if hasattr(store, "newest_first"):
+            return list(store.newest_first())
+        return [sid for _mtime, sid in store.candidates()]
+    except (OSError, SessionError):
+        return []
 
 
 class ChatApp:
-    """One run of the chat.  ``interactive`` is True on a terminal (prompt_toolkit, colour,
-    spinner); otherwise lines are read from ``stdin`` one message or command each."""
+    """One run of the chat (see the module docstring for the modes).
+
+    ``backend`` replaces the one ``--backend`` names (tests pass a ``FakeBackend``).
+    """
 
     def __init__(self, args: argparse.Namespace, *, stdin: TextIO | None = None,
-                 stdout: TextIO | None = None, interactive: bool | None = None):
+                 stdout: TextIO | None = None, stderr: TextIO | None = None,
+                 interactive: bool | None = None, backend: Backend | None = None):
         self.args = args
         self.stdin = stdin or sys.stdin
-        self.console = Console(stdout or sys.stdout)
-        self.interactive = (self.stdin.isatty() and self.console.tty) if interactive is None else interactive
-        if not self.interactive:
-            self.console.tty = False
+        out = stdout or sys.stdout
+        self.one_shot = bool(getattr(args, "prompt", None))
+        if interactive is None:
+            interactive = not self.one_shot and self.stdin.isatty() and out.isatty()
+        self.interactive = interactive
+        self.console = Console(out, out if interactive else (stderr or sys.stderr), tty=None if interactive else False)
+        self.backend = backend
         self.session: ConversationSession | None = None
+        self.verbose = bool(getattr(args, "verbose", False))
         self._prompt: Callable[[str], str] | None = None
         self._interrupts = 0
+        self._failed = False
+        self._trimmed_seen = 0
+        self._log_handler = ConsoleLogHandler(self.console, interactive=interactive)
+        self._log_handler.drop.append(_TRIM_LOG_TEXT)
+        self.summary: dict[str, Any] | None = None  # the session's summary, once run() ends
 
     # -- set-up ----------------------------------------------------------------------------
+    def _route_logging(self) -> None:
+        """Library log lines go through the console (never over the spinner or a reply)."""
+        log = logging.getLogger("conversation_session")
+        for h in list(log.handlers):
+            if type(h) is logging.StreamHandler and getattr(h, "_conversation_session", False):
+                self._log_handler.setFormatter(h.formatter)
+                self._log_handler.setLevel(h.level)
+                log.removeHandler(h)
+        self._log_handler._conversation_session = True  # type: ignore[attr-defined]
+        if not log.handlers or self._log_handler not in log.handlers:
+            log.addHandler(self._log_handler)
+            log.propagate = False
+
     def _open_session(self) -> ConversationSession:
         a = self.args
         tts = None if a.tts == "none" else a.tts
+        options, ignored = backend_options(a)
+        for flag in ignored:
+            self.console.notice(f"{flag} is not supported by the {a.backend} backend; ignored", "yellow")
         what = "the bundled model" if a.backend == "llama-cpp" and not a.model else (a.model or a.backend)
+        extra: dict[str, Any] = {}
+        if getattr(a, "kv_cache_max", None) is not None:
+            extra["kv_cache_max_bytes"] = a.kv_cache_max
         self.console.start_spinner(f"loading {what}…")
         try:
             return ConversationSession(
-                a.model, backend=a.backend, base_url=a.base_url, timeout=a.timeout,
+                a.model, backend=self.backend or a.backend, base_url=a.base_url, timeout=a.timeout,
                 tts_wait_timeout=a.tts_wait_timeout, tts=tts, sessions_dir=sessions_dir_from(a),
                 system_prompt=a.system, max_tokens=a.max_tokens, temperature=a.temperature,
-                backend_options=_backend_options(a), tts_output_dir=a.tts_output_dir,
+                backend_options=options, tts_output_dir=a.tts_output_dir,
                 tts_options={k: v for k, v in (("rate", a.tts_rate), ("voice", a.tts_voice)) if v is not None},
-                persist_kv_cache=a.persist_kv,
+                persist_kv_cache=a.persist_kv, **extra,
             )
         finally:
             self.console.stop_spinner()
+
+    def _check_backend(self, session: ConversationSession) -> bool:
+        """Fail at start, in a few seconds, if the backend cannot serve (not at the first message)."""
+        timeout = min(_CHECK_TIMEOUT_S, self.args.timeout or _CHECK_TIMEOUT_S)
+        self.console.start_spinner(f"connecting to {session.backend.name}…")
+        try:
+            session.backend.check(timeout)
+        except BackendError as exc:
+            self.console.error(str(exc))
+            return False
+        finally:
+            self.console.stop_spinner()
+        return True
 
     def _make_prompt(self) -> Callable[[str], str]:
         if not self.interactive:
@@ -86,64 +189,111 @@ class ChatApp:
                     raise EOFError
                 return line.rstrip("\r\n")
             return read
-        from prompt_toolkit import PromptSession
-        from prompt_toolkit.history import FileHistory, InMemoryHistory
+        from ._prompt import make_prompt
 
-        history: FileHistory | InMemoryHistory = InMemoryHistory()
         assert self.session is not None
-        path = self.session.store.directory / ".input_history"
-        try:
-            self.session.store.ensure_dir()
-            path.touch(mode=0o600, exist_ok=True)
-            history = FileHistory(str(path))
-        except (OSError, SessionError) as exc:
-            logger.warning("input history not kept across runs: %s", exc)
-        ps: PromptSession[str] = PromptSession(history=history)
-        return lambda prompt: ps.prompt(prompt)
+        store = self.session.store
+        return make_prompt(getattr(store, "directory", None), lambda: _session_ids(store))
 
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> int:
         c = self.console
+        self._route_logging()
         try:
             self.session = self._open_session()
         except (SessionError, ValueError) as exc:
             c.error(str(exc))
             return 1
+        status = 0
         with self.session as session:
-            if not self._start(session):
+            if not self._check_backend(session) or not self._start(session):
                 return 1
-            self._prompt = self._make_prompt()
-            try:
-                self._loop()
-            except KeyboardInterrupt:
-                # A Ctrl-C outside a reply and outside the prompt (say, while a hint prints)
-                # means the user is pressing it repeatedly: leave, cleanly, like the second one.
-                c.line()
-            summary = session.get_history_summary()
-        if summary["turns"]:
-            c.line(f"👋 saved {summary['turns']} turn(s) in {summary['path']}", "dim")
-        return 0
+            if self.one_shot:
+                status = self._one_shot()
+            else:
+                self._prompt = self._make_prompt()
+                try:
+                    status = self._loop()
+                except KeyboardInterrupt:
+                    # A Ctrl-C outside a reply and outside the prompt (say, while a hint prints)
+                    # means the user is pressing it repeatedly: leave, cleanly, like the second one.
+                    c.line()
+                    status = 0 if self.interactive else 130
+            summary = self.summary = session.get_history_summary()
+        if summary["turns"] and not self.one_shot:
+            c.notice(f"👋 saved {summary['turns']} turn(s) in {summary['path']}", "dim")
+        if status == 0 and self._failed and not self.interactive:
+            status = 1
+        return status
 
-    def _loop(self) -> None:
+    def _one_shot(self) -> int:
+        text = " ".join(self.args.prompt)
+        if not self.stdin.isatty():
+            piped = self.stdin.read()
+            if piped.strip():
+                text = f"{text}\n\n{piped}"
+        try:
+            self._turn(text)
+        except KeyboardInterrupt:
+            return 130
+        return 1 if self._failed else 0
+
+    def _loop(self) -> int:
+        """Read and run lines until quit or end of input; returns the exit status."""
         c = self.console
         assert self._prompt is not None
         while True:
             try:
-                line = self._prompt("💬 您: " if self.interactive else "")
+                text, is_message = self._read()
             except EOFError:
                 if self.interactive:
                     c.line()
-                return
+                return 0
             except KeyboardInterrupt:
+                if not self.interactive:
+                    return 130  # piped: nobody to return to; completed turns are saved
                 self._interrupts += 1
                 if self._interrupts >= 2:
                     c.line()
-                    return
-                c.line("(Ctrl-C again, Ctrl-D or `quit` to leave)", "dim")
+                    return 0
+                c.notice("(Ctrl-C again, Ctrl-D or `quit` to leave)", "dim")
                 continue
             self._interrupts = 0
-            if not self._handle(line):
-                return
+            try:
+                go_on = self._turn(text) if is_message else self._handle(text)
+            except KeyboardInterrupt:
+                if not self.interactive:
+                    return 130
+                raise
+            if not go_on:
+                return 130 if self._interrupted_piped else 0
+
+    _interrupted_piped = False
+
+    def _read(self) -> tuple[str, bool]:
+        """One input: ``(text, is_message)``.  A line starting with triple quotes begins a
+        message of several lines, up to the line ending with them (as in ``ollama run``)."""
+        assert self._prompt is not None
+        line = self._prompt("💬 您: " if self.interactive else "")
+        if "\n" in line:  # Alt-Enter made it several lines: a message
+            return line, True
+        start = line.lstrip()
+        if not start.startswith('"""'):
+            return line, False
+        body = start[3:]
+        if body.rstrip().endswith('"""'):
+            return body.rstrip()[:-3], True
+        parts = [body]
+        while True:
+            try:
+                more = self._prompt("... " if self.interactive else "")
+            except EOFError:
+                break
+            if more.rstrip().endswith('"""'):
+                parts.append(more.rstrip()[:-3])
+                break
+            parts.append(more)
+        return "\n".join(parts).strip("\n"), True
 
     def _start(self, session: ConversationSession) -> bool:
         c = self.console
@@ -155,41 +305,65 @@ class ChatApp:
                 c.error(str(exc))
                 return False
             if resumed:
-                c.line(f"✅ resumed {session.session_id}: {session.turns} turn(s)", "green")
+                if not self.one_shot:
+                    c.notice(f"✅ resumed {session.session_id}: {session.turns} turn(s)", "green")
+                self._trimmed_seen = 0
             elif a.resume:
-                c.error(f"no saved session {a.resume} in {session.store.directory}")
+                c.error(f"no saved session {a.resume} in {_where(session.store)}")
                 return False
-            else:
-                c.line("No saved session to resume; starting a new one.", "dim")
+            elif not self.one_shot:
+                c.notice("No saved session to resume; starting a new one.", "dim")
         if self.interactive:
-            c.line(f"conversation-session · {session.backend.name} · {session.llm_model} · "
-                   f"session {session.session_id}", "bold")
-            c.line("Type a message, or `help` for commands.", "dim")
-        if a.resume is None:
-            newest = session.store.load_newest(exclude={session.session_id})
-            if newest is not None:
-                c.line(f"An earlier session exists: {newest.session_id} ({newest.turns} turn(s), "
-                       f"updated {newest.updated_at}). Continue it with `resume {newest.session_id}`"
-                       " or start with --resume.", "dim")
+            c.notice(f"conversation-session · {session.backend.name} · {session.llm_model} · "
+                     f"session {session.session_id}", "bold")
+            c.notice("Type a message, or `help` for commands.", "dim")
+        if a.resume is None and not self.one_shot:
+            self._hint_earlier(session)
         return True
+
+    def _hint_earlier(self, session: ConversationSession) -> None:
+        """Say that an earlier session exists, once per earlier session (not at every start)."""
+        store = session.store
+        directory = getattr(store, "directory", None)
+        marker = Path(directory) / _HINT_FILE if directory is not None else None
+        newest_id = next((sid for sid in _session_ids(store) if sid != session.session_id), None)
+        if newest_id is None:
+            return
+        try:
+            if marker is not None and marker.read_text(encoding="utf-8").strip() == newest_id:
+                return
+        except (OSError, UnicodeDecodeError):
+            pass
+        newest = store.load_newest(exclude={session.session_id})
+        if newest is None:
+            return
+        self.console.notice(f"An earlier session exists: {newest.session_id} ({newest.turns} turn(s), "
+                            f"updated {newest.updated_at}). Continue it with `/resume {newest.session_id}`"
+                            " or start with -c.", "dim")
+        if marker is not None:
+            try:
+                marker.write_text(newest.session_id + "\n", encoding="utf-8")
+                marker.chmod(0o600)
+            except OSError as exc:
+                logger.debug("cannot remember the hint in %s: %s", marker, exc)
 
     def _handle(self, line: str) -> bool:
         """Run one input line; False to quit."""
-        text = line.strip()
-        if not text:
+        session = self.session
+        assert session is not None
+        parsed = parse_line(line, lambda sid: sid in _session_ids(session.store))
+        if parsed.kind == "empty":
             return True
-        if text.startswith("\\"):
-            return self._chat(text[1:])
-        word, _, rest = text.partition(" ")
-        command = word[1:] if word.startswith("/") else word
-        if command.lower() in COMMANDS and (word.startswith("/") or command == word):
-            return self._command(command.lower(), rest.strip())
-        if word.startswith("/") and len(word) > 1:
-            self.console.error(f"unknown command {word}; type help")
+        if parsed.kind == "unknown":
+            self.console.error(f"unknown command {parsed.text}; type help (a leading \\ sends it as a message)")
             return True
-        return self._chat(text)
+        if parsed.kind == "message":
+            return self._turn(parsed.text)
+        assert parsed.command is not None
+        return self._command(parsed.command, parsed.arg)
 
-    def _chat(self, text: str) -> bool:
+    def _turn(self, text: str) -> bool:
+        """Send one message and show the reply; False to stop (Ctrl-C when piped)."""
         c = self.console
         session = self.session
         assert session is not None
@@ -197,7 +371,6 @@ class ChatApp:
             return True
         if self.interactive:
             c.start_spinner("thinking…")
-            c.write("")
         started = False
 
         def on_token(piece: str) -> None:
@@ -207,71 +380,134 @@ class ChatApp:
                 if self.interactive:
                     c.write(c.style("🤖 ", "cyan"))
                 started = True
-            c.write(piece)
+            c.reply(piece)
 
         turns_before = session.turns
+        result: ChatResult | None = None
+        tts_note = ""
+        c.hold()
         try:
             result = session.chat(text, on_token=on_token)
         except KeyboardInterrupt:
             c.stop_spinner()
+            self._end_reply(started)
+            c.release()
             if session.turns > turns_before:  # the text was complete; only its speech was stopped
-                c.line(("\n" if started else "") + "🔇 speech stopped (the reply is saved)", "yellow")
+                c.notice("🔇 speech stopped (the reply is saved)", "yellow")
             else:
-                c.line(("\n" if started else "") + "⏹️  interrupted: this reply was not saved", "yellow")
+                c.notice("⏹️  interrupted: this reply was not saved", "yellow")
+            if not self.interactive:
+                self._interrupted_piped = True
+                return False
             return True
-        except TTSTimeoutError as exc:
-            c.line(("\n" if started else "") + f"🔇 speech stopped after {exc.timeout:g} s (--tts-wait-timeout); "
-                   "the reply is saved", "yellow")
-            return True
+        except TTSTimeoutError as exc:  # the turn is complete and saved; only speech was cut
+            tts_note = f"🔇 speech stopped after {exc.timeout:g} s (--tts-wait-timeout); the reply is saved"
+            result = exc.result
         except SessionTimeoutError as exc:
             c.stop_spinner()
-            c.line(("\n" if started else "") + f"⏱️  timed out after {exc.timeout:g} s; the conversation "
-                   "so far is kept, carry on", "yellow")
+            self._end_reply(started)
+            c.release()
+            kept = ("the partial reply above was not kept; " if started else "")
+            c.notice(f"⏱️  timed out after {exc.timeout:g} s; {kept}the conversation so far is kept, "
+                     "carry on", "yellow")
+            self._failed = True
             return True
-        except BackendError as exc:
+        except SessionError as exc:  # BackendError included
             c.stop_spinner()
-            c.error(("\n" if started else "") + str(exc))
-            return True
-        except SessionError as exc:
-            c.stop_spinner()
+            self._end_reply(started)
+            c.release()
             c.error(str(exc))
+            self._failed = True
             return True
-        c.stop_spinner()
-        if not started:
-            c.write(c.style("🤖 (empty reply)", "dim") if self.interactive else "")
-        c.write("\n")
-        if not result.saved and session.enable_cache:
-            c.line("⚠️  this turn could not be saved to disk (see the log); it is kept in memory and "
-                   "will be saved with the next one", "yellow")
+        finally:
+            c.stop_spinner()
+        if not started and self.interactive:
+            c.write(c.style("🤖 (empty reply)", "dim"))
+        if started or self.interactive:
+            c.write("\n")
+        c.release()
+        if tts_note:
+            c.notice(tts_note, "yellow")
+        assert result is not None
+        self._after_reply(session, result)
         return True
 
+    def _end_reply(self, started: bool) -> None:
+        """End the line of a reply cut short (the notice that follows goes on its own line)."""
+        if started:
+            self.console.write("\n")
+
+    def _after_reply(self, session: ConversationSession, result: ChatResult) -> None:
+        c = self.console
+        if result.finish_reason == "length":
+            c.notice(f"✂️  the reply reached the {session.max_tokens}-token limit (--max-tokens) and was cut",
+                     "dim")
+        if result.trimmed_turns > self._trimmed_seen:
+            c.notice(f"ℹ️  the conversation no longer fits the context window: the oldest "
+                     f"{result.trimmed_turns} turn(s) are left out of what the model sees (they stay saved)",
+                     "dim")
+        self._trimmed_seen = result.trimmed_turns
+        if not result.saved and session.enable_cache:
+            c.notice("⚠️  this turn could not be saved to disk (see the log); it is kept in memory and "
+                     "will be saved with the next one", "yellow")
+        if self.verbose:
+            self._show_timing(result)
+
+    def _show_timing(self, r: ChatResult) -> None:
+        """``ollama run --verbose``: durations, token counts and rates of the reply."""
+        rows = [("total duration", f"{r.total_s:.3f} s")]
+        if r.prompt_tokens is not None:
+            computed = r.prompt_tokens - (r.cached_tokens or 0)
+            rows.append(("prompt tokens", f"{r.prompt_tokens} ({r.cached_tokens or 0} from the KV cache, "
+                                          f"{computed} computed)"))
+            if r.ttft_s:
+                rows.append(("prompt eval duration", f"{r.ttft_s:.3f} s (to the first token)"))
+                rows.append(("prompt eval rate", f"{computed / r.ttft_s:.1f} tokens/s"))
+        if r.completion_tokens is not None:
+            rows.append(("eval count", f"{r.completion_tokens} token(s)"))
+        if r.ttft_s is not None:
+            rows.append(("eval duration", f"{r.total_s - r.ttft_s:.3f} s"))
+        if r.tokens_per_s is not None:
+            rows.append(("eval rate", f"{r.tokens_per_s:.1f} tokens/s"))
+        for name, value in rows:
+            self.console.notice(f"{name + ':':<22}{value}", "dim")
+
     # -- commands --------------------------------------------------------------------------
-    def _command(self, command: str, arg: str) -> bool:
+    def _command(self, command: Command, arg: str) -> bool:
         c = self.console
         session = self.session
         assert session is not None
-        if command in ("quit", "exit"):
+        name = command.name
+        if name == "quit":
             return False
-        if command == "help":
-            c.line(HELP)
-        elif command == "history":
+        if name == "help":
+            c.line("Commands (a word alone on its line, or with a leading slash: /history):")
+            c.line(command_help())
+        elif name == "history":
             self._show_history(session)
-        elif command == "stats":
+        elif name == "stats":
             self._show_stats(session)
-        elif command in ("clear", "new"):
+        elif name in ("clear", "new"):
             old = session.session_id
             had = session.turns
-            session.clear_history()
-            c.line(f"🧹 new session {session.session_id}"
-                   + (f" (the previous one, {old}, is saved)" if had else ""), "green")
-        elif command == "sessions":
+            try:
+                session.clear_history()
+            except SessionError as exc:
+                c.error(str(exc))
+                return True
+            self._trimmed_seen = 0
+            c.notice(f"🧹 new session {session.session_id}"
+                     + (f" (the previous one, {old}, is saved)" if had else ""), "green")
+        elif name == "sessions":
             self._list_sessions(session.store)
-        elif command == "resume":
+        elif name == "resume":
             self._resume(session, arg)
-        elif command == "delete":
+        elif name == "delete":
             self._delete(session, arg)
-        elif command == "export":
+        elif name == "export":
             self._export(session, arg)
+        elif name == "set":
+            self._set(session, arg)
         return True
 
     def _show_history(self, session: ConversationSession) -> None:
@@ -281,15 +517,19 @@ class ChatApp:
         c.line(f"   file: {s['path'] or '(not saved: enable_cache=False)'}"
                f"{'' if s['has_history_file'] else ' (not written yet)'}")
         c.line(f"   model: {s['llm_model']} ({s['backend']}), created {s['created_at']}")
+        if session.system_prompt:
+            c.line(f"   system: {printable(' '.join(session.system_prompt.split()), keep_newlines=False)[:100]}")
         history = session.history
         if history:
             c.line("   last turns:")
             for m in history[-6:]:
                 who = "您" if m["role"] == "user" else "🤖"
-                text = " ".join(m["content"].split())
+                text = printable(" ".join(m["content"].split()), keep_newlines=False)
                 c.line(f"   {who}: {text[:100]}{'…' if len(text) > 100 else ''}", "dim")
 
     def _show_stats(self, session: ConversationSession) -> None:
+        # Asked afresh each time: the app keeps no figures of its own, so after `clear` or
+        # `resume` nothing of the previous session can show.
         st = session.get_cache_stats()
 
         def fmt(value: object, unit: str = "") -> str:
@@ -299,15 +539,18 @@ class ChatApp:
                 return f"{value:.3f}{unit}" if value < 10 else f"{value:.1f}{unit}"
             return f"{value}{unit}"
 
+        def size(value: object) -> str:
+            return "–" if not isinstance(value, (int, float)) else format_bytes(value)
+
         ratio = st.get("cache_hit_ratio")
         rows = [
             ("backend / model", f"{st['backend']} / {st['llm_model']}"),
             ("context window", fmt(st.get("n_ctx"), " tokens")),
             ("tokens in KV cache", fmt(st.get("tokens_in_cache"))),
-            ("KV state size", fmt(st.get("state_bytes"), " bytes")),
+            ("KV state size", size(st.get("state_bytes"))),
             ("last prompt", f"{fmt(st.get('prompt_tokens'))} tokens, {fmt(st.get('cached_tokens'))} from cache"),
             ("session cache hits", "–" if ratio is None else
-             f"{ratio:.0%} ({st['total_cached_tokens']} of {st['total_prompt_tokens']} prompt tokens)"),
+             f"{ratio:.0%} ({st.get('total_cached_tokens')} of {st.get('total_prompt_tokens')} prompt tokens)"),
             ("time to first token", fmt(st.get("ttft_s"), " s")),
             ("generation speed", fmt(st.get("tokens_per_s"), " tokens/s")),
             ("turns left out of the prompt", fmt(st.get("trimmed_turns"))),
@@ -315,84 +558,176 @@ class ChatApp:
         ]
         if st.get("kv_restored") is not None:
             rows.append(("KV cache restored on resume",
-                         f"yes: {st['kv_restore_tokens']} tokens, {st['kv_restore_bytes']:,} bytes in "
-                         f"{st['kv_restore_s'] * 1000:.0f} ms" if st["kv_restored"]
+                         f"yes: {st.get('kv_restore_tokens')} tokens, {size(st.get('kv_restore_bytes'))} in "
+                         f"{(st.get('kv_restore_s') or 0) * 1000:.0f} ms" if st["kv_restored"]
                          else f"no ({st.get('kv_restore_reason')})"))
         if st.get("warmup"):
             rows.append(("resume warm-up", f"{st['warmup']} in {fmt(st.get('warmup_s'), ' s')}"))
         if st.get("kv_save"):
-            rows.append(("KV cache file", st["kv_save"]))
+            detail = st["kv_save"]
+            if st.get("kv_saved_bytes") is not None:
+                detail += f": {st.get('kv_saved_tokens')} tokens, {size(st['kv_saved_bytes'])}"
+            rows.append(("KV cache file", detail))
+        for key in ("kv_file_bytes", "kv_files_bytes", "kv_total_bytes"):
+            if st.get(key) is not None:
+                rows.append(("KV cache file size" if key == "kv_file_bytes" else "KV cache files, total",
+                             size(st[key])))
         if st.get("tts_first_audio_s") is not None:
             rows.append(("time to first audio", fmt(st["tts_first_audio_s"], " s")))
         self.console.line("📊 KV cache")
         for name, value in rows:
             self.console.line(f"   {name:<30} {value}")
 
-    def _list_sessions(self, store: HistoryStore) -> None:
+    def _list_sessions(self, store: Any) -> None:
         c = self.console
         infos = store.list_sessions()
         if not infos:
-            c.line(f"no saved sessions in {store.directory}")
+            c.line(f"no saved sessions in {_where(store)}")
             return
         current = self.session.session_id if self.session else None
         for info in infos:
             mark = "*" if info.session_id == current else " "
-            first = info.first_user_line[:50] + ("…" if len(info.first_user_line) > 50 else "")
-            c.line(f"{mark} {info.session_id:<24} {info.updated_at:<20} {info.turns:>4} turn(s)  {first}")
+            line = printable(info.first_user_line, keep_newlines=False)
+            first = line[:50] + ("…" if len(line) > 50 else "")
+            c.line(f"{mark} {info.session_id:<24} {info.updated_at:<20} {info.turns:>4} turn(s)  "
+                   f"{format_bytes(info.size_bytes):>8}  {first}")
 
     def _resume(self, session: ConversationSession, arg: str) -> None:
         c = self.console
         try:
-            ok = session.load_history(arg or None)
+            ok = session.load_history(arg.split()[0] if arg else None)
         except (SessionError, ValueError) as exc:
             c.error(str(exc))
             return
         if ok:
-            c.line(f"✅ resumed {session.session_id}: {session.turns} turn(s)", "green")
+            self._trimmed_seen = 0
+            c.notice(f"✅ resumed {session.session_id}: {session.turns} turn(s)", "green")
         else:
             c.error(f"no saved session {arg}" if arg else "no other saved session to resume")
 
-    def _confirm(self, question: str) -> bool:
-        assert self._prompt is not None
-        try:
-            answer = self._prompt(f"{question} [y/N] " if self.interactive else "")
-        except (EOFError, KeyboardInterrupt):
-            return False
-        return answer.strip().lower() in ("y", "yes")
-
     def _delete(self, session: ConversationSession, arg: str) -> None:
         c = self.console
-        if not arg:
-            c.error("usage: delete <session_id>  (see `sessions`)")
+        words = arg.split()
+        yes = any(w in ("-y", "--yes") for w in words)
+        ids = [w for w in words if w not in ("-y", "--yes")]
+        if len(ids) != 1:
+            c.error("usage: /delete ID [--yes]  (see `sessions`)")
             return
+        sid = ids[0]
         try:
-            validate_session_id(arg)
+            from .._store import validate_session_id
+
+            validate_session_id(sid)
         except ValueError as exc:
             c.error(str(exc))
             return
-        if arg == session.session_id:
+        if sid == session.session_id:
             c.error("that is the current session; `new` first, then delete it")
             return
-        if not self._confirm(f"Delete {arg}? This cannot be undone."):
-            c.line("not deleted")
+        if sid not in _session_ids(session.store):
+            c.error(f"no saved session {sid}")
+            return
+        assert self._prompt is not None
+        try:
+            go = confirm(f"Delete {sid}? This cannot be undone.", yes=yes, terminal=self.interactive,
+                         ask=self._prompt)
+        except NotConfirmed as exc:
+            c.error(str(exc))
+            return
+        if not go:
+            c.notice("not deleted")
             return
         try:
-            removed = session.store.delete(arg)
+            removed = session.store.delete(sid)
         except SessionError as exc:
             c.error(str(exc))
             return
-        c.line(f"🗑️  deleted {arg}" if removed else f"no saved session {arg}")
+        c.notice(f"🗑️  deleted {sid}" if removed else f"no saved session {sid}")
 
     def _export(self, session: ConversationSession, arg: str) -> None:
         c = self.console
-        sid, _, dest = arg.partition(" ")
-        sid = sid or session.session_id
+        words = arg.split(maxsplit=1)
+        from .._store import validate_session_id
+
+        sid, dest = session.session_id, ""
+        if words:
+            try:
+                sid = validate_session_id(words[0])
+                dest = words[1].strip() if len(words) > 1 else ""
+            except ValueError:
+                dest = arg.strip()  # `/export chat.md`: this session, to that file
         try:
-            path = export_session(session.store, sid, Path(dest.strip()) if dest.strip() else None)
+            path = export_session(session.store, sid, Path(dest).expanduser() if dest else None)
         except FileNotFoundError:
             c.error(f"no saved session {sid}")
         except (SessionError, ValueError, OSError) as exc:
             c.error(str(exc))
         else:
-            c.line(f"📤 exported {sid} to {path}")
+            c.notice(f"📤 exported {sid} to {path}")
 
+    def _set(self, session: ConversationSession, arg: str) -> None:
+        c = self.console
+        name, _, value = arg.partition(" ")
+        name = name.strip().lower().replace("-", "_")
+        value = value.strip()
+        if not name:
+            system = session.system_prompt
+            c.line(f"   system       {printable(system, keep_newlines=False) if system else '(none)'}")
+            c.line(f"   temperature  {session.temperature:g}")
+            c.line(f"   max_tokens   {session.max_tokens}")
+            c.line(f"   timeout      {'none' if session.timeout is None else f'{session.timeout:g} s'}")
+            c.line(f"   verbose      {'on' if self.verbose else 'off'}")
+            return
+        try:
+            if name == "system":
+                session.system_prompt = value or None
+                c.notice("system prompt " + ("set" if value else "removed") + "; it applies from the next reply")
+                return
+            if name == "temperature":
+                number = float(value)
+                if not 0 <= number <= 5:
+                    raise ValueError("the temperature must be between 0 and 5")
+                session.temperature = number
+            elif name == "max_tokens":
+                count = int(value)
+                if count < 1:
+                    raise ValueError("max_tokens must be 1 or more")
+                session.max_tokens = count
+            elif name == "timeout":
+                seconds = float(value)
+                if seconds < 0:
+                    raise ValueError("the timeout must be 0 (no limit) or more seconds")
+                session.timeout = seconds or None
+            elif name == "verbose":
+                if value.lower() not in ("on", "off", "true", "false", "1", "0", ""):
+                    raise ValueError("use /set verbose on or /set verbose off")
+                self.verbose = value.lower() in ("on", "true", "1", "")
+            else:
+                c.error(f"cannot set {name!r}; settable: {', '.join(_SETTINGS)}")
+                return
+        except ValueError as exc:
+            text = str(exc)
+            c.error(text if "must" in text or "use" in text else f"{name}: {value!r} is not a valid value")
+            return
+        c.notice(f"{name} = {value or 'on'}")
+
+
+def completions(text: str, session_ids: Callable[[], Iterable[str]]) -> list[tuple[str, int]]:
+    """Tab completions for ``text`` (the line before the cursor): ``(completion, start)`` pairs,
+    ``start`` being how many characters before the cursor the completion replaces."""
+    if " " not in text:
+        slash = text.startswith("/")
+        word = (text[1:] if slash else text).lower()
+        if not word and not slash:
+            return []
+        names = [n for c in COMMANDS for n in (c.name, *c.aliases) if n.startswith(word)]
+        return [(("/" if slash else "") + n, len(text)) for n in names]
+    head, _, tail = text.partition(" ")
+    command = find_command(head.lstrip("/"))
+    if command is None or " " in tail:
+        return []
+    if command.session_arg:
+        return [(sid, len(tail)) for sid in session_ids() if sid.startswith(tail)]
+    if command.name == "set":
+        return [(n, len(tail)) for n in _SETTINGS if n.startswith(tail.lower())]
+    return []

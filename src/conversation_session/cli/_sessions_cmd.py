@@ -16,9 +16,11 @@ from typing import TextIO
 
 from .._exceptions import SessionError, SessionLockedError
 from .._housekeeping import INFO_KINDS, doctor, export_all, import_session, prune
-from .._store import HistoryStore, SessionInfo, validate_session_id
+from .._store import HistoryStore, validate_session_id
 from ._args import sessions_dir_from
+from ._confirm import confirm
 from ._export import encode_record, export_session
+from ._text import format_bytes, printable
 
 __all__ = ["CommandError", "apply_retention", "run_command"]
 
@@ -30,14 +32,14 @@ class CommandError(SessionError):
 
 
 def _clean(text: str) -> str:
-    """Text safe to print: a lone surrogate from a damaged file must not crash the output."""
-    return text.encode("utf-8", "replace").decode("utf-8")
+    """Text safe to print: a lone surrogate from a damaged file must not crash the output,
+    and control characters from a session's content must not drive the terminal."""
+    return printable(text)
 
 
-def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    return f"{n / 1024:.1f} KB" if n < 1024 * 1024 else f"{n / (1024 * 1024):.1f} MB"
+def _one_line(text: str, width: int) -> str:
+    line = printable(text, keep_newlines=False)
+    return line[:width] + ("…" if len(line) > width else "")
 
 
 class _Commands:
@@ -50,15 +52,15 @@ class _Commands:
         print(_clean(text), file=self.out)
 
     def confirm(self, question: str) -> bool:
-        """True to go ahead: ``--yes``, or a "y" typed at the terminal."""
-        if getattr(self.args, "yes", False):
-            return True
-        if not self.stdin.isatty():
-            raise CommandError("not confirmed: standard input is not a terminal, so nobody can answer; "
-                               "add --yes to go ahead")
-        print(f"{question} [y/N] ", end="", file=self.out, flush=True)
-        answer = self.stdin.readline()
-        return answer.strip().lower() in ("y", "yes")
+        """True to go ahead: ``--yes``, or a "y" typed at the terminal (see ``_confirm``)."""
+        def ask(prompt: str) -> str:
+            print(prompt, end="", file=self.out, flush=True)
+            answer = self.stdin.readline()
+            if not answer:
+                raise EOFError
+            return answer
+
+        return confirm(question, yes=getattr(self.args, "yes", False), terminal=self.stdin.isatty(), ask=ask)
 
     def _no_session(self, session_id: str) -> CommandError:
         return CommandError(f"no saved session {session_id} in {self.store.directory}; "
@@ -68,17 +70,16 @@ class _Commands:
     def list(self) -> int:
         infos = self.store.list_sessions()
         if self.args.json:
-            self.out.write(json.dumps([_info_dict(i) for i in infos], ensure_ascii=False, indent=2)
-                           .encode("utf-8", "replace").decode("utf-8") + "\n")
+            text = json.dumps([_info_dict(i) for i in infos], ensure_ascii=False, indent=2) + "\n"
+            self.out.write(_clean(text) if self.out.isatty() else text.encode("utf-8", "replace").decode("utf-8"))
             return 0
         if not infos:
             self.say(f"no saved sessions in {self.store.directory}")
             return 0
         self.say(f"{'ID':<26} {'CREATED':<19}  {'UPDATED':<19}  {'TURNS':>5}  {'SIZE':>8}  FIRST LINE")
         for i in infos:
-            first = i.first_user_line[:60] + ("…" if len(i.first_user_line) > 60 else "")
             self.say(f"{i.session_id:<26} {i.created_at:<19}  {i.updated_at:<19}  {i.turns:>5}  "
-                     f"{_size(i.size_bytes):>8}  {first}")
+                     f"{format_bytes(i.size_bytes):>8}  {_one_line(i.first_user_line, 60)}")
         return 0
 
     # -- sessions export -----------------------------------------------------------------------
@@ -109,7 +110,8 @@ class _Commands:
             print(_clean(f"exported {sid} to {path}"), file=self.err)
             return 0
         text = encode_record(record, a.format or "json").decode("utf-8")
-        self.out.write(_clean(text))
+        # To a terminal, content is shown, not obeyed; to a pipe or file it is written exactly.
+        self.out.write(_clean(text) if self.out.isatty() else text.encode("utf-8", "replace").decode("utf-8"))
         self.out.flush()
         return 0
 
@@ -151,7 +153,7 @@ class _Commands:
         self.say(f"{verb} {len(doomed)} session(s):")
         for sid in doomed:
             i = infos.get(sid)
-            self.say(f"  {sid:<26} updated {i.updated_at:<19}  {i.turns:>4} turn(s)  {i.first_user_line[:50]}"
+            self.say(f"  {sid:<26} updated {i.updated_at:<19}  {i.turns:>4} turn(s)  {_one_line(i.first_user_line, 50)}"
                      if i else f"  {sid}")
         if a.dry_run:
             return 0
@@ -175,7 +177,7 @@ class _Commands:
             return 0
         unresolved = 0
         for p in problems:
-            self.say(f"{p.kind:<16} {p.path.name}: {p.detail}")
+            self.say(f"{p.kind:<16} {p.path.name}: {_without_name(p.detail, p.path)}")
             if p.moved_to is not None:
                 self.say(f"{'':<16} moved aside to {p.moved_to.name}")
             elif p.kind not in INFO_KINDS:
@@ -198,10 +200,21 @@ def _valid_id(text: str) -> str:
         raise _Usage(str(exc)) from None
 
 
-def _info_dict(i: SessionInfo) -> dict[str, object]:
-    return {"session_id": i.session_id, "created_at": i.created_at, "updated_at": i.updated_at,
-            "turns": i.turns, "total_messages": i.total_messages, "size_bytes": i.size_bytes,
-            "llm_model": i.llm_model, "first_user_line": i.first_user_line, "path": str(i.path)}
+def _without_name(detail: str, path: Path) -> str:
+    """A problem's detail without the file name the line already starts with."""
+    for name in (str(path), path.name):
+        for sep in (": ", " "):
+            if detail.startswith(name + sep):
+                return detail[len(name) + len(sep):]
+    return detail
+
+
+def _info_dict(i: object) -> dict[str, object]:
+    location = getattr(i, "location", None) or str(getattr(i, "path", ""))
+    out = {k: getattr(i, k) for k in ("session_id", "created_at", "updated_at", "turns", "total_messages",
+                                       "size_bytes", "llm_model", "first_user_line")}
+    out["path"] = location
+    return out
 
 
 def run_command(args: argparse.Namespace, *, usage: Callable[[str], object] | None = None,

@@ -1,0 +1,56 @@
+"""The interactive prompt (prompt_toolkit): input history kept across runs, Tab completion
+of commands and session ids, Alt-Enter for a new line within a message."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion
+from prompt_toolkit.document import Document
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+
+__all__ = ["make_prompt"]
+
+logger = logging.getLogger("conversation_session.cli")
+
+
+class _ChatCompleter(Completer):
+    def __init__(self, session_ids: Callable[[], Iterable[str]]):
+        self.session_ids = session_ids
+
+    def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterator[Completion]:
+        from ._chat import completions
+
+        for text, start in completions(document.text_before_cursor, self.session_ids):
+            yield Completion(text, start_position=-start)
+
+
+def _history(directory: str | os.PathLike[str] | None) -> History:
+    if directory is None:
+        return InMemoryHistory()
+    path = Path(directory) / ".input_history"
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
+        return FileHistory(str(path))
+    except OSError as exc:
+        logger.warning("input history not kept across runs: %s", exc)
+        return InMemoryHistory()
+
+
+def make_prompt(directory: str | os.PathLike[str] | None,
+                session_ids: Callable[[], Iterable[str]]) -> Callable[[str], str]:
+    keys = KeyBindings()
+
+    @keys.add("escape", "enter")  # Alt-Enter (Esc then Enter): a new line, not "send"
+    def _newline(event: KeyPressEvent) -> None:
+        event.current_buffer.insert_text("\n")
+
+    ps: PromptSession[str] = PromptSession(history=_history(directory), completer=_ChatCompleter(session_ids),
+                                           complete_while_typing=False, key_bindings=keys)
+    return lambda prompt: ps.prompt(prompt)
