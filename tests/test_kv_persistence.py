@@ -81,16 +81,20 @@ def test_restored_cells_predict_like_recomputed_ones(saved_session, sessions_dir
         messages = HistoryStore(sessions_dir).load(sid).messages
         question = [*messages, {"role": "user", "content": "Which language did I mention first?"}]
         tokens = backend.render(question)
-        with backend._model.lock:
+        key = "cells-probe"  # a conversation of this test's own, in the context when restored
+        with backend._model.lock.hold(key):
+            backend._activate(key)
             backend._model.llama.reset()
-        figures = backend.restore_state(kv, messages, max_bytes=1 << 30)
+        figures = backend.restore_state(kv, messages, max_bytes=1 << 30, cache_key=key)
         assert figures["kv_restored"] is True
-        with backend._model.lock:
+        with backend._model.lock.hold(key):
+            assert backend._model.active == key
             restored = _next_token_logits(backend, tokens, figures["kv_restore_tokens"])
             backend._model.llama.reset()
             recomputed = _next_token_logits(backend, tokens, 0)
             backend._model.llama.reset()
             without_history = _next_token_logits(backend, backend.render(question[-1:]), 0)
+        backend.forget(key)
 
     def cosine(a, b):
         return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

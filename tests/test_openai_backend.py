@@ -451,9 +451,10 @@ def test_the_terminal_app_on_a_real_openai_compatible_server(llama_server, sessi
     first = subprocess.run(args, input="My name is Xiaoming.\nhistory\nstats\n", capture_output=True, text=True,
                            timeout=120)
     assert first.returncode == 0, first.stderr
-    assert "1 turn(s), 2 message(s)" in first.stdout and "backend / model" in first.stdout
-    assert "openai /" in first.stdout
+    out = first.stdout + first.stderr  # replies on stdout, notices on stderr
+    assert "1 turn(s), 2 message(s)" in out and "backend / model" in out
+    assert "openai /" in out
     again = subprocess.run([*args, "--resume"], input="And my name?\nhistory\n", capture_output=True, text=True,
                            timeout=120)
     assert again.returncode == 0, again.stderr
-    assert "resumed session_" in again.stdout and "2 turn(s), 4 message(s)" in again.stdout
+    assert "resumed session_" in again.stdout + again.stderr and "2 turn(s), 4 message(s)" in again.stdout

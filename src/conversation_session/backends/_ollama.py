@@ -1,9 +1,10 @@
 """The Ollama backend: the seed's own deployment (``qwen2.5:3b`` served by Ollama).
 
-Streams ``/api/chat`` (NDJSON) with the whole kept history through the official ``ollama``
-client, whose ``httpx`` client gets our timeouts and a ``StreamKiller``: Ollama stops
-generating only when the client disconnects, so cancelling a turn shuts the socket down.
-Ollama's runner reuses its KV cache for the common prefix.
+Streams ``/api/chat`` (NDJSON, as documented in Ollama's docs/api.md) with the whole kept
+history, over ``httpx`` directly: sync for threads, native async for event loops (no thread
+per turn).  Ollama stops generating only when the client disconnects, so cancelling a turn
+closes (or, from another thread, shuts down) the socket.  Ollama's runner reuses its KV cache
+for the common prefix.
 
 Figures: ``prompt_eval_count`` is what Ollama counts as the prompt.  Depending on the Ollama
 version it is the whole prompt or only the tokens it had to compute (the rest came from its
@@ -13,22 +14,21 @@ an estimate and other clients share the server's cache), so ``cached_tokens`` is
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import os
 import threading
-from collections.abc import Generator, Iterator
-from typing import Any, cast
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from typing import Any
 
 import httpx
-import ollama
 
 from .._exceptions import BackendError, ModelNotFoundError
 from .._format import MessageDict
 from ._base import Backend, CancelToken, GenerationRequest, Usage
-from ._http import HttpTimeouts, StreamKiller
+from ._http import AsyncClients, HttpTimeouts, cancel_extensions, make_client, server_message
 
-__all__ = ["DEFAULT_KEEP_ALIVE", "DEFAULT_OLLAMA_MODEL", "OllamaBackend", "default_ollama_url"]
+__all__ = ["DEFAULT_KEEP_ALIVE", "DEFAULT_OLLAMA_MODEL", "PROBE_TIMEOUT", "OllamaBackend", "default_ollama_url"]
 
 logger = logging.getLogger("conversation_session.backends.ollama")
 
@@ -37,6 +37,9 @@ DEFAULT_OLLAMA_MODEL = "qwen2.5:3b"
 # would pay the model load (and lose the KV cache) on the next turn.  Sent with every
 # request, so the model stays loaded while the session is in use and for 30 minutes after.
 DEFAULT_KEEP_ALIVE = "30m"
+# The longest a question about the server (context window) may take: it runs before a turn's
+# generation and for `stats`, so a server that accepts and never answers must not hold either.
+PROBE_TIMEOUT = 3.0
 
 
 def default_ollama_url() -> str:
@@ -56,6 +59,14 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _same_model(wanted: str, listed: str) -> bool:
+    """Ollama names without a tag mean ``:latest``."""
+    def norm(name: str) -> str:
+        return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+    return norm(wanted) == norm(listed)
+
+
 class OllamaBackend(Backend):
     """A model served by Ollama.
 
@@ -68,6 +79,7 @@ class OllamaBackend(Backend):
             seconds, ``-1`` for ever, ``None`` for the server's default).  ``close()`` does not
             unload the model: another session or the next start may want it.
         timeouts: connect/read/write limits.
+        probe_timeout: the longest the context-window question (``/api/show``) may take.
     """
 
     name = "ollama"
@@ -75,24 +87,21 @@ class OllamaBackend(Backend):
     can_warm = True
 
     def __init__(self, model: str | None = None, *, base_url: str | None = None, num_ctx: int = 4096,
-                 keep_alive: str | float | None = DEFAULT_KEEP_ALIVE, timeouts: HttpTimeouts | None = None):
+                 keep_alive: str | float | None = DEFAULT_KEEP_ALIVE, timeouts: HttpTimeouts | None = None,
+                 probe_timeout: float = PROBE_TIMEOUT):
         self.model_name = model or DEFAULT_OLLAMA_MODEL
         self.base_url = (base_url or default_ollama_url()).rstrip("/")
         self.num_ctx = num_ctx
         self.keep_alive = keep_alive
         self.timeouts = timeouts or HttpTimeouts()
-        self._killer = StreamKiller()
-        # No keep-alive: every request opens its own connection, whose socket the killer sees.
-        self._client = ollama.Client(
-            host=self.base_url, timeout=self.timeouts.to_httpx(),
-            limits=httpx.Limits(max_keepalive_connections=0), event_hooks=self._killer.event_hooks(),
-        )
-        # /api/show runs on the caller's thread (load_history, trimming): keep it short.
-        self._probe = ollama.Client(host=self.base_url, timeout=httpx.Timeout(self.timeouts.connect * 2))
+        self.probe_timeout = min(probe_timeout, self.timeouts.read)
+        self._client = make_client(self.base_url, self.timeouts)
+        self._aclients = AsyncClients(self.base_url, self.timeouts)
         self._ctx_lock = threading.Lock()
         self._context_length: int | None = None
+        self._probe_failed = False
         self._stats_lock = threading.Lock()
-        self._last: dict[str, Any] = {}
+        self._last: dict[Any, dict[str, Any]] = {}  # per cache_key: the last reply's server figures
         self.model_load_s: float | None = None
 
     # -- errors ------------------------------------------------------------------------
@@ -102,74 +111,201 @@ class OllamaBackend(Backend):
                 f"cannot connect to Ollama at {self.base_url}: is it running? Start it with "
                 "`ollama serve`, or set --base-url / OLLAMA_HOST to where it runs"
             )
-        if isinstance(exc, ollama.ResponseError):
-            message = " ".join(str(exc.error).split())[:500]
-            if exc.status_code == -1:  # an {"error": ...} line in the middle of the stream
-                return BackendError(f"Ollama at {self.base_url} failed mid-reply: {message}")
-            if exc.status_code == 404 and "not found" in message.lower() and "page" not in message.lower():
-                return ModelNotFoundError(
-                    f"Ollama at {self.base_url} does not have the model {self.model_name!r}: "
-                    f"run `ollama pull {self.model_name}` ({message})",
-                    model=self.model_name,
-                )
-            return BackendError(f"Ollama at {self.base_url} answered HTTP {exc.status_code} to /api/chat: {message}")
         if isinstance(exc, httpx.TimeoutException):
             return BackendError(f"Ollama at {self.base_url} did not answer in time ({type(exc).__name__})")
         if isinstance(exc, httpx.RemoteProtocolError):
             return BackendError(f"Ollama at {self.base_url} closed the connection mid-reply: {exc}")
-        if isinstance(exc, (ValueError, TypeError)):  # a line that is not JSON, or not a chunk
-            return BackendError(f"Ollama at {self.base_url} sent a malformed stream: {exc}")
         return BackendError(f"talking to Ollama at {self.base_url} failed: {exc}")
 
+    def _missing_model(self, detail: str) -> ModelNotFoundError:
+        return ModelNotFoundError(
+            f"Ollama at {self.base_url} does not have the model {self.model_name!r}: "
+            f"run `ollama pull {self.model_name}` ({detail})", model=self.model_name)
+
+    def _status_error(self, response: httpx.Response) -> BackendError:
+        message = server_message(response)
+        if response.status_code == 404 and "not found" in message.lower() and "page" not in message.lower():
+            return self._missing_model(message)
+        return BackendError(f"Ollama at {self.base_url} answered HTTP {response.status_code} to "
+                            f"{response.request.url.path}: {message}")
+
+    def _parse_line(self, line: str) -> dict[str, Any] | None:
+        """One NDJSON line of the stream as a dict (None for a blank line)."""
+        if not line.strip():
+            return None
+        try:
+            part = json.loads(line)
+        except ValueError as exc:
+            raise BackendError(f"Ollama at {self.base_url} sent a malformed stream: {exc}") from exc
+        if not isinstance(part, dict):
+            raise BackendError(f"Ollama at {self.base_url} sent a malformed stream: {line[:120]!r}")
+        if part.get("error"):  # what Ollama sends when the runner fails mid-reply
+            message = " ".join(str(part["error"]).split())[:500]
+            raise BackendError(f"Ollama at {self.base_url} failed mid-reply: {message}")
+        return part
+
     # -- capabilities --------------------------------------------------------------------
-    def context_length(self) -> int | None:
-        """``num_ctx``, lowered to what the model supports (from ``/api/show``) when known."""
+    def check(self, timeout: float = 5.0) -> None:
+        """``GET /api/tags`` within ``timeout``: the server answers and has the model."""
+        try:
+            response = self._client.get("/api/tags", timeout=httpx.Timeout(timeout))
+        except httpx.TimeoutException as exc:
+            raise BackendError(f"Ollama at {self.base_url} accepted the connection but did not answer "
+                               f"GET /api/tags within {timeout:g} s: is it stuck? Restart `ollama serve`") from exc
+        except httpx.HTTPError as exc:
+            raise self._translate(exc) from exc
+        self._check_tags(response)
+
+    async def acheck(self, timeout: float = 5.0) -> None:
+        try:
+            response = await self._aclients.get().get("/api/tags", timeout=httpx.Timeout(timeout))
+        except httpx.TimeoutException as exc:
+            raise BackendError(f"Ollama at {self.base_url} accepted the connection but did not answer "
+                               f"GET /api/tags within {timeout:g} s: is it stuck? Restart `ollama serve`") from exc
+        except httpx.HTTPError as exc:
+            raise self._translate(exc) from exc
+        self._check_tags(response)
+
+    def _check_tags(self, response: httpx.Response) -> None:
+        if response.status_code >= 400:
+            raise BackendError(f"Ollama at {self.base_url} answered HTTP {response.status_code} to /api/tags: "
+                               f"{server_message(response)}; is this an Ollama server?")
+        try:
+            models = response.json().get("models") or []
+            names = {str(m.get(k)) for m in models if isinstance(m, dict) for k in ("name", "model") if m.get(k)}
+        except (ValueError, AttributeError) as exc:
+            raise BackendError(f"{self.base_url}/api/tags did not answer with a model list; is this an "
+                               "Ollama server?") from exc
+        if not any(_same_model(self.model_name, n) for n in names):
+            have = ", ".join(sorted(names)[:5]) or "none"
+            raise self._missing_model(f"it has: {have}")
+        self._probe_failed = False  # the server answers: the context window may be asked again
+
+    def _show_request(self) -> tuple[str, dict[str, Any]]:
+        return "/api/show", {"model": self.model_name}
+
+    def _learn_context(self, response: httpx.Response) -> int:
+        """``num_ctx`` lowered to what ``/api/show`` says the model supports."""
+        if response.status_code >= 400:
+            raise self._status_error(response)
+        info = response.json().get("model_info") or {}
+        trained = next((int(v) for k, v in info.items() if k.endswith(".context_length")), None)
+        return min(self.num_ctx, trained) if trained else self.num_ctx
+
+    def _probe_failure(self, exc: BaseException) -> int:
+        if not self._probe_failed:
+            logger.warning("could not read the context window from %s/api/show (%s); using num_ctx=%d",
+                           self.base_url, exc, self.num_ctx)
+        self._probe_failed = True  # remembered: asked again only once the server has answered
+        return self.num_ctx
+
+    def context_length(self, timeout: float | None = None) -> int | None:
+        """``num_ctx``, lowered to what the model supports (from ``/api/show``) when known.
+
+        Asked once, within ``probe_timeout`` (or ``timeout`` if shorter: what is left of a
+        turn); a failure is remembered (``num_ctx`` is used, and the question is asked again
+        only after the server has answered a chat or ``check``)."""
         with self._ctx_lock:
-            if self._context_length is None:
-                try:
-                    info = self._probe.show(self.model_name).modelinfo or {}
-                    trained = next((int(v) for k, v in info.items() if k.endswith(".context_length")), None)
-                except Exception as exc:  # noqa: BLE001 - unknown is fine; chat() reports errors
-                    logger.debug("could not read the context length from /api/show: %s", exc)
-                    return self.num_ctx  # not remembered: asked again once the server is up
-                self._context_length = min(self.num_ctx, trained) if trained else self.num_ctx
+            if self._context_length is not None:
+                return self._context_length
+            if self._probe_failed:
+                return self.num_ctx
+            path, body = self._show_request()
+            try:
+                bound = self.probe_timeout if timeout is None else max(0.05, min(timeout, self.probe_timeout))
+                response = self._client.post(path, json=body, timeout=httpx.Timeout(bound))
+                self._context_length = self._learn_context(response)
+            except (httpx.HTTPError, BackendError, ValueError, AttributeError) as exc:
+                return self._probe_failure(exc)
             return self._context_length
 
+    async def acontext_length(self, timeout: float | None = None) -> int | None:
+        if self._context_length is not None or self._probe_failed:
+            return self._context_length or self.num_ctx
+        path, body = self._show_request()
+        try:
+            bound = self.probe_timeout if timeout is None else max(0.05, min(timeout, self.probe_timeout))
+            response = await self._aclients.get().post(path, json=body, timeout=httpx.Timeout(bound))
+            value = self._learn_context(response)
+        except (httpx.HTTPError, BackendError, ValueError, AttributeError) as exc:
+            with self._ctx_lock:
+                return self._probe_failure(exc)
+        with self._ctx_lock:
+            self._context_length = value
+        return value
+
     # -- requests ------------------------------------------------------------------------
-    def _chat(self, messages: list[MessageDict], options: dict[str, Any],
-              cancel: CancelToken) -> Generator[dict[str, Any], None, None]:
+    def _body(self, messages: list[MessageDict], options: dict[str, Any]) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model_name, "messages": messages, "stream": True,
+                                "options": {"num_ctx": self.num_ctx, **options}}
+        if self.keep_alive is not None:
+            body["keep_alive"] = self.keep_alive
+        return body
+
+    def _chat(self, body: dict[str, Any], cancel: CancelToken) -> Generator[dict[str, Any], None, None]:
         """Stream ``/api/chat`` and yield its chunks (as dicts) until the ``done`` one.
 
         Raises BackendError on failure; returns quietly when ``cancel`` is what broke the
-        connection.
+        connection (or ended the generator).
         """
         if cancel.cancelled:
             return
-        self._killer.bind(cancel)
         try:
-            # The client types it as an Iterator; it is a generator, and closing it closes the response.
-            stream = cast(Generator[ollama.ChatResponse, None, None], self._client.chat(
-                model=self.model_name, messages=messages, stream=True,
-                options={"num_ctx": self.num_ctx, **options}, keep_alive=self.keep_alive))
-            with contextlib.closing(stream):
-                for chunk in stream:
-                    part = chunk.model_dump(exclude_none=True)
+            with self._client.stream("POST", "/api/chat", json=body,
+                                     extensions=cancel_extensions(cancel, is_async=False)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise self._status_error(response)
+                for line in response.iter_lines():
+                    part = self._parse_line(line)
+                    if part is None:
+                        continue
                     yield part
-                    if part.get("done"):
+                    if part.get("done") or cancel.cancelled:
                         return
             if not cancel.cancelled:
                 raise BackendError(f"Ollama at {self.base_url} ended the stream before it was done")
         except BackendError:
+            if cancel.cancelled:
+                return  # a line cut short by our own shutdown
             raise
-        except Exception as exc:
+        except httpx.HTTPError as exc:
             if cancel.cancelled:
                 return  # the read failed because we shut the socket down: that is the cancel
             raise self._translate(exc) from exc
-        finally:
-            self._killer.bind(None)
 
-    def _record(self, part: dict[str, Any], usage: Usage) -> None:
-        """Ollama's final-chunk figures into ``usage`` and this backend's stats."""
+    async def _achat(self, body: dict[str, Any], cancel: CancelToken) -> AsyncGenerator[dict[str, Any], None]:
+        """``_chat`` on the running loop.  Closing this generator (or cancelling its task) closes
+        the response and its connection: the server sees the disconnect at once."""
+        if cancel.cancelled:
+            return
+        client = self._aclients.get()
+        try:
+            async with client.stream("POST", "/api/chat", json=body,
+                                     extensions=cancel_extensions(cancel, is_async=True)) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise self._status_error(response)
+                async for line in response.aiter_lines():
+                    part = self._parse_line(line)
+                    if part is None:
+                        continue
+                    yield part
+                    if part.get("done") or cancel.cancelled:
+                        return
+            if not cancel.cancelled:
+                raise BackendError(f"Ollama at {self.base_url} ended the stream before it was done")
+        except BackendError:
+            if cancel.cancelled:
+                return
+            raise
+        except httpx.HTTPError as exc:
+            if cancel.cancelled:
+                return
+            raise self._translate(exc) from exc
+
+    def _record(self, part: dict[str, Any], usage: Usage, cache_key: Any) -> None:
+        """Ollama's final-chunk figures into ``usage`` and this key's stats."""
         usage.prompt_tokens = _int(part.get("prompt_eval_count"))
         usage.completion_tokens = _int(part.get("eval_count"))
         usage.load_s = _ns(part.get("load_duration"))
@@ -177,21 +313,25 @@ class OllamaBackend(Backend):
         usage.eval_s = _ns(part.get("eval_duration"))
         usage.finish_reason = part.get("done_reason") or "stop"
         computed = usage.prompt_tokens
+        self._probe_failed = False  # the server answers: the context window may be asked again
         with self._stats_lock:
             # load_duration is a few milliseconds once the model is in memory; the largest
             # one seen is the real load.
             if usage.load_s is not None:
                 self.model_load_s = max(self.model_load_s or 0.0, usage.load_s)
-            self._last = {
+            self._last[cache_key] = {
                 "prompt_eval_tokens": computed,
                 "prompt_tokens_per_s": _rate(computed, usage.prompt_eval_s),
                 "server_tokens_per_s": _rate(usage.completion_tokens, usage.eval_s),
             }
 
-    def generate(self, request: GenerationRequest) -> Iterator[str]:
+    def _request_body(self, request: GenerationRequest) -> dict[str, Any]:
         options = {"num_predict": request.max_tokens, "temperature": request.temperature, **request.options}
-        usage = request.usage
-        with contextlib.closing(self._chat(request.messages, options, request.cancel)) as parts:
+        return self._body(request.messages, options)
+
+    def generate(self, request: GenerationRequest) -> Iterator[str]:
+        parts = self._chat(self._request_body(request), request.cancel)
+        try:
             for part in parts:
                 if request.cancel.cancelled:
                     return
@@ -199,28 +339,60 @@ class OllamaBackend(Backend):
                 if content:
                     yield content
                 if part.get("done"):
-                    self._record(part, usage)
+                    self._record(part, request.usage, request.cache_key)
+        finally:
+            parts.close()
 
-    def warm(self, messages: list[MessageDict], cancel: CancelToken) -> dict[str, Any]:
+    async def agenerate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        parts = self._achat(self._request_body(request), request.cancel)
+        try:
+            async for part in parts:
+                if request.cancel.cancelled:
+                    return
+                content = (part.get("message") or {}).get("content")
+                if content:
+                    yield content
+                if part.get("done"):
+                    self._record(part, request.usage, request.cache_key)
+        finally:
+            await parts.aclose()
+
+    def warm(self, messages: list[MessageDict], cancel: CancelToken, *, cache_key: Any = None) -> dict[str, Any]:
         """Send the restored conversation with ``num_predict: 1``: Ollama loads the model (if it
         is not loaded) and computes the prompt into its cache; the one token is discarded."""
         usage = Usage()
-        for part in self._chat(messages, {"num_predict": 1, "temperature": 0}, cancel):
-            if part.get("done"):
-                self._record(part, usage)
+        parts = self._chat(self._body(messages, {"num_predict": 1, "temperature": 0}), cancel)
+        try:
+            for part in parts:
+                if part.get("done"):
+                    self._record(part, usage, cache_key)
+        finally:
+            parts.close()
         return usage.figures("warmup_")
 
-    def cache_stats(self) -> dict[str, Any]:
+    def cache_stats(self, *, cache_key: Any = None) -> dict[str, Any]:
         n_ctx = self.context_length()
         with self._stats_lock:
             return {"n_ctx": n_ctx, "base_url": self.base_url, "keep_alive": self.keep_alive,
                     "model_load_s": None if self.model_load_s is None else round(self.model_load_s, 3),
-                    **self._last}
+                    **self._last.get(cache_key, {})}
+
+    def reset_cache(self, *, cache_key: Any = None) -> None:
+        self.forget(cache_key)
+
+    def forget(self, cache_key: Any) -> None:
+        with self._stats_lock:
+            self._last.pop(cache_key, None)
 
     def close(self) -> None:
-        self._client._client.close()
-        self._probe._client.close()
+        self._client.close()
+        self._aclients.close()
+
+    async def aclose(self) -> None:
+        self._client.close()
+        await self._aclients.aclose()
 
 
 def _rate(tokens: int | None, seconds: float | None) -> float | None:
     return round(tokens / seconds, 1) if tokens and seconds else None
+

@@ -17,13 +17,14 @@ the ``context_length`` setting can only lower it.  When nothing is known it is t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
 import re
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,14 +32,27 @@ import httpx
 
 from .._exceptions import BackendError, ModelNotFoundError
 from .._format import MessageDict
+from .._runtime import shared_executor
 from ._base import Backend, CancelToken, GenerationRequest, Usage
-from ._http import HttpTimeouts, StreamKiller, iter_sse_data, make_client, server_message
+from ._http import (
+    AsyncClients,
+    HttpTimeouts,
+    aiter_sse_data,
+    cancel_extensions,
+    iter_sse_data,
+    make_client,
+    server_message,
+)
 
-__all__ = ["DEFAULT_CONTEXT_LENGTH", "OpenAIBackend", "normalize_base_url"]
+__all__ = ["DEFAULT_CONTEXT_LENGTH", "PROBE_TIMEOUT", "OpenAIBackend", "normalize_base_url"]
 
 logger = logging.getLogger("conversation_session.backends.openai")
 
 DEFAULT_CONTEXT_LENGTH = 4096
+# The longest a question about the server (its models, its window) may take: it runs at
+# construction, before a turn's generation and for `stats`, so a server that accepts and never
+# answers must not hold any of them.
+PROBE_TIMEOUT = 3.0
 _START_HINT = ("Start one, e.g. `python -m llama_cpp.server --model MODEL.gguf --port 8080` and "
                "--base-url http://127.0.0.1:8080/v1, or pass --base-url where yours runs")
 # Where servers say how long a context they allow, in /v1/models entries (vLLM, LM Studio,
@@ -80,6 +94,7 @@ class OpenAIBackend(Backend):
             use less than it allows.
         api_key: sent as a bearer token; default ``$OPENAI_API_KEY`` (local servers need none).
         timeouts: connect/read/write limits.
+        probe_timeout: the longest a question about the server (``/v1/models``, ``/props``) may take.
     """
 
     name = "openai"
@@ -88,7 +103,7 @@ class OpenAIBackend(Backend):
 
     def __init__(self, model: str | None = None, *, base_url: str | None = None,
                  context_length: int | None = None, api_key: str | None = None,
-                 timeouts: HttpTimeouts | None = None):
+                 timeouts: HttpTimeouts | None = None, probe_timeout: float = PROBE_TIMEOUT):
         if not base_url:
             raise BackendError("the openai backend needs the server's address: pass --base-url "
                                "(base_url=...), e.g. http://127.0.0.1:8080/v1")
@@ -97,36 +112,74 @@ class OpenAIBackend(Backend):
         self.base_url = normalize_base_url(base_url)
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.timeouts = timeouts or HttpTimeouts()
-        self._killer = StreamKiller()
-        self._client = make_client(self.base_url, self.timeouts, self._killer,
-                                   headers={"Authorization": f"Bearer {key}"} if key else None)
+        self.probe_timeout = min(probe_timeout, self.timeouts.read)
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        self._client = make_client(self.base_url, self.timeouts, headers)
+        self._aclients = AsyncClients(self.base_url, self.timeouts, headers)
         self.context_length_setting = context_length
         self._ctx_lock = threading.Lock()
         self._context_length: int | None = None
+        self._probe_failed = False
         self.context_length_source: str | None = None
         self._models: list[dict[str, Any]] | None = None
         self._stream_usage = True  # dropped if the server rejects stream_options
         self._stats_lock = threading.Lock()
-        self._last: dict[str, Any] = {}
+        self._last: dict[Any, dict[str, Any]] = {}  # per cache_key: the last reply's server figures
         self.model_name = model or self._default_model()
 
     # -- the server's models and context window --------------------------------------------
-    def _list_models(self) -> list[dict[str, Any]]:
+    def _list_models(self, timeout: float | None = None) -> list[dict[str, Any]]:
         """``/v1/models`` entries (cached); BackendError when the server cannot be reached."""
         if self._models is None:
+            bound = self._bound(timeout)
             try:
-                response = self._client.get("/models", timeout=self.timeouts.connect * 2)
+                response = self._client.get("/models", timeout=bound)
+            except httpx.TimeoutException as exc:
+                raise BackendError(f"the server at {self.base_url} accepted the connection but did not answer "
+                                   f"GET /models within {bound:g} s: is it stuck?") from exc
             except httpx.HTTPError as exc:
                 raise self._translate(exc) from exc
-            if response.status_code >= 400:
-                raise self._http_error(response)
-            try:
-                data = response.json().get("data")
-            except (ValueError, AttributeError) as exc:
-                raise BackendError(f"{self.base_url}/models did not answer with a model list; is it an "
-                                   "OpenAI-compatible API?") from exc
-            self._models = [m for m in data or [] if isinstance(m, dict) and m.get("id")]
+            self._models = self._model_list(response)
         return self._models
+
+    def _bound(self, timeout: float | None) -> float:
+        return self.probe_timeout if timeout is None else max(0.05, min(timeout, self.probe_timeout))
+
+    def _model_list(self, response: httpx.Response) -> list[dict[str, Any]]:
+        if response.status_code >= 400:
+            raise self._http_error(response)
+        try:
+            data = response.json().get("data")
+        except (ValueError, AttributeError) as exc:
+            raise BackendError(f"{self.base_url}/models did not answer with a model list; is it an "
+                               "OpenAI-compatible API?") from exc
+        return [m for m in data or [] if isinstance(m, dict) and m.get("id")]
+
+    def check(self, timeout: float = 5.0) -> None:
+        """``GET /models`` within ``timeout``: the server answers (and accepts the key).  A model
+        it does not list is only logged: many servers serve any name they are asked for."""
+        self._models = None
+        self._list_models(timeout)
+        self._probe_failed = False
+        self._check_listed()
+
+    async def acheck(self, timeout: float = 5.0) -> None:
+        try:
+            response = await self._aclients.get().get("/models", timeout=timeout)
+        except httpx.TimeoutException as exc:
+            raise BackendError(f"the server at {self.base_url} accepted the connection but did not answer "
+                               f"GET /models within {timeout:g} s: is it stuck?") from exc
+        except httpx.HTTPError as exc:
+            raise self._translate(exc) from exc
+        self._models = self._model_list(response)
+        self._probe_failed = False
+        self._check_listed()
+
+    def _check_listed(self) -> None:
+        ids = [str(m["id"]) for m in self._models or []]
+        if ids and self.model_name not in ids:
+            logger.warning("the server at %s does not list the model %r (it lists: %s); asking for it anyway",
+                           self.base_url, self.model_name, ", ".join(ids[:5]))
 
     def _default_model(self) -> str:
         models = self._list_models()
@@ -134,10 +187,10 @@ class OpenAIBackend(Backend):
             raise BackendError(f"the server at {self.base_url} lists no models (GET /models); pass --model")
         return str(models[0]["id"])
 
-    def _server_context_length(self) -> int | None:
+    def _server_context_length(self, timeout: float | None) -> int | None:
         """The smallest window the server admits to, or None; raises BackendError if it is down."""
         found: list[int] = []
-        entry = next((m for m in self._list_models() if m.get("id") == self.model_name), None)
+        entry = next((m for m in self._list_models(timeout) if m.get("id") == self.model_name), None)
         if entry is not None:
             meta = entry.get("meta")
             meta = meta if isinstance(meta, dict) else {}
@@ -146,7 +199,7 @@ class OpenAIBackend(Backend):
         if urlsplit(self.base_url).path == "/v1":
             # llama-server's /props (at the root) has the per-request window actually allocated.
             try:
-                response = self._client.get(self.base_url[:-3] + "/props", timeout=self.timeouts.connect * 2)
+                response = self._client.get(self.base_url[:-3] + "/props", timeout=self._bound(timeout))
                 settings = response.json().get("default_generation_settings") if response.is_success else None
                 if isinstance(settings, dict) and (v := _int(settings.get("n_ctx"))):
                     found.append(v)
@@ -154,15 +207,22 @@ class OpenAIBackend(Backend):
                 logger.debug("no /props at %s: %s", self.base_url, exc)
         return min(found) if found else None
 
-    def context_length(self) -> int | None:
+    def context_length(self, timeout: float | None = None) -> int | None:
+        """The server's window (asked once, within ``probe_timeout`` or ``timeout`` if shorter),
+        lowered to the ``context_length`` setting.  A failure to ask is remembered: the setting
+        (or 4096) is used, and the server is asked again only after it has answered a chat."""
         with self._ctx_lock:
             if self._context_length is None:
                 setting = self.context_length_setting
+                if self._probe_failed:
+                    return setting or DEFAULT_CONTEXT_LENGTH
                 try:
-                    server = self._server_context_length()
+                    server = self._server_context_length(timeout)
                 except BackendError as exc:
-                    logger.debug("could not ask %s for its context window: %s", self.base_url, exc)
-                    return setting or DEFAULT_CONTEXT_LENGTH  # not remembered: asked again later
+                    logger.warning("could not ask %s for its context window (%s); using %d tokens",
+                                   self.base_url, exc, setting or DEFAULT_CONTEXT_LENGTH)
+                    self._probe_failed = True
+                    return setting or DEFAULT_CONTEXT_LENGTH
                 if server is not None:
                     self._context_length = min(server, setting or server)
                     self.context_length_source = "server" if self._context_length == server else "setting"
@@ -233,23 +293,36 @@ class OpenAIBackend(Backend):
         body.update(options)
         return body
 
+    def _start(self, response: httpx.Response, body: dict[str, Any], attempt: int) -> str:
+        """What to do with a response's status and headers: "retry" (an older server rejected
+        ``stream_options``: the body is changed), "whole" (one JSON answer) or "stream".
+        The body of an error response must have been read."""
+        if response.status_code >= 400:
+            if attempt == 0 and "stream_options" in body and "stream_options" in response.text:
+                self._stream_usage = False  # an older server that rejects it
+                del body["stream_options"]
+                return "retry"
+            raise self._http_error(response)
+        if "text/event-stream" not in response.headers.get("content-type", ""):
+            return "whole"
+        return "stream"
+
     def _events(self, body: dict[str, Any], cancel: CancelToken) -> Generator[dict[str, Any], None, None]:
         """POST ``/chat/completions`` and yield each streamed chunk (or the one JSON answer of
         a server that does not stream).  Returns quietly when ``cancel`` broke the connection."""
         if cancel.cancelled:
             return
-        self._killer.bind(cancel)
+        body = dict(body)
         try:
             for attempt in range(2):
-                with self._client.stream("POST", "/chat/completions", json=body) as response:
+                with self._client.stream("POST", "/chat/completions", json=body,
+                                         extensions=cancel_extensions(cancel, is_async=False)) as response:
                     if response.status_code >= 400:
                         response.read()
-                        if attempt == 0 and "stream_options" in body and "stream_options" in response.text:
-                            self._stream_usage = False  # an older server that rejects it
-                            body = {k: v for k, v in body.items() if k != "stream_options"}
-                            continue
-                        raise self._http_error(response)
-                    if "text/event-stream" not in response.headers.get("content-type", ""):
+                    how = self._start(response, body, attempt)
+                    if how == "retry":
+                        continue
+                    if how == "whole":
                         response.read()
                         yield self._parse(response.text)
                         return
@@ -272,8 +345,54 @@ class OpenAIBackend(Backend):
             if cancel.cancelled:
                 return  # the read failed because we shut the socket down: that is the cancel
             raise self._translate(exc) from exc
-        finally:
-            self._killer.bind(None)
+
+    async def _aevents(self, body: dict[str, Any], cancel: CancelToken) -> AsyncGenerator[dict[str, Any], None]:
+        """``_events`` on the running loop.  Closing this generator (or cancelling its task)
+        closes the response and its connection: the server sees the disconnect at once."""
+        if cancel.cancelled:
+            return
+        body = dict(body)
+        client = self._aclients.get()
+        try:
+            for attempt in range(2):
+                async with client.stream("POST", "/chat/completions", json=body,
+                                         extensions=cancel_extensions(cancel, is_async=True)) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                    how = self._start(response, body, attempt)
+                    if how == "retry":
+                        continue
+                    if how == "whole":
+                        await response.aread()
+                        yield self._parse(response.text)
+                        return
+                    finished, events = False, 0
+                    async for data in aiter_sse_data(response.aiter_lines()):
+                        if data.strip() == "[DONE]":
+                            return
+                        chunk = self._parse(data, cancel)
+                        if chunk is None:
+                            return
+                        events += 1
+                        finished = finished or any(c.get("finish_reason") for c in chunk.get("choices") or [])
+                        yield chunk
+                if finished or cancel.cancelled:
+                    return
+                if events == 0:
+                    response = await client.post("/chat/completions", json=self._diagnosis(body))
+                    if response.status_code >= 400:
+                        raise self._http_error(response)
+                raise BackendError(f"the server at {self.base_url} ended the stream before the reply was done")
+        except httpx.HTTPError as exc:
+            if cancel.cancelled:
+                return
+            raise self._translate(exc) from exc
+
+    @staticmethod
+    def _diagnosis(body: dict[str, Any]) -> dict[str, Any]:
+        probe = {k: v for k, v in body.items() if k != "stream_options"}
+        probe.update(stream=False, max_tokens=1)
+        return probe
 
     def _diagnose(self, body: dict[str, Any]) -> None:
         """After an empty stream, ask again without streaming (one token) to hear the reason.
@@ -281,9 +400,7 @@ class OpenAIBackend(Backend):
         llama-cpp-python's server answers a prompt longer than its window with an empty
         stream; unstreamed it says "maximum context length is N", which teaches the window.
         """
-        probe = {k: v for k, v in body.items() if k != "stream_options"}
-        probe.update(stream=False, max_tokens=1)
-        response = self._client.post("/chat/completions", json=probe)
+        response = self._client.post("/chat/completions", json=self._diagnosis(body))
         if response.status_code >= 400:
             raise self._http_error(response)
 
@@ -303,7 +420,7 @@ class OpenAIBackend(Backend):
             raise BackendError(f"the server at {self.base_url} failed mid-reply: {message}")
         return chunk
 
-    def _record(self, chunk: dict[str, Any], usage: Usage) -> None:
+    def _record(self, chunk: dict[str, Any], usage: Usage, cache_key: Any) -> None:
         """``usage`` and llama.cpp ``timings`` figures of a chunk into ``usage``."""
         u = chunk.get("usage")
         if isinstance(u, dict):
@@ -326,49 +443,102 @@ class OpenAIBackend(Backend):
             if isinstance(t.get("predicted_ms"), (int, float)):
                 usage.eval_s = t["predicted_ms"] / 1000
             with self._stats_lock:
-                self._last = {"prompt_eval_tokens": prompt_n,
-                              "prompt_tokens_per_s": _rate(prompt_n, usage.prompt_eval_s),
-                              "server_tokens_per_s": _rate(_int(t.get("predicted_n")), usage.eval_s)}
+                self._last[cache_key] = {"prompt_eval_tokens": prompt_n,
+                                         "prompt_tokens_per_s": _rate(prompt_n, usage.prompt_eval_s),
+                                         "server_tokens_per_s": _rate(_int(t.get("predicted_n")), usage.eval_s)}
+
+    def _pieces(self, chunk: dict[str, Any], request: GenerationRequest) -> tuple[list[str], int]:
+        """The text of a chunk, and how many streamed deltas carried text (for the token count)."""
+        self._probe_failed = False  # the server answers: its window may be asked again
+        out: list[str] = []
+        deltas = 0
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta")
+            # "message": the whole answer of a server that ignored stream=true.
+            part = delta or choice.get("message") or {}
+            content = part.get("content") if isinstance(part, dict) else None
+            if content:
+                deltas += delta is not None
+                out.append(content)
+            if choice.get("finish_reason"):
+                request.usage.finish_reason = choice["finish_reason"]
+        self._record(chunk, request.usage, request.cache_key)
+        return out, deltas
+
+    def _request_body(self, request: GenerationRequest) -> dict[str, Any]:
+        return self._body(request.messages, request.max_tokens, request.temperature, request.options)
 
     def generate(self, request: GenerationRequest) -> Iterator[str]:
         usage = request.usage
-        body = self._body(request.messages, request.max_tokens, request.temperature, request.options)
         pieces = 0
-        with contextlib.closing(self._events(body, request.cancel)) as chunks:
+        chunks = self._events(self._request_body(request), request.cancel)
+        try:
             for chunk in chunks:
                 if request.cancel.cancelled:
                     return
-                for choice in chunk.get("choices") or []:
-                    delta = choice.get("delta")
-                    # "message": the whole answer of a server that ignored stream=true.
-                    part = delta or choice.get("message") or {}
-                    content = part.get("content") if isinstance(part, dict) else None
-                    if content:
-                        pieces += delta is not None
-                        yield content
-                    if choice.get("finish_reason"):
-                        usage.finish_reason = choice["finish_reason"]
-                self._record(chunk, usage)
+                out, deltas = self._pieces(chunk, request)
+                pieces += deltas
+                yield from out
+        finally:
+            chunks.close()
         if usage.completion_tokens is None and pieces and not request.cancel.cancelled:
             usage.completion_tokens = pieces  # about one token a chunk (see the module docstring)
 
-    def warm(self, messages: list[MessageDict], cancel: CancelToken) -> dict[str, Any]:
+    async def agenerate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        usage = request.usage
+        pieces = 0
+        chunks = self._aevents(self._request_body(request), request.cancel)
+        try:
+            async for chunk in chunks:
+                if request.cancel.cancelled:
+                    return
+                out, deltas = self._pieces(chunk, request)
+                pieces += deltas
+                for piece in out:
+                    yield piece
+        finally:
+            await chunks.aclose()
+        if usage.completion_tokens is None and pieces and not request.cancel.cancelled:
+            usage.completion_tokens = pieces
+
+    def warm(self, messages: list[MessageDict], cancel: CancelToken, *, cache_key: Any = None) -> dict[str, Any]:
         """Send the restored conversation with ``max_tokens: 1`` so the server computes it into
         its prompt cache; the token is discarded.  Not streamed: servers that report no usage
         in a stream (llama-cpp-python) do report it in a whole answer."""
         body = self._body(messages, 1, 0.0, {"stream": False})
         body.pop("stream_options", None)
         usage = Usage()
-        with contextlib.closing(self._events(body, cancel)) as chunks:
+        chunks = self._events(body, cancel)
+        try:
             for chunk in chunks:
-                self._record(chunk, usage)
+                self._record(chunk, usage, cache_key)
+        finally:
+            chunks.close()
         return usage.figures("warmup_")
 
-    def cache_stats(self) -> dict[str, Any]:
+    async def acontext_length(self, timeout: float | None = None) -> int | None:
+        if self._context_length is not None:
+            return self._context_length
+        # Two bounded questions (/models, /props) on the shared executor, off the loop.
+        return await asyncio.get_running_loop().run_in_executor(shared_executor(), self.context_length, timeout)
+
+    def cache_stats(self, *, cache_key: Any = None) -> dict[str, Any]:
         n_ctx = self.context_length()
         with self._stats_lock:
             return {"n_ctx": n_ctx, "n_ctx_source": self.context_length_source, "base_url": self.base_url,
-                    **self._last}
+                    **self._last.get(cache_key, {})}
+
+    def reset_cache(self, *, cache_key: Any = None) -> None:
+        self.forget(cache_key)
+
+    def forget(self, cache_key: Any) -> None:
+        with self._stats_lock:
+            self._last.pop(cache_key, None)
 
     def close(self) -> None:
         self._client.close()
+        self._aclients.close()
+
+    async def aclose(self) -> None:
+        self._client.close()
+        await self._aclients.aclose()
