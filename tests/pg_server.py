@@ -34,7 +34,8 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["PgServer", "find_pg_bin", "pg_server", "pg_url", "shared_server"]
+__all__ = ["WRITER_CHILD", "PgServer", "find_pg_bin", "pg_server", "pg_url", "read", "send", "shared_server",
+           "start_writer"]
 
 
 def find_pg_bin() -> Path | None:
@@ -234,3 +235,85 @@ def pg_url(pg_server: PgServer) -> Iterator[str]:
     pg_server.start()
     with contextlib.suppress(Exception):
         pg_server.drop_database(name)
+
+
+# A writer in a real second process, for kill -9, SIGSTOP and races; works with either store.
+#   argv: <store spec: a postgresql:// URL or a folder> <session id or "-" for a new one> <lease TTL>
+#   stdin: "turn" appends one turn and prints "ok <messages>" or "failed <error>";
+#          "stream" appends turns forever, printing "ok <messages>" after each;
+#          "close" closes the writer and prints "closed".
+# It prints "open <session id> <messages>" once the session is open, or "locked <holder>".
+WRITER_CHILD = """
+import sys
+from conversation_session import SessionLockedError
+
+spec, sid, ttl = sys.argv[1], sys.argv[2], float(sys.argv[3])
+if "://" in spec:
+    from conversation_session._pgstore import PostgresStore
+    store = PostgresStore(spec, lease_ttl_s=ttl, connect_timeout_s=2)
+else:
+    from conversation_session import HistoryStore
+    store = HistoryStore(spec)
+if sys.stdin.readline().strip() != "go":
+    sys.exit(2)
+try:
+    if sid == "-":
+        w = store.create("m")
+        n = 0
+    else:
+        w, rec = store.open(sid)
+        n = len(rec.messages)
+except SessionLockedError as exc:
+    print("locked", exc.holder, flush=True)
+    sys.exit(0)
+print("open", w.session_id, n, flush=True)
+
+
+def turn():
+    global n
+    msgs = [{"role": "user", "content": f"question {n // 2} " + "x" * 50},
+            {"role": "assistant", "content": f"answer {n // 2} " + "y" * 200}]
+    if w.append(n, msgs):
+        n += 2
+        print("ok", n, flush=True)
+    else:
+        n += 2  # kept in memory; the next append writes it too
+        print("failed", str(w.last_error).replace("\\n", " "), flush=True)
+
+
+for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "turn":
+        turn()
+    elif cmd == "stream":
+        while True:
+            turn()
+    elif cmd == "close":
+        w.close()
+        print("closed", flush=True)
+"""
+
+
+def start_writer(spec: str, session_id: str = "-", ttl: float = 15.0, *, go: bool = True) -> subprocess.Popen[str]:
+    """A ``WRITER_CHILD`` process; with ``go`` it is told to open at once."""
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", WRITER_CHILD, spec, session_id, str(ttl)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if go:
+        send(proc, "go")
+    return proc
+
+
+def send(proc: subprocess.Popen[str], line: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+
+
+def read(proc: subprocess.Popen[str]) -> list[str]:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise AssertionError(f"writer process ended (status {proc.poll()})")
+    return line.split()

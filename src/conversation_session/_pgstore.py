@@ -34,7 +34,6 @@ died is reconciled against the row's message count, so nothing is written twice.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -440,6 +439,7 @@ class PostgresStore:
         self._writers: weakref.WeakSet[PostgresWriter] = weakref.WeakSet()
         self._beat: Deadline | None = None
         self._closed = False
+        self._suspect = False  # the last call lost the server: probe it before using the pool
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresStore:
@@ -501,7 +501,6 @@ class PostgresStore:
             # A forked child must not touch the parent's sockets: new pool, old one abandoned.
             self._pid = os.getpid()
             psycopg = _import_psycopg()
-            from psycopg_pool import ConnectionPool
 
             try:
                 with psycopg.connect(self.url, **self._connect_kwargs()) as conn:
@@ -509,43 +508,61 @@ class PostgresStore:
                     migrate(conn, self.sql)
             except psycopg.Error as exc:
                 raise self.unavailable(exc, "open the session store") from exc
-            self._pool = ConnectionPool(
-                self.url, kwargs=self._connect_kwargs(), min_size=1, max_size=self.pool_size,
-                configure=self._configure, timeout=self.connect_timeout_s, name="conversation_session",
-                reconnect_timeout=max(60.0, self.connect_timeout_s), open=True,
-            )
+            self._pool = self._new_pool()
             return self._pool
 
-    @contextlib.contextmanager
-    def connection(self, action: str, *, retry: bool = True) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection; any database error leaves as ``StoreUnavailableError``."""
-        psycopg = _import_psycopg()
-        from psycopg_pool import PoolTimeout
+    def _new_pool(self) -> psycopg_pool.ConnectionPool[Any]:
+        from psycopg_pool import ConnectionPool
 
-        pool = self._ready()
+        return ConnectionPool(
+            self.url, kwargs=self._connect_kwargs(), min_size=1, max_size=self.pool_size,
+            configure=self._configure, timeout=self.connect_timeout_s, name="conversation_session",
+            reconnect_timeout=max(60.0, self.connect_timeout_s), open=True,
+        )
+
+    def _recover(self, action: str, stale: psycopg_pool.ConnectionPool[Any]) -> None:
+        """After a lost connection or no connection at all: is the server there?  A direct
+        connection answers at once (refused, or made); if it is there, the pool's connections
+        died with the old server (or the pool is backing off its reconnect attempts), so a fresh
+        pool replaces it.  If not, ``StoreUnavailableError`` now, not after a pool timeout."""
+        psycopg = _import_psycopg()
         try:
-            with pool.connection() as conn:
-                yield conn
-        except (psycopg.Error, PoolTimeout) as exc:
+            psycopg.connect(self.url, **self._connect_kwargs()).close()
+        except psycopg.Error as exc:
+            self._suspect = True
             raise self.unavailable(exc, action) from exc
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailableError(f"the store {self._description} is closed")
+            if self._pool is stale:
+                self._pool = self._new_pool()
+                run_in_background(stale.close, "closing a stale connection pool")
+            self._suspect = False
 
     def _run(self, action: str, fn: Callable[[psycopg.Connection[Any]], Any]) -> Any:
-        """``fn(conn)``, once more on a fresh connection if the first one had died (the server
-        restarted, the connection was terminated): every idle connection is checked first."""
+        """``fn(conn)`` on a pooled connection; once more on a fresh one if that one had died (the
+        server restarted, the connection was terminated).  Errors leave as ``StoreUnavailableError``."""
         psycopg = _import_psycopg()
         from psycopg_pool import PoolTimeout
 
         pool = self._ready()
+        if self._suspect:  # the last call found the server gone: look before waiting on the pool
+            self._recover(action, pool)
+            pool = self._ready()
         for attempt in (1, 2):
+            conn = None
             try:
                 with pool.connection() as conn:
                     return fn(conn)
-            except psycopg.OperationalError as exc:
-                if attempt == 2 or not _is_broken(exc, conn):
+            except (psycopg.OperationalError, PoolTimeout) as exc:
+                lost = conn is None or _is_broken(exc, conn)
+                if attempt == 2 or not lost:
+                    self._suspect = lost
                     raise self.unavailable(exc, action) from exc
                 logger.info("PostgreSQL connection lost (%s); retrying on a fresh one", _first_line(exc))
-                pool.check()
-            except (psycopg.Error, PoolTimeout) as exc:
+                self._recover(action, pool)
+                pool = self._ready()
+            except psycopg.Error as exc:
                 raise self.unavailable(exc, action) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -600,8 +617,7 @@ class PostgresStore:
 
     def load(self, session_id: str) -> SessionRecord:
         validate_session_id(session_id)
-        with self.connection("load a session") as conn:
-            row = conn.execute(self.sql.load, (session_id,)).fetchone()
+        row = self._run("load a session", lambda conn: conn.execute(self.sql.load, (session_id,)).fetchone())
         if row is None:
             raise SessionNotFoundError(f"no session {session_id} in {self._description}", session_id=session_id)
         return make_record(session_id, row[:5], self._parse(session_id, row[6]))
@@ -609,8 +625,8 @@ class PostgresStore:
     def load_newest(self, exclude: Iterable[str] = ()) -> SessionRecord | None:
         skip = list(exclude)
         for _ in range(100):
-            with self.connection("find the newest session") as conn:
-                row = conn.execute(self.sql.newest_with_turns, (skip,)).fetchone()
+            row = self._run("find the newest session",
+                            lambda conn: conn.execute(self.sql.newest_with_turns, (skip,)).fetchone())
             if row is None:
                 return None
             try:
@@ -620,25 +636,29 @@ class PostgresStore:
         return None
 
     def newest_first(self) -> list[str]:
-        with self.connection("list sessions") as conn:
-            return [r[0] for r in conn.execute(self.sql.newest_first)]
+        return self._run("list sessions", lambda conn: [r[0] for r in conn.execute(self.sql.newest_first)])
 
     def list_sessions(self) -> list[SessionInfo]:
-        with self.connection("list sessions") as conn:
-            rows = conn.execute(self.sql.list).fetchall()
+        rows = self._run("list sessions", lambda conn: conn.execute(self.sql.list).fetchall())
         return [SessionInfo(session_id=r[0], location=f"{self._description}#{r[0]}", created_at=r[1],
                             updated_at=r[2] or r[1], llm_model=r[3], turns=r[4], total_messages=r[5],
                             size_bytes=r[6], first_user_line=r[7], title=r[8]) for r in rows]
 
     def delete(self, session_id: str) -> bool:
         validate_session_id(session_id)
-        with self.connection("delete a session") as conn, conn.transaction():
-            if conn.execute(self.sql.delete, (session_id,)).fetchone():
-                return True
-            state = conn.execute(self.sql.lease_state, (session_id,)).fetchone()
-        if state is None:
-            return False
-        raise locked_error(session_id, state[0], state[3])
+
+        def run(conn: psycopg.Connection[Any]) -> bool | tuple[Any, ...]:
+            """True: deleted; False: no such session; else the lease state of its holder."""
+            with conn.transaction():
+                if conn.execute(self.sql.delete, (session_id,)).fetchone():
+                    return True
+                state: tuple[Any, ...] | None = conn.execute(self.sql.lease_state, (session_id,)).fetchone()
+                return False if state is None else state
+
+        outcome = self._run("delete a session", run)
+        if isinstance(outcome, bool):
+            return outcome
+        raise locked_error(session_id, outcome[0], outcome[3])
 
     def import_record(self, record: SessionRecord) -> str:
         session, rows = import_params(record)
@@ -657,8 +677,8 @@ class PostgresStore:
 
     def is_locked(self, session_id: str) -> bool:
         validate_session_id(session_id)
-        with self.connection("read a session's lease") as conn:
-            row = conn.execute(self.sql.is_locked, (session_id,)).fetchone()
+        row = self._run("read a session's lease",
+                        lambda conn: conn.execute(self.sql.is_locked, (session_id,)).fetchone())
         return bool(row and row[0])
 
     def close(self) -> None:
