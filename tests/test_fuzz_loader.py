@@ -144,7 +144,7 @@ def test_corpus_through_the_library_and_the_app(tmp_path, sessions_dir):
     """All corpus snapshots in one folder: the library resumes the only good one, listing skips the rest."""
     sessions_dir.mkdir()
     for n, name in enumerate(CORPUS_FILES):
-        if name.endswith(".json") and name not in LOADABLE + ("updated_at_list.json", "lone_surrogate.json"):
+        if name.endswith(".json") and name not in (*LOADABLE, "updated_at_list.json", "lone_surrogate.json"):
             shutil.copy(CORPUS / name, sessions_dir / f"session_{1000 + n}.json")
     shutil.copy(CORPUS / "seed_no_schema_version.json", sessions_dir / "session_1.json")
     os.utime(sessions_dir / "session_1.json", (1e9, 1e9))  # the oldest: every bad one is tried first

@@ -779,7 +779,7 @@ class _Core:
         self.encoded: list[str] = []           # encode_json of messages[: len(encoded)]
         self.size = self._initial_size()
         self.meta_dirty = False
-        self.full_error_logged = False
+        self.full = False                      # refused an append: over the size the loader reads
         self.last_error: BaseException | None = None
         self.lock = threading.Lock()            # the fd, the list and the counters
         self.snapshot_lock = threading.Lock()   # one snapshot (or reattach) at a time
@@ -867,8 +867,8 @@ class _Core:
             exc = ValueError(f"session {self.session_id} has reached the {self.store.max_file_bytes:,}-byte "
                              "limit sessions are read up to; the turn is kept in memory only; start a new session")
             self.last_error = exc
-            if not self.full_error_logged:
-                self.full_error_logged = True
+            if not self.full:
+                self.full = True  # from now on snapshots stop at what is durable, too
                 logger.error("%s", exc)
             return False
         try:
@@ -1023,7 +1023,7 @@ class _Core:
             raise FileNotFoundError(errno.ENOENT, "the session has no files (see the log)", str(path))
         t0 = time.perf_counter()
         with self.lock:
-            upto = len(self.messages)
+            upto = self.journaled if self.full else len(self.messages)
             messages = self.messages[:upto]
             encoded = self.encoded[:upto]
             turns = self.turns
@@ -1143,6 +1143,10 @@ class _Core:
                     os.close(fd)
                 self._mark_closed()
 
+    def _target(self) -> int:
+        """How many messages the final snapshot holds: all, unless some are over the size limit."""
+        return self.journaled if self.full else len(self.messages)
+
     def _mark_closed(self) -> None:
         with self.cond:
             self.closed = True
@@ -1154,7 +1158,7 @@ class _Core:
                 logger.error("session %s: its files were removed; %d message(s) are not saved", self.session_id,
                              len(self.messages) - self.journaled)
                 return
-            if self.messages and (self.snapshot_upto != len(self.messages) or self.journal_size or self.journal_torn):
+            if self.messages and (self.snapshot_upto != self._target() or self.journal_size or self.journal_torn):
                 try:
                     self._write_snapshot(background=False, final=True)
                 except OSError as exc:
@@ -1162,7 +1166,7 @@ class _Core:
                     logger.warning("could not write %s on close: %s; the journal %s keeps every saved turn",
                                    self.snapshot_path, exc.strerror or exc, self.journal_path)
                     return
-            if self.journal_torn or (self.messages and self.snapshot_upto != len(self.messages)):
+            if self.journal_torn or (self.messages and self.snapshot_upto != self._target()):
                 return
             # Still holding the lock: anyone who opened the journal before the unlink will
             # see it is gone once they get the lock, and start over on the live path.
