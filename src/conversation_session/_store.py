@@ -1090,16 +1090,20 @@ class _Core:
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
-            os.replace(tmp, path)
+            # Under the folder lock, like every change of a journal's name: a lock probe
+            # (is_locked) never sees the old journal already closed and the new one not yet there.
+            with dir_lock(self.store.directory):
+                os.replace(tmp, path)
+                old, self.fd = self.fd, fd
+                os.close(old)
         except OSError as exc:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            if self.fd != fd:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             logger.debug("could not cut the journal of %s: %s", self.session_id, exc)
             return
         fsync_dir(path.parent)
-        old, self.fd = self.fd, fd
-        os.close(old)
         self.journal_size, self.journal_lines = len(line), 1
         logger.debug("cut the journal of %s to %d message(s)", self.session_id, end - upto)
 
