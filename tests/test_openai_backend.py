@@ -458,3 +458,84 @@ def test_the_terminal_app_on_a_real_openai_compatible_server(llama_server, sessi
                            timeout=120)
     assert again.returncode == 0, again.stderr
     assert "resumed session_" in again.stdout + again.stderr and "2 turn(s), 4 message(s)" in again.stdout
+
+
+# -- on an event loop ------------------------------------------------------------------------
+
+def test_async_cancel_mid_reply_stops_the_server_and_the_next_request_is_served(llama_server):
+    """Native async streaming against llama_cpp.server: cancelling the task closes the stream,
+    the server's log says it saw the client go, and the same backend serves the next request."""
+    import asyncio
+
+    from conversation_session.backends import GenerationRequest
+
+    backend = OpenAIBackend(base_url=llama_server, context_length=2048)
+    backend.warm([{"role": "user", "content": LONG_PROMPT}], CancelToken())  # the prompt cached first
+    disconnects = llama_server.log_text().count("Disconnected from client")
+
+    async def main() -> tuple[GenerationRequest, str]:
+        request = GenerationRequest(messages=[{"role": "user", "content": LONG_PROMPT}], max_tokens=1500,
+                                    temperature=0)
+        pieces: list[str] = []
+
+        async def consume() -> None:
+            async for piece in backend.agenerate(request):
+                pieces.append(piece)
+
+        task = asyncio.create_task(consume())
+        while len(pieces) < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        after = GenerationRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+        t0 = time.monotonic()
+        text = "".join([p async for p in backend.agenerate(after)])
+        assert time.monotonic() - t0 < 3.0  # served at once, not after the abandoned reply
+        return after, text
+
+    after, text = asyncio.run(main())
+    assert text and 0 < after.usage.completion_tokens <= 4
+    deadline = time.monotonic() + 5
+    while llama_server.log_text().count("Disconnected from client") <= disconnects and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert llama_server.log_text().count("Disconnected from client") > disconnects
+    backend.close()
+
+
+def test_async_cancel_before_the_first_byte_and_check(recorder):
+    import asyncio
+
+    from conversation_session.backends import GenerationRequest
+
+    backend = OpenAIBackend("tiny-model", base_url=recorder.url)
+    backend.check()
+    asyncio.run(backend.acheck())
+    recorder.delay = 5.0  # computing a long prompt: no headers yet
+
+    async def main() -> None:
+        request = GenerationRequest(messages=[{"role": "user", "content": "hi"}])
+        task = asyncio.create_task(_acollect(backend, request))
+        while not recorder.chats:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    t0 = time.monotonic()
+    asyncio.run(main())
+    record = recorder.chats[-1]
+    while record["done_at"] is None and time.monotonic() - t0 < 2:
+        time.sleep(0.01)
+    assert record["disconnected"] and record["done_at"] - t0 < 1.0
+    recorder.delay = 0.0
+    request = GenerationRequest(messages=[{"role": "user", "content": "one two"}], max_tokens=3, cache_key="s1")
+    assert asyncio.run(_acollect(backend, request)) == "Hello from the"
+    assert (request.usage.prompt_tokens, request.usage.completion_tokens) == (3, 3)
+    assert backend.cache_stats(cache_key="s1")["prompt_eval_tokens"] == 3 - request.usage.cached_tokens
+    backend.close()
+
+
+async def _acollect(backend: OpenAIBackend, request: Any) -> str:
+    return "".join([p async for p in backend.agenerate(request)])

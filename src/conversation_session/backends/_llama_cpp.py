@@ -510,6 +510,8 @@ class LlamaCppBackend(Backend):
                     return
         finally:
             sampler.close()
+            if usage.finish_reason is None and cancel.cancelled:
+                usage.finish_reason = "cancelled"  # closed at a piece by a cancelled consumer
             usage.completion_tokens = produced
             if t1 is not None:
                 usage.eval_s = time.perf_counter() - t1

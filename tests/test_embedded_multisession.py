@@ -1,0 +1,147 @@
+"""One embedded model (llama.cpp, SmolLM2) serving several conversations, from threads and an
+event loop: each ``cache_key`` keeps its own KV cells, generations interleave, cancellation
+stops the decoding within a token, and a reply is never cut inside a character."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from conversation_session.backends import GenerationRequest
+from conversation_session.backends._llama_cpp import LlamaCppBackend
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def backend():
+    b = LlamaCppBackend()
+    yield b
+    for key in ("A", "B", "C", "cut", "async", None):
+        b.forget(key)
+
+
+def _turn(backend: LlamaCppBackend, key: str, history: list, text: str, max_tokens: int = 12) -> GenerationRequest:
+    history.append({"role": "user", "content": text})
+    request = GenerationRequest(messages=list(history), max_tokens=max_tokens, temperature=0, cache_key=key)
+    reply = "".join(backend.generate(request))
+    history.append({"role": "assistant", "content": reply})
+    return request
+
+
+def test_two_sessions_alternating_each_continue_with_their_own_cache(backend):
+    a: list = [{"role": "system", "content": "You are a helpful assistant. " * 20}]
+    b: list = [{"role": "system", "content": "You answer in French. " * 20}]
+    a1 = _turn(backend, "A", a, "My name is Ada and I like tea.")
+    b1 = _turn(backend, "B", b, "Je m'appelle Bruno.")
+    switches = backend._model.switches
+    a2 = _turn(backend, "A", a, "What is my name?")
+    b2 = _turn(backend, "B", b, "Comment je m'appelle ?")
+    assert backend._model.switches >= switches + 2  # the context really went back and forth
+    # After each switch the session's own conversation came back from RAM, not recomputed.
+    assert a2.usage.cached_tokens >= a1.usage.prompt_tokens
+    assert b2.usage.cached_tokens >= b1.usage.prompt_tokens
+    assert a2.usage.prompt_tokens - a2.usage.cached_tokens < 30
+    stats_a, stats_b = backend.cache_stats(cache_key="A"), backend.cache_stats(cache_key="B")
+    assert stats_a["tokens_in_cache"] > a2.usage.prompt_tokens and stats_a["state_bytes"] > 0
+    assert stats_b["tokens_in_cache"] > b2.usage.prompt_tokens and stats_b["state_bytes"] > 0
+    assert stats_a["model_sessions"] >= 2
+
+    # One session's clear never touches the other's cells.
+    backend.reset_cache(cache_key="A")
+    assert backend.cache_stats(cache_key="A")["tokens_in_cache"] == 0
+    b3 = _turn(backend, "B", b, "Merci.")
+    assert b3.usage.cached_tokens >= b2.usage.prompt_tokens
+    a3 = _turn(backend, "A", a, "Thanks.")
+    assert a3.usage.cached_tokens == 0  # A starts over (its cells were dropped)
+
+
+def test_generations_interleave_instead_of_waiting_for_each_other(backend):
+    histories = {"A": [{"role": "user", "content": "Write a very long story about a dragon and a knight."}],
+                 "B": [{"role": "user", "content": "Write a very long story about a princess and a wizard."}]}
+    times: dict[str, list[float]] = {"A": [], "B": []}
+    requests: dict[str, GenerationRequest] = {}
+    start = threading.Barrier(2)
+
+    def run(key: str) -> None:
+        request = GenerationRequest(messages=histories[key], max_tokens=60, temperature=0, cache_key=key)
+        requests[key] = request
+        start.wait()
+        for _ in backend.generate(request):
+            times[key].append(time.monotonic())
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in ("A", "B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(times["A"]) > 20 and len(times["B"]) > 20
+    # Each one produced pieces while the other was still producing: they shared the model.
+    assert times["B"][0] < times["A"][-1] and times["A"][0] < times["B"][-1]
+    first_half_a = times["A"][len(times["A"]) // 2]
+    assert any(t < first_half_a for t in times["B"][: len(times["B"]) // 2])
+    for key in ("A", "B"):
+        assert requests[key].usage.completion_tokens == 60 and requests[key].usage.finish_reason == "length"
+
+
+def test_async_cancel_stops_the_decoding_within_a_token_and_the_next_request_is_served(backend):
+    history = [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]
+
+    async def main() -> GenerationRequest:
+        request = GenerationRequest(messages=history, max_tokens=2000, temperature=0, cache_key="async")
+        pieces: list[str] = []
+
+        async def consume() -> None:
+            async for piece in backend.agenerate(request):
+                pieces.append(piece)
+
+        task = asyncio.create_task(consume())
+        while len(pieces) < 5:
+            await asyncio.sleep(0.01)
+        lag = []
+        t0 = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        lag.append(time.monotonic() - t0)
+        assert lag[0] < 0.1  # the loop is not held while the thread stops
+        assert request.cancel.cancelled
+        return request
+
+    request = asyncio.run(main())
+    time.sleep(0.3)  # the thread has noticed by now
+    n1 = backend.cache_stats(cache_key="async")["tokens_in_cache"]
+    time.sleep(0.3)
+    assert backend.cache_stats(cache_key="async")["tokens_in_cache"] == n1  # decoding really stopped
+    assert n1 < request.usage.prompt_tokens + 60
+    assert request.usage.finish_reason == "cancelled"
+    after = GenerationRequest(messages=[*history[:1], {"role": "assistant", "content": "Once"},
+                                        {"role": "user", "content": "Shorter, please."}],
+                              max_tokens=4, temperature=0, cache_key="async")
+    assert asyncio.run(_collect(backend, after))
+    assert after.usage.cached_tokens > 5  # the first message's cells were kept
+
+
+async def _collect(backend: LlamaCppBackend, request: GenerationRequest) -> str:
+    return "".join([p async for p in backend.agenerate(request)])
+
+
+def test_a_reply_cut_by_max_tokens_never_ends_in_a_broken_character(backend):
+    """SmolLM2 spells most Chinese characters as two or three byte tokens, so some token
+    limits fall inside a character: its bytes are dropped, never shown as U+FFFD."""
+    messages = [{"role": "user", "content": "请用中文写一首关于春天的短诗。"}]
+    texts = []
+    for max_tokens in range(1, 16):
+        request = GenerationRequest(messages=messages, max_tokens=max_tokens, temperature=0, cache_key="cut")
+        text = "".join(backend.generate(request))
+        assert "\ufffd" not in text, (max_tokens, text)
+        if request.usage.completion_tokens == max_tokens:
+            assert request.usage.finish_reason == "length"
+        texts.append(text)
+    # Greedy decoding: each reply extends the previous one.  Some limit produced no new text
+    # (it ended inside a character): the case this test is about did occur.
+    assert any(texts[i] == texts[i - 1] for i in range(1, len(texts)))
+    assert any(ord(ch) > 0x2E80 for ch in texts[-1])
