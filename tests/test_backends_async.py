@@ -128,7 +128,7 @@ def test_one_ollama_backend_serves_concurrent_requests_with_their_own_figures(se
     async def main() -> list[tuple[GenerationRequest, str]]:
         requests = [_request(t, cache_key=f"session-{i}") for i, t in enumerate(texts)]
         replies = await asyncio.gather(*(_collect(backend, r) for r in requests))
-        return list(zip(requests, replies))
+        return list(zip(requests, replies, strict=True))
 
     done = asyncio.run(main())
     # Sync callers on threads at the same time as well.
