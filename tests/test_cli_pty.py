@@ -1,0 +1,110 @@
+"""The chat in a real pseudo-terminal, without the embedded model (``--backend fake``, or the
+Ollama-API test server for slow replies): Tab completion, Alt-Enter, notices that do not land
+on the spinner or inside a reply, control characters in a streamed reply, the timeout notice."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from conversation_session import HistoryStore
+from ollama_api_server import OllamaAPIServer
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "您:"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@pytest.fixture(autouse=True)
+def _no_user_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+
+
+def spawn(*args: str, sessions_dir: Path) -> pexpect.spawn:
+    child = pexpect.spawn(
+        sys.executable, [str(ROOT / "main.py"), *args], cwd=str(ROOT),
+        env={**os.environ, "CONVERSATION_SESSIONS_DIR": str(sessions_dir), "TERM": "xterm",
+             "PROMPT_TOOLKIT_NO_CPR": "1"},
+        encoding="utf-8", timeout=30, dimensions=(40, 200),
+    )
+    child.expect(PROMPT)
+    return child
+
+
+def quit_(child: pexpect.spawn) -> None:
+    child.sendline("quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_messages_starting_with_command_words_are_sent_on_a_terminal(sessions_dir):
+    child = spawn("--backend", "fake", sessions_dir=sessions_dir)
+    child.sendline("quit smoking tips please")
+    child.expect("Reply 1: quit smoking tips please")
+    child.expect(PROMPT)
+    child.sendline("help me write a poem")
+    child.expect("Reply 2: help me write a poem")
+    child.expect(PROMPT)
+    quit_(child)
+
+
+def test_tab_completes_commands_and_alt_enter_adds_a_line(sessions_dir):
+    child = spawn("--backend", "fake", sessions_dir=sessions_dir)
+    child.send("/his\t")
+    child.expect("tory")  # completed in place: "/his" then "tory"
+    child.send("\r")
+    child.expect(r"0 turn\(s\)")
+    child.expect(PROMPT)
+    child.send("first line")
+    child.send("\x1b\r")  # Alt-Enter: a new line, not "send"
+    child.send("second line\r")
+    child.expect("Reply 1: first line")
+    child.expect(PROMPT)
+    quit_(child)
+    store = HistoryStore(sessions_dir)
+    (info,) = store.list_sessions()
+    assert store.load(info.session_id).messages[0]["content"] == "first line\nsecond line"
+
+
+def test_the_trimming_notice_is_one_line_after_the_reply(sessions_dir):
+    child = spawn("--backend", "fake", "--context-length", "60", "--max-tokens", "10", sessions_dir=sessions_dir)
+    seen = io.StringIO()
+    child.logfile_read = seen
+    words = " ".join(["word"] * 15)
+    for n in range(1, 5):
+        child.sendline(words)
+        child.expect(f"Reply {n}: ")
+        child.expect(PROMPT)
+    quit_(child)
+    screen = ANSI.sub("", seen.getvalue())
+    notices = re.findall(r"(.*)the oldest \d+ turn\(s\) are left out of what the model sees", screen)
+    assert notices and all(line.lstrip(" \r").startswith("ℹ️") for line in notices)  # at the start of a line
+    assert "WARNING" not in screen and "left out of the prompt" not in screen  # no raw log line
+
+
+def test_streamed_control_characters_and_the_timeout_notice(sessions_dir):
+    server = OllamaAPIServer(token_delay=0.05).start()
+    try:
+        child = spawn("--backend", "ollama", "--base-url", server.url, "--timeout", "1.5",
+                      sessions_dir=sessions_dir)
+        # A bracketed paste brings ESC and BEL into the message; the test server echoes it.
+        child.send("\x1b[200~say \x1b]0;pwned\x07 please\x1b[201~")
+        child.send("\r")
+        child.expect(r"You said: say \\x1b\]0;pwned\\x07 please")
+        child.expect(PROMPT)
+        child.sendline("tell me something long")
+        child.expect(r"timed out after 1\.5 s; the partial reply above was not kept")
+        child.expect(PROMPT)
+        child.sendline("history")
+        child.expect(r"1 turn\(s\), 2 message\(s\)")
+        child.expect(PROMPT)
+        quit_(child)
+    finally:
+        server.stop()
