@@ -60,7 +60,8 @@ class AsyncConversationSession:
                  max_tokens: int = 512, temperature: float = 0.7, backend_options: dict[str, Any] | None = None,
                  persist_kv_cache: bool = True, kv_cache_max_bytes: int = 1 << 30,
                  tts_output_dir: str | os.PathLike[str] | None = None, tts_options: dict[str, Any] | None = None,
-                 store: StoreAPI | str | None = None):
+                 store: StoreAPI | str | None = None, memory: str = "trim",
+                 summarizer: Backend | None = None):
         # Construction touches the store once (a new session's id); for a folder that is a
         # few microseconds, so it is done here rather than forcing an awaitable constructor.
         self._core = SessionCore(
@@ -69,6 +70,7 @@ class AsyncConversationSession:
             max_tokens=max_tokens, temperature=temperature, backend_options=backend_options,
             persist_kv_cache=persist_kv_cache, kv_cache_max_bytes=kv_cache_max_bytes,
             tts_output_dir=tts_output_dir, tts_options=tts_options, store=store,
+            memory=memory, summarizer=summarizer,
         )
         self._lock: asyncio.Lock | None = None   # made on first use, inside the running loop
         self._turn_task: asyncio.Task[Any] | None = None

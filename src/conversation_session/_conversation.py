@@ -87,7 +87,8 @@ class Conversation:
         system = self.system()
         fit: Fit = self.policy.fit(history, system, user)
         self.trimmed_turns += fit.dropped_now  # the start only moves forward: count incrementally
-        return Plan(user, [*system, *history[fit.start:], user], fit.start, self.trimmed_turns)
+        prefix = self.policy.prefix(system)  # after fit: a compaction may have changed it
+        return Plan(user, [*prefix, *history[fit.start:], user], fit.start, self.trimmed_turns)
 
     def warm_prompt(self) -> list[MessageDict]:
         """What the next prompt will start with (for a warm-up after a resume)."""

@@ -24,11 +24,13 @@ from ._conversation import Conversation, Plan
 from ._exceptions import SessionError, SessionLockedError, SessionNotFoundError
 from ._format import MessageDict, SessionRecord, is_utf8_text
 from ._policy import TrimPolicy
+from ._runtime import run_in_background, schedule
+from ._summary import SummaryPolicy, SummaryState
 from ._result import ChatResult
 from ._store import HistoryStore, validate_session_id
 from ._store_api import SessionWriterAPI, StoreAPI
 from ._warmth import JOIN_TIMEOUT_S, KVFile, Warmup
-from .backends import Backend, create_backend
+from .backends import Backend, GenerationRequest, create_backend
 from .speech import create_speaker
 
 __all__ = ["SESSIONS_DIR_ENV", "STORE_ENV", "SessionCore", "default_sessions_dir", "open_store"]
@@ -84,7 +86,8 @@ class SessionCore:
                  sessions_dir: str | os.PathLike[str] | None, system_prompt: str | None, max_tokens: int,
                  temperature: float, backend_options: dict[str, Any] | None, persist_kv_cache: bool,
                  kv_cache_max_bytes: int, tts_output_dir: str | os.PathLike[str] | None,
-                 tts_options: dict[str, Any] | None, store: StoreAPI | str | None):
+                 tts_options: dict[str, Any] | None, store: StoreAPI | str | None,
+                 memory: str = "trim", summarizer: Backend | None = None):
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive or None, not {timeout!r}")
         if max_tokens < 1:
@@ -111,11 +114,21 @@ class SessionCore:
         self._stateless_id = f"session_{int(time.time())}"
         self._pending_meta: dict[str, Any] | None = None
         backend_ = self.backend
-        self.conversation = Conversation(
-            TrimPolicy(backend_.context_length, lambda: self.max_tokens, backend_.count_tokens,
-                       backend_.exact_token_count),
-            system_prompt=system_prompt, stateless=not enable_cache,
-        )
+        if memory not in ("trim", "summary"):
+            raise ValueError(f"memory must be 'trim' or 'summary', not {memory!r}")
+        self.memory = memory
+        self._summarizer = summarizer
+        policy: TrimPolicy
+        if memory == "summary":
+            policy = SummaryPolicy(backend_.context_length, lambda: self.max_tokens, backend_.count_tokens,
+                                   backend_.exact_token_count, summarize=self._summarize,
+                                   model_name=(summarizer or backend_).model_name, run=run_in_background,
+                                   on_compaction=self._compacted)
+        else:
+            policy = TrimPolicy(backend_.context_length, lambda: self.max_tokens, backend_.count_tokens,
+                                backend_.exact_token_count)
+        self.policy = policy
+        self.conversation = Conversation(policy, system_prompt=system_prompt, stateless=not enable_cache)
         self._requested_system = system_prompt
         self.cache_key = f"cs{next(_keys)}"
         self.speaker = None
@@ -184,6 +197,28 @@ class SessionCore:
             # write a session the loader would then refuse.
             ensure_room(len(text.encode()) + self.max_tokens * 8 + 256)
 
+    # -- memory (summaries) ----------------------------------------------------------------
+    def _summarize(self, prompt: list[MessageDict]) -> str:
+        """Run a summary request on the summariser (default: the session's backend), on a cache
+        key of its own so the embedded model never evicts the conversation's cache for it."""
+        backend = self._summarizer or self.backend
+        request = GenerationRequest(messages=prompt, max_tokens=256, temperature=0.2,
+                                    cache_key=f"{self.cache_key}:summary")
+        deadline = schedule(self.timeout or 120.0, request.cancel.cancel)
+        try:
+            text = "".join(backend.generate(request))
+        finally:
+            deadline.cancel()
+        if request.cancel.cancelled:
+            raise TimeoutError("the summariser did not finish in time")
+        return text
+
+    def _compacted(self, state: SummaryState) -> None:
+        # Journaled with the next turn's commit (the turn that uses it), like the turn itself.
+        meta = dict(self._pending_meta or {})
+        meta["summary"] = state.to_meta()
+        self._pending_meta = meta
+
     # -- the turn's commit ---------------------------------------------------------------
     def commit(self, plan: Plan, reply: MessageDict) -> bool:
         """Append a completed turn to the conversation and journal it; True if durable."""
@@ -241,6 +276,8 @@ class SessionCore:
         elif record is None and system:
             self._pending_meta = {"system_prompt": system}
         self.conversation.replace(messages, system)
+        if isinstance(self.policy, SummaryPolicy) and record is not None:
+            self.policy.restore(SummaryState.from_meta(getattr(record, "summary", None)), len(messages))
         self.warmup = None
         self.last = None
         with contextlib.suppress(Exception):
@@ -390,8 +427,17 @@ class SessionCore:
             "read_only": self.read_only is not None,
             "enable_cache": self.enable_cache,
             "system_prompt": conv.system_prompt,
+            "memory": self.memory,
+            "summary": self.policy.summary_text() if isinstance(self.policy, SummaryPolicy) else None,
+            "summarized_turns": self._summarized_turns(),
             "last_save_error": str(last_error) if last_error else None,
         }
+
+    def _summarized_turns(self) -> int:
+        if not isinstance(self.policy, SummaryPolicy) or self.policy.state is None:
+            return 0
+        covers = self.policy.state.covers
+        return sum(1 for m in self.conversation.messages[:covers] if m["role"] == "assistant")
 
     def stats(self) -> dict[str, Any]:
         last = self.last
@@ -418,6 +464,16 @@ class SessionCore:
             stats.update(self.backend.cache_stats(cache_key=self.cache_key))
         except TypeError:  # a third-party backend without per-session figures
             stats.update(self.backend.cache_stats())
+        stats["memory"] = self.memory
+        if isinstance(self.policy, SummaryPolicy):
+            summarized = self._summarized_turns()
+            text = self.policy.summary_text()
+            stats["summarized_turns"] = summarized
+            stats["verbatim_turns"] = self.conversation.turns - sum(
+                1 for m in self.conversation.messages[:self.policy.start] if m["role"] == "assistant")
+            stats["summary_tokens"] = self.backend.count_tokens([{"role": "system", "content": text}]) if text else 0
+            stats["compactions"] = self.policy.compactions
+            stats["summary_error"] = self.policy.last_error
         stats["kv_persist"] = self.persist_kv_cache
         if self.persist_kv_cache:
             with contextlib.suppress(OSError):

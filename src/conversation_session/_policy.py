@@ -79,7 +79,15 @@ class Fit:
 
 
 class WindowPolicy(Protocol):
+    """Decides what part of the history a prompt carries, and what precedes it."""
+
+    start: int
+
     def fit(self, history: list[MessageDict], system: list[MessageDict], user: MessageDict) -> Fit: ...
+
+    def prefix(self, system: list[MessageDict]) -> list[MessageDict]:
+        """What the prompt starts with: the system prompt (and, for a summarising policy, the
+        summary).  Stable between compactions, so the backend's cache stays valid."""
 
     def reset(self) -> None: ...
 
@@ -105,6 +113,9 @@ class TrimPolicy:
     def reset(self) -> None:
         self.start = 0
         self.tokens.reset()
+
+    def prefix(self, system: list[MessageDict]) -> list[MessageDict]:
+        return system
 
     def fit(self, history: list[MessageDict], system: list[MessageDict], user: MessageDict) -> Fit:
         n_ctx = self._context_length()

@@ -72,6 +72,11 @@ class ConversationSession:
         tts_options: ``rate`` (words per minute), ``voice``, ``playback`` for the speech engine.
         store: where sessions live: a store object or a URL (``postgresql://user@host/db``);
             default the folder ``sessions_dir`` (or ``$CONVERSATION_SESSIONS_STORE``).
+        memory: what happens when the history outgrows the context window: ``"trim"`` leaves
+            the oldest turns out of the prompt; ``"summary"`` folds them into a running summary
+            kept after the system prompt (made in the background, in batches, so the prompt
+            prefix and the KV cache stay stable between compactions).
+        summarizer: the backend that writes summaries (default: this session's backend).
 
     Raises:
         BackendError: the backend cannot be set up (model file missing, ...).
@@ -98,6 +103,8 @@ class ConversationSession:
         tts_output_dir: str | os.PathLike[str] | None = None,
         tts_options: dict[str, Any] | None = None,
         store: StoreAPI | str | None = None,
+        memory: str = "trim",
+        summarizer: Backend | None = None,
     ):
         self._core = SessionCore(
             llm_model, backend=backend, base_url=base_url, enable_cache=enable_cache, timeout=timeout,
@@ -105,6 +112,7 @@ class ConversationSession:
             max_tokens=max_tokens, temperature=temperature, backend_options=backend_options,
             persist_kv_cache=persist_kv_cache, kv_cache_max_bytes=kv_cache_max_bytes,
             tts_output_dir=tts_output_dir, tts_options=tts_options, store=store,
+            memory=memory, summarizer=summarizer,
         )
         self._lock = threading.Lock()        # guards the session's state; never held across a turn
         self._turn_free = threading.Condition(self._lock)

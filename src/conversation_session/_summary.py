@@ -1,0 +1,252 @@
+"""Memory beyond the context window: a running summary that keeps the KV cache warm.
+
+``SummaryPolicy`` is the window policy of ``memory="summary"``.  Where ``TrimPolicy`` simply
+leaves the oldest turns out of the prompt, this one folds them into a running summary that
+sits right after the system prompt, so the assistant still knows the user's name three
+hundred turns later.
+
+How it keeps the prompt prefix (and the backend's KV cache) stable:
+
+* **Compaction ahead of need, in batches.**  When the history sent reaches seven eighths of the
+  budget, a summary of the turns that will have to leave (a quarter of the window's worth, as
+  trimming frees) is made in the background, merged with the previous summary.
+* **One prefix change per compaction.**  The new summary is not used as soon as it is ready but
+  when the window is actually full: then the summary and the new start switch together, once,
+  and the prefix stays byte-identical until the next compaction.
+* **Never delaying a reply.**  If the window is full before the summary is ready (a slow or
+  failed summariser), the turn trims exactly as ``TrimPolicy`` does, with the previous summary;
+  the summary is used from the next compaction on.  A summariser that fails is retried at the
+  next compaction point, after a pause; no turn is ever lost (the history is never changed).
+
+The summary text, the number of messages it covers and the model that wrote it are persisted
+with the session (journaled like a turn), so ``load_history()`` restores them without
+recomputing anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from ._format import MessageDict
+from ._policy import Fit, TrimPolicy
+
+__all__ = ["Summarizer", "SummaryPolicy", "SummaryState", "summary_prompt"]
+
+logger = logging.getLogger("conversation_session")
+
+# Seconds to wait before trying again after the summariser failed.
+RETRY_AFTER_S = 30.0
+SUMMARY_HEADER = "Summary of the earlier conversation (older turns, kept as memory):"
+
+Summarizer = Callable[[list[MessageDict]], str]
+
+
+@dataclass(frozen=True)
+class SummaryState:
+    """A summary as persisted: its text, how many leading history messages it covers, and the
+    model that wrote it."""
+
+    text: str
+    covers: int
+    model: str
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"text": self.text, "covers": self.covers, "model": self.model}
+
+    @classmethod
+    def from_meta(cls, data: Any) -> SummaryState | None:
+        if not isinstance(data, dict):
+            return None
+        text, covers, model = data.get("text"), data.get("covers"), data.get("model", "")
+        if not isinstance(text, str) or not isinstance(covers, int) or isinstance(covers, bool) or covers < 0:
+            return None
+        return cls(text, covers, model if isinstance(model, str) else "")
+
+
+def summary_prompt(previous: str | None, messages: list[MessageDict]) -> list[MessageDict]:
+    """The request that folds ``messages`` into ``previous``: facts first (names, preferences,
+    decisions, open questions), short, in the conversation's language."""
+    lines = [f"{m['role']}: {m['content']}" for m in messages]
+    parts = []
+    if previous:
+        parts.append(f"Summary so far:\n{previous}\n")
+    parts.append("Conversation to add:\n" + "\n".join(lines))
+    return [
+        {"role": "system", "content": (
+            "You keep the long-term memory of a conversation. Update the summary with the new turns. "
+            "Keep every fact about the user (name, preferences, plans, numbers, decisions) and what was "
+            "agreed or asked; drop small talk. Write at most 120 words, in the language of the conversation, "
+            "as plain sentences.")},
+        {"role": "user", "content": "\n".join(parts)},
+    ]
+
+
+class SummaryPolicy(TrimPolicy):
+    """Trimming plus a running summary (see the module docstring).
+
+    Args:
+        summarize: makes a summary from a prompt (``summary_prompt``); runs on the shared pool.
+        model_name: recorded with each summary.
+        run: submits background work (the process's shared pool).
+        on_compaction: called with the new ``SummaryState`` when one is adopted (to persist it).
+    """
+
+    def __init__(self, context_length: Callable[[], int | None], max_tokens: Callable[[], int],
+                 count: Callable[[list[MessageDict]], int], exact: bool, *, summarize: Summarizer,
+                 model_name: str, run: Callable[[Callable[[], Any], str], Future[Any]],
+                 on_compaction: Callable[[SummaryState], None] | None = None):
+        super().__init__(context_length, max_tokens, count, exact)
+        self._summarize = summarize
+        self._model_name = model_name
+        self._run = run
+        self.on_compaction = on_compaction
+        self.state: SummaryState | None = None
+        self._ready: SummaryState | None = None   # made, waiting for the window to fill
+        self._job: Future[Any] | None = None
+        self._job_lock = threading.Lock()
+        self._failed_at = 0.0
+        self.compactions = 0
+        self.last_error: str | None = None
+
+    # -- what the conversation asks -----------------------------------------------------------
+    def reset(self) -> None:
+        super().reset()
+        self.state = None
+        self._ready = None
+        self._job = None  # a running job's result is dropped: it is for another conversation
+
+    def restore(self, state: SummaryState | None, history_len: int) -> None:
+        """A resumed session's persisted summary (ignored if it covers more than the history)."""
+        if state is not None and state.covers <= history_len:
+            self.state = state
+            self.start = state.covers
+
+    def summary_text(self) -> str | None:
+        return self.state.text if self.state else None
+
+    def wait_idle(self, timeout: float | None = None) -> None:
+        """Wait for a running summary job (tests, benchmarks and close)."""
+        job = self._job
+        if job is not None:
+            job.result(timeout)
+
+    # -- fitting ------------------------------------------------------------------------------
+    def prefix(self, system: list[MessageDict]) -> list[MessageDict]:
+        """The system part of the prompt: the system prompt with the summary appended to it
+        (one system message: every chat template accepts that)."""
+        if self.state is None:
+            return system
+        block = f"{SUMMARY_HEADER}\n{self.state.text}"
+        if system:
+            return [{"role": "system", "content": f"{system[0]['content']}\n\n{block}"}, *system[1:]]
+        return [{"role": "system", "content": block}]
+
+    def fit(self, history: list[MessageDict], system: list[MessageDict], user: MessageDict) -> Fit:
+        n_ctx = self._context_length()
+        if n_ctx is None:
+            return Fit(self.start, 0)
+        budget = n_ctx - self._max_tokens()
+        prefix = self.prefix(system)
+        fixed = self.tokens.base() + sum(self.tokens.of(m) for m in (*prefix, user))
+        sent = self._sent_tokens(history, fixed, budget)
+        if sent is not None and sent <= budget - n_ctx // 8:
+            return Fit(self.start, 0)  # room left: nothing changes
+        ready = self._ready
+        if sent is None and ready is not None:
+            # The window is full and a summary is ready: switch prefix and start together, once.
+            # (If trimming already moved past what it covers, the start stays; the next
+            # compaction folds the gap.)
+            start = max(ready.covers, self.start)
+            new_prefix = self.prefix_for(system, ready)
+            new_fixed = self.tokens.base() + sum(self.tokens.of(m) for m in (*new_prefix, user))
+            if self._sent_tokens_from(history, start, new_fixed, budget) is not None:
+                dropped = sum(1 for m in history[self.start:start] if m["role"] == "assistant")
+                self._adopt(ready)
+                return Fit(self.start, dropped)
+            self._ready = None  # too little: fold more next time
+        fit = super().fit(history, prefix, user) if sent is None else Fit(self.start, 0)
+        self._maybe_start_job(history, fixed, budget, n_ctx)
+        return fit
+
+    def prefix_for(self, system: list[MessageDict], state: SummaryState) -> list[MessageDict]:
+        saved, self.state = self.state, state
+        try:
+            return self.prefix(system)
+        finally:
+            self.state = saved
+
+    def _adopt(self, state: SummaryState) -> None:
+        self.state = state
+        self.start = max(self.start, state.covers)
+        self._ready = None
+        self.compactions += 1
+        logger.info("memory: compacted the conversation: %d messages now in the summary (%d characters)",
+                    state.covers, len(state.text))
+        if self.on_compaction is not None:
+            self.on_compaction(state)
+
+    def _sent_tokens(self, history: list[MessageDict], fixed: int, budget: int) -> int | None:
+        return self._sent_tokens_from(history, self.start, fixed, budget)
+
+    def _sent_tokens_from(self, history: list[MessageDict], start: int, fixed: int, budget: int) -> int | None:
+        """Tokens of the prompt from ``start`` (walking back from the newest), or None if over ``budget``."""
+        total = fixed
+        for i in range(len(history) - 1, start - 1, -1):
+            total += self.tokens.at(history, i)
+            if total > budget:
+                return None
+        return total
+
+    def _cut_for(self, history: list[MessageDict], fixed: int, target: int) -> int:
+        """The earliest turn start whose suffix fits ``target`` (walking back from the newest)."""
+        total, best, i = fixed, len(history), len(history)
+        while i > 0:
+            i -= 1
+            total += self.tokens.at(history, i)
+            if total > target:
+                break
+            if history[i]["role"] == "user":
+                best = i
+        return best
+
+    # -- the background job -------------------------------------------------------------------
+    def _maybe_start_job(self, history: list[MessageDict], fixed: int, budget: int, n_ctx: int) -> None:
+        with self._job_lock:
+            if self._job is not None and not self._job.done():
+                return
+            if self._ready is not None or time.monotonic() - self._failed_at < RETRY_AFTER_S:
+                return
+            # Fold what must leave so that the rest fits a quarter of the window below the
+            # budget (as trimming frees), with a margin for the summary growing.
+            cut = self._cut_for(history, fixed, budget - n_ctx // 4 - n_ctx // 16)
+            if cut <= (self.state.covers if self.state else 0):
+                return
+            covered = self.state.covers if self.state else 0
+            previous = self.state.text if self.state else None
+            batch = history[covered:cut]
+            if not batch:
+                return
+            generation = self.compactions
+
+            def job() -> None:
+                try:
+                    text = self._summarize(summary_prompt(previous, batch)).strip()
+                    if not text:
+                        raise ValueError("the summariser returned nothing")
+                except Exception as exc:  # noqa: BLE001 - a failed summary only means trimming
+                    self._failed_at = time.monotonic()
+                    self.last_error = str(exc)
+                    logger.warning("memory: the summary could not be made (%s); trimming instead, "
+                                   "retrying in %.0f s", exc, RETRY_AFTER_S)
+                    return
+                if generation == self.compactions and (self.state is None or self.state.covers == covered):
+                    self._ready = SummaryState(text, cut, self._model_name)
+                    self.last_error = None
+
+            self._job = self._run(job, "summary")
