@@ -87,7 +87,7 @@ class Timed(Backend):
 
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def measure(make_backend, n: int, folder: Path, resumes: int, turns: int) -> dict[str, float]:

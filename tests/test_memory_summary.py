@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 
-from conversation_session import AsyncConversationSession, BackendError, ConversationSession, FakeBackend
-from conversation_session import _summary
+from conversation_session import AsyncConversationSession, BackendError, ConversationSession, FakeBackend, _summary
 
 
 class Summarizer(FakeBackend):
@@ -47,7 +47,7 @@ def test_compactions_come_in_batches_and_the_prefix_is_stable_between_them(sessi
         _chat_until_compactions(s, summarizer, 3)
         prefixes = [r.messages[0]["content"] for r in fake.requests]
         # The prompt's first message (system prompt + summary) changes once per compaction.
-        changes = sum(1 for a, b in zip(prefixes, prefixes[1:], strict=False) if a != b)
+        changes = sum(1 for a, b in itertools.pairwise(prefixes) if a != b)
         assert changes == s._core.policy.compactions
         assert len(fake.requests) > 3 * changes  # batches: far fewer compactions than turns
         summary = s.get_history_summary()

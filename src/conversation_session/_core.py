@@ -24,11 +24,11 @@ from ._conversation import Conversation, Plan
 from ._exceptions import SessionError, SessionLockedError, SessionNotFoundError
 from ._format import MessageDict, SessionRecord, is_utf8_text
 from ._policy import TrimPolicy
-from ._runtime import run_in_background, schedule
-from ._summary import SummaryPolicy, SummaryState
 from ._result import ChatResult
+from ._runtime import run_in_background, schedule
 from ._store import HistoryStore, validate_session_id
 from ._store_api import SessionWriterAPI, StoreAPI
+from ._summary import SummaryPolicy, SummaryState
 from ._warmth import JOIN_TIMEOUT_S, KVFile, Warmup
 from .backends import Backend, GenerationRequest, create_backend
 from .speech import create_speaker
