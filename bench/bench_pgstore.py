@@ -1,0 +1,229 @@
+"""PostgreSQL persistence: this store vs LangChain's PostgresChatMessageHistory and LangGraph's
+PostgresSaver, on the same throwaway server, in the same run.
+
+    # the competitors live only in a throwaway venv, never in the project's:
+    python3 -m venv /tmp/benchvenv
+    /tmp/benchvenv/bin/pip install 'psycopg[binary]' psycopg-pool langchain-postgres \
+        langgraph-checkpoint-postgres httpx prompt_toolkit 'ollama<0.7'
+    PYTHONPATH=src /tmp/benchvenv/bin/python bench/bench_pgstore.py [--url postgresql://...]
+
+Without ``--url`` it starts its own PostgreSQL (tests/pg_server.py: loopback, fsync on).
+Measured per history length (10 / 100 / 1,000 / 5,000 messages): the save of one turn (a user
+and an assistant message; median of 50) and a load of the whole history (median of 20); then
+sustained turns per second with 100 concurrent sessions on one store (a pool of 20).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+
+from conversation_session import SessionRecord  # noqa: E402
+from conversation_session._pgstore import PostgresStore  # noqa: E402
+
+SIZES = [10, 100, 1000, 5000]
+SAVES = 50
+LOADS = 20
+
+
+def history(n: int) -> list[dict[str, str]]:
+    out = []
+    for i in range(n // 2):
+        out.append({"role": "user", "content": f"问题 {i}: " + "how do I keep a conversation's memory? " * 2})
+        out.append({"role": "assistant", "content": f"回答 {i}: " + "save every completed turn durably. " * 8})
+    return out
+
+
+def turn(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"new question {i} " + "x" * 80},
+            {"role": "assistant", "content": f"new answer {i} " + "y" * 300}]
+
+
+def ms(xs: list[float]) -> float:
+    return statistics.median(xs) * 1000
+
+
+def bench_ours(url: str) -> dict[int, tuple[float, float]]:
+    out = {}
+    store = PostgresStore(url, schema="bench_ours")
+    for n in SIZES:
+        sid = store.import_record(SessionRecord(session_id=f"bench_{n}", llm_model="m", messages=history(n)))
+        w, rec = store.open(sid)
+        saves = []
+        at = len(rec.messages)
+        for i in range(SAVES):
+            t0 = time.perf_counter()
+            assert w.append(at, turn(i))
+            saves.append(time.perf_counter() - t0)
+            at += 2
+        w.close()
+        loads = []
+        for _ in range(LOADS):
+            t0 = time.perf_counter()
+            rec = store.load(sid)
+            loads.append(time.perf_counter() - t0)
+        assert len(rec.messages) == n + 2 * SAVES
+        out[n] = (ms(saves), ms(loads))
+    store.close()
+    return out
+
+
+def bench_langchain(url: str) -> dict[int, tuple[float, float]] | str:
+    try:
+        import psycopg
+        from langchain_core.messages import AIMessage, HumanMessage
+        from langchain_postgres import PostgresChatMessageHistory
+    except ImportError as exc:
+        return f"not installed ({exc.name})"
+    conn = psycopg.connect(url, autocommit=True)
+    PostgresChatMessageHistory.create_tables(conn, "lc_history")
+    out = {}
+
+    def as_lc(msgs: list[dict[str, str]]) -> list[object]:
+        return [HumanMessage(m["content"]) if m["role"] == "user" else AIMessage(m["content"]) for m in msgs]
+
+    for n in SIZES:
+        h = PostgresChatMessageHistory("lc_history", str(uuid.uuid4()), sync_connection=conn)
+        h.add_messages(as_lc(history(n)))
+        saves = []
+        for i in range(SAVES):
+            msgs = as_lc(turn(i))
+            t0 = time.perf_counter()
+            h.add_messages(msgs)
+            saves.append(time.perf_counter() - t0)
+        loads = []
+        for _ in range(LOADS):
+            t0 = time.perf_counter()
+            got = h.messages
+            loads.append(time.perf_counter() - t0)
+        assert len(got) == n + 2 * SAVES
+        out[n] = (ms(saves), ms(loads))
+    conn.close()
+    return out
+
+
+def bench_langgraph(url: str) -> dict[int, tuple[float, float]] | str:
+    try:
+        from langchain_core.messages import AIMessage, HumanMessage
+        from langgraph.checkpoint.base import empty_checkpoint
+        from langgraph.checkpoint.postgres import PostgresSaver
+    except ImportError as exc:
+        return f"not installed ({exc.name})"
+    out = {}
+    with PostgresSaver.from_conn_string(url) as saver:
+        saver.setup()
+        for n in SIZES:
+            # What a graph with a `messages` channel (add_messages reducer) stores per step: the
+            # channel's whole new value, as one blob version per checkpoint.
+            msgs = [HumanMessage(m["content"]) if m["role"] == "user" else AIMessage(m["content"])
+                    for m in history(n)]
+            config = {"configurable": {"thread_id": str(uuid.uuid4()), "checkpoint_ns": ""}}
+            version = 1
+            cp = empty_checkpoint()
+            cp["channel_values"] = {"messages": msgs}
+            cp["channel_versions"] = {"messages": version}
+            config = saver.put(config, cp, {"source": "loop", "step": 0}, {"messages": version})
+            saves = []
+            for i in range(SAVES):
+                t = turn(i)
+                msgs = [*msgs, HumanMessage(t[0]["content"]), AIMessage(t[1]["content"])]
+                t0 = time.perf_counter()
+                version += 1
+                cp = empty_checkpoint()
+                cp["channel_values"] = {"messages": msgs}
+                cp["channel_versions"] = {"messages": version}
+                config = saver.put(config, cp, {"source": "loop", "step": i + 1}, {"messages": version})
+                saves.append(time.perf_counter() - t0)
+            loads = []
+            for _ in range(LOADS):
+                t0 = time.perf_counter()
+                got = saver.get_tuple({"configurable": {"thread_id": config["configurable"]["thread_id"],
+                                                        "checkpoint_ns": ""}})
+                loads.append(time.perf_counter() - t0)
+            assert got is not None and len(got.checkpoint["channel_values"]["messages"]) == n + 2 * SAVES
+            out[n] = (ms(saves), ms(loads))
+    return out
+
+
+def bench_concurrent(url: str, sessions: int = 100, seconds: float = 5.0) -> tuple[float, float]:
+    store = PostgresStore(url, schema="bench_concurrent", pool_size=20)
+    writers = [store.create("m") for _ in range(sessions)]
+    counts = [0] * sessions
+    stop = time.monotonic() + seconds
+    latencies: list[float] = []
+
+    def run(k: int) -> None:
+        w = writers[k]
+        i = 0
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            assert w.append(2 * i, turn(i))
+            latencies.append(time.perf_counter() - t0)
+            i += 1
+        counts[k] = i
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(sessions)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    for w in writers:
+        w.close()
+    store.close()
+    return sum(counts) / elapsed, ms(latencies)
+
+
+def table(name: str, results: dict[int, tuple[float, float]] | str) -> str:
+    if isinstance(results, str):
+        return f"| {name} | {results} |" + " |" * (2 * len(SIZES) - 1)
+    cells = [f"{results[n][0]:.2f}" for n in SIZES] + [f"{results[n][1]:.2f}" for n in SIZES]
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="an existing PostgreSQL database (default: start a throwaway server)")
+    args = parser.parse_args()
+    server = None
+    url = args.url
+    if url is None:
+        from pg_server import PgServer, find_pg_bin
+
+        bindir = find_pg_bin()
+        if bindir is None:
+            sys.exit("PostgreSQL's binaries are missing (Debian package 'postgresql')")
+        server = PgServer(bindir)
+        server.start()
+        url = server.url(server.create_database())
+    try:
+        ours = bench_ours(url)
+        lc = bench_langchain(url)
+        lg = bench_langgraph(url)
+        rate, p50 = bench_concurrent(url)
+    finally:
+        if server is not None:
+            server.close()
+    head = ("| store | " + " | ".join(f"save @{n}" for n in SIZES) + " | "
+            + " | ".join(f"load {n}" for n in SIZES) + " |")
+    print("Per-turn save and whole-history load, median ms (same server, same run):\n")
+    print(head)
+    print("|" + "---|" * (1 + 2 * len(SIZES)))
+    print(table("conversation_session PostgresStore", ours))
+    print(table("LangChain PostgresChatMessageHistory", lc))
+    print(table("LangGraph PostgresSaver", lg))
+    print(f"\nSustained: {rate:,.0f} turns/s with 100 concurrent sessions on one store "
+          f"(pool of 20; median save {p50:.2f} ms under that load)")
+
+
+if __name__ == "__main__":
+    main()
