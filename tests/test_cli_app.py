@@ -9,6 +9,7 @@ about pipes, signals and exit statuses.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -395,3 +396,14 @@ def test_tab_completion_of_commands_and_session_ids():
     assert [c for c, _ in completions("/resume session_1", lambda: ids)] == ["session_10", "session_11"]
     assert [c for c, _ in completions("/set te", lambda: ids)] == ["temperature"]
     assert completions("hello there", lambda: ids) == []
+
+
+def test_listings_show_the_kv_cache_file_size(sessions_dir):
+    _, _, _, app = chat(["remember this"])
+    sid = app.session.session_id
+    (sessions_dir / f"{sid}.kv").write_bytes(b"\0" * (3 * 2**20))
+    table = run("sessions", "list").stdout
+    assert "KV" in table.splitlines()[0] and "3.0 MB" in table
+    (row,) = json.loads(run("sessions", "list", "--json").stdout)
+    assert row["kv_bytes"] == 3 * 2**20
+    assert "+ KV 3.0 MB" in chat(["sessions"])[1]

@@ -27,6 +27,7 @@ from ._commands import COMMANDS, Command, command_help, find_command, parse_line
 from ._confirm import NotConfirmed, confirm
 from ._console import Console, ConsoleLogHandler
 from ._export import export_session
+from ._sessions_cmd import kv_bytes
 from ._text import format_bytes, printable
 
 __all__ = ["ChatApp", "backend_options"]
@@ -589,8 +590,10 @@ class ChatApp:
             mark = "*" if info.session_id == current else " "
             line = printable(info.first_user_line, keep_newlines=False)
             first = line[:50] + ("…" if len(line) > 50 else "")
+            kv = kv_bytes(store, info.session_id)
+            kv_text = "" if kv is None else f" + KV {format_bytes(kv)}"
             c.line(f"{mark} {info.session_id:<24} {info.updated_at:<20} {info.turns:>4} turn(s)  "
-                   f"{format_bytes(info.size_bytes):>8}  {first}")
+                   f"{format_bytes(info.size_bytes):>8}{kv_text:<16}  {first}")
 
     def _resume(self, session: ConversationSession, arg: str) -> None:
         c = self.console

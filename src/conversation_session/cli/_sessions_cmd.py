@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import stat
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -22,7 +24,7 @@ from ._confirm import confirm
 from ._export import encode_record, export_session
 from ._text import format_bytes, printable
 
-__all__ = ["CommandError", "apply_retention", "run_command"]
+__all__ = ["CommandError", "apply_retention", "kv_bytes", "run_command"]
 
 logger = logging.getLogger("conversation_session.cli")
 
@@ -35,6 +37,18 @@ def _clean(text: str) -> str:
     """Text safe to print: a lone surrogate from a damaged file must not crash the output,
     and control characters from a session's content must not drive the terminal."""
     return printable(text)
+
+
+def kv_bytes(store: object, session_id: str) -> int | None:
+    """Size of the session's saved KV cache file (embedded backend), None when it has none."""
+    kv_path = getattr(store, "kv_path", None)
+    if kv_path is None:
+        return None
+    try:
+        st = os.lstat(kv_path(session_id))
+    except (OSError, ValueError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def _one_line(text: str, width: int) -> str:
@@ -70,16 +84,20 @@ class _Commands:
     def list(self) -> int:
         infos = self.store.list_sessions()
         if self.args.json:
-            text = json.dumps([_info_dict(i) for i in infos], ensure_ascii=False, indent=2) + "\n"
+            rows = [{**_info_dict(i), "kv_bytes": kv_bytes(self.store, i.session_id)} for i in infos]
+            text = json.dumps(rows, ensure_ascii=False, indent=2) + "\n"
             self.out.write(_clean(text) if self.out.isatty() else text.encode("utf-8", "replace").decode("utf-8"))
             return 0
         if not infos:
             self.say(f"no saved sessions in {self.store.directory}")
             return 0
-        self.say(f"{'ID':<26} {'CREATED':<19}  {'UPDATED':<19}  {'TURNS':>5}  {'SIZE':>8}  FIRST LINE")
+        # SIZE is the history; KV the model's saved cache beside it (often far larger).
+        self.say(f"{'ID':<26} {'CREATED':<19}  {'UPDATED':<19}  {'TURNS':>5}  {'SIZE':>8}  {'KV':>8}  FIRST LINE")
         for i in infos:
+            kv = kv_bytes(self.store, i.session_id)
             self.say(f"{i.session_id:<26} {i.created_at:<19}  {i.updated_at:<19}  {i.turns:>5}  "
-                     f"{format_bytes(i.size_bytes):>8}  {_one_line(i.first_user_line, 60)}")
+                     f"{format_bytes(i.size_bytes):>8}  {'–' if kv is None else format_bytes(kv):>8}  "
+                     f"{_one_line(i.first_user_line, 60)}")
         return 0
 
     # -- sessions export -----------------------------------------------------------------------
