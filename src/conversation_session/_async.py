@@ -192,12 +192,13 @@ class AsyncConversationSession:
 
         return AsyncTurn(begin, self)
 
-    async def _complete(self, steps: _TurnSteps) -> ChatResult:
-        """Commit a completed turn.  A file journal append is one small write: inline.  A store
-        that talks to a server appends off the loop."""
+    async def _complete(self, steps: _TurnSteps, **how: Any) -> ChatResult:
+        """Commit a turn (``how``: ``heard=``, ``silence_s=`` for an interrupted one).  A file
+        journal append is one small write: inline.  A store that talks to a server appends off
+        the loop."""
         if getattr(self._core.store, "blocking_appends", False):
-            return await self._off_loop(steps.complete)
-        return steps.complete()
+            return await self._off_loop(functools.partial(steps.complete, **how))
+        return steps.complete(**how)
 
     async def chat(self, text: str, *, on_token: Callable[[str], None] | None = None) -> ChatResult:
         """Send ``text``; the completed reply, saved before this returns.  Raises what

@@ -108,6 +108,7 @@ class SessionCore:
         self.closed = False
         self.last: ChatResult | None = None
         self.turn_seq = 0
+        self.interruptions = 0
         self.warmup: Warmup | None = None
         self.read_only: SessionRecord | None = None
         self._callback_thread: int | None = None
@@ -280,6 +281,7 @@ class SessionCore:
             self.policy.restore(SummaryState.from_meta(getattr(record, "summary", None)), len(messages))
         self.warmup = None
         self.last = None
+        self.interruptions = 0
         with contextlib.suppress(Exception):
             forget = getattr(self.backend, "forget", None)
             if forget is not None:
@@ -459,6 +461,10 @@ class SessionCore:
             "total_cached_tokens": conv.figures.total_cached,
             "cache_hit_ratio": conv.figures.cache_hit_ratio,
             "trimmed_turns": conv.trimmed_turns,
+            "interruptions": self.interruptions,
+            "last_interrupted": last.interrupted if last else None,
+            "last_heard_fraction": last.heard_fraction if last else None,
+            "last_interrupt_to_silence_s": last.interrupt_to_silence_s if last else None,
         }
         try:
             stats.update(self.backend.cache_stats(cache_key=self.cache_key))

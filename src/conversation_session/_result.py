@@ -23,6 +23,11 @@ class ChatResult:
         finish_reason: ``stop`` (the model ended), ``length`` (hit ``max_tokens``).
         trimmed_turns: oldest turns left out of the prompt to fit the context window.
         tts_first_audio_s: seconds from ``chat()`` to the first audio (speech enabled only).
+        interrupted: the turn was interrupted (barge-in): ``response`` is what reached the user,
+            saved marked ``"interrupted": true`` (empty, and no turn added, if nothing did).
+        heard_fraction: with ``interrupted``, the share of the generated reply that was heard.
+        interrupt_to_silence_s: with ``interrupted`` and speech, seconds from the interrupt
+            until the audio stopped.
     """
 
     response: str
@@ -36,6 +41,9 @@ class ChatResult:
     finish_reason: str | None = None
     trimmed_turns: int = 0
     tts_first_audio_s: float | None = None
+    interrupted: bool = False
+    heard_fraction: float | None = None
+    interrupt_to_silence_s: float | None = None
 
     @property
     def tokens_per_s(self) -> float | None:

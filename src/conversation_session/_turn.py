@@ -3,11 +3,20 @@
 ``session.stream(text)`` returns one; ``chat()`` is a thin wrapper that iterates it.  A turn
 joins the conversation only when it is complete: then its messages are committed and
 journaled, and ``on_done`` callbacks run (the way simonw/llm's ``Response`` records itself).
-A timeout, ``cancel()``, an error, Ctrl-C or a cancelled task leave the history, the file and
-the KV cache as they were.
 
-The sync and the async turn share ``_TurnSteps``: what happens before the first token, with
-each piece, and at the end.  They differ only in how they drive the backend's stream and wait.
+Three outcomes, each with one meaning (``_conversation.py`` has the rules):
+
+* completed: the user message and the whole reply are kept;
+* timed out, ``cancel()``, an error, Ctrl-C or a cancelled task: nothing of the turn is kept;
+  the history, the file and the KV cache are as they were;
+* ``interrupt()`` (barge-in): the reply is kept cut to what reached the user, marked
+  ``"interrupted": true``; if nothing reached the user, nothing is kept (as after ``cancel()``),
+  so roles keep alternating for every chat template.
+
+With speech, "what reached the user" is known only once the audio has played, so a spoken turn
+is committed when its speech ends (finished, timed out, or interrupted), still before
+``chat()`` returns.  The sync and the async turn share ``_TurnSteps``; they differ only in how
+they drive the backend's stream and wait.
 """
 
 from __future__ import annotations
@@ -15,10 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ._exceptions import BackendError, SessionError, SessionTimeoutError, TTSTimeoutError
@@ -34,6 +43,35 @@ if TYPE_CHECKING:
 __all__ = ["AsyncTurn", "Turn"]
 
 logger = logging.getLogger("conversation_session")
+
+# Without a speech clock, how fast a remote device's audio is assumed to go through the text
+# for ``heard_ms`` (characters per second: about 150 spoken English words a minute; CJK
+# characters are each about a syllable, ~4 per second).
+_CHARS_PER_S_LATIN = 14.0
+_CHARS_PER_S_CJK = 4.0
+
+
+def estimate_heard(text: str, heard_ms: float) -> str:
+    """The prefix of ``text`` spoken in ``heard_ms`` milliseconds at a typical speaking rate,
+    cut back to a word boundary (any character boundary for CJK)."""
+    budget = max(heard_ms, 0.0) / 1000.0
+    i = 0
+    while i < len(text) and budget > 0:
+        budget -= 1.0 / (_CHARS_PER_S_CJK if ord(text[i]) >= 0x2E80 else _CHARS_PER_S_LATIN)
+        i += 1
+    return _word_boundary(text, i)
+
+
+def _word_boundary(text: str, n: int) -> str:
+    """``text[:n]``, not ending inside a Latin word (CJK characters are each a boundary)."""
+    if n >= len(text):
+        return text
+    if n <= 0:
+        return ""
+    if text[n].isspace() or ord(text[n - 1]) >= 0x2E80 or not text[n].isalnum():
+        return text[:n]
+    cut = text.rfind(" ", 0, n)
+    return text[:cut] if cut > 0 else ""
 
 
 class _TurnSteps:
@@ -51,7 +89,9 @@ class _TurnSteps:
         self.error: BaseException | None = None
         self.expired = threading.Event()
         self.user_cancelled = False
-        self.speech_finished = False
+        self.interrupt_req: tuple[str | int | None, float | None] | None = None
+        self.text_done = False          # the backend's stream ended by itself
+        self._commit_lock = threading.Lock()
         self.done_callbacks: list[Callable[[ChatResult], None]] = []
         self.empty = not text.strip()
         self.plan = None if self.empty else core.conversation.plan(text)
@@ -111,29 +151,58 @@ class _TurnSteps:
             "is kept and you can continue", partial_response=partial, timeout=self.core.timeout,
         )
 
-    # -- after ------------------------------------------------------------------------
-    def complete(self) -> ChatResult:
-        """Commit the whole reply; the turn is journaled before this returns."""
-        core = self.core
-        total = time.perf_counter() - self.t0
-        usage = self.request.usage
-        if self.empty or self.plan is None:
-            logger.info("empty message: nothing sent, no turn added")
-            result = ChatResult(response="", turn=core.conversation.turns, ttft_s=None, total_s=total,
-                                saved=False, finish_reason="empty")
-        else:
-            reply: MessageDict = {"role": "assistant", "content": "".join(self.pieces)}
-            saved = core.commit(self.plan, reply)
-            core.conversation.figures.add(usage)
-            result = ChatResult(
-                response=reply["content"],
-                turn=core.conversation.turns if core.enable_cache else 1,
-                ttft_s=self.ttft, total_s=total, prompt_tokens=usage.prompt_tokens,
-                cached_tokens=usage.cached_tokens, completion_tokens=usage.completion_tokens,
-                saved=saved, finish_reason=usage.finish_reason, trimmed_turns=self.plan.trimmed_turns,
-            )
-            core.last = result
-        self.result = result
+    @property
+    def speaking(self) -> bool:
+        return self.speaker is not None and not self.empty
+
+    # -- the end: one of complete / interrupted / abort, exactly once ----------------------
+    def complete(self, *, heard: str | None = None, silence_s: float | None = None) -> ChatResult:
+        """Commit the turn (the whole reply, or with ``heard`` the part that reached the user);
+        it is journaled before this returns."""
+        with self._commit_lock:
+            if self.result is not None:
+                return self.result
+            core = self.core
+            total = time.perf_counter() - self.t0
+            usage = self.request.usage
+            full = "".join(self.pieces)
+            interrupted = heard is not None
+            if self.empty or self.plan is None or (interrupted and not (heard or "").strip()):
+                if not self.empty:
+                    logger.info("interrupted before anything reached the user: nothing of the turn is kept")
+                    if self.plan is not None:
+                        core.after_abort(self.plan.prompt[:-1])
+                else:
+                    logger.info("empty message: nothing sent, no turn added")
+                result = ChatResult(response="", turn=core.conversation.turns, ttft_s=self.ttft, total_s=total,
+                                    saved=False, finish_reason="interrupted" if interrupted else "empty",
+                                    interrupted=interrupted, heard_fraction=0.0 if interrupted else None,
+                                    interrupt_to_silence_s=silence_s)
+            else:
+                content = full if heard is None else heard
+                reply: MessageDict = {"role": "assistant", "content": content}
+                if interrupted:
+                    reply["interrupted"] = True
+                    logger.info("turn interrupted: %d of %d characters reached the user and are kept",
+                                len(content), len(full))
+                saved = core.commit(self.plan, reply)
+                core.conversation.figures.add(usage)
+                if interrupted:
+                    core.interruptions += 1
+                result = ChatResult(
+                    response=content,
+                    turn=core.conversation.turns if core.enable_cache else 1,
+                    ttft_s=self.ttft, total_s=total, prompt_tokens=usage.prompt_tokens,
+                    cached_tokens=usage.cached_tokens, completion_tokens=usage.completion_tokens,
+                    saved=saved, finish_reason="interrupted" if interrupted else usage.finish_reason,
+                    trimmed_turns=self.plan.trimmed_turns,
+                    tts_first_audio_s=self.speaker.first_audio_s if self.speaker is not None else None,
+                    interrupted=interrupted,
+                    heard_fraction=(len(content) / len(full) if full else 1.0) if interrupted else None,
+                    interrupt_to_silence_s=silence_s,
+                )
+                core.last = result
+            self.result = result
         self.release()
         for fn in self.done_callbacks:
             try:
@@ -144,10 +213,13 @@ class _TurnSteps:
 
     def abort(self) -> None:
         """Nothing of the turn is kept; the cache keeps the completed conversation."""
-        if self.speaker is not None:
-            self.speaker.cancel()
-        if self.plan is not None:
-            self.core.after_abort(self.plan.prompt[:-1])
+        with self._commit_lock:
+            if self.result is not None:
+                return
+            if self.speaker is not None:
+                self.speaker.cancel()
+            if self.plan is not None:
+                self.core.after_abort(self.plan.prompt[:-1])
         self.release()
 
     def release(self) -> None:
@@ -155,38 +227,67 @@ class _TurnSteps:
         if release is not None:
             release()
 
+    def heard(self) -> tuple[str, float | None]:
+        """What reached the user, for an interrupt: (text, seconds from interrupt to silence)."""
+        text = "".join(self.pieces)
+        heard, heard_ms = self.interrupt_req or (None, None)
+        silence: float | None = None
+        report = None
+        if self.speaking and self.speaker is not None:
+            t0 = time.perf_counter()
+            stop = getattr(self.speaker, "interrupt", None)
+            report = stop() if stop is not None else self.speaker.cancel()
+            silence = getattr(report, "interrupt_to_silence_s", None) or (time.perf_counter() - t0)
+        if isinstance(heard, str):
+            n = len(os.path.commonprefix([heard, text]))
+            if n < len(heard):
+                logger.info("heard= is not a prefix of the reply; keeping the %d characters they share", n)
+            return text[:n], silence
+        if isinstance(heard, int) and not isinstance(heard, bool):
+            return text[:max(heard, 0)], silence
+        if heard_ms is not None:
+            at = getattr(self.speaker, "heard_at_ms", None) if self.speaker is not None else None
+            return (at(heard_ms) if at is not None else estimate_heard(text, heard_ms)), silence
+        if report is not None and isinstance(getattr(report, "heard", None), str):
+            return _prefix_of(report.heard, text), silence
+        return text, silence  # no speech: what was streamed out is what was presented
+
     def finish_speech(self) -> ChatResult:
-        """Wait for the reply to be spoken, at most ``tts_wait_timeout``; the turn is already saved."""
-        result = self.result
-        assert result is not None
+        """Wait for the reply to be spoken (at most ``tts_wait_timeout``), then commit it; an
+        interrupt meanwhile commits what was heard.  Ctrl-C while speaking is a barge-in."""
         speaker = self.speaker
-        if speaker is None or self.empty or self.speech_finished:
-            return result
-        self.speech_finished = True
+        assert speaker is not None
         timeout = self.core.tts_wait_timeout
         try:
-            report = speaker.finish(timeout)
+            speaker.finish(timeout)
         except SpeechTimeout as exc:
-            self.result = replace(result, tts_first_audio_s=speaker.first_audio_s)
-            self.core.last = self.result
+            result = self.complete()
             raise TTSTimeoutError(
                 f"speaking the reply took longer than tts_wait_timeout={timeout} s, so it "
-                "was stopped; the turn itself is complete and saved", result=self.result, timeout=timeout,
+                "was stopped; the turn itself is complete and saved", result=result, timeout=timeout,
             ) from exc
         except BaseException:
-            speaker.cancel()
+            self.interrupt_req = self.interrupt_req or (None, None)
+            heard, silence = self.heard()
+            self.complete(heard=heard, silence_s=silence)
             raise
-        self.result = replace(result, tts_first_audio_s=report.first_audio_s)
-        self.core.last = self.result
-        return self.result
+        if self.interrupt_req is not None and self.result is None:
+            heard, silence = self.heard()
+            return self.complete(heard=heard, silence_s=silence)
+        return self.complete()
+
+
+def _prefix_of(heard: str, text: str) -> str:
+    return text[:len(os.path.commonprefix([heard, text]))]
 
 
 class Turn:
     """One turn of a ``ConversationSession``, streamed in the caller's thread.
 
-    Iterate it for the reply's pieces; ``result()`` finishes it (iterating the rest) and returns
-    the ``ChatResult``; ``cancel()`` stops it and keeps nothing.  Use it as a context manager
-    (or iterate it to the end) so the session is free for the next turn.
+    Iterate it for the reply's pieces; ``result()`` finishes it and returns the ``ChatResult``;
+    ``cancel()`` stops it and keeps nothing; ``interrupt()`` stops it and keeps what the user
+    heard.  Use it as a context manager (or iterate it to the end) so the session is free for
+    the next turn.
     """
 
     def __init__(self, steps: _TurnSteps):
@@ -200,7 +301,7 @@ class Turn:
         return "".join(self._s.pieces)
 
     def on_done(self, fn: Callable[[ChatResult], None]) -> None:
-        """Call ``fn(result)`` when the turn completes (at once if it has)."""
+        """Call ``fn(result)`` when the turn is committed (at once if it has been)."""
         if self._s.result is not None:
             fn(self._s.result)
         else:
@@ -209,12 +310,38 @@ class Turn:
     def cancel(self) -> None:
         """Stop the generation; nothing of this turn is kept.  Safe from any thread: the
         iteration then ends quietly and ``result()`` raises ``SessionError``."""
-        self._s.user_cancelled = True
-        self._s.request.cancel.cancel()
-        if not self._started and not self._finished:
+        s = self._s
+        s.user_cancelled = True
+        s.request.cancel.cancel()
+        if (not self._started or s.text_done) and s.result is None:
             self._finished = True
-            self._s.error = SessionError("the turn was cancelled")
-            self._s.abort()
+            s.error = SessionError("the turn was cancelled; nothing of it was kept")
+            s.abort()
+
+    def interrupt(self, heard: str | int | None = None, *, heard_ms: float | None = None) -> ChatResult | None:
+        """Barge-in: stop generation and speech at once and keep what reached the user.
+
+        Args:
+            heard: what the caller presented, for a remote device that knows its playback: the
+                text (a prefix of the reply) or a number of characters.  Default: the audio
+                played (with speech), else the text streamed so far.
+            heard_ms: milliseconds of the reply's audio played (instead of ``heard``).
+
+        The assistant message is saved cut to that, marked ``"interrupted": true``; nothing is
+        kept if nothing was heard.  After the turn was committed it changes nothing.  Safe from
+        any thread; returns the result when it is known here (else ``result()`` has it).
+        """
+        s = self._s
+        if s.result is not None:
+            return s.result
+        s.interrupt_req = (heard, heard_ms)
+        s.request.cancel.cancel()
+        if s.text_done or not self._started:
+            # Text complete (speech still playing) or never started: decide now.
+            heard_text, silence = s.heard() if self._started else ("", None)
+            self._finished = True
+            return s.complete(heard=heard_text, silence_s=silence)
+        return None  # the iterating thread commits when the stream stops
 
     def __iter__(self) -> Iterator[str]:
         if self._started or self._finished:
@@ -243,7 +370,7 @@ class Turn:
                 stream = s.core.backend.generate(s.request)
                 try:
                     for piece in stream:
-                        if s.expired.is_set():
+                        if s.expired.is_set() or s.interrupt_req is not None:
                             break
                         s.accept(piece)
                         yield piece
@@ -259,21 +386,12 @@ class Turn:
                 if isinstance(exc, GeneratorExit):
                     s.request.cancel.cancel()
                     raise
-                raise s.map_error(exc) from exc
+                if s.interrupt_req is None:
+                    raise s.map_error(exc) from exc
             finally:
                 if watchdog is not None:
                     watchdog.cancel()
-            if not completed:
-                if s.expired.is_set():
-                    raise s.timeout_error()
-                if s.user_cancelled:
-                    self._finished = True
-                    s.error = SessionError("the turn was cancelled; nothing of it was kept")
-                    s.abort()
-                    return
-                raise SessionError("the turn was cancelled; nothing of it was kept")
-            s.complete()
-            self._finished = True
+            self._end(completed)
         except BaseException as exc:
             s.request.cancel.cancel()
             if not self._finished:
@@ -282,24 +400,56 @@ class Turn:
                 s.abort()
             raise
 
+    def _end(self, completed: bool) -> None:
+        s = self._s
+        if s.interrupt_req is not None and not s.expired.is_set():
+            heard, silence = s.heard()
+            self._finished = True
+            s.complete(heard=heard, silence_s=silence)
+            return
+        if not completed:
+            if s.expired.is_set():
+                raise s.timeout_error()
+            self._finished = True
+            s.error = SessionError("the turn was cancelled; nothing of it was kept")
+            s.abort()
+            if s.user_cancelled:
+                return
+            raise s.error
+        s.text_done = True
+        if not s.speaking:
+            s.complete()
+            self._finished = True
+
     def result(self) -> ChatResult:
-        """Finish the turn (consuming the rest of the stream) and return its result.
+        """Finish the turn (the rest of the stream, and its speech) and return its result.
 
         Raises what ``chat()`` raises: ``SessionTimeoutError``, ``BackendError``, ``TTSTimeoutError``.
         """
+        s = self._s
         if not self._started and not self._finished:
             for _ in self:
                 pass
-        if self._s.result is None:
-            raise self._s.error or SessionError("the turn did not complete")
-        return self._s.finish_speech()
+        if s.result is None and s.text_done and s.speaking:
+            self._finished = True
+            return s.finish_speech()
+        if s.result is None:
+            raise s.error or SessionError("the turn did not complete")
+        return s.result
 
     def close(self) -> None:
-        """Abandon the turn if it has not finished (nothing of it is kept)."""
+        """End the turn: a reply still being spoken is committed with what was heard so far; an
+        unfinished generation is abandoned (nothing kept)."""
+        s = self._s
+        if s.result is not None:
+            return
+        if s.text_done and s.speaking:
+            self.interrupt()
+            return
         if not self._finished:
             self.cancel()
             self._finished = True
-            self._s.abort()
+            s.abort()
 
     def __enter__(self) -> Turn:
         return self
@@ -324,11 +474,15 @@ class AsyncTurn:
         self._iterating = False
         self._done_callbacks: list[Callable[[ChatResult], None]] = []
         self._cancelled = False
+        self._interrupt: tuple[str | int | None, float | None] | None = None
 
     async def _begin(self) -> _TurnSteps:
         if self._s is None:
             self._s = await self._factory()
             self._s.done_callbacks.extend(self._done_callbacks)
+            if self._cancelled:
+                self._s.user_cancelled = True
+                self._s.request.cancel.cancel()
         return self._s
 
     @property
@@ -350,6 +504,22 @@ class AsyncTurn:
             self._s.user_cancelled = True
             self._s.request.cancel.cancel()
 
+    async def interrupt(self, heard: str | int | None = None, *, heard_ms: float | None = None) -> ChatResult | None:
+        """Barge-in (see ``Turn.interrupt``); awaitable because committing may touch the store."""
+        s = self._s
+        if s is None:
+            self._cancelled = True
+            return None
+        if s.result is not None:
+            return s.result
+        s.interrupt_req = (heard, heard_ms)
+        s.request.cancel.cancel()
+        if s.text_done:
+            self._finished = True
+            heard_text, silence = await self._session._off_loop(s.heard)
+            return await self._session._complete(s, heard=heard_text, silence_s=silence)
+        return None
+
     async def __aenter__(self) -> AsyncTurn:
         await self._begin()
         return self
@@ -358,10 +528,16 @@ class AsyncTurn:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._s is not None and not self._finished:
+        s = self._s
+        if s is None or s.result is not None:
+            return
+        if s.text_done and s.speaking:
+            await self.interrupt()
+            return
+        if not self._finished:
             self._finished = True
-            self._s.request.cancel.cancel()
-            self._s.abort()
+            s.request.cancel.cancel()
+            s.abort()
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._run()
@@ -375,12 +551,12 @@ class AsyncTurn:
         s = await self._begin()
         loop = asyncio.get_running_loop()
         try:
-            if self._cancelled:
-                raise SessionError("the turn was cancelled; nothing of it was kept")
             if s.empty:
                 s.complete()
                 self._finished = True
                 return
+            if s.user_cancelled:
+                raise SessionError("the turn was cancelled; nothing of it was kept")
             warmup = s.core.warmup
             if warmup is not None and not await warmup.await_done(s.deadline_s()):
                 raise s.warmup_timeout_error()
@@ -390,7 +566,7 @@ class AsyncTurn:
             stream = s.core.backend.agenerate(s.request)
             try:
                 async for piece in stream:
-                    if s.expired.is_set() or self._cancelled:
+                    if s.expired.is_set() or s.user_cancelled or s.interrupt_req is not None:
                         break
                     s.accept(piece)
                     yield piece
@@ -400,7 +576,8 @@ class AsyncTurn:
                 if isinstance(exc, GeneratorExit):
                     s.request.cancel.cancel()
                     raise
-                raise s.map_error(exc) from exc
+                if s.interrupt_req is None:
+                    raise s.map_error(exc) from exc
             finally:
                 if handle is not None:
                     handle.cancel()
@@ -409,17 +586,24 @@ class AsyncTurn:
                 aclose = getattr(stream, "aclose", None)
                 if aclose is not None:
                     await aclose()
+            if s.interrupt_req is not None and not s.expired.is_set():
+                self._finished = True
+                heard, silence = await self._session._off_loop(s.heard)
+                await self._session._complete(s, heard=heard, silence_s=silence)
+                return
             if not completed:
                 if s.expired.is_set():
                     raise s.timeout_error()
+                self._finished = True
+                s.error = SessionError("the turn was cancelled; nothing of it was kept")
+                s.abort()
                 if s.user_cancelled:
-                    self._finished = True
-                    s.error = SessionError("the turn was cancelled; nothing of it was kept")
-                    s.abort()
                     return
-                raise SessionError("the turn was cancelled; nothing of it was kept")
-            await self._session._complete(s)
-            self._finished = True
+                raise s.error
+            s.text_done = True
+            if not s.speaking:
+                await self._session._complete(s)
+                self._finished = True
         except BaseException as exc:
             s.request.cancel.cancel()
             if not self._finished:
@@ -434,9 +618,10 @@ class AsyncTurn:
             async for _ in self:
                 pass
         s = self._s
-        if s is None or s.result is None:
-            raise (s.error if s is not None and s.error else SessionError("the turn did not complete"))
-        if s.speaker is not None and not s.speech_finished and not s.empty:
+        if s is not None and s.result is None and s.text_done and s.speaking:
+            self._finished = True
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(shared_executor(), s.finish_speech)
+        if s is None or s.result is None:
+            raise (s.error if s is not None and s.error else SessionError("the turn did not complete"))
         return s.result
