@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
 
-__all__ = ["ProcessJob", "SpeechEngine", "SpeechJob", "sound_device_available"]
+__all__ = ["ProcessJob", "SpeechEngine", "SpeechJob", "sound_device_available", "wav_bytes_seconds"]
 
 
 @runtime_checkable
@@ -105,6 +105,15 @@ class SpeechEngine(ABC):
         device.  The returned job is waited for, or killed on cancel and timeout.
         """
 
+    def measure(self, text: str, lang: str) -> float | None:
+        """Seconds of audio ``speak(text, lang, ...)`` makes, or None when the engine cannot tell.
+
+        The playback clock asks when a sentence was cut off while playing on the sound device and
+        its length is not known yet (it is known for WAV output); None falls back to an estimate
+        from the speaking rate.
+        """
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing
         """Release what the engine holds (a loaded voice model, a connection)."""
 
@@ -124,3 +133,21 @@ def sound_device_available() -> bool:
         return any(name.startswith("pcmC") and name.endswith("p") for name in os.listdir("/dev/snd"))
     except OSError:
         return False
+
+
+def wav_bytes_seconds(data: bytes) -> float | None:
+    """Seconds of PCM audio in a WAV file's bytes, counting the bytes after the ``data`` header.
+
+    The bytes, not the header's sizes: a WAV written to a pipe (``espeak-ng --stdout``) cannot go
+    back to fill them in.  None when ``data`` is not a PCM WAV.
+    """
+    at = data.find(b"data", 12)
+    if not data.startswith(b"RIFF") or data[8:12] != b"WAVE" or at < 0 or len(data) < 36:
+        return None
+    channels = int.from_bytes(data[22:24], "little")
+    rate = int.from_bytes(data[24:28], "little")
+    bits = int.from_bytes(data[34:36], "little")
+    frame = channels * bits // 8
+    if rate <= 0 or frame <= 0:
+        return None
+    return max(0, len(data) - at - 8) // frame / rate

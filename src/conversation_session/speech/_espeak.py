@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
-from ._engine import ProcessJob, SpeechEngine
+from ._engine import ProcessJob, SpeechEngine, wav_bytes_seconds
 
 __all__ = ["ESPEAK_BINARY_ENV", "ESPEAK_INSTALL_HINT", "EspeakEngine", "find_espeak"]
 
@@ -64,14 +65,28 @@ class EspeakEngine(SpeechEngine):
         """The espeak-ng voice for a language code; unknown codes get English."""
         return self._fixed_voice or self._voices.get(lang) or self._voices["en"]
 
-    def speak(self, text: str, lang: str, wav_path: Path | None) -> ProcessJob:
-        # Text on stdin, not argv: a sentence starting with "-" is not an option, and no length limit.
+    def _args(self, lang: str) -> list[str]:
         args = [self.binary, "-b", "1", "-v", self.voice_for(lang)]
         if self.rate is not None:
             args += ["-s", str(self.rate)]
+        return args
+
+    def speak(self, text: str, lang: str, wav_path: Path | None) -> ProcessJob:
+        # Text on stdin, not argv: a sentence starting with "-" is not an option, and no length limit.
+        args = self._args(lang)
         if wav_path is not None:
             args += ["-w", os.fspath(wav_path)]
         return ProcessJob(args, stdin_text=text)
+
+    def measure(self, text: str, lang: str) -> float | None:
+        # Synthesized again into a pipe (~20 ms a sentence): only asked for a sentence cut off
+        # while playing on the sound device, after it has gone silent.
+        try:
+            done = subprocess.run([*self._args(lang), "--stdout"], input=text.encode("utf-8"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return wav_bytes_seconds(done.stdout) if done.returncode == 0 else None
 
     def __repr__(self) -> str:
         return f"<EspeakEngine {self.binary} rate={self.rate}>"

@@ -1,27 +1,41 @@
-"""Speaker: speaks a streamed reply sentence by sentence, in a worker thread, with a bounded wait."""
+"""Speaker: speaks a streamed reply sentence by sentence, in a worker thread, with a bounded wait.
+
+It keeps a playback clock (when each sentence started playing and how long it lasts), so that an
+interrupted reply can be cut to what the user heard: ``interrupt()``.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
+import shutil
+import tempfile
 import threading
 import time
+import wave
 import weakref
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ._engine import SpeechEngine, SpeechJob, sound_device_available
 from ._espeak import ESPEAK_BINARY_ENV, EspeakEngine
-from ._split import SentenceSplitter, clean_for_speech, script_runs
+from ._heard import SECONDS_PER_LETTER, HeardReport, SentenceClock, cut_sentence, speech_weight
+from ._split import Sentence, SentenceSplitter, clean_for_speech, script_runs
 
-__all__ = ["TTS_CHOICES", "Speaker", "SpeechReport", "SpeechTimeout", "create_speaker"]
+__all__ = ["PLAYBACK_CHOICES", "TTS_CHOICES", "Playback", "Speaker", "SpeechReport", "SpeechTimeout",
+           "create_speaker"]
 
 logger = logging.getLogger("conversation_session.speech")
 
 TTS_CHOICES = ("espeak", "none")
+#: ``playback=``: "device" plays on the sound device, "silent" is a real-time silent sink (each
+#: sentence "plays" for its duration without a device: headless machines and tests), "off" plays
+#: nothing (WAV files only, if ``output_dir``), "auto" is "device" when one is found, else "off".
+PLAYBACK_CHOICES = ("auto", "device", "silent", "off")
+Playback = bool | str | None
 # How long cancel() waits for the worker to reap the process it has just killed.
 _REAP_TIMEOUT_S = 2.0
 _UNSAFE_IN_NAMES = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -38,6 +52,8 @@ class SpeechReport:
         wav_files: the WAV files written, in order.
         total_s: seconds from the turn's start until the speech was done (or stopped).
         errors: language runs the engine failed on (logged as warnings).
+        interrupted: ``Speaker.interrupt()`` stopped the speech of this turn.
+        heard: what ``interrupt()`` found had reached the user (None if not interrupted).
     """
 
     sentences: int = 0
@@ -45,6 +61,8 @@ class SpeechReport:
     wav_files: list[Path] = field(default_factory=list)
     total_s: float = 0.0
     errors: int = 0
+    interrupted: bool = False
+    heard: HeardReport | None = None
 
 
 class SpeechTimeout(Exception):
@@ -70,6 +88,15 @@ class _Turn:
     stopped: bool = False     # cancelled: later feeds are ignored until the next turn
     lang: str = "en"          # the last language spoken: a sentence of digits only keeps it
     failure_logged: bool = False
+    pieces: list[str] = field(default_factory=list)        # the reply as streamed
+    clock: list[SentenceClock] = field(default_factory=list)
+    flushed: bool = False     # finish() queued the last sentence: the reply is complete
+    interrupting: bool = False  # interrupt() is working out what was heard
+
+    def text(self) -> str:
+        if len(self.pieces) > 1:
+            self.pieces[:] = ["".join(self.pieces)]
+        return self.pieces[0] if self.pieces else ""
 
 
 class Speaker:
@@ -82,16 +109,22 @@ class Speaker:
         engine: the speech engine.
         output_dir: also write each sentence (each language run of it) as a WAV file here:
             ``<output_dir>/<turn_label>_<sentence>_<run>_<lang>.wav``, which sort in order.
-        playback: play on the sound device; None decides by looking for one.  With neither a
-            device nor ``output_dir`` speech is skipped, after one warning.
+        playback: where the audio goes (``PLAYBACK_CHOICES``): ``"device"`` (or True) the sound
+            device, ``"silent"`` a real-time silent sink, ``"off"`` (or False) nowhere, ``"auto"``
+            (or None) the device when one is found.  With no playback and no ``output_dir``
+            speech is skipped, after one warning.
+
+    Raises:
+        ValueError: ``playback`` is not one of ``PLAYBACK_CHOICES``.
     """
 
     def __init__(self, engine: SpeechEngine, *, output_dir: str | os.PathLike[str] | None = None,
-                 playback: bool | None = None):
+                 playback: Playback = None):
         self.engine = engine
-        if playback is None:
-            playback = engine.can_play and sound_device_available()
-        self.playback = bool(playback and engine.can_play)
+        #: "device", "silent" or "off".
+        self.playback_mode = _playback_mode(playback, engine)
+        #: whether it plays on the sound device.
+        self.playback = self.playback_mode == "device"
         self.output_dir: Path | None = None
         if output_dir is not None:
             try:
@@ -102,17 +135,20 @@ class Speaker:
                 logger.warning("cannot create the speech output folder %s (%s); WAV files are not written",
                                output_dir, exc.strerror or exc)
         if not self.active:
-            why = "no sound device found" if engine.can_play else f"the {engine.name} engine cannot play sound"
+            asked_off = playback is False or _playback_mode(playback, _CanPlay) == "off"
+            why = ("playback is off" if asked_off else
+                   "no sound device found" if engine.can_play else f"the {engine.name} engine cannot play sound")
             logger.warning("%s, so speech is not played; use --tts-output-dir DIR (output_dir=...) to save "
                            "it as WAV files", why)
         self._cond = threading.Condition()
-        self._queue: deque[tuple[int, _Turn, int, str]] = deque()  # (generation, turn, number, text)
+        self._queue: deque[tuple[int, _Turn, SentenceClock]] = deque()  # (generation, turn, sentence)
         self._generation = 0      # bumped by cancel(): work of an older generation is dropped
         self._busy = False        # the worker is speaking a sentence
         self._job: SpeechJob | None = None
         self._closed = False
         self._splitter = SentenceSplitter()
         self._turn: _Turn | None = None
+        self._scratch: str | None = None  # the silent sink's WAV files when there is no output_dir
         self._thread = threading.Thread(target=self._work, name=f"speech-{engine.name}", daemon=True)
         self._thread.start()
         # Killing the children at interpreter exit: a sentence must not go on playing after the app quits.
@@ -120,8 +156,13 @@ class Speaker:
 
     @property
     def active(self) -> bool:
-        """Whether speech goes anywhere (a sound device or a folder)."""
-        return self.playback or self.output_dir is not None
+        """Whether speech goes anywhere (a sound device, the silent sink or a folder)."""
+        return self.playback_mode != "off" or self.output_dir is not None
+
+    @property
+    def clocked(self) -> bool:
+        """Whether speech plays in real time, so the playback clock can tell what was heard."""
+        return self.playback_mode != "off"
 
     @property
     def first_audio_s(self) -> float | None:
@@ -145,16 +186,17 @@ class Speaker:
 
     def feed(self, piece: str) -> None:
         """Add a streamed piece of the reply; returns at once (complete sentences are queued)."""
-        if not piece or not self.active:
+        if not piece:
             return
         with self._cond:
             if self._closed:
                 return
             if self._turn is None:
                 self._turn = _Turn(t0=time.perf_counter(), label="speech")
-            if self._turn.stopped:
+            self._turn.pieces.append(piece)  # the text heard is cut out of this
+            if self._turn.stopped or not self.active:
                 return
-            self._enqueue_locked(self._splitter.feed(piece))
+            self._enqueue_locked(self._splitter.feed_spans(piece))
 
     def finish(self, timeout: float | None) -> SpeechReport:
         """The reply is complete: speak its last sentence and wait until all speech is done.
@@ -172,9 +214,11 @@ class Speaker:
             if turn is None:
                 return SpeechReport()
             if not turn.stopped and not self._closed:
-                self._enqueue_locked(self._splitter.flush())
+                if self.active:
+                    self._enqueue_locked(self._splitter.flush_spans())
+                turn.flushed = True
             try:
-                while self._queue or self._busy:
+                while self._queue or self._busy or turn.interrupting:
                     wait = None if deadline is None else deadline - time.perf_counter()
                     if wait is not None and wait <= 0:
                         self._stop_locked()
@@ -202,6 +246,56 @@ class Speaker:
             self._stop_locked()
             self._await_idle_locked()
 
+    def interrupt(self) -> HeardReport:
+        """Barge-in: stop speaking now, like ``cancel()``, and return what of the reply reached the user.
+
+        The sentences played to their end, then the words of the one playing at that moment up to
+        its estimated playback position (see ``conversation_session.speech._heard``).  After the
+        reply was played completely: all of it; before any audio: "".  Without a playback clock
+        (``clocked`` is False) the report holds all the text streamed, with ``clocked=False``.
+        ``interrupt_to_silence_s`` is measured: until the process playing is killed and reaped,
+        or the silent sink has stopped.  Idempotent: a second call reports the same text.
+        """
+        t = time.perf_counter()
+        with self._cond:
+            turn = self._turn
+            if turn is not None:
+                turn.interrupting = True  # finish() waiting in another thread returns the heard part too
+            try:
+                self._stop_locked()
+                self._await_idle_locked()
+                silence = time.perf_counter() - t
+                if turn is None:
+                    return HeardReport("", 0.0, 0, False, False, 0.0, self.clocked, silence)
+                # Under the lock, so that no other turn starts meanwhile; the worker is idle by now.
+                heard = replace(self._heard(*self._snapshot_locked(turn), now=t), interrupt_to_silence_s=silence)
+                turn.report.interrupted = True
+                turn.report.heard = heard
+                return heard
+            finally:
+                if turn is not None:
+                    turn.interrupting = False
+                    self._cond.notify_all()
+
+    def heard(self) -> HeardReport:
+        """What of the current (or last) reply has reached the user so far, without stopping it."""
+        with self._cond:
+            turn = self._turn
+            if turn is None:
+                return HeardReport("", 0.0, 0, False, False, 0.0, self.clocked)
+            snapshot = self._snapshot_locked(turn)
+        return self._heard(*snapshot, now=time.perf_counter())
+
+    def clock(self) -> list[SentenceClock]:
+        """The playback clock of the current (or last) turn: one record per sentence queued, in order."""
+        with self._cond:
+            return [replace(entry) for entry in self._turn.clock] if self._turn is not None else []
+
+    def durations(self) -> list[float | None]:
+        """Seconds of audio of each sentence of the current turn so far (None: not known yet),
+        for ``heard_prefix`` when the caller's own device plays the audio."""
+        return [entry.duration for entry in self.clock()]
+
     def close(self) -> None:
         """Stop speaking and end the worker thread.  Idempotent."""
         with self._cond:
@@ -214,6 +308,8 @@ class Speaker:
         if threading.current_thread() is not self._thread:
             self._thread.join(_REAP_TIMEOUT_S)
         self.engine.close()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     def __enter__(self) -> Speaker:
         return self
@@ -221,12 +317,14 @@ class Speaker:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _enqueue_locked(self, sentences: list[str]) -> None:
+    def _enqueue_locked(self, sentences: list[Sentence]) -> None:
         turn = self._turn
         assert turn is not None
         for sentence in sentences:
             turn.queued += 1
-            self._queue.append((self._generation, turn, turn.queued, sentence))
+            entry = SentenceClock(turn.queued, sentence.text, sentence.start, sentence.end)
+            turn.clock.append(entry)
+            self._queue.append((self._generation, turn, entry))
         if sentences:
             self._cond.notify_all()
 
@@ -238,6 +336,56 @@ class Speaker:
             self._turn.stopped = True
         if self._job is not None:
             self._job.kill()
+        self._cond.notify_all()  # wakes the silent sink
+
+    def _snapshot_locked(self, turn: _Turn) -> tuple[str, list[SentenceClock], bool]:
+        return turn.text(), [replace(entry) for entry in turn.clock], turn.flushed
+
+    def _heard(self, text: str, clock: list[SentenceClock], flushed: bool, *, now: float) -> HeardReport:
+        """The heard prefix of ``text`` by the clock records, the position taken at ``now``."""
+        if not self.clocked:
+            return HeardReport(text, 1.0 if text else 0.0, sum(e.completed for e in clock), False, flushed, 0.0,
+                               clocked=False)
+        played = 0.0
+        cut_at, full, partial = 0, 0, False
+        for entry in clock:
+            if entry.completed:
+                full += 1
+                cut_at = entry.end
+                played += entry.played_s(now)
+                continue
+            if entry.started is not None:  # the sentence playing (or cut off)
+                elapsed = entry.played_s(now)
+                duration = entry.duration if entry.duration else self._estimate(entry, clock)
+                played += min(elapsed, duration)
+                cut = cut_sentence(text, entry, elapsed / duration if duration > 0 else 1.0)
+                if cut >= entry.end:
+                    full += 1
+                    cut_at = entry.end
+                elif cut > entry.start:
+                    cut_at, partial = cut, True
+            break
+        if flushed and full == len(clock):
+            return HeardReport(text, 1.0 if text else 0.0, full, False, True, played)
+        return HeardReport(text[:cut_at], cut_at / len(text) if text else 0.0, full, partial, False, played)
+
+    def _estimate(self, entry: SentenceClock, clock: list[SentenceClock]) -> float:
+        """The length of a sentence cut off on the sound device: asked of the engine, else from the rate."""
+        runs = script_runs(clean_for_speech(entry.text))
+        try:
+            measured = [self.engine.measure(run, lang) for lang, run in runs]
+        except Exception:  # a plug-in engine's failure costs the estimate only
+            logger.debug("speech: %s could not measure a sentence", self.engine.name, exc_info=True)
+            measured = [None]
+        if runs and all(m is not None and m > 0 for m in measured):
+            return sum(m for m in measured if m is not None)
+        seconds = weight = 0.0
+        for done in clock:
+            if done.completed and done.duration:
+                seconds += done.duration
+                weight += speech_weight(done.text)
+        rate = seconds / weight if weight > 0 else SECONDS_PER_LETTER
+        return max(speech_weight(entry.text) * rate, 1e-3)
 
     def _await_idle_locked(self) -> None:
         """Let the worker reap the process just killed, so none is left when cancel() returns."""
@@ -255,35 +403,88 @@ class Speaker:
                     self._cond.wait()
                 if self._closed:
                     return
-                generation, turn, number, text = self._queue.popleft()
+                generation, turn, entry = self._queue.popleft()
                 self._busy = True
             try:
-                self._speak_sentence(generation, turn, number, text)
+                self._speak_sentence(generation, turn, entry)
             except Exception:  # a speech failure must not end the worker
-                logger.exception("speech failed on sentence %d", number)
+                logger.exception("speech failed on sentence %d", entry.number)
             finally:
                 with self._cond:
+                    if entry.started is not None and entry.ended is None:
+                        entry.ended = time.perf_counter()  # cut off: silent from now
                     self._busy = False
                     self._cond.notify_all()
 
-    def _speak_sentence(self, generation: int, turn: _Turn, number: int, text: str) -> None:
-        runs = script_runs(clean_for_speech(text), default=turn.lang)
-        for k, (lang, run) in enumerate(runs, 1):
-            turn.lang = lang
-            if self.output_dir is not None:
-                path = self.output_dir / f"{turn.label}_{number:04d}_{k:02d}_{lang}.wav"
-                if not self._run(generation, turn, run, lang, path):
-                    return
-                if path.exists() and path.stat().st_size > 44:  # more than a WAV header
-                    turn.report.wav_files.append(path)
-                    self._audio_ready(turn)
-            if self.playback and not self._run(generation, turn, run, lang, None):
+    def _speak_sentence(self, generation: int, turn: _Turn, entry: SentenceClock) -> None:
+        runs = script_runs(clean_for_speech(entry.text), default=turn.lang)
+        if runs:
+            turn.lang = runs[-1][0]
+        if self.output_dir is not None or self.playback_mode == "silent":
+            # WAV first: its frames give the sentence's duration before it plays.
+            seconds = 0.0
+            keep = self.output_dir is not None
+            folder = self.output_dir if self.output_dir is not None else self._scratch_dir()
+            for k, (lang, run) in enumerate(runs, 1):
+                path = folder / f"{turn.label}_{entry.number:04d}_{k:02d}_{lang}.wav"
+                try:
+                    if not self._run(generation, turn, run, lang, path, entry):
+                        return
+                    length = _wav_seconds(path)
+                    if length is not None and length > 0:
+                        seconds += length
+                        if keep:
+                            turn.report.wav_files.append(path)
+                            self._audio_ready(turn)
+                finally:
+                    if not keep:
+                        path.unlink(missing_ok=True)
+            with self._cond:
+                entry.duration = seconds
+            if self.playback_mode == "silent" and not self._play_silent(generation, turn, entry):
                 return
+        if self.playback:
+            for lang, run in runs:
+                if not self._run(generation, turn, run, lang, None, entry):
+                    return
         with self._cond:
             if generation == self._generation:
+                now = time.perf_counter()
+                if self.clocked:
+                    if entry.started is None:  # nothing to play (the engine failed): passed over
+                        entry.started = now
+                    if entry.ended is None:
+                        entry.ended = now
+                    if entry.duration is None:  # played on the device: as long as it took
+                        entry.duration = entry.ended - entry.started
+                entry.completed = True
                 turn.report.sentences += 1
 
-    def _run(self, generation: int, turn: _Turn, text: str, lang: str, wav_path: Path | None) -> bool:
+    def _play_silent(self, generation: int, turn: _Turn, entry: SentenceClock) -> bool:
+        """The silent sink: "play" the sentence by waiting its duration; False when stopped meanwhile."""
+        with self._cond:
+            if generation != self._generation or self._closed:
+                return False
+            seconds = entry.duration or 0.0
+            entry.started = time.perf_counter()
+            until = entry.started + seconds
+            if seconds > 0:
+                self._audio_ready(turn)
+            while generation == self._generation and not self._closed:
+                left = until - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            entry.ended = min(time.perf_counter(), until)
+            return generation == self._generation and not self._closed
+
+    def _scratch_dir(self) -> Path:
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix="conversation-speech-")
+        return Path(self._scratch)
+
+    def _run(self, generation: int, turn: _Turn, text: str, lang: str, wav_path: Path | None,
+             entry: SentenceClock) -> bool:
         """Have the engine speak one run and wait for it; False when speech was stopped meanwhile."""
         try:
             job = self.engine.speak(text, lang, wav_path)
@@ -294,6 +495,8 @@ class Speaker:
             current = generation == self._generation and not self._closed
             if current:
                 self._job = job
+                if wav_path is None and entry.started is None:
+                    entry.started = time.perf_counter()  # the clock runs from the first run's start
             else:
                 job.kill()  # cancel() came while it was starting
         if current and wav_path is None:
@@ -328,13 +531,46 @@ class Speaker:
 
 
 def _copy(report: SpeechReport) -> SpeechReport:
-    return SpeechReport(report.sentences, report.first_audio_s, list(report.wav_files), report.total_s,
-                        report.errors)
+    return replace(report, wav_files=list(report.wav_files))
+
+
+def _wav_seconds(path: Path) -> float | None:
+    """The duration of a WAV file from its frames and rate; None when it is missing or unreadable."""
+    try:
+        with wave.open(str(path)) as w:
+            rate, frames = w.getframerate(), w.getnframes()
+    except (OSError, EOFError, wave.Error):
+        return None
+    return frames / rate if rate > 0 else None
+
+
+class _CanPlay:
+    """Stands for an engine that can play, to tell "off" asked for from "off" for want of a device."""
+
+    can_play = True
+
+
+def _playback_mode(playback: Playback, engine: SpeechEngine | type[_CanPlay]) -> str:
+    if playback is None:
+        playback = "auto"
+    elif isinstance(playback, bool):
+        playback = "device" if playback else "off"
+    name = playback.strip().lower() if isinstance(playback, str) else None
+    if name in ("none", "no", "false"):
+        name = "off"
+    if name not in PLAYBACK_CHOICES:
+        raise ValueError(f"playback must be one of {', '.join(PLAYBACK_CHOICES)} (or True/False/None), "
+                         f"not {playback!r}")
+    if name == "auto":
+        return "device" if engine.can_play and sound_device_available() else "off"
+    if name == "device" and not engine.can_play:
+        return "off"
+    return name
 
 
 def create_speaker(tts: str | SpeechEngine | None, *, output_dir: str | os.PathLike[str] | None = None,
                    rate: int | None = None, voice: str | Mapping[str, str] | None = None,
-                   playback: bool | None = None) -> Speaker | None:
+                   playback: Playback = None) -> Speaker | None:
     """The ``Speaker`` for a ``tts`` setting, or None for silence.
 
     Args:
@@ -343,14 +579,15 @@ def create_speaker(tts: str | SpeechEngine | None, *, output_dir: str | os.PathL
         output_dir: write the speech as WAV files into this folder.
         rate: words per minute.
         voice: one voice for all text, or a mapping from language (``"en"``, ``"cmn"``) to voice.
-        playback: play on the sound device; None looks for one.
+        playback: ``"device"`` (True), ``"silent"`` (the real-time silent sink), ``"off"`` (False),
+            ``"auto"`` (None: the device when one is found).
 
     Returns:
         None when ``tts`` is None, or when espeak-ng is not installed (after one warning that says
         how to install it): the conversation goes on without speech.
 
     Raises:
-        ValueError: ``tts`` is an unknown name, or ``rate`` is invalid.
+        ValueError: ``tts`` is an unknown name, or ``rate`` or ``playback`` is invalid.
     """
     if tts is None:
         return None

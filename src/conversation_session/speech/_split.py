@@ -6,8 +6,10 @@ All of it is pure string work, so the chat thread can call it for every streamed
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
-__all__ = ["SentenceSplitter", "clean_for_speech", "script_runs", "split_sentences"]
+__all__ = ["Sentence", "SentenceSplitter", "clean_for_speech", "script_runs", "split_sentence_spans",
+           "split_sentences"]
 
 # End a sentence wherever they stand (Chinese text puts no space after them).
 _CJK_ENDS = frozenset("。！？")
@@ -23,6 +25,18 @@ _SOFT_BREAKS = frozenset("，、；：,;:")
 _ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "cf", "fig", "approx"})
 _LAST_TOKEN = re.compile(r"(\S+)$")
 _MARKUP = re.compile(r"[*#`|~^\\]+|^\s*(?:>+|[-+•]\s)", re.MULTILINE)
+
+
+class Sentence(NamedTuple):
+    """A speakable sentence and where it stands in the streamed text: ``stream[start:end] == text``.
+
+    The offsets count from the splitter's last ``reset()``, so the part of a reply that was heard
+    can be cut out of the reply exactly as it was streamed (Markdown and all).
+    """
+
+    text: str
+    start: int
+    end: int
 
 
 def _is_han(ch: str) -> bool:
@@ -49,34 +63,45 @@ class SentenceSplitter:
         self.max_chars = max_chars
         self._buf = ""
         self._pos = 0  # everything before _pos has been scanned and holds no boundary
+        self._base = 0  # offset of _buf[0] in the text streamed since the last reset()
 
     def feed(self, piece: str) -> list[str]:
         """Add a streamed piece; return the sentences it completed (stripped, speakable only)."""
+        return [s.text for s in self.feed_spans(piece)]
+
+    def flush(self) -> list[str]:
+        """The text is complete: return the remaining sentences and start empty."""
+        return [s.text for s in self.flush_spans()]
+
+    def feed_spans(self, piece: str) -> list[Sentence]:
+        """Like ``feed``, with each sentence's place in the streamed text."""
         if not piece:
             return []
         self._buf += piece
         return self._scan(final=False)
 
-    def flush(self) -> list[str]:
-        """The text is complete: return the remaining sentences and start empty."""
+    def flush_spans(self) -> list[Sentence]:
+        """Like ``flush``, with each sentence's place in the streamed text."""
         out = self._scan(final=True)
-        rest = self._buf
+        rest = _speakable([(self._buf, self._base)])
         self.reset()
-        return out + _speakable([rest])
+        return out + rest
 
     def reset(self) -> None:
-        """Drop any partial sentence."""
+        """Drop any partial sentence; offsets count from here again."""
         self._buf = ""
         self._pos = 0
+        self._base = 0
 
     @property
     def pending(self) -> str:
         """The partial sentence not yet released."""
         return self._buf
 
-    def _scan(self, *, final: bool) -> list[str]:
-        out: list[str] = []
+    def _scan(self, *, final: bool) -> list[Sentence]:
+        out: list[tuple[str, int]] = []
         buf = self._buf
+        base = self._base
         i = self._pos
         while i < len(buf):
             end = self._boundary(buf, i, final)
@@ -85,15 +110,18 @@ class SentenceSplitter:
             if end < 0:
                 i += 1
                 continue
-            out.append(buf[:end])
+            out.append((buf[:end], base))
             buf = buf[end:]
+            base += end
             i = 0
         while len(buf) > self.max_chars:
             cut = self._soft_cut(buf)
-            out.append(buf[:cut])
+            out.append((buf[:cut], base))
             buf = buf[cut:]
+            base += cut
             i = 0
         self._buf = buf
+        self._base = base
         self._pos = min(i, len(buf))
         return _speakable(out)
 
@@ -144,9 +172,21 @@ def split_sentences(text: str, max_chars: int = 200) -> list[str]:
     return splitter.feed(text) + splitter.flush()
 
 
-def _speakable(parts: list[str]) -> list[str]:
+def split_sentence_spans(text: str, max_chars: int = 200) -> list[Sentence]:
+    """The speakable sentences of a complete text, with their places in it (as a stream would cut them)."""
+    splitter = SentenceSplitter(max_chars)
+    return splitter.feed_spans(text) + splitter.flush_spans()
+
+
+def _speakable(parts: list[tuple[str, int]]) -> list[Sentence]:
     # A fragment with no letter or digit ("```", "---", a lone "”") makes no sound worth a process.
-    return [p.strip() for p in parts if any(c.isalnum() for c in p)]
+    out = []
+    for part, base in parts:
+        if any(c.isalnum() for c in part):
+            text = part.strip()
+            start = base + len(part) - len(part.lstrip())
+            out.append(Sentence(text, start, start + len(text)))
+    return out
 
 
 def clean_for_speech(text: str) -> str:
