@@ -218,7 +218,8 @@ class ChatApp:
                 except KeyboardInterrupt:
                     # A Ctrl-C outside a reply and outside the prompt (say, while a hint prints)
                     # means the user is pressing it repeatedly: leave, cleanly, like the second one.
-                    c.line()
+                    if self.interactive:
+                        c.line()
                     status = 0 if self.interactive else 130
             summary = self.summary = session.get_history_summary()
         if summary["turns"] and not self.one_shot:
