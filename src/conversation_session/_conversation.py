@@ -89,7 +89,8 @@ class Conversation:
         self.trimmed_turns += fit.dropped_now  # the start only moves forward: count incrementally
         prefix = self.policy.prefix(system)  # after fit: a compaction may have changed it
         # Backends get plain {role, content}: a marker such as "interrupted" is for the file.
-        sent = [m if len(m) == 2 else {"role": m["role"], "content": m["content"]} for m in history[fit.start:]]
+        sent: list[MessageDict] = [m if len(m) == 2 else {"role": m["role"], "content": m["content"]}
+                                   for m in history[fit.start:]]
         return Plan(user, [*prefix, *sent, user], fit.start, self.trimmed_turns)
 
     def warm_prompt(self) -> list[MessageDict]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -236,10 +235,13 @@ class _TurnSteps:
         if self.speaking and self.speaker is not None:
             t0 = time.perf_counter()
             stop = getattr(self.speaker, "interrupt", None)
-            report = stop() if stop is not None else self.speaker.cancel()
+            if stop is not None:
+                report = stop()
+            else:
+                self.speaker.cancel()
             silence = getattr(report, "interrupt_to_silence_s", None) or (time.perf_counter() - t0)
         if isinstance(heard, str):
-            n = len(os.path.commonprefix([heard, text]))
+            n = _shared(heard, text)
             if n < len(heard):
                 logger.info("heard= is not a prefix of the reply; keeping the %d characters they share", n)
             return text[:n], silence
@@ -277,8 +279,17 @@ class _TurnSteps:
         return self.complete()
 
 
+def _shared(a: str, b: str) -> int:
+    """How many leading characters ``a`` and ``b`` have in common."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def _prefix_of(heard: str, text: str) -> str:
-    return text[:len(os.path.commonprefix([heard, text]))]
+    return text[:_shared(heard, text)]
 
 
 class Turn:
