@@ -407,3 +407,13 @@ def test_listings_show_the_kv_cache_file_size(sessions_dir):
     (row,) = json.loads(run("sessions", "list", "--json").stdout)
     assert row["kv_bytes"] == 3 * 2**20
     assert "+ KV 3.0 MB" in chat(["sessions"])[1]
+
+
+def test_the_log_file_keeps_what_the_notices_leave_out(sessions_dir, tmp_path):
+    log = tmp_path / "chat.log"
+    words = " ".join(["word"] * 15)
+    proc = run("--backend", "fake", "--context-length", "60", "--max-tokens", "10", "--log-file", str(log),
+               input=f"{words}\n" * 4)
+    assert proc.returncode == 0, proc.stderr
+    assert "left out of what the model sees" in proc.stderr and "WARNING" not in proc.stderr
+    assert "WARNING" in log.read_text() and "left out of the prompt" in log.read_text()

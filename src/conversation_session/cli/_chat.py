@@ -90,10 +90,6 @@ def _where(store: Any) -> str:
     return str(getattr(store, "description", None) or getattr(store, "directory", "") or "the store")
 
 
-def _info_location(info: Any) -> str:
-    return getattr(info, "location", None) or str(info.path)
-
-
 def _session_ids(store: Any) -> list[str]:
     """Saved session ids, newest first, without loading them."""
     try:
