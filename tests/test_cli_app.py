@@ -417,3 +417,22 @@ def test_the_log_file_keeps_what_the_notices_leave_out(sessions_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "left out of what the model sees" in proc.stderr and "WARNING" not in proc.stderr
     assert "WARNING" in log.read_text() and "left out of the prompt" in log.read_text()
+
+
+def test_sigint_during_a_one_shot_reply_exits_130_and_saves_nothing_of_it(sessions_dir):
+    server = OllamaAPIServer(token_delay=0.05).start()
+    try:
+        child = subprocess.Popen([sys.executable, str(MAIN), "--backend", "ollama", "--base-url", server.url,
+                                  "tell me something long"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        assert child.stdout is not None
+        assert child.stdout.read(5) == "word0"  # the reply is streaming
+        child.send_signal(signal.SIGINT)
+        try:
+            _, err = child.communicate(timeout=20)
+        finally:
+            child.kill()
+    finally:
+        server.stop()
+    assert child.returncode == 130 and "interrupted: this reply was not saved" in err
+    assert saved_messages(sessions_dir) == []

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .. import ConversationSession
-from .._exceptions import BackendError, SessionError, SessionTimeoutError, TTSTimeoutError
+from .._exceptions import SessionError, SessionTimeoutError, TTSTimeoutError
 from .._result import ChatResult
 from ..backends import Backend
 from ._args import sessions_dir_from
@@ -171,7 +171,7 @@ class ChatApp:
         self.console.start_spinner(f"connecting to {session.backend.name}…")
         try:
             session.backend.check(timeout)
-        except BackendError as exc:
+        except SessionError as exc:  # BackendError, ModelNotFoundError
             self.console.error(str(exc))
             return False
         finally:
@@ -233,6 +233,8 @@ class ChatApp:
         try:
             self._turn(text)
         except KeyboardInterrupt:
+            return 130
+        if self._interrupted_piped:
             return 130
         return 1 if self._failed else 0
 
