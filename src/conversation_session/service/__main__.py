@@ -1,0 +1,5 @@
+"""``python -m conversation_session.service``."""
+
+from . import main
+
+raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""The service's configuration: one frozen object, built from the command line (``main``) or
+handed to each worker process through the environment (``uvicorn --workers N`` starts workers
+by importing the app, so they cannot receive Python objects)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CONFIG_ENV", "TOKENS_ENV", "ServiceConfig", "build_parser", "config_from_args", "is_loopback"]
+
+TOKENS_ENV = "CONVERSATION_SESSION_TOKENS"
+CONFIG_ENV = "CONVERSATION_SESSION_SERVICE_CONFIG"
+"""Set by ``main`` for the worker processes: the whole config as JSON (tokens included, so the
+workers never read the command line)."""
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What one worker needs.  Defaults: loopback, the embedded model, the file store."""
+
+    store: str | None = None             # a URL (postgresql://...) or None: the file store in sessions_dir
+    sessions_dir: str | None = None      # None: $CONVERSATION_SESSIONS_DIR or ./sessions
+    backend: str = "llama-cpp"
+    model: str | None = None
+    base_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8765
+    workers: int = 1
+    tokens: tuple[str, ...] = ()
+    timeout: float | None = 60.0         # one turn, as the library's timeout
+    max_tokens: int = 512
+    system: str | None = None
+    log_level: str = "INFO"
+    # Limits.
+    max_body_bytes: int = 64 * 1024
+    max_text_bytes: int = 16 * 1024
+    rate: float = 10.0                   # requests per second per token (token bucket), per worker
+    burst: float = 40.0
+    lock_wait_s: float = 10.0            # a second request on a busy session waits this long, then 409
+    keep_open_s: float | None = None     # idle sessions stay open this long (None: 0 with workers > 1, else 30)
+    max_open: int = 64                   # open sessions per worker (LRU)
+    shutdown_grace_s: float = 10.0
+    # Test hooks (hidden options).
+    fake_delay: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def keep_open(self) -> float:
+        if self.keep_open_s is not None:
+            return max(self.keep_open_s, 0.0)
+        return 0.0 if self.workers > 1 else 30.0
+
+    def to_env(self) -> str:
+        data = dataclasses.asdict(self)
+        data["tokens"] = list(self.tokens)
+        return json.dumps(data)
+
+    @classmethod
+    def from_env(cls, text: str) -> ServiceConfig:
+        data = json.loads(text)
+        data["tokens"] = tuple(data.get("tokens") or ())
+        return cls(**data)
+
+
+def is_loopback(host: str) -> bool:
+    """True if ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+        return value
+    return parse
+
+
+def _timeout(text: str) -> float | None:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or positive, not {text}")
+    return None if value == 0 else value
+
+
+def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve durable conversations over HTTP and WebSocket (REST under /v1, a Home "
+                    "Assistant-shaped /api/conversation/process, /healthz, /readyz, /openapi.json).",
+    )
+    p.add_argument("--store", metavar="URL", default=None,
+                   help="postgresql://... for a store shared by several hosts (default: $CONVERSATION_SESSIONS_STORE,"
+                        " else the file store in --sessions-dir)")
+    p.add_argument("--sessions-dir", default=None,
+                   help="the file store's folder (default $CONVERSATION_SESSIONS_DIR or ./sessions)")
+    p.add_argument("--backend", default="llama-cpp", choices=["llama-cpp", "ollama", "openai", "fake"],
+                   help="the model backend, one per worker shared by every session (default: the embedded model)")
+    p.add_argument("--model", default=None, help="a .gguf path (llama-cpp) or a model name (ollama, openai)")
+    p.add_argument("--base-url", default=None, help="the server URL for ollama/openai")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; any other needs --token)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    p.add_argument("--workers", type=_positive(int), default=1, help="worker processes sharing the store (default 1)")
+    p.add_argument("--token", action="append", default=None, metavar="TOKEN",
+                   help=f"a bearer token clients must send (repeatable; also ${TOKENS_ENV}, comma-separated); "
+                        "each token sees only its own sessions")
+    p.add_argument("--timeout", type=_timeout, default=60.0, help="seconds per turn (0 = no limit; default 60)")
+    p.add_argument("--max-tokens", type=_positive(int), default=512, help="reply length limit (default 512)")
+    p.add_argument("--system", default=None, help="system prompt for new sessions")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--rate", type=_positive(float), default=10.0,
+                   help="requests per second allowed per token in each worker (default 10)")
+    p.add_argument("--burst", type=_positive(float), default=40.0, help="token-bucket size (default 40)")
+    p.add_argument("--lock-wait", type=float, default=10.0,
+                   help="seconds a request waits for a session busy with another request before 409 (default 10)")
+    p.add_argument("--keep-open", type=float, default=None,
+                   help="seconds an idle session stays open in its worker (default 30 with one worker, "
+                        "0 with several: closed after each request so any worker can take it at once)")
+    p.add_argument("--max-open", type=_positive(int), default=64, help="open sessions per worker (default 64)")
+    p.add_argument("--shutdown-grace", type=float, default=10.0,
+                   help="seconds running turns get to finish on shutdown before they are cancelled")
+    # For tests and benchmarks: the fake backend's delay per streamed piece.
+    p.add_argument("--fake-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    return p
+
+
+def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServiceConfig:
+    env = os.environ if environ is None else environ
+    tokens = list(args.token or [])
+    tokens += [t.strip() for t in env.get(TOKENS_ENV, "").split(",") if t.strip()]
+    return ServiceConfig(
+        store=args.store, sessions_dir=args.sessions_dir, backend=args.backend, model=args.model,
+        base_url=args.base_url, host=args.host, port=args.port, workers=args.workers,
+        tokens=tuple(dict.fromkeys(tokens)), timeout=args.timeout, max_tokens=args.max_tokens,
+        system=args.system, log_level=args.log_level, rate=args.rate, burst=args.burst,
+        lock_wait_s=max(args.lock_wait, 0.0), keep_open_s=args.keep_open, max_open=args.max_open,
+        shutdown_grace_s=max(args.shutdown_grace, 0.0), fake_delay=max(args.fake_delay, 0.0),
+    )

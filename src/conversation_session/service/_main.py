@@ -1,0 +1,59 @@
+"""The command: options, the safety checks before listening, then uvicorn (one process, or
+``--workers N`` processes sharing the listening socket and the store)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from ._config import CONFIG_ENV, build_parser, config_from_args, is_loopback
+
+__all__ = ["run"]
+
+logger = logging.getLogger("conversation_session.service")
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
+    if not is_loopback(config.host) and not config.tokens:
+        print(f"refusing to listen on {config.host} without a token: clients there could read and write every "
+              "session. Give --token TOKEN (or $CONVERSATION_SESSION_TOKENS), or listen on 127.0.0.1.",
+              file=sys.stderr)
+        return 2
+    if not 0 < config.port < 65536:
+        print(f"--port must be 1-65535, not {config.port}", file=sys.stderr)
+        return 2
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError:
+        from . import INSTALL_HINT
+
+        print(INSTALL_HINT, file=sys.stderr)
+        return 1
+    from ._log import setup_json_logging
+
+    setup_json_logging(config.log_level)
+    common = {"host": config.host, "port": config.port, "log_config": None, "access_log": False,
+              "timeout_graceful_shutdown": config.shutdown_grace_s or None, "lifespan": "on",
+              "server_header": False}
+    logger.info("serving on http://%s:%d with %d worker(s), backend %s, store %s", config.host, config.port,
+                config.workers, config.backend, config.store or config.sessions_dir or "(default folder)")
+    try:
+        if config.workers > 1:
+            # Workers are started by import: they read the config from the environment.
+            os.environ[CONFIG_ENV] = config.to_env()
+            uvicorn.run("conversation_session.service._app:app_from_env", factory=True, workers=config.workers,
+                        **common)  # type: ignore[arg-type]
+        else:
+            from ._app import create_app
+
+            uvicorn.run(create_app(config), **common)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        pass
+    except SystemExit as exc:  # uvicorn exits on a startup failure (port taken, store down)
+        return int(exc.code) if isinstance(exc.code, int) else 1
+    return 0

@@ -1,0 +1,291 @@
+"""The ownership table: which caller owns which service session, and where its history lives.
+
+Why a table of its own rather than something derived from ids: store ids are guessable
+(``session_<unix seconds>``), so "the caller knows the id" proves nothing.  Every service
+session has an unguessable id of its own (``c`` + 24 hex digits) and one row here::
+
+    sid -> {owner, store_id, created_at, alias}
+
+``store_id`` is the session in the store holding the history, or None until the first turn.
+The indirection exists because stores drop sessions that never got a message (a file session
+with no turn leaves no file; a PostgreSQL row is deleted on release), so an empty session
+created by ``POST /v1/sessions`` cannot keep a store id of its own; its store session is made
+at its first turn and bound here (``bind``), before the turn is acknowledged.
+
+Binding is a compare-and-set under the table's lock, and refuses a store id that another row
+already names (an id the store handed out again after the previous holder's empty session
+vanished), so no two service sessions ever share a history.
+
+Two implementations, picked by the store: a JSON file in the file store's folder
+(``.service-owners.json``, replaced atomically under a ``flock``, so several worker processes
+on one host agree), and a table in the PostgreSQL database of the PostgreSQL store (several
+hosts).  Every method blocks: the service calls them off the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypedDict
+
+from .._exceptions import StoreUnavailableError
+from .._fileio import atomic_write_bytes
+from .._format import now_iso
+
+__all__ = ["BindOutcome", "FileOwners", "OwnerEntry", "OwnerTable", "PostgresOwners", "new_sid"]
+
+BindOutcome = Literal["ok", "changed", "taken", "gone"]
+"""``ok``: bound; ``changed``: another worker bound a store id first (use that one); ``taken``:
+another session already names that store id (make another); ``gone``: the session was deleted."""
+
+
+class OwnerEntry(TypedDict):
+    owner: str
+    store_id: str | None
+    created_at: str
+    alias: str | None
+
+
+class OwnersFileDict(TypedDict):
+    """``.service-owners.json``."""
+    version: int
+    sessions: dict[str, OwnerEntry]
+
+
+def new_sid() -> str:
+    """An unguessable service session id (96 random bits), valid as a store id too."""
+    return "c" + secrets.token_hex(12)
+
+
+class OwnerTable(Protocol):
+    def get(self, sid: str) -> OwnerEntry | None: ...
+    def list(self, owner: str) -> list[tuple[str, OwnerEntry]]: ...
+    def create(self, owner: str, alias: str | None = None) -> tuple[str, OwnerEntry]: ...
+    def find_alias(self, owner: str, alias: str) -> str | None: ...
+    def bind(self, sid: str, expected: str | None, store_id: str) -> BindOutcome: ...
+    def remove(self, sid: str) -> bool: ...
+    def check(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class FileOwners:
+    """The table as one JSON file beside the sessions (see the module docstring)."""
+
+    VERSION = 1
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        self.directory = Path(directory)
+        self.path = self.directory / ".service-owners.json"
+        self._lock_path = self.directory / ".service-owners.lock"
+        self._cache: tuple[tuple[int, int, int], dict[str, OwnerEntry]] | None = None
+
+    # -- reading: lock-free (writers replace the file atomically), cached by file identity --
+    def _load(self) -> dict[str, OwnerEntry]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot read {self.path}: {exc.strerror or exc}") from exc
+        try:
+            st = os.fstat(fd)
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = self._cache
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                raw = fh.read()
+        finally:
+            os.close(fd)
+        try:
+            data = json.loads(raw)
+            sessions = data["sessions"]
+            if not isinstance(sessions, dict):
+                raise TypeError("sessions is not an object")
+        except (ValueError, KeyError, TypeError) as exc:
+            # Never guess ownership: refuse to serve rather than hand sessions to the wrong caller.
+            raise StoreUnavailableError(f"{self.path} is damaged ({exc}); restore it from a backup") from exc
+        self._cache = (key, sessions)
+        return sessions
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, OwnerEntry]]:
+        """The table under the exclusive lock, freshly read; changes are written on exit."""
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot lock {self._lock_path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            sessions = dict(self._load())
+            before = json.dumps(sessions, sort_keys=True)
+            yield sessions
+            if json.dumps(sessions, sort_keys=True) != before:
+                data: OwnersFileDict = {"version": self.VERSION, "sessions": sessions}
+                try:
+                    atomic_write_bytes(self.path, json.dumps(data, ensure_ascii=False, indent=0).encode())
+                except OSError as exc:
+                    raise StoreUnavailableError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+                self._cache = None
+        finally:
+            os.close(fd)  # releases the lock
+
+    # -- the table -----------------------------------------------------------------------------
+    def get(self, sid: str) -> OwnerEntry | None:
+        return self._load().get(sid)
+
+    def list(self, owner: str) -> list[tuple[str, OwnerEntry]]:
+        return [(sid, e) for sid, e in self._load().items() if e.get("owner") == owner]
+
+    def find_alias(self, owner: str, alias: str) -> str | None:
+        for sid, e in self._load().items():
+            if e.get("owner") == owner and e.get("alias") == alias:
+                return sid
+        return None
+
+    def create(self, owner: str, alias: str | None = None) -> tuple[str, OwnerEntry]:
+        with self._locked() as sessions:
+            if alias is not None:
+                for sid, e in sessions.items():
+                    if e.get("owner") == owner and e.get("alias") == alias:
+                        return sid, e
+            sid = new_sid()
+            while sid in sessions:  # pragma: no cover - 96 random bits
+                sid = new_sid()
+            entry: OwnerEntry = {"owner": owner, "store_id": None, "created_at": now_iso(), "alias": alias}
+            sessions[sid] = entry
+            return sid, entry
+
+    def bind(self, sid: str, expected: str | None, store_id: str) -> BindOutcome:
+        with self._locked() as sessions:
+            entry = sessions.get(sid)
+            if entry is None:
+                return "gone"
+            if entry.get("store_id") != expected:
+                return "changed"
+            if any(e.get("store_id") == store_id for other, e in sessions.items() if other != sid):
+                return "taken"
+            sessions[sid] = {**entry, "store_id": store_id}
+            return "ok"
+
+    def remove(self, sid: str) -> bool:
+        with self._locked() as sessions:
+            return sessions.pop(sid, None) is not None
+
+    def check(self) -> None:
+        self._load()
+
+    def close(self) -> None:
+        pass
+
+
+class PostgresOwners:
+    """The table in PostgreSQL, beside the store's own schema (see the module docstring)."""
+
+    SCHEMA = "conversation_session_service"
+
+    def __init__(self, url: str, *, description: str = "PostgreSQL"):
+        from psycopg_pool import ConnectionPool
+
+        self.url = url
+        self.description = description
+        s = self.SCHEMA
+        self._pool: Any = ConnectionPool(url, min_size=1, max_size=4, kwargs={"autocommit": True},
+                                         timeout=5.0, name="conversation_session_service", open=True)
+        self._sql_get = f"SELECT owner, store_id, created_at, alias FROM {s}.owners WHERE sid = %s"
+        self._run(self._migrate)
+
+    def _migrate(self, conn: Any) -> None:
+        s = self.SCHEMA
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(727172)")  # workers racing to create the table
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
+            conn.execute(f"""CREATE TABLE IF NOT EXISTS {s}.owners (
+                sid text PRIMARY KEY, owner text NOT NULL, store_id text UNIQUE, created_at text NOT NULL,
+                alias text, UNIQUE (owner, alias))""")
+
+    def _run(self, fn: Any) -> Any:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            with self._pool.connection() as conn:
+                return fn(conn)
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise StoreUnavailableError(f"the ownership table in {self.description} is unavailable: "
+                                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
+    @staticmethod
+    def _entry(row: Any) -> OwnerEntry:
+        return {"owner": row[0], "store_id": row[1], "created_at": row[2], "alias": row[3]}
+
+    def get(self, sid: str) -> OwnerEntry | None:
+        row = self._run(lambda c: c.execute(self._sql_get, (sid,)).fetchone())
+        return None if row is None else self._entry(row)
+
+    def list(self, owner: str) -> list[tuple[str, OwnerEntry]]:
+        rows = self._run(lambda c: c.execute(
+            f"SELECT sid, owner, store_id, created_at, alias FROM {self.SCHEMA}.owners WHERE owner = %s",
+            (owner,)).fetchall())
+        return [(r[0], self._entry(r[1:])) for r in rows]
+
+    def find_alias(self, owner: str, alias: str) -> str | None:
+        row = self._run(lambda c: c.execute(
+            f"SELECT sid FROM {self.SCHEMA}.owners WHERE owner = %s AND alias = %s", (owner, alias)).fetchone())
+        return None if row is None else str(row[0])
+
+    def create(self, owner: str, alias: str | None = None) -> tuple[str, OwnerEntry]:
+        entry: OwnerEntry = {"owner": owner, "store_id": None, "created_at": now_iso(), "alias": alias}
+
+        def run(conn: Any) -> str:
+            while True:
+                sid = new_sid()
+                row = conn.execute(
+                    f"INSERT INTO {self.SCHEMA}.owners (sid, owner, created_at, alias) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT DO NOTHING RETURNING sid", (sid, owner, entry["created_at"], alias)).fetchone()
+                if row is not None:
+                    return sid
+                if alias is not None:
+                    found = conn.execute(f"SELECT sid FROM {self.SCHEMA}.owners WHERE owner = %s AND alias = %s",
+                                         (owner, alias)).fetchone()
+                    if found is not None:
+                        return str(found[0])
+
+        sid = self._run(run)
+        return sid, self.get(sid) or entry
+
+    def bind(self, sid: str, expected: str | None, store_id: str) -> BindOutcome:
+        import psycopg
+
+        def run(conn: Any) -> BindOutcome:
+            try:
+                row = conn.execute(
+                    f"UPDATE {self.SCHEMA}.owners SET store_id = %s WHERE sid = %s "
+                    "AND store_id IS NOT DISTINCT FROM %s RETURNING sid", (store_id, sid, expected)).fetchone()
+            except psycopg.errors.UniqueViolation:
+                return "taken"
+            if row is not None:
+                return "ok"
+            exists = conn.execute(f"SELECT 1 FROM {self.SCHEMA}.owners WHERE sid = %s", (sid,)).fetchone()
+            return "changed" if exists else "gone"
+
+        outcome: BindOutcome = self._run(run)
+        return outcome
+
+    def remove(self, sid: str) -> bool:
+        row = self._run(lambda c: c.execute(f"DELETE FROM {self.SCHEMA}.owners WHERE sid = %s RETURNING sid",
+                                            (sid,)).fetchone())
+        return row is not None
+
+    def check(self) -> None:
+        self._run(lambda c: c.execute("SELECT 1").fetchone())
+
+    def close(self) -> None:
+        self._pool.close()

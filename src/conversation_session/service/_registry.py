@@ -1,0 +1,236 @@
+"""The sessions a worker has open, and the one-request-at-a-time rule per session.
+
+Each service session has a slot in this worker: an asyncio lock (two requests to one session
+never interleave: the second waits up to ``lock_wait_s``, then ``Busy``, which the app answers
+with 409) and, while in use or recently used, an open ``AsyncConversationSession``.
+
+Across workers the store's lease is the lock: a session open in one worker cannot be opened in
+another (``SessionLockedError``), so idle sessions are closed quickly (``keep_open``: after
+each request when several workers share the store, else after 30 s idle; at most ``max_open``
+per worker, least recently used first), and opening a session held elsewhere is retried with
+backoff until the same bound.  A worker killed mid-turn holds nothing: the file store's
+``flock`` dies with the process; a PostgreSQL lease expires after ``lease_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .._async import AsyncConversationSession
+from .._exceptions import SessionLockedError
+from .._store_api import StoreAPI
+from ..backends import Backend
+from ._config import ServiceConfig
+from ._owners import OwnerEntry, OwnerTable
+
+__all__ = ["Busy", "Gone", "Registry"]
+
+logger = logging.getLogger("conversation_session.service")
+T = TypeVar("T")
+
+
+class Busy(Exception):
+    """The session stayed busy (another request, or another worker) past the wait bound."""
+
+
+class Gone(Exception):
+    """The session was deleted."""
+
+
+@dataclass
+class _Slot:
+    sid: str
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    session: AsyncConversationSession | None = None
+    last_used: float = field(default_factory=time.monotonic)
+    users: int = 0
+
+
+class Registry:
+    """Open sessions of one worker (see the module docstring)."""
+
+    def __init__(self, config: ServiceConfig, store: StoreAPI, backend: Backend, owners: OwnerTable):
+        self.config = config
+        self.store = store
+        self.backend = backend
+        self.owners = owners
+        self._slots: dict[str, _Slot] = {}
+        # Store and ownership-table calls block (a file lock, a PostgreSQL round trip): a pool of
+        # their own, so they never queue behind the library's snapshots and KV saves.
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cs-service")
+        self._sweeper: asyncio.Task[None] | None = None
+        self.closing = False
+
+    # -- plumbing ---------------------------------------------------------------------------
+    async def io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args))
+
+    @property
+    def open_count(self) -> int:
+        return sum(1 for s in self._slots.values() if s.session is not None)
+
+    def start(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    # -- using a session ----------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def hold(self, sid: str, *, open_session: bool = True) -> AsyncIterator[AsyncConversationSession | None]:
+        """The session ``sid``, exclusively, for one request (None when ``open_session`` is
+        False: the caller only needs nobody else in it, e.g. to delete it)."""
+        slot = self._slots.get(sid)
+        if slot is None:
+            slot = self._slots[sid] = _Slot(sid)
+        slot.users += 1
+        deadline = time.monotonic() + self.config.lock_wait_s
+        try:
+            try:
+                await asyncio.wait_for(slot.lock.acquire(), self.config.lock_wait_s)
+            except asyncio.TimeoutError:
+                raise Busy(f"session {sid} is busy with another request; retry later") from None
+            close = False
+            try:
+                if open_session and slot.session is None:
+                    slot.session = await self._open(sid, deadline)
+                yield slot.session
+            except BaseException:
+                close = True  # whatever went wrong, the next request starts from the store
+                raise
+            finally:
+                slot.last_used = time.monotonic()
+                close = close or not open_session or self.closing or self.config.keep_open <= 0
+                # Closing flushes (blocking I/O, off the loop); it must finish and the lock be given
+                # back even if this request is being cancelled: a task of its own, shielded.
+                done = asyncio.ensure_future(self._release(slot, close))
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(done)
+        finally:
+            slot.users -= 1
+            if slot.users == 0 and slot.session is None and not slot.lock.locked():
+                self._slots.pop(sid, None)
+
+    async def _release(self, slot: _Slot, close: bool) -> None:
+        try:
+            if close and slot.session is not None:
+                session, slot.session = slot.session, None
+                await self._close_session(session)
+        finally:
+            slot.lock.release()
+
+    async def _close_session(self, session: AsyncConversationSession) -> None:
+        try:
+            await session.aclose()
+        except Exception:
+            logger.exception("closing session %s failed", session.session_id)
+
+    async def _open(self, sid: str, deadline: float) -> AsyncConversationSession:
+        """Open ``sid``'s store session in this worker, waiting (bounded) while another worker
+        has it; a session without a turn yet gets a fresh store session bound to it."""
+        entry = await self._entry(sid)
+        expected = entry["store_id"]
+        spare: list[AsyncConversationSession] = []
+        delay = 0.02
+        try:
+            while True:
+                session = await self.io(self._new_session)
+                if expected is not None:
+                    try:
+                        loaded = await session.load_history(expected)
+                    except SessionLockedError as exc:
+                        await self._close_session(session)
+                        if time.monotonic() + delay > deadline:
+                            raise Busy(f"session {sid} is in use by another worker; retry later ({exc})") from exc
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 0.25)
+                        expected = (await self._entry(sid))["store_id"]
+                        continue
+                    except BaseException:
+                        await self._close_session(session)
+                        raise
+                    if loaded:
+                        return session
+                # No turn saved yet (new, or its first turn never completed): bind this one.
+                outcome = await self.io(self.owners.bind, sid, expected, session.session_id)
+                if outcome == "ok":
+                    logger.debug("session %s: history in store session %s", sid, session.session_id)
+                    return session
+                if outcome == "taken":
+                    spare.append(session)  # kept open so that the store hands out another id
+                    continue
+                await self._close_session(session)
+                if outcome == "gone":
+                    raise Gone(sid)
+                expected = (await self._entry(sid))["store_id"]  # "changed": another worker bound one
+        finally:
+            for extra in spare:
+                await self._close_session(extra)
+
+    async def _entry(self, sid: str) -> OwnerEntry:
+        entry = await self.io(self.owners.get, sid)
+        if entry is None:
+            raise Gone(sid)
+        return entry
+
+    def _new_session(self) -> AsyncConversationSession:
+        cfg = self.config
+        return AsyncConversationSession(backend=self.backend, store=self.store, timeout=cfg.timeout,
+                                        max_tokens=cfg.max_tokens, system_prompt=cfg.system,
+                                        tts_wait_timeout=None)
+
+    # -- housekeeping ---------------------------------------------------------------------
+    async def _sweep(self) -> None:
+        """Close sessions idle longer than ``keep_open``, and the least recently used beyond
+        ``max_open``, so other workers can take them."""
+        while True:
+            await asyncio.sleep(min(max(self.config.keep_open / 4, 0.1), 1.0))
+            try:
+                now = time.monotonic()
+                idle = sorted((s for s in self._slots.values() if s.session is not None and not s.lock.locked()),
+                              key=lambda s: s.last_used)
+                excess = max(self.open_count - self.config.max_open, 0)
+                for i, slot in enumerate(idle):
+                    if i >= excess and now - slot.last_used < self.config.keep_open:
+                        continue
+                    if slot.lock.locked() or slot.session is None:
+                        continue
+                    await slot.lock.acquire()
+                    try:
+                        session, slot.session = slot.session, None
+                        if session is not None:
+                            await self._close_session(session)
+                    finally:
+                        slot.lock.release()
+                    if slot.users == 0 and slot.session is None:
+                        self._slots.pop(slot.sid, None)
+            except Exception:
+                logger.exception("closing idle sessions failed")
+
+    async def close(self, grace: float) -> None:
+        """Shutdown: wait up to ``grace`` for running requests, then close every session (a
+        final snapshot each; a turn still running was cancelled by the server and keeps nothing)."""
+        self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        end = time.monotonic() + grace
+        for slot in list(self._slots.values()):
+            got = False
+            with contextlib.suppress(asyncio.TimeoutError):
+                got = await asyncio.wait_for(slot.lock.acquire(), max(end - time.monotonic(), 0.05))
+            try:
+                session, slot.session = slot.session, None
+                if session is not None:
+                    await self._close_session(session)
+            finally:
+                if got:
+                    slot.lock.release()
+        self._slots.clear()
+        self._pool.shutdown(wait=True)
