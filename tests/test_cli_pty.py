@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -108,3 +109,21 @@ def test_streamed_control_characters_and_the_timeout_notice(sessions_dir):
         quit_(child)
     finally:
         server.stop()
+
+
+def test_export_to_a_terminal_shows_control_characters_and_to_a_pipe_writes_them(sessions_dir):
+    from conversation_session import ConversationSession, FakeBackend
+
+    with ConversationSession(backend=FakeBackend(), sessions_dir=sessions_dir) as s:
+        s.chat("title \x1b]0;pwned\x07 here")
+        sid = s.session_id
+    child = pexpect.spawn(sys.executable, [str(ROOT / "main.py"), "sessions", "export", sid, "--format", "md"],
+                          env={**os.environ, "CONVERSATION_SESSIONS_DIR": str(sessions_dir)}, encoding="utf-8",
+                          timeout=30)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert "title \\x1b]0;pwned\\x07 here" in child.before and "\x1b]0" not in child.before
+    piped = subprocess.run([sys.executable, str(ROOT / "main.py"), "sessions", "export", sid, "--format", "md"],
+                           capture_output=True, text=True, timeout=30)
+    assert "title \x1b]0;pwned\x07 here" in piped.stdout  # a pipe gets the content exactly
