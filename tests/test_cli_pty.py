@@ -127,3 +127,35 @@ def test_export_to_a_terminal_shows_control_characters_and_to_a_pipe_writes_them
     piped = subprocess.run([sys.executable, str(ROOT / "main.py"), "sessions", "export", sid, "--format", "md"],
                            capture_output=True, text=True, timeout=30)
     assert "title \x1b]0;pwned\x07 here" in piped.stdout  # a pipe gets the content exactly
+
+
+def test_a_completed_reply_is_rendered_as_markdown_on_a_terminal_and_plain_in_a_pipe(sessions_dir):
+    child = spawn("--backend", "fake", sessions_dir=sessions_dir)
+    child.sendline("here is **bold** and `code`")  # the fake backend echoes it in its reply
+    child.expect("Reply 1: here is \\*\\*bold\\*\\* and `code`")  # streamed as it comes
+    child.expect(re.escape("\x1b[J\x1b[36m🤖 \x1b[0mReply 1: here is \x1b[1mbold\x1b[0m and \x1b[36mcode\x1b[0m"))
+    child.expect(PROMPT)
+    quit_(child)
+    plain = spawn("--backend", "fake", "--no-markdown", sessions_dir=sessions_dir)
+    plain.sendline("more **bold**")
+    plain.expect("Reply 1: more \\*\\*bold\\*\\*")
+    plain.expect(PROMPT)
+    assert "\x1b[1mbold" not in (plain.before or "")
+    quit_(plain)
+    piped = subprocess.run([sys.executable, str(ROOT / "main.py"), "--backend", "fake"], input="**bold**\n",
+                           capture_output=True, text=True, timeout=30)
+    assert piped.stdout == "Reply 1: **bold**\n"
+
+
+def test_markdown_rendering_rules():
+    from conversation_session.cli._markdown import looks_like_markdown, render_markdown, screen_rows
+
+    def tag(text: str, *names: str) -> str:
+        return f"<{','.join(names)}>{text}</>"
+
+    text = "# Title\n- one *two*\n```python\nx = 1  # **not bold**\n```\nplain `x` __b__"
+    assert render_markdown(text, tag).split("\n") == [
+        "<bold>Title</>", "• one <italic>two</>", "<dim>── python</>", "<cyan>x = 1  # **not bold**</>",
+        "<dim>──</>", "plain <cyan>x</> <bold>b</>"]
+    assert looks_like_markdown(text) and not looks_like_markdown("2 * 3 = 6, and that is all")
+    assert screen_rows("🤖 " + "你" * 100, 80) == 3 and screen_rows("a\nb", 80) == 2

@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tts-rate", type=int, default=None, metavar="WPM", help="speech rate, words per minute")
     g.add_argument("--tts-voice", default=None, help="espeak-ng voice for all text (default: by language)")
     g = p.add_argument_group("output")
+    g.add_argument("--no-markdown", dest="markdown", action="store_false",
+                   help="on a terminal, leave completed replies as plain text (default: Markdown is styled; "
+                        "piped output is always plain)")
     g.add_argument("--verbose", action="store_true",
                    help="after each reply, print its timing: prompt and generation tokens and rates")
     _global_flags(g, suppress=False)

@@ -28,7 +28,7 @@ from ._confirm import NotConfirmed, confirm
 from ._console import Console, ConsoleLogHandler
 from ._export import export_session
 from ._sessions_cmd import kv_bytes
-from ._text import format_bytes, printable
+from ._text import escape_controls, format_bytes, printable
 
 __all__ = ["ChatApp", "backend_options"]
 
@@ -120,6 +120,7 @@ class ChatApp:
         self.backend = backend
         self.session: ConversationSession | None = None
         self.verbose = bool(getattr(args, "verbose", False))
+        self.markdown = bool(getattr(args, "markdown", True))
         self._prompt: Callable[[str], str] | None = None
         self._interrupts = 0
         self._failed = False
@@ -372,6 +373,7 @@ class ChatApp:
         if self.interactive:
             c.start_spinner("thinking…")
         started = False
+        shown: list[str] = []  # the reply as streamed, for rendering it as Markdown afterwards
 
         def on_token(piece: str) -> None:
             nonlocal started
@@ -381,6 +383,7 @@ class ChatApp:
                     c.write(c.style("🤖 ", "cyan"))
                 started = True
             c.reply(piece)
+            shown.append(piece)
 
         turns_before = session.turns
         result: ChatResult | None = None
@@ -423,6 +426,8 @@ class ChatApp:
             c.stop_spinner()
         if not started and self.interactive:
             c.write(c.style("🤖 (empty reply)", "dim"))
+        elif self.interactive and self.markdown:
+            self._render_markdown("".join(shown))
         if started or self.interactive:
             c.write("\n")
         c.release()
@@ -431,6 +436,16 @@ class ChatApp:
         assert result is not None
         self._after_reply(session, result)
         return True
+
+    def _render_markdown(self, reply: str) -> None:
+        """Rewrite the streamed reply in place with its Markdown styled (terminals only)."""
+        from ._markdown import looks_like_markdown, render_markdown
+
+        if "\t" in reply or not looks_like_markdown(reply):
+            return  # a tab's width is the terminal's to choose: the rows cannot be counted
+        c = self.console
+        text = escape_controls(reply)
+        c.rewrite("🤖 " + text, c.style("🤖 ", "cyan") + render_markdown(text, c.style))
 
     def _end_reply(self, started: bool) -> None:
         """End the line of a reply cut short (the notice that follows goes on its own line)."""

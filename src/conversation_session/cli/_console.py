@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import sys
 import threading
 from typing import TextIO
@@ -21,7 +22,7 @@ from ._text import escape_controls
 
 __all__ = ["Console", "ConsoleLogHandler"]
 
-_STYLES = {"dim": "2", "bold": "1", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
+_STYLES = {"dim": "2", "bold": "1", "italic": "3", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
 
 
 class Console:
@@ -76,6 +77,24 @@ class Console:
     def reply(self, piece: str) -> None:
         """A piece of a streamed reply: control characters shown, never obeyed."""
         self.write(escape_controls(piece))
+
+    def rewrite(self, shown: str, text: str) -> bool:
+        """Replace ``shown`` (just written, the cursor at its end) with ``text``; False (and
+        nothing done) when it is not on a terminal or has scrolled beyond the top of the screen."""
+        from ._markdown import screen_rows
+
+        if not self.tty:
+            return False
+        try:
+            columns, lines = os.get_terminal_size(self.out.fileno())
+        except (OSError, ValueError, AttributeError):
+            return False
+        rows = screen_rows(shown, columns)
+        if rows >= lines:
+            return False
+        up = f"\x1b[{rows - 1}A" if rows > 1 else ""
+        self.write(f"\r{up}\x1b[J{text}")
+        return True
 
     # -- holding notices during a reply -----------------------------------------------------
     def hold(self) -> None:
