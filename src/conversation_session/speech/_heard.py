@@ -165,7 +165,8 @@ def heard_prefix(text: str, heard_ms: float, durations: Sequence[float | None] =
             played += duration
             continue
         played += left
-        cut = cut_sentence(text, sentence, left / duration)
+        # A few microseconds over a sentence's end are rounding (ms -> s), not its first word.
+        cut = cut_sentence(text, sentence, left / duration if left > 1e-6 else 0.0)
         if cut >= sentence.end:  # its last word has begun: heard to its end
             if k + 1 == len(sentences):
                 break
