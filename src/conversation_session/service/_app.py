@@ -131,6 +131,15 @@ def make_backend(config: ServiceConfig) -> Backend:
     return create_backend(config.backend, config.model, base_url=config.base_url)
 
 
+def make_store(config: ServiceConfig) -> StoreAPI:
+    url = config.store
+    if config.lease_ttl_s is not None and url and url.startswith(("postgresql://", "postgres://")):
+        from .._pgstore import PostgresStore
+
+        return PostgresStore(url, lease_ttl_s=config.lease_ttl_s)
+    return open_store(url, config.sessions_dir)
+
+
 def make_owners(store: StoreAPI, config: ServiceConfig) -> OwnerTable:
     if isinstance(store, HistoryStore):
         return FileOwners(store.directory)
@@ -164,7 +173,7 @@ class ServiceState:
         cfg = self.config
         store = self._given_store
         if store is None:
-            store = await loop.run_in_executor(None, open_store, cfg.store, cfg.sessions_dir)
+            store = await loop.run_in_executor(None, make_store, cfg)
         self.owners = await loop.run_in_executor(None, make_owners, store, cfg)
         self.store = store
         self._loader = loop.create_task(self._load_backend())

@@ -46,6 +46,7 @@ class ServiceConfig:
     keep_open_s: float | None = None     # idle sessions stay open this long (None: 0 with workers > 1, else 30)
     max_open: int = 64                   # open sessions per worker (LRU)
     shutdown_grace_s: float = 10.0
+    lease_ttl_s: float | None = None     # PostgreSQL: how soon a crashed worker's sessions are free again
     # Test hooks (hidden options).
     fake_delay: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -131,6 +132,9 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
     p.add_argument("--max-open", type=_positive(int), default=64, help="open sessions per worker (default 64)")
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds running turns get to finish on shutdown before they are cancelled")
+    p.add_argument("--lease-ttl", type=_positive(float), default=None,
+                   help="PostgreSQL store: seconds before the sessions of a crashed worker can be taken by another "
+                        "(the store's default is 15)")
     # For tests and benchmarks: the fake backend's delay per streamed piece.
     p.add_argument("--fake-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     return p
@@ -146,5 +150,6 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         tokens=tuple(dict.fromkeys(tokens)), timeout=args.timeout, max_tokens=args.max_tokens,
         system=args.system, log_level=args.log_level, rate=args.rate, burst=args.burst,
         lock_wait_s=max(args.lock_wait, 0.0), keep_open_s=args.keep_open, max_open=args.max_open,
-        shutdown_grace_s=max(args.shutdown_grace, 0.0), fake_delay=max(args.fake_delay, 0.0),
+        shutdown_grace_s=max(args.shutdown_grace, 0.0), lease_ttl_s=args.lease_ttl,
+        fake_delay=max(args.fake_delay, 0.0),
     )

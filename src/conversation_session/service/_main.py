@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from ._config import CONFIG_ENV, build_parser, config_from_args, is_loopback
@@ -42,6 +43,9 @@ def run(argv: list[str] | None = None) -> int:
               "server_header": False}
     logger.info("serving on http://%s:%d with %d worker(s), backend %s, store %s", config.host, config.port,
                 config.workers, config.backend, config.store or config.sessions_dir or "(default folder)")
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler that
+    # was there before it: a no-op one makes a clean stop exit 0 (what service managers expect).
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         if config.workers > 1:
             # Workers are started by import: they read the config from the environment.

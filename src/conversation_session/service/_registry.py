@@ -99,6 +99,9 @@ class Registry:
             try:
                 if open_session and slot.session is None:
                     slot.session = await self._open(sid, deadline)
+                elif not open_session and slot.session is not None:
+                    session, slot.session = slot.session, None  # the caller needs it closed (delete)
+                    await self._close_session(session)
                 yield slot.session
             except BaseException:
                 close = True  # whatever went wrong, the next request starts from the store
