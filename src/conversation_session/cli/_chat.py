@@ -123,7 +123,8 @@ class ChatApp:
         self.markdown = bool(getattr(args, "markdown", True))
         self._prompt: Callable[[str], str] | None = None
         self._interrupts = 0
-        self._failed = False
+        self._failed = False              # a turn failed: piped and one-shot runs exit 1
+        self._interrupted_piped = False   # Ctrl-C ended a piped or one-shot run: exit 130
         self._trimmed_seen = 0
         self._log_handler = ConsoleLogHandler(self.console, interactive=interactive)
         self._log_handler.drop.append(_TRIM_LOG_TEXT)
@@ -268,8 +269,6 @@ class ChatApp:
                 raise
             if not go_on:
                 return 130 if self._interrupted_piped else 0
-
-    _interrupted_piped = False
 
     def _read(self) -> tuple[str, bool]:
         """One input: ``(text, is_message)``.  A line starting with triple quotes begins a
