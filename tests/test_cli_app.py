@@ -436,3 +436,15 @@ def test_sigint_during_a_one_shot_reply_exits_130_and_saves_nothing_of_it(sessio
         server.stop()
     assert child.returncode == 130 and "interrupted: this reply was not saved" in err
     assert saved_messages(sessions_dir) == []
+
+
+def test_an_unknown_model_exits_1_with_what_to_do(sessions_dir):
+    server = OllamaAPIServer().start()
+    try:
+        piped = run("--backend", "ollama", "--base-url", server.url, "--model", "llama9:70b", input="hello\n")
+        one_shot = run("--backend", "ollama", "--base-url", server.url, "--model", "llama9:70b", "hello")
+    finally:
+        server.stop()
+    for proc in (piped, one_shot):
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert "ollama pull llama9:70b" in proc.stderr and "Traceback" not in proc.stderr
