@@ -145,3 +145,25 @@ def test_a_reply_cut_by_max_tokens_never_ends_in_a_broken_character(backend):
     # (it ended inside a character): the case this test is about did occur.
     assert any(texts[i] == texts[i - 1] for i in range(1, len(texts)))
     assert any(ord(ch) > 0x2E80 for ch in texts[-1])
+
+
+def test_kv_file_saved_and_restored_while_another_session_has_the_model(backend, tmp_path):
+    """Saving a session whose cells wait in RAM uses that copy (the active session keeps the
+    model); restoring while another session has the model parks the cells in RAM until the
+    session's first step."""
+    c: list = [{"role": "system", "content": "You remember everything about cheese. " * 15}]
+    d: list = [{"role": "system", "content": "You are terse. " * 15}]
+    _turn(backend, "C", c, "I like Comté.")
+    _turn(backend, "D", d, "Hello.")  # C's cells go to RAM
+    assert backend._model.active == "D"
+    figures = backend.save_state(tmp_path / "c.kv", c, cache_key="C")
+    assert figures["kv_save"] == "saved" and figures["kv_saved_tokens"] > 100
+    assert backend._model.active == "D"  # D kept the model
+    backend.forget("C")
+    restored = backend.restore_state(tmp_path / "c.kv", c, max_bytes=1 << 30, cache_key="C2")
+    assert restored["kv_restored"] is True and backend._model.active == "D"
+    assert backend.cache_stats(cache_key="C2")["tokens_in_cache"] == restored["kv_restore_tokens"]
+    again = _turn(backend, "C2", c, "Which cheese do I like?")
+    assert again.usage.cached_tokens >= restored["kv_restore_tokens"]
+    backend.forget("C2")
+    backend.forget("D")
