@@ -81,7 +81,7 @@ class ClientGone(Exception):
 
 
 def result_json(result: ChatResult) -> dict[str, Any]:
-    return {
+    out = {
         "response": result.response,
         "turn": result.turn,
         "figures": {
@@ -90,6 +90,10 @@ def result_json(result: ChatResult) -> dict[str, Any]:
             "saved": result.saved, "finish_reason": result.finish_reason, "trimmed_turns": result.trimmed_turns,
         },
     }
+    if getattr(result, "interrupted", False):  # barge-in: what reached the user was kept
+        out["interrupted"] = True
+        out["heard_fraction"] = getattr(result, "heard_fraction", None)
+    return out
 
 
 def turn_error(exc: BaseException) -> ApiError:

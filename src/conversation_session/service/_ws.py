@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 from typing import Any
@@ -63,6 +64,7 @@ class _Conn:
 
     async def run_turn(self, text: str) -> None:
         st = self.state
+        final: dict[str, Any]
         try:
             async with st.reg().hold(self.sid) as session:
                 assert session is not None
@@ -76,51 +78,56 @@ class _Conn:
                         for sentence in splitter.feed(piece):
                             await self.send({"type": "sentence", "text": sentence})
                     if self.stopped:
-                        await self._after_interrupt(turn)
-                        return
-                    for sentence in splitter.flush():
-                        await self.send({"type": "sentence", "text": sentence})
-                    result = await turn.result()
-            st.counters["turns_completed"] += 1
-            await self.send({"type": "done", "session_id": self.sid, **result_json(result)})
+                        final = await self._after_interrupt(turn)
+                    else:
+                        for sentence in splitter.flush():
+                            await self.send({"type": "sentence", "text": sentence})
+                        result = await turn.result()
+                        st.counters["turns_completed"] += 1
+                        final = {"type": "done", "session_id": self.sid, **result_json(result)}
         except asyncio.CancelledError:
             st.counters["turns_cancelled"] += 1
             raise
         except Exception as exc:  # noqa: BLE001 - sent as an error event (unknown ones logged by turn_error)
             st.counters["turns_failed"] += 1
-            await self.error(turn_error(exc))
+            err = turn_error(exc)
+            final = {"type": "error", "code": err.code, "message": err.message, "status": err.status}
         finally:
             self.turn = None
+        # Sent once the session is handed back: a client answering at once finds it free.
+        await self.send(final)
 
-    async def _after_interrupt(self, turn: Any) -> None:
+    async def _after_interrupt(self, turn: Any) -> dict[str, Any]:
         st = self.state
         try:
             result = await turn.result()   # with turn.interrupt(): the heard part, kept
-        except SessionError:
+        except SessionError:               # turn.cancel(): nothing kept
             st.counters["turns_cancelled"] += 1
-            await self.send({"type": "interrupted", "kept": False})
-            return
-        st.counters["turns_completed"] += 1
-        await self.send({"type": "interrupted", "kept": True, "session_id": self.sid, **result_json(result)})
+            return {"type": "interrupted", "kept": False}
+        kept = bool(result.response) and result.turn > 0
+        st.counters["turns_completed" if kept else "turns_cancelled"] += 1
+        return {"type": "interrupted", "kept": kept, "session_id": self.sid, **result_json(result)}
 
-    def interrupt(self, msg: dict[str, Any]) -> None:
+    async def interrupt(self, msg: dict[str, Any]) -> None:
         turn = self.turn
         if turn is None or self.stopped:
             return
         self.stopped = True
-        if hasattr(turn, "interrupt"):
-            heard = msg.get("heard")
-            heard_ms = msg.get("heard_ms")
-            kwargs: dict[str, Any] = {}
-            if isinstance(heard_ms, (int, float)) and not isinstance(heard_ms, bool) and heard_ms >= 0:
-                kwargs["heard_ms"] = heard_ms
-            try:
-                turn.interrupt(heard if isinstance(heard, (str, int)) and not isinstance(heard, bool) else None,
-                               **kwargs)
-            except Exception:  # an older Turn, or a bad "heard": stop it, keep nothing
-                logger.exception("interrupt failed; cancelling the turn")
-                turn.cancel()
-        else:
+        if not hasattr(turn, "interrupt"):
+            turn.cancel()
+            return
+        heard = msg.get("heard")
+        heard_ms = msg.get("heard_ms")
+        if not isinstance(heard, (str, int)) or isinstance(heard, bool):
+            heard = None
+        if not isinstance(heard_ms, (int, float)) or isinstance(heard_ms, bool) or heard_ms < 0:
+            heard_ms = None
+        try:
+            outcome = turn.interrupt(heard, heard_ms=heard_ms) if heard_ms is not None else turn.interrupt(heard)
+            if inspect.isawaitable(outcome):
+                await outcome
+        except (SessionError, ValueError, TypeError) as exc:  # a "heard" that is not a prefix, ...
+            logger.info("interrupt with heard=%r failed (%s); cancelling the turn", heard, exc)
             turn.cancel()
 
 
@@ -166,7 +173,7 @@ async def session_ws(ws: WebSocket) -> None:
                 continue
             kind = msg.get("type")
             if kind == "interrupt":
-                conn.interrupt(msg)
+                await conn.interrupt(msg)
             elif kind == "ping":
                 await conn.send({"type": "pong"})
             elif kind == "message":
