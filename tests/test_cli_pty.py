@@ -159,3 +159,17 @@ def test_markdown_rendering_rules():
         "<dim>──</>", "plain <cyan>x</> <bold>b</>"]
     assert looks_like_markdown(text) and not looks_like_markdown("2 * 3 = 6, and that is all")
     assert screen_rows("🤖 " + "你" * 100, 80) == 3 and screen_rows("a\nb", 80) == 2
+
+
+def test_a_log_line_from_another_thread_prints_above_the_prompt(sessions_dir):
+    """The snapshot is saved by a background thread after the reply; its DEBUG line must not be
+    left on the prompt's line: the prompt is drawn again below it."""
+    child = spawn("--backend", "fake", "--log-level", "DEBUG", sessions_dir=sessions_dir)
+    child.sendline("hello")
+    child.expect("Reply 1: hello")
+    child.expect(r"saved \S+session_\d+\.json")
+    child.expect(PROMPT)  # drawn again after the line
+    child.send("typed")
+    child.expect("typed")
+    child.sendcontrol("u")
+    quit_(child)

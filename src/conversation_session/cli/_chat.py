@@ -111,12 +111,13 @@ class ChatApp:
                  interactive: bool | None = None, backend: Backend | None = None):
         self.args = args
         self.stdin = stdin or sys.stdin
-        out = stdout or sys.stdout
         self.one_shot = bool(getattr(args, "prompt", None))
         if interactive is None:
-            interactive = not self.one_shot and self.stdin.isatty() and out.isatty()
+            interactive = not self.one_shot and self.stdin.isatty() and (stdout or sys.stdout).isatty()
         self.interactive = interactive
-        self.console = Console(out, out if interactive else (stderr or sys.stderr), tty=None if interactive else False)
+        # Notices share the screen with replies on a terminal; piped, they go to stderr.
+        self.console = Console(stdout, stdout if interactive else (stderr or sys.stderr),
+                               tty=None if interactive else False)
         self.backend = backend
         self.session: ConversationSession | None = None
         self.verbose = bool(getattr(args, "verbose", False))

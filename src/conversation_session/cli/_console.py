@@ -27,14 +27,24 @@ _STYLES = {"dim": "2", "bold": "1", "italic": "3", "red": "31", "green": "32", "
 
 class Console:
     def __init__(self, out: TextIO | None = None, err: TextIO | None = None, *, tty: bool | None = None):
-        self.out = out or sys.stdout
-        self.err = err or self.out
+        # None: whatever sys.stdout is at the time of writing, so that while the prompt is up
+        # (prompt_toolkit's patch_stdout) a notice from another thread prints above it.
+        self._out = out
+        self._err = err
         self.tty = self.out.isatty() if tty is None else tty
         self._spinner: threading.Thread | None = None
         self._spin_stop = threading.Event()
         self._lock = threading.RLock()
         self._held: list[str] | None = None   # notices held back while a reply streams
         self._mid_line = False                 # the last write to ``out`` did not end a line
+
+    @property
+    def out(self) -> TextIO:
+        return self._out or sys.stdout
+
+    @property
+    def err(self) -> TextIO:
+        return self._err or self.out
 
     def style(self, text: str, *names: str) -> str:
         if not self.tty or not names:

@@ -13,6 +13,7 @@ from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.patch_stdout import patch_stdout
 
 __all__ = ["make_prompt"]
 
@@ -53,4 +54,10 @@ def make_prompt(directory: str | os.PathLike[str] | None,
 
     ps: PromptSession[str] = PromptSession(history=_history(directory), completer=_ChatCompleter(session_ids),
                                            complete_while_typing=False, key_bindings=keys)
-    return lambda prompt: ps.prompt(prompt)
+    def ask(prompt: str) -> str:
+        # Log lines and notices from other threads (a background save) print above the
+        # prompt, which is then drawn again, instead of over the line being typed.
+        with patch_stdout(raw=True):
+            return ps.prompt(prompt)
+
+    return ask
