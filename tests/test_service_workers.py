@@ -1,0 +1,177 @@
+"""Several workers on one store: any worker serves any session, and a worker killed with
+``kill -9`` mid-turn leaves the session usable at once from another, with every acknowledged
+turn.  Real server processes (separate ones on separate ports, and uvicorn's ``--workers``),
+the file store (``flock`` dies with the process) and a real PostgreSQL (the lease expires)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pg_server import pg_server, pg_url  # noqa: F401
+from test_service import LONG, ServiceProcess, service, wait_for
+
+
+def _turns(c: httpx.Client, sid: str) -> list[str]:
+    history = c.get(f"/v1/sessions/{sid}").json()["history"]
+    return [m["content"] for m in history if m["role"] == "user"]
+
+
+def _kill_mid_turn(a: ServiceProcess, sid: str) -> None:
+    """Start a long turn on ``a`` and ``kill -9`` it once the reply is streaming."""
+    seen = threading.Event()
+
+    def stream() -> None:
+        with httpx.Client(base_url=a.url, timeout=30) as c:
+            try:
+                with c.stream("POST", f"/v1/sessions/{sid}/messages", json={"text": LONG, "stream": True}) as resp:
+                    for line in resp.iter_lines():
+                        if line.startswith("event: piece"):
+                            seen.set()
+            except httpx.HTTPError:
+                pass  # the worker died under us: that is the point
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert seen.wait(15), "the turn did not start streaming"
+    a.kill9()
+    t.join(15)
+
+
+def _two_workers_one_store(a: ServiceProcess, b: ServiceProcess) -> float:
+    """Alternate turns, kill ``a`` mid-turn, continue on ``b``; how long ``b`` took to take over."""
+    with httpx.Client(base_url=a.url, timeout=30) as ca, httpx.Client(base_url=b.url, timeout=30) as cb:
+        sid = ca.post("/v1/sessions").json()["session_id"]
+        # Any worker serves any session: turns alternate between the two processes.
+        for i in range(4):
+            c = ca if i % 2 == 0 else cb
+            resp = c.post(f"/v1/sessions/{sid}/messages", json={"text": f"turn {i}"})
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["turn"] == i + 1
+        assert cb.get("/v1/sessions").json()["sessions"][0]["turns"] == 4
+        _kill_mid_turn(a, sid)
+        t0 = time.monotonic()
+        resp = cb.post(f"/v1/sessions/{sid}/messages", json={"text": "after the crash"})
+        took = time.monotonic() - t0
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["turn"] == 5
+        assert _turns(cb, sid) == ["turn 0", "turn 1", "turn 2", "turn 3", "after the crash"]  # nothing lost
+        return took
+
+
+def test_two_processes_on_one_file_store_one_killed_mid_turn(tmp_path: Path) -> None:
+    store = tmp_path / "sessions"
+    with service(store, "--fake-delay", "0.02", "--keep-open", "0") as a, \
+            service(store, "--fake-delay", "0.02", "--keep-open", "0") as b:
+        took = _two_workers_one_store(a, b)
+    assert took < 2.0  # the flock died with the process: no wait at all
+
+
+def test_busy_across_workers_waits_its_turn_then_409(tmp_path: Path) -> None:
+    store = tmp_path / "sessions"
+    with service(store, "--fake-delay", "0.02", "--keep-open", "0", "--lock-wait", "0.5") as a, \
+            service(store, "--fake-delay", "0.02", "--keep-open", "0", "--lock-wait", "8") as b, \
+            httpx.Client(base_url=a.url, timeout=30) as ca, httpx.Client(base_url=b.url, timeout=30) as cb:
+        sid = ca.post("/v1/sessions").json()["session_id"]
+        ca.post(f"/v1/sessions/{sid}/messages", json={"text": "first"}).raise_for_status()
+        out: list[httpx.Response] = []
+        t = threading.Thread(target=lambda: out.append(
+            cb.post(f"/v1/sessions/{sid}/messages", json={"text": " ".join(["w"] * 60)})))
+        t.start()
+        wait_for(lambda: b.health()["open_sessions"] == 1, what="B's turn to start")
+        # A waits its bound (0.5 s) for the session B is using, then answers 409.
+        busy = ca.post(f"/v1/sessions/{sid}/messages", json={"text": "meanwhile"})
+        assert busy.status_code == 409 and busy.json()["error"]["code"] == "busy"
+        t.join()
+        assert out[0].status_code == 200
+        waiting: list[httpx.Response] = []
+        t2 = threading.Thread(target=lambda: waiting.append(
+            ca.post(f"/v1/sessions/{sid}/messages", json={"text": " ".join(["v"] * 60)})))
+        t2.start()
+        wait_for(lambda: a.health()["open_sessions"] == 1, what="A's turn to start")
+        # B's bound is 8 s: it waits for A's turn to end, then runs.
+        queued = cb.post(f"/v1/sessions/{sid}/messages", json={"text": "queued"})
+        t2.join()
+        assert waiting[0].status_code == 200 and queued.status_code == 200
+        assert queued.json()["turn"] == 4 and _turns(cb, sid)[-1] == "queued"
+
+
+def test_uvicorn_workers_share_the_store_and_survive_a_killed_worker(tmp_path: Path) -> None:
+    with service(tmp_path / "sessions", "--workers", "2", "--fake-delay", "0.02") as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        pids = set()
+        end = time.monotonic() + 20
+        while len(pids) < 2 and time.monotonic() < end:
+            with httpx.Client(base_url=srv.url, timeout=5) as fresh:  # a new connection each time
+                pids.add(fresh.get("/healthz").json()["pid"])
+        assert len(pids) == 2, pids
+        sid = c.post("/v1/sessions").json()["session_id"]
+        for i in range(3):
+            assert c.post(f"/v1/sessions/{sid}/messages", json={"text": f"turn {i}"}).json()["turn"] == i + 1
+
+        started = threading.Event()
+
+        def long_turn() -> None:
+            with httpx.Client(base_url=srv.url, timeout=30) as own:
+                try:
+                    with own.stream("POST", f"/v1/sessions/{sid}/messages",
+                                    json={"text": LONG, "stream": True}) as resp:
+                        for line in resp.iter_lines():
+                            if line.startswith("event: piece"):
+                                started.set()
+                except httpx.HTTPError:
+                    pass
+
+        t = threading.Thread(target=long_turn)
+        t.start()
+        assert started.wait(15)
+        victim = None
+        end = time.monotonic() + 10
+        while victim is None and time.monotonic() < end:  # the worker with the session open
+            with httpx.Client(base_url=srv.url, timeout=5) as fresh:
+                h = fresh.get("/healthz").json()
+            if h["open_sessions"] == 1:
+                victim = h["pid"]
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        t.join(15)
+        resp = None
+        end = time.monotonic() + 20
+        while time.monotonic() < end:  # clients retry on connection errors
+            try:
+                with httpx.Client(base_url=srv.url, timeout=30) as fresh:
+                    resp = fresh.post(f"/v1/sessions/{sid}/messages", json={"text": "after"})
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert resp is not None and resp.status_code == 200, resp and resp.text
+        assert resp.json()["turn"] == 4
+        with httpx.Client(base_url=srv.url, timeout=30) as fresh:
+            assert _turns(fresh, sid) == ["turn 0", "turn 1", "turn 2", "after"]
+
+
+def test_two_workers_on_postgresql_one_killed_mid_turn(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+    args = ("--store", pg_url, "--fake-delay", "0.02", "--keep-open", "0", "--lease-ttl", "2", "--lock-wait", "10")
+    with service(tmp_path / "a", *args) as a, service(tmp_path / "b", *args) as b:
+        took = _two_workers_one_store(a, b)
+    # The killed worker's lease lapses within its TTL (2 s); the request waited for it, bounded.
+    assert took < 2.0 + 2.0
+
+
+@pytest.mark.parametrize("keep_open", ["0", "30"])
+def test_restart_keeps_every_acknowledged_turn(tmp_path: Path, keep_open: str) -> None:
+    store = tmp_path / "sessions"
+    with service(store, "--keep-open", keep_open) as a, httpx.Client(base_url=a.url, timeout=30) as c:
+        sid = c.post("/v1/sessions").json()["session_id"]
+        for i in range(5):
+            c.post(f"/v1/sessions/{sid}/messages", json={"text": f"t{i}"}).raise_for_status()
+        a.kill9()  # not even a graceful shutdown
+    with service(store) as b, httpx.Client(base_url=b.url, timeout=30) as c:
+        assert _turns(c, sid) == [f"t{i}" for i in range(5)]
+        assert c.post(f"/v1/sessions/{sid}/messages", json={"text": "t5"}).json()["turn"] == 6
