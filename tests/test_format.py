@@ -25,7 +25,7 @@ def test_saved_file_has_the_seed_format(fake, sessions_dir):
     assert "你好！有什么可以帮助你的？".encode() in raw  # readable Chinese, not \\u escapes
     data = json.loads(raw)
     assert set(data) == SEED_KEYS | {"schema_version", "updated_at"}
-    assert set(data) == set(SessionFileDict.__annotations__) - {"system_prompt"}  # only written when set
+    assert set(data) == set(SessionFileDict.__annotations__) - {"system_prompt", "summary"}  # only when set
     assert data["schema_version"] == SCHEMA_VERSION
     assert data["session_id"] == sid and sid.startswith("session_")
     assert data["llm_model"] == "fake-model"
@@ -138,7 +138,7 @@ def test_schema_2_system_prompt_and_interrupted_round_trip():
     assert record.messages == [msgs[0], msgs[1], {"role": "user", "content": "again"},
                                {"role": "assistant", "content": "done"}]
     data = record.to_dict()
-    assert data["schema_version"] == 2 and data["system_prompt"] == "be brief"
+    assert data["schema_version"] == SCHEMA_VERSION and data["system_prompt"] == "be brief"
     assert SessionRecord.from_dict(json.loads(json.dumps(data))) == record
     # A version 1 file (and the seed's) has no system prompt, and writes none.
     old = SessionRecord.from_dict({**_BASE, "schema_version": 1})

@@ -77,9 +77,9 @@ def test_the_summary_is_persisted_and_restored_without_recomputing(sessions_dir)
         assert again.load_history(sid)
         assert again.turns == turns
         assert again.get_history_summary()["summary"] == text
+        assert summarizer.calls == calls  # restored, not recomputed
         again.chat("what do you remember?")
         assert text in fake2.requests[-1].messages[0]["content"]
-    assert summarizer.calls == calls
     data = json.loads((sessions_dir / f"{sid}.json").read_text())
     assert len(data["conversation_history"]) == 2 * (turns + 1)  # the full history is never rewritten
     assert data["summary"]["text"] == text and data["summary"]["model"] == "summarizer"

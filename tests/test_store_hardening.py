@@ -24,6 +24,7 @@ import pytest
 
 from conversation_session import ConversationSession, FakeBackend, HistoryStore, SessionFormatError, _runtime, _store
 from conversation_session._exceptions import SessionNotFoundError
+from conversation_session._format import SCHEMA_VERSION
 from conversation_session._housekeeping import doctor, export_all, prune
 from conversation_session._store_api import SessionInfo, SessionWriterAPI, StoreAPI
 from helpers import run_python
@@ -138,7 +139,7 @@ def test_interrupted_replies_and_the_system_prompt_round_trip(sessions_dir):
     for record in (mid, store.load(writer.session_id)):
         assert record.messages[1] == reply and record.system_prompt == "你是助手"
     data = json.loads((sessions_dir / f"{writer.session_id}.json").read_text())
-    assert data["schema_version"] == 2 and data["system_prompt"] == "你是助手"
+    assert data["schema_version"] == SCHEMA_VERSION and data["system_prompt"] == "你是助手"
 
 
 def test_counts_are_incremental_not_recounted_per_append(sessions_dir, monkeypatch):

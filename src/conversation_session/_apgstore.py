@@ -20,6 +20,7 @@ from ._exceptions import SessionError, SessionFormatError, SessionNotFoundError,
 from ._format import MessageDict, SessionRecord, now_iso
 from ._pgstore import (
     _ID_RE,
+    _N_RECORD,
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_LEASE_TTL_S,
     DEFAULT_POOL_SIZE,
@@ -242,7 +243,7 @@ class AsyncPostgresStore:
         row = await self._one("load a session", self.sql.load, (session_id,))
         if row is None:
             raise SessionNotFoundError(f"no session {session_id} in {self.description}", session_id=session_id)
-        return make_record(session_id, row[:5], _parse(session_id, row[6]))
+        return make_record(session_id, row[:_N_RECORD], _parse(session_id, row[_N_RECORD + 1]))
 
     async def load_newest(self, exclude: Iterable[str] = ()) -> SessionRecord | None:
         skip = list(exclude)

@@ -3,7 +3,7 @@
 A session is stored as ``<sessions_dir>/<session_id>.json`` in the seed's format::
 
     {
-      "schema_version": 2,
+      "schema_version": 3,
       "session_id": "session_1730000001",
       "created_at": "2025-10-24T12:00:00",
       "updated_at": "2025-10-24T12:03:10",
@@ -13,7 +13,10 @@ A session is stored as ``<sessions_dir>/<session_id>.json`` in the seed's format
     }
 
 Version 2 adds ``system_prompt`` (optional, a string or null; written only when set) and lets
-an assistant message carry ``"interrupted": true`` (a reply cut short but kept).
+an assistant message carry ``"interrupted": true`` (a reply cut short but kept).  Version 3
+adds ``summary`` (optional, written only when set): the running summary of ``memory="summary"``,
+``{"text": ..., "covers": <leading messages it summarises>, "model": <who wrote it>}``.  The
+history itself is never shortened: the summary only decides what the prompt carries.
 
 Files without ``schema_version`` (written by the seed's own implementation) are version 0 and
 are upgraded on load by the steps in ``MIGRATIONS``.  Turns completed since the last snapshot
@@ -35,6 +38,7 @@ if TYPE_CHECKING:  # Python 3.10 has no typing.NotRequired; annotations are stri
     from typing_extensions import NotRequired
 
 __all__ = [
+    "META_FIELDS",
     "MIGRATIONS",
     "ROLES",
     "SCHEMA_VERSION",
@@ -44,15 +48,17 @@ __all__ = [
     "MessageDict",
     "SessionFileDict",
     "SessionRecord",
+    "SummaryDict",
     "check_text",
     "count_turns",
     "is_utf8_text",
     "now_iso",
     "parse_journal_line",
     "validate_messages",
+    "validate_summary",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ROLES = frozenset({"system", "user", "assistant"})
 UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -63,6 +69,14 @@ class MessageDict(TypedDict):
     interrupted: NotRequired[bool]  # assistant only; present (True) when the reply was cut short
 
 
+class SummaryDict(TypedDict):
+    """The running summary of ``memory="summary"`` (schema 3)."""
+
+    text: str
+    covers: int   # the first ``covers`` messages of the history are summarised
+    model: str
+
+
 class SessionFileDict(TypedDict):
     schema_version: int
     session_id: str
@@ -71,6 +85,7 @@ class SessionFileDict(TypedDict):
     llm_model: str
     turns: int
     system_prompt: NotRequired[str | None]
+    summary: NotRequired[SummaryDict | None]
     conversation_history: list[MessageDict]
 
 
@@ -78,6 +93,11 @@ class JournalMetaDict(TypedDict, total=False):
     """Record-level fields a journal line updates (only those present)."""
 
     system_prompt: str | None
+    summary: SummaryDict | None
+
+
+# The record-level fields a journal line's "meta" may carry, in the order they are written.
+META_FIELDS = ("system_prompt", "summary")
 
 
 class JournalRecordDict(TypedDict):
@@ -191,10 +211,36 @@ def _v2_system_prompt(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _v3_summary(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 3: an optional record-level ``summary`` (absent = none).  Nothing in a version 2
+    file changes."""
+    data = dict(data)
+    data.setdefault("summary", None)
+    data["schema_version"] = 3
+    return data
+
+
 MIGRATIONS: list[tuple[int, Callable[[dict[str, Any]], dict[str, Any]]]] = [
     (1, _v1_from_seed),
     (2, _v2_system_prompt),
+    (3, _v3_summary),
 ]
+
+
+def validate_summary(value: Any, where: str = "summary") -> SummaryDict | None:
+    """A summary dict, or None; anything else raises ``SessionFormatError``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise SessionFormatError(f"'{where}' is {type(value).__name__}, not an object")
+    text, covers, model = value.get("text"), value.get("covers"), value.get("model", "")
+    if not isinstance(text, str):
+        raise SessionFormatError(f"'{where}.text' is {type(text).__name__}, not a string")
+    if isinstance(covers, bool) or not isinstance(covers, int) or covers < 0:
+        raise SessionFormatError(f"'{where}.covers' is {covers!r}, not a count of messages")
+    if not isinstance(model, str):
+        raise SessionFormatError(f"'{where}.model' is {type(model).__name__}, not a string")
+    return {"text": text, "covers": covers, "model": model}
 
 
 def upgrade(data: dict[str, Any]) -> dict[str, Any]:
@@ -224,6 +270,7 @@ class SessionRecord:
     updated_at: str = ""
     messages: list[MessageDict] = field(default_factory=list)
     system_prompt: str | None = None
+    summary: SummaryDict | None = None
 
     @property
     def turns(self) -> int:
@@ -243,12 +290,16 @@ class SessionRecord:
         }
         if self.system_prompt is not None:  # a session without one keeps the seed's exact keys
             data["system_prompt"] = self.system_prompt
+        if self.summary is not None:
+            data["summary"] = self.summary
         return data
 
     def apply_meta(self, meta: JournalMetaDict | dict[str, Any] | None) -> None:
         """Take the record-level fields a journal line (or ``append(meta=...)``) carries."""
         if meta and "system_prompt" in meta:
             self.system_prompt = meta["system_prompt"]
+        if meta and "summary" in meta:
+            self.summary = meta["summary"]
 
     @classmethod
     def from_dict(cls, data: Any, *, raw: bytes | bytearray | None = None) -> SessionRecord:
@@ -279,6 +330,7 @@ class SessionRecord:
             updated_at=updated_at or created_at,
             messages=messages,
             system_prompt=system_prompt,
+            summary=validate_summary(data.get("summary")),
         )
 
 
@@ -319,5 +371,7 @@ def parse_journal_line(line: bytes | bytearray) -> JournalRecordDict:
             if sp is not None and not isinstance(sp, str):
                 raise SessionFormatError("journal line has a system_prompt that is not a string")
             clean["system_prompt"] = sp
+        if "summary" in meta:
+            clean["summary"] = validate_summary(meta["summary"], "journal summary")
         out["meta"] = clean  # unknown meta keys (a newer release's) are ignored
     return out

@@ -57,7 +57,7 @@ from ._exceptions import (
     SessionNotFoundError,
     StoreUnavailableError,
 )
-from ._format import ROLES, MessageDict, SessionRecord, count_turns, is_utf8_text, now_iso
+from ._format import ROLES, MessageDict, SessionRecord, count_turns, is_utf8_text, now_iso, validate_summary
 from ._runtime import Deadline, run_in_background, schedule
 from ._store import encode_json, validate_session_id
 from ._store_api import SessionInfo
@@ -117,9 +117,14 @@ CREATE TABLE {s}.messages (
     PRIMARY KEY (session_id, idx)
 );
 """),
+    # memory="summary": the running summary ({"text", "covers", "model"}), never the history.
+    ("0002_summary", """
+ALTER TABLE {s}.sessions ADD COLUMN summary jsonb;
+"""),
 ]
 
-_RECORD_COLUMNS = "created_at, updated_at, llm_model, system_prompt, title"
+_RECORD_COLUMNS = "created_at, updated_at, llm_model, system_prompt, title, summary"
+_N_RECORD = 6
 
 
 def redact_url(url: str) -> str:
@@ -196,6 +201,10 @@ def check_meta(meta: dict[str, Any]) -> None:
         value = meta.get(key)
         if value is not None and (not isinstance(value, str) or "\x00" in value or not is_utf8_text(value)):
             raise ValueError(f"meta[{key!r}] must be text without NUL characters, not {value!r:.40}")
+    if "summary" in meta:
+        summary = validate_summary(meta["summary"])
+        if summary is not None and ("\x00" in summary["text"] or not is_utf8_text(summary["text"])):
+            raise ValueError("meta['summary'] must be text without NUL characters")
 
 
 @dataclasses.dataclass
@@ -233,6 +242,7 @@ def build_append(session_id: str, holder: str, gen: int, ttl: float, record: Ses
         "bytes": sum(encoded_sizes[start:start + len(new)]) + 2 * len(new),
         "updated_at": record.updated_at or now_iso(), "llm_model": record.llm_model,
         "system_prompt": record.system_prompt, "title": title, "first": _first_user_line(new),
+        "summary": None if record.summary is None else json.dumps(record.summary, ensure_ascii=False),
         "roles": roles, "contents": contents, "as_json": as_json, "interrupted": interrupted,
     }
     return AppendBatch(params, start + len(new))
@@ -261,6 +271,7 @@ WITH s AS (
         message_count = %(end)s::int, turns = turns + %(turns)s::int, bytes = bytes + %(bytes)s::bigint,
         updated_at = %(updated_at)s, updated_ts = now(), llm_model = %(llm_model)s,
         system_prompt = %(system_prompt)s, title = coalesce(%(title)s, title),
+        summary = coalesce(%(summary)s::jsonb, summary),
         first_user_line = CASE WHEN first_user_line = '' THEN %(first)s ELSE first_user_line END,
         lease_expires = now() + make_interval(secs => %(ttl)s::float8)
     WHERE id = %(id)s AND holder = %(holder)s AND lease_gen = %(gen)s::bigint
@@ -312,10 +323,10 @@ SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM m)"""
                        "RETURNING id")
         self.is_locked = (f"SELECT holder IS NOT NULL AND lease_expires > now() FROM {s}.sessions WHERE id = %s")
         self.import_session = (
-            f"INSERT INTO {s}.sessions (id, created_at, updated_at, updated_ts, llm_model, system_prompt, turns, "
-            "message_count, bytes, first_user_line) VALUES (%(id)s, %(created_at)s, %(updated_at)s, "
+            f"INSERT INTO {s}.sessions (id, created_at, updated_at, updated_ts, llm_model, system_prompt, summary, "
+            "turns, message_count, bytes, first_user_line) VALUES (%(id)s, %(created_at)s, %(updated_at)s, "
             "coalesce(to_timestamp(%(updated_epoch)s::float8), now()), %(llm_model)s, %(system_prompt)s, "
-            "%(turns)s, %(count)s, %(bytes)s, %(first)s) ON CONFLICT (id) DO NOTHING RETURNING id")
+            "%(summary)s::jsonb, %(turns)s, %(count)s, %(bytes)s, %(first)s) ON CONFLICT (id) DO NOTHING RETURNING id")
         self.import_messages = (
             f"INSERT INTO {s}.messages (session_id, idx, role, content, content_is_json, interrupted) "
             "SELECT %(id)s, t.ord::int - 1, t.role, t.content, t.as_json, t.interrupted "
@@ -333,9 +344,10 @@ def parse_history(agg: str | None) -> list[MessageDict]:
 
 def make_record(session_id: str, row: tuple[Any, ...], messages: list[MessageDict]) -> SessionRecord:
     """A record from the ``_RECORD_COLUMNS`` of a row (their order) and its messages."""
-    created_at, updated_at, llm_model, system_prompt, _title = row[:5]
+    created_at, updated_at, llm_model, system_prompt, _title, summary = row[:_N_RECORD]
     return SessionRecord(session_id=session_id, llm_model=llm_model, created_at=created_at,
-                         updated_at=updated_at or created_at, messages=messages, system_prompt=system_prompt)
+                         updated_at=updated_at or created_at, messages=messages, system_prompt=system_prompt,
+                         summary=validate_summary(summary))
 
 
 def new_holder() -> str:
@@ -381,6 +393,7 @@ def import_params(record: SessionRecord) -> tuple[dict[str, Any], dict[str, Any]
         "created_at": checked.created_at, "updated_at": checked.updated_at or checked.created_at,
         "updated_epoch": _parse_local_iso(checked.updated_at or checked.created_at),
         "llm_model": checked.llm_model, "system_prompt": checked.system_prompt, "turns": count_turns(msgs),
+        "summary": None if checked.summary is None else json.dumps(checked.summary, ensure_ascii=False),
         "count": len(msgs), "bytes": size if msgs else 0, "first": _first_user_line(msgs),
     }
     rows = {"roles": roles, "contents": contents, "as_json": as_json, "interrupted": interrupted}
@@ -420,6 +433,9 @@ class PostgresStore:
         connect_timeout_s: how long to wait for a connection before giving up.
         schema: the schema holding the tables (created on first use).
     """
+
+    # Each append is a round trip to the server: the async session runs it off the event loop.
+    blocking_appends = True
 
     def __init__(self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE, lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
                  statement_timeout_s: float = DEFAULT_STATEMENT_TIMEOUT_S,
@@ -620,7 +636,7 @@ class PostgresStore:
         row = self._run("load a session", lambda conn: conn.execute(self.sql.load, (session_id,)).fetchone())
         if row is None:
             raise SessionNotFoundError(f"no session {session_id} in {self._description}", session_id=session_id)
-        return make_record(session_id, row[:5], self._parse(session_id, row[6]))
+        return make_record(session_id, row[:_N_RECORD], self._parse(session_id, row[_N_RECORD + 1]))
 
     def load_newest(self, exclude: Iterable[str] = ()) -> SessionRecord | None:
         skip = list(exclude)

@@ -56,7 +56,7 @@ from ._fileio import (
     open_regular,
     read_regular_file_stat,
 )
-from ._format import UTF8_BOM, MessageDict, SessionRecord, now_iso, parse_journal_line
+from ._format import META_FIELDS, UTF8_BOM, MessageDict, SessionRecord, now_iso, parse_journal_line
 from ._runtime import run_in_background
 from ._store_api import SessionInfo
 
@@ -824,7 +824,7 @@ class _Core:
             if start != len(self.messages):
                 raise ValueError(f"append at message {start}, but session {self.session_id} holds "
                                  f"{len(self.messages)} messages")
-            if meta and "system_prompt" in meta and meta["system_prompt"] != self.record.system_prompt:
+            if meta and any(k in meta and meta[k] != getattr(self.record, k) for k in META_FIELDS):
                 self.record.apply_meta(meta)
                 self.meta_dirty = True
             self.messages.extend(messages)
@@ -846,7 +846,10 @@ class _Core:
     def _line(self, start: int, end: int, encoded: list[str], *, with_meta: bool) -> bytes:
         meta = ""
         if with_meta:
-            meta = f', "meta": {{"system_prompt": {encode_json(self.record.system_prompt)}}}'
+            # The system prompt always (None clears it); other fields once they are set.
+            fields = ", ".join(f'"{k}": {encode_json(getattr(self.record, k))}' for k in META_FIELDS
+                               if k == "system_prompt" or getattr(self.record, k) is not None)
+            meta = f', "meta": {{{fields}}}'
         return (f'{{"session_id": {encode_json(self.session_id)}, "start": {start}, '
                 f'"messages": [{", ".join(encoded)}], "updated_at": {encode_json(self.record.updated_at)}'
                 f'{meta}}}\n').encode()
@@ -1046,7 +1049,7 @@ class _Core:
             self.persisted = True
             if upto > self.journaled:
                 self.journaled = upto  # an explicit save also covers unjournaled turns
-            if meta_dirty and self.record.system_prompt == head.system_prompt:
+            if meta_dirty and all(getattr(self.record, k) == getattr(head, k) for k in META_FIELDS):
                 self.meta_dirty = False
             if self.fd is not None and (self.journal_size or self.journal_torn):
                 if self.journaled <= upto:
@@ -1076,7 +1079,8 @@ class _Core:
         end = self.journaled
         encoded = [self.encoded[i] if i < len(self.encoded) else encode_json(self.messages[i])
                    for i in range(upto, end)]
-        line = self._line(upto, end, encoded, with_meta=self.record.system_prompt is not None)
+        line = self._line(upto, end, encoded,
+                          with_meta=any(getattr(self.record, k) is not None for k in META_FIELDS))
         path = self.journal_path
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         try:
