@@ -49,7 +49,7 @@ INFO_KINDS = frozenset({"id-mismatch"})
 
 _TEMP_RE = re.compile(r"\..+\.tmp")
 _ASIDE_RE = re.compile(r".+\.corrupt-\d{14}(-\d+)?")
-_KNOWN_FILES = frozenset({".input_history", _CACHE_NAME})
+_KNOWN_FILES = frozenset({".input_history", ".last_hint", _CACHE_NAME})
 
 
 # -- helpers -------------------------------------------------------------------------------

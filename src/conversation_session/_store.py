@@ -333,6 +333,7 @@ class HistoryStore:
         Returns the record, the journal's replay and the journal's bytes (None if none).
         """
         validate_session_id(session_id)
+        t0 = time.perf_counter()
         jpath, spath = self.journal_path(session_id), self.snapshot_path(session_id)
         journal = self._read_file(jpath)
         snapshot = self._read_file(spath)
@@ -352,6 +353,10 @@ class HistoryStore:
         if not record.created_at:
             # A session that crashed before its first snapshot: date it by its journal.
             record.created_at = record.updated_at or now_iso()
+        if logger.isEnabledFor(logging.DEBUG):
+            size = (len(snapshot[0]) if snapshot is not None else 0) + (len(raw) if raw else 0)
+            logger.debug("loaded %s: %d messages, %d bytes in %.2f ms", spath, len(record.messages), size,
+                         (time.perf_counter() - t0) * 1000)
         return record, replay, raw
 
     def load(self, session_id: str) -> SessionRecord:
@@ -362,12 +367,7 @@ class HistoryStore:
             SessionNotFoundError: there is no such session (a ``FileNotFoundError``).
             SessionFormatError: the session's files are unreadable or malformed.
         """
-        t0 = time.perf_counter()
-        record = self.read(session_id)[0]
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("loaded %s: %d messages in %.2f ms", self.snapshot_path(session_id), len(record.messages),
-                         (time.perf_counter() - t0) * 1000)
-        return record
+        return self.read(session_id)[0]
 
     def candidates(self) -> list[tuple[float, str]]:
         """Session ids in the folder with their last-modified time, newest first (no file is read)."""
