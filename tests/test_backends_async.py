@@ -297,3 +297,27 @@ def test_fake_shared_by_many_concurrent_requests():
     replies = asyncio.run(main())
     assert time.monotonic() - t0 < 1.0  # interleaved on one loop, not one after the other
     assert sorted(r.split(": ", 1)[1] for r in replies) == sorted(f"message {i}" for i in range(100))
+
+
+def test_context_length_on_an_event_loop_never_blocks_it(server, silent_server):
+    """Sync code running on a loop (a session's window policy) asks without stalling the loop:
+    the configured window until the background answer is in."""
+    server.context_length = 1000
+    good = OllamaBackend(base_url=server.url, num_ctx=8192)
+    hung = OllamaBackend(base_url=silent_server, num_ctx=2048, probe_timeout=1.0)
+
+    async def main() -> None:
+        t0 = time.monotonic()
+        assert hung.context_length() == 2048
+        assert good.context_length() in (8192, 1000)
+        assert time.monotonic() - t0 < 0.05
+        for _ in range(200):
+            if good.context_length() == 1000:
+                break
+            await asyncio.sleep(0.01)
+        assert good.context_length() == 1000  # learnt in the background
+        assert await hung.acontext_length() == 2048
+        await asyncio.sleep(1.3)
+        assert hung._probe_failed  # the background probe gave up after its bound, and that is remembered
+
+    asyncio.run(main())

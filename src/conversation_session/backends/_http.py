@@ -17,7 +17,7 @@ import httpx
 from ._base import CancelToken
 
 __all__ = ["AsyncClients", "HttpTimeouts", "aiter_sse_data", "cancel_extensions", "iter_sse_data", "make_client",
-           "server_message"]
+           "on_event_loop", "server_message"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,15 @@ def cancel_extensions(cancel: CancelToken, *, is_async: bool) -> dict[str, Any]:
             watch(info)
 
     return {"trace": trace}
+
+
+def on_event_loop() -> bool:
+    """True on a thread running an asyncio loop: a blocking question to a server would stall it."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def make_client(base_url: str, timeouts: HttpTimeouts, headers: dict[str, str] | None = None) -> httpx.Client:

@@ -25,8 +25,9 @@ import httpx
 
 from .._exceptions import BackendError, ModelNotFoundError
 from .._format import MessageDict
+from .._runtime import run_in_background
 from ._base import Backend, CancelToken, GenerationRequest, Usage
-from ._http import AsyncClients, HttpTimeouts, cancel_extensions, make_client, server_message
+from ._http import AsyncClients, HttpTimeouts, cancel_extensions, make_client, on_event_loop, server_message
 
 __all__ = ["DEFAULT_KEEP_ALIVE", "DEFAULT_OLLAMA_MODEL", "PROBE_TIMEOUT", "OllamaBackend", "default_ollama_url"]
 
@@ -100,6 +101,7 @@ class OllamaBackend(Backend):
         self._ctx_lock = threading.Lock()
         self._context_length: int | None = None
         self._probe_failed = False
+        self._probing = False
         self._stats_lock = threading.Lock()
         self._last: dict[Any, dict[str, Any]] = {}  # per cache_key: the last reply's server figures
         self.model_load_s: float | None = None
@@ -204,7 +206,23 @@ class OllamaBackend(Backend):
 
         Asked once, within ``probe_timeout`` (or ``timeout`` if shorter: what is left of a
         turn); a failure is remembered (``num_ctx`` is used, and the question is asked again
-        only after the server has answered a chat or ``check``)."""
+        only after the server has answered a chat or ``check``).  Called on an event loop's
+        thread it never blocks: the question is asked in the background and ``num_ctx`` is
+        used until the answer is in (``acontext_length`` waits for it without blocking)."""
+        if self._context_length is not None:
+            return self._context_length
+        if not self._probe_failed and on_event_loop():
+            if not self._probing:
+                self._probing = True
+
+                def probe() -> None:
+                    try:
+                        self.context_length(timeout)
+                    finally:
+                        self._probing = False
+
+                run_in_background(probe, "context-window probe")
+            return self.num_ctx
         with self._ctx_lock:
             if self._context_length is not None:
                 return self._context_length

@@ -32,7 +32,7 @@ import httpx
 
 from .._exceptions import BackendError, ModelNotFoundError
 from .._format import MessageDict
-from .._runtime import shared_executor
+from .._runtime import run_in_background, shared_executor
 from ._base import Backend, CancelToken, GenerationRequest, Usage
 from ._http import (
     AsyncClients,
@@ -41,6 +41,7 @@ from ._http import (
     cancel_extensions,
     iter_sse_data,
     make_client,
+    on_event_loop,
     server_message,
 )
 
@@ -120,6 +121,7 @@ class OpenAIBackend(Backend):
         self._ctx_lock = threading.Lock()
         self._context_length: int | None = None
         self._probe_failed = False
+        self._probing = False
         self.context_length_source: str | None = None
         self._models: list[dict[str, Any]] | None = None
         self._stream_usage = True  # dropped if the server rejects stream_options
@@ -210,7 +212,23 @@ class OpenAIBackend(Backend):
     def context_length(self, timeout: float | None = None) -> int | None:
         """The server's window (asked once, within ``probe_timeout`` or ``timeout`` if shorter),
         lowered to the ``context_length`` setting.  A failure to ask is remembered: the setting
-        (or 4096) is used, and the server is asked again only after it has answered a chat."""
+        (or 4096) is used, and the server is asked again only after it has answered a chat.
+        Called on an event loop's thread it never blocks: the question is asked in the
+        background and the setting (or 4096) is used until the answer is in."""
+        if self._context_length is not None:
+            return self._context_length
+        if not self._probe_failed and on_event_loop():
+            if not self._probing:
+                self._probing = True
+
+                def probe() -> None:
+                    try:
+                        self.context_length(timeout)
+                    finally:
+                        self._probing = False
+
+                run_in_background(probe, "context-window probe")
+            return self.context_length_setting or DEFAULT_CONTEXT_LENGTH
         with self._ctx_lock:
             if self._context_length is None:
                 setting = self.context_length_setting
