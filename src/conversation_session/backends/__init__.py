@@ -1,5 +1,7 @@
-"""Model backends.  Each is a ``Backend`` subclass: one streaming ``generate`` method plus
-capability flags; the session talks to all of them the same way.
+"""Model backends.  Each is a ``Backend`` subclass: a streaming ``generate`` (and ``agenerate``
+for event loops) plus capability flags; the session talks to all of them the same way, and one
+backend object may serve many sessions at once (per-session state is keyed by
+``GenerationRequest.cache_key``, figures belong to each request).
 
 * ``llama-cpp``: llama.cpp in-process (default; the bundled SmolLM2 needs no server).
 * ``ollama``: an Ollama server (the seed's ``qwen2.5:3b``).
