@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .._async import AsyncConversationSession
-from .._exceptions import SessionLockedError
+from .._exceptions import SessionError, SessionLockedError
+from .._format import SessionRecord
 from .._store_api import StoreAPI
 from ..backends import Backend
 from ._config import ServiceConfig
@@ -34,6 +35,41 @@ __all__ = ["Busy", "Gone", "Registry"]
 
 logger = logging.getLogger("conversation_session.service")
 T = TypeVar("T")
+
+
+class _Placeholder:
+    """The writer a session is constructed with when it is about to load an existing session:
+    ``AsyncConversationSession`` makes a new store session in its constructor, which would cost
+    a store round trip (PostgreSQL: an insert and a delete) on every request only to be
+    replaced by ``load_history``.  It holds nothing and can write nothing."""
+
+    def __init__(self, llm_model: str):
+        self.record = SessionRecord(session_id="service_placeholder", llm_model=llm_model)
+        self.session_id = self.record.session_id
+        self.persisted = False
+        self.last_error: BaseException | None = None
+
+    def append(self, start: int, messages: list[Any], meta: dict[str, Any] | None = None) -> bool:
+        raise SessionError("internal: a placeholder session cannot be written")
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class _LoadingStore:
+    """The store, except that ``create()`` hands out a ``_Placeholder`` (see there)."""
+
+    def __init__(self, store: StoreAPI):
+        self._store = store
+
+    def create(self, llm_model: str) -> _Placeholder:
+        return _Placeholder(llm_model)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
 
 
 class Busy(Exception):
@@ -64,6 +100,7 @@ class Registry:
         self._slots: dict[str, _Slot] = {}
         # Store and ownership-table calls block (a file lock, a PostgreSQL round trip): a pool of
         # their own, so they never queue behind the library's snapshots and KV saves.
+        self._loading_store = _LoadingStore(store)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cs-service")
         self._sweeper: asyncio.Task[None] | None = None
         self.closing = False
@@ -142,8 +179,8 @@ class Registry:
         delay = 0.02
         try:
             while True:
-                session = await self.io(self._new_session)
                 if expected is not None:
+                    session = await self.io(self._new_session, self._loading_store)
                     try:
                         loaded = await session.load_history(expected)
                     except SessionLockedError as exc:
@@ -159,7 +196,9 @@ class Registry:
                         raise
                     if loaded:
                         return session
-                # No turn saved yet (new, or its first turn never completed): bind this one.
+                    await self._close_session(session)
+                # No turn saved yet (new, or its first turn never completed): a new store session, bound.
+                session = await self.io(self._new_session, self.store)
                 outcome = await self.io(self.owners.bind, sid, expected, session.session_id)
                 if outcome == "ok":
                     logger.debug("session %s: history in store session %s", sid, session.session_id)
@@ -181,9 +220,9 @@ class Registry:
             raise Gone(sid)
         return entry
 
-    def _new_session(self) -> AsyncConversationSession:
+    def _new_session(self, store: Any) -> AsyncConversationSession:
         cfg = self.config
-        return AsyncConversationSession(backend=self.backend, store=self.store, timeout=cfg.timeout,
+        return AsyncConversationSession(backend=self.backend, store=store, timeout=cfg.timeout,
                                         max_tokens=cfg.max_tokens, system_prompt=cfg.system,
                                         tts_wait_timeout=None)
 
