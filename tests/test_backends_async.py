@@ -321,3 +321,11 @@ def test_context_length_on_an_event_loop_never_blocks_it(server, silent_server):
         assert hung._probe_failed  # the background probe gave up after its bound, and that is remembered
 
     asyncio.run(main())
+
+
+def test_sampling_options_are_sent(server):
+    backend = OllamaBackend(base_url=server.url, seed=7, top_k=20, num_thread=1)
+    request = _request("hi", options={"top_p": 0.5, "seed": 8})
+    asyncio.run(_collect(backend, request))
+    options = server.chats[-1].body["options"]
+    assert (options["seed"], options["top_k"], options["top_p"], options["num_thread"]) == (8, 20, 0.5, 1)

@@ -167,3 +167,16 @@ def test_kv_file_saved_and_restored_while_another_session_has_the_model(backend,
     assert again.usage.cached_tokens >= restored["kv_restore_tokens"]
     backend.forget("C2")
     backend.forget("D")
+
+
+def test_sampling_seed_and_per_request_options(backend):
+    messages = [{"role": "user", "content": "Tell me a short story about a cat."}]
+
+    def reply(temperature: float, **options) -> str:
+        request = GenerationRequest(messages=messages, max_tokens=16, temperature=temperature, cache_key="C",
+                                    options=options)
+        return "".join(backend.generate(request))
+
+    assert reply(1.0, seed=42) == reply(1.0, seed=42)  # a seed makes sampling repeatable
+    assert reply(1.0, top_k=1) == reply(0.0)  # top_k=1 leaves only the greedy choice
+    backend.forget("C")

@@ -539,3 +539,14 @@ def test_async_cancel_before_the_first_byte_and_check(recorder):
 
 async def _acollect(backend: OpenAIBackend, request: Any) -> str:
     return "".join([p async for p in backend.agenerate(request)])
+
+
+def test_sampling_options_are_sent(recorder):
+    backend = OpenAIBackend("tiny-model", base_url=recorder.url, seed=3, top_k=10)
+    from conversation_session.backends import GenerationRequest
+
+    request = GenerationRequest(messages=[{"role": "user", "content": "hi"}], options={"top_p": 0.9})
+    assert "".join(backend.generate(request)) == "Hello from the recorder."
+    body = recorder.chats[-1]["body"]
+    assert (body["seed"], body["top_k"], body["top_p"]) == (3, 10, 0.9)
+    backend.close()

@@ -64,6 +64,8 @@ TIME_SLICE_S = 0.15
 # dropped beyond this; a dropped session computes its conversation again on its next turn).
 DEFAULT_RAM_STATE_BYTES = 1 << 30
 EXTRA_HINT = "pip install 'conversation-session[embedded]'"
+# Sampling settings a request's ``options`` may override.
+_SAMPLER_OPTIONS = ("top_k", "top_p", "min_p", "repeat_penalty")
 
 
 def _require_llama_cpp() -> None:
@@ -305,6 +307,8 @@ class LlamaCppBackend(Backend):
             other processes want the CPU.  Backends sharing a model may use different counts.
         ram_state_bytes: RAM for the KV states of sessions waiting while another uses the
             model (shared by all backends on this model; least recently used dropped first).
+        seed: sampling seed (None: random); with ``top_k``, ``top_p``, ``min_p`` and
+            ``repeat_penalty``, overridable per request through ``request.options``.
     """
 
     name = "llama-cpp"
@@ -316,7 +320,7 @@ class LlamaCppBackend(Backend):
     def __init__(self, model: str | os.PathLike[str] | None = None, *, n_ctx: int = 8192,
                  n_threads: int | None = None, top_k: int = 40, top_p: float = 0.95,
                  min_p: float = 0.05, repeat_penalty: float = 1.1,
-                 ram_state_bytes: int | None = None):
+                 ram_state_bytes: int | None = None, seed: int | None = None):
         _require_llama_cpp()
         if model is None:
             self.path = bundled_model_path()
@@ -333,6 +337,7 @@ class LlamaCppBackend(Backend):
         self.n_ctx = n_ctx
         self.n_threads = n_threads or default_n_threads()
         self._sampling = {"top_k": top_k, "top_p": top_p, "min_p": min_p, "repeat_penalty": repeat_penalty}
+        self.seed = seed
         self._model = _load(self.path, n_ctx, self.n_threads)
         if ram_state_bytes is not None:
             self._model.ram_cap = ram_state_bytes
@@ -475,7 +480,7 @@ class LlamaCppBackend(Backend):
         # a character still incomplete at the end (a reply cut by max_tokens in the middle of
         # a multi-byte character) is dropped, never emitted or saved.
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        sampler = llama._init_sampler(temp=request.temperature, **self._sampling)
+        sampler = self._sampler(request)
         try:
             while True:
                 if cancel.cancelled:
@@ -518,6 +523,22 @@ class LlamaCppBackend(Backend):
             tail, _ = decoder.getstate()
             if tail:
                 logger.debug("dropped %d bytes of an incomplete character at the end of the reply", len(tail))
+
+    def _sampler(self, request: GenerationRequest) -> Any:
+        """The request's own sampler chain (its repeat-penalty history and random state are
+        the request's, whatever else runs on the model meanwhile)."""
+        llama = self._model.llama
+        sampling = {**self._sampling, **{k: request.options[k] for k in _SAMPLER_OPTIONS if k in request.options}}
+        seed = request.options.get("seed", self.seed)
+        with self._model.lock.hold(request.cache_key):
+            # The chain takes the seed from the shared Llama object when it is built.
+            default_seed = llama._seed
+            if seed is not None:
+                llama._seed = int(seed)
+            try:
+                return llama._init_sampler(temp=request.temperature, **sampling)
+            finally:
+                llama._seed = default_seed
 
     def warm(self, messages: list[MessageDict], cancel: CancelToken, *, cache_key: Any = None) -> dict[str, Any]:
         """Prefill a restored conversation while the user types (after any KV restore)."""

@@ -81,6 +81,8 @@ class OllamaBackend(Backend):
             unload the model: another session or the next start may want it.
         timeouts: connect/read/write limits.
         probe_timeout: the longest the context-window question (``/api/show``) may take.
+        seed, top_k, top_p, repeat_penalty, num_thread: Ollama options sent with every request
+            (None: the model's own); a request's ``options`` override them.
     """
 
     name = "ollama"
@@ -89,8 +91,12 @@ class OllamaBackend(Backend):
 
     def __init__(self, model: str | None = None, *, base_url: str | None = None, num_ctx: int = 4096,
                  keep_alive: str | float | None = DEFAULT_KEEP_ALIVE, timeouts: HttpTimeouts | None = None,
-                 probe_timeout: float = PROBE_TIMEOUT):
+                 probe_timeout: float = PROBE_TIMEOUT, seed: int | None = None, top_k: int | None = None,
+                 top_p: float | None = None, repeat_penalty: float | None = None, num_thread: int | None = None):
         self.model_name = model or DEFAULT_OLLAMA_MODEL
+        self.options = {k: v for k, v in (("seed", seed), ("top_k", top_k), ("top_p", top_p),
+                                          ("repeat_penalty", repeat_penalty), ("num_thread", num_thread))
+                        if v is not None}
         self.base_url = (base_url or default_ollama_url()).rstrip("/")
         self.num_ctx = num_ctx
         self.keep_alive = keep_alive
@@ -255,7 +261,7 @@ class OllamaBackend(Backend):
     # -- requests ------------------------------------------------------------------------
     def _body(self, messages: list[MessageDict], options: dict[str, Any]) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model_name, "messages": messages, "stream": True,
-                                "options": {"num_ctx": self.num_ctx, **options}}
+                                "options": {"num_ctx": self.num_ctx, **self.options, **options}}
         if self.keep_alive is not None:
             body["keep_alive"] = self.keep_alive
         return body

@@ -96,6 +96,9 @@ class OpenAIBackend(Backend):
         api_key: sent as a bearer token; default ``$OPENAI_API_KEY`` (local servers need none).
         timeouts: connect/read/write limits.
         probe_timeout: the longest a question about the server (``/v1/models``, ``/props``) may take.
+        seed, top_p, top_k, repeat_penalty: sent with every request when set (``top_k`` and
+            ``repeat_penalty`` are extensions that llama.cpp's and vLLM's servers take); a
+            request's ``options`` override them.
     """
 
     name = "openai"
@@ -104,13 +107,17 @@ class OpenAIBackend(Backend):
 
     def __init__(self, model: str | None = None, *, base_url: str | None = None,
                  context_length: int | None = None, api_key: str | None = None,
-                 timeouts: HttpTimeouts | None = None, probe_timeout: float = PROBE_TIMEOUT):
+                 timeouts: HttpTimeouts | None = None, probe_timeout: float = PROBE_TIMEOUT,
+                 seed: int | None = None, top_p: float | None = None, top_k: int | None = None,
+                 repeat_penalty: float | None = None):
         if not base_url:
             raise BackendError("the openai backend needs the server's address: pass --base-url "
                                "(base_url=...), e.g. http://127.0.0.1:8080/v1")
         if context_length is not None and context_length < 16:
             raise ValueError(f"context_length must be a positive number of tokens, not {context_length!r}")
         self.base_url = normalize_base_url(base_url)
+        self.options = {k: v for k, v in (("seed", seed), ("top_p", top_p), ("top_k", top_k),
+                                          ("repeat_penalty", repeat_penalty)) if v is not None}
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.timeouts = timeouts or HttpTimeouts()
         self.probe_timeout = min(probe_timeout, self.timeouts.read)
@@ -308,6 +315,7 @@ class OpenAIBackend(Backend):
                                 "max_tokens": max_tokens, "temperature": temperature}
         if self._stream_usage:
             body["stream_options"] = {"include_usage": True}
+        body.update(self.options)
         body.update(options)
         return body
 
