@@ -8,6 +8,7 @@ are in test_embedded_multisession.py and test_openai_backend.py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import threading
 import time
@@ -16,7 +17,7 @@ import pytest
 
 from conversation_session import BackendError, ModelNotFoundError
 from conversation_session._runtime import schedule
-from conversation_session.backends import FakeBackend, GenerationRequest
+from conversation_session.backends import Backend, FakeBackend, GenerationRequest
 from conversation_session.backends._ollama import OllamaBackend
 from conversation_session.backends._openai import OpenAIBackend
 from ollama_api_server import OllamaAPIServer
@@ -329,3 +330,85 @@ def test_sampling_options_are_sent(server):
     asyncio.run(_collect(backend, request))
     options = server.chats[-1].body["options"]
     assert (options["seed"], options["top_k"], options["top_p"], options["num_thread"]) == (8, 20, 0.5, 1)
+
+
+# -- the default agenerate: a sync backend on the shared executor ------------------------------
+
+class _ThreadedBackend(FakeBackend):
+    """A backend with only a sync generate (as the embedded one): the base class's agenerate."""
+
+    agenerate = Backend.agenerate
+
+    def __init__(self, fail_after: int | None = None):
+        super().__init__(piece_delay=0.02)
+        self.fail_after = fail_after
+        self.stopped_at: float | None = None
+        self.threads: set[str] = set()
+
+    def generate(self, request):
+        self.threads.add(threading.current_thread().name)
+        try:
+            for i, piece in enumerate(super().generate(request)):
+                if self.fail_after is not None and i == self.fail_after:
+                    raise BackendError("the model failed")
+                yield piece
+        finally:
+            self.stopped_at = time.monotonic()
+
+
+def test_default_agenerate_runs_on_the_shared_executor_and_stops_within_a_piece():
+    backend = _ThreadedBackend()
+    assert _ThreadedBackend.agenerate is not FakeBackend.agenerate
+
+    async def main() -> tuple[list[str], float, float]:
+        backend.enqueue([f"p{i} " for i in range(200)])
+        request = _request("go", max_tokens=1000)
+        pieces: list[str] = []
+        ticks: list[float] = []
+
+        async def ticker() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.005)
+
+        tick = asyncio.create_task(ticker())
+
+        async def consume() -> None:
+            async for piece in backend.agenerate(request):
+                pieces.append(piece)
+
+        task = asyncio.create_task(consume())
+        while len(pieces) < 5:
+            await asyncio.sleep(0.005)
+        t0 = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        returned = time.monotonic() - t0
+        await asyncio.sleep(0.1)
+        tick.cancel()
+        gaps = [b - a for a, b in itertools.pairwise(ticks)]
+        assert request.cancel.cancelled
+        return pieces, returned, max(gaps)
+
+    pieces, returned, max_gap = asyncio.run(main())
+    assert returned < 0.01  # the loop did not wait for the thread
+    assert backend.stopped_at is not None  # ... which stopped on its own, within one piece
+    assert 5 <= len(pieces) < 20 and backend.cancelled == 1
+    assert max_gap < 0.1  # the loop kept running throughout
+    assert all(name.startswith("conversation-session") for name in backend.threads)
+
+
+def test_default_agenerate_raises_the_threads_error_in_the_consumer():
+    backend = _ThreadedBackend(fail_after=3)
+    backend.piece_delay = 0.0
+    backend.enqueue(["a", "b", "c", "d", "e"])
+
+    async def main() -> list[str]:
+        pieces: list[str] = []
+        with pytest.raises(BackendError, match="the model failed"):
+            async for piece in backend.agenerate(_request("x")):
+                pieces.append(piece)
+        return pieces
+
+    assert asyncio.run(main()) == ["a", "b", "c"]
