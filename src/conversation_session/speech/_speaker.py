@@ -135,8 +135,7 @@ class Speaker:
                 logger.warning("cannot create the speech output folder %s (%s); WAV files are not written",
                                output_dir, exc.strerror or exc)
         if not self.active:
-            asked_off = playback is False or _playback_mode(playback, _CanPlay) == "off"
-            why = ("playback is off" if asked_off else
+            why = ("playback is off" if _playback_name(playback) == "off" else
                    "no sound device found" if engine.can_play else f"the {engine.name} engine cannot play sound")
             logger.warning("%s, so speech is not played; use --tts-output-dir DIR (output_dir=...) to save "
                            "it as WAV files", why)
@@ -544,23 +543,24 @@ def _wav_seconds(path: Path) -> float | None:
     return frames / rate if rate > 0 else None
 
 
-class _CanPlay:
-    """Stands for an engine that can play, to tell "off" asked for from "off" for want of a device."""
-
-    can_play = True
-
-
-def _playback_mode(playback: Playback, engine: SpeechEngine | type[_CanPlay]) -> str:
+def _playback_name(playback: Playback) -> str:
+    """The ``PLAYBACK_CHOICES`` name asked for."""
     if playback is None:
-        playback = "auto"
-    elif isinstance(playback, bool):
-        playback = "device" if playback else "off"
+        return "auto"
+    if isinstance(playback, bool):
+        return "device" if playback else "off"
     name = playback.strip().lower() if isinstance(playback, str) else None
     if name in ("none", "no", "false"):
         name = "off"
     if name not in PLAYBACK_CHOICES:
         raise ValueError(f"playback must be one of {', '.join(PLAYBACK_CHOICES)} (or True/False/None), "
                          f"not {playback!r}")
+    return name
+
+
+def _playback_mode(playback: Playback, engine: SpeechEngine) -> str:
+    """Where the audio goes: "device", "silent" or "off"."""
+    name = _playback_name(playback)
     if name == "auto":
         return "device" if engine.can_play and sound_device_available() else "off"
     if name == "device" and not engine.can_play:
