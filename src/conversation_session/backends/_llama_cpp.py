@@ -230,6 +230,7 @@ class _LoadedModel:
     saved: dict[Any, _SavedState] = field(default_factory=dict)
     ram_cap: int = DEFAULT_RAM_STATE_BYTES
     switches: int = 0
+    bytes_per_token: float = 0.0  # of a saved state, for stats taken while the model is busy
 
 
 _models: dict[tuple[str, int], _LoadedModel] = {}
@@ -381,7 +382,9 @@ class LlamaCppBackend(Backend):
                     buf = (ctypes.c_uint8 * size)()
                     if llama_cpp.llama_state_seq_get_data(llama.ctx, buf, size, 0) == size:
                         blob = memoryview(buf).cast("B")
-                m.saved[m.active] = _SavedState(list(llama.input_ids[:n]) if blob is not None else [], blob)
+                m.saved[m.active] = _SavedState(llama.input_ids[:n].tolist() if blob is not None else [], blob)
+                if blob is not None:
+                    m.bytes_per_token = len(blob) / n
             m.saved[m.active].used = time.monotonic()
         llama.n_tokens = 0
         llama._ctx.kv_cache_seq_rm(-1, 0, -1)
@@ -672,16 +675,28 @@ class LlamaCppBackend(Backend):
         import llama_cpp
 
         m = self._model
-        with m.lock.hold(cache_key):
+        # Stats must not wait behind other sessions' generations (an event loop may be asking):
+        # if the model stays busy, the active session's state size is estimated.
+        got = m.lock.acquire(cache_key, timeout=0.05)
+        try:
+            saved = dict(m.saved)
             if m.active is not _NOBODY and m.active == cache_key:
-                state_bytes = int(llama_cpp.llama_state_seq_get_size(m.llama.ctx, 0))
                 tokens_in_cache = int(m.llama.n_tokens)
+                if got:
+                    state_bytes = int(llama_cpp.llama_state_seq_get_size(m.llama.ctx, 0))
+                    if tokens_in_cache:
+                        m.bytes_per_token = state_bytes / tokens_in_cache
+                else:
+                    state_bytes = round(tokens_in_cache * m.bytes_per_token)
             else:
-                state = m.saved.get(cache_key)
+                state = saved.get(cache_key)
                 state_bytes = state.nbytes if state is not None else 0
                 tokens_in_cache = len(state.tokens) if state is not None else 0
-            sessions = len({*m.saved, m.active} - {_NOBODY})
-            ram = sum(s.nbytes for s in m.saved.values())
+            sessions = len({*saved, m.active} - {_NOBODY})
+            ram = sum(s.nbytes for s in saved.values())
+        finally:
+            if got:
+                m.lock.release(cache_key)
         return {
             "n_ctx": self.n_ctx,
             "n_threads": self.n_threads,
