@@ -55,6 +55,11 @@ def pct(values: list[float], q: float) -> float:
 
 
 # -- the library in-process: the baseline ---------------------------------------------------------------
+async def library_serial(store_spec: str, turns: int) -> list[float]:
+    """One client, one turn at a time: the per-turn cost without queueing."""
+    return await library_run(store_spec, 1, turns)
+
+
 async def library_run(store_spec: str, clients: int, turns: int) -> list[float]:
     from conversation_session import AsyncConversationSession, FakeBackend
     from conversation_session._core import open_store
@@ -154,7 +159,7 @@ def worker_pids(url: str, want: int, timeout: float = 20.0) -> set[int]:
 
 
 async def service_run(store_args: list[str], clients: int, turns: int, workers: int, kill_at: float,
-                      deadline_s: float, log_dir: Path) -> dict[str, Any]:
+                      deadline_s: float, log_dir: Path, serial_turns: int) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     tokens = [f"bench-token-{i:04d}-{os.urandom(6).hex()}" for i in range(clients)]
@@ -175,6 +180,8 @@ async def service_run(store_args: list[str], clients: int, turns: int, workers: 
         else:
             raise RuntimeError("the service did not start; see " + str(log_dir / "service.log"))
         pids_before = worker_pids(url, workers)
+        serial = Stats()  # one client first: the per-turn cost without queueing
+        await service_client(url, tokens[0], -1, serial_turns, serial, time.monotonic() + deadline_s)
         stats = Stats()
         deadline = time.monotonic() + deadline_s
         killed: dict[str, Any] = {}
@@ -205,8 +212,9 @@ async def service_run(store_args: list[str], clients: int, turns: int, workers: 
                 duplicated += len(users) - len(set(users))
                 disordered += users != expected and not (set(expected) - set(users)) and len(users) == len(set(users))
         pids_after = worker_pids(url, workers, timeout=5)
-        return {"stats": stats, "wall_s": wall, "killed": killed, "lost": lost, "duplicated": duplicated,
-                "disordered": disordered, "pids_before": sorted(pids_before), "pids_after": sorted(pids_after)}
+        return {"stats": stats, "serial": serial.latencies, "wall_s": wall, "killed": killed, "lost": lost,
+                "duplicated": duplicated, "disordered": disordered, "pids_before": sorted(pids_before),
+                "pids_after": sorted(pids_after)}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -224,6 +232,7 @@ def main() -> int:
     p.add_argument("--turns", type=int, default=20)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--kill-at", type=float, default=0.4, help="kill a worker when this share of turns is done")
+    p.add_argument("--serial-turns", type=int, default=200, help="turns of the one-client phase")
     p.add_argument("--deadline", type=float, default=600.0, help="bound on the service run (seconds)")
     args = p.parse_args()
 
@@ -248,21 +257,30 @@ def main() -> int:
             store_args = ["--sessions-dir", str(tmp / "svc-sessions")]
             kind = "file store"
         print(f"store: {kind}; {args.clients} clients x {args.turns} turns; {args.workers} workers", flush=True)
+        lib_serial = asyncio.run(library_serial(lib_store, args.serial_turns))
         t0 = time.monotonic()
         lib = asyncio.run(library_run(lib_store, args.clients, args.turns))
-        print(f"library in-process: {len(lib)} turns in {time.monotonic() - t0:.1f} s", flush=True)
+        lib_wall = time.monotonic() - t0
+        print(f"library in-process: {len(lib)} turns in {lib_wall:.1f} s", flush=True)
         run = asyncio.run(service_run(store_args, args.clients, args.turns, args.workers, args.kill_at,
-                                      args.deadline, tmp))
+                                      args.deadline, tmp, args.serial_turns))
         st: Stats = run["stats"]
         lib_p50, lib_p99 = pct(lib, 0.5) * 1000, pct(lib, 0.99) * 1000
         svc_p50, svc_p99 = pct(st.latencies, 0.5) * 1000, pct(st.latencies, 0.99) * 1000
+        one_lib = [pct(lib_serial, q) * 1000 for q in (0.5, 0.99)]
+        one_svc = [pct(run["serial"], q) * 1000 for q in (0.5, 0.99)]
         report = {
             "store": kind, "clients": args.clients, "turns": args.turns, "workers": args.workers,
-            "library_ms": {"p50": round(lib_p50, 2), "p99": round(lib_p99, 2),
+            "one_client": {"library_ms": {"p50": round(one_lib[0], 2), "p99": round(one_lib[1], 2)},
+                           "service_ms": {"p50": round(one_svc[0], 2), "p99": round(one_svc[1], 2)},
+                           "overhead_ms": {"p50": round(one_svc[0] - one_lib[0], 2),
+                                           "p99": round(one_svc[1] - one_lib[1], 2)}},
+            "library_turns_per_s": round(len(lib) / lib_wall, 1),
+            "loaded_library_ms": {"p50": round(lib_p50, 2), "p99": round(lib_p99, 2),
                            "mean": round(statistics.fmean(lib) * 1000, 2)},
-            "service_ms": {"p50": round(svc_p50, 2), "p99": round(svc_p99, 2),
+            "loaded_service_ms": {"p50": round(svc_p50, 2), "p99": round(svc_p99, 2),
                            "mean": round(statistics.fmean(st.latencies) * 1000, 2)},
-            "overhead_ms": {"p50": round(svc_p50 - lib_p50, 2), "p99": round(svc_p99 - lib_p99, 2)},
+            "loaded_difference_ms": {"p50": round(svc_p50 - lib_p50, 2), "p99": round(svc_p99 - lib_p99, 2)},
             "service_wall_s": round(run["wall_s"], 1),
             "turns_per_s": round((st.done) / run["wall_s"], 1),
             "acknowledged": len(st.latencies), "reconciled_after_lost_answer": st.reconciled,

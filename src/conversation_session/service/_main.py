@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 
 from ._config import CONFIG_ENV, build_parser, config_from_args, is_loopback
@@ -50,8 +52,18 @@ def run(argv: list[str] | None = None) -> int:
         if config.workers > 1:
             # Workers are started by import: they read the config from the environment.
             os.environ[CONFIG_ENV] = config.to_env()
-            uvicorn.run("conversation_session.service._app:app_from_env", factory=True, workers=config.workers,
-                        **common)  # type: ignore[arg-type]
+            from uvicorn.supervisors import Multiprocess
+
+            uv = uvicorn.Config("conversation_session.service._app:app_from_env", factory=True,
+                                workers=config.workers, **common)  # type: ignore[arg-type]
+            sock = uv.bind_socket()
+            # What uvicorn.run does, plus TCP_NODELAY on the shared socket (accepted connections
+            # inherit it): without it every keep-alive response waits ~40 ms for a delayed ACK,
+            # because the workers' transports are made from an inherited socket asyncio does not
+            # tune as it tunes its own.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            Multiprocess(uv, sockets=[sock]).run()
         else:
             from ._app import create_app
 
