@@ -180,3 +180,29 @@ def test_sampling_seed_and_per_request_options(backend):
     assert reply(1.0, seed=42) == reply(1.0, seed=42)  # a seed makes sampling repeatable
     assert reply(1.0, top_k=1) == reply(0.0)  # top_k=1 leaves only the greedy choice
     backend.forget("C")
+
+
+def test_two_async_sessions_on_one_loop_share_the_model(backend):
+    """Two conversations streaming at once on one event loop (the executor runs the model):
+    both make progress together and each keeps its own figures."""
+    async def main() -> dict[str, tuple[GenerationRequest, list[float]]]:
+        async def one(key: str, text: str) -> tuple[GenerationRequest, list[float]]:
+            request = GenerationRequest(messages=[{"role": "user", "content": text}], max_tokens=40,
+                                        temperature=0, cache_key=key)
+            times = [time.monotonic() async for _ in backend.agenerate(request)]
+            return request, times
+
+        a, b = await asyncio.gather(one("A", "Write a very long story about a dragon and a knight."),
+                                    one("B", "Write a very long story about a princess and a wizard."))
+        return {"A": a, "B": b}
+
+    out = asyncio.run(main())
+    (ra, ta), (rb, tb) = out["A"], out["B"]
+    assert len(ta) > 10 and len(tb) > 10
+    assert tb[0] < ta[-1] and ta[0] < tb[-1]  # interleaved, not one after the other
+    assert ra.usage.completion_tokens == rb.usage.completion_tokens == 40
+    # Each request's figures are its own prompt's.
+    assert ra.usage.prompt_tokens == backend.count_tokens(ra.messages)
+    assert rb.usage.prompt_tokens == backend.count_tokens(rb.messages)
+    backend.forget("A")
+    backend.forget("B")
