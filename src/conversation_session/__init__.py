@@ -65,3 +65,17 @@ __all__ = [
     "__version__",
     "setup_logger",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``PostgresStore`` / ``AsyncPostgresStore`` on first use: they need the ``[postgres]`` extra."""
+    if name in ("PostgresStore", "AsyncPostgresStore"):
+        try:
+            if name == "PostgresStore":
+                from ._pgstore import PostgresStore as found
+            else:
+                from ._apgstore import AsyncPostgresStore as found  # type: ignore[assignment]
+        except ImportError as exc:
+            raise ImportError(f"{name} needs the postgres extra: pip install 'conversation-session[postgres]'") from exc
+        return found
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
