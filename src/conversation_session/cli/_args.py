@@ -6,8 +6,12 @@ one a command line is for: the first positional word ``sessions`` or ``doctor`` 
 not a flag's value) starts a housekeeping command; global flags may stand before or after it.
 
 Defaults: built in, then the config file (``_config``), then the command line, which wins.
-The sessions folder: ``--sessions-dir``, else ``$CONVERSATION_SESSIONS_DIR``, else the config
-file's ``sessions_dir``, else ``./sessions``.
+Where sessions live (``store_from``): the command line (``--store``, then ``--sessions-dir``),
+else the environment (``$CONVERSATION_SESSIONS_STORE``, then ``$CONVERSATION_SESSIONS_DIR``),
+else the config file (``store``, then ``sessions_dir``), else ``./sessions``.
+
+``serve`` as the first word is not parsed here: the service has its own flags
+(``conversation_session.service.main``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+from .._core import STORE_ENV
 from .._session import SESSIONS_DIR_ENV
 from .._version import __version__
 from ..backends import BACKEND_NAMES
@@ -27,7 +32,7 @@ from ._config import apply_config
 from ._text import parse_size
 
 __all__ = ["HOUSEKEEPING", "RETENTION_ENV", "build_parser", "parse_args", "parse_duration",
-           "retention_days", "sessions_dir_from"]
+           "retention_days", "sessions_dir_from", "store_from"]
 
 RETENTION_ENV = "CONVERSATION_SESSIONS_RETENTION_DAYS"
 HOUSEKEEPING = ("sessions", "doctor")
@@ -38,10 +43,15 @@ housekeeping (no chat; exit status 0 ok, 1 error, 2 usage):
   sessions list [--json]                      saved sessions
   sessions export ID [--format json|md] [-o PATH]   one session (stdout without -o)
   sessions export --all DIR                   every session, one JSON file each
-  sessions import PATH                        add a session file (as export writes it)
+  sessions import PATH...                     add session files (as export writes them)
   sessions delete ID [--yes]                  delete one session
   sessions prune [--older-than 30d] [--keep N] [--dry-run] [--yes]
   doctor [--fix]                              find damaged files; --fix moves them aside
+  Each takes --store URL (or --sessions-dir DIR). Moving sessions between stores:
+    %(prog)s --store SRC sessions export --all DIR && %(prog)s --store DEST sessions import DIR/*.json
+
+the session service (HTTP and WebSocket; needs pip install 'conversation-session[service]'):
+  serve [--host H] [--port P] [--store URL] ...   see `%(prog)s serve --help`
 """
 
 
@@ -57,11 +67,13 @@ one-shot and pipes:
 commands inside the chat:
 {command_help()}
 
-The sessions folder is --sessions-dir, else ${SESSIONS_DIR_ENV}, else the config file's
+Where sessions live: --store URL (postgresql://user@host/db, or a folder) or --sessions-dir,
+else ${STORE_ENV} or ${SESSIONS_DIR_ENV}, else the config file's store or
 sessions_dir, else ./sessions. Config file: $XDG_CONFIG_HOME/conversation-session/config.toml
 (default ~/.config/...), TOML, keys are the long flag names: backend = "ollama",
 model = "qwen2.5:3b", temperature = 0.2, system = "...", sessions_dir = "~/chats",
-verbose = true. Flags on the command line win.
+store = "postgresql://me@db/chats", memory = "summary", verbose = true. Flags on the command
+line win.
 
 {_HOUSEKEEPING_HELP}"""
 
@@ -70,6 +82,9 @@ def _global_flags(p: Any, *, suppress: bool) -> None:
     """The flags both parsers take (declared here once).  ``suppress``: absent unless given,
     so a value given before the housekeeping command is not overwritten by a default after it."""
     default: Any = argparse.SUPPRESS if suppress else None
+    p.add_argument("--store", default=default, metavar="URL",
+                   help=f"where sessions live: postgresql://user@host/db (shared by several hosts) or a folder "
+                        f"(default: ${STORE_ENV}, the config file, or the sessions folder)")
     p.add_argument("--sessions-dir", default=default,
                    help=f"where sessions are saved (default: ${SESSIONS_DIR_ENV}, the config file, or ./sessions)")
     p.add_argument("--log-level", default=argparse.SUPPRESS if suppress else "WARNING", choices=_LOG_LEVELS,
@@ -82,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The chat's parser (its --help also lists the chat and housekeeping commands)."""
     p = argparse.ArgumentParser(
         prog="conversation-session",
-        usage="%(prog)s [flags] [PROMPT ...]\n       %(prog)s [--sessions-dir DIR] {sessions,doctor} ...",
+        usage="%(prog)s [flags] [PROMPT ...]\n       %(prog)s [--store URL] {sessions,doctor} ...\n"
+              "       %(prog)s serve [service flags]",
         description="Chat with a local LLM; every turn is saved and survives timeouts and restarts. "
                     "With a PROMPT, answer it and exit.",
         epilog=_epilog(),
@@ -164,8 +180,8 @@ def build_housekeeping_parser() -> argparse.ArgumentParser:
     q.add_argument("--all", metavar="DIR", dest="all_dir", default=None,
                    help="write every session to DIR/<id>.json instead")
 
-    q = ss.add_parser("import", parents=[common], help="add a session file to the sessions folder")
-    q.add_argument("path", metavar="PATH", help="a session JSON file, as export writes it")
+    q = ss.add_parser("import", parents=[common], help="add session files to the store")
+    q.add_argument("paths", nargs="+", metavar="PATH", help="session JSON files, as export writes them")
 
     q = ss.add_parser("delete", parents=[common], help="delete one session")
     q.add_argument("session_id", metavar="ID")
@@ -207,11 +223,11 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> ar
     """Parse a command line (exits 2 on a usage error, as argparse does).
 
     The result has ``command`` (None for the chat; else ``sessions``/``doctor``) and
-    ``config_sessions_dir`` (the config file's folder, used after the environment variable).
+    ``config_sessions_dir``/``config_store`` (the config file's, used after the environment).
     """
     environ = dict(os.environ) if environ is None else environ
     parser = build_parser()
-    config_dir = apply_config(parser, environ)
+    config_dir, config_store = apply_config(parser, environ)
     i = _command_index(parser, argv)
     if i is None:
         args = parser.parse_args(argv)
@@ -225,10 +241,11 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> ar
         if before.prompt:
             parser.error(f"unexpected words before {argv[i]}: {' '.join(before.prompt)}")
         args = build_housekeeping_parser().parse_args(argv[i:])
-        for name in ("sessions_dir", "log_level", "log_file"):
+        for name in ("store", "sessions_dir", "log_level", "log_file"):
             if not hasattr(args, name):
                 setattr(args, name, getattr(before, name))
     args.config_sessions_dir = config_dir
+    args.config_store = config_store
     return args
 
 
@@ -308,3 +325,16 @@ def sessions_dir_from(args: argparse.Namespace) -> str:
     """The flag, else the environment variable, else the config file, else ``sessions``."""
     return (getattr(args, "sessions_dir", None) or os.environ.get(SESSIONS_DIR_ENV)
             or getattr(args, "config_sessions_dir", None) or "sessions")
+
+
+def store_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> str:
+    """Where sessions live, as ``open_store`` takes it (a URL or a folder): the command line
+    first (``--store``, then ``--sessions-dir``), then the environment, then the config file
+    (each: the store URL before the folder), else ``sessions``."""
+    env = os.environ if environ is None else environ
+    for value in (getattr(args, "store", None), getattr(args, "sessions_dir", None),
+                  env.get(STORE_ENV), env.get(SESSIONS_DIR_ENV),
+                  getattr(args, "config_store", None), getattr(args, "config_sessions_dir", None)):
+        if value:
+            return str(value)
+    return "sessions"

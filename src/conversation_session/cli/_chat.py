@@ -11,8 +11,10 @@ Three modes, chosen by what the app is connected to:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -22,7 +24,7 @@ from .. import ConversationSession
 from .._exceptions import SessionError, SessionTimeoutError, TTSTimeoutError
 from .._result import ChatResult
 from ..backends import Backend
-from ._args import sessions_dir_from
+from ._args import store_from
 from ._commands import COMMANDS, Command, command_help, find_command, parse_line
 from ._confirm import NotConfirmed, confirm
 from ._console import Console, ConsoleLogHandler
@@ -88,6 +90,19 @@ def backend_options(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]
 
 def _where(store: Any) -> str:
     return str(getattr(store, "description", None) or getattr(store, "directory", "") or "the store")
+
+
+def _state_dir(store: Any) -> Path | None:
+    """Where the app keeps its own small files (input history, the hint marker): the sessions
+    folder, or for a store without one (PostgreSQL) a per-user folder named after the store."""
+    directory = getattr(store, "directory", None)
+    if directory is not None:
+        return Path(directory)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    if not os.path.isabs(base):
+        return None
+    key = hashlib.sha256(_where(store).encode()).hexdigest()[:16]
+    return Path(base) / "conversation-session" / key
 
 
 def _session_ids(store: Any) -> list[str]:
@@ -159,7 +174,7 @@ class ChatApp:
         try:
             return ConversationSession(
                 a.model, backend=self.backend or a.backend, base_url=a.base_url, timeout=a.timeout,
-                tts_wait_timeout=a.tts_wait_timeout, tts=tts, sessions_dir=sessions_dir_from(a),
+                tts_wait_timeout=a.tts_wait_timeout, tts=tts, store=store_from(a),
                 system_prompt=a.system, max_tokens=a.max_tokens, temperature=a.temperature,
                 backend_options=options, tts_output_dir=a.tts_output_dir,
                 tts_options={k: v for k, v in (("rate", a.tts_rate), ("voice", a.tts_voice)) if v is not None},
@@ -193,7 +208,7 @@ class ChatApp:
 
         assert self.session is not None
         store = self.session.store
-        return make_prompt(getattr(store, "directory", None), lambda: _session_ids(store))
+        return make_prompt(_state_dir(store), lambda: _session_ids(store))
 
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> int:
@@ -325,8 +340,8 @@ class ChatApp:
     def _hint_earlier(self, session: ConversationSession) -> None:
         """Say that an earlier session exists, once per earlier session (not at every start)."""
         store = session.store
-        directory = getattr(store, "directory", None)
-        marker = Path(directory) / _HINT_FILE if directory is not None else None
+        directory = _state_dir(store)
+        marker = directory / _HINT_FILE if directory is not None else None
         newest_id = next((sid for sid in _session_ids(store) if sid != session.session_id), None)
         if newest_id is None:
             return
@@ -343,6 +358,7 @@ class ChatApp:
                             " or start with -c.", "dim")
         if marker is not None:
             try:
+                marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 marker.write_text(newest.session_id + "\n", encoding="utf-8")
                 marker.chmod(0o600)
             except OSError as exc:

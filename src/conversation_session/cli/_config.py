@@ -100,16 +100,20 @@ def read_config(parser: argparse.ArgumentParser, environ: dict[str, str]) -> tup
     return values, path
 
 
-def apply_config(parser: argparse.ArgumentParser, environ: dict[str, str]) -> str | None:
-    """Make the config file's values the parser's defaults; returns its ``sessions_dir``
-    (kept apart: ``$CONVERSATION_SESSIONS_DIR`` comes before it).  A bad file is a usage error."""
+def apply_config(parser: argparse.ArgumentParser, environ: dict[str, str]) -> tuple[str | None, str | None]:
+    """Make the config file's values the parser's defaults; returns its ``sessions_dir`` and
+    ``store`` (kept apart: the environment's ``$CONVERSATION_SESSIONS_DIR`` and
+    ``$CONVERSATION_SESSIONS_STORE`` come before them).  A bad file is a usage error."""
     try:
         values, _path = read_config(parser, environ)
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
     sessions_dir = values.pop("sessions_dir", None)
+    store = values.pop("store", None)
+    if store and "://" not in store:
+        store = os.path.expanduser(store)
     for name in ("log_file", "tts_output_dir"):
         if values.get(name):
             values[name] = os.path.expanduser(values[name])
     parser.set_defaults(**values)
-    return os.path.expanduser(sessions_dir) if sessions_dir else None
+    return (os.path.expanduser(sessions_dir) if sessions_dir else None), store or None

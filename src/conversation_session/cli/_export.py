@@ -1,4 +1,4 @@
-"""Writing a session out of the sessions folder: a consistent copy, JSON or Markdown."""
+"""Writing a session out of its store: a consistent copy, JSON or Markdown."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .._fileio import atomic_write_bytes
 from .._format import SessionRecord
-from .._store import HistoryStore, encode_snapshot
+from .._store import encode_snapshot
+from .._store_api import StoreAPI
 
 __all__ = ["encode_record", "export_session", "render_markdown"]
 
@@ -25,7 +26,7 @@ def encode_record(record: SessionRecord, fmt: str) -> bytes:
     return render_markdown(record).encode() if fmt == "md" else encode_snapshot(record, record.messages)
 
 
-def export_session(store: HistoryStore, session_id: str, dest: Path | None = None,
+def export_session(store: StoreAPI, session_id: str, dest: Path | None = None,
                    fmt: str | None = None, record: SessionRecord | None = None) -> Path:
     """Write ``session_id`` (snapshot and journal merged) to ``dest``; returns the path.
 

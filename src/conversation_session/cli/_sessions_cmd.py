@@ -1,6 +1,10 @@
 """The non-interactive commands: ``sessions list|export|import|delete|prune`` and ``doctor``.
 
 Each returns an exit status: 0 done, 1 failed (one line on stderr says why and what to do).
+They work through the store interface (``--store URL``: a folder or PostgreSQL), so sessions
+move between stores with ``export --all`` from one and ``import`` into the other; only
+``doctor`` is about files, and applies to a sessions folder only.  Stores are named by their
+``description``, which never shows a password.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TextIO
 
+from .._core import open_store
 from .._exceptions import SessionError, SessionLockedError
 from .._housekeeping import INFO_KINDS, doctor, export_all, import_session, prune
 from .._store import HistoryStore, validate_session_id
-from ._args import sessions_dir_from
+from .._store_api import StoreAPI
+from ._args import store_from
 from ._confirm import confirm
 from ._export import encode_record, export_session
 from ._text import format_bytes, printable
@@ -60,7 +66,7 @@ class _Commands:
     def __init__(self, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO):
         self.args = args
         self.stdin, self.out, self.err = stdin, stdout, stderr
-        self.store = HistoryStore(sessions_dir_from(args))
+        self.store: StoreAPI = open_store(store_from(args), None)
 
     def say(self, text: str = "") -> None:
         print(_clean(text), file=self.out)
@@ -77,7 +83,7 @@ class _Commands:
         return confirm(question, yes=getattr(self.args, "yes", False), terminal=self.stdin.isatty(), ask=ask)
 
     def _no_session(self, session_id: str) -> CommandError:
-        return CommandError(f"no saved session {session_id} in {self.store.directory}; "
+        return CommandError(f"no saved session {session_id} in {self.store.description}; "
                             "see `sessions list`")
 
     # -- sessions list -------------------------------------------------------------------------
@@ -89,7 +95,7 @@ class _Commands:
             self.out.write(_clean(text) if self.out.isatty() else text.encode("utf-8", "replace").decode("utf-8"))
             return 0
         if not infos:
-            self.say(f"no saved sessions in {self.store.directory}")
+            self.say(f"no saved sessions in {self.store.description}")
             return 0
         # SIZE is the history; KV the model's saved cache beside it (often far larger).
         self.say(f"{'ID':<26} {'CREATED':<19}  {'UPDATED':<19}  {'TURNS':>5}  {'SIZE':>8}  {'KV':>8}  FIRST LINE")
@@ -135,19 +141,31 @@ class _Commands:
 
     # -- sessions import -----------------------------------------------------------------------
     def import_(self) -> int:
-        try:
-            sid = import_session(self.store, Path(self.args.path))
-        except FileNotFoundError:
-            raise CommandError(f"cannot import {self.args.path}: no such file") from None
-        self.say(sid)
-        print(_clean(f"imported {self.args.path} as {sid}"), file=self.err)
-        return 0
+        """Each file in turn; one that fails is reported and the rest still go in (exit 1)."""
+        failed = 0
+        for path in self.args.paths:
+            try:
+                sid = import_session(self.store, Path(path))
+            except FileNotFoundError:
+                error: Exception = CommandError(f"cannot import {path}: no such file")
+            except SessionError as exc:
+                error = exc
+            else:
+                self.say(sid)
+                print(_clean(f"imported {path} as {sid} into {self.store.description}"), file=self.err)
+                continue
+            if len(self.args.paths) == 1:
+                raise error
+            failed += 1
+            print(_clean(f"error: {error}"), file=self.err)
+        if failed:
+            print(f"error: {failed} of {len(self.args.paths)} file(s) not imported", file=self.err)
+        return 1 if failed else 0
 
     # -- sessions delete -----------------------------------------------------------------------
     def delete(self) -> int:
         sid = _valid_id(self.args.session_id)
-        if not (self.store.snapshot_path(sid).exists() or self.store.snapshot_path(sid).is_symlink()
-                or self.store.journal_path(sid).exists()):
+        if sid not in self.store.newest_first():  # damaged sessions too: they can be deleted
             raise self._no_session(sid)
         if not self.confirm(f"Delete {sid}? This cannot be undone."):
             self.say("not deleted")
@@ -189,6 +207,9 @@ class _Commands:
 
     # -- doctor ------------------------------------------------------------------------------
     def doctor(self) -> int:
+        if not isinstance(self.store, HistoryStore):
+            raise CommandError(f"doctor checks the files of a sessions folder; {self.store.description} is not "
+                               "one (a database keeps its own integrity): give --sessions-dir DIR to check a folder")
         problems = doctor(self.store, fix=self.args.fix)
         if not problems:
             self.say(f"no problems in {self.store.directory}")
@@ -239,6 +260,7 @@ def run_command(args: argparse.Namespace, *, usage: Callable[[str], object] | No
                 stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     """Run ``args.command`` (``sessions ...`` or ``doctor``); returns the exit status."""
     err = stderr or sys.stderr
+    cmds: _Commands | None = None
     try:
         cmds = _Commands(args, stdin or sys.stdin, stdout or sys.stdout, err)
         if args.command == "doctor":
@@ -256,16 +278,26 @@ def run_command(args: argparse.Namespace, *, usage: Callable[[str], object] | No
             f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror}")
         print(_clean(f"error: {text}"), file=err)
         return 1
+    finally:
+        if cmds is not None:
+            cmds.store.close()
 
 
-def apply_retention(sessions_dir: str, days: float, *, stderr: TextIO | None = None) -> list[str]:
-    """Delete sessions not updated for ``days`` days (those in use are kept); returns their ids."""
-    store = HistoryStore(sessions_dir)
+def apply_retention(store_spec: str, days: float, *, stderr: TextIO | None = None) -> list[str]:
+    """Delete sessions not updated for ``days`` days (those in use are kept); returns their ids.
+    ``store_spec``: a folder or a store URL."""
+    try:
+        store = open_store(store_spec, None)
+    except (SessionError, ValueError) as exc:
+        logger.warning("retention: %s", exc)
+        return []
     try:
         deleted = prune(store, older_than=timedelta(days=days))
     except (SessionError, OSError) as exc:
-        logger.warning("retention: could not prune %s: %s", store.directory, exc)
+        logger.warning("retention: could not prune %s: %s", store.description, exc)
         return []
+    finally:
+        store.close()
     if deleted:
         print(f"retention: deleted {len(deleted)} session(s) not updated for {days:g} day(s)",
               file=stderr or sys.stderr)
