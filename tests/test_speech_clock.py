@@ -429,6 +429,9 @@ def test_espeak_heard_ms_after_the_whole_reply(silent_espeak: Speaker):
     report = spk.finish(20)
     durations = spk.durations()
     assert report.sentences == 3 and all(d is not None and d > 0.1 for d in durations)
+    clock = spk.clock()
+    # The next sentence is synthesized while one plays: they follow each other as on a device.
+    assert all(b.started - a.ended < 0.25 for a, b in itertools.pairwise(clock))  # type: ignore[operator]
     assert spk.interrupt().text == text
     d1, d2, d3 = (d for d in durations if d is not None)
     assert heard_prefix(text, 0, durations).text == ""

@@ -143,6 +143,10 @@ class Speaker:
         self._queue: deque[tuple[int, _Turn, SentenceClock]] = deque()  # (generation, turn, sentence)
         self._generation = 0      # bumped by cancel(): work of an older generation is dropped
         self._busy = False        # the worker is speaking a sentence
+        # The silent sink's sentence playing, and when it ends: it plays on while the worker
+        # synthesizes the next one, so that sentences follow each other as on a sound device.
+        self._sink: tuple[_Turn, SentenceClock] | None = None
+        self._sink_until = 0.0
         self._job: SpeechJob | None = None
         self._closed = False
         self._splitter = SentenceSplitter()
@@ -177,7 +181,7 @@ class Speaker:
         """
         label = _UNSAFE_IN_NAMES.sub("_", turn_label).strip("._") or "speech"
         with self._cond:
-            if self._queue or self._busy:
+            if self._queue or self._busy or self._sink is not None:
                 logger.debug("speech of the previous turn stopped by a new turn")
                 self._stop_locked()
             self._splitter.reset()
@@ -217,7 +221,7 @@ class Speaker:
                     self._enqueue_locked(self._splitter.flush_spans())
                 turn.flushed = True
             try:
-                while self._queue or self._busy or turn.interrupting:
+                while self._queue or self._busy or self._sink is not None or turn.interrupting:
                     wait = None if deadline is None else deadline - time.perf_counter()
                     if wait is not None and wait <= 0:
                         self._stop_locked()
@@ -335,7 +339,13 @@ class Speaker:
             self._turn.stopped = True
         if self._job is not None:
             self._job.kill()
-        self._cond.notify_all()  # wakes the silent sink
+        if self._sink is not None:  # the silent sink goes silent right here
+            if time.perf_counter() >= self._sink_until:
+                self._sink_done_locked()
+            else:
+                self._sink[1].ended = time.perf_counter()
+                self._sink = None
+        self._cond.notify_all()
 
     def _snapshot_locked(self, turn: _Turn) -> tuple[str, list[SentenceClock], bool]:
         return turn.text(), [replace(entry) for entry in turn.clock], turn.flushed
@@ -399,7 +409,12 @@ class Speaker:
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
-                    self._cond.wait()
+                    if self._sink is None:
+                        self._cond.wait()
+                    elif (left := self._sink_until - time.perf_counter()) > 0:
+                        self._cond.wait(left)
+                    else:
+                        self._sink_done_locked()
                 if self._closed:
                     return
                 generation, turn, entry = self._queue.popleft()
@@ -410,7 +425,8 @@ class Speaker:
                 logger.exception("speech failed on sentence %d", entry.number)
             finally:
                 with self._cond:
-                    if entry.started is not None and entry.ended is None:
+                    playing_on = self._sink is not None and self._sink[1] is entry
+                    if entry.started is not None and entry.ended is None and not playing_on:
                         entry.ended = time.perf_counter()  # cut off: silent from now
                     self._busy = False
                     self._cond.notify_all()
@@ -440,8 +456,9 @@ class Speaker:
                         path.unlink(missing_ok=True)
             with self._cond:
                 entry.duration = seconds
-            if self.playback_mode == "silent" and not self._play_silent(generation, turn, entry):
-                return
+            if self.playback_mode == "silent":
+                self._play_silent(generation, turn, entry)
+                return  # the sink completes it once its time has passed
         if self.playback:
             for lang, run in runs:
                 if not self._run(generation, turn, run, lang, None, entry):
@@ -459,23 +476,32 @@ class Speaker:
                 entry.completed = True
                 turn.report.sentences += 1
 
-    def _play_silent(self, generation: int, turn: _Turn, entry: SentenceClock) -> bool:
-        """The silent sink: "play" the sentence by waiting its duration; False when stopped meanwhile."""
+    def _play_silent(self, generation: int, turn: _Turn, entry: SentenceClock) -> None:
+        """Hand the sentence to the silent sink once the one before has played out; returns at once."""
         with self._cond:
+            while self._sink is not None and generation == self._generation and not self._closed:
+                if (left := self._sink_until - time.perf_counter()) > 0:
+                    self._cond.wait(left)
+                else:
+                    self._sink_done_locked()
             if generation != self._generation or self._closed:
-                return False
+                return
             seconds = entry.duration or 0.0
             entry.started = time.perf_counter()
-            until = entry.started + seconds
             if seconds > 0:
                 self._audio_ready(turn)
-            while generation == self._generation and not self._closed:
-                left = until - time.perf_counter()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            entry.ended = min(time.perf_counter(), until)
-            return generation == self._generation and not self._closed
+            self._sink = (turn, entry)
+            self._sink_until = entry.started + seconds
+
+    def _sink_done_locked(self) -> None:
+        """The silent sink's sentence has played to its end."""
+        assert self._sink is not None
+        turn, entry = self._sink
+        self._sink = None
+        entry.ended = self._sink_until
+        entry.completed = True
+        turn.report.sentences += 1
+        self._cond.notify_all()
 
     def _scratch_dir(self) -> Path:
         if self._scratch is None:
