@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for the embedded model")
     g.add_argument("--context-length", type=_positive_int, default=None,
                    help="context window in tokens (llama-cpp default 8192, ollama 4096)")
+    g.add_argument("--memory", choices=["trim", "summary"], default="trim",
+                   help="when the conversation outgrows the context window: trim leaves the oldest turns "
+                        "out of the prompt (default); summary folds them into a running summary (`memory` "
+                        "shows it)")
     g.add_argument("--timeout", type=_seconds, default=60.0,
                    help="seconds a reply may take; 0 for no limit (default 60)")
     g = p.add_argument_group("sessions")

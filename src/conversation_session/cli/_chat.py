@@ -118,13 +118,17 @@ def _session_ids(store: Any) -> list[str]:
 class ChatApp:
     """One run of the chat (see the module docstring for the modes).
 
-    ``backend`` replaces the one ``--backend`` names (tests pass a ``FakeBackend``).
+    ``backend`` replaces the one ``--backend`` names (tests pass a ``FakeBackend``), and
+    ``summarizer`` the backend that writes summaries with ``--memory summary`` (default: the
+    chat's own).
     """
 
     def __init__(self, args: argparse.Namespace, *, stdin: TextIO | None = None,
                  stdout: TextIO | None = None, stderr: TextIO | None = None,
-                 interactive: bool | None = None, backend: Backend | None = None):
+                 interactive: bool | None = None, backend: Backend | None = None,
+                 summarizer: Backend | None = None):
         self.args = args
+        self.summarizer = summarizer
         self.stdin = stdin or sys.stdin
         self.one_shot = bool(getattr(args, "prompt", None))
         if interactive is None:
@@ -178,7 +182,8 @@ class ChatApp:
                 system_prompt=a.system, max_tokens=a.max_tokens, temperature=a.temperature,
                 backend_options=options, tts_output_dir=a.tts_output_dir,
                 tts_options={k: v for k, v in (("rate", a.tts_rate), ("voice", a.tts_voice)) if v is not None},
-                persist_kv_cache=a.persist_kv, **extra,
+                persist_kv_cache=a.persist_kv, memory=getattr(a, "memory", "trim"),
+                summarizer=self.summarizer, **extra,
             )
         finally:
             self.console.stop_spinner()
@@ -474,9 +479,18 @@ class ChatApp:
             c.notice(f"✂️  the reply reached the {session.max_tokens}-token limit (--max-tokens) and was cut",
                      "dim")
         if result.trimmed_turns > self._trimmed_seen:
-            c.notice(f"ℹ️  the conversation no longer fits the context window: the oldest "
-                     f"{result.trimmed_turns} turn(s) are left out of what the model sees (they stay saved)",
-                     "dim")
+            memory = session.get_history_summary()
+            summarized = memory["summarized_turns"] if memory["memory"] == "summary" else 0
+            if summarized >= result.trimmed_turns:
+                c.notice(f"🧠 the oldest {summarized} turn(s) are now carried by a running summary "
+                         "(`memory` shows it; they stay saved)", "dim")
+            else:
+                folded = "" if memory["memory"] != "summary" else (
+                    f"; {summarized} of them are in the running summary so far" if summarized else
+                    "; the running summary that will carry them is not ready yet")
+                c.notice(f"ℹ️  the conversation no longer fits the context window: the oldest "
+                         f"{result.trimmed_turns} turn(s) are left out of what the model sees (they stay saved)"
+                         + folded, "dim")
         self._trimmed_seen = result.trimmed_turns
         if not result.saved and session.enable_cache:
             c.notice("⚠️  this turn could not be saved to disk (see the log); it is kept in memory and "
@@ -518,6 +532,8 @@ class ChatApp:
             self._show_history(session)
         elif name == "stats":
             self._show_stats(session)
+        elif name == "memory":
+            self._show_memory(session)
         elif name in ("clear", "new"):
             old = session.session_id
             had = session.turns
@@ -557,6 +573,28 @@ class ChatApp:
                 who = "您" if m["role"] == "user" else "🤖"
                 text = printable(" ".join(m["content"].split()), keep_newlines=False)
                 c.line(f"   {who}: {text[:100]}{'…' if len(text) > 100 else ''}", "dim")
+
+    def _show_memory(self, session: ConversationSession) -> None:
+        c = self.console
+        s = session.get_history_summary()
+        trimmed = session.get_cache_stats().get("trimmed_turns") or 0
+        if s["memory"] != "summary":
+            c.line(f"🧠 memory is trim: when the conversation outgrows the context window its oldest turns are "
+                   f"left out of the prompt ({trimmed} so far); start with --memory summary to keep them in a "
+                   "running summary instead")
+            return
+        text = s["summary"]
+        if not text:
+            c.line("🧠 no summary yet: " + (
+                f"{trimmed} oldest turn(s) are left out of the prompt until it is ready" if trimmed else
+                f"all {s['turns']} turn(s) fit the context window"))
+            return
+        st = session.get_cache_stats()
+        c.line(f"🧠 summary of the first {s['summarized_turns']} turn(s) ({st.get('summary_tokens')} tokens, "
+               f"{st.get('compactions')} compaction(s) this run); the newest {st.get('verbatim_turns')} "
+               "turn(s) are sent word for word:")
+        for line in printable(text).splitlines() or [""]:
+            c.line(f"   {line}")
 
     def _show_stats(self, session: ConversationSession) -> None:
         # Asked afresh each time: the app keeps no figures of its own, so after `clear` or
@@ -603,8 +641,26 @@ class ChatApp:
             if st.get(key) is not None:
                 rows.append(("KV cache file size" if key == "kv_file_bytes" else "KV cache files, total",
                              size(st[key])))
+        if st.get("memory") == "summary":
+            rows.append(("memory", f"summary: {fmt(st.get('summarized_turns'))} turn(s) summarised, "
+                                   f"{fmt(st.get('verbatim_turns'))} verbatim"))
+            rows.append(("summary", f"{fmt(st.get('summary_tokens'))} tokens, "
+                                    f"{fmt(st.get('compactions'))} compaction(s) this run"))
+            if st.get("summary_error"):
+                rows.append(("last summary failed", printable(str(st["summary_error"]), keep_newlines=False)[:80]
+                             + " (trimming until it works)"))
+        elif st.get("memory") is not None:
+            rows.append(("memory", "trim (oldest turns left out of the prompt)"))
         if st.get("tts_first_audio_s") is not None:
             rows.append(("time to first audio", fmt(st["tts_first_audio_s"], " s")))
+        if st.get("interruptions"):
+            last = ""
+            if st.get("last_interrupted"):
+                fraction = st.get("last_heard_fraction")
+                last = f"; the last reply: {'–' if fraction is None else f'{fraction:.0%}'} heard"
+                if st.get("last_interrupt_to_silence_s") is not None:
+                    last += f", silent {st['last_interrupt_to_silence_s'] * 1000:.0f} ms after the interrupt"
+            rows.append(("interruptions (barge-in)", f"{st['interruptions']}{last}"))
         self.console.line("📊 KV cache")
         for name, value in rows:
             self.console.line(f"   {name:<30} {value}")

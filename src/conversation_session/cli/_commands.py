@@ -30,7 +30,8 @@ class Command:
 
 COMMANDS: tuple[Command, ...] = (
     Command("history", "", "this session: id, turns, file, the last few turns"),
-    Command("stats", "", "KV-cache figures, time to first token, tokens per second"),
+    Command("stats", "", "KV-cache figures, time to first token, tokens per second, memory"),
+    Command("memory", "", "the running summary of the oldest turns (--memory summary)"),
     Command("clear", "", "start over in a new session (the old file stays on disk)"),
     Command("new", "", "start a new session (the same as clear)"),
     Command("sessions", "", "list saved sessions"),
