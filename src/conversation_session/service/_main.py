@@ -42,7 +42,10 @@ def run(argv: list[str] | None = None) -> int:
     setup_json_logging(config.log_level)
     common = {"host": config.host, "port": config.port, "log_config": None, "access_log": False,
               "timeout_graceful_shutdown": config.shutdown_grace_s or None, "lifespan": "on",
-              "server_header": False}
+              "server_header": False,
+              # A WebSocket frame is refused (close 1009) well before it could hurt; the app
+              # answers frames over the body limit with an error event.
+              "ws_max_size": max(4 * config.max_body_bytes, 1 << 16)}
     logger.info("serving on http://%s:%d with %d worker(s), backend %s, store %s", config.host, config.port,
                 config.workers, config.backend, config.store or config.sessions_dir or "(default folder)")
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler that
