@@ -273,7 +273,7 @@ def test_busy_session_answers_409_after_the_bound(tmp_path: Path) -> None:
         slow: list[httpx.Response] = []
         t = threading.Thread(target=lambda: slow.append(c.post(f"/v1/sessions/{sid}/messages", json={"text": LONG})))
         t.start()
-        wait_for(lambda: srv.health()["open_sessions"] == 1, what="the slow turn to start")
+        wait_for(lambda: srv.health()["busy_sessions"] == 1, what="the slow turn to start")
         busy = c.post(f"/v1/sessions/{sid}/messages", json={"text": "me too"})
         assert_json_error(busy, 409, "busy")
         assert busy.headers["retry-after"] == "1"
@@ -410,9 +410,7 @@ def test_graceful_shutdown_finishes_the_running_turn_and_flushes(tmp_path: Path)
             t = threading.Thread(target=lambda: out.append(
                 c.post(f"/v1/sessions/{sid}/messages", json={"text": "w " * 60})))
             t.start()
-            wait_for(lambda: srv.health()["backend_cancelled"] is not None and srv.health()["open_sessions"] == 1,
-                     what="the turn to start")
-            time.sleep(0.1)
+            wait_for(lambda: srv.health()["busy_sessions"] == 1, what="the turn to start")
             srv.proc.send_signal(signal.SIGTERM)
             t.join()
             assert out[0].status_code == 200 and out[0].json()["turn"] == 2  # finished within the grace

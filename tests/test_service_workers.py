@@ -84,7 +84,7 @@ def test_busy_across_workers_waits_its_turn_then_409(tmp_path: Path) -> None:
         t = threading.Thread(target=lambda: out.append(
             cb.post(f"/v1/sessions/{sid}/messages", json={"text": " ".join(["w"] * 60)})))
         t.start()
-        wait_for(lambda: b.health()["open_sessions"] == 1, what="B's turn to start")
+        wait_for(lambda: b.health()["busy_sessions"] == 1, what="B's turn to start")
         # A waits its bound (0.5 s) for the session B is using, then answers 409.
         busy = ca.post(f"/v1/sessions/{sid}/messages", json={"text": "meanwhile"})
         assert busy.status_code == 409 and busy.json()["error"]["code"] == "busy"
@@ -94,7 +94,7 @@ def test_busy_across_workers_waits_its_turn_then_409(tmp_path: Path) -> None:
         t2 = threading.Thread(target=lambda: waiting.append(
             ca.post(f"/v1/sessions/{sid}/messages", json={"text": " ".join(["v"] * 60)})))
         t2.start()
-        wait_for(lambda: a.health()["open_sessions"] == 1, what="A's turn to start")
+        wait_for(lambda: a.health()["busy_sessions"] == 1, what="A's turn to start")
         # B's bound is 8 s: it waits for A's turn to end, then runs.
         queued = cb.post(f"/v1/sessions/{sid}/messages", json={"text": "queued"})
         t2.join()
@@ -136,7 +136,7 @@ def test_uvicorn_workers_share_the_store_and_survive_a_killed_worker(tmp_path: P
         while victim is None and time.monotonic() < end:  # the worker with the session open
             with httpx.Client(base_url=srv.url, timeout=5) as fresh:
                 h = fresh.get("/healthz").json()
-            if h["open_sessions"] == 1:
+            if h["busy_sessions"] == 1:
                 victim = h["pid"]
         assert victim is not None
         os.kill(victim, signal.SIGKILL)

@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -286,11 +286,14 @@ async def read_json(request: Request, limit: int, *, optional: bool = False) -> 
             raise ApiError(413, "too_large", f"the body is over {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "too_large", f"the body is over {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "too_large", f"the body is over {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "the client went away while sending the body") from None
     raw = b"".join(chunks)
     if not raw.strip():
         if optional:
@@ -356,7 +359,8 @@ async def healthz(request: Request) -> Response:
     reg = st.registry
     return JSONResponse({
         "status": "ok", "pid": os.getpid(), "ready": st.ready.is_set(),
-        "open_sessions": reg.open_count if reg else 0, **st.counters,
+        "open_sessions": reg.open_count if reg else 0, "busy_sessions": reg.busy_count if reg else 0,
+        **st.counters,
         "backend_cancelled": getattr(st.backend, "cancelled", None),
     })
 

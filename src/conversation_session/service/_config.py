@@ -9,7 +9,7 @@ import dataclasses
 import ipaddress
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["CONFIG_ENV", "TOKENS_ENV", "ServiceConfig", "build_parser", "config_from_args", "is_loopback"]
@@ -49,7 +49,6 @@ class ServiceConfig:
     lease_ttl_s: float | None = None     # PostgreSQL: how soon a crashed worker's sessions are free again
     # Test hooks (hidden options).
     fake_delay: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def keep_open(self) -> float:

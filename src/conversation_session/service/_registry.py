@@ -113,6 +113,11 @@ class Registry:
     def open_count(self) -> int:
         return sum(1 for s in self._slots.values() if s.session is not None)
 
+    @property
+    def busy_count(self) -> int:
+        """Sessions a request is using right now (a turn running, or opening/closing)."""
+        return sum(1 for s in self._slots.values() if s.lock.locked())
+
     def start(self) -> None:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
