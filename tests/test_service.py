@@ -452,3 +452,18 @@ def test_real_embedded_model_through_the_service(tmp_path: Path) -> None:
         assert events[-1][0] == "done" and events[-1][1]["turn"] == 2
         assert events[-1][1]["figures"]["cached_tokens"] > 0  # type: ignore[index,operator]
         assert c.get(f"/v1/sessions/{sid}").json()["turns"] == 2
+
+
+def test_turn_timeout_is_a_504_and_keeps_the_history(tmp_path: Path) -> None:
+    with service(tmp_path / "s", "--timeout", "0.3", "--fake-delay", "0.02") as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        sid = c.post("/v1/sessions").json()["session_id"]
+        assert c.post(f"/v1/sessions/{sid}/messages", json={"text": "short"}).json()["turn"] == 1
+        body = assert_json_error(c.post(f"/v1/sessions/{sid}/messages", json={"text": LONG}), 504, "timeout")
+        assert str(body["error"]["partial_response"]).startswith("Reply 2:")  # type: ignore[index]
+        with c.stream("POST", f"/v1/sessions/{sid}/messages", json={"text": LONG, "stream": True}) as resp:
+            events = list(sse_events(resp.iter_lines()))
+        assert events[-1][0] == "error" and events[-1][1]["code"] == "timeout" and events[-1][1]["status"] == 504
+        assert any(kind == "piece" for kind, _ in events)
+        assert c.get(f"/v1/sessions/{sid}").json()["turns"] == 1  # timed-out turns are not kept
+        assert c.post(f"/v1/sessions/{sid}/messages", json={"text": "after"}).json()["turn"] == 2
