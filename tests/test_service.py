@@ -43,13 +43,13 @@ class ServiceProcess:
     """``python -m conversation_session.service`` in a subprocess, on a free loopback port."""
 
     def __init__(self, sessions_dir: Path, *args: str, port: int | None = None, backend: str = "fake",
-                 env: dict[str, str] | None = None, wait: bool = True):
+                 env: dict[str, str] | None = None, wait: bool = True,
+                 entry: tuple[str, ...] = ("-m", "conversation_session.service")):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.sessions_dir = sessions_dir
         self.log_path = sessions_dir.parent / f"service-{self.port}-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "conversation_session.service", "--backend", backend, "--port", str(self.port),
-               *args]
+        cmd = [sys.executable, *entry, "--backend", backend, "--port", str(self.port), *args]
         if not any(a.startswith("--store") for a in args):
             cmd += ["--sessions-dir", str(sessions_dir)]
         self._log = open(self.log_path, "wb")  # closed in stop()
@@ -467,3 +467,10 @@ def test_turn_timeout_is_a_504_and_keeps_the_history(tmp_path: Path) -> None:
         assert any(kind == "piece" for kind, _ in events)
         assert c.get(f"/v1/sessions/{sid}").json()["turns"] == 1  # timed-out turns are not kept
         assert c.post(f"/v1/sessions/{sid}/messages", json={"text": "after"}).json()["turn"] == 2
+
+
+def test_the_chat_command_serves_too(tmp_path: Path) -> None:
+    """``python main.py serve`` (the README's command) runs the same service."""
+    with service(tmp_path / "s", entry=("main.py", "serve")) as srv, httpx.Client(base_url=srv.url, timeout=10) as c:
+        sid = c.post("/v1/sessions").json()["session_id"]
+        assert c.post(f"/v1/sessions/{sid}/messages", json={"text": "via main.py"}).json()["turn"] == 1
