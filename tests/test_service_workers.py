@@ -175,3 +175,44 @@ def test_restart_keeps_every_acknowledged_turn(tmp_path: Path, keep_open: str) -
     with service(store) as b, httpx.Client(base_url=b.url, timeout=30) as c:
         assert _turns(c, sid) == [f"t{i}" for i in range(5)]
         assert c.post(f"/v1/sessions/{sid}/messages", json={"text": "t5"}).json()["turn"] == 6
+
+
+def test_first_turns_racing_on_two_workers_share_one_history(tmp_path: Path) -> None:
+    """A new session has no store session yet: two workers making one at once must agree on
+    one (the ownership table's compare-and-set), and neither turn may be lost."""
+    store = tmp_path / "sessions"
+    with service(store, "--fake-delay", "0.01", "--keep-open", "0") as a, \
+            service(store, "--fake-delay", "0.01", "--keep-open", "0") as b, \
+            httpx.Client(base_url=a.url, timeout=30) as ca, httpx.Client(base_url=b.url, timeout=30) as cb:
+        def send(name: str, c: httpx.Client, sid: str, text: str, go: threading.Barrier,
+                 out: dict[str, httpx.Response]) -> None:
+            go.wait()
+            out[name] = c.post(f"/v1/sessions/{sid}/messages", json={"text": text})
+
+        for round_ in range(5):
+            sid = ca.post("/v1/sessions").json()["session_id"]
+            out: dict[str, httpx.Response] = {}
+            go = threading.Barrier(2)
+            threads = [threading.Thread(target=send, args=(n, c, sid, f"{n} {round_}", go, out))
+                       for n, c in (("a", ca), ("b", cb))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert sorted(r.status_code for r in out.values()) == [200, 200], {k: r.text for k, r in out.items()}
+            assert sorted(r.json()["turn"] for r in out.values()) == [1, 2]
+            assert sorted(_turns(ca, sid)) == [f"a {round_}", f"b {round_}"]
+            assert ca.get(f"/v1/sessions/{sid}").json()["store_session_id"] == \
+                cb.get(f"/v1/sessions/{sid}").json()["store_session_id"]
+
+
+def test_killed_during_the_first_turn_the_session_starts_afresh(tmp_path: Path) -> None:
+    store = tmp_path / "sessions"
+    with service(store, "--fake-delay", "0.02", "--keep-open", "0") as a, \
+            service(store, "--fake-delay", "0.02", "--keep-open", "0") as b, \
+            httpx.Client(base_url=b.url, timeout=30) as cb:
+        sid = cb.post("/v1/sessions").json()["session_id"]
+        _kill_mid_turn(a, sid)  # its first turn: the store session it made holds no turn
+        resp = cb.post(f"/v1/sessions/{sid}/messages", json={"text": "first for real"})
+        assert resp.status_code == 200 and resp.json()["turn"] == 1
+        assert _turns(cb, sid) == ["first for real"]
