@@ -86,8 +86,9 @@ class HeardReport:
         clocked: the answer comes from a playback clock.  False when the speaker plays nothing in
             real time (WAV files only, or no output): then ``text`` is everything streamed, and a
             caller whose device plays the files should use ``heard_prefix`` with its position.
-        interrupt_to_silence_s: for ``Speaker.interrupt()``: seconds from the call until no audio
-            was playing (the process killed and reaped, or the silent sink stopped); else None.
+        interrupt_to_silence_s: for ``Speaker.interrupt()``: seconds from the call until speech
+            had stopped: the silent sink silenced, and every speech process (playing or still
+            synthesizing) killed and reaped.  An upper bound on the audible delay.  Else None.
     """
 
     text: str

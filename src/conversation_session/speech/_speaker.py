@@ -256,8 +256,10 @@ class Speaker:
         its estimated playback position (see ``conversation_session.speech._heard``).  After the
         reply was played completely: all of it; before any audio: "".  Without a playback clock
         (``clocked`` is False) the report holds all the text streamed, with ``clocked=False``.
-        ``interrupt_to_silence_s`` is measured: until the process playing is killed and reaped,
-        or the silent sink has stopped.  Idempotent: a second call reports the same text.
+        ``interrupt_to_silence_s`` is measured: until the silent sink is silenced and the speech
+        processes are killed and reaped.  On the sound device, a sentence cut off before its length
+        was known is then measured (``SpeechEngine.measure``: espeak-ng synthesizes it again into a
+        pipe, ~40 ms), after the silence.  Idempotent: a second call reports the same text.
         """
         t = time.perf_counter()
         with self._cond:
