@@ -52,7 +52,6 @@ def test_interrupt_mid_stream_keeps_the_streamed_part_marked_and_in_order(sessio
     ("Once upon", None, "Once upon"),
     (5, None, "Once "),
     ("Once upon a dog", None, "Once upon a "),  # not a prefix: the shared part
-    (None, 700, "Once upon"),  # ~14 characters a second, cut back to a word
 ])
 def test_the_caller_says_what_was_presented(sessions_dir, heard, heard_ms, expected):
     fake = FakeBackend()
@@ -65,6 +64,26 @@ def test_the_caller_says_what_was_presented(sessions_dir, heard, heard_ms, expec
             result = turn.result()
         assert result.response == expected
         assert s.history[-1] == {"role": "assistant", "content": expected, "interrupted": True}
+
+
+def test_heard_ms_from_a_remote_device_cuts_at_a_word_and_grows_with_time(sessions_dir):
+    reply = ["Once ", "upon ", "a ", "time ", "there ", "was ", "a ", "fox ", "in ", "the ", "woods."]
+    kept = []
+    for ms in (0, 400, 900, 60_000):
+        fake = FakeBackend()
+        with ConversationSession(backend=fake) as s:
+            fake.enqueue(reply)
+            with s.stream("story") as turn:
+                for piece in turn:
+                    if piece == "woods.":
+                        turn.interrupt(heard_ms=ms)
+                result = turn.result()
+            kept.append(result.response)
+    full = "".join(reply)
+    assert kept[0] == "" and kept[-1] == full  # nothing played / everything played
+    assert all(full.startswith(k) for k in kept)
+    assert 0 < len(kept[1]) < len(kept[2]) < len(full)  # more audio, more text
+    assert all(k == "" or k == full or full[len(k)] == " " for k in kept)  # cut at a word's end
 
 
 def test_nothing_heard_keeps_nothing_and_roles_alternate(sessions_dir):

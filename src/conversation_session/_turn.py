@@ -34,7 +34,7 @@ from ._format import MessageDict
 from ._result import ChatResult
 from ._runtime import Deadline, schedule, shared_executor
 from .backends import GenerationRequest
-from .speech import Speaker, SpeechTimeout
+from .speech import HeardReport, Speaker, SpeechTimeout, heard_prefix
 
 if TYPE_CHECKING:
     from ._core import SessionCore
@@ -42,36 +42,6 @@ if TYPE_CHECKING:
 __all__ = ["AsyncTurn", "Turn"]
 
 logger = logging.getLogger("conversation_session")
-
-# Without a speech clock, how fast a remote device's audio is assumed to go through the text
-# for ``heard_ms`` (characters per second: about 150 spoken English words a minute; CJK
-# characters are each about a syllable, ~4 per second).
-_CHARS_PER_S_LATIN = 14.0
-_CHARS_PER_S_CJK = 4.0
-
-
-def estimate_heard(text: str, heard_ms: float) -> str:
-    """The prefix of ``text`` spoken in ``heard_ms`` milliseconds at a typical speaking rate,
-    cut back to a word boundary (any character boundary for CJK)."""
-    budget = max(heard_ms, 0.0) / 1000.0
-    i = 0
-    while i < len(text) and budget > 0:
-        budget -= 1.0 / (_CHARS_PER_S_CJK if ord(text[i]) >= 0x2E80 else _CHARS_PER_S_LATIN)
-        i += 1
-    return _word_boundary(text, i)
-
-
-def _word_boundary(text: str, n: int) -> str:
-    """``text[:n]``, not ending inside a Latin word (CJK characters are each a boundary)."""
-    if n >= len(text):
-        return text
-    if n <= 0:
-        return ""
-    if text[n].isspace() or ord(text[n - 1]) >= 0x2E80 or not text[n].isalnum():
-        return text[:n]
-    cut = text.rfind(" ", 0, n)
-    return text[:cut] if cut > 0 else ""
-
 
 class _TurnSteps:
     """The turn's logic, shared by the sync and the async turn; no waiting happens here."""
@@ -231,15 +201,11 @@ class _TurnSteps:
         text = "".join(self.pieces)
         heard, heard_ms = self.interrupt_req or (None, None)
         silence: float | None = None
-        report = None
+        report: HeardReport | None = None
         if self.speaking and self.speaker is not None:
             t0 = time.perf_counter()
-            stop = getattr(self.speaker, "interrupt", None)
-            if stop is not None:
-                report = stop()
-            else:
-                self.speaker.cancel()
-            silence = getattr(report, "interrupt_to_silence_s", None) or (time.perf_counter() - t0)
+            report = self.speaker.interrupt()
+            silence = report.interrupt_to_silence_s or (time.perf_counter() - t0)
         if isinstance(heard, str):
             n = _shared(heard, text)
             if n < len(heard):
@@ -248,10 +214,12 @@ class _TurnSteps:
         if isinstance(heard, int) and not isinstance(heard, bool):
             return text[:max(heard, 0)], silence
         if heard_ms is not None:
-            at = getattr(self.speaker, "heard_at_ms", None) if self.speaker is not None else None
-            return (at(heard_ms) if at is not None else estimate_heard(text, heard_ms)), silence
-        if report is not None and isinstance(getattr(report, "heard", None), str):
-            return _prefix_of(report.heard, text), silence
+            # A remote device's playback position: the sentence durations the speaker measured
+            # (if it spoke), else estimated at espeak-ng's rate; cut at a word's end.
+            durations = self.speaker.durations() if self.speaker is not None else []
+            return heard_prefix(text, heard_ms, durations).text, silence
+        if report is not None:
+            return _prefix_of(report.text, text), silence
         return text, silence  # no speech: what was streamed out is what was presented
 
     def finish_speech(self) -> ChatResult:
@@ -407,8 +375,13 @@ class Turn:
             s.request.cancel.cancel()
             if not self._finished:
                 self._finished = True
-                s.error = exc if isinstance(exc, Exception) else None
-                s.abort()
+                if s.interrupt_req is not None and not isinstance(exc, Exception):
+                    # interrupt() then the loop left (break, Ctrl-C): still a barge-in.
+                    heard, silence = s.heard()
+                    s.complete(heard=heard, silence_s=silence)
+                else:
+                    s.error = exc if isinstance(exc, Exception) else None
+                    s.abort()
             raise
 
     def _end(self, completed: bool) -> None:
@@ -542,8 +515,13 @@ class AsyncTurn:
         s = self._s
         if s is None or s.result is not None:
             return
-        if s.text_done and s.speaking:
-            await self.interrupt()
+        if (s.text_done and s.speaking) or s.interrupt_req is not None:
+            if s.interrupt_req is None:
+                await self.interrupt()
+            else:  # interrupt() then the loop left before the stream noticed
+                self._finished = True
+                heard, silence = await self._session._off_loop(s.heard)
+                await self._session._complete(s, heard=heard, silence_s=silence)
             return
         if not self._finished:
             self._finished = True
