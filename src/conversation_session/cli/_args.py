@@ -27,6 +27,7 @@ from .._core import STORE_ENV
 from .._session import SESSIONS_DIR_ENV
 from .._version import __version__
 from ..backends import BACKEND_NAMES
+from ..speech import PLAYBACK_CHOICES
 from ._commands import command_help
 from ._config import apply_config
 from ._text import parse_size
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tts-wait-timeout", type=_seconds, default=30.0,
                    help="seconds to wait for speech to finish (default 30)")
     g.add_argument("--tts-output-dir", default=None, help="write speech as WAV files here")
+    g.add_argument("--tts-playback", choices=list(PLAYBACK_CHOICES), default=None,
+                   help="where speech plays: device, silent (in real time, without a sound device: headless "
+                        "machines and tests), off (WAV files only), auto (default: the device when one is found)")
     g.add_argument("--tts-rate", type=int, default=None, metavar="WPM", help="speech rate, words per minute")
     g.add_argument("--tts-voice", default=None, help="espeak-ng voice for all text (default: by language)")
     g = p.add_argument_group("output")

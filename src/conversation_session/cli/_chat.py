@@ -6,6 +6,13 @@ Three modes, chosen by what the app is connected to:
 * piped (no PROMPT, stdin not a terminal): one message or command per line, replies on
   stdout, everything else on stderr, exit status 1 if any turn failed, 130 on Ctrl-C;
 * one-shot (a PROMPT on the command line): answer it (with piped stdin added) and exit.
+
+Barge-in (interactive, with speech on): the reply is streamed through ``session.stream()`` in a
+worker thread, and the prompt comes back as soon as the text is complete, while it is still
+being spoken.  Pressing Ctrl-C, or typing anything at that prompt, interrupts it
+(``turn.interrupt()``): the speech stops and the reply is kept cut to what was spoken, marked
+interrupted; the typed text is the next message.  With speech off (or piped), Ctrl-C during a
+reply keeps the seed's meaning: the reply is stopped and nothing of it is kept.
 """
 
 from __future__ import annotations
@@ -16,13 +23,16 @@ import inspect
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from .. import ConversationSession
 from .._exceptions import SessionError, SessionTimeoutError, TTSTimeoutError
 from .._result import ChatResult
+from .._turn import Turn
 from ..backends import Backend
 from ._args import store_from
 from ._commands import COMMANDS, Command, command_help, find_command, parse_line
@@ -41,6 +51,9 @@ _TRIM_LOG_TEXT = "left out of the prompt"
 _HINT_FILE = ".last_hint"
 _SETTINGS = ("system", "temperature", "max_tokens", "timeout", "verbose")
 _CHECK_TIMEOUT_S = 5.0
+# How long a barge-in waits for the turn to be committed (speech stops within milliseconds;
+# the bound only keeps a stuck speech engine from hanging the prompt).
+_BARGE_WAIT_S = 10.0
 
 # Sampling flags -> the backend keyword that takes them (first one the backend accepts).
 _SAMPLING = {"seed": ("seed",), "top_p": ("top_p",), "top_k": ("top_k",),
@@ -115,6 +128,23 @@ def _session_ids(store: Any) -> list[str]:
         return []
 
 
+@dataclass
+class _Spoken:
+    """A reply being generated and spoken by a worker thread (see the module docstring)."""
+
+    turn: Turn
+    text_done: threading.Event = field(default_factory=threading.Event)   # generation over
+    done: threading.Event = field(default_factory=threading.Event)        # committed, notices said
+    generation_error: BaseException | None = None
+    barged: bool = False
+    thread: threading.Thread | None = None
+    barge_thread: threading.Thread | None = None
+
+    @property
+    def speaking(self) -> bool:
+        return self.text_done.is_set() and not self.done.is_set()
+
+
 class ChatApp:
     """One run of the chat (see the module docstring for the modes).
 
@@ -149,6 +179,8 @@ class ChatApp:
         self._log_handler = ConsoleLogHandler(self.console, interactive=interactive)
         self._log_handler.drop.append(_TRIM_LOG_TEXT)
         self.summary: dict[str, Any] | None = None  # the session's summary, once run() ends
+        self._spoken: _Spoken | None = None        # the last spoken reply, until it is settled
+        self._barge_lock = threading.Lock()
 
     # -- set-up ----------------------------------------------------------------------------
     def _route_logging(self) -> None:
@@ -181,7 +213,8 @@ class ChatApp:
                 tts_wait_timeout=a.tts_wait_timeout, tts=tts, store=store_from(a),
                 system_prompt=a.system, max_tokens=a.max_tokens, temperature=a.temperature,
                 backend_options=options, tts_output_dir=a.tts_output_dir,
-                tts_options={k: v for k, v in (("rate", a.tts_rate), ("voice", a.tts_voice)) if v is not None},
+                tts_options={k: v for k, v in (("rate", a.tts_rate), ("voice", a.tts_voice),
+                                               ("playback", getattr(a, "tts_playback", None))) if v is not None},
                 persist_kv_cache=a.persist_kv, memory=getattr(a, "memory", "trim"),
                 summarizer=self.summarizer, **extra,
             )
@@ -213,7 +246,7 @@ class ChatApp:
 
         assert self.session is not None
         store = self.session.store
-        return make_prompt(_state_dir(store), lambda: _session_ids(store))
+        return make_prompt(_state_dir(store), lambda: _session_ids(store), on_typing=self._on_typing)
 
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> int:
@@ -240,6 +273,8 @@ class ChatApp:
                     if self.interactive:
                         c.line()
                     status = 0 if self.interactive else 130
+                finally:
+                    self._settle()  # leaving while a reply is spoken: stop it, keep what was heard
             summary = self.summary = session.get_history_summary()
         if summary["turns"] and not self.one_shot:
             c.notice(f"👋 saved {summary['turns']} turn(s) in {summary['path']}", "dim")
@@ -275,6 +310,9 @@ class ChatApp:
             except KeyboardInterrupt:
                 if not self.interactive:
                     return 130  # piped: nobody to return to; completed turns are saved
+                if self._spoken is not None and self._spoken.speaking:
+                    self._settle()  # Ctrl-C while the reply is being spoken: a barge-in
+                    continue
                 self._interrupts += 1
                 if self._interrupts >= 2:
                     c.line()
@@ -282,6 +320,8 @@ class ChatApp:
                 c.notice("(Ctrl-C again, Ctrl-D or `quit` to leave)", "dim")
                 continue
             self._interrupts = 0
+            if text.strip():
+                self._settle()  # typed while the last reply was spoken: it was a barge-in
             try:
                 go_on = self._turn(text) if is_message else self._handle(text)
             except KeyboardInterrupt:
@@ -409,15 +449,23 @@ class ChatApp:
         turns_before = session.turns
         result: ChatResult | None = None
         tts_note = ""
+        spoken = self.interactive and session.tts is not None
         c.hold()
         try:
-            result = session.chat(text, on_token=on_token)
+            if spoken:
+                if self._speak(session, text, on_token):  # cut by Ctrl-C while being written
+                    c.stop_spinner()
+                    self._end_reply(started)
+                    c.release()
+                    return True
+            else:
+                result = session.chat(text, on_token=on_token)
         except KeyboardInterrupt:
             c.stop_spinner()
             self._end_reply(started)
             c.release()
-            if session.turns > turns_before:  # the text was complete; only its speech was stopped
-                c.notice("🔇 speech stopped (the reply is saved)", "yellow")
+            if session.turns > turns_before:  # the text was complete: Ctrl-C stopped its speech
+                c.notice(self._interrupted_text(session.get_cache_stats().get("last_heard_fraction")), "yellow")
             else:
                 c.notice("⏹️  interrupted: this reply was not saved", "yellow")
             if not self.interactive:
@@ -452,11 +500,135 @@ class ChatApp:
         if started or self.interactive:
             c.write("\n")
         c.release()
+        if spoken:
+            return True  # still being spoken: the worker reports the end (_spoken_done)
         if tts_note:
             c.notice(tts_note, "yellow")
         assert result is not None
         self._after_reply(session, result)
         return True
+
+    # -- a spoken reply: barge-in ----------------------------------------------------------
+    def _speak(self, session: ConversationSession, text: str, on_token: Callable[[str], None]) -> bool:
+        """Start a spoken reply in a worker thread and wait until its text is complete (the
+        speech goes on while the prompt is back).  True if Ctrl-C cut it while it was being
+        written (a barge-in: what was already spoken is kept).  Raises what ``chat()`` raises
+        for a failure while generating (timeout, backend error)."""
+        self._settle()
+        sp = _Spoken(session.stream(text, on_token=on_token))
+        self._spoken = sp
+        sp.thread = threading.Thread(target=self._speak_worker, args=(session, sp), name="spoken-reply",
+                                     daemon=True)
+        sp.thread.start()
+        try:
+            while not sp.text_done.wait(0.05):
+                pass
+        except KeyboardInterrupt:
+            self._barge_in(sp)
+            return True
+        if sp.generation_error is not None:
+            self._join(sp)
+            raise sp.generation_error
+        return False
+
+    def _speak_worker(self, session: ConversationSession, sp: _Spoken) -> None:
+        try:
+            try:
+                for _ in sp.turn:
+                    pass
+            except BaseException as exc:  # noqa: BLE001 - handed to the chat thread, which reports it
+                sp.generation_error = exc
+                return
+            finally:
+                sp.text_done.set()
+            note = ""
+            try:
+                result = sp.turn.result()  # waits for the speech to end (or be interrupted)
+            except TTSTimeoutError as exc:
+                note = f"🔇 speech stopped after {exc.timeout:g} s (--tts-wait-timeout); the reply is saved"
+                result = exc.result
+            except SessionError as exc:
+                self.console.error(str(exc))
+                self._failed = True
+                return
+            self._spoken_done(session, result, note)
+        except Exception:  # a failure in this thread must be seen, not lost
+            logger.exception("the spoken reply failed")
+        finally:
+            sp.done.set()
+
+    def _spoken_done(self, session: ConversationSession, result: ChatResult | None, note: str) -> None:
+        """The end of a spoken reply (from the worker: notices print above the prompt)."""
+        c = self.console
+        if result is None:
+            return
+        if result.interrupted:
+            c.notice(self._interrupted_text(result.heard_fraction if result.response else 0.0), "yellow")
+            if not result.response:
+                return  # nothing kept: no turn to report on
+        if note:
+            c.notice(note, "yellow")
+        self._after_reply(session, result)
+
+    @staticmethod
+    def _interrupted_text(fraction: float | None) -> str:
+        if not fraction:
+            return "⏹️  interrupted before any of the reply was heard: nothing of it was kept"
+        return f"⏹️  interrupted — kept what was spoken ({fraction:.0%})"
+
+    def _barge_in(self, sp: _Spoken) -> None:
+        """Interrupt the reply (once) and wait until it is committed and reported."""
+        with self._barge_lock:
+            if sp.barged or sp.done.is_set():
+                return
+            sp.barged = True
+        sp.turn.interrupt(self._heard_so_far())
+        try:
+            sp.done.wait(_BARGE_WAIT_S)
+        except KeyboardInterrupt:
+            pass
+
+    def _heard_so_far(self) -> str | None:
+        """The part of the reply played so far, by the speaker's playback clock (None: let the
+        turn decide).  Passed to ``interrupt(heard=...)`` because the turn's own default reads
+        the clock's report under a name it does not have (``report.heard``; it is ``.text``),
+        and so keeps the whole reply."""
+        speaker = self.session.tts if self.session is not None else None
+        heard = getattr(speaker, "heard", None)
+        if heard is None:
+            return None
+        try:
+            text = heard().text
+        except Exception:  # a plug-in speaker's failure: fall back to the turn's default
+            logger.debug("speech: no playback position", exc_info=True)
+            return None
+        return text if isinstance(text, str) else None
+
+    def _on_typing(self) -> None:
+        """A key at the prompt while the last reply is still spoken: barge in.  Off the prompt's
+        own thread, so typing never waits for the speech to stop."""
+        sp = self._spoken
+        if sp is None or not sp.speaking or sp.barged or sp.barge_thread is not None:
+            return
+        sp.barge_thread = threading.Thread(target=self._barge_in, args=(sp,), name="barge-in", daemon=True)
+        sp.barge_thread.start()
+
+    def _join(self, sp: _Spoken) -> None:
+        for thread in (sp.barge_thread, sp.thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(_BARGE_WAIT_S)
+        if self._spoken is sp:
+            self._spoken = None
+
+    def _settle(self) -> None:
+        """Before the next input is acted on: a reply still being spoken is interrupted (the
+        user has moved on), and its worker has finished and said how it ended."""
+        sp = self._spoken
+        if sp is None:
+            return
+        if not sp.done.is_set():
+            self._barge_in(sp)
+        self._join(sp)
 
     def _render_markdown(self, reply: str) -> None:
         """Rewrite the streamed reply in place with its Markdown styled (terminals only)."""
@@ -572,7 +744,8 @@ class ChatApp:
             for m in history[-6:]:
                 who = "您" if m["role"] == "user" else "🤖"
                 text = printable(" ".join(m["content"].split()), keep_newlines=False)
-                c.line(f"   {who}: {text[:100]}{'…' if len(text) > 100 else ''}", "dim")
+                mark = " ⏹ (interrupted)" if m.get("interrupted") else ""
+                c.line(f"   {who}: {text[:100]}{'…' if len(text) > 100 else ''}{mark}", "dim")
 
     def _show_memory(self, session: ConversationSession) -> None:
         c = self.console
@@ -659,7 +832,7 @@ class ChatApp:
                 fraction = st.get("last_heard_fraction")
                 last = f"; the last reply: {'–' if fraction is None else f'{fraction:.0%}'} heard"
                 if st.get("last_interrupt_to_silence_s") is not None:
-                    last += f", silent {st['last_interrupt_to_silence_s'] * 1000:.0f} ms after the interrupt"
+                    last += f", silent {st['last_interrupt_to_silence_s'] * 1000:.1f} ms after the interrupt"
             rows.append(("interruptions (barge-in)", f"{st['interruptions']}{last}"))
         self.console.line("📊 KV cache")
         for name, value in rows:

@@ -59,7 +59,8 @@ def command_help(indent: str = "  ") -> str:
         "A word alone on its line is a command; with arguments use the slash form (/resume ID,",
         "/export ID out.md, /set temperature 0.2). Anything else is sent to the model; a leading",
         'backslash sends a command word as a message (\\history). """ starts and ends a message',
-        "of several lines (Alt-Enter also adds a line). Ctrl-C stops a reply being written.",
+        "of several lines (Alt-Enter also adds a line). Ctrl-C stops a reply being written. With",
+        "speech on, Ctrl-C or typing while a reply is spoken interrupts it; what was spoken is kept.",
     ]
     return "\n".join(lines)
 

@@ -17,7 +17,8 @@ def render_markdown(record: SessionRecord) -> str:
              f"- model: {record.llm_model}", f"- created: {record.created_at}",
              f"- updated: {record.updated_at}", f"- turns: {record.turns}", ""]
     for m in record.messages:
-        lines += [f"## {m['role']}", "", m["content"], ""]
+        heading = f"## {m['role']}" + (" (interrupted: kept as far as it was heard)" if m.get("interrupted") else "")
+        lines += [heading, "", m["content"], ""]
     return "\n".join(lines)
 
 

@@ -45,7 +45,10 @@ def _history(directory: str | os.PathLike[str] | None) -> History:
 
 
 def make_prompt(directory: str | os.PathLike[str] | None,
-                session_ids: Callable[[], Iterable[str]]) -> Callable[[str], str]:
+                session_ids: Callable[[], Iterable[str]], *,
+                on_typing: Callable[[], None] | None = None) -> Callable[[str], str]:
+    """``ask(prompt) -> line``.  ``on_typing`` is called at each change of the line being typed
+    (the chat's barge-in: typing while a reply is spoken interrupts it)."""
     keys = KeyBindings()
 
     @keys.add("escape", "enter")  # Alt-Enter (Esc then Enter): a new line, not "send"
@@ -54,6 +57,9 @@ def make_prompt(directory: str | os.PathLike[str] | None,
 
     ps: PromptSession[str] = PromptSession(history=_history(directory), completer=_ChatCompleter(session_ids),
                                            complete_while_typing=False, key_bindings=keys)
+    if on_typing is not None:
+        ps.default_buffer.on_text_changed += lambda _buffer: on_typing()
+
     def ask(prompt: str) -> str:
         # Log lines and notices from other threads (a background save) print above the
         # prompt, which is then drawn again, instead of over the line being typed.
