@@ -261,3 +261,21 @@ def test_empty_message_sends_nothing_and_raises_nothing(fake):
             assert r.turn == 0 and fake.requests == []
 
     run(main())
+
+
+def test_the_readme_asyncio_example_runs(tmp_path, sessions_dir):
+    """The README's asyncio example, extracted and run as a user would."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Asyncio and many sessions per process"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    script = tmp_path / "example.py"
+    script.write_text(code, encoding="utf-8")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "Reply 1: 我叫小明" in out.stdout
+    assert len(list(sessions_dir.glob("session_*.json"))) == 2
