@@ -582,27 +582,11 @@ class ChatApp:
             if sp.barged or sp.done.is_set():
                 return
             sp.barged = True
-        sp.turn.interrupt(self._heard_so_far())
+        sp.turn.interrupt()  # the speaker's playback clock says what was heard
         try:
             sp.done.wait(_BARGE_WAIT_S)
         except KeyboardInterrupt:
             pass
-
-    def _heard_so_far(self) -> str | None:
-        """The part of the reply played so far, by the speaker's playback clock (None: let the
-        turn decide).  Passed to ``interrupt(heard=...)`` because the turn's own default reads
-        the clock's report under a name it does not have (``report.heard``; it is ``.text``),
-        and so keeps the whole reply."""
-        speaker = self.session.tts if self.session is not None else None
-        heard = getattr(speaker, "heard", None)
-        if heard is None:
-            return None
-        try:
-            text = heard().text
-        except Exception:  # a plug-in speaker's failure: fall back to the turn's default
-            logger.debug("speech: no playback position", exc_info=True)
-            return None
-        return text if isinstance(text, str) else None
 
     def _on_typing(self) -> None:
         """A key at the prompt while the last reply is still spoken: barge in.  Off the prompt's
