@@ -167,3 +167,29 @@ def test_ctrl_c_with_speech_off_keeps_nothing_of_the_reply(sessions_dir):
     assert "kept what was spoken" not in ANSI.sub("", seen.getvalue())
     assert [m["content"] for m in saved(sessions_dir)][::2] == ["remember this"]
     assert not any(m.get("interrupted") for m in saved(sessions_dir))
+
+
+def test_sigint_while_a_piped_reply_is_spoken_keeps_what_was_spoken_and_exits_130(sessions_dir, tmp_path):
+    import signal
+    import subprocess
+
+    wav = tmp_path / "wav"
+    child = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--backend", "fake", *speech_args(wav)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=ROOT)
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write(LONG + "\n")
+    child.stdin.flush()
+    expected = f"Reply 1: {LONG}"
+    assert child.stdout.read(len(expected)) == expected  # the text is out (its line ends once spoken)
+    wait_for_audio(wav, 1, 1.2)
+    child.send_signal(signal.SIGINT)
+    try:
+        _, err = child.communicate(timeout=20)
+    finally:
+        child.kill()
+    assert child.returncode == 130
+    match = INTERRUPTED.search(err)
+    assert match and 0 < int(match.group(1)) < 60, err
+    (_user, reply) = saved(sessions_dir)
+    assert reply["interrupted"] is True and f"Reply 1: {LONG}".startswith(reply["content"])

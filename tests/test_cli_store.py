@@ -170,6 +170,9 @@ def test_the_chat_and_housekeeping_on_postgresql(pg_url, sessions_dir, tmp_path)
     again = app("--backend", "fake", "-c", "what door?", env={"CONVERSATION_SESSIONS_STORE": url},
                 )
     assert again.stdout == "Reply 1: what door?\n"  # the fake backend counts this run's replies
+    # The earlier-session hint, once per session, with the marker kept outside the database.
+    hints = [app("--backend", "fake", "--store", url).stderr.count("An earlier session exists") for _ in range(2)]
+    assert hints == [1, 0]
     pg = PostgresStore.from_url(pg_url)
     try:
         (info,) = pg.list_sessions()
