@@ -474,3 +474,18 @@ def test_the_chat_command_serves_too(tmp_path: Path) -> None:
     with service(tmp_path / "s", entry=("main.py", "serve")) as srv, httpx.Client(base_url=srv.url, timeout=10) as c:
         sid = c.post("/v1/sessions").json()["session_id"]
         assert c.post(f"/v1/sessions/{sid}/messages", json={"text": "via main.py"}).json()["turn"] == 1
+
+
+def test_a_session_can_have_its_own_system_prompt(client: httpx.Client) -> None:
+    resp = client.post("/v1/sessions", json={"system_prompt": "You are the kitchen speaker."})
+    assert resp.status_code == 201
+    sid = resp.json()["session_id"]
+    plain = new_session(client)
+    for s in (sid, plain):
+        client.post(f"/v1/sessions/{s}/messages", json={"text": "who are you?"}).raise_for_status()
+    assert client.get(f"/v1/sessions/{sid}").json()["system_prompt"] == "You are the kitchen speaker."
+    assert client.get(f"/v1/sessions/{plain}").json()["system_prompt"] is None
+    exported = json.loads(client.get(f"/v1/sessions/{sid}/export").content)
+    assert exported["system_prompt"] == "You are the kitchen speaker."
+    assert_json_error(client.post("/v1/sessions", json={"system_prompt": 3}), 400, "invalid_text")
+    assert_json_error(client.post("/v1/sessions", json={"system_prompt": "x" * 20_000}), 413)

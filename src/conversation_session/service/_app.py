@@ -388,9 +388,12 @@ async def openapi(request: Request) -> Response:
 async def create_session(request: Request) -> Response:
     st = _state(request)
     owner = st.owner(request)
-    await read_json(request, st.config.max_body_bytes, optional=True)
+    data = await read_json(request, st.config.max_body_bytes, optional=True)
+    persona = None
+    if data.get("system_prompt") is not None:
+        persona = check_text(data, st.config.max_text_bytes, "system_prompt")
     _, owners = st.tables()
-    sid, entry = await st.io(owners.create, owner)
+    sid, entry = await st.io(owners.create, owner, None, persona)
     session_id_var.set(sid)
     logger.info("session created")
     return JSONResponse({"session_id": sid, "created_at": entry["created_at"]}, status_code=201,

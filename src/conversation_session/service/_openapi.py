@@ -69,7 +69,11 @@ def openapi_document() -> dict[str, Any]:
             "/readyz": {"get": {"summary": "the backend is loaded and the store reachable", "security": [],
                                 "responses": {"200": {"description": "ready"}, "503": _ERRORS["503"]}}},
             "/v1/sessions": {
-                "post": {"summary": "create a session", "responses": {
+                "post": {"summary": "create a session (optionally with its own system prompt)",
+                         "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                             "type": "object", "properties": {"system_prompt": {"type": "string",
+                                                                                "maxLength": 16384}}}}}},
+                         "responses": {
                     "201": _json({"type": "object", "properties": {"session_id": {"type": "string"},
                                                                    "created_at": {"type": "string"}}}, "created"),
                     **_ERRORS}},

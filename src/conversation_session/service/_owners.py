@@ -4,7 +4,7 @@ Why a table of its own rather than something derived from ids: store ids are gue
 (``session_<unix seconds>``), so "the caller knows the id" proves nothing.  Every service
 session has an unguessable id of its own (``c`` + 24 hex digits) and one row here::
 
-    sid -> {owner, store_id, created_at, alias}
+    sid -> {owner, store_id, created_at, alias, system_prompt}
 
 ``store_id`` is the session in the store holding the history, or None until the first turn.
 The indirection exists because stores drop sessions that never got a message (a file session
@@ -31,11 +31,14 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict
 
 from .._exceptions import StoreUnavailableError
 from .._fileio import atomic_write_bytes
 from .._format import now_iso
+
+if TYPE_CHECKING:  # Python 3.10 has no typing.NotRequired; annotations are strings at run time
+    from typing_extensions import NotRequired
 
 __all__ = ["BindOutcome", "FileOwners", "OwnerEntry", "OwnerTable", "PostgresOwners", "new_sid"]
 
@@ -49,6 +52,7 @@ class OwnerEntry(TypedDict):
     store_id: str | None
     created_at: str
     alias: str | None
+    system_prompt: NotRequired[str | None]   # the session's own persona (POST /v1/sessions)
 
 
 class OwnersFileDict(TypedDict):
@@ -65,7 +69,8 @@ def new_sid() -> str:
 class OwnerTable(Protocol):
     def get(self, sid: str) -> OwnerEntry | None: ...
     def list(self, owner: str) -> list[tuple[str, OwnerEntry]]: ...
-    def create(self, owner: str, alias: str | None = None) -> tuple[str, OwnerEntry]: ...
+    def create(self, owner: str, alias: str | None = None, system_prompt: str | None = None
+               ) -> tuple[str, OwnerEntry]: ...
     def find_alias(self, owner: str, alias: str) -> str | None: ...
     def bind(self, sid: str, expected: str | None, store_id: str) -> BindOutcome: ...
     def remove(self, sid: str) -> bool: ...
@@ -150,7 +155,8 @@ class FileOwners:
                 return sid
         return None
 
-    def create(self, owner: str, alias: str | None = None) -> tuple[str, OwnerEntry]:
+    def create(self, owner: str, alias: str | None = None, system_prompt: str | None = None
+               ) -> tuple[str, OwnerEntry]:
         with self._locked() as sessions:
             if alias is not None:
                 for sid, e in sessions.items():
@@ -159,7 +165,8 @@ class FileOwners:
             sid = new_sid()
             while sid in sessions:  # pragma: no cover - 96 random bits
                 sid = new_sid()
-            entry: OwnerEntry = {"owner": owner, "store_id": None, "created_at": now_iso(), "alias": alias}
+            entry: OwnerEntry = {"owner": owner, "store_id": None, "created_at": now_iso(), "alias": alias,
+                                 "system_prompt": system_prompt}
             sessions[sid] = entry
             return sid, entry
 
@@ -199,7 +206,7 @@ class PostgresOwners:
         s = self.SCHEMA
         self._pool: Any = ConnectionPool(url, min_size=1, max_size=4, kwargs={"autocommit": True},
                                          timeout=5.0, name="conversation_session_service", open=True)
-        self._sql_get = f"SELECT owner, store_id, created_at, alias FROM {s}.owners WHERE sid = %s"
+        self._sql_get = f"SELECT owner, store_id, created_at, alias, system_prompt FROM {s}.owners WHERE sid = %s"
         self._run(self._migrate)
 
     def _migrate(self, conn: Any) -> None:
@@ -209,7 +216,7 @@ class PostgresOwners:
             conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
             conn.execute(f"""CREATE TABLE IF NOT EXISTS {s}.owners (
                 sid text PRIMARY KEY, owner text NOT NULL, store_id text UNIQUE, created_at text NOT NULL,
-                alias text, UNIQUE (owner, alias))""")
+                alias text, system_prompt text, UNIQUE (owner, alias))""")
 
     def _run(self, fn: Any) -> Any:
         import psycopg
@@ -224,7 +231,7 @@ class PostgresOwners:
 
     @staticmethod
     def _entry(row: Any) -> OwnerEntry:
-        return {"owner": row[0], "store_id": row[1], "created_at": row[2], "alias": row[3]}
+        return {"owner": row[0], "store_id": row[1], "created_at": row[2], "alias": row[3], "system_prompt": row[4]}
 
     def get(self, sid: str) -> OwnerEntry | None:
         row = self._run(lambda c: c.execute(self._sql_get, (sid,)).fetchone())
@@ -232,7 +239,7 @@ class PostgresOwners:
 
     def list(self, owner: str) -> list[tuple[str, OwnerEntry]]:
         rows = self._run(lambda c: c.execute(
-            f"SELECT sid, owner, store_id, created_at, alias FROM {self.SCHEMA}.owners WHERE owner = %s",
+            f"SELECT sid, owner, store_id, created_at, alias, system_prompt FROM {self.SCHEMA}.owners WHERE owner = %s",
             (owner,)).fetchall())
         return [(r[0], self._entry(r[1:])) for r in rows]
 
@@ -241,15 +248,18 @@ class PostgresOwners:
             f"SELECT sid FROM {self.SCHEMA}.owners WHERE owner = %s AND alias = %s", (owner, alias)).fetchone())
         return None if row is None else str(row[0])
 
-    def create(self, owner: str, alias: str | None = None) -> tuple[str, OwnerEntry]:
-        entry: OwnerEntry = {"owner": owner, "store_id": None, "created_at": now_iso(), "alias": alias}
+    def create(self, owner: str, alias: str | None = None, system_prompt: str | None = None
+               ) -> tuple[str, OwnerEntry]:
+        entry: OwnerEntry = {"owner": owner, "store_id": None, "created_at": now_iso(), "alias": alias,
+                             "system_prompt": system_prompt}
 
         def run(conn: Any) -> str:
             while True:
                 sid = new_sid()
                 row = conn.execute(
-                    f"INSERT INTO {self.SCHEMA}.owners (sid, owner, created_at, alias) VALUES (%s, %s, %s, %s) "
-                    "ON CONFLICT DO NOTHING RETURNING sid", (sid, owner, entry["created_at"], alias)).fetchone()
+                    f"INSERT INTO {self.SCHEMA}.owners (sid, owner, created_at, alias, system_prompt) "
+                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING sid",
+                    (sid, owner, entry["created_at"], alias, system_prompt)).fetchone()
                 if row is not None:
                     return sid
                 if alias is not None:

@@ -180,12 +180,13 @@ class Registry:
         has it; a session without a turn yet gets a fresh store session bound to it."""
         entry = await self._entry(sid)
         expected = entry["store_id"]
+        persona = entry.get("system_prompt") or self.config.system
         spare: list[AsyncConversationSession] = []
         delay = 0.02
         try:
             while True:
                 if expected is not None:
-                    session = await self.io(self._new_session, self._loading_store)
+                    session = await self.io(self._new_session, self._loading_store, persona)
                     try:
                         loaded = await session.load_history(expected)
                     except SessionLockedError as exc:
@@ -203,7 +204,7 @@ class Registry:
                         return session
                     await self._close_session(session)
                 # No turn saved yet (new, or its first turn never completed): a new store session, bound.
-                session = await self.io(self._new_session, self.store)
+                session = await self.io(self._new_session, self.store, persona)
                 outcome = await self.io(self.owners.bind, sid, expected, session.session_id)
                 if outcome == "ok":
                     logger.debug("session %s: history in store session %s", sid, session.session_id)
@@ -225,10 +226,10 @@ class Registry:
             raise Gone(sid)
         return entry
 
-    def _new_session(self, store: Any) -> AsyncConversationSession:
+    def _new_session(self, store: Any, system_prompt: str | None) -> AsyncConversationSession:
         cfg = self.config
         return AsyncConversationSession(backend=self.backend, store=store, timeout=cfg.timeout,
-                                        max_tokens=cfg.max_tokens, system_prompt=cfg.system,
+                                        max_tokens=cfg.max_tokens, system_prompt=system_prompt,
                                         tts_wait_timeout=None)
 
     # -- housekeeping ---------------------------------------------------------------------
