@@ -253,6 +253,8 @@ _fuzz_10k = settings(max_examples=10_000, **_SETTINGS)(given(snapshot=_snapshots
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_fuzz_loader_10k():
-    """About a minute and a half; part of every full run (CI included). Skip with -m "not slow"."""
+    """Two to five minutes (every case fsyncs its exports and imports); part of every full run,
+    CI included.  Skip with -m "not slow"."""
     _fuzz_10k()

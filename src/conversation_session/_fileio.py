@@ -120,13 +120,15 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` so that readers see the old file or the new, never a mix.
 
     The new content goes to a temporary file in the same directory (same filesystem, so the
     rename is atomic), is flushed and fsynced, and only then renamed over the live file; the
     directory is fsynced so the rename itself survives a power cut.  On any failure, Ctrl-C
-    included, the temporary file is removed and the live file is untouched.
+    included, the temporary file is removed and the live file is untouched.  ``durable=False``
+    skips both fsyncs, for files that can be rebuilt (a cache): still atomic, just not
+    guaranteed to survive a power cut.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, mode)
@@ -136,7 +138,8 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600) -> None:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -144,7 +147,8 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 _warned_lock_dirs: set[str] = set()

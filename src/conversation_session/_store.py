@@ -500,7 +500,8 @@ class HistoryStore:
             # Best effort: a read-only folder simply lists without a cache.
             with contextlib.suppress(OSError):
                 data = json.dumps({"version": _CACHE_VERSION, "sessions": fresh}, ensure_ascii=False)
-                atomic_write_bytes(self.directory / _CACHE_NAME, data.encode())
+                # A cache: rebuilt from the sessions if lost, so no fsync (listing stays cheap).
+                atomic_write_bytes(self.directory / _CACHE_NAME, data.encode(), durable=False)
         return out
 
     # -- locks ------------------------------------------------------------------------------
