@@ -400,8 +400,7 @@ class LlamaCppBackend(Backend):
             else:
                 llama._ctx.kv_cache_seq_rm(-1, 0, -1)
                 m.saved.pop(key, None)
-            if state is not None:
-                state.used = time.monotonic()
+            state.used = time.monotonic()
         self._enforce_ram_cap()
         return True
 
