@@ -65,12 +65,35 @@ def _two_workers_one_store(a: ServiceProcess, b: ServiceProcess) -> float:
         return took
 
 
-def test_two_processes_on_one_file_store_one_killed_mid_turn(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keep_open", ["0", "30"])
+def test_two_processes_on_one_file_store_one_killed_mid_turn(tmp_path: Path, keep_open: str) -> None:
+    """``--keep-open 0``: closed after each request; 30: kept open, handed over on request."""
     store = tmp_path / "sessions"
-    with service(store, "--fake-delay", "0.02", "--keep-open", "0") as a, \
-            service(store, "--fake-delay", "0.02", "--keep-open", "0") as b:
+    with service(store, "--fake-delay", "0.02", "--keep-open", keep_open) as a, \
+            service(store, "--fake-delay", "0.02", "--keep-open", keep_open) as b:
         took = _two_workers_one_store(a, b)
     assert took < 2.0  # the flock died with the process: no wait at all
+
+
+def test_idle_sessions_are_handed_over_between_workers_at_once(tmp_path: Path) -> None:
+    store = tmp_path / "sessions"
+    with service(store, "--keep-open", "300") as a, service(store, "--keep-open", "300") as b, \
+            httpx.Client(base_url=a.url, timeout=30) as ca, httpx.Client(base_url=b.url, timeout=30) as cb:
+        sid = ca.post("/v1/sessions").json()["session_id"]
+        slowest = 0.0
+        for i in range(10):
+            c = ca if i % 2 == 0 else cb
+            t0 = time.monotonic()
+            resp = c.post(f"/v1/sessions/{sid}/messages", json={"text": f"turn {i}"})
+            slowest = max(slowest, time.monotonic() - t0)
+            assert resp.status_code == 200 and resp.json()["turn"] == i + 1, resp.text
+            # The worker that answered keeps the session open (no reopen for its next turn).
+            assert (a if c is ca else b).health()["open_sessions"] == 1
+        assert slowest < 1.0  # asked to let go, not waiting out --keep-open 300 (nor --lock-wait 10)
+        assert _turns(cb, sid) == [f"turn {i}" for i in range(10)]
+        assert b.health()["open_sessions"] == 1  # B answered the last turn and keeps it
+        assert ca.delete(f"/v1/sessions/{sid}").status_code == 200  # B is asked to let go
+        assert b.health()["open_sessions"] == 0
 
 
 def test_busy_across_workers_waits_its_turn_then_409(tmp_path: Path) -> None:

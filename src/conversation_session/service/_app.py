@@ -42,6 +42,7 @@ from .._store_api import StoreAPI
 from ..backends import Backend, FakeBackend, create_backend
 from ._auth import Authenticator, RateLimiter
 from ._config import CONFIG_ENV, ServiceConfig
+from ._handoff import ask_release, holder_pid
 from ._log import request_id_var, session_id_var, setup_json_logging
 from ._openapi import openapi_document
 from ._owners import FileOwners, OwnerTable, PostgresOwners
@@ -193,7 +194,7 @@ class ServiceState:
             assert self.store is not None and self.owners is not None
             self.backend = backend
             self.registry = Registry(self.config, self.store, backend, self.owners)
-            self.registry.start()
+            await self.registry.start()
             self.ready.set()
             logger.info("ready: backend %s (%s) in %.2f s, store %s", backend.name, backend.model_name,
                         time.perf_counter() - t0, self.store.description)
@@ -463,10 +464,13 @@ async def delete_session(request: Request) -> Response:
                 try:
                     await st.io(store.delete, store_id)
                     break
-                except SessionLockedError:
+                except SessionLockedError as exc:
+                    pid = holder_pid(exc.holder)
+                    if pid is not None:
+                        ask_release(pid, store_id)  # another worker here keeps it open: ask it to let go
                     if time.monotonic() > deadline:
                         raise
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.02)
             await st.io(owners.remove, sid)
     except (Busy, SessionLockedError, Gone) as exc:
         raise turn_error(exc) from None

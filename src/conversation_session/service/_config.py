@@ -43,7 +43,7 @@ class ServiceConfig:
     rate: float = 10.0                   # requests per second per token (token bucket), per worker
     burst: float = 40.0
     lock_wait_s: float = 10.0            # a second request on a busy session waits this long, then 409
-    keep_open_s: float | None = None     # idle sessions stay open this long (None: 0 with workers > 1, else 30)
+    keep_open_s: float | None = None     # idle sessions stay open this long (None: 30, 0 on PostgreSQL)
     max_open: int = 64                   # open sessions per worker (LRU)
     shutdown_grace_s: float = 10.0
     lease_ttl_s: float | None = None     # PostgreSQL: how soon a crashed worker's sessions are free again
@@ -52,9 +52,13 @@ class ServiceConfig:
 
     @property
     def keep_open(self) -> float:
+        """Workers on one host hand idle sessions over on request (``_handoff``); workers on
+        other hosts cannot be asked, so with PostgreSQL (several hosts) sessions are closed
+        after each request unless told otherwise."""
         if self.keep_open_s is not None:
             return max(self.keep_open_s, 0.0)
-        return 0.0 if self.workers > 1 else 30.0
+        store = self.store or os.environ.get("CONVERSATION_SESSIONS_STORE") or ""
+        return 0.0 if store.startswith(("postgresql://", "postgres://")) else 30.0
 
     def to_env(self) -> str:
         data = dataclasses.asdict(self)
@@ -126,8 +130,8 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
     p.add_argument("--lock-wait", type=float, default=10.0,
                    help="seconds a request waits for a session busy with another request before 409 (default 10)")
     p.add_argument("--keep-open", type=float, default=None,
-                   help="seconds an idle session stays open in its worker (default 30 with one worker, "
-                        "0 with several: closed after each request so any worker can take it at once)")
+                   help="seconds an idle session stays open in its worker (default 30; 0 with PostgreSQL, "
+                        "whose workers may be on other hosts; workers on one host hand sessions over at once)")
     p.add_argument("--max-open", type=_positive(int), default=64, help="open sessions per worker (default 64)")
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds running turns get to finish on shutdown before they are cancelled")

@@ -5,10 +5,12 @@ never interleave: the second waits up to ``lock_wait_s``, then ``Busy``, which t
 with 409) and, while in use or recently used, an open ``AsyncConversationSession``.
 
 Across workers the store's lease is the lock: a session open in one worker cannot be opened in
-another (``SessionLockedError``), so idle sessions are closed quickly (``keep_open``: after
-each request when several workers share the store, else after 30 s idle; at most ``max_open``
-per worker, least recently used first), and opening a session held elsewhere is retried with
-backoff until the same bound.  A worker killed mid-turn holds nothing: the file store's
+another (``SessionLockedError``).  A worker keeps sessions open between requests (``keep_open``
+seconds idle, at most ``max_open``, least recently used closed first) because a turn on an open
+session is cheap; a worker that needs a session another worker on this host keeps idle asks it
+to close it (``_handoff``) and retries with backoff until the same bound.  Workers on other
+hosts cannot be asked: with PostgreSQL shared by several hosts, ``keep_open`` is 0 by default
+(closed after each request).  A worker killed mid-turn holds nothing: the file store's
 ``flock`` dies with the process; a PostgreSQL lease expires after ``lease_ttl_s``.
 """
 
@@ -29,6 +31,7 @@ from .._format import SessionRecord
 from .._store_api import StoreAPI
 from ..backends import Backend
 from ._config import ServiceConfig
+from ._handoff import HandoffListener, ask_release, holder_pid
 from ._owners import OwnerEntry, OwnerTable
 
 __all__ = ["Busy", "Gone", "Registry"]
@@ -103,6 +106,8 @@ class Registry:
         self._loading_store = _LoadingStore(store)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cs-service")
         self._sweeper: asyncio.Task[None] | None = None
+        self._handoff = HandoffListener()
+        self._handoff_tasks: set[asyncio.Task[None]] = set()
         self.closing = False
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -118,9 +123,32 @@ class Registry:
         """Sessions a request is using right now (a turn running, or opening/closing)."""
         return sum(1 for s in self._slots.values() if s.lock.locked())
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            await self._handoff.start(self._release_requested)
+
+    def _release_requested(self, store_id: str) -> None:
+        """Another worker wants ``store_id``: close it if it is open here and idle."""
+        for slot in list(self._slots.values()):
+            session = slot.session
+            if session is not None and session.session_id == store_id and not slot.lock.locked():
+                task = asyncio.get_running_loop().create_task(self._close_idle(slot))
+                self._handoff_tasks.add(task)
+                task.add_done_callback(self._handoff_tasks.discard)
+
+    async def _close_idle(self, slot: _Slot) -> None:
+        if slot.lock.locked() or slot.session is None:
+            return  # in use again: the asker waits its turn
+        await slot.lock.acquire()
+        try:
+            session, slot.session = slot.session, None
+            if session is not None:
+                await self._close_session(session)
+        finally:
+            slot.lock.release()
+        if slot.users == 0 and slot.session is None:
+            self._slots.pop(slot.sid, None)
 
     # -- using a session ----------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -182,7 +210,7 @@ class Registry:
         expected = entry["store_id"]
         persona = entry.get("system_prompt") or self.config.system
         spare: list[AsyncConversationSession] = []
-        delay = 0.02
+        delay = 0.005
         try:
             while True:
                 if expected is not None:
@@ -191,10 +219,13 @@ class Registry:
                         loaded = await session.load_history(expected)
                     except SessionLockedError as exc:
                         await self._close_session(session)
+                        pid = holder_pid(exc.holder)
+                        if pid is not None:
+                            ask_release(pid, expected)
                         if time.monotonic() + delay > deadline:
                             raise Busy(f"session {sid} is in use by another worker; retry later ({exc})") from exc
                         await asyncio.sleep(delay)
-                        delay = min(delay * 2, 0.25)
+                        delay = min(delay * 2, 0.2)
                         expected = (await self._entry(sid))["store_id"]
                         continue
                     except BaseException:
@@ -246,17 +277,7 @@ class Registry:
                 for i, slot in enumerate(idle):
                     if i >= excess and now - slot.last_used < self.config.keep_open:
                         continue
-                    if slot.lock.locked() or slot.session is None:
-                        continue
-                    await slot.lock.acquire()
-                    try:
-                        session, slot.session = slot.session, None
-                        if session is not None:
-                            await self._close_session(session)
-                    finally:
-                        slot.lock.release()
-                    if slot.users == 0 and slot.session is None:
-                        self._slots.pop(slot.sid, None)
+                    await self._close_idle(slot)
             except Exception:
                 logger.exception("closing idle sessions failed")
 
@@ -264,6 +285,7 @@ class Registry:
         """Shutdown: wait up to ``grace`` for running requests, then close every session (a
         final snapshot each; a turn still running was cancelled by the server and keeps nothing)."""
         self.closing = True
+        self._handoff.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
