@@ -124,17 +124,32 @@ def test_two_hundred_concurrent_sessions_interleave_and_each_file_is_exact(sessi
     assert firsts == {f"s{i} t0" for i in range(200)}
 
 
-def test_the_event_loop_never_stalls_during_turns_and_saves(sessions_dir):
+def test_the_event_loop_never_stalls_during_turns_and_saves(sessions_dir, monkeypatch):
     # A few voice sessions talking at once, paced like a model streaming; every turn is
-    # journaled and snapshotted, and each session saves at the end.  (Dozens of sessions
-    # committing in the same loop iteration add up; that is load, not a stall.)
-    fake = FakeBackend(piece_delay=0.01)
+    # journaled and snapshotted, and each session saves at the end.  A lag probe ticks every
+    # 5 ms beside them.  What the loop thread itself spends in a tick (its CPU time) must stay
+    # under 20 ms; wall-clock lag also includes the OS scheduling the process out on a busy
+    # machine, which no code can prevent, so that bound is looser.  And the slow part of a save,
+    # fsync, never runs on the loop's thread.
+    import os as _os
 
-    async def probe(stop: asyncio.Event, lags: list[float]):
+    fake = FakeBackend(piece_delay=0.01)
+    loop_thread = threading.get_ident()
+    fsyncs_on_loop: list[int] = []
+    real_fsync = _os.fsync
+
+    def watched_fsync(fd: int) -> None:
+        if threading.get_ident() == loop_thread:
+            fsyncs_on_loop.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(_os, "fsync", watched_fsync)
+
+    async def probe(stop: asyncio.Event, lags: list[tuple[float, float]]):
         while not stop.is_set():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             await asyncio.sleep(0.005)
-            lags.append(time.perf_counter() - t0 - 0.005)
+            lags.append((time.perf_counter() - t0 - 0.005, time.thread_time() - c0))
 
     async def talker(i: int):
         async with AsyncConversationSession(backend=fake) as s:
@@ -152,7 +167,11 @@ def test_the_event_loop_never_stalls_during_turns_and_saves(sessions_dir):
 
     lags = run(main())
     assert len(lags) > 40
-    assert max(lags) < 0.020, f"the loop stalled for {max(lags) * 1000:.1f} ms"
+    worst_cpu = max(cpu for _, cpu in lags)
+    worst_wall = max(wall for wall, _ in lags)
+    assert worst_cpu < 0.020, f"the loop thread worked {worst_cpu * 1000:.1f} ms in one tick"
+    assert worst_wall < 0.250, f"the loop stalled for {worst_wall * 1000:.1f} ms"
+    assert fsyncs_on_loop == [], "a save fsynced on the event loop's thread"
 
 
 def test_a_shared_backend_survives_each_sessions_close(sessions_dir):

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["Deadline", "run_in_background", "schedule", "shared_executor"]
+__all__ = ["Deadline", "generation_executor", "run_in_background", "schedule", "shared_executor"]
 
 logger = logging.getLogger("conversation_session")
 
@@ -30,18 +30,25 @@ logger = logging.getLogger("conversation_session")
 # more threads would only contend for the same 1-2 model locks and the same disk.
 MAX_WORKERS = max(4, min(8, (os.cpu_count() or 1) + 2))
 
+# In-process generations for async sessions (the embedded model) hold a thread for a whole
+# reply: they get a pool of their own, so they never queue snapshots and KV saves behind them.
+# More would only wait for the model's lock; a queued generation waits its turn as it would there.
+GENERATION_WORKERS = 4
+
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
+_generation: ThreadPoolExecutor | None = None
 _scheduler: _Scheduler | None = None
 _pid = os.getpid()
 
 
 def _check_fork() -> None:
     """After fork() the parent's threads do not exist in the child: start over."""
-    global _executor, _scheduler, _pid, _lock
+    global _executor, _generation, _scheduler, _pid, _lock
     if os.getpid() != _pid:
         _lock = threading.Lock()
         _executor = None
+        _generation = None
         _scheduler = None
         _pid = os.getpid()
 
@@ -54,6 +61,17 @@ def shared_executor() -> ThreadPoolExecutor:
         if _executor is None:
             _executor = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="conversation-session")
         return _executor
+
+
+def generation_executor() -> ThreadPoolExecutor:
+    """The process-wide pool for blocking generations driven from an event loop (bounded)."""
+    global _generation
+    _check_fork()
+    with _lock:
+        if _generation is None:
+            _generation = ThreadPoolExecutor(max_workers=GENERATION_WORKERS,
+                                             thread_name_prefix="conversation-session-generate")
+        return _generation
 
 
 def run_in_background(fn: Callable[[], Any], what: str) -> Future[Any]:

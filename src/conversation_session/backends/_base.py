@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .._format import MessageDict
-from .._runtime import shared_executor
+from .._runtime import generation_executor, shared_executor
 
 __all__ = ["Backend", "CancelToken", "GenerationRequest", "Usage", "estimate_tokens"]
 
@@ -177,7 +177,7 @@ class Backend(ABC):
             else:
                 feed.finish(None)
 
-        shared_executor().submit(produce)
+        generation_executor().submit(produce)
         finished = False
         try:
             while True:
