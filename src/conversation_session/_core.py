@@ -28,7 +28,7 @@ from ._result import ChatResult
 from ._runtime import run_in_background, schedule
 from ._store import HistoryStore, validate_session_id
 from ._store_api import SessionWriterAPI, StoreAPI
-from ._summary import SummaryPolicy, SummaryState
+from ._summary import SUMMARY_MAX_TOKENS, SummaryPolicy, SummaryState
 from ._warmth import JOIN_TIMEOUT_S, KVFile, Warmup
 from .backends import Backend, GenerationRequest, create_backend
 from .speech import create_speaker
@@ -203,7 +203,7 @@ class SessionCore:
         """Run a summary request on the summariser (default: the session's backend), on a cache
         key of its own so the embedded model never evicts the conversation's cache for it."""
         backend = self._summarizer or self.backend
-        request = GenerationRequest(messages=prompt, max_tokens=256, temperature=0.2,
+        request = GenerationRequest(messages=prompt, max_tokens=SUMMARY_MAX_TOKENS, temperature=0.2,
                                     cache_key=f"{self.cache_key}:summary")
         deadline = schedule(self.timeout or 120.0, request.cancel.cancel)
         try:

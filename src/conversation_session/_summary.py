@@ -42,6 +42,9 @@ logger = logging.getLogger("conversation_session")
 
 # Seconds to wait before trying again after the summariser failed.
 RETRY_AFTER_S = 30.0
+# The summary's length limit, and what its instructions and the previous summary take.
+SUMMARY_MAX_TOKENS = 256
+SUMMARY_OVERHEAD_TOKENS = 320
 SUMMARY_HEADER = "Summary of the earlier conversation (older turns, kept as memory):"
 
 Summarizer = Callable[[list[MessageDict]], str]
@@ -232,13 +235,27 @@ class SummaryPolicy(TrimPolicy):
             batch = history[covered:cut]
             if not batch:
                 return
+            # The summariser sees its instructions, the previous summary and the batch: a batch
+            # larger than its window is folded in chunks, oldest first.
+            room = n_ctx - SUMMARY_MAX_TOKENS - SUMMARY_OVERHEAD_TOKENS
+            chunks: list[list[MessageDict]] = [[]]
+            used = 0
+            for i in range(covered, cut):
+                share = self.tokens.at(history, i)
+                if chunks[-1] and used + share > room:
+                    chunks.append([])
+                    used = 0
+                chunks[-1].append(history[i])
+                used += share
             generation = self.compactions
 
             def job() -> None:
                 try:
-                    text = self._summarize(summary_prompt(previous, batch)).strip()
-                    if not text:
-                        raise ValueError("the summariser returned nothing")
+                    text = previous or ""
+                    for chunk in chunks:
+                        text = self._summarize(summary_prompt(text, chunk)).strip()
+                        if not text:
+                            raise ValueError("the summariser returned nothing")
                 except Exception as exc:  # noqa: BLE001 - a failed summary only means trimming
                     self._failed_at = time.monotonic()
                     self.last_error = str(exc)
