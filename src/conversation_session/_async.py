@@ -19,7 +19,6 @@ import asyncio
 import functools
 import logging
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -220,23 +219,9 @@ class AsyncConversationSession:
             validate_session_id(session_id)
         self._check_reentry("load a session")
         async with self._get_lock():
-            core = self._core
-            core.check_open("load into")
-            if not core.enable_cache:
-                logger.warning("load_history() ignored: enable_cache=False keeps no history")
-                return False
-            t0 = time.perf_counter()
-            if read_only:
-                record = await self._off_loop(core.load_read_only, session_id)
-                return False if record is None else core.viewed(record)
-            if session_id is not None and session_id == core.session_id and core.read_only is None:
-                return bool(core.conversation.messages)
-            opened = await self._off_loop(core.open_for_resume, session_id)
-            if opened is None:
-                return False
-            # Adopting closes the previous writer (a snapshot fold): off the loop as well.
-            await self._off_loop(core.resumed, *opened, t0)
-            return True
+            self._core.check_open("load into")
+            # Store reads, and closing the previous writer (a snapshot fold): all off the loop.
+            return await self._off_loop(self._core.load_history, session_id, read_only)
 
     async def clear_history(self) -> None:
         self._check_reentry("clear")

@@ -311,6 +311,23 @@ class SessionCore:
         if self.warmup is not None:
             self.warmup.stop()
 
+    def load_history(self, session_id: str | None, read_only: bool) -> bool:
+        """``load_history()`` for both drivers (blocking store I/O; the caller holds the session)."""
+        if not self.enable_cache:
+            logger.warning("load_history() ignored: enable_cache=False keeps no history")
+            return False
+        t0 = time.perf_counter()
+        if read_only:
+            record = self.load_read_only(session_id)
+            return False if record is None else self.viewed(record)
+        if session_id is not None and session_id == self.session_id and self.read_only is None:
+            return bool(self.conversation.messages)
+        opened = self.open_for_resume(session_id)
+        if opened is None:
+            return False
+        self.resumed(*opened, t0)
+        return True
+
     def open_for_resume(self, session_id: str | None) -> tuple[SessionWriterAPI, SessionRecord] | None:
         """Open a saved session for writing (``None``: the newest that loads, has turns and is not
         open elsewhere); None if there is none.  Blocking store I/O."""

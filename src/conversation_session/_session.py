@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -291,21 +290,7 @@ class ConversationSession:
         if session_id is not None:
             validate_session_id(session_id)
         with self._state():
-            core = self._core
-            if not core.enable_cache:
-                logger.warning("load_history() ignored: enable_cache=False keeps no history")
-                return False
-            t0 = time.perf_counter()
-            if read_only:
-                record = core.load_read_only(session_id)
-                return False if record is None else core.viewed(record)
-            if session_id is not None and session_id == core.session_id and core.read_only is None:
-                return bool(core.conversation.messages)
-            opened = core.open_for_resume(session_id)
-            if opened is None:
-                return False
-            core.resumed(*opened, t0)
-            return True
+            return self._core.load_history(session_id, read_only)
 
     def clear_history(self) -> None:
         """Start over: empty history and KV cache, new session id (the old file stays).

@@ -60,6 +60,7 @@ class _TurnSteps:
         self.user_cancelled = False
         self.interrupt_req: tuple[str | int | None, float | None] | None = None
         self.text_done = False          # the backend's stream ended by itself
+        self.aborted = False
         self._commit_lock = threading.Lock()
         self.done_callbacks: list[Callable[[ChatResult], None]] = []
         self.empty = not text.strip()
@@ -181,10 +182,11 @@ class _TurnSteps:
         return result
 
     def abort(self) -> None:
-        """Nothing of the turn is kept; the cache keeps the completed conversation."""
+        """Nothing of the turn is kept; the cache keeps the completed conversation.  Idempotent."""
         with self._commit_lock:
-            if self.result is not None:
+            if self.result is not None or self.aborted:
                 return
+            self.aborted = True
             if self.speaker is not None:
                 self.speaker.cancel()
             if self.plan is not None:
@@ -195,6 +197,27 @@ class _TurnSteps:
         release, self._release = self._release, None
         if release is not None:
             release()
+
+    def stream_ended(self, completed: bool) -> str:
+        """What the end of the backend's stream means, for either driver.
+
+        Returns ``"interrupt"`` (commit what was heard), ``"commit"`` (the whole reply),
+        ``"speak"`` (commit when the speech ends) or ``"dropped"`` (``cancel()``: nothing kept).
+        Raises ``SessionTimeoutError`` for the deadline, ``SessionError`` for a cancellation
+        nobody asked this turn for.
+        """
+        if self.interrupt_req is not None and not self.expired.is_set():
+            return "interrupt"
+        if not completed:
+            if self.expired.is_set():
+                raise self.timeout_error()
+            self.error = SessionError("the turn was cancelled; nothing of it was kept")
+            self.abort()
+            if self.user_cancelled:
+                return "dropped"
+            raise self.error
+        self.text_done = True
+        return "speak" if self.speaking else "commit"
 
     def heard(self) -> tuple[str, float | None]:
         """What reached the user, for an interrupt: (text, seconds from interrupt to silence)."""
@@ -386,24 +409,13 @@ class Turn:
 
     def _end(self, completed: bool) -> None:
         s = self._s
-        if s.interrupt_req is not None and not s.expired.is_set():
+        outcome = s.stream_ended(completed)
+        if outcome == "interrupt":
             heard, silence = s.heard()
-            self._finished = True
             s.complete(heard=heard, silence_s=silence)
-            return
-        if not completed:
-            if s.expired.is_set():
-                raise s.timeout_error()
-            self._finished = True
-            s.error = SessionError("the turn was cancelled; nothing of it was kept")
-            s.abort()
-            if s.user_cancelled:
-                return
-            raise s.error
-        s.text_done = True
-        if not s.speaking:
+        elif outcome == "commit":
             s.complete()
-            self._finished = True
+        self._finished = outcome != "speak"
 
     def result(self) -> ChatResult:
         """Finish the turn (the rest of the stream, and its speech) and return its result.
@@ -575,24 +587,13 @@ class AsyncTurn:
                 aclose = getattr(stream, "aclose", None)
                 if aclose is not None:
                     await aclose()
-            if s.interrupt_req is not None and not s.expired.is_set():
-                self._finished = True
+            outcome = s.stream_ended(completed)
+            if outcome == "interrupt":
                 heard, silence = await self._session._off_loop(s.heard)
                 await self._session._complete(s, heard=heard, silence_s=silence)
-                return
-            if not completed:
-                if s.expired.is_set():
-                    raise s.timeout_error()
-                self._finished = True
-                s.error = SessionError("the turn was cancelled; nothing of it was kept")
-                s.abort()
-                if s.user_cancelled:
-                    return
-                raise s.error
-            s.text_done = True
-            if not s.speaking:
+            elif outcome == "commit":
                 await self._session._complete(s)
-                self._finished = True
+            self._finished = outcome != "speak"
         except BaseException as exc:
             s.request.cancel.cancel()
             if not self._finished:
