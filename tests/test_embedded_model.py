@@ -32,7 +32,6 @@ def test_multi_turn_chat_reuses_the_kv_cache_and_saves_the_seed_format(sessions_
         stats = s.get_cache_stats()
     assert r1.response.strip() and r2.response.strip()
     assert r1.completion_tokens and 0 < r1.completion_tokens <= 12
-    assert r1.cached_tokens == 0 or r1.cached_tokens < r1.prompt_tokens
     # The second prompt carries the first turn, and reuses its KV cells instead of recomputing.
     assert r2.prompt_tokens > r1.prompt_tokens
     assert r2.cached_tokens >= r1.prompt_tokens

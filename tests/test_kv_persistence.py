@@ -58,10 +58,13 @@ def test_restore_across_processes_prefills_only_the_new_message(saved_session, s
     assert stats["kv_restore_bytes"] == len(payload)
     assert restored.cached_tokens >= header["n_tokens"]
     assert restored.prompt_tokens - restored.cached_tokens < 30
-    # The restored cache answers exactly as recomputing the conversation does (greedy decoding).
+    # Without the file the same resume computes the whole history again.  (The two answers may
+    # differ in wording: cells computed in other batch splits differ in their last bits, and
+    # greedy decoding amplifies that; that the restored cells predict like recomputed ones is
+    # checked on the logits in test_restored_cells_predict_like_recomputed_ones.)
     recomputed, stats2 = _resume_and_ask(persist_kv_cache=False, sessions_dir=copy)
     assert "kv_restored" not in stats2 and stats2["warmup_cached_tokens"] == 0  # prefilled from scratch
-    assert restored.response and recomputed.response
+    assert stats2["warmup_tokens"] >= header["n_tokens"]  # ... all of it: what the file spared
 
 
 def _next_token_logits(backend, tokens, start):

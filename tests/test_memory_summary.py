@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from conversation_session import AsyncConversationSession, BackendError, ConversationSession, FakeBackend, _summary
+from conversation_session import (
+    AsyncConversationSession,
+    BackendError,
+    ConversationSession,
+    FakeBackend,
+    HistoryStore,
+    _summary,
+)
 
 
 class Summarizer(FakeBackend):
@@ -161,3 +168,32 @@ def test_a_crash_between_compaction_and_save_loses_no_turn(sessions_dir):
         assert s.get_history_summary()["summary"] is None  # the compaction was never saved
         s.chat("still here")
         assert s.turns == int(turns) + 1
+
+
+@pytest.mark.model
+def test_embedded_model_long_conversation_with_summaries_keeps_the_cache_warm(sessions_dir):
+    """The real model, a 1,024-token window: summaries are made by the model itself on a KV
+    state of its own, and between compactions each turn computes little more than its message."""
+    from conversation_session.backends._llama_cpp import LlamaCppBackend
+
+    backend = LlamaCppBackend(n_ctx=1024)
+    with ConversationSession(backend=backend, memory="summary", max_tokens=16, temperature=0, timeout=None,
+                             persist_kv_cache=False, system_prompt="You are brief.") as s:
+        s.chat("My name is Alice and my dog is called Rex.")
+        results = []
+        for i in range(60):
+            results.append(s.chat(f"Question {i}: name one fruit that is red or yellow, please."))
+            s._core.policy.wait_idle(120)
+            if s._core.policy.compactions >= 2:
+                break
+        policy = s._core.policy
+        assert policy.compactions >= 2, f"no compaction in {len(results)} turns ({policy.last_error})"
+        summary = s.get_history_summary()
+        assert summary["summary"] and summary["summarized_turns"] > 0
+        assert s.turns == len(results) + 1  # nothing lost: the history keeps every turn
+        sid = s.session_id
+        # Most turns were served from the cache except their new message.
+        warm = [r for r in results[1:] if r.prompt_tokens - r.cached_tokens <= 40]
+        assert len(warm) >= 0.7 * len(results[1:]), [(r.prompt_tokens, r.cached_tokens) for r in results]
+        assert all(r.prompt_tokens <= 1024 - 16 for r in results)
+    assert HistoryStore(sessions_dir).load(sid).summary["text"] == summary["summary"]
