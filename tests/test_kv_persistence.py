@@ -62,7 +62,7 @@ def test_restore_across_processes_prefills_only_the_new_message(saved_session, s
     # differ in wording: cells computed in other batch splits differ in their last bits, and
     # greedy decoding amplifies that; that the restored cells predict like recomputed ones is
     # checked on the logits in test_restored_cells_predict_like_recomputed_ones.)
-    recomputed, stats2 = _resume_and_ask(persist_kv_cache=False, sessions_dir=copy)
+    _recomputed, stats2 = _resume_and_ask(persist_kv_cache=False, sessions_dir=copy)
     assert "kv_restored" not in stats2 and stats2["warmup_cached_tokens"] == 0  # prefilled from scratch
     assert stats2["warmup_tokens"] >= header["n_tokens"]  # ... all of it: what the file spared
 
