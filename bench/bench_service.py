@@ -232,6 +232,7 @@ def main() -> int:
     p.add_argument("--turns", type=int, default=20)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--kill-at", type=float, default=0.4, help="kill a worker when this share of turns is done")
+    p.add_argument("--keep-open", default=None, help="passed to the service (default: its own)")
     p.add_argument("--serial-turns", type=int, default=200, help="turns of the one-client phase")
     p.add_argument("--deadline", type=float, default=600.0, help="bound on the service run (seconds)")
     args = p.parse_args()
@@ -256,7 +257,10 @@ def main() -> int:
             lib_store = str(tmp / "lib-sessions")
             store_args = ["--sessions-dir", str(tmp / "svc-sessions")]
             kind = "file store"
-        print(f"store: {kind}; {args.clients} clients x {args.turns} turns; {args.workers} workers", flush=True)
+        if args.keep_open is not None:
+            store_args += ["--keep-open", args.keep_open]
+        print(f"store: {kind}; {args.clients} clients x {args.turns} turns; {args.workers} workers; "
+              f"keep-open {args.keep_open or 'default'}", flush=True)
         lib_serial = asyncio.run(library_serial(lib_store, args.serial_turns))
         t0 = time.monotonic()
         lib = asyncio.run(library_run(lib_store, args.clients, args.turns))
@@ -270,7 +274,7 @@ def main() -> int:
         one_lib = [pct(lib_serial, q) * 1000 for q in (0.5, 0.99)]
         one_svc = [pct(run["serial"], q) * 1000 for q in (0.5, 0.99)]
         report = {
-            "store": kind, "clients": args.clients, "turns": args.turns, "workers": args.workers,
+            "store": kind, "keep_open": args.keep_open or "default", "clients": args.clients, "turns": args.turns, "workers": args.workers,
             "one_client": {"library_ms": {"p50": round(one_lib[0], 2), "p99": round(one_lib[1], 2)},
                            "service_ms": {"p50": round(one_svc[0], 2), "p99": round(one_svc[1], 2)},
                            "overhead_ms": {"p50": round(one_svc[0] - one_lib[0], 2),

@@ -160,6 +160,7 @@ class Registry:
             slot = self._slots[sid] = _Slot(sid)
         slot.users += 1
         deadline = time.monotonic() + self.config.lock_wait_s
+        cancelled = False
         try:
             try:
                 await asyncio.wait_for(slot.lock.acquire(), self.config.lock_wait_s)
@@ -182,12 +183,16 @@ class Registry:
                 # Closing flushes (blocking I/O, off the loop); it must finish and the lock be given
                 # back even if this request is being cancelled: a task of its own, shielded.
                 done = asyncio.ensure_future(self._release(slot, close))
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await asyncio.shield(done)
+                except asyncio.CancelledError:
+                    cancelled = True  # the release goes on; the cancellation is raised below
         finally:
             slot.users -= 1
             if slot.users == 0 and slot.session is None and not slot.lock.locked():
                 self._slots.pop(sid, None)
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def _release(self, slot: _Slot, close: bool) -> None:
         try:
