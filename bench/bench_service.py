@@ -274,7 +274,8 @@ def main() -> int:
         one_lib = [pct(lib_serial, q) * 1000 for q in (0.5, 0.99)]
         one_svc = [pct(run["serial"], q) * 1000 for q in (0.5, 0.99)]
         report = {
-            "store": kind, "keep_open": args.keep_open or "default", "clients": args.clients, "turns": args.turns, "workers": args.workers,
+            "store": kind, "keep_open": args.keep_open or "default", "clients": args.clients, "turns": args.turns,
+            "workers": args.workers,
             "one_client": {"library_ms": {"p50": round(one_lib[0], 2), "p99": round(one_lib[1], 2)},
                            "service_ms": {"p50": round(one_svc[0], 2), "p99": round(one_svc[1], 2)},
                            "overhead_ms": {"p50": round(one_svc[0] - one_lib[0], 2),
