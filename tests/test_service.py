@@ -489,3 +489,26 @@ def test_a_session_can_have_its_own_system_prompt(client: httpx.Client) -> None:
     assert exported["system_prompt"] == "You are the kitchen speaker."
     assert_json_error(client.post("/v1/sessions", json={"system_prompt": 3}), 400, "invalid_text")
     assert_json_error(client.post("/v1/sessions", json={"system_prompt": "x" * 20_000}), 413)
+
+
+def test_summary_memory_through_the_service(tmp_path: Path) -> None:
+    """--memory summary: a conversation that outgrows the (fake) window keeps a running summary,
+    visible in the session and saved in its export; every turn stays in the history."""
+    filler = " ".join(["and", "some", "more", "words"] * 10)
+    with service(tmp_path / "s", "--memory", "summary", "--max-tokens", "20", "--fake-context", "1500",
+                 "--rate", "1000", "--burst", "1000") as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        sid = c.post("/v1/sessions").json()["session_id"]
+        summary = None
+        for i in range(80):
+            r = c.post(f"/v1/sessions/{sid}/messages", json={"text": f"fact {i} is {i * 7} {filler}"})
+            assert r.status_code == 200, r.text
+            body = c.get(f"/v1/sessions/{sid}").json()
+            if body.get("summary"):
+                summary = body["summary"]
+                break
+        assert summary and "fact 0 is 0" in summary, "no summary after 80 turns"
+        assert body["turns"] == i + 1 and body["memory"] == "summary"
+        c.post(f"/v1/sessions/{sid}/messages", json={"text": "one more"}).raise_for_status()
+        exported = json.loads(c.get(f"/v1/sessions/{sid}/export").content)
+        assert exported["summary"]["text"] and exported["turns"] == i + 2

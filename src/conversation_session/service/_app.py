@@ -132,7 +132,7 @@ class _WordFake(FakeBackend):
 
 def make_backend(config: ServiceConfig) -> Backend:
     if config.backend == "fake":
-        return _WordFake(piece_delay=config.fake_delay)
+        return _WordFake(piece_delay=config.fake_delay, context_length=config.fake_context)
     return create_backend(config.backend, config.model, base_url=config.base_url)
 
 
@@ -432,6 +432,10 @@ async def get_session(request: Request) -> Response:
         "session_id": sid, "created_at": entry["created_at"], "updated_at": record.updated_at or entry["created_at"],
         "turns": record.turns, "total_messages": len(record.messages), "llm_model": record.llm_model or None,
         "system_prompt": record.system_prompt, "store_session_id": entry.get("store_id"),
+        "memory": st.config.memory,
+        "summary": record.summary["text"] if record.summary else None,
+        "summarized_turns": sum(1 for m in record.messages[:record.summary["covers"]] if m["role"] == "assistant")
+        if record.summary else 0,
         "history": record.messages,
     })
 

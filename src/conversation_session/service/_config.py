@@ -36,6 +36,7 @@ class ServiceConfig:
     timeout: float | None = 60.0         # one turn, as the library's timeout
     max_tokens: int = 512
     system: str | None = None
+    memory: str = "trim"                 # or "summary": running summaries beyond the window
     log_level: str = "INFO"
     # Limits.
     max_body_bytes: int = 64 * 1024
@@ -49,6 +50,7 @@ class ServiceConfig:
     lease_ttl_s: float | None = None     # PostgreSQL: how soon a crashed worker's sessions are free again
     # Test hooks (hidden options).
     fake_delay: float = 0.0
+    fake_context: int | None = None       # tests: the fake backend's context window (words)
 
     @property
     def keep_open(self) -> float:
@@ -123,6 +125,9 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
     p.add_argument("--timeout", type=_timeout, default=60.0, help="seconds per turn (0 = no limit; default 60)")
     p.add_argument("--max-tokens", type=_positive(int), default=512, help="reply length limit (default 512)")
     p.add_argument("--system", default=None, help="system prompt for new sessions")
+    p.add_argument("--memory", choices=["trim", "summary"], default="trim",
+                   help="when a conversation outgrows the context window: leave the oldest turns out of the "
+                        "prompt (trim, default) or fold them into a running summary")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--rate", type=_positive(float), default=10.0,
                    help="requests per second allowed per token in each worker (default 10)")
@@ -140,6 +145,7 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
                         "(the store's default is 15)")
     # For tests and benchmarks: the fake backend's delay per streamed piece.
     p.add_argument("--fake-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--fake-context", type=_positive(int), default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -151,8 +157,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         store=args.store, sessions_dir=args.sessions_dir, backend=args.backend, model=args.model,
         base_url=args.base_url, host=args.host, port=args.port, workers=args.workers,
         tokens=tuple(dict.fromkeys(tokens)), timeout=args.timeout, max_tokens=args.max_tokens,
-        system=args.system, log_level=args.log_level, rate=args.rate, burst=args.burst,
+        system=args.system, memory=args.memory, log_level=args.log_level, rate=args.rate, burst=args.burst,
         lock_wait_s=max(args.lock_wait, 0.0), keep_open_s=args.keep_open, max_open=args.max_open,
         shutdown_grace_s=max(args.shutdown_grace, 0.0), lease_ttl_s=args.lease_ttl,
-        fake_delay=max(args.fake_delay, 0.0),
+        fake_delay=max(args.fake_delay, 0.0), fake_context=args.fake_context,
     )

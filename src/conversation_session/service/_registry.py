@@ -266,7 +266,7 @@ class Registry:
         cfg = self.config
         return AsyncConversationSession(backend=self.backend, store=store, timeout=cfg.timeout,
                                         max_tokens=cfg.max_tokens, system_prompt=system_prompt,
-                                        tts_wait_timeout=None)
+                                        tts_wait_timeout=None, memory=cfg.memory)
 
     # -- housekeeping ---------------------------------------------------------------------
     async def _sweep(self) -> None:
