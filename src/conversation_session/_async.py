@@ -23,9 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ._core import SessionCore
+from ._core import SessionCore, SessionView
 from ._exceptions import SessionError
-from ._format import MessageDict
 from ._result import ChatResult
 from ._runtime import shared_executor
 from ._store import validate_session_id
@@ -39,7 +38,7 @@ logger = logging.getLogger("conversation_session")
 T = TypeVar("T")
 
 
-class AsyncConversationSession:
+class AsyncConversationSession(SessionView):
     """A conversation for asyncio code; see ``ConversationSession`` for the arguments.
 
     ::
@@ -107,47 +106,10 @@ class AsyncConversationSession:
 
     close = aclose
 
-    # -- properties -------------------------------------------------------------------------
-    @property
-    def session_id(self) -> str:
-        return self._core.session_id
-
-    @property
-    def history(self) -> list[MessageDict]:
-        return [dict(m) for m in self._core.conversation.messages]  # type: ignore[misc]
-
-    @property
-    def turns(self) -> int:
-        return self._core.conversation.turns
-
-    @property
-    def backend(self) -> Backend:
-        return self._core.backend
-
-    @property
-    def llm_model(self) -> str:
-        return self._core.llm_model
-
-    @property
-    def store(self) -> StoreAPI:
-        return self._core.store
-
-    @property
-    def path(self) -> Path | str | None:
-        store_path = getattr(self._core.store, "snapshot_path", None)
-        return store_path(self.session_id) if store_path is not None else self._core.location
-
+    # -- properties (the rest: SessionView) ---------------------------------------------
     @property
     def system_prompt(self) -> str | None:
         return self._core.conversation.system_prompt
-
-    @property
-    def timeout(self) -> float | None:
-        return self._core.timeout
-
-    @timeout.setter
-    def timeout(self, value: float | None) -> None:
-        self._core.timeout = value
 
     # -- the turn ---------------------------------------------------------------------------
     def stream(self, text: str, *, on_token: Callable[[str], None] | None = None) -> AsyncTurn:

@@ -33,7 +33,8 @@ from ._warmth import JOIN_TIMEOUT_S, KVFile, Warmup
 from .backends import Backend, GenerationRequest, create_backend
 from .speech import create_speaker
 
-__all__ = ["SESSIONS_DIR_ENV", "STORE_ENV", "SessionCore", "default_sessions_dir", "open_store"]
+__all__ = ["SESSIONS_DIR_ENV", "STORE_ENV", "SessionCore", "SessionView", "core_setting", "default_sessions_dir",
+           "open_store"]
 
 logger = logging.getLogger("conversation_session")
 
@@ -534,3 +535,46 @@ class SessionCore:
             self.speaker.close()
         if self.owns_backend:
             self.backend.close()
+
+
+def core_setting(name: str, doc: str) -> Any:
+    """A read-write attribute kept on the session's core (changeable between turns)."""
+    return property(lambda self: getattr(self._core, name),
+                    lambda self, value: setattr(self._core, name, value), doc=doc)
+
+
+class SessionView:
+    """What the sync and the async session show of their core, the same way: read without I/O
+    and without the session's lock (each is one attribute read)."""
+
+    _core: SessionCore
+
+    enable_cache = property(lambda self: self._core.enable_cache)
+    backend = property(lambda self: self._core.backend)
+    llm_model = property(lambda self: self._core.llm_model)
+    store = property(lambda self: self._core.store)
+    persist_kv_cache = property(lambda self: self._core.persist_kv_cache)
+    timeout = core_setting("timeout", "seconds a whole turn may take (None: no limit)")
+
+    @property
+    def session_id(self) -> str:
+        return self._core.session_id
+
+    @property
+    def history(self) -> list[MessageDict]:
+        """A copy of the kept conversation (completed turns only)."""
+        return [dict(m) for m in self._core.conversation.messages]  # type: ignore[misc]
+
+    @property
+    def turns(self) -> int:
+        return self._core.conversation.turns
+
+    @property
+    def path(self) -> Path | str | None:
+        """Where the session is saved (a file for the file store)."""
+        store_path = getattr(self._core.store, "snapshot_path", None)
+        return store_path(self.session_id) if store_path is not None else self._core.location
+
+    @property
+    def _writer(self) -> Any:  # for tests that look at the store writer
+        return self._core.writer

@@ -22,9 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ._core import SESSIONS_DIR_ENV, SessionCore, default_sessions_dir
+from ._core import SESSIONS_DIR_ENV, SessionCore, SessionView, core_setting, default_sessions_dir
 from ._exceptions import SessionError
-from ._format import MessageDict
 from ._result import ChatResult
 from ._store import validate_session_id
 from ._store_api import StoreAPI
@@ -36,13 +35,7 @@ __all__ = ["SESSIONS_DIR_ENV", "ConversationSession", "default_sessions_dir"]
 logger = logging.getLogger("conversation_session")
 
 
-def _core_setting(name: str, doc: str) -> Any:
-    """A read-write attribute kept on the session's core (changeable between turns)."""
-    return property(lambda self: getattr(self._core, name),
-                    lambda self, value: setattr(self._core, name, value), doc=doc)
-
-
-class ConversationSession:
+class ConversationSession(SessionView):
     """A conversation that saves every completed turn and survives timeouts and restarts.
 
     Args:
@@ -120,18 +113,11 @@ class ConversationSession:
                      self.llm_model)
 
     # -- settings the caller may change between turns ---------------------------------------
-    enable_cache = property(lambda self: self._core.enable_cache)
-    backend = property(lambda self: self._core.backend)
-    llm_model = property(lambda self: self._core.llm_model)
-    store = property(lambda self: self._core.store)
-    persist_kv_cache = property(lambda self: self._core.persist_kv_cache)
     tts = property(lambda self: self._core.speaker)
-
-    timeout = _core_setting("timeout", "seconds a whole turn may take (None: no limit)")
-    tts_wait_timeout = _core_setting("tts_wait_timeout", "seconds to wait for speech once the text is complete")
-    max_tokens = _core_setting("max_tokens", "reply length limit in tokens")
-    temperature = _core_setting("temperature", "sampling temperature")
-    sampling = _core_setting("sampling", "extra sampling options sent with each request (top_p, seed, ...)")
+    tts_wait_timeout = core_setting("tts_wait_timeout", "seconds to wait for speech once the text is complete")
+    max_tokens = core_setting("max_tokens", "reply length limit in tokens")
+    temperature = core_setting("temperature", "sampling temperature")
+    sampling = core_setting("sampling", "extra sampling options sent with each request (top_p, seed, ...)")
     kv_cache_max_bytes = property(lambda self: self._core.kv.cap)
 
     @property
@@ -177,31 +163,6 @@ class ConversationSession:
             if not allow_closed:
                 self._core.check_open()
             yield
-
-    # -- properties ----------------------------------------------------------------------
-    @property
-    def session_id(self) -> str:
-        return self._core.session_id
-
-    @property
-    def history(self) -> list[MessageDict]:
-        """A copy of the kept conversation (completed turns only)."""
-        return [dict(m) for m in self._core.conversation.messages]  # type: ignore[misc]
-
-    @property
-    def turns(self) -> int:
-        return self._core.conversation.turns
-
-    @property
-    def path(self) -> Path | str | None:
-        """Where the session is saved (a file for the file store)."""
-        location = self._core.location
-        store_path = getattr(self._core.store, "snapshot_path", None)
-        return store_path(self.session_id) if store_path is not None else location
-
-    @property
-    def _writer(self) -> Any:  # for tests that look at the store writer
-        return self._core.writer
 
     # -- the turn ------------------------------------------------------------------------
     def stream(self, text: str, *, on_token: Callable[[str], None] | None = None) -> Turn:
