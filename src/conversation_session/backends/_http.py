@@ -14,10 +14,11 @@ from typing import Any
 
 import httpx
 
+from .._runtime import run_in_background
 from ._base import CancelToken
 
 __all__ = ["AsyncClients", "HttpTimeouts", "aiter_sse_data", "cancel_extensions", "iter_sse_data", "make_client",
-           "on_event_loop", "server_message"]
+           "on_event_loop", "probe_off_the_loop", "server_message"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,26 @@ def on_event_loop() -> bool:
         asyncio.get_running_loop()
     except RuntimeError:
         return False
+    return True
+
+
+def probe_off_the_loop(backend: Any, timeout: float | None) -> bool:
+    """On an event loop's thread a question to the server must not block it: ask
+    ``backend.context_length(timeout)`` on the shared pool (one question at a time) and return
+    True, so the caller answers with its configured window meanwhile.  False off the loop, or
+    once the question has failed (then the caller answers from what it knows, at once)."""
+    if backend._probe_failed or not on_event_loop():
+        return False
+    if not backend._probing:
+        backend._probing = True
+
+        def probe() -> None:
+            try:
+                backend.context_length(timeout)
+            finally:
+                backend._probing = False
+
+        run_in_background(probe, "context-window probe")
     return True
 
 

@@ -25,9 +25,8 @@ import httpx
 
 from .._exceptions import BackendError, ModelNotFoundError
 from .._format import MessageDict
-from .._runtime import run_in_background
 from ._base import Backend, CancelToken, GenerationRequest, Usage
-from ._http import AsyncClients, HttpTimeouts, cancel_extensions, make_client, on_event_loop, server_message
+from ._http import AsyncClients, HttpTimeouts, cancel_extensions, make_client, probe_off_the_loop, server_message
 
 __all__ = ["DEFAULT_KEEP_ALIVE", "DEFAULT_OLLAMA_MODEL", "PROBE_TIMEOUT", "OllamaBackend", "default_ollama_url"]
 
@@ -217,17 +216,7 @@ class OllamaBackend(Backend):
         used until the answer is in (``acontext_length`` waits for it without blocking)."""
         if self._context_length is not None:
             return self._context_length
-        if not self._probe_failed and on_event_loop():
-            if not self._probing:
-                self._probing = True
-
-                def probe() -> None:
-                    try:
-                        self.context_length(timeout)
-                    finally:
-                        self._probing = False
-
-                run_in_background(probe, "context-window probe")
+        if probe_off_the_loop(self, timeout):
             return self.num_ctx
         with self._ctx_lock:
             if self._context_length is not None:

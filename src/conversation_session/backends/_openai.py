@@ -32,7 +32,7 @@ import httpx
 
 from .._exceptions import BackendError, ModelNotFoundError
 from .._format import MessageDict
-from .._runtime import run_in_background, shared_executor
+from .._runtime import shared_executor
 from ._base import Backend, CancelToken, GenerationRequest, Usage
 from ._http import (
     AsyncClients,
@@ -41,7 +41,7 @@ from ._http import (
     cancel_extensions,
     iter_sse_data,
     make_client,
-    on_event_loop,
+    probe_off_the_loop,
     server_message,
 )
 
@@ -224,17 +224,7 @@ class OpenAIBackend(Backend):
         background and the setting (or 4096) is used until the answer is in."""
         if self._context_length is not None:
             return self._context_length
-        if not self._probe_failed and on_event_loop():
-            if not self._probing:
-                self._probing = True
-
-                def probe() -> None:
-                    try:
-                        self.context_length(timeout)
-                    finally:
-                        self._probing = False
-
-                run_in_background(probe, "context-window probe")
+        if probe_off_the_loop(self, timeout):
             return self.context_length_setting or DEFAULT_CONTEXT_LENGTH
         with self._ctx_lock:
             if self._context_length is None:
