@@ -197,3 +197,22 @@ def test_embedded_model_long_conversation_with_summaries_keeps_the_cache_warm(se
         assert len(warm) >= 0.7 * len(results[1:]), [(r.prompt_tokens, r.cached_tokens) for r in results]
         assert all(r.prompt_tokens <= 1024 - 16 for r in results)
     assert HistoryStore(sessions_dir).load(sid).summary["text"] == summary["summary"]
+
+
+class LongSummarizer(Summarizer):
+    """A summariser whose summaries are long: they do not fit beside the turns they were cut for."""
+
+    def generate(self, request):
+        text = "".join(super().generate(request))
+        yield text + "\n" + " ".join(["detail"] * 120)  # a second line: not carried into the next summary
+
+
+def test_a_summary_longer_than_the_room_it_was_made_for_is_still_used(sessions_dir):
+    # Before: the ready summary was dropped whenever it did not fit from the start it covered,
+    # and the next one was made for the same room: the session trimmed for ever, silently.
+    fake, summarizer = FakeBackend(context_length=400), LongSummarizer()
+    with ConversationSession(backend=fake, summarizer=summarizer, memory="summary", max_tokens=10) as s:
+        _chat_until_compactions(s, summarizer, 2)
+        s.chat("and one more")
+        assert "fact 0 is 0" in s.get_history_summary()["summary"]
+        assert fake.count_tokens(fake.requests[-1].messages) <= 400 - 10

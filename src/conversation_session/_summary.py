@@ -163,16 +163,20 @@ class SummaryPolicy(TrimPolicy):
         ready = self._ready
         if sent is None and ready is not None:
             # The window is full and a summary is ready: switch prefix and start together, once.
-            # (If trimming already moved past what it covers, the start stays; the next
-            # compaction folds the gap.)
-            start = max(ready.covers, self.start)
+            # The turns that arrived while it was being made (and the summary's own length) may
+            # not fit beside it: then the start moves on to the first turn that leaves the
+            # usual quarter of the window free, as trimming would; the next compaction folds
+            # those turns into the summary.
             new_prefix = self.prefix_for(system, ready)
             new_fixed = self.tokens.base() + sum(self.tokens.of(m) for m in (*new_prefix, user))
-            if self._sent_tokens_from(history, start, new_fixed, budget) is not None:
+            start = max(ready.covers, self.start)
+            if self._sent_tokens_from(history, start, new_fixed, budget) is None:
+                start = max(start, self._cut_for(history, new_fixed, budget - n_ctx // 4))
+            if start < len(history):
                 dropped = sum(1 for m in history[self.start:start] if m["role"] == "assistant")
-                self._adopt(ready)
+                self._adopt(ready, start)
                 return Fit(self.start, dropped)
-            self._ready = None  # too little: fold more next time
+            self._ready = None  # the summary alone leaves no room: trim, and fold again later
         fit = super().fit(history, prefix, user) if sent is None else Fit(self.start, 0)
         self._maybe_start_job(history, fixed, budget, n_ctx)
         return fit
@@ -184,9 +188,9 @@ class SummaryPolicy(TrimPolicy):
         finally:
             self.state = saved
 
-    def _adopt(self, state: SummaryState) -> None:
+    def _adopt(self, state: SummaryState, start: int) -> None:
         self.state = state
-        self.start = max(self.start, state.covers)
+        self.start = start
         self._ready = None
         self.compactions += 1
         logger.info("memory: compacted the conversation: %d messages now in the summary (%d characters)",
@@ -237,7 +241,7 @@ class SummaryPolicy(TrimPolicy):
                 return
             # The summariser sees its instructions, the previous summary and the batch: a batch
             # larger than its window is folded in chunks, oldest first.
-            room = n_ctx - SUMMARY_MAX_TOKENS - SUMMARY_OVERHEAD_TOKENS
+            room = max(n_ctx - SUMMARY_MAX_TOKENS - SUMMARY_OVERHEAD_TOKENS, n_ctx // 4)
             chunks: list[list[MessageDict]] = [[]]
             used = 0
             for i in range(covered, cut):
