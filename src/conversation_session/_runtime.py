@@ -84,7 +84,14 @@ def run_in_background(fn: Callable[[], Any], what: str) -> Future[Any]:
             logger.exception("background %s failed", what)
             return None
 
-    return shared_executor().submit(job)
+    try:
+        return shared_executor().submit(job)
+    except RuntimeError:
+        # The interpreter is exiting (the pool no longer takes work): a snapshot asked for by a
+        # session being finalised now is still worth writing, so it runs here and now.
+        done: Future[Any] = Future()
+        done.set_result(job())
+        return done
 
 
 class Deadline:
