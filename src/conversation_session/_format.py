@@ -17,6 +17,10 @@ an assistant message carry ``"interrupted": true`` (a reply cut short but kept).
 adds ``summary`` (optional, written only when set): the running summary of ``memory="summary"``,
 ``{"text": ..., "covers": <leading messages it summarises>, "model": <who wrote it>}``.  The
 history itself is never shortened: the summary only decides what the prompt carries.
+Version 4 adds ``title`` (optional: the session's name, one line) and ``undone`` (optional: what
+``undo()`` and ``retry()`` withdrew from the history, oldest first, each
+``{"at": <time>, "start": <index it was withdrawn from>, "messages": [...]}``): an undo is never a
+silent rewrite, the file says what left the history and when.
 
 Files without ``schema_version`` (written by the seed's own implementation) are version 0 and
 are upgraded on load by the steps in ``MIGRATIONS``.  Turns completed since the last snapshot
@@ -42,6 +46,7 @@ __all__ = [
     "MIGRATIONS",
     "ROLES",
     "SCHEMA_VERSION",
+    "TITLE_MAX_CHARS",
     "UTF8_BOM",
     "JournalMetaDict",
     "JournalRecordDict",
@@ -49,16 +54,21 @@ __all__ = [
     "SessionFileDict",
     "SessionRecord",
     "SummaryDict",
+    "UndoneDict",
     "check_text",
+    "clean_title",
     "count_turns",
     "is_utf8_text",
     "now_iso",
     "parse_journal_line",
     "validate_messages",
     "validate_summary",
+    "validate_title",
+    "validate_undone",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+TITLE_MAX_CHARS = 200
 ROLES = frozenset({"system", "user", "assistant"})
 UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -77,6 +87,14 @@ class SummaryDict(TypedDict):
     model: str
 
 
+class UndoneDict(TypedDict):
+    """Messages withdrawn from the history by ``undo()``/``retry()`` (schema 4)."""
+
+    at: str                       # when (local time, as ``updated_at``)
+    start: int                    # the index they were withdrawn from
+    messages: list[MessageDict]
+
+
 class SessionFileDict(TypedDict):
     schema_version: int
     session_id: str
@@ -86,6 +104,8 @@ class SessionFileDict(TypedDict):
     turns: int
     system_prompt: NotRequired[str | None]
     summary: NotRequired[SummaryDict | None]
+    title: NotRequired[str | None]
+    undone: NotRequired[list[UndoneDict]]
     conversation_history: list[MessageDict]
 
 
@@ -94,10 +114,11 @@ class JournalMetaDict(TypedDict, total=False):
 
     system_prompt: str | None
     summary: SummaryDict | None
+    title: str | None
 
 
 # The record-level fields a journal line's "meta" may carry, in the order they are written.
-META_FIELDS = ("system_prompt", "summary")
+META_FIELDS = ("system_prompt", "summary", "title")
 
 
 class JournalRecordDict(TypedDict):
@@ -113,11 +134,31 @@ class JournalRecordDict(TypedDict):
     messages: list[MessageDict]
     updated_at: str
     meta: NotRequired[JournalMetaDict]
+    # An undo/retry (schema 4): the messages from ``start`` on were withdrawn (``undone`` holds
+    # them) before ``messages`` were appended; ``rewind`` numbers the session's rewinds from 1, so
+    # replay over a snapshot knows which ones the snapshot already holds.
+    rewind: NotRequired[int]
+    undone: NotRequired[list[MessageDict]]
 
 
 def now_iso() -> str:
     """Local time, ISO 8601 to the second, as the seed's ``created_at`` shows."""
     return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def clean_title(title: object) -> str | None:
+    """A session title as stored: one line, whitespace collapsed, at most ``TITLE_MAX_CHARS``
+    characters; blank (or None) means no title.  Anything but a str or None is a ``TypeError``."""
+    if title is None:
+        return None
+    if not isinstance(title, str):
+        raise TypeError(f"a title must be a str, not {type(title).__name__}")
+    if not is_utf8_text(title):
+        raise ValueError("the title contains a lone surrogate character and cannot be saved as UTF-8")
+    line = " ".join(title.split())
+    if len(line) > TITLE_MAX_CHARS:
+        line = line[:TITLE_MAX_CHARS - 1].rstrip() + "…"
+    return line or None
 
 
 def count_turns(messages: list[MessageDict]) -> int:
@@ -220,11 +261,48 @@ def _v3_summary(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _v4_title_undone(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 4: optional ``title`` and ``undone`` (absent = none).  Nothing in a version 3
+    file changes."""
+    data = dict(data)
+    data.setdefault("title", None)
+    data.setdefault("undone", [])
+    data["schema_version"] = 4
+    return data
+
+
 MIGRATIONS: list[tuple[int, Callable[[dict[str, Any]], dict[str, Any]]]] = [
     (1, _v1_from_seed),
     (2, _v2_system_prompt),
     (3, _v3_summary),
+    (4, _v4_title_undone),
 ]
+
+
+def validate_title(value: Any, where: str = "title") -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise SessionFormatError(f"'{where}' is {type(value).__name__}, not a string")
+    return value
+
+
+def validate_undone(value: Any, where: str = "undone") -> list[UndoneDict]:
+    """The ``undone`` list of a file (schema 4), or ``SessionFormatError``."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise SessionFormatError(f"'{where}' is {type(value).__name__}, not a list")
+    out: list[UndoneDict] = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise SessionFormatError(f"'{where}[{i}]' is {type(entry).__name__}, not an object")
+        at, start = entry.get("at"), entry.get("start")
+        if not isinstance(at, str):
+            raise SessionFormatError(f"'{where}[{i}].at' is {type(at).__name__}, not a string")
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise SessionFormatError(f"'{where}[{i}].start' is {start!r}, not a message index")
+        out.append({"at": at, "start": start,
+                    "messages": validate_messages(entry.get("messages"), where=f"{where}[{i}].messages")})
+    return out
 
 
 def validate_summary(value: Any, where: str = "summary") -> SummaryDict | None:
@@ -271,6 +349,8 @@ class SessionRecord:
     messages: list[MessageDict] = field(default_factory=list)
     system_prompt: str | None = None
     summary: SummaryDict | None = None
+    title: str | None = None
+    undone: list[UndoneDict] = field(default_factory=list)
 
     @property
     def turns(self) -> int:
@@ -292,6 +372,10 @@ class SessionRecord:
             data["system_prompt"] = self.system_prompt
         if self.summary is not None:
             data["summary"] = self.summary
+        if self.title is not None:
+            data["title"] = self.title
+        if self.undone:
+            data["undone"] = self.undone
         return data
 
     def apply_meta(self, meta: JournalMetaDict | dict[str, Any] | None) -> None:
@@ -300,6 +384,20 @@ class SessionRecord:
             self.system_prompt = meta["system_prompt"]
         if meta and "summary" in meta:
             self.summary = meta["summary"]
+        if meta and "title" in meta:
+            self.title = meta["title"]
+
+    def withdraw(self, start: int, at: str) -> list[MessageDict]:
+        """Move the messages from ``start`` on to ``undone`` (an undo); returns them.  A summary
+        that covered any of them no longer applies and is dropped with them."""
+        if not 0 <= start <= len(self.messages):
+            raise ValueError(f"cannot withdraw from message {start}: there are {len(self.messages)}")
+        gone = self.messages[start:]
+        del self.messages[start:]
+        self.undone.append({"at": at, "start": start, "messages": gone})
+        if self.summary is not None and self.summary["covers"] > start:
+            self.summary = None
+        return gone
 
     @classmethod
     def from_dict(cls, data: Any, *, raw: bytes | bytearray | None = None) -> SessionRecord:
@@ -331,6 +429,8 @@ class SessionRecord:
             messages=messages,
             system_prompt=system_prompt,
             summary=validate_summary(data.get("summary")),
+            title=validate_title(data.get("title")),
+            undone=validate_undone(data.get("undone")),
         )
 
 
@@ -361,6 +461,12 @@ def parse_journal_line(line: bytes | bytearray) -> JournalRecordDict:
         if not isinstance(session_id, str):
             raise SessionFormatError(f"journal line has session_id={session_id!r}")
         out["session_id"] = session_id
+    if "rewind" in data:
+        rewind = data["rewind"]
+        if isinstance(rewind, bool) or not isinstance(rewind, int) or rewind < 1:
+            raise SessionFormatError(f"journal line has rewind={rewind!r}")
+        out["rewind"] = rewind
+        out["undone"] = validate_messages(data.get("undone", []), where="journal undone")
     meta = data.get("meta")
     if meta is not None:
         if not isinstance(meta, dict):
@@ -373,5 +479,7 @@ def parse_journal_line(line: bytes | bytearray) -> JournalRecordDict:
             clean["system_prompt"] = sp
         if "summary" in meta:
             clean["summary"] = validate_summary(meta["summary"], "journal summary")
+        if "title" in meta:
+            clean["title"] = validate_title(meta["title"], "journal title")
         out["meta"] = clean  # unknown meta keys (a newer release's) are ignored
     return out

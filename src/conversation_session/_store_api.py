@@ -28,6 +28,19 @@ Consistent reads
     ``load()``, ``list_sessions()`` and exports see every append acknowledged before they
     started, and never half of one, while a writer is active elsewhere.
 
+Undo (rewind)
+    ``SessionWriter.rewind(start, messages)`` withdraws the messages from ``start`` on and
+    appends ``messages`` in their place, in one durable write that also records what was
+    withdrawn (``record.undone``; exports carry it): ``undo()`` and ``retry()`` are never a
+    silent rewrite.  All or nothing: True means applied and durable; False (``last_error``
+    says why) means nothing changed, in memory or in the store.  Earlier appends that are not
+    yet durable are written first; if they cannot be, the rewind returns False.
+
+Titles and search
+    ``record.title`` is set through ``append(meta={"title": ...})`` by the writer, or
+    ``set_title()`` on a session nobody has open.  ``search()`` finds text in titles and in the
+    messages of the history (not in ``undone``), case-insensitively, newest session first.
+
 Ids
     Session ids match ``[A-Za-z0-9_-]{1,128}``; anything else is a ``ValueError`` before the
     store is touched.  New ids are ``session_<unix seconds>`` (``_2``, ``_3``, ... on a clash).
@@ -41,7 +54,40 @@ from typing import Any, Protocol, runtime_checkable
 
 from ._format import MessageDict, SessionRecord
 
-__all__ = ["SessionInfo", "SessionWriterAPI", "StoreAPI"]
+__all__ = ["SearchHit", "SessionInfo", "SessionWriterAPI", "StoreAPI", "make_snippet"]
+
+SNIPPET_CHARS = 80
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One match of ``search()``: a message (``index`` >= 0, ``role`` its role) or the session's
+    title (``index`` -1, ``role`` ``"title"``), with ``snippet``: about ``SNIPPET_CHARS``
+    characters around the match on one line, ``…`` where cut."""
+
+    session_id: str
+    title: str | None
+    updated_at: str
+    index: int
+    role: str
+    snippet: str
+
+
+def make_snippet(text: str, needle: str, width: int = SNIPPET_CHARS) -> str | None:
+    """The part of ``text`` around the first case-insensitive occurrence of ``needle``, on one
+    line, or None if it does not occur.  The one rule both stores use."""
+    flat = " ".join(text.split())
+    folded, key = flat.casefold(), " ".join(needle.split()).casefold()
+    at = folded.find(key)
+    if at < 0 or not key:
+        return None
+    # casefold() can change lengths (ß -> ss): map back approximately, never out of range.
+    at = min(at, len(flat))
+    room = max(width - len(key), 0)
+    begin = max(at - room // 2, 0)
+    end = min(begin + max(width, len(key)), len(flat))
+    begin = max(min(begin, end - width), 0)
+    return ("…" if begin > 0 else "") + flat[begin:end] + ("…" if end < len(flat) else "")
 
 
 @dataclass(frozen=True)
@@ -87,6 +133,14 @@ class SessionWriterAPI(Protocol):
         appended so far, else ``ValueError``); ``meta`` updates record-level fields such as
         ``system_prompt``.  Returns True when durable (see the module docstring)."""
 
+    def rewind(self, start: int, messages: list[MessageDict] | None = None,
+               meta: dict[str, Any] | None = None) -> bool:
+        """Withdraw the messages from index ``start`` on (they join ``record.undone``, stamped
+        with the time) and append ``messages`` at ``start``, in one durable write; a summary
+        covering withdrawn messages is dropped.  ``start`` past the end is a ``ValueError``.
+        All or nothing: True when applied and durable, False (``last_error``) when nothing
+        changed (see the module docstring)."""
+
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Finish background work (a snapshot); False if it did not finish in time."""
 
@@ -130,6 +184,16 @@ class StoreAPI(Protocol):
     def import_record(self, record: SessionRecord) -> str:
         """Store a whole session (``sessions import``, moving between stores); keeps its id when
         free, else gives it a new one; returns the id.  Validated like a load."""
+
+    def set_title(self, session_id: str, title: str | None) -> None:
+        """Name a session nobody has open (``sessions rename``); None or blank removes the name.
+        Raises ``SessionNotFoundError``, ``SessionLockedError`` (its writer sets it instead, with
+        ``append(meta={"title": ...})``).  The title is cleaned by ``clean_title()``."""
+
+    def search(self, text: str, *, limit: int = 50) -> list[SearchHit]:
+        """Where ``text`` occurs (case-insensitively; whitespace runs match any whitespace) in
+        titles and messages, newest session first, in message order within a session, at most
+        ``limit`` hits.  Blank text is a ``ValueError``.  Reads each session at most once."""
 
     def is_locked(self, session_id: str) -> bool:
         """True while some writer holds the session's lease."""
