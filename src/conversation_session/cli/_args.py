@@ -36,7 +36,7 @@ __all__ = ["HOUSEKEEPING", "RETENTION_ENV", "build_parser", "parse_args", "parse
            "retention_days", "sessions_dir_from", "store_from"]
 
 RETENTION_ENV = "CONVERSATION_SESSIONS_RETENTION_DAYS"
-HOUSEKEEPING = ("sessions", "doctor")
+HOUSEKEEPING = ("sessions", "doctor", "models")
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 _HOUSEKEEPING_HELP = """\
@@ -48,6 +48,7 @@ housekeeping (no chat; exit status 0 ok, 1 error, 2 usage):
   sessions delete ID [--yes]                  delete one session
   sessions prune [--older-than 30d] [--keep N] [--dry-run] [--yes]
   doctor [--fix]                              find damaged files; --fix moves them aside
+  models [--backend B] [--base-url URL]       what the backend offers (Ollama tags, /v1/models, GGUFs)
   Each takes --store URL (or --sessions-dir DIR). Moving sessions between stores:
     %(prog)s --store SRC sessions export --all DIR && %(prog)s --store DEST sessions import DIR/*.json
 
@@ -169,7 +170,7 @@ def build_housekeeping_parser() -> argparse.ArgumentParser:
                                 epilog=_HOUSEKEEPING_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     _global_flags(common, suppress=True)
-    sub = p.add_subparsers(dest="command", metavar="{sessions,doctor}", required=True)
+    sub = p.add_subparsers(dest="command", metavar="{sessions,doctor,models}", required=True)
     sp = sub.add_parser("sessions", help="list, export, import, delete or prune saved sessions",
                         description="Manage saved sessions without starting the chat.")
     ss = sp.add_subparsers(dest="sessions_command", metavar="{list,export,import,delete,prune}", required=True)
@@ -210,6 +211,16 @@ def build_housekeeping_parser() -> argparse.ArgumentParser:
     q.add_argument("--fix", action="store_true",
                    help="move problem files aside to <name>.corrupt-<timestamp> (turns still readable "
                         "in a damaged journal are saved first)")
+
+    q = sub.add_parser("models", parents=[common], help="list the models the backend offers",
+                       description="Ollama: the pulled models (/api/tags); an OpenAI-compatible server: "
+                                   "/v1/models; llama-cpp: the bundled GGUF and the .gguf files beside it "
+                                   "and beside --model.")
+    q.add_argument("--backend", choices=list(BACKEND_NAMES), default=argparse.SUPPRESS,
+                   help="as the chat's --backend (default: the config file's, else llama-cpp)")
+    q.add_argument("--base-url", default=argparse.SUPPRESS, help="the server's URL")
+    q.add_argument("--model", default=argparse.SUPPRESS, help="the model in use (marked with *)")
+    q.add_argument("--json", action="store_true", help="a JSON list instead of a table")
     return p
 
 
@@ -249,7 +260,7 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> ar
         if before.prompt:
             parser.error(f"unexpected words before {argv[i]}: {' '.join(before.prompt)}")
         args = build_housekeeping_parser().parse_args(argv[i:])
-        for name in ("store", "sessions_dir", "log_level", "log_file"):
+        for name in ("store", "sessions_dir", "log_level", "log_file", "backend", "base_url", "model"):
             if not hasattr(args, name):
                 setattr(args, name, getattr(before, name))
     args.config_sessions_dir = config_dir

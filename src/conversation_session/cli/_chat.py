@@ -181,6 +181,7 @@ class ChatApp:
         self.summary: dict[str, Any] | None = None  # the session's summary, once run() ends
         self._spoken: _Spoken | None = None        # the last spoken reply, until it is settled
         self._barge_lock = threading.Lock()
+        self._highlight: Any = False               # code highlighter: not looked for yet
 
     # -- set-up ----------------------------------------------------------------------------
     def _route_logging(self) -> None:
@@ -196,8 +197,10 @@ class ChatApp:
             log.addHandler(self._log_handler)
             log.propagate = False
 
-    def _open_session(self) -> ConversationSession:
-        a = self.args
+    def _open_session(self, args: argparse.Namespace | None = None, **settings: Any) -> ConversationSession:
+        """A session built from the flags (``args``: other flags, as ``/model`` makes);
+        ``settings`` override the flags' system prompt, temperature, ... (carried over by ``/model``)."""
+        a = args or self.args
         tts = None if a.tts == "none" else a.tts
         options, ignored = backend_options(a)
         for flag in ignored:
@@ -208,10 +211,11 @@ class ChatApp:
             extra["kv_cache_max_bytes"] = a.kv_cache_max
         self.console.start_spinner(f"loading {what}…")
         try:
+            chosen = {"timeout": a.timeout, "system_prompt": a.system, "max_tokens": a.max_tokens,
+                      "temperature": a.temperature, **settings}
             return ConversationSession(
-                a.model, backend=self.backend or a.backend, base_url=a.base_url, timeout=a.timeout,
-                tts_wait_timeout=a.tts_wait_timeout, tts=tts, store=store_from(a),
-                system_prompt=a.system, max_tokens=a.max_tokens, temperature=a.temperature,
+                a.model, backend=self.backend or a.backend, base_url=a.base_url,
+                tts_wait_timeout=a.tts_wait_timeout, tts=tts, store=store_from(a), **chosen,
                 backend_options=options, tts_output_dir=a.tts_output_dir,
                 tts_options={k: v for k, v in (("rate", a.tts_rate), ("voice", a.tts_voice),
                                                ("playback", getattr(a, "tts_playback", None))) if v is not None},
@@ -245,8 +249,13 @@ class ChatApp:
         from ._prompt import make_prompt
 
         assert self.session is not None
-        store = self.session.store
-        return make_prompt(_state_dir(store), lambda: _session_ids(store), on_typing=self._on_typing)
+        # Through self.session each time: `/model` replaces the session (and its store object).
+        return make_prompt(_state_dir(self.session.store), lambda: _session_ids(self._current().store),
+                           on_typing=self._on_typing)
+
+    def _current(self) -> ConversationSession:
+        assert self.session is not None
+        return self.session
 
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> int:
@@ -258,7 +267,8 @@ class ChatApp:
             c.error(str(exc))
             return 1
         status = 0
-        with self.session as session:
+        session = self.session
+        try:
             if not self._check_backend(session) or not self._start(session):
                 return 1
             if self.one_shot:
@@ -275,7 +285,10 @@ class ChatApp:
                     status = 0 if self.interactive else 130
                 finally:
                     self._settle()  # leaving while a reply is spoken: stop it, keep what was heard
+            session = self._current()  # `/model` may have replaced it
             summary = self.summary = session.get_history_summary()
+        finally:
+            self._current().close()
         if summary["turns"] and not self.one_shot:
             c.notice(f"👋 saved {summary['turns']} turn(s) in {summary['path']}", "dim")
         if status == 0 and self._failed and not self.interactive:
@@ -616,13 +629,15 @@ class ChatApp:
 
     def _render_markdown(self, reply: str) -> None:
         """Rewrite the streamed reply in place with its Markdown styled (terminals only)."""
-        from ._markdown import looks_like_markdown, render_markdown
+        from ._markdown import looks_like_markdown, pygments_highlighter, render_markdown
 
         if "\t" in reply or not looks_like_markdown(reply):
             return  # a tab's width is the terminal's to choose: the rows cannot be counted
         c = self.console
         text = escape_controls(reply)
-        c.rewrite("🤖 " + text, c.style("🤖 ", "cyan") + render_markdown(text, c.style))
+        if self._highlight is False:
+            self._highlight = pygments_highlighter()  # once: None when Pygments is not installed
+        c.rewrite("🤖 " + text, c.style("🤖 ", "cyan") + render_markdown(text, c.style, self._highlight or None))
 
     def _end_reply(self, started: bool) -> None:
         """End the line of a reply cut short (the notice that follows goes on its own line)."""
@@ -711,6 +726,94 @@ class ChatApp:
             self._export(session, arg)
         elif name == "set":
             self._set(session, arg)
+        elif name == "model":
+            self._switch_model(session, arg)
+        elif name == "models":
+            self._list_models(session)
+        return True
+
+    # -- /model and /models ----------------------------------------------------------------
+    def _list_models(self, session: ConversationSession) -> None:
+        from ._models import list_models
+
+        c = self.console
+        a = self.args
+        self.console.start_spinner("asking for the model list…")
+        try:
+            entries = list_models(a.backend, base_url=a.base_url, model=a.model)
+        except SessionError as exc:
+            c.error(str(exc))
+            return
+        finally:
+            c.stop_spinner()
+        print_models(entries, session.llm_model, c.line)
+
+    def _switch_model(self, session: ConversationSession, arg: str) -> None:
+        """Go on with the same conversation on another model: a new session object on the new
+        model takes over the session (``load_history`` of the same id).  The new model is built
+        and checked first, so a bad name leaves the current one in place, working."""
+        c = self.console
+        name = arg.strip()
+        if not name:
+            c.line(f"   model: {session.llm_model} ({session.backend.name}); `/model NAME` switches, "
+                   "`/models` lists what the backend offers")
+            return
+        if self.backend is not None:
+            c.error("this app was given its backend object; the model cannot be switched")
+            return
+        a = self.args
+        if a.backend == "llama-cpp":
+            from ._models import find_local_model
+
+            name = find_local_model(name, a.model)
+        new_args = argparse.Namespace(**vars(a))
+        new_args.model = name
+        settings = {"system_prompt": session.system_prompt, "temperature": session.temperature,
+                    "max_tokens": session.max_tokens, "timeout": session.timeout}
+        try:
+            new = self._open_session(new_args, **settings)
+        except (SessionError, ValueError, OSError) as exc:
+            c.error(f"cannot switch to {name}: {exc}; still on {session.llm_model}")
+            return
+        if not self._check_backend(new):
+            new.close()
+            c.notice(f"still on {session.llm_model}", "yellow")
+            return
+        sid, turns = session.session_id, session.turns
+        old_model = session.llm_model
+        session.close()  # its last save and KV file are written; the session's lock is released
+        try:
+            if turns and not new.load_history(sid):
+                raise SessionError(f"session {sid} could not be found again")
+        except (SessionError, ValueError) as exc:
+            c.error(f"cannot continue {sid} on {name}: {exc}")
+            if self._reopen(sid, settings):
+                new.close()
+                c.notice(f"back on {old_model}, session {sid}", "yellow")
+                return
+            # Neither: go on in a new session on the new model rather than in a closed one.
+            self.session, self.args = new, new_args
+            c.notice(f"now on {new.llm_model} in a new session {new.session_id}; `/resume {sid}` may work "
+                     "later", "yellow")
+            return
+        self.session = new
+        self.args = new_args
+        self._trimmed_seen = 0
+        c.notice(f"🔁 now on {new.llm_model} ({new.backend.name}); session {new.session_id} goes on"
+                 + (f" with its {new.turns} turn(s)" if turns else "") + f" (was {old_model})", "green")
+
+    def _reopen(self, session_id: str, settings: dict[str, Any]) -> bool:
+        """After a failed switch: the previous model, on the same session, again."""
+        again = None
+        try:
+            again = self._open_session(**settings)
+            again.load_history(session_id)
+        except (SessionError, ValueError, OSError) as exc:
+            self.console.error(f"cannot reopen session {session_id}: {exc}")
+            if again is not None:
+                again.close()
+            return False
+        self.session = again
         return True
 
     def _show_history(self, session: ConversationSession) -> None:
@@ -956,6 +1059,20 @@ class ChatApp:
             c.error(text if "must" in text or "use" in text else f"{name}: {value!r} is not a valid value")
             return
         c.notice(f"{name} = {value or 'on'}")
+
+
+def print_models(entries: list[Any], current: str | None, say: Callable[[str], None]) -> None:
+    """One line per model (``*``: the one in use)."""
+    if not entries:
+        say("the backend lists no models")
+        return
+    width = max(len(e.name) for e in entries)
+    for e in entries:
+        here = current is not None and (e.name == current or e.detail == current
+                                        or Path(current).stem == e.name)
+        size = format_bytes(e.size_bytes) if e.size_bytes is not None else ""
+        say(f"{'*' if here else ' '} {printable(e.name, keep_newlines=False):<{width}}  {size:>9}  "
+            f"{printable(e.detail, keep_newlines=False)}".rstrip())
 
 
 def completions(text: str, session_ids: Callable[[], Iterable[str]]) -> list[tuple[str, int]]:

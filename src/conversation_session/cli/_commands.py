@@ -39,6 +39,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("delete", "ID [--yes]", "delete a saved session (asks first)", session_arg=True),
     Command("export", "[ID] [PATH]", "write a session to a file (.json, or .md for Markdown)", session_arg=True),
     Command("set", "[NAME VALUE]", "show or change: system, temperature, max_tokens, timeout, verbose"),
+    Command("model", "[NAME]", "show the model, or switch to NAME for the rest of this conversation"),
+    Command("models", "", "list the models the backend offers"),
     Command("help", "", "this list"),
     Command("quit", "", "leave (also exit, /bye, Ctrl-D)", aliases=("exit", "bye")),
 )

@@ -260,6 +260,8 @@ def run_command(args: argparse.Namespace, *, usage: Callable[[str], object] | No
                 stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     """Run ``args.command`` (``sessions ...`` or ``doctor``); returns the exit status."""
     err = stderr or sys.stderr
+    if args.command == "models":
+        return _models(args, stdout or sys.stdout, err)
     cmds: _Commands | None = None
     try:
         cmds = _Commands(args, stdin or sys.stdin, stdout or sys.stdout, err)
@@ -281,6 +283,24 @@ def run_command(args: argparse.Namespace, *, usage: Callable[[str], object] | No
     finally:
         if cmds is not None:
             cmds.store.close()
+
+
+def _models(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``models``: what the backend offers (no store needed)."""
+    from ._chat import print_models
+    from ._models import default_model, list_models
+
+    try:
+        entries = list_models(args.backend, base_url=args.base_url, model=args.model)
+    except SessionError as exc:
+        print(_clean(f"error: {exc}"), file=err)
+        return 1
+    if args.json:
+        rows = [{"name": e.name, "size_bytes": e.size_bytes, "detail": e.detail} for e in entries]
+        print(json.dumps(rows, ensure_ascii=False, indent=2), file=out)
+        return 0
+    print_models(entries, default_model(args.backend, args.model, entries), lambda line: print(line, file=out))
+    return 0
 
 
 def apply_retention(store_spec: str, days: float, *, stderr: TextIO | None = None) -> list[str]:
