@@ -16,11 +16,16 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import SessionError, SessionFormatError, SessionNotFoundError, StoreUnavailableError
+from ._exceptions import (
+    SessionError,
+    SessionFormatError,
+    SessionLockedError,
+    SessionNotFoundError,
+    StoreUnavailableError,
+)
 from ._format import MessageDict, SessionRecord, now_iso
 from ._pgstore import (
     _ID_RE,
-    _N_RECORD,
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_LEASE_TTL_S,
     DEFAULT_POOL_SIZE,
@@ -28,25 +33,32 @@ from ._pgstore import (
     DEFAULT_STATEMENT_TIMEOUT_S,
     MIGRATIONS,
     PostgresStore,
+    RewindPlan,
     Sql,
     _first_line,
     _is_broken,
     _LeaseLost,
+    adopt_rewind,
     build_append,
     check_messages,
     check_meta,
+    check_rewind_state,
+    check_title,
     create_candidates,
     import_candidates,
     import_params,
     locked_error,
-    make_record,
+    message_size,
     new_holder,
-    parse_history,
+    parse_load,
+    plan_rewind,
     reconcile,
+    search_hits,
+    search_params,
 )
 from ._runtime import Deadline, schedule
-from ._store import encode_json, validate_session_id
-from ._store_api import SessionInfo
+from ._store import validate_session_id
+from ._store_api import SearchHit, SessionInfo
 
 if TYPE_CHECKING:
     import psycopg
@@ -214,7 +226,7 @@ class AsyncPostgresStore:
             raise SessionError("no free session id")  # pragma: no cover
 
         record.session_id = await self._run("create a session", run)
-        return AsyncPostgresWriter(self, record, holder, gen=1, durable=0, persisted=False, title=None)
+        return AsyncPostgresWriter(self, record, holder, gen=1, durable=0, persisted=False)
 
     async def open(self, session_id: str) -> tuple[AsyncPostgresWriter, SessionRecord]:
         validate_session_id(session_id)
@@ -230,20 +242,23 @@ class AsyncPostgresStore:
                         raise SessionNotFoundError(f"no session {session_id} in {self.description}",
                                                    session_id=session_id)
                     raise locked_error(session_id, state[0], state[3])
-                agg = await (await conn.execute(self.sql.load_messages, (session_id,))).fetchone()
-            return (*row, agg[0] if agg else "")
+                rows = await (await conn.execute(self.sql.load, {"id": session_id})).fetchall()
+            return row[0], row[1], rows
 
-        gen, count, _bytes, *cols, agg = await self._run("open a session", run)
-        record = make_record(session_id, tuple(cols), _parse(session_id, agg))
-        writer = AsyncPostgresWriter(self, record, holder, gen=gen, durable=count, persisted=True, title=cols[4])
+        gen, count, rows = await self._run("open a session", run)
+        record = parse_load(session_id, rows)
+        if record is None or len(record.messages) != count:  # pragma: no cover - one transaction
+            raise SessionFormatError(f"session {session_id}: changed while it was opened")
+        writer = AsyncPostgresWriter(self, record, holder, gen=gen, durable=count, persisted=True)
         return writer, record
 
     async def load(self, session_id: str) -> SessionRecord:
         validate_session_id(session_id)
-        row = await self._one("load a session", self.sql.load, (session_id,))
-        if row is None:
+        rows = await self._all("load a session", self.sql.load, {"id": session_id})
+        record = parse_load(session_id, rows)
+        if record is None:
             raise SessionNotFoundError(f"no session {session_id} in {self.description}", session_id=session_id)
-        return make_record(session_id, row[:_N_RECORD], _parse(session_id, row[_N_RECORD + 1]))
+        return record
 
     async def load_newest(self, exclude: Iterable[str] = ()) -> SessionRecord | None:
         skip = list(exclude)
@@ -282,19 +297,43 @@ class AsyncPostgresStore:
         raise locked_error(session_id, outcome[0], outcome[3])
 
     async def import_record(self, record: SessionRecord) -> str:
-        session, rows = import_params(record)
+        session, rows, undone = import_params(record)
         preferred = record.session_id if _ID_RE.fullmatch(record.session_id) else None
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> str:
             async with conn.transaction():
                 for session_id in import_candidates(preferred):
                     if await (await conn.execute(self.sql.import_session, {**session, "id": session_id})).fetchone():
-                        await conn.execute(self.sql.import_messages, {**rows, "id": session_id})
+                        await conn.execute(self.sql.insert_messages, {**rows, "id": session_id})
+                        if undone is not None:
+                            await conn.execute(self.sql.import_undone, {**undone, "id": session_id})
                         return session_id
             raise SessionError(f"no free id for {record.session_id}")  # pragma: no cover
 
         session_id: str = await self._run("import a session", run)
         return session_id
+
+    async def set_title(self, session_id: str, title: str | None) -> None:
+        validate_session_id(session_id)
+        clean = check_title(title)
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with conn.transaction():
+                if await (await conn.execute(self.sql.set_title, (clean, session_id))).fetchone():
+                    return
+                state = await (await conn.execute(self.sql.lease_state, (session_id,))).fetchone()
+            if state is None:
+                raise SessionNotFoundError(f"no session {session_id} in {self.description}", session_id=session_id)
+            raise locked_error(session_id, state[0], state[3])
+
+        await self._run("rename a session", run)
+
+    async def search(self, text: str, *, limit: int = 50) -> list[SearchHit]:
+        params, needle = search_params(text, limit)
+        if params is None:
+            return []
+        rows = await self._all("search sessions", self.sql.search, params)
+        return search_hits(rows, needle, limit)
 
     async def is_locked(self, session_id: str) -> bool:
         validate_session_id(session_id)
@@ -365,12 +404,25 @@ class AsyncPostgresStore:
         result: int = await self._run("save the turn", run)
         return result
 
+    async def rewind_batch(self, writer: AsyncPostgresWriter, plan: RewindPlan) -> None:
+        """As ``PostgresStore.rewind_batch``."""
+        sql = self.sql
 
-def _parse(session_id: str, agg: str | None) -> list[MessageDict]:
-    try:
-        return parse_history(agg)
-    except ValueError as exc:  # pragma: no cover - the server builds the JSON
-        raise SessionFormatError(f"session {session_id}: stored history is not valid JSON ({exc})") from exc
+        async def run(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with conn.transaction():
+                state = await (await conn.execute(sql.lock_session, (writer.session_id,))).fetchone()
+                count = check_rewind_state(writer, state, plan)
+                if count is None:
+                    return
+                if count < len(plan.old):
+                    await conn.execute(sql.insert_messages, plan.pending_rows(count))
+                await conn.execute(sql.withdraw, plan.withdraw())
+                await conn.execute(sql.delete_from, (writer.session_id, plan.start))
+                if plan.new_end > plan.start:
+                    await conn.execute(sql.insert_messages, plan.insert())
+                await conn.execute(sql.rewound, plan.session)
+
+        await self._run("undo a turn", run)
 
 
 class AsyncPostgresWriter:
@@ -380,14 +432,14 @@ class AsyncPostgresWriter:
     by itself within ``lease_ttl_s``."""
 
     def __init__(self, store: AsyncPostgresStore, record: SessionRecord, holder: str, *, gen: int, durable: int,
-                 persisted: bool, title: str | None):
+                 persisted: bool):
         self.store = store
         self._record = record
         self.holder = holder
         self.gen = gen
         self.durable = durable
         self._persisted = persisted
-        self._title = title
+        self.title_dirty = False
         self._lock = asyncio.Lock()
         self._sizes: list[int] = []
         self._closed = False
@@ -433,30 +485,58 @@ class AsyncPostgresWriter:
                 raise ValueError(f"append at {start}, but session {self.session_id} has "
                                  f"{len(self._record.messages)} messages")
             new = check_messages(messages)
-            if meta:
-                check_meta(meta)
+            meta = check_meta(meta)
             self._record.messages.extend(new)
             if meta:
                 self._record.apply_meta(meta)
-                if isinstance(meta.get("title"), str):
-                    self._title = meta["title"]
+                self.title_dirty = self.title_dirty or "title" in meta
             self._record.updated_at = now_iso()
             return await self._write()
 
-    async def _write(self) -> bool:
-        from ._exceptions import SessionLockedError
+    async def rewind(self, start: int, messages: list[MessageDict] | None = None,
+                     meta: dict[str, Any] | None = None) -> bool:
+        async with self._lock:
+            if self._closed:
+                raise SessionError(f"session {self.session_id} is closed")
+            plan, after, sizes = plan_rewind(self, start, messages, meta)
+            if self._lost is not None:
+                return self._refuse("the undo is not applied")
+            try:
+                await self.store.rewind_batch(self, plan)
+            except _LeaseLost as exc:
+                self._lost = str(exc)
+                return self._refuse("the undo is not applied")
+            except StoreUnavailableError as exc:
+                self.last_error = exc
+                logger.warning("%s; the undo is not applied (nothing changed)", exc)
+                return False
+            adopt_rewind(self._record, after)
+            self._sizes = sizes
+            self.durable = plan.new_end
+            self.title_dirty = False
+            self._persisted = True
+            self.last_error = None
+            return True
 
-        if self._lost is not None:
-            self.last_error = SessionLockedError(f"{self._lost}; the turn is kept in memory only",
-                                                 session_id=self.session_id)
-            logger.warning("not saved: %s", self.last_error)
-            return False
+    def sizes(self) -> list[int]:
         messages, sizes = self._record.messages, self._sizes
         while len(sizes) < len(messages):
-            sizes.append(len(encode_json(messages[len(sizes)]).encode()))
+            sizes.append(message_size(messages[len(sizes)]))
+        return sizes
+
+    def _refuse(self, what: str) -> bool:
+        self.last_error = SessionLockedError(f"{self._lost}; {what}", session_id=self.session_id)
+        logger.warning("not saved: %s", self.last_error)
+        return False
+
+    async def _write(self) -> bool:
+        if self._lost is not None:
+            return self._refuse("the turn is kept in memory only")
+        sizes = self.sizes()
+        set_title = self.title_dirty
         try:
             self.durable = await self.store.append_batch(self, lambda start: build_append(
-                self.session_id, self.holder, self.gen, self.store.lease_ttl_s, self._record, self._title,
+                self.session_id, self.holder, self.gen, self.store.lease_ttl_s, self._record, set_title,
                 start, sizes))
         except _LeaseLost as exc:
             self._lost = str(exc)
@@ -466,6 +546,7 @@ class AsyncPostgresWriter:
             logger.warning("%s; the turn is kept in memory and will be saved with the next one", exc)
             return False
         self._persisted = True
+        self.title_dirty = False
         self.last_error = None
         return True
 

@@ -30,6 +30,18 @@ Failures: a lost connection, a restarted server, a statement timeout make ``appe
 False with ``last_error`` a ``StoreUnavailableError``; the messages stay in memory and the next
 append writes all of them.  An append whose commit may have happened before the connection
 died is reconciled against the row's message count, so nothing is written twice.
+
+Undo/retry (``rewind``) is one transaction: it locks the session row (``FOR UPDATE``) and checks
+the lease there (fencing), writes any appends not yet durable, moves the withdrawn rows of
+``messages`` into ``undone`` (one row per rewind, numbered per session from 1, the messages as
+one ``json`` value: ``json`` keeps a NUL's ``\u0000`` escape, ``jsonb`` would refuse it), inserts
+the replacement and updates the counts.  The rewind number also tells a retried transaction
+whose first attempt did commit (its reply lost) that there is nothing left to do.
+
+Loads are one statement (one snapshot): the session row's fields as one small JSON text in a
+first row, then one plain row per message, in order.  Plain rows cost the server nothing to
+build and the client little to read (psycopg's C row loader); building the whole history as
+one JSON text on the server (the first version) took twice as long at 5,000 messages.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ import os
 import re
 import secrets
 import socket
+import string
 import threading
 import time
 import weakref
@@ -57,10 +70,21 @@ from ._exceptions import (
     SessionNotFoundError,
     StoreUnavailableError,
 )
-from ._format import ROLES, MessageDict, SessionRecord, count_turns, is_utf8_text, now_iso, validate_summary
+from ._format import (
+    ROLES,
+    MessageDict,
+    SessionRecord,
+    UndoneDict,
+    clean_title,
+    count_turns,
+    is_utf8_text,
+    now_iso,
+    validate_summary,
+    validate_undone,
+)
 from ._runtime import Deadline, run_in_background, schedule
 from ._store import encode_json, validate_session_id
-from ._store_api import SessionInfo
+from ._store_api import SNIPPET_CHARS, SearchHit, SessionInfo, make_snippet
 
 if TYPE_CHECKING:
     import psycopg
@@ -121,10 +145,23 @@ CREATE TABLE {s}.messages (
     ("0002_summary", """
 ALTER TABLE {s}.sessions ADD COLUMN summary jsonb;
 """),
+    # Schema 4: what undo()/retry() withdrew (the title column is there since 0001, unused
+    # until now).  One row per rewind; ``messages`` is json, not jsonb, so a NUL's escape stays.
+    ("0003_title_undone", """
+CREATE TABLE {s}.undone (
+    session_id      text NOT NULL REFERENCES {s}.sessions (id) ON DELETE CASCADE,
+    seq             integer NOT NULL CHECK (seq >= 1),      -- the session's rewinds, from 1
+    at              text NOT NULL,                          -- when (local time, as updated_at)
+    start           integer NOT NULL CHECK (start >= 0),    -- the index they were withdrawn from
+    messages        json NOT NULL,                          -- [{{"role", "content"[, "interrupted"]}}]
+    PRIMARY KEY (session_id, seq)
+);
+"""),
 ]
 
-_RECORD_COLUMNS = "created_at, updated_at, llm_model, system_prompt, title, summary"
-_N_RECORD = 6
+# Bits of the per-message flag a load returns.
+_AS_JSON = 1
+_INTERRUPTED = 2
 
 
 def redact_url(url: str) -> str:
@@ -195,8 +232,11 @@ def check_messages(messages: list[MessageDict]) -> list[MessageDict]:
     return [dict(m) for m in messages]  # type: ignore[misc]  # a copy: the caller's dicts stay theirs
 
 
-def check_meta(meta: dict[str, Any]) -> None:
-    """Record-level fields must be storable as PostgreSQL text (no NUL)."""
+def check_meta(meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Record-level fields, checked: storable as PostgreSQL text (no NUL); a title is cleaned by
+    ``clean_title()`` (so memory holds what the store holds).  Returns the meta to apply."""
+    if not meta:
+        return meta
     for key in ("system_prompt", "title"):
         value = meta.get(key)
         if value is not None and (not isinstance(value, str) or "\x00" in value or not is_utf8_text(value)):
@@ -205,6 +245,40 @@ def check_meta(meta: dict[str, Any]) -> None:
         summary = validate_summary(meta["summary"])
         if summary is not None and ("\x00" in summary["text"] or not is_utf8_text(summary["text"])):
             raise ValueError("meta['summary'] must be text without NUL characters")
+    if "title" in meta:
+        meta = {**meta, "title": clean_title(meta["title"])}
+    return meta
+
+
+def message_rows(messages: list[MessageDict]) -> dict[str, list[Any]]:
+    """The column arrays of an insert of ``messages`` (PostgreSQL text cannot hold NUL: such a
+    content is stored as its JSON string literal, flagged)."""
+    roles: list[str] = []
+    contents: list[str] = []
+    as_json: list[bool] = []
+    interrupted: list[bool] = []
+    for m in messages:
+        content = m["content"]
+        roles.append(m["role"])
+        if "\x00" in content:
+            contents.append(encode_json(content))
+            as_json.append(True)
+        else:
+            contents.append(content)
+            as_json.append(False)
+        interrupted.append(bool(m.get("interrupted")))
+    return {"roles": roles, "contents": contents, "as_json": as_json, "interrupted": interrupted}
+
+
+def history_bytes(sizes: list[int]) -> int:
+    """The stored size of a history whose messages encode to ``sizes`` bytes: one JSON array,
+    "[" + ", ".join(messages) + "]", so each message adds its size plus 2 (a separator, or the
+    brackets for the first); an empty history counts 0 (nothing is stored)."""
+    return sum(sizes) + 2 * len(sizes)
+
+
+def message_size(m: MessageDict) -> int:
+    return len(encode_json(m).encode())
 
 
 @dataclasses.dataclass
@@ -216,36 +290,149 @@ class AppendBatch:
 
 
 def build_append(session_id: str, holder: str, gen: int, ttl: float, record: SessionRecord,
-                 title: str | None, start: int, encoded_sizes: list[int]) -> AppendBatch:
-    """Parameters of the append statement for ``record.messages[start:]``."""
+                 set_title: bool, start: int, encoded_sizes: list[int]) -> AppendBatch:
+    """Parameters of the append statement for ``record.messages[start:]``; ``set_title``: the
+    title was given since the last durable write (else the stored one is kept: a rename made
+    while this writer's lease had lapsed is not undone by it)."""
     new = record.messages[start:]
-    roles: list[str] = []
-    contents: list[str] = []
-    as_json: list[bool] = []
-    interrupted: list[bool] = []
-    for m in new:
-        content = m["content"]
-        roles.append(m["role"])
-        if "\x00" in content:
-            contents.append(encode_json(content))
-            as_json.append(True)
-        else:
-            contents.append(content)
-            as_json.append(False)
-        interrupted.append(bool(m.get("interrupted")))
     params = {
         "id": session_id, "holder": holder, "gen": gen, "ttl": ttl, "start": start,
         "end": start + len(new), "turns": count_turns(new),
-        # One JSON array of the history: "[" + ", ".join(messages) + "]".
-        # The history as one JSON array, "[" + ", ".join(messages) + "]": each message adds its
-        # own length plus 2 (a separator, or the brackets for the first).
-        "bytes": sum(encoded_sizes[start:start + len(new)]) + 2 * len(new),
+        "bytes": history_bytes(encoded_sizes[start:start + len(new)]),
         "updated_at": record.updated_at or now_iso(), "llm_model": record.llm_model,
-        "system_prompt": record.system_prompt, "title": title, "first": _first_user_line(new),
+        "system_prompt": record.system_prompt, "set_title": set_title, "title": record.title,
+        "first": _first_user_line(new),
         "summary": None if record.summary is None else json.dumps(record.summary, ensure_ascii=False),
-        "roles": roles, "contents": contents, "as_json": as_json, "interrupted": interrupted,
+        **message_rows(new),
     }
     return AppendBatch(params, start + len(new))
+
+
+@dataclasses.dataclass
+class RewindPlan:
+    """One rewind, computed before anything changes (shared by the sync and async stores)."""
+
+    seq: int                    # this rewind's number in the session (its undone entries + 1)
+    start: int
+    at: str
+    old: list[MessageDict]      # the history in memory before the rewind (maybe not all durable)
+    durable: int                # what the writer knew to be committed
+    new_rows: dict[str, Any]    # message_rows() of the replacement
+    new_end: int
+    session: dict[str, Any]     # the parameters of Sql.rewound
+
+    def pending_rows(self, count: int) -> dict[str, Any]:
+        """The insert of ``old[count:]``: appends not yet durable, written first."""
+        return {"id": self.session["id"], "base": count, **message_rows(self.old[count:])}
+
+    def withdraw(self) -> dict[str, Any]:
+        return {"id": self.session["id"], "seq": self.seq, "at": self.at, "start": self.start}
+
+    def insert(self) -> dict[str, Any]:
+        return {"id": self.session["id"], "base": self.start, **self.new_rows}
+
+
+def plan_rewind(writer: Any, start: int, messages: list[MessageDict] | None,
+                meta: dict[str, Any] | None) -> tuple[RewindPlan, SessionRecord, list[int]]:
+    """Check a rewind's arguments and work out its outcome on a copy of the writer's record:
+    the plan, the record as it will be, the message sizes after it.  ``ValueError`` on bad
+    arguments; nothing of the writer changes here."""
+    record: SessionRecord = writer.record
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(record.messages):
+        raise ValueError(f"rewind at {start!r}, but session {record.session_id} has {len(record.messages)} messages")
+    new = check_messages([] if messages is None else messages)
+    meta = check_meta(meta)
+    after = dataclasses.replace(record, messages=list(record.messages), undone=list(record.undone))
+    at = now_iso()
+    after.withdraw(start, at)
+    after.messages.extend(new)
+    after.apply_meta(meta)
+    after.updated_at = at
+    sizes = writer.sizes()[:start] + [message_size(m) for m in new]
+    set_title = writer.title_dirty or bool(meta and "title" in meta)
+    session = {
+        "id": record.session_id, "end": len(after.messages), "turns": count_turns(after.messages),
+        "bytes": history_bytes(sizes), "updated_at": at, "llm_model": after.llm_model,
+        "system_prompt": after.system_prompt, "set_title": set_title, "title": after.title,
+        "summary": None if after.summary is None else json.dumps(after.summary, ensure_ascii=False),
+        "first": _first_user_line(after.messages), "ttl": writer.store.lease_ttl_s,
+    }
+    plan = RewindPlan(seq=len(record.undone) + 1, start=start, at=at, old=list(record.messages),
+                      durable=writer.durable, new_rows=message_rows(new), new_end=len(after.messages),
+                      session=session)
+    return plan, after, sizes
+
+
+def adopt_rewind(record: SessionRecord, after: SessionRecord) -> None:
+    """Make ``record`` what ``plan_rewind`` computed, in place (callers hold the record and its
+    messages list)."""
+    record.messages[:] = after.messages
+    record.undone[:] = after.undone
+    record.summary = after.summary
+    record.system_prompt = after.system_prompt
+    record.title = after.title
+    record.llm_model = after.llm_model
+    record.updated_at = after.updated_at
+
+
+def check_rewind_state(writer: Any, state: tuple[Any, ...] | None, plan: RewindPlan) -> int | None:
+    """The locked session row against the plan: raises ``_LeaseLost`` (fencing: the lease is not
+    ours), returns None when this very rewind is already committed (an earlier attempt's reply
+    was lost), else the stored message count to go on from."""
+    if state is None:
+        raise _LeaseLost(f"session {writer.session_id} no longer exists in the store (deleted)")
+    holder, gen, count, seq = state
+    if holder != writer.holder or gen != writer.gen:
+        raise _LeaseLost(f"session {writer.session_id} was taken over by {holder or 'another writer'} "
+                         f"(lease {gen}, ours was {writer.gen}): this writer's lease had expired")
+    if seq == plan.seq and count == plan.new_end:
+        return None
+    if seq != plan.seq - 1 or not plan.durable <= count <= len(plan.old):
+        raise _LeaseLost(f"session {writer.session_id} holds {count} messages and {seq} rewinds where this "
+                         f"writer expected {plan.durable} and {plan.seq - 1}")
+    return int(count)
+
+
+def like_pattern(text: str) -> tuple[str, str | None, str]:
+    """For ``search()``: the ILIKE pattern (``%``, ``_`` and ``\\`` escaped), a regular
+    expression when the text has several words (whitespace runs match any whitespace run, as
+    ``make_snippet`` does), and the needle.  Blank text is a ``ValueError``."""
+    if not isinstance(text, str):
+        raise TypeError(f"search text must be a str, not {type(text).__name__}")
+    words = text.split()
+    if not words:
+        raise ValueError("search text is blank")
+    if any("\x00" in w or not is_utf8_text(w) for w in words):
+        raise ValueError("search text must be text without NUL characters")
+
+    def like(word: str) -> str:
+        return word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+    def regex(word: str) -> str:  # ARE: a backslash before a punctuation character makes it literal
+        return "".join("\\" + c if c in string.punctuation else c for c in word)
+
+    pattern = "%" + "%".join(like(w) for w in words) + "%"
+    return pattern, (r"\s+".join(regex(w) for w in words) if len(words) > 1 else None), " ".join(words)
+
+
+def search_hits(rows: Iterable[tuple[Any, ...]], needle: str, limit: int) -> list[SearchHit]:
+    """``SearchHit``s of the search statement's rows (id, title, updated_at, idx, role, text, as_json)."""
+    hits: list[SearchHit] = []
+    for session_id, title, updated_at, idx, role, text, as_json in rows:
+        if as_json:
+            text = json.loads(text)
+        snippet = make_snippet(text, needle)
+        if snippet is None:
+            if as_json:
+                continue  # the match was in the stored escape of a NUL, not in the text
+            # PostgreSQL's ILIKE folds case by its own rules (ß, final sigma): the text's start.
+            flat = " ".join(text.split())
+            snippet = flat[:SNIPPET_CHARS] + ("…" if len(flat) > SNIPPET_CHARS else "")
+        hits.append(SearchHit(session_id=session_id, title=title, updated_at=updated_at, index=idx, role=role,
+                              snippet=snippet))
+        if len(hits) >= limit:
+            break
+    return hits
 
 
 class Sql:
@@ -270,7 +457,8 @@ WITH s AS (
     UPDATE {s}.sessions SET
         message_count = %(end)s::int, turns = turns + %(turns)s::int, bytes = bytes + %(bytes)s::bigint,
         updated_at = %(updated_at)s, updated_ts = now(), llm_model = %(llm_model)s,
-        system_prompt = %(system_prompt)s, title = coalesce(%(title)s, title),
+        system_prompt = %(system_prompt)s,
+        title = CASE WHEN %(set_title)s::bool THEN %(title)s ELSE title END,
         summary = coalesce(%(summary)s::jsonb, summary),
         first_user_line = CASE WHEN first_user_line = '' THEN %(first)s ELSE first_user_line END,
         lease_expires = now() + make_interval(secs => %(ttl)s::float8)
@@ -290,30 +478,79 @@ SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM m)"""
         self.take = (f"UPDATE {s}.sessions SET holder = %(holder)s, lease_gen = lease_gen + 1, "
                      "lease_expires = now() + make_interval(secs => %(ttl)s::float8) "
                      "WHERE id = %(id)s AND (holder IS NULL OR lease_expires <= now()) "
-                     f"RETURNING lease_gen, message_count, bytes, {_RECORD_COLUMNS}")
+                     "RETURNING lease_gen, message_count")
         self.create = (f"INSERT INTO {s}.sessions (id, created_at, updated_at, llm_model, holder, lease_gen, "
                        "lease_expires) VALUES (%(id)s, %(created_at)s, %(created_at)s, %(llm_model)s, %(holder)s, 1, "
                        "now() + make_interval(secs => %(ttl)s::float8)) ON CONFLICT (id) DO NOTHING RETURNING id")
         self.ids_like = f"SELECT id FROM {s}.sessions WHERE id = %s OR id LIKE %s"
         # Release: a session closed without a single message leaves nothing behind (as a file
         # session does); otherwise only the lease is cleared.
-        self.drop_empty = (f"DELETE FROM {s}.sessions WHERE id = %s AND holder = %s AND lease_gen = %s "
-                           "AND message_count = 0")
+        self.drop_empty = (f"DELETE FROM {s}.sessions x WHERE id = %s AND holder = %s AND lease_gen = %s "
+                           f"AND message_count = 0 "
+                           f"AND NOT EXISTS (SELECT 1 FROM {s}.undone u WHERE u.session_id = x.id)")
         self.release = (f"UPDATE {s}.sessions SET holder = NULL, lease_expires = NULL "
                         "WHERE id = %s AND holder = %s AND lease_gen = %s")
         self.renew = (f"UPDATE {s}.sessions AS x SET lease_expires = now() + make_interval(secs => %s::float8) "
                       "FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS w(id, holder, gen) "
                       "WHERE x.id = w.id AND x.holder = w.holder AND x.lease_gen = w.gen RETURNING x.id, x.lease_gen")
-        # One statement, so one snapshot: the history and the metadata always agree.
+        # A message as the JSON the file format has (what a rewind moves into undone).
         self.message_json = (
             "'{\"role\":\"' || m.role || '\",\"content\":' || "
             "CASE WHEN m.content_is_json THEN m.content ELSE to_json(m.content)::text END || "
             "CASE WHEN m.interrupted THEN ',\"interrupted\":true}' ELSE '}' END")
-        self.load = (f"SELECT {_RECORD_COLUMNS}, message_count, (SELECT coalesce(string_agg({self.message_json}, ',' "
-                     f"ORDER BY m.idx), '') FROM {s}.messages m WHERE m.session_id = x.id) "
-                     f"FROM {s}.sessions x WHERE x.id = %s")
-        self.load_messages = (f"SELECT coalesce(string_agg({self.message_json}, ',' ORDER BY m.idx), '') "
-                              f"FROM {s}.messages m WHERE m.session_id = %s")
+        # One statement, so one snapshot: the history and the metadata always agree.  The first
+        # row (idx -1) carries the session's fields as JSON, then one row per message.
+        self.load = f"""
+WITH x AS (SELECT * FROM {s}.sessions WHERE id = %(id)s)
+SELECT -1 AS idx, NULL::text, json_build_array(
+    x.created_at, x.updated_at, x.llm_model, x.system_prompt, x.title, x.summary, x.message_count,
+    (SELECT coalesce(json_agg(json_build_object('at', u.at, 'start', u.start, 'messages', u.messages)
+                              ORDER BY u.seq), '[]'::json)
+     FROM {s}.undone u WHERE u.session_id = x.id))::text, 0
+FROM x
+UNION ALL
+SELECT m.idx, m.role, m.content, m.content_is_json::int * {_AS_JSON} + m.interrupted::int * {_INTERRUPTED}
+FROM {s}.messages m WHERE m.session_id = %(id)s
+ORDER BY 1"""
+        # undo/retry: the session row locked (fencing and the counts checked with it held).
+        self.lock_session = (f"SELECT holder, lease_gen, message_count, (SELECT coalesce(max(u.seq), 0) FROM "
+                             f"{s}.undone u WHERE u.session_id = x.id) FROM {s}.sessions x WHERE id = %s FOR UPDATE")
+        self.insert_messages = (
+            f"INSERT INTO {s}.messages (session_id, idx, role, content, content_is_json, interrupted) "
+            "SELECT %(id)s, %(base)s::int + t.ord::int - 1, t.role, t.content, t.as_json, t.interrupted "
+            "FROM unnest(%(roles)s::text[], %(contents)s::text[], %(as_json)s::bool[], %(interrupted)s::bool[]) "
+            "WITH ORDINALITY AS t(role, content, as_json, interrupted, ord)")
+        self.withdraw = (f"INSERT INTO {s}.undone (session_id, seq, at, start, messages) "
+                         f"SELECT %(id)s, %(seq)s, %(at)s, %(start)s, "
+                         f"('[' || coalesce(string_agg({self.message_json}, ',' ORDER BY m.idx), '') || ']')::json "
+                         f"FROM {s}.messages m WHERE m.session_id = %(id)s AND m.idx >= %(start)s")
+        self.delete_from = f"DELETE FROM {s}.messages WHERE session_id = %s AND idx >= %s"
+        self.rewound = f"""
+UPDATE {s}.sessions SET
+    message_count = %(end)s::int, turns = %(turns)s::int, bytes = %(bytes)s::bigint,
+    updated_at = %(updated_at)s, updated_ts = now(), llm_model = %(llm_model)s,
+    system_prompt = %(system_prompt)s,
+    title = CASE WHEN %(set_title)s::bool THEN %(title)s ELSE title END,
+    summary = %(summary)s::jsonb, first_user_line = %(first)s,
+    lease_expires = now() + make_interval(secs => %(ttl)s::float8)
+WHERE id = %(id)s"""
+        self.set_title = (f"UPDATE {s}.sessions SET title = %s WHERE id = %s "
+                          "AND (holder IS NULL OR lease_expires <= now()) RETURNING id")
+        # Titles and the history's messages (never undone), newest session first, then the
+        # title, then message order.  ILIKE finds the rows; a regex, when the text has several
+        # words, makes their whitespace match any whitespace run.
+        self.search = f"""
+SELECT h.id, h.title, h.updated_at, h.idx, h.role, h.text, h.as_json FROM (
+    SELECT x.id, x.title, x.updated_at, x.updated_ts, -1 AS idx, 'title' AS role, x.title AS text, false AS as_json
+    FROM {s}.sessions x
+    WHERE x.title ILIKE %(like)s AND (%(re)s::text IS NULL OR x.title ~* %(re)s::text)
+    UNION ALL
+    SELECT x.id, x.title, x.updated_at, x.updated_ts, m.idx, m.role, m.content, m.content_is_json
+    FROM {s}.messages m JOIN {s}.sessions x ON x.id = m.session_id
+    WHERE m.content ILIKE %(like)s AND (%(re)s::text IS NULL OR m.content ~* %(re)s::text)
+) h
+ORDER BY h.updated_ts DESC, h.id DESC, h.idx
+LIMIT %(limit)s"""
         self.newest_first = f"SELECT id FROM {s}.sessions ORDER BY updated_ts DESC, id DESC"
         self.newest_with_turns = (f"SELECT id FROM {s}.sessions WHERE turns > 0 AND NOT (id = ANY(%s::text[])) "
                                   "ORDER BY updated_ts DESC, id DESC LIMIT 1")
@@ -324,30 +561,44 @@ SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM m)"""
         self.is_locked = (f"SELECT holder IS NOT NULL AND lease_expires > now() FROM {s}.sessions WHERE id = %s")
         self.import_session = (
             f"INSERT INTO {s}.sessions (id, created_at, updated_at, updated_ts, llm_model, system_prompt, summary, "
-            "turns, message_count, bytes, first_user_line) VALUES (%(id)s, %(created_at)s, %(updated_at)s, "
+            "title, turns, message_count, bytes, first_user_line) VALUES (%(id)s, %(created_at)s, %(updated_at)s, "
             "coalesce(to_timestamp(%(updated_epoch)s::float8), now()), %(llm_model)s, %(system_prompt)s, "
-            "%(summary)s::jsonb, %(turns)s, %(count)s, %(bytes)s, %(first)s) ON CONFLICT (id) DO NOTHING RETURNING id")
-        self.import_messages = (
-            f"INSERT INTO {s}.messages (session_id, idx, role, content, content_is_json, interrupted) "
-            "SELECT %(id)s, t.ord::int - 1, t.role, t.content, t.as_json, t.interrupted "
-            "FROM unnest(%(roles)s::text[], %(contents)s::text[], %(as_json)s::bool[], %(interrupted)s::bool[]) "
-            "WITH ORDINALITY AS t(role, content, as_json, interrupted, ord)")
+            "%(summary)s::jsonb, %(title)s, %(turns)s, %(count)s, %(bytes)s, %(first)s) "
+            "ON CONFLICT (id) DO NOTHING RETURNING id")
+        self.import_undone = (
+            f"INSERT INTO {s}.undone (session_id, seq, at, start, messages) "
+            "SELECT %(id)s, t.ord::int, t.at, t.start, t.messages "
+            "FROM unnest(%(at)s::text[], %(start)s::int[], %(messages)s::json[]) "
+            "WITH ORDINALITY AS t(at, start, messages, ord)")
 
 
-def parse_history(agg: str | None) -> list[MessageDict]:
-    """The messages of a load: the server sends them as one JSON array body (C-speed parse)."""
-    if not agg:
-        return []
-    messages: list[MessageDict] = json.loads(f"[{agg}]")
-    return messages
+def _odd_message(role: str, content: str, flags: int) -> MessageDict:
+    m: MessageDict = {"role": role, "content": json.loads(content) if flags & _AS_JSON else content}
+    if flags & _INTERRUPTED:
+        m["interrupted"] = True
+    return m
 
 
-def make_record(session_id: str, row: tuple[Any, ...], messages: list[MessageDict]) -> SessionRecord:
-    """A record from the ``_RECORD_COLUMNS`` of a row (their order) and its messages."""
-    created_at, updated_at, llm_model, system_prompt, _title, summary = row[:_N_RECORD]
-    return SessionRecord(session_id=session_id, llm_model=llm_model, created_at=created_at,
-                         updated_at=updated_at or created_at, messages=messages, system_prompt=system_prompt,
-                         summary=validate_summary(summary))
+def parse_load(session_id: str, rows: list[tuple[Any, ...]]) -> SessionRecord | None:
+    """The record of a ``Sql.load`` result, or None when there is no such session."""
+    if not rows or rows[0][0] != -1:
+        return None
+    try:
+        fields = json.loads(rows[0][2])
+        created_at, updated_at, llm_model, system_prompt, title, summary, count, undone = fields
+        # Most messages are plain {role, content}: built in one comprehension, the rest aside.
+        messages: list[MessageDict] = [
+            {"role": role, "content": content} if not flags else _odd_message(role, content, flags)
+            for _, role, content, flags in rows[1:]
+        ]
+        record = SessionRecord(session_id=session_id, llm_model=llm_model, created_at=created_at,
+                               updated_at=updated_at or created_at, messages=messages, system_prompt=system_prompt,
+                               summary=validate_summary(summary), title=title, undone=validate_undone(undone))
+    except (ValueError, TypeError) as exc:  # pragma: no cover - the server builds the row
+        raise SessionFormatError(f"session {session_id}: stored session is not readable ({exc})") from exc
+    if len(messages) != count:  # pragma: no cover - one snapshot: they always agree
+        raise SessionFormatError(f"session {session_id}: {count} messages counted, {len(messages)} stored")
+    return record
 
 
 def new_holder() -> str:
@@ -364,8 +615,9 @@ def locked_error(session_id: str, holder: str | None, remaining: float | None) -
     )
 
 
-def import_params(record: SessionRecord) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The two statements' parameters for storing a whole record (the id filled in later)."""
+def import_params(record: SessionRecord) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """The statements' parameters for storing a whole record (the id filled in later): the
+    session row, its messages, its undone entries (None if it has none)."""
     try:
         checked = SessionRecord.from_dict(json.loads(encode_json(record.to_dict())))  # validated like a load
     except (ValueError, UnicodeEncodeError) as exc:
@@ -377,27 +629,27 @@ def import_params(record: SessionRecord) -> tuple[dict[str, Any], dict[str, Any]
         if isinstance(value, str) and "\x00" in value:
             raise SessionFormatError(f"{name} contains a NUL character, which PostgreSQL cannot store")
     msgs = checked.messages
-    roles, contents, as_json, interrupted = [], [], [], []
-    size = 2
-    for i, m in enumerate(msgs):
-        roles.append(m["role"])
-        if "\x00" in m["content"]:
-            contents.append(encode_json(m["content"]))
-            as_json.append(True)
-        else:
-            contents.append(m["content"])
-            as_json.append(False)
-        interrupted.append(bool(m.get("interrupted")))
-        size += len(encode_json(m).encode()) + (2 if i else 0)
+    title = clean_title(checked.title)
+    if title is not None and "\x00" in title:
+        raise SessionFormatError("title contains a NUL character, which PostgreSQL cannot store")
     session = {
         "created_at": checked.created_at, "updated_at": checked.updated_at or checked.created_at,
         "updated_epoch": _parse_local_iso(checked.updated_at or checked.created_at),
         "llm_model": checked.llm_model, "system_prompt": checked.system_prompt, "turns": count_turns(msgs),
         "summary": None if checked.summary is None else json.dumps(checked.summary, ensure_ascii=False),
-        "count": len(msgs), "bytes": size if msgs else 0, "first": _first_user_line(msgs),
+        "title": title, "count": len(msgs), "bytes": history_bytes([message_size(m) for m in msgs]),
+        "first": _first_user_line(msgs),
     }
-    rows = {"roles": roles, "contents": contents, "as_json": as_json, "interrupted": interrupted}
-    return session, rows
+    rows = {"base": 0, **message_rows(msgs)}
+    return session, rows, undone_rows(checked.undone)
+
+
+def undone_rows(undone: list[UndoneDict]) -> dict[str, list[Any]] | None:
+    """The column arrays of the ``undone`` rows of an import (numbered from 1), or None."""
+    if not undone:
+        return None
+    return {"at": [u["at"] for u in undone], "start": [u["start"] for u in undone],
+            "messages": [encode_json(u["messages"]) for u in undone]}
 
 
 def import_candidates(preferred: str | None) -> Iterator[str]:
@@ -599,7 +851,7 @@ class PostgresStore:
             raise SessionError("no free session id")  # pragma: no cover
 
         record.session_id = self._run("create a session", run)
-        return PostgresWriter(self, record, holder, gen=1, durable=0, persisted=False, title=None)
+        return PostgresWriter(self, record, holder, gen=1, durable=0, persisted=False)
 
     def open(self, session_id: str) -> tuple[PostgresWriter, SessionRecord]:
         validate_session_id(session_id)
@@ -615,28 +867,23 @@ class PostgresStore:
                         raise SessionNotFoundError(f"no session {session_id} in {self._description}",
                                                    session_id=session_id)
                     raise locked_error(session_id, state[0], state[3])
-                agg = conn.execute(self.sql.load_messages, (session_id,)).fetchone()
-            return (*row, agg[0] if agg else "")
+                rows = conn.execute(self.sql.load, {"id": session_id}).fetchall()
+            return row[0], row[1], rows
 
-        gen, count, _bytes, *cols, agg = self._run("open a session", run)
-        record = make_record(session_id, tuple(cols), self._parse(session_id, agg))
-        if len(record.messages) != count:  # pragma: no cover - the constraint makes this impossible
-            raise SessionFormatError(f"session {session_id}: {count} messages counted, {len(record.messages)} stored")
-        writer = PostgresWriter(self, record, holder, gen=gen, durable=count, persisted=True, title=cols[4])
+        gen, count, rows = self._run("open a session", run)
+        record = parse_load(session_id, rows)
+        if record is None or len(record.messages) != count:  # pragma: no cover - one transaction
+            raise SessionFormatError(f"session {session_id}: changed while it was opened")
+        writer = PostgresWriter(self, record, holder, gen=gen, durable=count, persisted=True)
         return writer, record
-
-    def _parse(self, session_id: str, agg: str | None) -> list[MessageDict]:
-        try:
-            return parse_history(agg)
-        except ValueError as exc:  # pragma: no cover - the server builds the JSON
-            raise SessionFormatError(f"session {session_id}: stored history is not valid JSON ({exc})") from exc
 
     def load(self, session_id: str) -> SessionRecord:
         validate_session_id(session_id)
-        row = self._run("load a session", lambda conn: conn.execute(self.sql.load, (session_id,)).fetchone())
-        if row is None:
+        rows = self._run("load a session", lambda conn: conn.execute(self.sql.load, {"id": session_id}).fetchall())
+        record = parse_load(session_id, rows)
+        if record is None:
             raise SessionNotFoundError(f"no session {session_id} in {self._description}", session_id=session_id)
-        return make_record(session_id, row[:_N_RECORD], self._parse(session_id, row[_N_RECORD + 1]))
+        return record
 
     def load_newest(self, exclude: Iterable[str] = ()) -> SessionRecord | None:
         skip = list(exclude)
@@ -677,19 +924,43 @@ class PostgresStore:
         raise locked_error(session_id, outcome[0], outcome[3])
 
     def import_record(self, record: SessionRecord) -> str:
-        session, rows = import_params(record)
+        session, rows, undone = import_params(record)
         preferred = record.session_id if _ID_RE.fullmatch(record.session_id) else None
 
         def run(conn: psycopg.Connection[Any]) -> str:
             with conn.transaction():
                 for session_id in import_candidates(preferred):
                     if conn.execute(self.sql.import_session, {**session, "id": session_id}).fetchone():
-                        conn.execute(self.sql.import_messages, {**rows, "id": session_id})
+                        conn.execute(self.sql.insert_messages, {**rows, "id": session_id})
+                        if undone is not None:
+                            conn.execute(self.sql.import_undone, {**undone, "id": session_id})
                         return session_id
             raise SessionError(f"no free id for {record.session_id}")  # pragma: no cover
 
         session_id: str = self._run("import a session", run)
         return session_id
+
+    def set_title(self, session_id: str, title: str | None) -> None:
+        validate_session_id(session_id)
+        clean = check_title(title)
+
+        def run(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction():
+                if conn.execute(self.sql.set_title, (clean, session_id)).fetchone():
+                    return
+                state = conn.execute(self.sql.lease_state, (session_id,)).fetchone()
+            if state is None:
+                raise SessionNotFoundError(f"no session {session_id} in {self._description}", session_id=session_id)
+            raise locked_error(session_id, state[0], state[3])
+
+        self._run("rename a session", run)
+
+    def search(self, text: str, *, limit: int = 50) -> list[SearchHit]:
+        params, needle = search_params(text, limit)
+        if params is None:
+            return []
+        rows = self._run("search sessions", lambda conn: conn.execute(self.sql.search, params).fetchall())
+        return search_hits(rows, needle, limit)
 
     def is_locked(self, session_id: str) -> bool:
         validate_session_id(session_id)
@@ -771,6 +1042,43 @@ class PostgresStore:
         result: int = self._run("save the turn", run)
         return result
 
+    def rewind_batch(self, writer: PostgresWriter, plan: RewindPlan) -> None:
+        """Run a rewind's transaction (see the module docstring).  Raises ``_LeaseLost`` or
+        ``StoreUnavailableError``; on either, nothing of it was committed."""
+        sql = self.sql
+
+        def run(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction():
+                state = conn.execute(sql.lock_session, (writer.session_id,)).fetchone()
+                count = check_rewind_state(writer, state, plan)
+                if count is None:
+                    return
+                if count < len(plan.old):
+                    conn.execute(sql.insert_messages, plan.pending_rows(count))
+                conn.execute(sql.withdraw, plan.withdraw())
+                conn.execute(sql.delete_from, (writer.session_id, plan.start))
+                if plan.new_end > plan.start:
+                    conn.execute(sql.insert_messages, plan.insert())
+                conn.execute(sql.rewound, plan.session)
+
+        self._run("undo a turn", run)
+
+
+def check_title(title: str | None) -> str | None:
+    """``set_title()``'s title, cleaned (``clean_title``) and storable (no NUL)."""
+    clean = clean_title(title)
+    if clean is not None and "\x00" in clean:
+        raise ValueError("a title cannot contain NUL characters")
+    return clean
+
+
+def search_params(text: str, limit: int) -> tuple[dict[str, Any] | None, str]:
+    """The search statement's parameters (None when ``limit`` asks for nothing) and the needle."""
+    like, regex, needle = like_pattern(text)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit must be a whole number >= 0, not {limit!r}")
+    return ({"like": like, "re": regex, "limit": limit} if limit else None), needle
+
 
 def reconcile(writer: PostgresWriter | Any, state: tuple[Any, ...] | None, durable: int, end: int) -> int:
     """After an append matched no row: the lease is gone (raise ``_LeaseLost``), or an earlier
@@ -848,14 +1156,14 @@ class PostgresWriter:
     """The one writer of an open session in PostgreSQL; holds its lease until ``close()``."""
 
     def __init__(self, store: PostgresStore, record: SessionRecord, holder: str, *, gen: int, durable: int,
-                 persisted: bool, title: str | None):
+                 persisted: bool):
         self.store = store
         self._record = record
         self.holder = holder
         self.gen = gen
         self.durable = durable                  # messages[:durable] are committed
         self._persisted = persisted
-        self._title = title
+        self.title_dirty = False                # a title was given that is not committed yet
         self._lock = threading.Lock()
         self._sizes: list[int] = []             # JSON size of each message, filled lazily
         self._closed = False
@@ -904,29 +1212,59 @@ class PostgresWriter:
                 raise ValueError(f"append at {start}, but session {self.session_id} has "
                                  f"{len(self._record.messages)} messages")
             new = check_messages(messages)
-            if meta:
-                check_meta(meta)
+            meta = check_meta(meta)
             self._record.messages.extend(new)
             if meta:
                 self._record.apply_meta(meta)
-                if isinstance(meta.get("title"), str):
-                    self._title = meta["title"]
+                self.title_dirty = self.title_dirty or "title" in meta
             self._record.updated_at = now_iso()
             return self._write()
 
+    def rewind(self, start: int, messages: list[MessageDict] | None = None,
+               meta: dict[str, Any] | None = None) -> bool:
+        with self._lock:
+            if self._closed:
+                raise SessionError(f"session {self.session_id} is closed")
+            plan, after, sizes = plan_rewind(self, start, messages, meta)
+            if self._lost is not None:
+                return self._refuse("the undo is not applied")
+            try:
+                self.store.rewind_batch(self, plan)
+            except _LeaseLost as exc:
+                self._lost = str(exc)
+                return self._refuse("the undo is not applied")
+            except StoreUnavailableError as exc:
+                self.last_error = exc
+                logger.warning("%s; the undo is not applied (nothing changed)", exc)
+                return False
+            adopt_rewind(self._record, after)
+            self._sizes = sizes
+            self.durable = plan.new_end
+            self.title_dirty = False
+            self._persisted = True
+            self.last_error = None
+            return True
+
+    def sizes(self) -> list[int]:
+        """The JSON size of each message of the record (filled lazily, kept)."""
+        messages, sizes = self._record.messages, self._sizes
+        while len(sizes) < len(messages):
+            sizes.append(message_size(messages[len(sizes)]))
+        return sizes
+
+    def _refuse(self, what: str) -> bool:
+        self.last_error = SessionLockedError(f"{self._lost}; {what}", session_id=self.session_id)
+        logger.warning("not saved: %s", self.last_error)
+        return False
+
     def _write(self) -> bool:
         if self._lost is not None:
-            self.last_error = SessionLockedError(f"{self._lost}; the turn is kept in memory only",
-                                                 session_id=self.session_id)
-            logger.warning("not saved: %s", self.last_error)
-            return False
-        messages = self._record.messages
-        sizes = self._sizes
-        while len(sizes) < len(messages):
-            sizes.append(len(encode_json(messages[len(sizes)]).encode()))
+            return self._refuse("the turn is kept in memory only")
+        sizes = self.sizes()
+        set_title = self.title_dirty
         try:
             self.durable = self.store.append_batch(self, lambda start: build_append(
-                self.session_id, self.holder, self.gen, self.store.lease_ttl_s, self._record, self._title,
+                self.session_id, self.holder, self.gen, self.store.lease_ttl_s, self._record, set_title,
                 start, sizes))
         except _LeaseLost as exc:
             self._lost = str(exc)
@@ -936,6 +1274,7 @@ class PostgresWriter:
             logger.warning("%s; the turn is kept in memory and will be saved with the next one", exc)
             return False
         self._persisted = True
+        self.title_dirty = False
         self.last_error = None
         return True
 
