@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from starlette.applications import Starlette
@@ -40,6 +41,7 @@ from .._result import ChatResult
 from .._store import HistoryStore, encode_snapshot
 from .._store_api import StoreAPI
 from ..backends import Backend, FakeBackend, create_backend
+from ..speech import EspeakEngine, SpeechEngine
 from ._auth import Authenticator, RateLimiter
 from ._config import CONFIG_ENV, ServiceConfig
 from ._handoff import ask_release, holder_pid
@@ -172,6 +174,14 @@ class ServiceState:
         self.startup_error: str | None = None
         self.counters = {"turns_completed": 0, "turns_cancelled": 0, "turns_failed": 0, "requests": 0}
         self._loader: asyncio.Task[None] | None = None
+        # Speech for WebSocket clients that ask for audio (--tts): one engine, and a pool of its
+        # own so synthesis never queues behind store calls (nor they behind it).
+        self.tts_engine: SpeechEngine | None = None
+        self.tts_pool: ThreadPoolExecutor | None = None
+        if config.tts == "espeak":
+            self.tts_engine = EspeakEngine(rate=config.tts_rate, voice=config.tts_voice)
+            self.tts_pool = ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1)),
+                                               thread_name_prefix="cs-tts")
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -216,6 +226,8 @@ class ServiceState:
             await self.backend.aclose()
         if self.store is not None and self._given_store is None:
             await loop.run_in_executor(None, self.store.close)
+        if self.tts_pool is not None:
+            self.tts_pool.shutdown(wait=True)  # connections have closed: their processes are gone
         logger.info("stopped: sessions closed and flushed")
 
     # -- per request ---------------------------------------------------------------------------

@@ -37,6 +37,10 @@ class ServiceConfig:
     max_tokens: int = 512
     system: str | None = None
     memory: str = "trim"                 # or "summary": running summaries beyond the window
+    # Speech: the WebSocket sends each sentence's audio to connections that ask (?audio=wav).
+    tts: str = "none"                    # or "espeak"
+    tts_voice: str | None = None         # one espeak-ng voice for all text (default: by language)
+    tts_rate: int | None = None          # words per minute
     log_level: str = "INFO"
     # Limits.
     max_body_bytes: int = 64 * 1024
@@ -128,6 +132,12 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
     p.add_argument("--memory", choices=["trim", "summary"], default="trim",
                    help="when a conversation outgrows the context window: leave the oldest turns out of the "
                         "prompt (trim, default) or fold them into a running summary")
+    p.add_argument("--tts", nargs="?", const="espeak", choices=["none", "espeak"], default="none",
+                   help="synthesise each reply sentence (espeak-ng, WAV) for WebSocket clients that connect with "
+                        "?audio=wav (--tts alone means espeak)")
+    p.add_argument("--tts-voice", default=None, help="espeak-ng voice for all text (default: by language)")
+    p.add_argument("--tts-rate", type=_positive(int), default=None, metavar="WPM",
+                   help="speech rate, words per minute")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--rate", type=_positive(float), default=10.0,
                    help="requests per second allowed per token in each worker (default 10)")
@@ -157,7 +167,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         store=args.store, sessions_dir=args.sessions_dir, backend=args.backend, model=args.model,
         base_url=args.base_url, host=args.host, port=args.port, workers=args.workers,
         tokens=tuple(dict.fromkeys(tokens)), timeout=args.timeout, max_tokens=args.max_tokens,
-        system=args.system, memory=args.memory, log_level=args.log_level, rate=args.rate, burst=args.burst,
+        system=args.system, memory=args.memory, tts=args.tts, tts_voice=args.tts_voice, tts_rate=args.tts_rate,
+        log_level=args.log_level, rate=args.rate, burst=args.burst,
         lock_wait_s=max(args.lock_wait, 0.0), keep_open_s=args.keep_open, max_open=args.max_open,
         shutdown_grace_s=max(args.shutdown_grace, 0.0), lease_ttl_s=args.lease_ttl,
         fake_delay=max(args.fake_delay, 0.0), fake_context=args.fake_context,

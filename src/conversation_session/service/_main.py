@@ -29,6 +29,12 @@ def run(argv: list[str] | None = None) -> int:
     if not 0 < config.port < 65536:
         print(f"--port must be 1-65535, not {config.port}", file=sys.stderr)
         return 2
+    if config.tts == "espeak":
+        from ..speech import ESPEAK_INSTALL_HINT, find_espeak
+
+        if find_espeak() is None:
+            print(f"--tts espeak: espeak-ng is not installed; {ESPEAK_INSTALL_HINT}", file=sys.stderr)
+            return 2
     try:
         import starlette  # noqa: F401
         import uvicorn

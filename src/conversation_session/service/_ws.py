@@ -8,13 +8,24 @@ Client to server (JSON text frames)::
 
 Server to client::
 
-    {"type": "ready", "session_id": ...}
+    {"type": "ready", "session_id": ...}         (+ "audio": "wav" when audio was asked for)
     {"type": "piece", "text": ...}               as the reply streams
     {"type": "sentence", "text": ...}            each complete sentence (what a speaker would say)
     {"type": "done", "response", "turn", "figures"}
     {"type": "interrupted", "kept": bool, ...}   after an interrupt
     {"type": "error", "code", "message"}
     {"type": "pong"}
+
+With audio (the server runs with ``--tts``, the client connects with ``?audio=wav``), each
+sentence's audio follows, in sentence order, without holding up the text::
+
+    {"type": "audio", "sentence": i, "format": "wav", "bytes": n}   then one binary frame of n bytes
+    {"type": "audio_end", "sentences": k, "interrupted": bool}     after the turn's last audio
+
+``i`` counts the turn's ``sentence`` events from 0.  ``done`` is sent when the text is complete
+(the turn is saved), usually before the last audio.  ``interrupt`` also stops the audio: no
+audio frame follows the ``audio_end`` with ``interrupted: true``; with ``heard_ms`` alone, the
+heard text is cut by the durations of the audio actually sent.
 
 A connection holds its session only while a turn runs, so REST calls and other devices can
 use the session between turns.  Disconnecting mid-reply cancels the turn (the backend stops,
@@ -35,8 +46,9 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from .._exceptions import SessionError
-from ..speech import SentenceSplitter
+from ..speech import SentenceSplitter, heard_prefix
 from ._app import ApiError, ServiceState, check_text, result_json, turn_error
+from ._audio import AUDIO_FORMATS, AudioStream
 from ._log import session_id_var
 
 __all__ = ["session_ws"]
@@ -53,11 +65,22 @@ class _Conn:
         self.task: asyncio.Task[None] | None = None
         self.turn: Any = None
         self.stopped = False
+        self.streamed: list[str] = []   # the running turn's pieces (for heard_ms with audio)
+        self.audio: AudioStream | None = None
 
     async def send(self, data: dict[str, Any]) -> None:
         async with self.send_lock:
             if self.ws.application_state == WebSocketState.CONNECTED:
                 await self.ws.send_text(json.dumps(data, ensure_ascii=False))
+
+    async def send_audio(self, event: dict[str, Any], frame: bytes | None, wanted: Any) -> None:
+        """An audio event and its frame back to back; checked under the lock, so nothing of
+        audio stopped by an interrupt goes out after the event that reports the stop."""
+        async with self.send_lock:
+            if wanted() and self.ws.application_state == WebSocketState.CONNECTED:
+                await self.ws.send_text(json.dumps(event, ensure_ascii=False))
+                if frame is not None:
+                    await self.ws.send_bytes(frame)
 
     async def error(self, err: ApiError) -> None:
         await self.send({"type": "error", "code": err.code, "message": err.message, "status": err.status})
@@ -65,23 +88,30 @@ class _Conn:
     async def run_turn(self, text: str) -> None:
         st = self.state
         final: dict[str, Any]
+        audio = self.audio
+        audio_started = False
+        self.streamed = []
         try:
             async with st.reg().hold(self.sid) as session:
                 assert session is not None
                 splitter = SentenceSplitter()
                 async with session.stream(text) as turn:
                     self.turn = turn
+                    if audio is not None:
+                        audio.start_turn()
+                        audio_started = True
                     async for piece in turn:
                         if self.stopped:
                             continue
+                        self.streamed.append(piece)
                         await self.send({"type": "piece", "text": piece})
                         for sentence in splitter.feed(piece):
-                            await self.send({"type": "sentence", "text": sentence})
+                            await self._sentence(sentence)
                     if self.stopped:
                         final = await self._after_interrupt(turn)
                     else:
                         for sentence in splitter.flush():
-                            await self.send({"type": "sentence", "text": sentence})
+                            await self._sentence(sentence)
                         result = await turn.result()
                         st.counters["turns_completed"] += 1
                         final = {"type": "done", "session_id": self.sid, **result_json(result)}
@@ -94,8 +124,15 @@ class _Conn:
             final = {"type": "error", "code": err.code, "message": err.message, "status": err.status}
         finally:
             self.turn = None
+            if audio is not None and audio_started and not self.stopped:
+                audio.end_turn()  # audio_end follows the turn's last audio (none after an interrupt)
         # Sent once the session is handed back: a client answering at once finds it free.
         await self.send(final)
+
+    async def _sentence(self, sentence: str) -> None:
+        await self.send({"type": "sentence", "text": sentence})
+        if self.audio is not None and not self.stopped:
+            self.audio.sentence(sentence)
 
     async def _after_interrupt(self, turn: Any) -> dict[str, Any]:
         st = self.state
@@ -110,18 +147,30 @@ class _Conn:
 
     async def interrupt(self, msg: dict[str, Any]) -> None:
         turn = self.turn
-        if turn is None or self.stopped:
-            return
-        self.stopped = True
-        if not hasattr(turn, "interrupt"):
-            turn.cancel()
-            return
+        running = turn is not None and not self.stopped
         heard = msg.get("heard")
         heard_ms = msg.get("heard_ms")
         if not isinstance(heard, (str, int)) or isinstance(heard, bool):
             heard = None
         if not isinstance(heard_ms, (int, float)) or isinstance(heard_ms, bool) or heard_ms < 0:
             heard_ms = None
+        if self.audio is not None:
+            if running and heard is None and heard_ms is not None:
+                # The device played our audio: its sentences' real durations place the cut
+                # better than the library's estimate from the speaking rate.
+                heard = heard_prefix("".join(self.streamed), heard_ms, self.audio.durations()).text
+                heard_ms = None
+            if running:
+                self.stopped = True  # before stop(): no sentence of this turn is queued after it
+            end = await self.audio.stop()
+            if end is not None:
+                await self.send(end)
+        if not running:
+            return
+        self.stopped = True
+        if not hasattr(turn, "interrupt"):
+            turn.cancel()
+            return
         try:
             outcome = turn.interrupt(heard, heard_ms=heard_ms) if heard_ms is not None else turn.interrupt(heard)
             if inspect.isawaitable(outcome):
@@ -150,7 +199,22 @@ async def session_ws(ws: WebSocket) -> None:
     session_id_var.set(sid)
     await ws.accept()
     conn = _Conn(ws, st, sid)
-    await conn.send({"type": "ready", "session_id": sid})
+    wanted = (ws.query_params.get("audio") or "none").lower()
+    problem = None
+    if wanted in AUDIO_FORMATS:
+        if st.tts_engine is not None and st.tts_pool is not None:
+            conn.audio = AudioStream(st.tts_engine, st.tts_pool, conn.send_audio)
+        else:
+            problem = ApiError(400, "audio_unavailable", "this server does not synthesise speech (start it with "
+                                                         "--tts); replies come as text only")
+    elif wanted not in ("none", "off", "0", "false"):
+        problem = ApiError(400, "bad_request", f"audio={wanted!r} is not offered; use audio=wav (or none)")
+    ready: dict[str, Any] = {"type": "ready", "session_id": sid}
+    if conn.audio is not None:
+        ready["audio"] = "wav"
+    await conn.send(ready)
+    if problem is not None:
+        await conn.error(problem)
     limit = st.config.max_body_bytes
     try:
         while True:
@@ -204,3 +268,6 @@ async def session_ws(ws: WebSocket) -> None:
         if task is not None:
             with contextlib.suppress(BaseException):
                 await task
+        if conn.audio is not None:
+            # Stops the synthesis and waits for it: no engine process outlives the connection.
+            await conn.audio.aclose()
