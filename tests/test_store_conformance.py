@@ -260,3 +260,79 @@ def test_import_record_keeps_a_free_id_and_validates(subject):
     assert w.append(len(record.messages), _turn(9))
     w.close()
     assert subject.store.load("imported_x").messages == _turns(3) + _turn(9)
+
+
+# -- undo (rewind), titles and search: schema 4 ---------------------------------------------------
+def test_rewind_withdraws_records_and_survives_a_reopen(subject):
+    w = _writer(subject)
+    assert w.append(0, _turns(3))
+    assert w.rewind(4) is True  # an undo of the last turn
+    assert w.record.messages == _turns(2)
+    assert [u["start"] for u in w.record.undone] == [4] and w.record.undone[0]["messages"] == _turn(2)
+    retried = [_turn(1)[0], {"role": "assistant", "content": "another answer ✨"}]
+    assert w.rewind(2, retried) is True  # a retry: withdraw and append in one write
+    assert w.record.messages == [*_turn(0), *retried]
+    assert w.append(4, _turn(9))  # appends go on after a rewind
+    want = [*_turn(0), *retried, *_turn(9)]
+    for record in (w.record, subject.store.load(w.session_id)):
+        assert record.messages == want and record.turns == 3
+        assert [(u["start"], u["messages"]) for u in record.undone] == [(4, _turn(2)), (2, _turn(1))]
+    info = next(i for i in subject.store.list_sessions() if i.session_id == w.session_id)
+    assert (info.turns, info.total_messages) == (3, 6)
+    with pytest.raises(ValueError):
+        w.rewind(7)
+    w.close()
+    w2, record = subject.store.open(w.session_id)
+    assert record.messages == want and len(record.undone) == 2
+    assert w2.rewind(0) and w2.record.messages == []
+    w2.close()
+    assert subject.store.load(w.session_id).messages == [] and len(subject.store.load(w.session_id).undone) == 3
+
+
+def test_a_rewind_drops_a_summary_that_covered_what_it_withdrew(subject):
+    w = _writer(subject)
+    assert w.append(0, _turns(2), meta={"summary": {"text": "they talked", "covers": 2, "model": "m"}})
+    assert w.rewind(2) and w.record.summary is not None  # the summary covers only message 0-1
+    assert w.rewind(0) and w.record.summary is None
+    w.close()
+    assert subject.store.load(w.session_id).summary is None
+
+
+def test_titles_set_by_the_writer_or_the_store_and_cleared(subject):
+    w = _writer(subject)
+    assert w.append(0, _turn(0), meta={"title": "first name"})
+    with pytest.raises(SessionLockedError):
+        subject.store.set_title(w.session_id, "while open")
+    w.close()
+    assert subject.store.load(w.session_id).title == "first name"
+    subject.store.set_title(w.session_id, "  renamed \n session ")
+    assert subject.store.load(w.session_id).title == "renamed session"
+    assert next(i for i in subject.store.list_sessions() if i.session_id == w.session_id).title == "renamed session"
+    subject.store.set_title(w.session_id, None)
+    assert subject.store.load(w.session_id).title is None
+    from conversation_session import SessionNotFoundError
+    with pytest.raises(SessionNotFoundError):
+        subject.store.set_title("no_such_session", "x")
+
+
+def test_search_in_titles_and_messages_newest_first(subject):
+    old = _writer(subject)
+    assert old.append(0, [{"role": "user", "content": "100% of the_cat's food"},
+                          {"role": "assistant", "content": "The CAT eats well"}], meta={"title": "Cat care"})
+    old.close()
+    time.sleep(1.1)  # updated_at has one-second resolution: make "newest" unambiguous
+    new = _writer(subject)
+    assert new.append(0, [{"role": "user", "content": "我的猫叫 Mimi"}, {"role": "assistant", "content": "cat! 猫"}])
+    new.close()
+    hits = subject.store.search("cat")
+    assert [(h.session_id, h.index, h.role) for h in hits] == [
+        (new.session_id, 1, "assistant"), (old.session_id, -1, "title"),
+        (old.session_id, 0, "user"), (old.session_id, 1, "assistant")]
+    assert hits[1].title == "Cat care" and hits[1].snippet == "Cat care"
+    assert [h.index for h in subject.store.search("100%")] == [0]      # LIKE wildcards are literal
+    assert [h.index for h in subject.store.search("the_cat")] == [0]
+    assert subject.store.search("_") and subject.store.search("%x") == []
+    assert [h.snippet for h in subject.store.search("猫叫")] == ["我的猫叫 Mimi"]
+    assert len(subject.store.search("cat", limit=2)) == 2
+    with pytest.raises(ValueError):
+        subject.store.search(" \n ")

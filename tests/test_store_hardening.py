@@ -126,7 +126,7 @@ def test_journal_lines_name_their_session_and_position(sessions_dir, monkeypatch
         writer.close()
     assert [(x["session_id"], x["start"], len(x["messages"])) for x in lines] == [
         (writer.session_id, 0, 2), (writer.session_id, 2, 2)]
-    assert lines[0]["meta"] == {"system_prompt": "sys"} and "meta" not in lines[1]
+    assert lines[0]["meta"] == {"system_prompt": "sys", "summary": None, "title": None} and "meta" not in lines[1]
 
 
 def test_interrupted_replies_and_the_system_prompt_round_trip(sessions_dir):

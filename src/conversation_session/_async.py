@@ -118,6 +118,14 @@ class AsyncConversationSession(SessionView):
         The session takes the turn when the turn starts (``async with`` or the first
         iteration) and holds it until the turn ends; concurrent calls wait their turn.
         """
+        return self._start(text, on_token, retry=False)
+
+    def stream_retry(self, *, on_token: Callable[[str], None] | None = None) -> AsyncTurn:
+        """Ask the last user message again; the completed reply replaces the last one (see
+        ``ConversationSession.stream_retry``)."""
+        return self._start("", on_token, retry=True)
+
+    def _start(self, text: str, on_token: Callable[[str], None] | None, *, retry: bool) -> AsyncTurn:
         core = self._core
         core.check_can_chat(text)
 
@@ -145,7 +153,7 @@ class AsyncConversationSession(SessionView):
                     else:
                         loop.call_soon_threadsafe(free)
 
-                return _TurnSteps(core, text, on_token, release)
+                return _TurnSteps(core, text, on_token, release, retry=retry)
             except BaseException:
                 self._turn_task = None
                 lock.release()
@@ -167,6 +175,24 @@ class AsyncConversationSession(SessionView):
         turn = self.stream(text, on_token=on_token)
         async with turn:
             return await turn.result()
+
+    async def retry(self, *, on_token: Callable[[str], None] | None = None) -> ChatResult:
+        """Regenerate the reply to the last user message (see ``ConversationSession.retry``)."""
+        turn = self.stream_retry(on_token=on_token)
+        async with turn:
+            return await turn.result()
+
+    async def undo(self) -> bool:
+        """Withdraw the last turn, durably (see ``ConversationSession.undo``)."""
+        self._check_reentry("undo")
+        async with self._get_lock():
+            return await self._off_loop(self._core.undo)
+
+    async def set_title(self, title: str | None) -> bool:
+        """Name the session (see ``ConversationSession.set_title``)."""
+        self._check_reentry("rename")
+        async with self._get_lock():
+            return await self._off_loop(self._core.set_title, title)
 
     # -- persistence ------------------------------------------------------------------------
     async def save_history(self) -> Path | str:

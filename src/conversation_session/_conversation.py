@@ -11,12 +11,16 @@ Three outcomes of a turn, and what each leaves in the history:
 * timed out, cancelled, failed: nothing (the history, file and KV cache are as before);
 * interrupted (barge-in): the reply cut to what the user heard, marked ``interrupted``
   (see ``_turn.py``).
+
+A retry is a turn that replaces the last one: it is planned without the last turn, and its
+commit withdraws that turn (which the store records as undone) and appends the new one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ._exceptions import SessionError
 from ._format import MessageDict
 from ._policy import Fit, WindowPolicy
 from .backends import Usage
@@ -32,6 +36,7 @@ class Plan:
     prompt: list[MessageDict]   # system prompt, the history the window allows, the new message
     start: int                  # index in the history where the sent part begins
     trimmed_turns: int          # turns left out of the prompt
+    replaces: int | None = None  # a retry: the index of the turn it replaces (withdrawn on commit)
 
 
 @dataclass
@@ -80,10 +85,34 @@ class Conversation:
     def system(self) -> list[MessageDict]:
         return [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
 
-    def plan(self, text: str) -> Plan:
-        """The prompt for a new user message (raises ``SessionError`` if it cannot fit at all)."""
+    def last_turn_start(self) -> int | None:
+        """Where the last complete turn (its user message) begins, or None if there is none."""
+        if self.stateless or not self.messages or self.messages[-1]["role"] != "assistant":
+            return None
+        i = len(self.messages) - 1
+        while i >= 0 and self.messages[i]["role"] != "user":
+            i -= 1
+        return i if i >= 0 else None
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` messages (an undo, once the store has recorded it)."""
+        del self.messages[n:]
+        self.turns = sum(1 for m in self.messages if m["role"] == "assistant")
+        self.policy.truncated(n)
+
+    def plan_retry(self) -> Plan:
+        """The prompt that asks the last user message again, without the turn it replaces."""
+        at = self.last_turn_start()
+        if at is None:
+            raise SessionError("there is no reply to retry yet")
+        plan = self.plan(self.messages[at]["content"], upto=at)
+        return Plan(plan.user, plan.prompt, plan.start, plan.trimmed_turns, replaces=at)
+
+    def plan(self, text: str, *, upto: int | None = None) -> Plan:
+        """The prompt for a new user message (raises ``SessionError`` if it cannot fit at all);
+        ``upto`` plans as if the history held only its first ``upto`` messages (a retry)."""
         user: MessageDict = {"role": "user", "content": text}
-        history = [] if self.stateless else self.messages
+        history = [] if self.stateless else self.messages if upto is None else self.messages[:upto]
         system = self.system()
         fit: Fit = self.policy.fit(history, system, user)
         self.trimmed_turns += fit.dropped_now  # the start only moves forward: count incrementally
@@ -99,7 +128,10 @@ class Conversation:
         return plan.prompt[:-1]
 
     def commit(self, plan: Plan, reply: MessageDict) -> tuple[int, list[MessageDict]]:
-        """Append a completed (or interrupted) turn; returns (start index, messages) to journal."""
+        """Append a completed (or interrupted) turn; returns (start index, messages) to journal.
+        A retry's plan first withdraws the turn it replaces (its store write must be done)."""
+        if plan.replaces is not None:
+            self.truncate(plan.replaces)
         start = len(self.messages)
         new = [plan.user, reply]
         if not self.stateless:

@@ -22,7 +22,7 @@ from typing import Any
 
 from ._conversation import Conversation, Plan
 from ._exceptions import SessionError, SessionLockedError, SessionNotFoundError
-from ._format import MessageDict, SessionRecord, is_utf8_text
+from ._format import MessageDict, SessionRecord, clean_title, is_utf8_text
 from ._policy import TrimPolicy
 from ._result import ChatResult
 from ._runtime import run_in_background, schedule
@@ -223,10 +223,29 @@ class SessionCore:
 
     # -- the turn's commit ---------------------------------------------------------------
     def commit(self, plan: Plan, reply: MessageDict) -> bool:
-        """Append a completed turn to the conversation and journal it; True if durable."""
-        start, new = self.conversation.commit(plan, reply)
-        if not self.enable_cache or self.writer is None:
-            return False
+        """Append a completed turn to the conversation and journal it; True if durable.
+
+        A retry (``plan.replaces``) is all or nothing: its one store write withdraws the old turn
+        and appends the new one; if the store cannot take it, the previous reply stays."""
+        if plan.replaces is not None:
+            if not self._record_rewind(plan.replaces, [plan.user, reply]):
+                logger.warning("the new reply of session %s could not be saved (%s); the previous reply stays",
+                               self.session_id, getattr(self.writer, "last_error", None))
+                return False
+            self.conversation.commit(plan, reply)
+            saved = self.enable_cache and self.writer is not None
+        else:
+            start, new = self.conversation.commit(plan, reply)
+            if not self.enable_cache or self.writer is None:
+                return False
+            saved = self._append(start, new)
+        if self.persist_kv_cache:
+            seq = self.turn_seq
+            self.kv.schedule([*plan.prompt, reply], lambda: self.turn_seq == seq)
+        return saved
+
+    def _append(self, start: int, new: list[MessageDict]) -> bool:
+        assert self.writer is not None
         t0 = time.perf_counter()
         meta, self._pending_meta = self._pending_meta, None
         try:
@@ -239,10 +258,66 @@ class SessionCore:
             self._pending_meta = meta
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("turn %d committed in %.3f ms", self.conversation.turns, (time.perf_counter() - t0) * 1000)
-        if self.persist_kv_cache:
-            seq = self.turn_seq
-            self.kv.schedule([*plan.prompt, reply], lambda: self.turn_seq == seq)
         return saved
+
+    def _record_rewind(self, start: int, new: list[MessageDict]) -> bool:
+        """Have the store withdraw the messages from ``start`` on and append ``new`` (one durable
+        write); True when done.  Nothing to record without a store."""
+        if not self.enable_cache or self.writer is None:
+            return True
+        rewind = getattr(self.writer, "rewind", None)
+        if rewind is None:
+            raise SessionError(f"the {type(self.store).__name__} store cannot undo turns")
+        meta, self._pending_meta = self._pending_meta, None
+        try:
+            ok = bool(rewind(start, new, meta))
+        except (OSError, SessionError) as exc:
+            logger.warning("session %s: the store refused the undo: %s", self.session_id, exc)
+            ok = False
+        if not ok and meta:
+            self._pending_meta = meta
+        return ok
+
+    # -- undo and titles ---------------------------------------------------------------------
+    def undo(self) -> bool:
+        """Withdraw the last turn (recorded by the store as undone); False if there is none."""
+        self.check_open("undo in")
+        if self.read_only is not None:
+            raise SessionError(f"session {self.read_only.session_id} was opened read-only; nothing can be undone")
+        at = self.conversation.last_turn_start()
+        if at is None:
+            return False
+        if not self._record_rewind(at, []):
+            raise SessionError(f"could not undo the last turn of session {self.session_id}: "
+                               f"{getattr(self.writer, 'last_error', None) or 'the store refused it'}; nothing "
+                               "was changed")
+        self.conversation.truncate(at)
+        self.turn_seq += 1  # a KV save pending for the undone turn is stale
+        self.last = None
+        logger.info("session %s: the last turn was undone (%d turn(s) left; the file keeps it under 'undone')",
+                    self.session_id, self.conversation.turns)
+        if self.persist_kv_cache and self.conversation.messages:
+            seq = self.turn_seq
+            self.kv.schedule(self.conversation.warm_prompt(), lambda: self.turn_seq == seq)
+        return True
+
+    @property
+    def title(self) -> str | None:
+        record = self.writer.record if self.writer is not None else self.read_only
+        return getattr(record, "title", None)
+
+    def set_title(self, title: str | None) -> bool:
+        """Name the session; True when saved (False: kept and saved with the next turn)."""
+        self.check_open("rename")
+        if self.read_only is not None:
+            raise SessionError(f"session {self.read_only.session_id} was opened read-only; it cannot be renamed")
+        clean = clean_title(title)
+        if self.writer is None:
+            return False
+        meta = dict(self._pending_meta or {})
+        meta["title"] = clean
+        self._pending_meta = meta
+        return self._append(len(self.conversation.messages), [])
 
     def after_abort(self, completed_prompt: list[MessageDict]) -> None:
         # The cache still holds the completed conversation (plus the abandoned turn's tokens,
@@ -448,6 +523,7 @@ class SessionCore:
             "enable_cache": self.enable_cache,
             "system_prompt": conv.system_prompt,
             "memory": self.memory,
+            "title": self.title,
             "summary": self.policy.summary_text() if isinstance(self.policy, SummaryPolicy) else None,
             "summarized_turns": self._summarized_turns(),
             "last_save_error": str(last_error) if last_error else None,
@@ -568,6 +644,11 @@ class SessionView:
     @property
     def turns(self) -> int:
         return self._core.conversation.turns
+
+    @property
+    def title(self) -> str | None:
+        """The session's name (``set_title()``), or None."""
+        return self._core.title
 
     @property
     def path(self) -> Path | str | None:

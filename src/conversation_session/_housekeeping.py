@@ -236,8 +236,8 @@ def _check_file(store: HistoryStore, path: Path, st: os.stat_result) -> tuple[st
     return None
 
 
-def _snapshot_problem(store: HistoryStore, path: Path) -> tuple[tuple[str, str] | None, int | None]:
-    """(problem, message count) for a regular ``<id>.json`` of acceptable size."""
+def _snapshot_problem(store: HistoryStore, path: Path) -> tuple[tuple[str, str] | None, tuple[int, int] | None]:
+    """(problem, (message count, rewinds folded)) for a regular ``<id>.json`` of acceptable size."""
     try:
         raw = read_regular_file(path, store.max_file_bytes)
     except (NotARegularFileError, FileTooLargeError) as exc:
@@ -255,11 +255,11 @@ def _snapshot_problem(store: HistoryStore, path: Path) -> tuple[tuple[str, str] 
     stem = path.name[: -len(".json")]
     if record.session_id != stem:
         return ("id-mismatch", f"says session_id={record.session_id!r}; it loads as {stem} (the file name wins)"), \
-            len(record.messages)
-    return None, len(record.messages)
+            (len(record.messages), len(record.undone))
+    return None, (len(record.messages), len(record.undone))
 
 
-def _journal_problem(store: HistoryStore, path: Path, have: int | None) -> tuple[str, str] | None:
+def _journal_problem(store: HistoryStore, path: Path, have: tuple[int, int] | None) -> tuple[str, str] | None:
     """Check a regular, unlocked ``<id>.journal`` with the loader's own replay."""
     try:
         raw = read_regular_file(path, store.max_file_bytes)
@@ -269,7 +269,8 @@ def _journal_problem(store: HistoryStore, path: Path, have: int | None) -> tuple
         if have is None:
             return "orphan-journal", "an empty journal with no snapshot, left by a process that ended early"
         return None
-    return replay_journal(raw, path.name[: -len(".journal")], have or 0).problem
+    count, folded = have or (0, 0)
+    return replay_journal(raw, path.name[: -len(".journal")], count, folded).problem
 
 
 def _move_journal_aside(store: HistoryStore, session_id: str, path: Path, stamp: str, *, fold: bool) -> Path | None:
@@ -316,7 +317,7 @@ def doctor(store: HistoryStore, fix: bool = False) -> list[Problem]:
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
     now = time.time()
     found: list[tuple[Path, str, str, str | None]] = []  # path, kind, detail, session id of a journal
-    snapshot_counts: dict[str, int | None] = {}
+    snapshot_counts: dict[str, tuple[int, int] | None] = {}
     journals: list[tuple[Path, str, os.stat_result]] = []
     for entry in entries:
         name = entry.name

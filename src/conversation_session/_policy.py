@@ -69,6 +69,10 @@ class TokenCounter:
     def reset(self) -> None:
         self._cache.clear()
 
+    def forget_from(self, i: int) -> None:
+        """Messages from ``i`` on were withdrawn (an undo): their counts no longer apply."""
+        del self._cache[i:]
+
 
 @dataclass(frozen=True)
 class Fit:
@@ -90,6 +94,9 @@ class WindowPolicy(Protocol):
         summary).  Stable between compactions, so the backend's cache stays valid."""
 
     def reset(self) -> None: ...
+
+    def truncated(self, n: int) -> None:
+        """The history was cut to its first ``n`` messages (undo/retry)."""
 
 
 class TrimPolicy:
@@ -113,6 +120,12 @@ class TrimPolicy:
     def reset(self) -> None:
         self.start = 0
         self.tokens.reset()
+
+    def truncated(self, n: int) -> None:
+        # The window's start stays where it is (the prefix, and the cache, stay valid): an undo
+        # only removes turns after it.
+        self.tokens.forget_from(n)
+        self.start = min(self.start, n)
 
     def prefix(self, system: list[MessageDict]) -> list[MessageDict]:
         return system

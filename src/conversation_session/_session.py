@@ -172,6 +172,16 @@ class ConversationSession(SessionView):
         by its ``with`` block); other threads' calls wait for it.  An empty message sends
         nothing and completes at once with no new turn.
         """
+        return self._start(text, on_token, retry=False)
+
+    def stream_retry(self, *, on_token: Callable[[str], None] | None = None) -> Turn:
+        """Ask the last user message again: a turn (as ``stream()``) whose completed reply
+        replaces the last one.  The old turn is kept in the file's ``undone`` list, and the
+        swap is one durable write: if the store cannot take it, the previous reply stays and the
+        result says ``saved=False``.  ``SessionError`` if there is no reply to retry."""
+        return self._start("", on_token, retry=True)
+
+    def _start(self, text: str, on_token: Callable[[str], None] | None, *, retry: bool) -> Turn:
         core = self._core
         core.check_can_chat(text)
         me = threading.get_ident()
@@ -191,7 +201,7 @@ class ConversationSession(SessionView):
                     self._turn_free.notify_all()
 
         try:
-            steps = _TurnSteps(core, text, on_token, release)
+            steps = _TurnSteps(core, text, on_token, release, retry=retry)
         except BaseException:
             release()
             raise
@@ -213,11 +223,39 @@ class ConversationSession(SessionView):
             BackendError: the backend failed (server down, model missing, ...).
             SessionError: the session is closed, read-only, or called from inside ``on_token``.
         """
-        turn = self.stream(text, on_token=on_token)
+        return self._run(self.stream(text, on_token=on_token))
+
+    def retry(self, *, on_token: Callable[[str], None] | None = None) -> ChatResult:
+        """Regenerate the reply to the last user message (see ``stream_retry()``); raises what
+        ``chat()`` raises, and ``SessionError`` if there is no reply to retry."""
+        return self._run(self.stream_retry(on_token=on_token))
+
+    @staticmethod
+    def _run(turn: Turn) -> ChatResult:
         with turn:
             for _ in turn:
                 pass
             return turn.result()
+
+    def undo(self) -> bool:
+        """Withdraw the last turn (the user's message and the reply) from the conversation.
+
+        The store records it (the file's ``undone`` list, a journal line; PostgreSQL likewise):
+        nothing is silently rewritten, and it survives a restart.  Returns False if there is no
+        turn to undo.
+
+        Raises:
+            SessionError: the store could not record the undo (nothing changed), or the session
+                is closed or read-only.
+        """
+        with self._state():
+            return self._core.undo()
+
+    def set_title(self, title: str | None) -> bool:
+        """Name the session (shown by listings; None or blank removes the name).  Returns True
+        when saved; False when it will be saved with the next turn."""
+        with self._state():
+            return self._core.set_title(title)
 
     # -- persistence ---------------------------------------------------------------------
     def save_history(self) -> Path | str:

@@ -56,9 +56,19 @@ from ._fileio import (
     open_regular,
     read_regular_file_stat,
 )
-from ._format import META_FIELDS, UTF8_BOM, MessageDict, SessionRecord, now_iso, parse_journal_line
+from ._format import (
+    META_FIELDS,
+    UTF8_BOM,
+    JournalRecordDict,
+    MessageDict,
+    SessionRecord,
+    UndoneDict,
+    clean_title,
+    now_iso,
+    parse_journal_line,
+)
 from ._runtime import run_in_background
-from ._store_api import SessionInfo
+from ._store_api import SearchHit, SessionInfo, make_snippet
 
 __all__ = [
     "DEFAULT_MAX_FILE_BYTES",
@@ -73,6 +83,7 @@ __all__ = [
     "encode_snapshot",
     "parse_json_bytes",
     "replay_journal",
+    "search_record",
     "validate_session_id",
 ]
 
@@ -91,7 +102,7 @@ _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _CACHE_NAME = ".list-cache.json"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: heads carry the title and the number of rewinds
 _READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
@@ -168,7 +179,13 @@ def aside_path(path: Path, stamp: str | None = None) -> Path:
 # -- journal replay: the one copy, used by loading, listing and doctor ------------------------
 @dataclass
 class JournalReplay:
-    """What a journal adds to a snapshot holding ``base`` messages.
+    """What a journal does to a snapshot holding ``base`` messages.
+
+    Without undo the journal only adds ``new_messages``; an undo/retry line (``rewind``) may also
+    withdraw snapshot messages: the result is the snapshot's first ``keep`` messages followed by
+    ``new_messages``, and ``undone`` lists what the journal's rewinds withdrew.  ``cut_turns`` is
+    how many of the snapshot's replies were withdrawn (so a listing counts turns without the
+    snapshot's messages at hand).
 
     ``problem`` is ``(kind, detail)`` for doctor: ``torn-journal`` (an unacknowledged write
     cut off by a crash: harmless), ``damaged-journal`` or ``foreign-journal``.  ``unread``
@@ -178,30 +195,49 @@ class JournalReplay:
     """
 
     base: int
+    keep: int = -1
     new_messages: list[MessageDict] = field(default_factory=list)
+    undone: list[UndoneDict] = field(default_factory=list)
+    cut_turns: int = 0
     updated_at: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     clean: bool = True
     unread: bool = False
     problem: tuple[str, str] | None = None
 
+    def __post_init__(self) -> None:
+        if self.keep < 0:
+            self.keep = self.base
+
     @property
     def count(self) -> int:
-        return self.base + len(self.new_messages)
+        return self.keep + len(self.new_messages)
+
+    def apply(self, record: SessionRecord) -> None:
+        """Make ``record`` (the snapshot this replay was made over) the session as journaled."""
+        if self.keep < len(record.messages):
+            del record.messages[self.keep:]
+        record.messages.extend(self.new_messages)
+        record.undone.extend(self.undone)
+        if self.updated_at is not None:
+            record.updated_at = self.updated_at
+        record.apply_meta(self.meta)
 
 
-def replay_journal(raw: bytes | bytearray, session_id: str, base: int) -> JournalReplay:
-    """Replay a journal's bytes over a snapshot of ``base`` messages (which need not be at hand).
+def replay_journal(raw: bytes | bytearray, session_id: str, base: int, folded: int = 0) -> JournalReplay:
+    """Replay a journal's bytes over a snapshot of ``base`` messages (which need not be at hand)
+    that already holds ``folded`` rewinds (``len(record.undone)``).
 
     Lines of another session are skipped (and make the journal ``unread``); the first line
-    that is damaged, or starts past the messages known so far, ends the replay.
+    that is damaged, or starts past the messages known so far, ends the replay.  Lines up to the
+    last rewind the snapshot already holds are skipped: the snapshot was written after them.
     """
     out = JournalReplay(base=base)
     body: bytes | bytearray = raw[len(UTF8_BOM):] if raw.startswith(UTF8_BOM) else raw
     if not body:
         return out
     lines: list[bytes] = bytes(body).split(b"\n")  # (one copy of a journal kept short by folding)
-    count = base
+    entries: list[tuple[int, JournalRecordDict]] = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -214,7 +250,7 @@ def replay_journal(raw: bytes | bytearray, session_id: str, base: int) -> Journa
             else:
                 out.unread = True
                 out.problem = ("damaged-journal", f"line {n} is damaged ({exc}); lines after it are not loaded")
-            return out
+            break
         owner = entry.get("session_id")
         if owner is not None and owner != session_id:
             out.unread = True
@@ -223,17 +259,40 @@ def replay_journal(raw: bytes | bytearray, session_id: str, base: int) -> Journa
                 out.problem = ("foreign-journal", f"line {n} belongs to session {owner!r}, not {session_id}; "
                                                   "such lines are not loaded")
             continue
+        entries.append((n, entry))
+    # The snapshot holds every line up to (and including) the last rewind it has folded.
+    skip = max((i for i, (_n, e) in enumerate(entries) if e.get("rewind", folded + 1) <= folded), default=-1)
+    rewinds = folded
+    for n, entry in entries[skip + 1:]:
         start, msgs = entry["start"], entry["messages"]
+        count = out.count
         if start > count:
             out.unread = True
             out.clean = False
             out.problem = ("damaged-journal", f"line {n} starts at message {start} but only {count} exist; "
                                               "lines from there are not loaded")
             return out
-        # Lines already folded into the snapshot overlap it; take only what is new.
-        fresh = msgs[count - start:]
+        if "rewind" in entry:
+            if entry["rewind"] != rewinds + 1:
+                out.unread = True
+                out.clean = False
+                out.problem = ("damaged-journal", f"line {n} is undo number {entry['rewind']} but {rewinds} are "
+                                                  "known; lines from there are not loaded")
+                return out
+            rewinds += 1
+            withdrawn = entry.get("undone", [])
+            if start >= out.keep:
+                del out.new_messages[start - out.keep:]
+            else:
+                out.cut_turns += _count_turns(withdrawn[:out.keep - start])
+                out.keep = start
+                out.new_messages.clear()
+            out.undone.append({"at": entry["updated_at"], "start": start, "messages": withdrawn})
+            fresh = msgs
+        else:
+            # Lines already folded into the snapshot overlap it; take only what is new.
+            fresh = msgs[count - start:]
         out.new_messages.extend(fresh)
-        count += len(fresh)
         out.updated_at = entry["updated_at"]
         if "meta" in entry:
             out.meta.update(entry["meta"])
@@ -344,12 +403,9 @@ class HistoryStore:
         else:
             record = SessionRecord(session_id=session_id, llm_model="unknown", created_at="", updated_at="")
         raw = journal[0] if journal is not None else None
-        replay = replay_journal(raw or b"", session_id, len(record.messages))
+        replay = replay_journal(raw or b"", session_id, len(record.messages), len(record.undone))
         _log_replay(jpath.name, replay)
-        record.messages.extend(replay.new_messages)
-        if replay.updated_at is not None:
-            record.updated_at = replay.updated_at
-        record.apply_meta(replay.meta)
+        replay.apply(record)
         if not record.created_at:
             # A session that crashed before its first snapshot: date it by its journal.
             record.created_at = record.updated_at or now_iso()
@@ -426,7 +482,8 @@ class HistoryStore:
         if not isinstance(entry, dict) or entry.get("marks") != marks:
             return None
         head = entry.get("head")
-        types = {"created_at": str, "updated_at": str, "llm_model": str, "turns": int, "total": int, "first": str}
+        types = {"created_at": str, "updated_at": str, "llm_model": str, "turns": int, "total": int, "first": str,
+                 "rewinds": int}
         if not isinstance(head, dict) or any(type(head.get(k)) is not t for k, t in types.items()):
             return None
         return head
@@ -452,7 +509,8 @@ class HistoryStore:
                     marks = _marks(snapshot[1])
                     head = {"created_at": record.created_at, "updated_at": record.updated_at,
                             "llm_model": record.llm_model, "turns": _count_turns(record.messages),
-                            "total": len(record.messages), "first": _first_line(record.messages)}
+                            "total": len(record.messages), "first": _first_line(record.messages),
+                            "title": record.title, "rewinds": len(record.undone)}
                     st = snapshot[1]
             if head is not None:
                 fresh[session_id] = {"marks": marks, "head": head}
@@ -460,22 +518,30 @@ class HistoryStore:
         if head is None:
             if journal is None:
                 return None
-            head = {"created_at": "", "updated_at": "", "llm_model": "unknown", "turns": 0, "total": 0, "first": ""}
+            head = {"created_at": "", "updated_at": "", "llm_model": "unknown", "turns": 0, "total": 0, "first": "",
+                    "title": None, "rewinds": 0}
         updated_at, turns, total, first = head["updated_at"], head["turns"], head["total"], head["first"]
+        title = head.get("title") if isinstance(head.get("title"), str) else None
         if journal is not None:
             size += journal[1].st_size
-            replay = replay_journal(journal[0], session_id, total)
+            replay = replay_journal(journal[0], session_id, total, head["rewinds"])
             _log_replay(jpath.name, replay)
-            total += len(replay.new_messages)
+            if replay.keep < total:
+                # An undo withdrew messages of the snapshot: its first line may be among them.
+                first = "" if replay.keep == 0 else first
+                turns -= replay.cut_turns
+            total = replay.count
             turns += _count_turns(replay.new_messages)
             updated_at = replay.updated_at or updated_at
             first = first or _first_line(replay.new_messages)
+            if "title" in replay.meta:
+                title = replay.meta["title"]
         if not total:
             return None
         created_at = head["created_at"] or updated_at
         return SessionInfo(session_id=session_id, location=str(spath), created_at=created_at,
                            updated_at=updated_at or created_at, llm_model=head["llm_model"], turns=turns,
-                           total_messages=total, size_bytes=size, first_user_line=first)
+                           total_messages=total, size_bytes=size, first_user_line=first, title=title)
 
     def list_sessions(self) -> list[SessionInfo]:
         """Every readable session with at least one message, newest first; bad files are logged.
@@ -658,8 +724,8 @@ class HistoryStore:
                                target)
             persisted = True
             core = _Core(self, dataclasses.replace(record, messages=list(record.messages)), fd,
-                         snapshot_upto=len(record.messages) - len(replay.new_messages)
-                         if os.path.exists(self.snapshot_path(session_id)) else None,
+                         snapshot_upto=replay.base if not replay.undone and
+                         os.path.exists(self.snapshot_path(session_id)) else None,
                          persisted=persisted)
         except BaseException:
             # Leave a damaged session as it was found: no empty journal beside it.
@@ -735,6 +801,60 @@ class HistoryStore:
                 journal.unlink()
         os.close(fd)
         return session_id
+
+    def set_title(self, session_id: str, title: str | None) -> None:
+        """Name a session nobody has open (``sessions rename``): a journal line, like any change."""
+        title = clean_title(title)
+        writer, record = self.open(session_id)
+        try:
+            if record.title != title and not writer.append(len(record.messages), [], {"title": title}):
+                raise SessionError(f"could not rename session {session_id}: {writer.last_error}")
+        finally:
+            writer.close()
+
+    def search(self, text: str, *, limit: int = 50) -> list[SearchHit]:
+        """Sessions whose title or messages hold ``text`` (see ``StoreAPI.search``).
+
+        Each session's files are read once; only those whose bytes contain every word of the
+        text (case-folded; words JSON would escape are not used to filter) are parsed."""
+        words = text.split()
+        if not words:
+            raise ValueError("search for what? the text is blank")
+        needle = " ".join(words)
+        plain = [w.casefold() for w in words if not any(c in w for c in '"\\') and w.isprintable()]
+        hits: list[SearchHit] = []
+        for session_id in self.newest_first():
+            if len(hits) >= limit:
+                break
+            try:
+                parts = [self._read_file(p) for p in (self.journal_path(session_id), self.snapshot_path(session_id))]
+                raw = b"".join(bytes(part[0]) for part in parts if part is not None)
+                if not raw:
+                    continue
+                folded = raw.decode("utf-8", "replace").casefold()
+                if any(w not in folded for w in plain):
+                    continue
+                record = self.load(session_id)
+            except (SessionFormatError, SessionNotFoundError, OSError) as exc:
+                logger.debug("search: skipping %s: %s", session_id, exc)
+                continue
+            hits.extend(search_record(record, needle, limit - len(hits)))
+        return hits
+
+
+def search_record(record: SessionRecord, needle: str, limit: int) -> list[SearchHit]:
+    """The hits of one session (its title first, then its messages in order), at most ``limit``."""
+    out: list[SearchHit] = []
+    if not record.messages:
+        return out
+    if record.title and (snippet := make_snippet(record.title, needle)) is not None:
+        out.append(SearchHit(record.session_id, record.title, record.updated_at, -1, "title", snippet))
+    for i, m in enumerate(record.messages):
+        if len(out) >= limit:
+            break
+        if (snippet := make_snippet(m["content"], needle)) is not None:
+            out.append(SearchHit(record.session_id, record.title, record.updated_at, i, m["role"], snippet))
+    return out[:limit]
 
 
 # -- the writer ------------------------------------------------------------------------------
@@ -832,6 +952,76 @@ class _Core:
             self.turns += _count_turns(messages)
         return self.save()
 
+    def rewind(self, start: int, messages: list[MessageDict], meta: dict[str, Any] | None) -> bool:
+        """Withdraw ``messages[start:]`` (recorded in ``record.undone``) and append ``messages``:
+        one journal line, written before anything changes in memory (all or nothing)."""
+        if not self.save():  # what came before must be durable first, or the line could not follow it
+            return False
+        # The snapshot lock: a snapshot being written now holds the messages about to be withdrawn
+        # and, once written, would empty the journal, rewind line included.
+        with self.snapshot_lock, self.lock:
+            if self.closed:
+                raise SessionError(f"session {self.session_id} is closed")
+            if not 0 <= start <= len(self.messages):
+                raise ValueError(f"cannot undo from message {start}: session {self.session_id} holds "
+                                 f"{len(self.messages)} messages")
+            if self.pending or self.orphaned or self.journal_torn or self.journaled < len(self.messages) \
+                    or self.meta_dirty or self.fd is None:
+                self.last_error = self.last_error or SessionError("earlier turns are not saved yet")
+                return False
+            if self._gone():
+                return False
+            at = now_iso()
+            after = dataclasses.replace(self.record, messages=[], undone=[])
+            if after.summary is not None and after.summary["covers"] > start:
+                after.summary = None
+            after.apply_meta(meta)
+            withdrawn = [self.encoded[i] if i < len(self.encoded) else encode_json(self.messages[i])
+                         for i in range(start, len(self.messages))]
+            new = [encode_json(m) for m in messages]
+            # Every record-level field, None included: a summary the undo dropped is dropped on replay too.
+            fields = ", ".join(f'"{k}": {encode_json(getattr(after, k))}' for k in META_FIELDS)
+            line = (f'{{"session_id": {encode_json(self.session_id)}, "start": {start}, '
+                    f'"rewind": {len(self.record.undone) + 1}, "undone": [{", ".join(withdrawn)}], '
+                    f'"messages": [{", ".join(new)}], "updated_at": {encode_json(at)}, '
+                    f'"meta": {{{fields}}}}}\n').encode()
+            if self.size + len(line) > self.store.max_file_bytes:
+                self.last_error = ValueError(f"session {self.session_id} has reached the "
+                                             f"{self.store.max_file_bytes:,}-byte limit sessions are read up to")
+                return False
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(self.fd, view):]
+            except OSError as exc:
+                self._undo_partial_append()
+                self.last_error = exc
+                logger.warning("could not save the undo in %s: %s; nothing was changed", self.journal_path,
+                               exc.strerror or exc)
+                return False
+            if self._gone():
+                return False
+            gone = self.record.withdraw(start, at)
+            for k in META_FIELDS:
+                setattr(self.record, k, getattr(after, k))
+            self.record.updated_at = at
+            self.messages.extend(messages)
+            self.turns += _count_turns(messages) - _count_turns(gone)
+            del self.encoded[start:]
+            if len(self.encoded) == start:
+                self.encoded.extend(new)
+            self.journaled = len(self.messages)
+            self.snapshot_upto = None  # the .json holds what was withdrawn until the next snapshot
+            self.journal_size += len(line)
+            self.journal_lines += 1
+            self.size += len(line)
+            self.last_error = None
+            logger.info("session %s: %d message(s) withdrawn from message %d (kept in the file's undone list)%s",
+                        self.session_id, len(gone), start,
+                        f", {len(messages)} appended" if messages else "")
+        self._request_snapshot()
+        return True
+
     def save(self) -> bool:
         """Make every message not yet durable durable; True once it is."""
         if self.pending or self.orphaned:
@@ -847,9 +1037,9 @@ class _Core:
     def _line(self, start: int, end: int, encoded: list[str], *, with_meta: bool) -> bytes:
         meta = ""
         if with_meta:
-            # The system prompt always (None clears it); other fields once they are set.
-            fields = ", ".join(f'"{k}": {encode_json(getattr(self.record, k))}' for k in META_FIELDS
-                               if k == "system_prompt" or getattr(self.record, k) is not None)
+            # Every field, None included: a line carries the whole record-level state (None
+            # clears a system prompt or a title).
+            fields = ", ".join(f'"{k}": {encode_json(getattr(self.record, k))}' for k in META_FIELDS)
             meta = f', "meta": {{{fields}}}'
         return (f'{{"session_id": {encode_json(self.session_id)}, "start": {start}, '
                 f'"messages": [{", ".join(encoded)}], "updated_at": {encode_json(self.record.updated_at)}'
@@ -1167,7 +1357,8 @@ class _Core:
                 logger.error("session %s: its files were removed; %d message(s) are not saved", self.session_id,
                              len(self.messages) - self.journaled)
                 return
-            if self.messages and (self.snapshot_upto != self._target() or self.journal_size or self.journal_torn):
+            keep = self.messages or self.record.undone  # an emptied session still says what was undone
+            if keep and (self.snapshot_upto != self._target() or self.journal_size or self.journal_torn):
                 try:
                     self._write_snapshot(background=False, final=True)
                 except OSError as exc:
@@ -1175,7 +1366,7 @@ class _Core:
                     logger.warning("could not write %s on close: %s; the journal %s keeps every saved turn",
                                    self.snapshot_path, exc.strerror or exc, self.journal_path)
                     return
-            if self.journal_torn or (self.messages and self.snapshot_upto != self._target()):
+            if self.journal_torn or (keep and self.snapshot_upto != self._target()):
                 return
             # Still holding the lock: anyone who opened the journal before the unlink will
             # see it is gone once they get the lock, and start over on the live path.
@@ -1249,6 +1440,12 @@ class SessionWriter:
         durable: one ``write`` to the journal.  False (logged, in ``last_error``) when not:
         the messages stay in memory and the next append writes them first."""
         return self._core.append(start, list(messages), meta)
+
+    def rewind(self, start: int, messages: list[MessageDict] | None = None,
+               meta: dict[str, Any] | None = None) -> bool:
+        """Withdraw the messages from ``start`` on and append ``messages``, in one journal line
+        that records what was withdrawn (``SessionWriterAPI.rewind``).  All or nothing."""
+        return self._core.rewind(start, list(messages or []), meta)
 
     def ensure_room(self, nbytes: int) -> None:
         """Raise ``ValueError`` if about ``nbytes`` more would make the session larger than the

@@ -115,6 +115,7 @@ class SummaryPolicy(TrimPolicy):
         self._job_lock = threading.Lock()
         self._failed_at = 0.0
         self.compactions = 0
+        self._epoch = 0   # bumped when the history is cut: a summary job under way is for another one
         self.last_error: str | None = None
 
     # -- what the conversation asks -----------------------------------------------------------
@@ -123,6 +124,18 @@ class SummaryPolicy(TrimPolicy):
         self.state = None
         self._ready = None
         self._job = None  # a running job's result is dropped: it is for another conversation
+        self._epoch += 1
+
+    def truncated(self, n: int) -> None:
+        """An undo cut the history to ``n`` messages: a summary covering any withdrawn message no
+        longer applies (the store drops it too); one being made is dropped."""
+        super().truncated(n)
+        with self._job_lock:
+            self._epoch += 1
+            self._ready = None
+        if self.state is not None and self.state.covers > n:
+            self.state = None
+            self.start = min(self.start, n)
 
     def restore(self, state: SummaryState | None, history_len: int) -> None:
         """A resumed session's persisted summary (ignored if it covers more than the history)."""
@@ -252,6 +265,7 @@ class SummaryPolicy(TrimPolicy):
                 chunks[-1].append(history[i])
                 used += share
             generation = self.compactions
+            epoch = self._epoch
 
             def job() -> None:
                 try:
@@ -266,7 +280,8 @@ class SummaryPolicy(TrimPolicy):
                     logger.warning("memory: the summary could not be made (%s); trimming instead, "
                                    "retrying in %.0f s", exc, RETRY_AFTER_S)
                     return
-                if generation == self.compactions and (self.state is None or self.state.covers == covered):
+                if generation == self.compactions and epoch == self._epoch and \
+                        (self.state is None or self.state.covers == covered):
                     self._ready = SummaryState(text, cut, self._model_name)
                     self.last_error = None
 

@@ -47,7 +47,7 @@ class _TurnSteps:
     """The turn's logic, shared by the sync and the async turn; no waiting happens here."""
 
     def __init__(self, core: SessionCore, text: str, on_token: Callable[[str], None] | None,
-                 release: Callable[[], None]):
+                 release: Callable[[], None], *, retry: bool = False):
         self.core = core
         self.t0 = time.perf_counter()
         self.on_token = on_token
@@ -63,8 +63,8 @@ class _TurnSteps:
         self.aborted = False
         self._commit_lock = threading.Lock()
         self.done_callbacks: list[Callable[[ChatResult], None]] = []
-        self.empty = not text.strip()
-        self.plan = None if self.empty else core.conversation.plan(text)
+        self.empty = not retry and not text.strip()
+        self.plan = core.conversation.plan_retry() if retry else None if self.empty else core.conversation.plan(text)
         self.request = GenerationRequest(
             messages=self.plan.prompt if self.plan else [], max_tokens=core.max_tokens,
             temperature=core.temperature, cache_key=core.cache_key, options=dict(core.sampling),
