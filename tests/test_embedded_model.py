@@ -81,3 +81,24 @@ def test_timeout_stops_generation_and_the_next_turn_reuses_the_cache(sessions_di
         assert after.cached_tokens >= first.prompt_tokens  # completed history served from the cache
         assert after.prompt_tokens - after.cached_tokens < 40  # only the new message was computed
     assert HistoryStore(sessions_dir).load(s.session_id).turns == 2
+
+
+def test_retry_and_undo_on_the_real_model_reuse_the_cache(sessions_dir):
+    # Sampled (temperature 0.9, another seed each time) so a retry can differ; the cache keeps
+    # the conversation before the retried turn, so only the user message is computed again.
+    with ConversationSession(max_tokens=8, temperature=0.9) as s:
+        r1 = s.chat("Hello! My name is Xiaoming.")
+        r2 = s.chat("Tell me a short story.")
+        again = s.retry()
+        assert again.saved and again.turn == 2 and again.response.strip()
+        assert again.cached_tokens >= r1.prompt_tokens + r1.completion_tokens - 2
+        assert again.prompt_tokens == r2.prompt_tokens
+        assert s.undo() and s.turns == 1
+        r3 = s.chat("What is my name?")
+        assert r3.turn == 2 and r3.cached_tokens >= r1.prompt_tokens
+        sid = s.session_id
+    data = json.loads((sessions_dir / f"{sid}.json").read_text(encoding="utf-8"))
+    assert [m["content"] for m in data["conversation_history"]] == [
+        "Hello! My name is Xiaoming.", r1.response, "What is my name?", r3.response]
+    assert [[m["content"] for m in u["messages"]] for u in data["undone"]] == [
+        ["Tell me a short story.", r2.response], ["Tell me a short story.", again.response]]
