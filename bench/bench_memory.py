@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--ollama", help="an Ollama server URL: run the recall harness instead")
     ap.add_argument("--model", default="qwen2.5:3b")
     ap.add_argument("--num-ctx", type=int, default=2048)
+    ap.add_argument("--memory", choices=("trim", "summary"), action="append",
+                    help="run only this mode (repeatable; default: both)")
     args = ap.parse_args()
     if args.ollama:
         run_ollama(args.ollama, args.model, args.turns, args.num_ctx)
@@ -147,7 +149,7 @@ def main() -> None:
     print(f"embedded SmolLM2-135M, n_ctx 2048, {args.turns} turns, max_tokens 24, greedy")
     print(f"{'memory':<9}{'warm turns':>11}{'ttft p50':>10}{'ttft p99':>10}{'facts kept':>11}"
           f"{'compactions':>12}{'trimmed':>9}{'wall s':>8}")
-    for memory in ("trim", "summary"):
+    for memory in args.memory or ("trim", "summary"):
         r = run_embedded(memory, args.turns)
         print(f"{memory:<9}{r['warm_share']:>10.0%}{r['ttft_p50'] * 1e3:>8.0f}ms{r['ttft_p99'] * 1e3:>8.0f}ms"
               f"{r['facts_in_prompt']:>8}/{len(FACTS)}{r['compactions']:>12}{r['trimmed']:>9}{r['elapsed']:>8.0f}",

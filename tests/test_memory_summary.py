@@ -216,3 +216,55 @@ def test_a_summary_longer_than_the_room_it_was_made_for_is_still_used(sessions_d
         s.chat("and one more")
         assert "fact 0 is 0" in s.get_history_summary()["summary"]
         assert fake.count_tokens(fake.requests[-1].messages) <= 400 - 10
+
+
+class Forgetful(FakeBackend):
+    """A summariser as small models are: it keeps nothing of what it was given."""
+
+    def __init__(self) -> None:
+        super().__init__(model_name="forgetful")
+        self.prompts: list[str] = []
+
+    def generate(self, request):
+        self.prompts.append(request.messages[-1]["content"])
+        yield "They chatted about the weather."
+
+
+def test_what_the_user_says_about_themselves_survives_a_summariser_that_forgets(sessions_dir):
+    fake, summarizer = FakeBackend(context_length=500), Forgetful()
+    script = ["My name is Alice Martin.", "Is my name Bob?", "我叫小明", "Tell me about the weather please."]
+    with ConversationSession(backend=fake, summarizer=summarizer, memory="summary", max_tokens=10) as s:
+        for text in script:
+            s.chat(text)
+        for i in range(200):
+            s.chat(f"tell me about topic number {i}")
+            s._core.policy.wait_idle(5)
+            if s._core.policy.compactions >= 3:
+                break
+        assert s._core.policy.compactions >= 3
+        assert s._core.policy.start > 8  # the planted turns left the verbatim part long ago
+        prefix = fake.requests[-1].messages[0]["content"]
+        summary = s.get_history_summary()["summary"]
+        sid = s.session_id
+    # Statements kept word for word, after the (useless) prose; questions and requests are not.
+    assert _summary.NOTES_HEADER in prefix and summary in prefix
+    prose, notes = _summary.split_summary(summary)
+    assert prose == "They chatted about the weather." and notes == ["My name is Alice Martin.", "我叫小明"]
+    # The summariser is only given the prose: the notes are never at its mercy.
+    assert not any(_summary.NOTES_HEADER in p for p in summarizer.prompts)
+    # Persisted with the summary: a new process has them without recomputing.
+    record = HistoryStore(sessions_dir).load(sid)
+    assert _summary.split_summary(record.summary["text"])[1] == notes
+
+
+def test_the_notes_stay_within_an_eighth_of_the_window_oldest_first_out():
+    policy = _summary.SummaryPolicy(lambda: 800, lambda: 10, FakeBackend().count_tokens, False,
+                                    summarize=lambda prompt: "x", model_name="m", run=lambda fn, name: None)
+    batch = [{"role": "user", "content": f"My number {i} is {'very ' * 5}long."} for i in range(40)]
+    notes = policy._notes(["My name is Ana."], batch, 800)
+    tokens = sum(policy.tokens.of({"role": "user", "content": n}) for n in notes)
+    assert notes and tokens <= 100 and notes[-1] == batch[-1]["content"]
+    assert "My name is Ana." not in notes  # the oldest gave way first
+    assert policy._notes(["My name is Ana."], batch[:1], 800) == ["My name is Ana.", batch[0]["content"]]
+    assert policy._notes(["My name is Ana."], [{"role": "user", "content": "My name is Ana."}], 800) == [
+        "My name is Ana."]  # said twice, noted once

@@ -18,14 +18,23 @@ How it keeps the prompt prefix (and the backend's KV cache) stable:
   the summary is used from the next compaction on.  A summariser that fails is retried at the
   next compaction point, after a pause; no turn is ever lost (the history is never changed).
 
-The summary text, the number of messages it covers and the model that wrote it are persisted
-with the session (journaled like a turn), so ``load_history()`` restores them without
-recomputing anything.
+**What the user says about themselves is kept verbatim.**  A summariser can drop a fact (a
+small model often does: SmolLM2-135M kept none of five planted facts in 300 turns), so the
+user's own statements about themselves in the folded turns ("My name is Alice Martin.", "I live
+in Lyon.", "我叫小明") are carried word for word in a notes block after the summary, within an
+eighth of the window (the oldest notes give way first, and stay in the model's summary).  They
+are found by a small first-person rule (English and Chinese), never by the model, so no
+summariser can lose them; only the prose part is rewritten at each compaction.
+
+The summary text (prose and notes), the number of messages it covers and the model that wrote
+it are persisted with the session (journaled like a turn), so ``load_history()`` restores them
+without recomputing anything.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +45,8 @@ from typing import Any
 from ._format import MessageDict
 from ._policy import Fit, TrimPolicy
 
-__all__ = ["Summarizer", "SummaryPolicy", "SummaryState", "summary_prompt"]
+__all__ = ["Summarizer", "SummaryPolicy", "SummaryState", "join_summary", "personal_statements", "split_summary",
+           "summary_prompt"]
 
 logger = logging.getLogger("conversation_session")
 
@@ -47,7 +57,47 @@ SUMMARY_MAX_TOKENS = 256
 SUMMARY_OVERHEAD_TOKENS = 320
 SUMMARY_HEADER = "Summary of the earlier conversation (older turns, kept as memory):"
 
+NOTES_HEADER = "What the user said about themselves (verbatim):"
+NOTE_MAX_CHARS = 300
+
 Summarizer = Callable[[list[MessageDict]], str]
+
+# A statement of the user's about themselves: first person, not a question.  Deliberately
+# narrow: a note that should not be there costs prompt room on every turn.
+_FIRST_PERSON = re.compile(
+    r"\b(my|mine|i am|i'm|im|i live|i work|i have|i've|i like|i love|i prefer|i hate|i don't like|"
+    r"i was born|i study|i speak|i own|call me)\b"
+    r"|我(叫|是|的|住|在|家|有|喜欢|不喜欢|爱|讨厌|今年|出生|工作|养了?)",
+    re.IGNORECASE)
+
+
+def personal_statements(messages: list[MessageDict]) -> list[str]:
+    """The user's statements about themselves in ``messages``, verbatim, in order."""
+    out: list[str] = []
+    for m in messages:
+        if m["role"] != "user":
+            continue
+        text = " ".join(m["content"].split())
+        if not text or len(text) > NOTE_MAX_CHARS or text.endswith(("?", "？", "吗")):
+            continue
+        if _FIRST_PERSON.search(text):
+            out.append(text)
+    return out
+
+
+def split_summary(text: str) -> tuple[str, list[str]]:
+    """A stored summary's prose and its verbatim notes."""
+    prose, marker, notes = text.partition(f"\n\n{NOTES_HEADER}\n")
+    if not marker and text.startswith(f"{NOTES_HEADER}\n"):
+        prose, notes = "", text[len(NOTES_HEADER) + 1:]
+    return prose, [line[2:] for line in notes.splitlines() if line.startswith("- ")]
+
+
+def join_summary(prose: str, notes: list[str]) -> str:
+    if not notes:
+        return prose
+    block = f"{NOTES_HEADER}\n" + "\n".join(f"- {n}" for n in notes)
+    return f"{prose}\n\n{block}" if prose else block
 
 
 @dataclass(frozen=True)
@@ -236,6 +286,18 @@ class SummaryPolicy(TrimPolicy):
         return best
 
     # -- the background job -------------------------------------------------------------------
+    def _notes(self, previous: list[str], batch: list[MessageDict], n_ctx: int) -> list[str]:
+        """The previous notes plus the batch's statements, deduplicated, within an eighth of the
+        window (the oldest give way first)."""
+        notes = list(previous)
+        for line in personal_statements(batch):
+            if line not in notes:
+                notes.append(line)
+        room = n_ctx // 8
+        while notes and sum(self.tokens.of({"role": "user", "content": n}) for n in notes) > room:
+            notes.pop(0)
+        return notes
+
     def _maybe_start_job(self, history: list[MessageDict], fixed: int, budget: int, n_ctx: int) -> None:
         with self._job_lock:
             if self._job is not None and not self._job.done():
@@ -248,10 +310,11 @@ class SummaryPolicy(TrimPolicy):
             if cut <= (self.state.covers if self.state else 0):
                 return
             covered = self.state.covers if self.state else 0
-            previous = self.state.text if self.state else None
+            previous, old_notes = split_summary(self.state.text) if self.state else ("", [])
             batch = history[covered:cut]
             if not batch:
                 return
+            notes = self._notes(old_notes, batch, n_ctx)
             # The summariser sees its instructions, the previous summary and the batch: a batch
             # larger than its window is folded in chunks, oldest first.
             room = max(n_ctx - SUMMARY_MAX_TOKENS - SUMMARY_OVERHEAD_TOKENS, n_ctx // 4)
@@ -269,11 +332,12 @@ class SummaryPolicy(TrimPolicy):
 
             def job() -> None:
                 try:
-                    text = previous or ""
+                    text = previous
                     for chunk in chunks:
-                        text = self._summarize(summary_prompt(text, chunk)).strip()
+                        text = self._summarize(summary_prompt(text or None, chunk)).strip()
                         if not text:
                             raise ValueError("the summariser returned nothing")
+                    text = join_summary(text, notes)
                 except Exception as exc:  # noqa: BLE001 - a failed summary only means trimming
                     self._failed_at = time.monotonic()
                     self.last_error = str(exc)
