@@ -47,7 +47,8 @@ housekeeping (no chat; exit status 0 ok, 1 error, 2 usage):
   sessions import PATH...                     add session files (as export writes them)
   sessions delete ID [--yes]                  delete one session
   sessions prune [--older-than 30d] [--keep N] [--dry-run] [--yes]
-  doctor [--fix]                              find damaged files; --fix moves them aside
+  doctor [--fix]                              find damaged files; --fix moves them aside (PostgreSQL:
+                                              load every session, report unreadable ones and leases held)
   models [--backend B] [--base-url URL]       what the backend offers (Ollama tags, /v1/models, GGUFs)
   Each takes --store URL (or --sessions-dir DIR). Moving sessions between stores:
     %(prog)s --store SRC sessions export --all DIR && %(prog)s --store DEST sessions import DIR/*.json
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The chat's parser (its --help also lists the chat and housekeeping commands)."""
     p = argparse.ArgumentParser(
         prog="conversation-session",
-        usage="%(prog)s [flags] [PROMPT ...]\n       %(prog)s [--store URL] {sessions,doctor} ...\n"
+        usage="%(prog)s [flags] [PROMPT ...]\n       %(prog)s [--store URL] {sessions,doctor,models} ...\n"
               "       %(prog)s serve [service flags]",
         description="Chat with a local LLM; every turn is saved and survives timeouts and restarts. "
                     "With a PROMPT, answer it and exit.",
@@ -205,9 +206,11 @@ def build_housekeeping_parser() -> argparse.ArgumentParser:
     q.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     q.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
 
-    q = sub.add_parser("doctor", parents=[common], help="find damaged or stray files in the sessions folder",
-                       description="List problem files (unparseable, malformed, symlinks, oversized, stray "
-                                   "temporary files, orphan or torn journals). Nothing is ever deleted.")
+    q = sub.add_parser("doctor", parents=[common], help="find damaged sessions (files, or a PostgreSQL store)",
+                       description="A sessions folder: list problem files (unparseable, malformed, symlinks, "
+                                   "oversized, stray temporary files, orphan or torn journals). PostgreSQL: load "
+                                   "every session and report the unreadable ones and those whose lease a writer "
+                                   "holds. Nothing is ever deleted.")
     q.add_argument("--fix", action="store_true",
                    help="move problem files aside to <name>.corrupt-<timestamp> (turns still readable "
                         "in a damaged journal are saved first)")

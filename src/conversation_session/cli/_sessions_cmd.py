@@ -2,8 +2,9 @@
 
 Each returns an exit status: 0 done, 1 failed (one line on stderr says why and what to do).
 They work through the store interface (``--store URL``: a folder or PostgreSQL), so sessions
-move between stores with ``export --all`` from one and ``import`` into the other; only
-``doctor`` is about files, and applies to a sessions folder only.  Stores are named by their
+move between stores with ``export --all`` from one and ``import`` into the other.  ``doctor``
+checks a sessions folder's files, or (PostgreSQL) loads every session through the store and
+reports the unreadable ones and the leases held.  Stores are named by their
 ``description``, which never shows a password.
 """
 
@@ -208,8 +209,7 @@ class _Commands:
     # -- doctor ------------------------------------------------------------------------------
     def doctor(self) -> int:
         if not isinstance(self.store, HistoryStore):
-            raise CommandError(f"doctor checks the files of a sessions folder; {self.store.description} is not "
-                               "one (a database keeps its own integrity): give --sessions-dir DIR to check a folder")
+            return self._doctor_store()
         problems = doctor(self.store, fix=self.args.fix)
         if not problems:
             self.say(f"no problems in {self.store.directory}")
@@ -225,6 +225,48 @@ class _Commands:
             hint = "" if self.args.fix else "; `doctor --fix` moves them aside (nothing is deleted)"
             print(f"error: {unresolved} problem file(s) in {self.store.directory}{hint}", file=self.err)
             return 1
+        return 0
+
+
+    def _doctor_store(self) -> int:
+        """``doctor`` on a store without files (PostgreSQL), through the store API: it connects,
+        lists the sessions, loads each one in full, and reports those that cannot be read and
+        those held by a writer (the lease: open in a chat or a service somewhere).  Nothing is
+        changed: ``--fix`` moves files, and there are none; an unreadable session can be
+        exported by hand or deleted (``sessions delete ID``)."""
+        store = self.store
+        if self.args.fix:
+            print(f"note: --fix moves damaged files aside; {store.description} has no files, so nothing is moved",
+                  file=self.err)
+        ids = store.newest_first()  # also the sessions a listing cannot summarise
+        unreadable, held = 0, 0
+        for sid in ids:
+            try:
+                record = store.load(sid)
+            except FileNotFoundError:
+                continue  # deleted while we looked
+            except (SessionError, ValueError, OSError) as exc:
+                unreadable += 1
+                detail = str(exc)
+                detail = detail.removeprefix(f"session {sid}: ").removeprefix(f"{sid}: ")  # named once
+                self.say(f"{'unreadable':<16} {sid}: {detail}")
+                continue
+            try:
+                locked = store.is_locked(sid)
+            except SessionError as exc:
+                self.say(f"{'lease unknown':<16} {sid}: {exc}")
+                continue
+            if locked:
+                held += 1
+                self.say(f"{'in use':<16} {sid}: {record.turns} turn(s); a writer holds its lease (open in a chat "
+                         "or the service); it is released on close, or taken over once it expires")
+        summary = (f"checked {len(ids)} session(s) in {store.description}: {unreadable} unreadable, "
+                   f"{held} in use")
+        if unreadable:
+            print(_clean(f"error: {summary}; export what can be read (`sessions export ID`) or delete them "
+                         "(`sessions delete ID`)"), file=self.err)
+            return 1
+        self.say(summary if ids else f"no sessions in {store.description}; nothing to check")
         return 0
 
 

@@ -1,0 +1,79 @@
+"""``doctor`` on a PostgreSQL store (through the store API): every session loaded, the
+unreadable ones and those whose lease a writer holds reported, against a real PostgreSQL
+server (tests/pg_server.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import pg_server as _pg
+from conversation_session import ConversationSession, FakeBackend
+from conversation_session._pgstore import PostgresStore
+
+pg_server = _pg.pg_server
+pg_url = _pg.pg_url
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _no_user_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("CONVERSATION_SESSIONS_STORE", raising=False)
+
+
+def doctor(url: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), "--store", url, "doctor", *flags],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=dict(os.environ))
+
+
+def chat_once(url: str, text: str) -> str:
+    with ConversationSession(backend=FakeBackend(), store=url) as s:
+        s.chat(text)
+        return s.session_id
+
+
+def test_doctor_on_postgresql_reports_unreadable_sessions_and_held_leases(pg_url):
+    empty = doctor(pg_url)
+    assert empty.returncode == 0 and "no sessions in postgresql://" in empty.stdout
+    fine = chat_once(pg_url, "all is well")  # never reported: sound, and closed
+    broken = chat_once(pg_url, "this one gets damaged")
+    healthy = doctor(pg_url)
+    assert healthy.returncode == 0, healthy.stderr
+    assert "checked 2 session(s) in postgresql://" in healthy.stdout and "0 unreadable, 0 in use" in healthy.stdout
+    # Damage one session's row as a bad migration or a hand edit would: its content claims to
+    # be JSON and is not.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE conversation_session.messages SET content_is_json = true, content = '{not json' "
+                     "WHERE session_id = %s AND idx = 0", (broken,))
+    open_one = ConversationSession(backend=FakeBackend(), store=pg_url)  # holds its lease while open
+    try:
+        open_one.chat("still talking")
+        proc = doctor(pg_url)
+        assert proc.returncode == 1
+        lines = proc.stdout.splitlines()
+        assert len(lines) == 2  # one line per problem; a sound, closed session is not reported
+        assert any(line.startswith(f"unreadable       {broken}: stored session is not readable") for line in lines)
+        assert any(line.startswith(f"in use           {open_one.session_id}: 1 turn(s)") for line in lines)
+        assert proc.stdout.count(broken) == 1  # named once per line
+        assert f"{fine}:" not in proc.stdout
+        assert "3 session(s)" in proc.stderr and "1 unreadable, 1 in use" in proc.stderr
+        assert "sessions delete ID" in proc.stderr and "Traceback" not in proc.stderr
+        fixing = doctor(pg_url, "--fix")  # nothing to move in a database: says so, changes nothing
+        assert fixing.returncode == 1 and "has no files, so nothing is moved" in fixing.stderr
+    finally:
+        open_one.close()
+    store = PostgresStore.from_url(pg_url)
+    try:
+        assert store.delete(broken)
+    finally:
+        store.close()
+    after = doctor(pg_url)
+    assert after.returncode == 0, after.stderr
+    assert "checked 2 session(s)" in after.stdout and "0 unreadable, 0 in use" in after.stdout
