@@ -989,15 +989,10 @@ class _Core:
                 self.last_error = ValueError(f"session {self.session_id} has reached the "
                                              f"{self.store.max_file_bytes:,}-byte limit sessions are read up to")
                 return False
-            try:
-                view = memoryview(line)
-                while view:
-                    view = view[os.write(self.fd, view):]
-            except OSError as exc:
-                self._undo_partial_append()
-                self.last_error = exc
+            failed = self._write_line(line)
+            if failed is not None:
                 logger.warning("could not save the undo in %s: %s; nothing was changed", self.journal_path,
-                               exc.strerror or exc)
+                               failed.strerror or failed)
                 return False
             if self._gone():
                 return False
@@ -1065,15 +1060,10 @@ class _Core:
                 self.full = True  # from now on snapshots stop at what is durable, too
                 logger.error("%s", exc)
             return False
-        try:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(self.fd, view):]
-        except OSError as exc:
-            self._undo_partial_append()
-            self.last_error = exc
+        failed = self._write_line(line)
+        if failed is not None:
             logger.warning("could not save turn to %s: %s; the turn is kept in memory and will "
-                           "be saved with the next one", self.journal_path, exc.strerror or exc)
+                           "be saved with the next one", self.journal_path, failed.strerror or failed)
             return False
         if self._gone():  # removed while we wrote: the line is on no file
             return False
@@ -1104,6 +1094,20 @@ class _Core:
                          "memory and the next save writes the whole session again", self.session_id,
                          self.journal_path)
         return gone
+
+    def _write_line(self, line: bytes) -> OSError | None:
+        """Append ``line`` to the journal with ``write`` calls; on failure cut off what was
+        written and return the error (caller holds ``lock``)."""
+        assert self.fd is not None
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:
+            self._undo_partial_append()
+            self.last_error = exc
+            return exc
+        return None
 
     def _undo_partial_append(self) -> None:
         # A short write leaves half a line; cut it off so the next append starts clean.
