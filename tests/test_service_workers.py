@@ -5,6 +5,7 @@ the file store (``flock`` dies with the process) and a real PostgreSQL (the leas
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -15,7 +16,7 @@ import httpx
 import pytest
 
 from pg_server import pg_server, pg_url  # noqa: F401
-from test_service import LONG, ServiceProcess, service, wait_for
+from test_service import LONG, TOKEN_A, TOKEN_B, ServiceProcess, service, wait_for
 
 
 def _turns(c: httpx.Client, sid: str) -> list[str]:
@@ -239,3 +240,75 @@ def test_killed_during_the_first_turn_the_session_starts_afresh(tmp_path: Path) 
         resp = cb.post(f"/v1/sessions/{sid}/messages", json={"text": "first for real"})
         assert resp.status_code == 200 and resp.json()["turn"] == 1
         assert _turns(cb, sid) == ["first for real"]
+
+
+# -- the rate limit holds across workers -------------------------------------------------------------
+def _spend_across(a: ServiceProcess, b: ServiceProcess, token: str, n: int) -> list[int]:
+    """``n`` requests with one token, alternating between the two workers: their status codes."""
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=a.url, headers=headers, timeout=10) as ca, \
+            httpx.Client(base_url=b.url, headers=headers, timeout=10) as cb:
+        return [(ca if i % 2 == 0 else cb).get("/v1/sessions").status_code for i in range(n)]
+
+
+def _rate_limit_is_counted_once(a: ServiceProcess, b: ServiceProcess) -> None:
+    # A burst of 5 for one token, hardly any refill: 5 requests pass, whichever worker serves them.
+    codes = _spend_across(a, b, TOKEN_A, 8)
+    assert codes == [200] * 5 + [429] * 3, codes
+    # Another token has its own bucket, on both workers.
+    assert _spend_across(a, b, TOKEN_B, 2) == [200, 200]
+
+
+def test_the_rate_limit_holds_across_workers_on_one_file_store(tmp_path: Path) -> None:
+    store = tmp_path / "sessions"
+    args = ("--token", TOKEN_A, "--token", TOKEN_B, "--rate", "0.01", "--burst", "5")
+    with service(store, *args) as a, service(store, *args) as b:
+        _rate_limit_is_counted_once(a, b)
+
+
+def test_the_rate_limit_holds_across_workers_on_postgresql(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+    args = ("--store", pg_url, "--token", TOKEN_A, "--token", TOKEN_B, "--rate", "0.01", "--burst", "5")
+    with service(tmp_path / "a", *args) as a, service(tmp_path / "b", *args) as b:
+        _rate_limit_is_counted_once(a, b)
+        # The refill is shared too: after a pause at a higher rate both workers see the bucket refilled.
+    args = ("--store", pg_url, "--token", TOKEN_A, "--rate", "4", "--burst", "2")
+    with service(tmp_path / "c", *args) as c, service(tmp_path / "d", *args) as d:
+        codes = _spend_across(c, d, TOKEN_A, 4)
+        assert codes[:2] == [200, 200] and 429 in codes[2:], codes
+        time.sleep(0.6)  # 4 per second: 2 back
+        assert _spend_across(c, d, TOKEN_A, 2) == [200, 200]
+
+
+# -- a session created and not used yet --------------------------------------------------------------
+def test_an_unused_session_survives_a_restart_and_another_worker_uses_it(tmp_path: Path) -> None:
+    store = tmp_path / "sessions"
+    with service(store) as a, httpx.Client(base_url=a.url, timeout=30) as c:
+        sid = c.post("/v1/sessions", json={"system_prompt": "You are a lighthouse keeper."}).json()["session_id"]
+        a.kill9()  # not a graceful stop: the session exists in the ownership table only
+    with service(store) as b, service(store) as other, httpx.Client(base_url=b.url, timeout=30) as cb, \
+            httpx.Client(base_url=other.url, timeout=30) as co:
+        got = cb.get(f"/v1/sessions/{sid}")
+        assert got.status_code == 200 and got.json()["turns"] == 0
+        assert sid in [s["session_id"] for s in co.get("/v1/sessions").json()["sessions"]]
+        resp = co.post(f"/v1/sessions/{sid}/messages", json={"text": "first"})
+        assert resp.status_code == 200 and resp.json()["turn"] == 1, resp.text
+        resp = cb.post(f"/v1/sessions/{sid}/messages", json={"text": "second"})
+        assert resp.status_code == 200 and resp.json()["turn"] == 2, resp.text
+        # Its own system prompt, given at creation, reached the store session made at the first turn.
+        assert cb.get(f"/v1/sessions/{sid}").json()["system_prompt"] == "You are a lighthouse keeper."
+        exported = json.loads(cb.get(f"/v1/sessions/{sid}/export").content)
+        assert exported["system_prompt"] == "You are a lighthouse keeper."
+        assert _turns(cb, sid) == ["first", "second"]
+
+
+def test_an_unused_session_survives_a_restart_on_postgresql(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+    args = ("--store", pg_url, "--lease-ttl", "2")
+    with service(tmp_path / "a", *args) as a, httpx.Client(base_url=a.url, timeout=30) as c:
+        sid = c.post("/v1/sessions").json()["session_id"]
+        a.kill9()
+    with service(tmp_path / "b", *args) as b, service(tmp_path / "c", *args) as other, \
+            httpx.Client(base_url=b.url, timeout=30) as cb, httpx.Client(base_url=other.url, timeout=30) as co:
+        assert cb.get(f"/v1/sessions/{sid}").json()["turns"] == 0
+        assert co.post(f"/v1/sessions/{sid}/messages", json={"text": "first"}).json()["turn"] == 1
+        assert cb.post(f"/v1/sessions/{sid}/messages", json={"text": "second"}).json()["turn"] == 2
+        assert _turns(co, sid) == ["first", "second"]

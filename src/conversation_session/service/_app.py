@@ -231,16 +231,32 @@ class ServiceState:
         logger.info("stopped: sessions closed and flushed")
 
     # -- per request ---------------------------------------------------------------------------
-    def owner(self, conn: HTTPConnection) -> str:
+    async def owner(self, conn: HTTPConnection) -> str:
         owner = self.auth.owner(conn.headers.get("authorization"), conn.query_params.get("token"))
         if owner is None:
             raise ApiError(401, "unauthorized", "send Authorization: Bearer <token> (one of the server's --token)",
                            headers={"WWW-Authenticate": "Bearer"})
-        wait = self.limiter.take(owner)
+        await self.limit(owner)
+        return owner
+
+    async def limit(self, owner: str) -> None:
+        """Count a request against ``owner``'s rate, across every worker sharing the store
+        (``OwnerTable.take_rate``); 429 when it is spent.  While the shared buckets cannot be
+        reached, this worker's own bucket counts (the request will meet the store's trouble
+        anyway; the limit should not be what fails)."""
+        cfg = self.config
+        burst = max(cfg.burst, 1.0)
+        wait: float | None = None
+        if self.owners is not None:
+            try:
+                wait = await self.io(self.owners.take_rate, owner, cfg.rate, burst)
+            except StoreUnavailableError as exc:
+                logger.warning("rate limit counted in this worker only: %s", exc)
+        if wait is None:
+            wait = self.limiter.take(owner)
         if wait > 0:
             raise ApiError(429, "rate_limited", f"too many requests for this token; retry in {wait:.1f} s",
                            headers={"Retry-After": str(max(1, int(wait + 0.999)))})
-        return owner
 
     def reg(self) -> Registry:
         if self.registry is None:
@@ -400,7 +416,7 @@ async def openapi(request: Request) -> Response:
 
 async def create_session(request: Request) -> Response:
     st = _state(request)
-    owner = st.owner(request)
+    owner = await st.owner(request)
     data = await read_json(request, st.config.max_body_bytes, optional=True)
     persona = None
     if data.get("system_prompt") is not None:
@@ -415,7 +431,7 @@ async def create_session(request: Request) -> Response:
 
 async def list_sessions(request: Request) -> Response:
     st = _state(request)
-    owner = st.owner(request)
+    owner = await st.owner(request)
     store, owners = st.tables()
     mine = await st.io(owners.list, owner)
     infos = {}
@@ -436,7 +452,7 @@ async def list_sessions(request: Request) -> Response:
 
 async def get_session(request: Request) -> Response:
     st = _state(request)
-    owner = st.owner(request)
+    owner = await st.owner(request)
     sid = request.path_params["sid"]
     entry = await st.owned(sid, owner)
     record = await st.record(entry, sid)
@@ -454,7 +470,7 @@ async def get_session(request: Request) -> Response:
 
 async def export_session(request: Request) -> Response:
     st = _state(request)
-    owner = st.owner(request)
+    owner = await st.owner(request)
     sid = request.path_params["sid"]
     entry = await st.owned(sid, owner)
     record = await st.record(entry, sid)
@@ -466,7 +482,7 @@ async def export_session(request: Request) -> Response:
 
 async def delete_session(request: Request) -> Response:
     st = _state(request)
-    owner = st.owner(request)
+    owner = await st.owner(request)
     sid = request.path_params["sid"]
     entry = await st.owned(sid, owner)
     store, owners = st.tables()
@@ -496,7 +512,7 @@ async def delete_session(request: Request) -> Response:
 
 async def post_message(request: Request) -> Response:
     st = _state(request)
-    owner = st.owner(request)
+    owner = await st.owner(request)
     sid = request.path_params["sid"]
     data = await read_json(request, st.config.max_body_bytes)
     text = check_text(data, st.config.max_text_bytes)
@@ -616,7 +632,7 @@ async def ha_process(request: Request) -> Response:
     (its id is returned).  A name the device picked itself ("kitchen"): that name keeps
     meaning the same conversation for this token, as Home Assistant does for non-ULID ids."""
     st = _state(request)
-    owner = st.owner(request)
+    owner = await st.owner(request)
     data = await read_json(request, st.config.max_body_bytes)
     text = check_text(data, st.config.max_text_bytes)
     language = data.get("language") or "en"

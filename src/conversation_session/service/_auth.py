@@ -1,5 +1,10 @@
 """Who is calling: bearer tokens, the owner each token stands for, and a per-token rate limit.
 
+The rate limit holds across workers: the buckets live beside the ownership table (a small file
+under ``flock`` for the file store, one row per token updated in one statement for PostgreSQL;
+see ``_owners``), so N workers give a token the rate once, not N times.  ``RateLimiter`` here is
+the in-process bucket a worker falls back to while that shared state cannot be reached.
+
 A token is never stored: sessions record the *owner*, a hash of the token, so the ownership
 table on disk (or in PostgreSQL) gives away nothing an attacker could send.  Without any token
 (allowed only on loopback) every caller is the one local owner.
@@ -11,7 +16,7 @@ import hashlib
 import hmac
 import time
 
-__all__ = ["LOCAL_OWNER", "Authenticator", "RateLimiter", "owner_of"]
+__all__ = ["LOCAL_OWNER", "Authenticator", "RateLimiter", "owner_of", "take_from_bucket"]
 
 LOCAL_OWNER = "local"
 
@@ -52,11 +57,19 @@ class Authenticator:
         return found
 
 
-class RateLimiter:
-    """A token bucket per owner: ``rate`` requests per second, bursts up to ``burst``.
+def take_from_bucket(level: float, at: float, now: float, rate: float, burst: float,
+                     cost: float = 1.0) -> tuple[float, float]:
+    """One token-bucket step: ``(new_level, wait)``; ``wait`` is 0.0 when ``cost`` was taken,
+    else the seconds until it could be (the level then is refilled, nothing taken)."""
+    level = min(burst, level + max(now - at, 0.0) * rate)
+    if level < cost:
+        return level, (cost - level) / rate
+    return level - cost, 0.0
 
-    Per worker process: with N workers a client may get up to N times the rate, which is
-    documented; the point is to stop a runaway device, not to meter."""
+
+class RateLimiter:
+    """A token bucket per owner in this process: ``rate`` requests per second, bursts up to
+    ``burst``.  The service's fallback while the shared buckets are unreachable (see above)."""
 
     def __init__(self, rate: float, burst: float, max_owners: int = 10_000):
         self.rate = rate
@@ -68,12 +81,9 @@ class RateLimiter:
         """0.0 if allowed (and counted), else the seconds to wait before retrying."""
         now = time.monotonic()
         level, at = self._buckets.get(owner, (self.burst, now))
-        level = min(self.burst, level + (now - at) * self.rate)
-        if level < cost:
-            self._buckets[owner] = (level, now)
-            return (cost - level) / self.rate
+        level, wait = take_from_bucket(level, at, now, self.rate, self.burst, cost)
         if len(self._buckets) >= self._max and owner not in self._buckets:
             # Owners are bounded by the configured tokens; this only guards memory.
             self._buckets.clear()
-        self._buckets[owner] = (level - cost, now)
-        return 0.0
+        self._buckets[owner] = (level, now)
+        return wait

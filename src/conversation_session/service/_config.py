@@ -45,7 +45,7 @@ class ServiceConfig:
     # Limits.
     max_body_bytes: int = 64 * 1024
     max_text_bytes: int = 16 * 1024
-    rate: float = 10.0                   # requests per second per token (token bucket), per worker
+    rate: float = 10.0                   # requests per second per token (token bucket), across workers
     burst: float = 40.0
     lock_wait_s: float = 10.0            # a second request on a busy session waits this long, then 409
     keep_open_s: float | None = None     # idle sessions stay open this long (None: 30, 0 on PostgreSQL)
@@ -140,8 +140,10 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
                    help="speech rate, words per minute")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--rate", type=_positive(float), default=10.0,
-                   help="requests per second allowed per token in each worker (default 10)")
-    p.add_argument("--burst", type=_positive(float), default=40.0, help="token-bucket size (default 40)")
+                   help="requests per second allowed per token, counted across all the workers sharing the store "
+                        "(default 10)")
+    p.add_argument("--burst", type=_positive(float), default=40.0,
+                   help="requests a token may make at once before --rate applies (default 40)")
     p.add_argument("--lock-wait", type=float, default=10.0,
                    help="seconds a request waits for a session busy with another request before 409 (default 10)")
     p.add_argument("--keep-open", type=float, default=None,

@@ -16,6 +16,11 @@ Binding is a compare-and-set under the table's lock, and refuses a store id that
 already names (an id the store handed out again after the previous holder's empty session
 vanished), so no two service sessions ever share a history.
 
+The same two places keep the per-token rate limit's buckets (``take_rate``), so it holds across
+workers: beside the table, ``.service-rate`` (read and rewritten under its own ``flock``; the
+clock is the host's monotonic clock, which every process on the host shares), and a table
+``rate`` in PostgreSQL updated in one statement (the database's clock, so hosts agree).
+
 Two implementations, picked by the store: a JSON file in the file store's folder
 (``.service-owners.json``, replaced atomically under a ``flock``, so several worker processes
 on one host agree), and a table in the PostgreSQL database of the PostgreSQL store (several
@@ -29,6 +34,7 @@ import fcntl
 import json
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict
@@ -36,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict
 from .._exceptions import StoreUnavailableError
 from .._fileio import atomic_write_bytes
 from .._format import now_iso
+from ._auth import take_from_bucket
 
 if TYPE_CHECKING:  # Python 3.10 has no typing.NotRequired; annotations are strings at run time
     from typing_extensions import NotRequired
@@ -74,6 +81,7 @@ class OwnerTable(Protocol):
     def find_alias(self, owner: str, alias: str) -> str | None: ...
     def bind(self, sid: str, expected: str | None, store_id: str) -> BindOutcome: ...
     def remove(self, sid: str) -> bool: ...
+    def take_rate(self, owner: str, rate: float, burst: float, cost: float = 1.0) -> float: ...
     def check(self) -> None: ...
     def close(self) -> None: ...
 
@@ -87,6 +95,7 @@ class FileOwners:
         self.directory = Path(directory)
         self.path = self.directory / ".service-owners.json"
         self._lock_path = self.directory / ".service-owners.lock"
+        self._rate_path = self.directory / ".service-rate"
         self._cache: tuple[tuple[int, int, int], dict[str, OwnerEntry]] | None = None
 
     # -- reading: lock-free (writers replace the file atomically), cached by file identity --
@@ -186,6 +195,42 @@ class FileOwners:
         with self._locked() as sessions:
             return sessions.pop(sid, None) is not None
 
+    def take_rate(self, owner: str, rate: float, burst: float, cost: float = 1.0) -> float:
+        """Take ``cost`` from ``owner``'s bucket, shared by the workers on this host: 0.0, or the
+        seconds to wait.  The file is rate state, not data: no fsync, and a damaged one (a crash
+        mid-write) starts every bucket full again."""
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self._rate_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot open {self._rate_path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            raw = os.pread(fd, size, 0) if size else b""
+            try:
+                buckets = json.loads(raw) if raw else {}
+                if not isinstance(buckets, dict):
+                    raise ValueError
+            except ValueError:
+                buckets = {}
+            now = time.monotonic()
+            level, at = buckets.get(owner) or (burst, now)
+            level, wait = take_from_bucket(float(level), float(at), now, rate, burst, cost)
+            buckets[owner] = [level, now]
+            # Full buckets say nothing: dropped, so the file holds only tokens in use lately.
+            buckets = {o: b for o, b in buckets.items()
+                       if isinstance(b, list) and len(b) == 2 and b[0] + (now - b[1]) * rate < burst}
+            data = json.dumps(buckets, separators=(",", ":")).encode()
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+            return wait
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot update {self._rate_path}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(fd)  # releases the lock
+
     def check(self) -> None:
         self._load()
 
@@ -207,6 +252,20 @@ class PostgresOwners:
         self._pool: Any = ConnectionPool(url, min_size=1, max_size=4, kwargs={"autocommit": True},
                                          timeout=5.0, name="conversation_session_service", open=True)
         self._sql_get = f"SELECT owner, store_id, created_at, alias, system_prompt FROM {s}.owners WHERE sid = %s"
+        # One statement, so concurrent requests from any worker or host serialise on the row;
+        # a refusal changes nothing (no row returned).  The database's clock: hosts agree.
+        self._sql_take = f"""
+            INSERT INTO {s}.rate AS r (owner, level, at)
+            VALUES (%(owner)s, %(burst)s - %(cost)s, extract(epoch FROM clock_timestamp()))
+            ON CONFLICT (owner) DO UPDATE
+            SET level = least(%(burst)s, r.level + greatest(EXCLUDED.at - r.at, 0) * %(rate)s) - %(cost)s,
+                at = greatest(r.at, EXCLUDED.at)
+            WHERE least(%(burst)s, r.level + greatest(EXCLUDED.at - r.at, 0) * %(rate)s) >= %(cost)s
+            RETURNING level"""
+        self._sql_wait = f"""
+            SELECT (%(cost)s - least(%(burst)s, level + greatest(extract(epoch FROM clock_timestamp()) - at, 0)
+                    * %(rate)s)) / %(rate)s
+            FROM {s}.rate WHERE owner = %(owner)s"""
         self._run(self._migrate)
 
     def _migrate(self, conn: Any) -> None:
@@ -217,6 +276,9 @@ class PostgresOwners:
             conn.execute(f"""CREATE TABLE IF NOT EXISTS {s}.owners (
                 sid text PRIMARY KEY, owner text NOT NULL, store_id text UNIQUE, created_at text NOT NULL,
                 alias text, system_prompt text, UNIQUE (owner, alias))""")
+            # Per-token rate buckets (level, and when it was last set, in the database's epoch seconds).
+            conn.execute(f"""CREATE TABLE IF NOT EXISTS {s}.rate (
+                owner text PRIMARY KEY, level double precision NOT NULL, at double precision NOT NULL)""")
 
     def _run(self, fn: Any) -> Any:
         import psycopg
@@ -293,6 +355,20 @@ class PostgresOwners:
         row = self._run(lambda c: c.execute(f"DELETE FROM {self.SCHEMA}.owners WHERE sid = %s RETURNING sid",
                                             (sid,)).fetchone())
         return row is not None
+
+    def take_rate(self, owner: str, rate: float, burst: float, cost: float = 1.0) -> float:
+        """Take ``cost`` from ``owner``'s bucket, shared by every worker on the database: 0.0, or
+        the seconds to wait."""
+        args = {"owner": owner, "rate": float(rate), "burst": float(max(burst, cost)), "cost": float(cost)}
+
+        def run(conn: Any) -> float:
+            if conn.execute(self._sql_take, args).fetchone() is not None:
+                return 0.0
+            row = conn.execute(self._sql_wait, args).fetchone()
+            return max(float(row[0]), 0.0) if row is not None and row[0] is not None else 1.0 / rate
+
+        wait: float = self._run(run)
+        return wait
 
     def check(self) -> None:
         self._run(lambda c: c.execute("SELECT 1").fetchone())

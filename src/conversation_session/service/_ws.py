@@ -184,7 +184,7 @@ async def session_ws(ws: WebSocket) -> None:
     st: ServiceState = ws.app.state.service
     sid = ws.path_params["sid"]
     try:
-        owner = st.owner(ws)
+        owner = await st.owner(ws)
         await st.owned(sid, owner)
         st.reg()
     except ApiError as err:
@@ -243,9 +243,7 @@ async def session_ws(ws: WebSocket) -> None:
             elif kind == "message":
                 try:
                     text = check_text(msg, st.config.max_text_bytes)
-                    wait = st.limiter.take(owner)
-                    if wait > 0:
-                        raise ApiError(429, "rate_limited", f"too many requests; retry in {wait:.1f} s")
+                    await st.limit(owner)
                     if conn.task is not None and not conn.task.done():
                         raise ApiError(409, "busy", "a reply is still streaming; interrupt it first")
                 except ApiError as err:
