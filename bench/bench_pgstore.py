@@ -11,11 +11,18 @@ Without ``--url`` it starts its own PostgreSQL (tests/pg_server.py: loopback, fs
 Measured per history length (10 / 100 / 1,000 / 5,000 messages): the save of one turn (a user
 and an assistant message; median of 50) and a load of the whole history (median of 20); then
 sustained turns per second with 100 concurrent sessions on one store (a pool of 20).
+
+The machine is shared (2 cores, other test suites running), so absolute milliseconds move with
+its load: the load averages are printed, and our load is also timed against a baseline in the
+same run, interleaved with it: the previous release's load (the server builds the history as
+one JSON text, parsed by the C json module).  The ratio is what a noisy machine cannot fake.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import threading
@@ -51,9 +58,27 @@ def ms(xs: list[float]) -> float:
     return statistics.median(xs) * 1000
 
 
+# The previous release's load statement: the history built as one JSON text on the server.
+OLD_LOAD = """SELECT coalesce(string_agg('{{"role":"' || m.role || '","content":' ||
+    CASE WHEN m.content_is_json THEN m.content ELSE to_json(m.content)::text END ||
+    CASE WHEN m.interrupted THEN ',"interrupted":true}}' ELSE '}}' END, ',' ORDER BY m.idx), '')
+FROM {s}.messages m WHERE m.session_id = %s"""
+
+
+def old_load(conn: object, schema: str, sid: str) -> list[dict[str, str]]:
+    row = conn.execute(OLD_LOAD.format(s=f'"{schema}"'), (sid,)).fetchone()  # type: ignore[attr-defined]
+    return json.loads(f"[{row[0]}]") if row[0] else []
+
+
+BASELINE: dict[int, tuple[float, float]] = {}  # n -> (our load ms, previous release's load ms), interleaved
+
+
 def bench_ours(url: str) -> dict[int, tuple[float, float]]:
+    import psycopg
+
     out = {}
     store = PostgresStore(url, schema="bench_ours")
+    conn = psycopg.connect(url, autocommit=True)
     for n in SIZES:
         sid = store.import_record(SessionRecord(session_id=f"bench_{n}", llm_model="m", messages=history(n)))
         w, rec = store.open(sid)
@@ -66,12 +91,18 @@ def bench_ours(url: str) -> dict[int, tuple[float, float]]:
             at += 2
         w.close()
         loads = []
+        olds = []
         for _ in range(LOADS):
             t0 = time.perf_counter()
             rec = store.load(sid)
             loads.append(time.perf_counter() - t0)
-        assert len(rec.messages) == n + 2 * SAVES
+            t0 = time.perf_counter()
+            before = old_load(conn, "bench_ours", sid)
+            olds.append(time.perf_counter() - t0)
+        assert len(rec.messages) == n + 2 * SAVES and before == rec.messages
         out[n] = (ms(saves), ms(loads))
+        BASELINE[n] = (ms(loads), ms(olds))
+    conn.close()
     store.close()
     return out
 
@@ -193,7 +224,9 @@ def table(name: str, results: dict[int, tuple[float, float]] | str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="an existing PostgreSQL database (default: start a throwaway server)")
+    parser.add_argument("--ours-only", action="store_true", help="skip LangChain, LangGraph and the 100 sessions")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     server = None
     url = args.url
     if url is None:
@@ -207,9 +240,13 @@ def main() -> None:
         url = server.url(server.create_database())
     try:
         ours = bench_ours(url)
-        lc = bench_langchain(url)
-        lg = bench_langgraph(url)
-        rate, p50 = bench_concurrent(url)
+        lc: dict[int, tuple[float, float]] | str = "skipped (--ours-only)"
+        lg: dict[int, tuple[float, float]] | str = "skipped (--ours-only)"
+        rate = p50 = float("nan")
+        if not args.ours_only:
+            lc = bench_langchain(url)
+            lg = bench_langgraph(url)
+            rate, p50 = bench_concurrent(url)
     finally:
         if server is not None:
             server.close()
@@ -221,8 +258,18 @@ def main() -> None:
     print(table("conversation_session PostgresStore", ours))
     print(table("LangChain PostgresChatMessageHistory", lc))
     print(table("LangGraph PostgresSaver", lg))
-    print(f"\nSustained: {rate:,.0f} turns/s with 100 concurrent sessions on one store "
-          f"(pool of 20; median save {p50:.2f} ms under that load)")
+    print("\nOur load against the previous release's (server-built JSON), interleaved, median ms:\n")
+    print("| history | load (this release) | load (previous release) | ratio |")
+    print("|---:|---:|---:|---:|")
+    for n in SIZES:
+        new, old = BASELINE[n]
+        print(f"| {n:,} (+{2 * SAVES}) | {new:.2f} | {old:.2f} | {new / old:.2f} |")
+    if not args.ours_only:
+        print(f"\nSustained: {rate:,.0f} turns/s with 100 concurrent sessions on one store "
+              f"(pool of 20; median save {p50:.2f} ms under that load)")
+    load_after = os.getloadavg()
+    print(f"\nLoad average (1/5/15 min): before {' '.join(f'{x:.2f}' for x in load_before)}, "
+          f"after {' '.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import operator
 import os
 import re
 import secrets
@@ -159,6 +160,7 @@ CREATE TABLE {s}.undone (
 """),
 ]
 
+_BY_INDEX = operator.itemgetter(0)
 # Bits of the per-message flag a load returns.
 _AS_JSON = 1
 _INTERRUPTED = 2
@@ -498,8 +500,10 @@ SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM m)"""
             "'{\"role\":\"' || m.role || '\",\"content\":' || "
             "CASE WHEN m.content_is_json THEN m.content ELSE to_json(m.content)::text END || "
             "CASE WHEN m.interrupted THEN ',\"interrupted\":true}' ELSE '}' END")
-        # One statement, so one snapshot: the history and the metadata always agree.  The first
-        # row (idx -1) carries the session's fields as JSON, then one row per message.
+        # One statement, so one snapshot: the history and the metadata always agree.  One row
+        # (idx -1) carries the session's fields as JSON, then one row per message.  No ORDER BY:
+        # the client sorts the rows (already nearly in order: timsort's best case), which costs
+        # less than the server's sort of the whole result (13 % of a 5,000-message load).
         self.load = f"""
 WITH x AS (SELECT * FROM {s}.sessions WHERE id = %(id)s)
 SELECT -1 AS idx, NULL::text, json_build_array(
@@ -510,8 +514,7 @@ SELECT -1 AS idx, NULL::text, json_build_array(
 FROM x
 UNION ALL
 SELECT m.idx, m.role, m.content, m.content_is_json::int * {_AS_JSON} + m.interrupted::int * {_INTERRUPTED}
-FROM {s}.messages m WHERE m.session_id = %(id)s
-ORDER BY 1"""
+FROM {s}.messages m WHERE m.session_id = %(id)s"""
         # undo/retry: the session row locked (fencing and the counts checked with it held).
         self.lock_session = (f"SELECT holder, lease_gen, message_count, (SELECT coalesce(max(u.seq), 0) FROM "
                              f"{s}.undone u WHERE u.session_id = x.id) FROM {s}.sessions x WHERE id = %s FOR UPDATE")
@@ -580,7 +583,9 @@ def _odd_message(role: str, content: str, flags: int) -> MessageDict:
 
 
 def parse_load(session_id: str, rows: list[tuple[Any, ...]]) -> SessionRecord | None:
-    """The record of a ``Sql.load`` result, or None when there is no such session."""
+    """The record of a ``Sql.load`` result (sorted here, in place), or None when there is no
+    such session."""
+    rows.sort(key=_BY_INDEX)
     if not rows or rows[0][0] != -1:
         return None
     try:
