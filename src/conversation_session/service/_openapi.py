@@ -23,7 +23,7 @@ _ERRORS = {
     "404": _json(_ref("Error"), "no such session for this token"),
     "409": _json(_ref("Error"), "the session stayed busy with another request past the wait bound; retry"),
     "413": _json(_ref("Error"), "body over 64 KB or text over 16 KB"),
-    "429": _json(_ref("Error"), "rate limit for this token; see Retry-After"),
+    "429": _json(_ref("Error"), "rate limit for this token (across all workers); see Retry-After"),
     "503": _json(_ref("Error"), "not ready (model loading) or store unavailable"),
 }
 _SID = [{"name": "sid", "in": "path", "required": True,
@@ -44,7 +44,8 @@ def openapi_document() -> dict[str, Any]:
         "info": {"title": "conversation-session service", "version": __version__,
                  "description": "Durable conversations for voice devices: every acknowledged turn is saved; "
                                 "any worker serves any session; a busy session answers 409 after a bounded wait. "
-                                "WebSocket per session at /v1/sessions/{sid}/ws (see the README)."},
+                                "WebSocket per session at /v1/sessions/{sid}/ws (see the README); with ?audio=wav "
+                                "on a server started with --tts, each sentence's WAV follows as a binary frame."},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
