@@ -200,12 +200,13 @@ def test_interrupt_stops_the_audio(server: ServiceProcess, client: httpx.Client,
     no_files_left(tmpdir_of_server)
 
 
-def test_interrupt_after_the_text_stops_the_remaining_audio(server: ServiceProcess, client: httpx.Client) -> None:
-    """With speech the text ends long before the audio: an interrupt then stops the audio (the
-    turn itself is already saved)."""
-    sid = new_session(client)
+def test_interrupt_after_the_text_stops_the_remaining_audio(tmp_path: Path) -> None:
+    """The text can end long before the audio (here the model is instant, espeak-ng takes tens of
+    ms a sentence): an interrupt then stops the audio (the turn itself is already saved)."""
     text = " ".join(f"Sentence number {i} is here." for i in range(40))
-    with connect(ws_url(server, sid), additional_headers=auth(TOKEN_A), open_timeout=10) as ws:
+    with service(tmp_path / "sessions", "--tts") as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client, \
+            connect(ws_url(server, sid := new_session(client)), open_timeout=10) as ws:
         recv(ws)
         ws.send(json.dumps({"type": "message", "text": text}))
         frames = read_until(ws, lambda seen: bool(events(seen, "done")))
@@ -219,7 +220,8 @@ def test_interrupt_after_the_text_stops_the_remaining_audio(server: ServiceProce
         assert end["interrupted"] is True and end["sentences"] == len(audio_pairs(frames)) < sentences
         ws.send(json.dumps({"type": "ping"}))
         assert recv(ws) == {"type": "pong"}
-    assert client.get(f"/v1/sessions/{sid}").json()["turns"] == 1
+        assert client.get(f"/v1/sessions/{sid}").json()["turns"] == 1
+        wait_for(lambda: espeak_children(server.proc.pid) == [], what="no espeak-ng left after the interrupt")
 
 
 def test_disconnect_mid_audio_leaves_no_process_or_file(server: ServiceProcess, client: httpx.Client,
@@ -276,3 +278,26 @@ def test_tts_without_espeak_refuses_to_start(tmp_path: Path) -> None:
     assert proc.proc.wait(30) == 2
     proc.stop()
     assert "espeak-ng" in proc.log() and "apt-get install espeak-ng" in proc.log()
+
+
+def test_shutdown_mid_audio_leaves_no_process_or_file(tmp_path: Path) -> None:
+    server_tmp = tmp_path / "tmp"
+    server_tmp.mkdir()
+    text = " ".join(f"Sentence number {i} is here." for i in range(40))
+    server = ServiceProcess(tmp_path / "sessions", "--tts", env={"TMPDIR": str(server_tmp)})
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client, \
+                connect(ws_url(server, new_session(client)), open_timeout=10) as ws:
+            recv(ws)
+            ws.send(json.dumps({"type": "message", "text": text}))
+            read_until(ws, lambda seen: bool(events(seen, "audio")))
+            seen: set[int] = set()
+            end = time.monotonic() + 5
+            while not seen and time.monotonic() < end:  # synthesis is running: catch its processes
+                seen.update(espeak_children(server.proc.pid))
+            assert seen, "no espeak-ng process seen while the audio was being made"
+            assert server.stop() == 0
+    finally:
+        server.stop()
+    assert not [pid for pid in seen if Path(f"/proc/{pid}").exists()]
+    assert not list(server_tmp.glob("cs-service-audio-*"))
