@@ -23,7 +23,8 @@ sentence's audio follows, in sentence order, without holding up the text::
     {"type": "audio_end", "sentences": k, "interrupted": bool}     after the turn's last audio
 
 ``i`` counts the turn's ``sentence`` events from 0.  ``done`` is sent when the text is complete
-(the turn is saved), usually before the last audio.  ``interrupt`` also stops the audio: no
+(the turn is saved), usually before the last audio.  ``interrupt`` also stops the audio (after
+``done`` only the audio: a committed turn is not cut, the library has no way to yet): no
 audio frame follows the ``audio_end`` with ``interrupted: true``; with ``heard_ms`` alone, the
 heard text is cut by the durations of the audio actually sent.
 
