@@ -149,7 +149,9 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
     p.add_argument("--keep-open", type=float, default=None,
                    help="seconds an idle session stays open in its worker (default 30; 0 with PostgreSQL, "
                         "whose workers may be on other hosts; workers on one host hand sessions over at once)")
-    p.add_argument("--max-open", type=_positive(int), default=64, help="open sessions per worker (default 64)")
+    p.add_argument("--max-open", type=_positive(int), default=64,
+                   help="sessions each worker keeps open at once, a memory bound per process (default 64; beyond "
+                        "it the least recently used idle one is closed, no request is refused)")
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds running turns get to finish on shutdown before they are cancelled")
     p.add_argument("--lease-ttl", type=_positive(float), default=None,
