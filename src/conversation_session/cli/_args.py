@@ -46,6 +46,8 @@ housekeeping (no chat; exit status 0 ok, 1 error, 2 usage):
   sessions export --all DIR                   every session, one JSON file each
   sessions import PATH...                     add session files (as export writes them)
   sessions delete ID [--yes]                  delete one session
+  sessions rename ID TITLE                    name a session ("" removes the name)
+  sessions search TEXT [--limit N] [--json]   sessions whose title or messages hold TEXT, with snippets
   sessions prune [--older-than 30d] [--keep N] [--dry-run] [--yes]
   doctor [--fix]                              find damaged files; --fix moves them aside (PostgreSQL:
                                               load every session, report unreadable ones and leases held)
@@ -174,10 +176,24 @@ def build_housekeeping_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{sessions,doctor,models}", required=True)
     sp = sub.add_parser("sessions", help="list, export, import, delete or prune saved sessions",
                         description="Manage saved sessions without starting the chat.")
-    ss = sp.add_subparsers(dest="sessions_command", metavar="{list,export,import,delete,prune}", required=True)
+    ss = sp.add_subparsers(dest="sessions_command", metavar="{list,search,rename,export,import,delete,prune}",
+                           required=True)
 
     q = ss.add_parser("list", parents=[common], help="saved sessions, newest first")
     q.add_argument("--json", action="store_true", help="a JSON list instead of a table")
+
+    q = ss.add_parser("search", parents=[common], help="find sessions by their title or messages",
+                      description="Every message and title holding TEXT (case-insensitive), newest session "
+                                  "first, each with a snippet around the match.")
+    q.add_argument("text", nargs="+", metavar="TEXT", help="what to look for (several words: that phrase)")
+    q.add_argument("--limit", type=_positive_int, default=50, metavar="N", help="at most N hits (default 50)")
+    q.add_argument("--json", action="store_true", help="a JSON list instead of lines")
+
+    q = ss.add_parser("rename", parents=[common], help="set a session's title",
+                      description="Give a session a title (shown by listings instead of its first line). "
+                                  "An empty TITLE removes it. The session must not be open elsewhere.")
+    q.add_argument("session_id", metavar="ID")
+    q.add_argument("title", nargs="+", metavar="TITLE")
 
     q = ss.add_parser("export", parents=[common], help="write one session, or all of them, to files",
                       description="Write a session from a full load (snapshot and journal), so the copy is "

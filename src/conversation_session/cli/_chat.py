@@ -437,12 +437,13 @@ class ChatApp:
         assert parsed.command is not None
         return self._command(parsed.command, parsed.arg)
 
-    def _turn(self, text: str) -> bool:
-        """Send one message and show the reply; False to stop (Ctrl-C when piped)."""
+    def _turn(self, text: str, *, retry: bool = False) -> bool:
+        """Send one message and show the reply; False to stop (Ctrl-C when piped).  ``retry``:
+        ask the last user message again (``text`` unused); the new reply replaces the last one."""
         c = self.console
         session = self.session
         assert session is not None
-        if not text.strip():
+        if not retry and not text.strip():
             return True
         if self.interactive:
             c.start_spinner("thinking…")
@@ -460,27 +461,32 @@ class ChatApp:
             shown.append(piece)
 
         turns_before = session.turns
+        tail_before = session.history[-1:]
         result: ChatResult | None = None
         tts_note = ""
         spoken = self.interactive and session.tts is not None
         c.hold()
         try:
             if spoken:
-                if self._speak(session, text, on_token):  # cut by Ctrl-C while being written
+                if self._speak(session, text, on_token, retry=retry):  # cut by Ctrl-C while being written
                     c.stop_spinner()
                     self._end_reply(started)
                     c.release()
                     return True
+            elif retry:
+                result = session.retry(on_token=on_token)
             else:
                 result = session.chat(text, on_token=on_token)
         except KeyboardInterrupt:
             c.stop_spinner()
             self._end_reply(started)
             c.release()
-            if session.turns > turns_before:  # the text was complete: Ctrl-C stopped its speech
+            if session.turns > turns_before or (retry and session.history[-1:] != tail_before):
+                # the text was complete: Ctrl-C stopped its speech
                 c.notice(self._interrupted_text(session.get_cache_stats().get("last_heard_fraction")), "yellow")
             else:
-                c.notice("⏹️  interrupted: this reply was not saved", "yellow")
+                c.notice("⏹️  interrupted: this reply was not saved"
+                         + ("; the previous one stays" if retry else ""), "yellow")
             if not self.interactive:
                 self._interrupted_piped = True
                 return False
@@ -522,13 +528,14 @@ class ChatApp:
         return True
 
     # -- a spoken reply: barge-in ----------------------------------------------------------
-    def _speak(self, session: ConversationSession, text: str, on_token: Callable[[str], None]) -> bool:
+    def _speak(self, session: ConversationSession, text: str, on_token: Callable[[str], None], *,
+               retry: bool = False) -> bool:
         """Start a spoken reply in a worker thread and wait until its text is complete (the
         speech goes on while the prompt is back).  True if Ctrl-C cut it while it was being
         written (a barge-in: what was already spoken is kept).  Raises what ``chat()`` raises
         for a failure while generating (timeout, backend error)."""
         self._settle()
-        sp = _Spoken(session.stream(text, on_token=on_token))
+        sp = _Spoken(session.stream_retry(on_token=on_token) if retry else session.stream(text, on_token=on_token))
         self._spoken = sp
         sp.thread = threading.Thread(target=self._speak_worker, args=(session, sp), name="spoken-reply",
                                      daemon=True)
@@ -726,11 +733,56 @@ class ChatApp:
             self._export(session, arg)
         elif name == "set":
             self._set(session, arg)
+        elif name == "undo":
+            self._undo(session)
+        elif name == "retry":
+            return self._retry(session)
+        elif name == "title":
+            self._title(session, arg)
         elif name == "model":
             self._switch_model(session, arg)
         elif name == "models":
             self._list_models(session)
         return True
+
+    # -- /undo, /retry, /title ------------------------------------------------------------
+    def _undo(self, session: ConversationSession) -> None:
+        c = self.console
+        history = session.history
+        try:
+            undone = session.undo()
+        except SessionError as exc:  # the store could not record it: nothing changed
+            c.error(str(exc))
+            return
+        if not undone:
+            c.error("nothing to undo: this session has no turn yet")
+            return
+        asked = next((m["content"] for m in reversed(history) if m["role"] == "user"), "")
+        line = printable(" ".join(asked.split()), keep_newlines=False)
+        c.notice(f"↩️  withdrew the last turn ({line[:50]}{'…' if len(line) > 50 else ''}); "
+                 f"{session.turns} turn(s) left. The file keeps it in its undone list.", "green")
+
+    def _retry(self, session: ConversationSession) -> bool:
+        if not any(m["role"] == "assistant" for m in session.history):
+            self.console.error("nothing to retry: this session has no reply yet")
+            return True
+        self.console.notice("🔁 asking the last message again; the new reply replaces the last one", "dim")
+        return self._turn("", retry=True)
+
+    def _title(self, session: ConversationSession, arg: str) -> None:
+        c = self.console
+        if not arg.strip():
+            title = session.title
+            c.line(f"   title: {printable(title, keep_newlines=False)}" if title else
+                   "   no title (listings show the first line); `/title TEXT` sets one")
+            return
+        try:
+            saved = session.set_title(arg)
+        except (SessionError, ValueError) as exc:
+            c.error(str(exc))
+            return
+        title = printable(session.title or "", keep_newlines=False)
+        c.notice(f"🏷️  title: {title}" + ("" if saved else " (saved with the first turn)"), "green")
 
     # -- /model and /models ----------------------------------------------------------------
     def _list_models(self, session: ConversationSession) -> None:
@@ -934,7 +986,7 @@ class ChatApp:
         current = self.session.session_id if self.session else None
         for info in infos:
             mark = "*" if info.session_id == current else " "
-            line = printable(info.first_user_line, keep_newlines=False)
+            line = printable(info.title or info.first_user_line, keep_newlines=False)
             first = line[:50] + ("…" if len(line) > 50 else "")
             kv = kv_bytes(store, info.session_id)
             kv_text = "" if kv is None else f" + KV {format_bytes(kv)}"

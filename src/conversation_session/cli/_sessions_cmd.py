@@ -98,13 +98,44 @@ class _Commands:
         if not infos:
             self.say(f"no saved sessions in {self.store.description}")
             return 0
-        # SIZE is the history; KV the model's saved cache beside it (often far larger).
-        self.say(f"{'ID':<26} {'CREATED':<19}  {'UPDATED':<19}  {'TURNS':>5}  {'SIZE':>8}  {'KV':>8}  FIRST LINE")
+        # SIZE is the history; KV the model's saved cache beside it (often far larger).  TITLE:
+        # the session's title, else its first line.
+        self.say(f"{'ID':<26} {'CREATED':<19}  {'UPDATED':<19}  {'TURNS':>5}  {'SIZE':>8}  {'KV':>8}  TITLE")
         for i in infos:
             kv = kv_bytes(self.store, i.session_id)
             self.say(f"{i.session_id:<26} {i.created_at:<19}  {i.updated_at:<19}  {i.turns:>5}  "
                      f"{format_bytes(i.size_bytes):>8}  {'–' if kv is None else format_bytes(kv):>8}  "
-                     f"{_one_line(i.first_user_line, 60)}")
+                     f"{_one_line(i.title or i.first_user_line, 60)}")
+        return 0
+
+    # -- sessions search / rename --------------------------------------------------------------
+    def search(self) -> int:
+        text = " ".join(self.args.text)
+        hits = self.store.search(text, limit=self.args.limit)
+        if self.args.json:
+            rows = [{"session_id": h.session_id, "title": h.title, "updated_at": h.updated_at, "index": h.index,
+                     "role": h.role, "snippet": h.snippet} for h in hits]
+            out = json.dumps(rows, ensure_ascii=False, indent=2) + "\n"
+            self.out.write(_clean(out) if self.out.isatty() else out.encode("utf-8", "replace").decode("utf-8"))
+            return 0
+        if not hits:
+            print(_clean(f"no session in {self.store.description} holds {text!r}"), file=self.err)
+            return 1  # as grep: nothing found
+        for h in hits:
+            where = "title" if h.index < 0 else f"#{h.index} {h.role}"
+            self.say(f"{h.session_id:<26} {h.updated_at:<19}  {where:<14} {_one_line(h.snippet, 100)}")
+        if len(hits) >= self.args.limit:
+            print(f"(the first {len(hits)} hits; --limit N shows more)", file=self.err)
+        return 0
+
+    def rename(self) -> int:
+        sid = _valid_id(self.args.session_id)
+        if sid not in self.store.newest_first():
+            raise self._no_session(sid)
+        title = " ".join(self.args.title)
+        self.store.set_title(sid, title)
+        shown = " ".join(title.split())
+        self.say(f"renamed {sid}: {shown}" if shown else f"removed the title of {sid}")
         return 0
 
     # -- sessions export -----------------------------------------------------------------------
@@ -292,8 +323,8 @@ def _without_name(detail: str, path: Path) -> str:
 
 def _info_dict(i: object) -> dict[str, object]:
     location = getattr(i, "location", None) or str(getattr(i, "path", ""))
-    out = {k: getattr(i, k) for k in ("session_id", "created_at", "updated_at", "turns", "total_messages",
-                                       "size_bytes", "llm_model", "first_user_line")}
+    out = {k: getattr(i, k, None) for k in ("session_id", "title", "created_at", "updated_at", "turns",
+                                             "total_messages", "size_bytes", "llm_model", "first_user_line")}
     out["path"] = location
     return out
 
@@ -309,7 +340,8 @@ def run_command(args: argparse.Namespace, *, usage: Callable[[str], object] | No
         cmds = _Commands(args, stdin or sys.stdin, stdout or sys.stdout, err)
         if args.command == "doctor":
             return cmds.doctor()
-        action = {"list": cmds.list, "export": cmds.export, "import": cmds.import_,
+        action = {"list": cmds.list, "search": cmds.search, "rename": cmds.rename, "export": cmds.export,
+                  "import": cmds.import_,
                   "delete": cmds.delete, "prune": cmds.prune}[args.sessions_command]
         return action()
     except _Usage as exc:
