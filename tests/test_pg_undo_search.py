@@ -207,8 +207,13 @@ def test_title_set_kept_cleared_and_renamed(store):
     assert store.load(w.session_id).title is None and w.record.title is None
     w.close()
 
+    other = _session(store, _turn(9))
+    assert store.newest_first()[0] == other
     store.set_title(w.session_id, "  Renamed\tlater ")
     assert store.load(w.session_id).title == "Renamed later"
+    assert store.newest_first()[0] == w.session_id  # a rename is a change: newest now
+    store.set_title(other, None)  # no change at all: the order stays
+    assert store.newest_first()[0] == w.session_id
     assert store.list_sessions()[0].title == "Renamed later"
     w2, record = store.open(w.session_id)
     assert record.title == "Renamed later"
@@ -294,11 +299,22 @@ def test_search_whitespace_runs_message_order_limit_and_not_undone(store):
                         {"role": "assistant", "content": "HELLO   WORLD at last"}])
     assert [h.index for h in store.search("hello world")] == [0, 1, 3]
     assert [h.index for h in store.search("  Hello \t World ", limit=2)] == [0, 1]
-    assert store.search("hello world", limit=0) == []
+    assert store.search("hello world", limit=0) == store.search("hello world", limit=-1) == []
     assert w.rewind(2)  # withdrawn messages are not searched
     assert [h.index for h in store.search("hello world")] == [0, 1]
     w.close()
     assert store.search("at last") == []
+
+
+def test_search_folds_case_beyond_ascii_and_skips_sessions_without_messages(store):
+    sid = _session(store, [{"role": "user", "content": "Où est l'ÉCOLE ? ΣΟΦΙΑ"},
+                           {"role": "assistant", "content": "ici"}], title="École")
+    assert [(h.index, h.snippet) for h in store.search("école")] == [(-1, "École"), (0, "Où est l'ÉCOLE ? ΣΟΦΙΑ")]
+    assert [h.index for h in store.search("σοφια")] == [0]
+    w, _record = store.open(sid)
+    assert w.rewind(0)  # every message withdrawn: the session is kept, but has nothing to find
+    w.close()
+    assert store.search("école") == []
 
 
 # -- async -------------------------------------------------------------------------------------------

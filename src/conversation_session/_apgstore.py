@@ -106,6 +106,7 @@ class AsyncPostgresStore:
         self._beat: Deadline | None = None
         self._suspect = False
         self._closed = False
+        self._search_sql: str | None = None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> AsyncPostgresStore:
@@ -319,7 +320,8 @@ class AsyncPostgresStore:
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> None:
             async with conn.transaction():
-                if await (await conn.execute(self.sql.set_title, (clean, session_id))).fetchone():
+                params = {"title": clean, "id": session_id, "now": now_iso()}
+                if await (await conn.execute(self.sql.set_title, params)).fetchone():
                     return
                 state = await (await conn.execute(self.sql.lease_state, (session_id,))).fetchone()
             if state is None:
@@ -332,7 +334,14 @@ class AsyncPostgresStore:
         params, needle = search_params(text, limit)
         if params is None:
             return []
-        rows = await self._all("search sessions", self.sql.search, params)
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
+            if self._search_sql is None:
+                icu = await (await conn.execute(self.sql.has_icu)).fetchone()
+                self._search_sql = self.sql.search_icu if icu else self.sql.search
+            return await (await conn.execute(self._search_sql, params)).fetchall()
+
+        rows: list[tuple[Any, ...]] = await self._run("search sessions", run)
         return search_hits(rows, needle, limit)
 
     async def is_locked(self, session_id: str) -> bool:

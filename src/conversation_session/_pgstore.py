@@ -537,23 +537,20 @@ UPDATE {s}.sessions SET
     summary = %(summary)s::jsonb, first_user_line = %(first)s,
     lease_expires = now() + make_interval(secs => %(ttl)s::float8)
 WHERE id = %(id)s"""
-        self.set_title = (f"UPDATE {s}.sessions SET title = %s WHERE id = %s "
-                          "AND (holder IS NULL OR lease_expires <= now()) RETURNING id")
+        # A rename is a change like a turn (as in the file store, where it is a journal line):
+        # the session becomes the newest, unless the title was already that.
+        self.set_title = (f"UPDATE {s}.sessions SET title = %(title)s, "
+                          "updated_at = CASE WHEN title IS DISTINCT FROM %(title)s THEN %(now)s ELSE updated_at END, "
+                          "updated_ts = CASE WHEN title IS DISTINCT FROM %(title)s THEN now() ELSE updated_ts END "
+                          "WHERE id = %(id)s AND (holder IS NULL OR lease_expires <= now()) RETURNING id")
         # Titles and the history's messages (never undone), newest session first, then the
         # title, then message order.  ILIKE finds the rows; a regex, when the text has several
-        # words, makes their whitespace match any whitespace run.
-        self.search = f"""
-SELECT h.id, h.title, h.updated_at, h.idx, h.role, h.text, h.as_json FROM (
-    SELECT x.id, x.title, x.updated_at, x.updated_ts, -1 AS idx, 'title' AS role, x.title AS text, false AS as_json
-    FROM {s}.sessions x
-    WHERE x.title ILIKE %(like)s AND (%(re)s::text IS NULL OR x.title ~* %(re)s::text)
-    UNION ALL
-    SELECT x.id, x.title, x.updated_at, x.updated_ts, m.idx, m.role, m.content, m.content_is_json
-    FROM {s}.messages m JOIN {s}.sessions x ON x.id = m.session_id
-    WHERE m.content ILIKE %(like)s AND (%(re)s::text IS NULL OR m.content ~* %(re)s::text)
-) h
-ORDER BY h.updated_ts DESC, h.id DESC, h.idx
-LIMIT %(limit)s"""
+        # words, makes their whitespace match any whitespace run.  Case folding follows the
+        # collation: a database made with the C locale folds only ASCII, so the ICU root
+        # collation is used where the server has it (Debian's does): É matches é everywhere.
+        self.has_icu = "SELECT 1 FROM pg_catalog.pg_collation WHERE collname = 'und-x-icu'"
+        self.search = self._search("")
+        self.search_icu = self._search(' COLLATE "und-x-icu"')
         self.newest_first = f"SELECT id FROM {s}.sessions ORDER BY updated_ts DESC, id DESC"
         self.newest_with_turns = (f"SELECT id FROM {s}.sessions WHERE turns > 0 AND NOT (id = ANY(%s::text[])) "
                                   "ORDER BY updated_ts DESC, id DESC LIMIT 1")
@@ -573,6 +570,25 @@ LIMIT %(limit)s"""
             "SELECT %(id)s, t.ord::int, t.at, t.start, t.messages "
             "FROM unnest(%(at)s::text[], %(start)s::int[], %(messages)s::json[]) "
             "WITH ORDINALITY AS t(at, start, messages, ord)")
+
+    def _search(self, collate: str) -> str:
+        return _search_statement(self.quoted, collate)
+
+
+def _search_statement(s: str, collate: str) -> str:
+    return f"""
+SELECT h.id, h.title, h.updated_at, h.idx, h.role, h.text, h.as_json FROM (
+    SELECT x.id, x.title, x.updated_at, x.updated_ts, -1 AS idx, 'title' AS role, x.title AS text, false AS as_json
+    FROM {s}.sessions x
+    WHERE x.message_count > 0 AND x.title{collate} ILIKE %(like)s
+      AND (%(re)s::text IS NULL OR x.title{collate} ~* %(re)s::text)
+    UNION ALL
+    SELECT x.id, x.title, x.updated_at, x.updated_ts, m.idx, m.role, m.content, m.content_is_json
+    FROM {s}.messages m JOIN {s}.sessions x ON x.id = m.session_id
+    WHERE m.content{collate} ILIKE %(like)s AND (%(re)s::text IS NULL OR m.content{collate} ~* %(re)s::text)
+) h
+ORDER BY h.updated_ts DESC, h.id DESC, h.idx
+LIMIT %(limit)s"""
 
 
 def _odd_message(role: str, content: str, flags: int) -> MessageDict:
@@ -713,6 +729,7 @@ class PostgresStore:
         self._beat: Deadline | None = None
         self._closed = False
         self._suspect = False  # the last call lost the server: probe it before using the pool
+        self._search_sql: str | None = None  # with ICU case folding when the server has it
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresStore:
@@ -951,7 +968,7 @@ class PostgresStore:
 
         def run(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction():
-                if conn.execute(self.sql.set_title, (clean, session_id)).fetchone():
+                if conn.execute(self.sql.set_title, {"title": clean, "id": session_id, "now": now_iso()}).fetchone():
                     return
                 state = conn.execute(self.sql.lease_state, (session_id,)).fetchone()
             if state is None:
@@ -964,8 +981,13 @@ class PostgresStore:
         params, needle = search_params(text, limit)
         if params is None:
             return []
-        rows = self._run("search sessions", lambda conn: conn.execute(self.sql.search, params).fetchall())
-        return search_hits(rows, needle, limit)
+
+        def run(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+            if self._search_sql is None:
+                self._search_sql = self.sql.search_icu if conn.execute(self.sql.has_icu).fetchone() else self.sql.search
+            return conn.execute(self._search_sql, params).fetchall()
+
+        return search_hits(self._run("search sessions", run), needle, limit)
 
     def is_locked(self, session_id: str) -> bool:
         validate_session_id(session_id)
@@ -1080,9 +1102,9 @@ def check_title(title: str | None) -> str | None:
 def search_params(text: str, limit: int) -> tuple[dict[str, Any] | None, str]:
     """The search statement's parameters (None when ``limit`` asks for nothing) and the needle."""
     like, regex, needle = like_pattern(text)
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise ValueError(f"limit must be a whole number >= 0, not {limit!r}")
-    return ({"like": like, "re": regex, "limit": limit} if limit else None), needle
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"limit must be a whole number, not {limit!r}")
+    return ({"like": like, "re": regex, "limit": limit} if limit > 0 else None), needle
 
 
 def reconcile(writer: PostgresWriter | Any, state: tuple[Any, ...] | None, durable: int, end: int) -> int:
