@@ -273,3 +273,33 @@ def test_async_undo_retry_and_title(tmp_path):
         assert record.turns == 1 and record.title == "async one" and len(record.undone) == 2
 
     asyncio.run(main())
+
+
+def test_cut_last_reply_keeps_what_was_heard_after_the_turn_was_saved(tmp_path):
+    s = _session(tmp_path)
+    s.chat("tell me a story")
+    s.chat("another one")
+    full = s.history[-1]["content"]
+    with pytest.raises(ValueError):
+        s.cut_last_reply("not the start")
+    assert s.cut_last_reply(full) is False  # all of it was heard: nothing to cut
+    assert s.cut_last_reply("Reply 2") is True
+    assert s.history[-1] == {"role": "assistant", "content": "Reply 2", "interrupted": True} and s.turns == 2
+    assert s.get_cache_stats()["interruptions"] == 1
+    sid = s.session_id
+    s.close()
+    record = HistoryStore(tmp_path).load(sid)
+    assert record.messages[-1] == {"role": "assistant", "content": "Reply 2", "interrupted": True}
+    assert record.undone[-1]["messages"][-1]["content"] == full  # the whole reply, on record
+
+
+def test_cut_last_reply_with_nothing_heard_withdraws_the_turn_async(tmp_path):
+    async def main() -> None:
+        async with AsyncConversationSession(backend=FakeBackend(), sessions_dir=tmp_path,
+                                            persist_kv_cache=False) as s:
+            await s.chat("a")
+            await s.chat("b")
+            assert await s.cut_last_reply(0) is True and s.turns == 1
+            assert await s.cut_last_reply(3) is True and s.history[-1]["content"] == "Rep"
+
+    asyncio.run(main())

@@ -188,6 +188,12 @@ class AsyncConversationSession(SessionView):
         async with self._get_lock():
             return await self._off_loop(self._core.undo)
 
+    async def cut_last_reply(self, heard: str | int) -> bool:
+        """Barge-in after the reply was saved (see ``ConversationSession.cut_last_reply``)."""
+        self._check_reentry("cut a reply in")
+        async with self._get_lock():
+            return await self._off_loop(self._core.cut_last_reply, heard)
+
     async def set_title(self, title: str | None) -> bool:
         """Name the session (see ``ConversationSession.set_title``)."""
         self._check_reentry("rename")

@@ -301,6 +301,43 @@ class SessionCore:
             self.kv.schedule(self.conversation.warm_prompt(), lambda: self.turn_seq == seq)
         return True
 
+    def cut_last_reply(self, heard: str | int) -> bool:
+        """The user stopped listening after the last reply was saved (a barge-in while its audio
+        still played): keep only ``heard`` of it (a prefix, or a number of characters), marked
+        interrupted; nothing heard withdraws the turn.  Recorded like an undo (the whole reply
+        goes to ``undone``).  False if there is no reply or it was all heard."""
+        self.check_open("cut a reply in")
+        at = self.conversation.last_turn_start()
+        if at is None or self.read_only is not None:
+            return False
+        messages = self.conversation.messages
+        full = messages[-1]["content"]
+        if isinstance(heard, bool) or not isinstance(heard, (str, int)):
+            raise TypeError(f"heard must be a str or a number of characters, not {type(heard).__name__}")
+        text = full[:max(heard, 0)] if isinstance(heard, int) else heard
+        if not full.startswith(text):
+            raise ValueError("heard must be the start of the last reply")
+        if text == full:
+            return False
+        kept: list[MessageDict] = []
+        if text.strip():
+            kept = [messages[at], {"role": "assistant", "content": text, "interrupted": True}]
+        if not self._record_rewind(at, kept):
+            raise SessionError(f"could not cut the last reply of session {self.session_id}: "
+                               f"{getattr(self.writer, 'last_error', None) or 'the store refused it'}; nothing "
+                               "was changed")
+        self.conversation.truncate(at)
+        self.conversation.messages.extend(kept)
+        self.conversation.turns += 1 if kept else 0
+        self.interruptions += 1
+        self.turn_seq += 1
+        logger.info("session %s: the last reply was cut to the %d of %d characters the user heard", self.session_id,
+                    len(text), len(full))
+        if self.persist_kv_cache and self.conversation.messages:
+            seq = self.turn_seq
+            self.kv.schedule(self.conversation.warm_prompt(), lambda: self.turn_seq == seq)
+        return True
+
     @property
     def title(self) -> str | None:
         record = self.writer.record if self.writer is not None else self.read_only

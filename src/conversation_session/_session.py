@@ -251,6 +251,19 @@ class ConversationSession(SessionView):
         with self._state():
             return self._core.undo()
 
+    def cut_last_reply(self, heard: str | int) -> bool:
+        """Barge-in after the reply was saved (its audio was still playing elsewhere): keep only
+        ``heard`` (the start of the last reply, or a number of characters), marked interrupted;
+        nothing heard withdraws the turn.  Durable like ``undo()`` (the full reply is kept under
+        ``undone``).  False if there is no reply or it was all heard.
+
+        Raises:
+            ValueError: ``heard`` is not the start of the last reply.
+            SessionError: the store could not record it (nothing changed).
+        """
+        with self._state():
+            return self._core.cut_last_reply(heard)
+
     def set_title(self, title: str | None) -> bool:
         """Name the session (shown by listings; None or blank removes the name).  Returns True
         when saved; False when it will be saved with the next turn."""
