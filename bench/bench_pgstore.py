@@ -77,11 +77,8 @@ BASELINE: dict[int, tuple[float, float]] = {}  # n -> (our load ms, previous rel
 
 
 def bench_ours(url: str) -> dict[int, tuple[float, float]]:
-    import psycopg
-
     out = {}
     store = PostgresStore(url, schema="bench_ours")
-    conn = psycopg.connect(url, autocommit=True)
     for n in SIZES:
         sid = store.import_record(SessionRecord(session_id=f"bench_{n}", llm_model="m", messages=history(n)))
         w, rec = store.open(sid)
@@ -93,22 +90,25 @@ def bench_ours(url: str) -> dict[int, tuple[float, float]]:
             saves.append(time.perf_counter() - t0)
             at += 2
         w.close()
+        # Through the store's own pool, as the previous release ran it.
+        def previous() -> list[dict[str, str]]:
+            return store._run("load", lambda conn: old_load(conn, "bench_ours", sid))  # noqa: B023
+
         loads = []
         olds = []
         for _ in range(5):  # warm both (psycopg prepares a statement on its 5th run)
             store.load(sid)
-            old_load(conn, "bench_ours", sid)
+            previous()
         for _ in range(LOADS):
             t0 = time.perf_counter()
             rec = store.load(sid)
             loads.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            before = old_load(conn, "bench_ours", sid)
+            before = previous()
             olds.append(time.perf_counter() - t0)
         assert len(rec.messages) == n + 2 * SAVES and before == rec.messages
         out[n] = (ms(saves), ms(loads))
         BASELINE[n] = (ms(loads), ms(olds))
-    conn.close()
     store.close()
     return out
 
