@@ -200,28 +200,128 @@ def test_interrupt_stops_the_audio(server: ServiceProcess, client: httpx.Client,
     no_files_left(tmpdir_of_server)
 
 
-def test_interrupt_after_the_text_stops_the_remaining_audio(tmp_path: Path) -> None:
-    """The text can end long before the audio (here the model is instant, espeak-ng takes tens of
-    ms a sentence): an interrupt then stops the audio (the turn itself is already saved)."""
-    text = " ".join(f"Sentence number {i} is here." for i in range(40))
-    with service(tmp_path / "sessions", "--tts") as server, \
-            httpx.Client(base_url=server.url, timeout=30) as client, \
-            connect(ws_url(server, sid := new_session(client)), open_timeout=10) as ws:
+MANY = " ".join(f"Sentence number {i} is here." for i in range(40))
+
+
+@pytest.fixture(scope="module")
+def instant_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """The model is instant and espeak-ng takes tens of ms a sentence: the text (and ``done``)
+    ends long before the audio."""
+    with service(tmp_path_factory.mktemp("instant") / "sessions", "--tts") as proc:
+        yield proc
+
+
+@pytest.fixture
+def iclient(instant_server: ServiceProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=instant_server.url, timeout=30) as c:
+        yield c
+
+
+def done_mid_audio(ws: ClientConnection, least: int = 2) -> list[Event | bytes]:
+    """Send ``MANY``; frames up to ``done`` and at least ``least`` sentences' audio, the audio unfinished."""
+    ws.send(json.dumps({"type": "message", "text": MANY}))
+    frames = read_until(ws, lambda seen: bool(events(seen, "done")) and len(events(seen, "audio")) >= least
+                        and isinstance(seen[-1], bytes))
+    assert events(frames, "done")[0]["turn"] == 1
+    if events(frames, "audio_end"):
+        pytest.fail("all the audio was made before the text finished streaming; the test needs a longer text")
+    return frames
+
+
+def after_interrupt(ws: ClientConnection, frames: list[Event | bytes], msg: Event) -> Event:
+    """Send interrupt ``msg``; the ``interrupted`` event, after an ``audio_end`` that stops the
+    audio (nothing of it after that)."""
+    ws.send(json.dumps(msg))
+    frames += read_until(ws, lambda seen: bool(events(seen, "interrupted")))
+    end = events(frames, "audio_end")
+    assert len(end) == 1 and end[0]["interrupted"] is True and end[0]["sentences"] == len(audio_pairs(frames))
+    end_at = frames.index(end[0])
+    assert not any(isinstance(f, bytes) for f in frames[end_at:])
+    stopped = events(frames, "interrupted")
+    assert len(stopped) == 1 and stopped[0]["after_done"] is True
+    return stopped[0]
+
+
+def test_interrupt_after_done_keeps_the_sentences_sent(instant_server: ServiceProcess, iclient: httpx.Client) -> None:
+    """No ``heard``, no ``heard_ms``: the reply is cut after the sentences whose audio went out."""
+    with connect(ws_url(instant_server, sid := new_session(iclient)), open_timeout=10) as ws:
         recv(ws)
-        ws.send(json.dumps({"type": "message", "text": text}))
-        frames = read_until(ws, lambda seen: bool(events(seen, "done")))
-        assert events(frames, "done")[0]["turn"] == 1
-        sentences = len(events(frames, "sentence"))
-        if events(frames, "audio_end"):
-            pytest.fail("all the audio was made before the text finished streaming; the test needs a longer text")
-        ws.send(json.dumps({"type": "interrupt"}))
-        frames += read_until(ws, lambda seen: bool(events(seen, "audio_end")))
-        end = events(frames, "audio_end")[0]
-        assert end["interrupted"] is True and end["sentences"] == len(audio_pairs(frames)) < sentences
+        frames = done_mid_audio(ws)
+        full = events(frames, "done")[0]["response"]
+        stopped = after_interrupt(ws, frames, {"type": "interrupt"})
+        sent = events(frames, "audio_end")[0]["sentences"]
+        sentences = [e["text"] for e in events(frames, "sentence")]
+        assert 2 <= sent < len(sentences) == 40
+        kept = " ".join(sentences[:sent])
+        assert full.startswith(kept) and len(kept) < len(full)
+        assert stopped == {"type": "interrupted", "after_done": True, "cut": True, "kept": True, "session_id": sid,
+                           "response": kept, "turn": 1}
         ws.send(json.dumps({"type": "ping"}))
         assert recv(ws) == {"type": "pong"}
-        assert client.get(f"/v1/sessions/{sid}").json()["turns"] == 1
-        wait_for(lambda: espeak_children(server.proc.pid) == [], what="no espeak-ng left after the interrupt")
+        got = iclient.get(f"/v1/sessions/{sid}").json()
+        assert got["turns"] == 1 and got["history"][-1] == {"role": "assistant", "content": kept, "interrupted": True}
+        wait_for(lambda: espeak_children(instant_server.proc.pid) == [], what="no espeak-ng left after the interrupt")
+        # The socket goes on, and the next turn follows the cut one.
+        ws.send(json.dumps({"type": "message", "text": "Next."}))
+        frames = read_until(ws, lambda seen: bool(events(seen, "audio_end")))
+        assert events(frames, "done")[0]["turn"] == 2
+        assert events(frames, "audio_end")[0]["interrupted"] is False
+    history = iclient.get(f"/v1/sessions/{sid}").json()["history"]
+    assert history[1] == {"role": "assistant", "content": kept, "interrupted": True} and len(history) == 4
+
+
+def test_interrupt_after_done_with_heard_ms_cuts_the_saved_reply(instant_server: ServiceProcess,
+                                                                 iclient: httpx.Client) -> None:
+    with connect(ws_url(instant_server, sid := new_session(iclient)), open_timeout=10) as ws:
+        recv(ws)
+        frames = done_mid_audio(ws, 3)
+        pairs = audio_pairs(frames)
+        # The first two sentences, and a moment of the third (its first word begun: heard).
+        first_two = wav_seconds(pairs[0][1]) + wav_seconds(pairs[1][1])
+        stopped = after_interrupt(ws, frames, {"type": "interrupt", "heard_ms": first_two * 1000 + 1})
+    sentences = [e["text"] for e in events(frames, "sentence")]
+    kept = " ".join(sentences[:2]) + " Sentence"
+    assert sentences[0].endswith(": Sentence number 0 is here.") and sentences[2] == "Sentence number 2 is here."
+    assert stopped["cut"] is True and stopped["kept"] is True and stopped["response"] == kept and stopped["turn"] == 1
+    got = iclient.get(f"/v1/sessions/{sid}").json()
+    assert got["turns"] == 1
+    assert got["history"] == [{"role": "user", "content": MANY},
+                              {"role": "assistant", "content": kept, "interrupted": True}]
+
+
+def test_interrupt_after_done_with_nothing_heard_withdraws_the_turn(instant_server: ServiceProcess,
+                                                                    iclient: httpx.Client) -> None:
+    with connect(ws_url(instant_server, sid := new_session(iclient)), open_timeout=10) as ws:
+        recv(ws)
+        frames = done_mid_audio(ws)
+        stopped = after_interrupt(ws, frames, {"type": "interrupt", "heard_ms": 0})
+        assert stopped["cut"] is True and stopped["kept"] is False and stopped["response"] == ""
+        assert stopped["turn"] == 0
+        got = iclient.get(f"/v1/sessions/{sid}").json()
+        assert got["turns"] == 0 and got["history"] == []
+        # A heard that does not start the reply is ignored; heard_ms then decides, but never
+        # beyond the sentences whose audio was sent.
+        frames = done_mid_audio(ws)
+        stopped = after_interrupt(ws, frames, {"type": "interrupt", "heard": "not the reply", "heard_ms": 10 ** 7})
+        sent = events(frames, "audio_end")[0]["sentences"]
+        kept = " ".join(e["text"] for e in events(frames, "sentence")[:sent])
+        assert stopped["kept"] is True and stopped["response"] == kept and stopped["turn"] == 1
+    assert iclient.get(f"/v1/sessions/{sid}").json()["history"][-1] == {"role": "assistant", "content": kept,
+                                                                         "interrupted": True}
+
+
+def test_interrupt_after_all_the_audio_changes_nothing(instant_server: ServiceProcess, iclient: httpx.Client) -> None:
+    with connect(ws_url(instant_server, sid := new_session(iclient)), open_timeout=10) as ws:
+        recv(ws)
+        ws.send(json.dumps({"type": "message", "text": "One. Two. Three."}))
+        frames = read_until(ws, lambda seen: bool(events(seen, "audio_end")) and bool(events(seen, "done")))
+        assert events(frames, "audio_end") == [{"type": "audio_end", "sentences": 3, "interrupted": False}]
+        full = events(frames, "done")[0]["response"]
+        ws.send(json.dumps({"type": "interrupt", "heard_ms": 0}))
+        ws.send(json.dumps({"type": "ping"}))
+        assert recv(ws) == {"type": "pong"}  # no audio_end, no interrupted: nothing was stopped
+    got = iclient.get(f"/v1/sessions/{sid}").json()
+    assert got["turns"] == 1 and got["history"][-1] == {"role": "assistant", "content": full}
 
 
 def test_disconnect_mid_audio_leaves_no_process_or_file(server: ServiceProcess, client: httpx.Client,

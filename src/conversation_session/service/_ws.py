@@ -23,10 +23,29 @@ sentence's audio follows, in sentence order, without holding up the text::
     {"type": "audio_end", "sentences": k, "interrupted": bool}     after the turn's last audio
 
 ``i`` counts the turn's ``sentence`` events from 0.  ``done`` is sent when the text is complete
-(the turn is saved), usually before the last audio.  ``interrupt`` also stops the audio (after
-``done`` only the audio: a committed turn is not cut, the library has no way to yet): no
+(the turn is saved), usually before the last audio.  ``interrupt`` also stops the audio: no
 audio frame follows the ``audio_end`` with ``interrupted: true``; with ``heard_ms`` alone, the
 heard text is cut by the durations of the audio actually sent.
+
+An ``interrupt`` after ``done`` while that turn's audio is still being sent stops the audio and
+cuts the saved reply to what was heard (``cut_last_reply``: kept marked ``interrupted``, the
+turn withdrawn if nothing was heard, recorded durably like an undo), then answers::
+
+    {"type": "interrupted", "after_done": true, "cut": bool, "kept": bool, "session_id",
+     "response": the reply as the session now holds it ("" when withdrawn), "turn": turns now}
+
+What was heard, in order: the client's ``heard`` (a string that starts the reply, or a number
+of characters); else ``heard_ms`` cut by the real durations of the audio sent; else the
+sentences whose audio was sent in full.  Never more than the sentences whose audio was sent:
+a device cannot have heard audio it never got, while a sentence it got may have played (we
+cannot tell), so it stays -- the rule errs on keeping what may have been heard, never on
+keeping what certainly was not.  A ``heard`` that does not start the reply is ignored (the
+next rule applies).  Once ``audio_end`` (``interrupted: false``) was sent the device has the
+whole reply: an interrupt then changes nothing, and nothing is answered.  ``cut`` is false
+when everything sent was heard, or when the session moved on meanwhile (another device's turn,
+an undo: the last reply is no longer this one); a store that cannot record the cut sends an
+``error`` event instead (the reply stays whole).  The cut takes the session as a turn does, so
+it never interleaves with another turn on it.
 
 A connection holds its session only while a turn runs, so REST calls and other devices can
 use the session between turns.  Disconnecting mid-reply cancels the turn (the backend stops,
@@ -47,7 +66,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from .._exceptions import SessionError
-from ..speech import SentenceSplitter, heard_prefix
+from ..speech import SentenceSplitter, heard_prefix, split_sentence_spans
 from ._app import ApiError, ServiceState, check_text, result_json, turn_error
 from ._audio import AUDIO_FORMATS, AudioStream
 from ._log import session_id_var
@@ -68,6 +87,9 @@ class _Conn:
         self.stopped = False
         self.streamed: list[str] = []   # the running turn's pieces (for heard_ms with audio)
         self.audio: AudioStream | None = None
+        # The last turn this connection completed, (reply, turn number), until the next message:
+        # an interrupt while its audio is still going out cuts it.
+        self.committed: tuple[str, int] | None = None
 
     async def send(self, data: dict[str, Any]) -> None:
         async with self.send_lock:
@@ -92,6 +114,7 @@ class _Conn:
         audio = self.audio
         audio_started = False
         self.streamed = []
+        self.committed = None
         try:
             async with st.reg().hold(self.sid) as session:
                 assert session is not None
@@ -115,6 +138,7 @@ class _Conn:
                             await self._sentence(sentence)
                         result = await turn.result()
                         st.counters["turns_completed"] += 1
+                        self.committed = (result.response, result.turn)
                         final = {"type": "done", "session_id": self.sid, **result_json(result)}
         except asyncio.CancelledError:
             st.counters["turns_cancelled"] += 1
@@ -163,9 +187,15 @@ class _Conn:
                 heard_ms = None
             if running:
                 self.stopped = True  # before stop(): no sentence of this turn is queued after it
+            durations = self.audio.durations()  # before stop(): what went out of this turn's audio
             end = await self.audio.stop()
             if end is not None:
                 await self.send(end)
+                committed = self.committed
+                if not running and committed is not None:
+                    # After done: the saved reply is cut to what its stopped audio let be heard.
+                    self.committed = None
+                    await self._cut_committed(committed, heard, heard_ms, durations)
         if not running:
             return
         self.stopped = True
@@ -179,6 +209,57 @@ class _Conn:
         except (SessionError, ValueError, TypeError) as exc:  # a "heard" that is not a prefix, ...
             logger.info("interrupt with heard=%r failed (%s); cancelling the turn", heard, exc)
             turn.cancel()
+
+
+    async def _cut_committed(self, committed: tuple[str, int], heard: str | int | None, heard_ms: float | None,
+                             durations: list[float | None]) -> None:
+        reply, turn_no = committed
+        text = _heard_after_done(reply, heard, heard_ms, durations)
+        event: dict[str, Any] = {"type": "interrupted", "after_done": True, "cut": False, "kept": True,
+                                 "session_id": self.sid}
+        try:
+            # Held like a turn: nothing else runs on the session while the cut is checked and made.
+            async with self.state.reg().hold(self.sid) as session:
+                assert session is not None
+                history = session.history
+                if session.turns != turn_no or not history or history[-1].get("role") != "assistant" \
+                        or history[-1].get("content") != reply:
+                    logger.info("interrupt after done: the session moved on since; nothing cut")
+                else:
+                    event["cut"] = await session.cut_last_reply(text)
+                history = session.history
+                event["turn"] = session.turns
+                last = history[-1] if history and history[-1].get("role") == "assistant" else None
+                if event["cut"]:
+                    event["kept"] = last is not None and session.turns == turn_no
+                    event["response"] = last["content"] if event["kept"] and last is not None else ""
+                elif last is not None and last.get("content") == reply:
+                    event["response"] = reply  # all of it was heard
+        except Exception as exc:  # noqa: BLE001 - sent as an error event; the reply stays whole
+            err = turn_error(exc)
+            logger.warning("interrupt after done: the reply could not be cut (%s)", err.message)
+            await self.error(err)
+            return
+        await self.send(event)
+
+
+def _heard_after_done(reply: str, heard: str | int | None, heard_ms: float | None,
+                      durations: list[float | None]) -> str:
+    """What of ``reply`` was heard when its audio stopped after ``durations`` (one entry per
+    sentence sent or failed), by the rule of the module docstring."""
+    spans = split_sentence_spans(reply)
+    sent = min(len(durations), len(spans))
+    ceiling = reply[:spans[sent - 1].end] if sent else ""  # the sentences whose audio went out
+    if isinstance(heard, int) and not isinstance(heard, bool):
+        return reply[:max(heard, 0)]
+    if isinstance(heard, str):
+        if reply.startswith(heard):
+            return heard
+        logger.info("interrupt after done: heard=%r does not start the reply; ignored", heard[:40])
+    if heard_ms is not None:
+        text = heard_prefix(reply, heard_ms, durations).text
+        return text if len(text) < len(ceiling) else ceiling
+    return ceiling
 
 
 async def session_ws(ws: WebSocket) -> None:
