@@ -36,16 +36,17 @@ turn withdrawn if nothing was heard, recorded durably like an undo), then answer
 
 What was heard, in order: the client's ``heard`` (a string that starts the reply, or a number
 of characters); else ``heard_ms`` cut by the real durations of the audio sent; else the
-sentences whose audio was sent in full.  Never more than the sentences whose audio was sent:
-a device cannot have heard audio it never got, while a sentence it got may have played (we
-cannot tell), so it stays -- the rule errs on keeping what may have been heard, never on
-keeping what certainly was not.  A ``heard`` that does not start the reply is ignored (the
-next rule applies).  Once ``audio_end`` (``interrupted: false``) was sent the device has the
-whole reply: an interrupt then changes nothing, and nothing is answered.  ``cut`` is false
-when everything sent was heard, or when the session moved on meanwhile (another device's turn,
-an undo: the last reply is no longer this one); a store that cannot record the cut sends an
-``error`` event instead (the reply stays whole).  The cut takes the session as a turn does, so
-it never interleaves with another turn on it.
+sentences whose audio was sent in full.  The last two never go beyond the sentences whose audio
+was sent (the client's own ``heard`` is trusted): a device cannot have heard audio it never
+got, while a sentence it got may have played (we cannot tell), so it stays -- the rule errs on
+keeping what may have been heard, never on keeping what certainly was not.  (A frame still going
+out at the instant of the stop is not counted: the cut errs short there.) A ``heard`` that does
+not start the reply is ignored (the next rule applies).  Once ``audio_end`` (``interrupted:
+false``) was sent the device has the whole reply: an interrupt then changes nothing, and
+nothing is answered.  ``cut`` is false when everything sent was heard, or when the session moved
+on meanwhile (another device's turn, an undo: the last reply is no longer this one); a store
+that cannot record the cut sends an ``error`` event instead (the reply stays whole).  The cut
+takes the session as a turn does, so it never interleaves with another turn on it.
 
 A connection holds its session only while a turn runs, so REST calls and other devices can
 use the session between turns.  Disconnecting mid-reply cancels the turn (the backend stops,
