@@ -126,7 +126,11 @@ def test_kill_9_of_a_writer_mid_stream_never_loses_an_acknowledged_turn(subject)
     acked = 2
     for target in (5, 17):
         w, record = _open_when_free(subject, sid)  # the dead writer's lease has ended
-        assert len(record.messages) == acked
+        # A statement the killed client sent may still commit until its lease is taken over
+        # (the server notices the dead socket only when it answers): at most one more turn,
+        # never a torn one; from the takeover on, nothing more can land.
+        assert len(record.messages) in (acked, acked + 2)
+        acked = len(record.messages)
         w.close()
         proc = start_writer(subject.spec, sid, PG_TTL)
         try:
@@ -152,7 +156,7 @@ def test_kill_9_of_a_writer_mid_stream_never_loses_an_acknowledged_turn(subject)
                 {"role": "assistant", "content": f"answer {i} " + "y" * 200})]
         acked = len(record.messages)
     w, record = _open_when_free(subject, sid)
-    assert len(record.messages) == acked
+    assert len(record.messages) in (acked, acked + 2)
     w.close()
 
 
