@@ -1,6 +1,6 @@
 """``doctor`` on a PostgreSQL store (through the store API): every session loaded, the
-unreadable ones and those whose lease a writer holds reported, against a real PostgreSQL
-server (tests/pg_server.py)."""
+unreadable ones and those whose lease a writer holds reported; ``sessions rename``, ``search``
+and titles in ``sessions list`` there too.  Against a real PostgreSQL server (tests/pg_server.py)."""
 
 from __future__ import annotations
 
@@ -77,3 +77,24 @@ def test_doctor_on_postgresql_reports_unreadable_sessions_and_held_leases(pg_url
     after = doctor(pg_url)
     assert after.returncode == 0, after.stderr
     assert "checked 2 session(s)" in after.stdout and "0 unreadable, 0 in use" in after.stdout
+
+
+def test_titles_rename_and_search_on_postgresql(pg_url):
+    def app(*args: str, input: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(ROOT / "main.py"), "--store", pg_url, *args], input=input,
+                              capture_output=True, text=True, timeout=120, cwd=ROOT, env=dict(os.environ))
+
+    plain = chat_once(pg_url, "the lighthouse keeper's log")
+    titled = app("--backend", "fake", input="about the tides\n/title Tides and moons\n")
+    assert titled.returncode == 0, titled.stderr
+    listing = app("sessions", "list").stdout
+    assert "Tides and moons" in listing and "about the tides" not in listing
+    assert "the lighthouse keeper's log" in listing
+    assert app("sessions", "rename", plain, "Lighthouse").returncode == 0
+    assert "Lighthouse" in app("sessions", "list").stdout
+    found = app("sessions", "search", "LIGHTHOUSE")
+    assert found.returncode == 0, found.stderr
+    rows = [line.split() for line in found.stdout.splitlines()]
+    # Its title, then its messages (the fake backend's reply echoes the message).
+    assert [(r[0], r[2]) for r in rows] == [(plain, "title"), (plain, "#0"), (plain, "#1")]
+    assert app("sessions", "search", "nowhere").returncode == 1

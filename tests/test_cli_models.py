@@ -88,7 +88,9 @@ def test_model_switch_and_models_in_a_terminal(ollama, sessions_dir):
     child.sendline("s")
     child.expect(r"\* qwen2\.5:3b")
     child.expect(PROMPT)
-    child.sendline("/model llama3.2:1b")
+    child.send("/model lla\t")  # Tab completes the backend's model names
+    child.expect(r"ma3\.2:1b")
+    child.send("\r")
     child.expect(r"now on llama3\.2:1b")
     child.expect(PROMPT)
     child.sendline("go on")

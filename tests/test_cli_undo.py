@@ -99,6 +99,7 @@ def test_undo_and_retry_on_a_terminal_then_a_restart(sessions_dir):
     child = spawn("-c")
     child.sendline("history")
     child.expect(r"1 turn\(s\), 2 message\(s\)")
+    child.expect("title: Greek letters")
     child.expect("Reply 1: alpha")
     child.expect(PROMPT)
     child.sendline("sessions")
@@ -129,8 +130,12 @@ def test_titles_in_listings_rename_and_the_default_first_line(sessions_dir):
     assert renamed.returncode == 0 and f"renamed {garden.session_id}: Garden plans" in renamed.stdout
     rows = {r["session_id"]: r for r in json.loads(run("sessions", "list", "--json").stdout)}
     assert rows[garden.session_id]["title"] == "Garden plans"
-    chat = run("--backend", "fake", input=lines("sessions"))
+    chat = run("--backend", "fake", input=lines("sessions", "/search TAXES", "/search durian"))
     assert "Garden plans" in chat.stdout and "Taxes 2026" in chat.stdout
+    hits = [line.split() for line in chat.stdout.splitlines()
+            if line.startswith(f"  {taxes.session_id}") and "turn(s)" not in line]  # not the listing's line
+    assert [h[2:4] for h in hits] == [["title", "Taxes"], ["#0", "user"], ["#1", "assistant"]]
+    assert "no saved session holds 'durian'" in chat.stdout
     assert run("sessions", "rename", garden.session_id, "").stdout.startswith("removed the title")
     assert store.load(garden.session_id).title is None
     missing = run("sessions", "rename", "session_404", "x")
@@ -167,3 +172,6 @@ def test_tab_completion_knows_the_new_commands():
     assert {"/undo", "/retry", "/title", "/model", "/models"} <= names
     assert completions("und", lambda: []) == [("undo", 3)]
     assert completions("/ti", lambda: []) == [("/title", 3)]
+    models = ["llama3.2:1b", "qwen2.5:3b"]
+    assert completions("/model q", lambda: [], lambda: models) == [("qwen2.5:3b", 1)]
+    assert completions("/model ", lambda: [], lambda: models) == [(m, 0) for m in models]

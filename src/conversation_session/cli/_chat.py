@@ -51,6 +51,8 @@ _TRIM_LOG_TEXT = "left out of the prompt"
 _HINT_FILE = ".last_hint"
 _SETTINGS = ("system", "temperature", "max_tokens", "timeout", "verbose")
 _CHECK_TIMEOUT_S = 5.0
+_SEARCH_LIMIT = 20       # hits /search prints (the command has --limit)
+_MODEL_LIST_TIMEOUT_S = 2.0  # Tab after `/model `: a stuck server must not freeze the prompt
 # How long a barge-in waits for the turn to be committed (speech stops within milliseconds;
 # the bound only keeps a stuck speech engine from hanging the prompt).
 _BARGE_WAIT_S = 10.0
@@ -182,6 +184,7 @@ class ChatApp:
         self._spoken: _Spoken | None = None        # the last spoken reply, until it is settled
         self._barge_lock = threading.Lock()
         self._highlight: Any = False               # code highlighter: not looked for yet
+        self._models_cache: list[str] | None = None  # the backend's models, for Tab after /model
 
     # -- set-up ----------------------------------------------------------------------------
     def _route_logging(self) -> None:
@@ -251,7 +254,21 @@ class ChatApp:
         assert self.session is not None
         # Through self.session each time: `/model` replaces the session (and its store object).
         return make_prompt(_state_dir(self.session.store), lambda: _session_ids(self._current().store),
-                           on_typing=self._on_typing)
+                           on_typing=self._on_typing, model_names=self._model_names)
+
+    def _model_names(self) -> list[str]:
+        """What `/model ` completes to: the backend's models, asked once (a failure: none)."""
+        if self._models_cache is None:
+            from ._models import list_models
+
+            a = self.args
+            try:
+                entries = list_models(a.backend, base_url=a.base_url, model=a.model, timeout=_MODEL_LIST_TIMEOUT_S)
+            except SessionError as exc:
+                logger.debug("no model names to complete: %s", exc)
+                entries = []
+            self._models_cache = [e.name for e in entries]
+        return self._models_cache
 
     def _current(self) -> ConversationSession:
         assert self.session is not None
@@ -725,6 +742,8 @@ class ChatApp:
                      + (f" (the previous one, {old}, is saved)" if had else ""), "green")
         elif name == "sessions":
             self._list_sessions(session.store)
+        elif name == "search":
+            self._search(session.store, arg)
         elif name == "resume":
             self._resume(session, arg)
         elif name == "delete":
@@ -875,6 +894,8 @@ class ChatApp:
         c.line(f"   file: {s['path'] or '(not saved: enable_cache=False)'}"
                f"{'' if s['has_history_file'] else ' (not written yet)'}")
         c.line(f"   model: {s['llm_model']} ({s['backend']}), created {s['created_at']}")
+        if session.title:
+            c.line(f"   title: {printable(session.title, keep_newlines=False)}")
         if session.system_prompt:
             c.line(f"   system: {printable(' '.join(session.system_prompt.split()), keep_newlines=False)[:100]}")
         history = session.history
@@ -992,6 +1013,26 @@ class ChatApp:
             kv_text = "" if kv is None else f" + KV {format_bytes(kv)}"
             c.line(f"{mark} {info.session_id:<24} {info.updated_at:<20} {info.turns:>4} turn(s)  "
                    f"{format_bytes(info.size_bytes):>8}{kv_text:<16}  {first}")
+
+    def _search(self, store: Any, text: str) -> None:
+        c = self.console
+        if not text.strip():
+            c.error("usage: /search TEXT")
+            return
+        try:
+            hits = store.search(text, limit=_SEARCH_LIMIT)
+        except (SessionError, ValueError) as exc:
+            c.error(str(exc))
+            return
+        if not hits:
+            c.line(f"no saved session holds {printable(text.strip(), keep_newlines=False)!r}")
+            return
+        for h in hits:
+            where = "title" if h.index < 0 else f"#{h.index} {h.role}"
+            snippet = printable(h.snippet, keep_newlines=False)
+            c.line(f"  {h.session_id:<24} {h.updated_at:<20} {where:<14} {snippet[:90]}")
+        if len(hits) >= _SEARCH_LIMIT:
+            c.line(f"  (the first {_SEARCH_LIMIT}; `sessions search TEXT --limit N` shows more)", "dim")
 
     def _resume(self, session: ConversationSession, arg: str) -> None:
         c = self.console
@@ -1127,7 +1168,8 @@ def print_models(entries: list[Any], current: str | None, say: Callable[[str], N
             f"{printable(e.detail, keep_newlines=False)}".rstrip())
 
 
-def completions(text: str, session_ids: Callable[[], Iterable[str]]) -> list[tuple[str, int]]:
+def completions(text: str, session_ids: Callable[[], Iterable[str]],
+                model_names: Callable[[], Iterable[str]] | None = None) -> list[tuple[str, int]]:
     """Tab completions for ``text`` (the line before the cursor): ``(completion, start)`` pairs,
     ``start`` being how many characters before the cursor the completion replaces."""
     if " " not in text:
@@ -1145,4 +1187,6 @@ def completions(text: str, session_ids: Callable[[], Iterable[str]]) -> list[tup
         return [(sid, len(tail)) for sid in session_ids() if sid.startswith(tail)]
     if command.name == "set":
         return [(n, len(tail)) for n in _SETTINGS if n.startswith(tail.lower())]
+    if command.name == "model" and model_names is not None:
+        return [(n, len(tail)) for n in model_names() if n.startswith(tail)]
     return []

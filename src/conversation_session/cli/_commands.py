@@ -38,6 +38,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("retry", "", "ask the last message again: a new reply replaces the last one"),
     Command("title", "[TEXT]", "show or set this session's title (listings show it)"),
     Command("sessions", "", "list saved sessions"),
+    Command("search", "TEXT", "find saved sessions whose title or messages hold TEXT"),
     Command("resume", "[ID]", "continue a saved session (without ID: the latest other one)", session_arg=True),
     Command("delete", "ID [--yes]", "delete a saved session (asks first)", session_arg=True),
     Command("export", "[ID] [PATH]", "write a session to a file (.json, or .md for Markdown)", session_arg=True),

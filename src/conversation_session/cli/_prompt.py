@@ -1,5 +1,6 @@
 """The interactive prompt (prompt_toolkit): input history kept across runs, Tab completion
-of commands and session ids, Alt-Enter for a new line within a message."""
+of commands, session ids and (after ``/model``) the backend's model names, Alt-Enter for a new
+line within a message."""
 
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ logger = logging.getLogger("conversation_session.cli")
 
 
 class _ChatCompleter(Completer):
-    def __init__(self, session_ids: Callable[[], Iterable[str]]):
+    def __init__(self, session_ids: Callable[[], Iterable[str]],
+                 model_names: Callable[[], Iterable[str]] | None = None):
         self.session_ids = session_ids
+        self.model_names = model_names
 
     def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterator[Completion]:
         from ._chat import completions
 
-        for text, start in completions(document.text_before_cursor, self.session_ids):
+        for text, start in completions(document.text_before_cursor, self.session_ids, self.model_names):
             yield Completion(text, start_position=-start)
 
 
@@ -46,7 +49,8 @@ def _history(directory: str | os.PathLike[str] | None) -> History:
 
 def make_prompt(directory: str | os.PathLike[str] | None,
                 session_ids: Callable[[], Iterable[str]], *,
-                on_typing: Callable[[], None] | None = None) -> Callable[[str], str]:
+                on_typing: Callable[[], None] | None = None,
+                model_names: Callable[[], Iterable[str]] | None = None) -> Callable[[str], str]:
     """``ask(prompt) -> line``.  ``on_typing`` is called at each change of the line being typed
     (the chat's barge-in: typing while a reply is spoken interrupts it)."""
     keys = KeyBindings()
@@ -55,7 +59,8 @@ def make_prompt(directory: str | os.PathLike[str] | None,
     def _newline(event: KeyPressEvent) -> None:
         event.current_buffer.insert_text("\n")
 
-    ps: PromptSession[str] = PromptSession(history=_history(directory), completer=_ChatCompleter(session_ids),
+    ps: PromptSession[str] = PromptSession(history=_history(directory),
+                                           completer=_ChatCompleter(session_ids, model_names),
                                            complete_while_typing=False, key_bindings=keys)
     if on_typing is not None:
         ps.default_buffer.on_text_changed += lambda _buffer: on_typing()
