@@ -147,3 +147,10 @@ def test_a_bad_model_file_keeps_the_embedded_model_working(sessions_dir):
     assert "now on" in proc.stderr and "with its 2 turn(s)" in proc.stderr
     assert "2 turn(s), 4 message(s)" in proc.stdout
     assert len(HistoryStore(sessions_dir).list_sessions()) == 1
+
+
+def test_a_prompt_starting_with_models_is_a_message(ollama):
+    proc = run("--backend", "fake", "models", "are", "great")
+    assert proc.returncode == 0 and proc.stdout == "Reply 1: models are great\n"
+    listed = run("--base-url", ollama.url, "models", "--backend", "ollama", "--json")  # flags only: the command
+    assert listed.returncode == 0 and "qwen2.5:3b" in listed.stdout

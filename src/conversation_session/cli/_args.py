@@ -251,10 +251,19 @@ def _command_index(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int 
         if token == "--":
             return None
         if token in HOUSEKEEPING and not (i and argv[i - 1] in takes_value):
+            if token == "models" and _has_positional(argv[i + 1:], takes_value):
+                return None  # `models` takes no words: "models are great" is a one-shot prompt
             return i
         if not token.startswith("-") and not (i and argv[i - 1] in takes_value):
             return None  # a prompt word came first: the whole line is a chat
     return None
+
+
+def _has_positional(words: Sequence[str], takes_value: set[str]) -> bool:
+    for j, word in enumerate(words):
+        if not word.startswith("-") and not (j and words[j - 1] in takes_value):
+            return True
+    return False
 
 
 def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> argparse.Namespace:
