@@ -98,3 +98,20 @@ def test_titles_rename_and_search_on_postgresql(pg_url):
     # Its title, then its messages (the fake backend's reply echoes the message).
     assert [(r[0], r[2]) for r in rows] == [(plain, "title"), (plain, "#0"), (plain, "#1")]
     assert app("sessions", "search", "nowhere").returncode == 1
+
+
+def test_model_switch_on_postgresql_keeps_the_session_and_its_lease(pg_url):
+    """`/model` closes the session (releasing its lease) and the new model's session takes it."""
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--store", pg_url, "--backend", "fake"],
+                          input="first\n/model another-model\nsecond\nhistory\n", capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert "now on" in proc.stderr and "with its 1 turn(s)" in proc.stderr
+    assert "2 turn(s), 4 message(s)" in proc.stdout
+    store = PostgresStore.from_url(pg_url)
+    try:
+        (info,) = store.list_sessions()
+        assert [m["content"] for m in store.load(info.session_id).messages][::2] == ["first", "second"]
+        assert not store.is_locked(info.session_id)  # released at exit, after the switch took it over
+    finally:
+        store.close()
