@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -175,3 +176,31 @@ def test_tab_completion_knows_the_new_commands():
     models = ["llama3.2:1b", "qwen2.5:3b"]
     assert completions("/model q", lambda: [], lambda: models) == [("qwen2.5:3b", 1)]
     assert completions("/model ", lambda: [], lambda: models) == [(m, 0) for m in models]
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt install espeak-ng)")
+def test_retry_with_speech_on_a_terminal(sessions_dir, tmp_path):
+    """With speech on, /retry streams and speaks the new reply (``stream_retry``); typed while
+    the first reply is still spoken, it is a barge-in first, as any input is."""
+    child = pexpect.spawn(
+        sys.executable, [str(MAIN), "--backend", "fake", "--tts", "espeak", "--tts-playback", "silent",
+                         "--tts-output-dir", str(tmp_path / "wav")], cwd=str(ROOT),
+        env={**os.environ, "CONVERSATION_SESSIONS_DIR": str(sessions_dir), "TERM": "xterm",
+             "PROMPT_TOOLKIT_NO_CPR": "1"},
+        encoding="utf-8", timeout=30, dimensions=(40, 200))
+    child.expect(PROMPT)
+    child.sendline("hello there")
+    child.expect("Reply 1: hello there")
+    child.expect(PROMPT)
+    child.sendline("/retry")
+    child.expect("Reply 2: hello there")
+    child.expect(PROMPT)
+    time.sleep(5)  # let it be spoken to the end (about a second of speech): `quit` would cut it
+    child.sendline("quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    record = only_session(sessions_dir)
+    assert [m["content"] for m in record.messages] == ["hello there", "Reply 2: hello there"]
+    (undone,) = record.undone  # the first turn (all of it, or as far as it was heard), withdrawn
+    assert undone["messages"][0]["content"] == "hello there"
