@@ -25,7 +25,8 @@ def test_saved_file_has_the_seed_format(fake, sessions_dir):
     assert "你好！有什么可以帮助你的？".encode() in raw  # readable Chinese, not \\u escapes
     data = json.loads(raw)
     assert set(data) == SEED_KEYS | {"schema_version", "updated_at"}
-    assert set(data) == set(SessionFileDict.__annotations__) - {"system_prompt", "summary", "title", "undone"}  # only when set
+    only_when_set = {"system_prompt", "summary", "title", "undone"}
+    assert set(data) == set(SessionFileDict.__annotations__) - only_when_set
     assert data["schema_version"] == SCHEMA_VERSION
     assert data["session_id"] == sid and sid.startswith("session_")
     assert data["llm_model"] == "fake-model"

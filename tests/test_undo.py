@@ -303,3 +303,36 @@ def test_cut_last_reply_with_nothing_heard_withdraws_the_turn_async(tmp_path):
             assert await s.cut_last_reply(3) is True and s.history[-1]["content"] == "Rep"
 
     asyncio.run(main())
+
+
+def test_a_title_set_while_a_snapshot_is_being_written_is_not_lost(tmp_path, monkeypatch):
+    # The snapshot took the record before the title's journal line was written: emptying the
+    # journal afterwards would drop the title (it is in neither file).
+    import threading
+
+    import conversation_session._store as store_mod
+
+    store = HistoryStore(tmp_path)
+    w = store.create("m")
+    assert w.append(0, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+    w.flush()
+    entered, release = threading.Event(), threading.Event()
+    real = store_mod.atomic_write_bytes
+
+    def slow(path, data, *a, **kw):
+        if path.name.endswith(".json"):
+            entered.set()
+            release.wait(10)
+        return real(path, data, *a, **kw)
+
+    monkeypatch.setattr(store_mod, "atomic_write_bytes", slow)
+    snap = threading.Thread(target=w._core.write_snapshot)
+    snap.start()
+    assert entered.wait(10)
+    assert w.append(2, [], {"title": "late title"})  # its line is written while the snapshot waits
+    release.set()
+    snap.join(10)
+    monkeypatch.setattr(store_mod, "atomic_write_bytes", real)
+    assert store.load(w.session_id).title == "late title"  # before close: journal + snapshot
+    w.close()
+    assert store.load(w.session_id).title == "late title"

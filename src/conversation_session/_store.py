@@ -900,6 +900,7 @@ class _Core:
         self.encoded: list[str] = []           # encode_json of messages[: len(encoded)]
         self.size = self._initial_size()
         self.meta_dirty = False
+        self.meta_seq = 0                      # bumped at each change of a record-level field
         self.full = False                      # refused an append: over the size the loader reads
         self.last_error: BaseException | None = None
         self.lock = threading.Lock()            # the fd, the list and the counters
@@ -948,6 +949,7 @@ class _Core:
             if meta and any(k in meta and meta[k] != getattr(self.record, k) for k in META_FIELDS):
                 self.record.apply_meta(meta)
                 self.meta_dirty = True
+                self.meta_seq += 1
             self.messages.extend(messages)
             self.turns += _count_turns(messages)
         return self.save()
@@ -1229,6 +1231,7 @@ class _Core:
             if not self.record.updated_at:
                 self.record.updated_at = now_iso()
             head = dataclasses.replace(self.record, messages=[])
+            meta_seq = self.meta_seq
             meta_dirty = self.meta_dirty
         if len(encoded) < upto:  # messages loaded from disk, or saved without a journal
             extra = [encode_json(m) for m in messages[len(encoded):]]
@@ -1247,7 +1250,10 @@ class _Core:
             if meta_dirty and all(getattr(self.record, k) == getattr(head, k) for k in META_FIELDS):
                 self.meta_dirty = False
             if self.fd is not None and (self.journal_size or self.journal_torn):
-                if self.journaled <= upto:
+                # A field changed (a title, a summary) after ``head`` was taken: its journal line
+                # may already be written, and this snapshot does not hold it.
+                stale_meta = self.meta_seq != meta_seq
+                if self.journaled <= upto and not stale_meta:
                     # The snapshot holds everything the journal does: empty it.
                     try:
                         os.ftruncate(self.fd, 0)
@@ -1255,13 +1261,13 @@ class _Core:
                         self.journal_torn = False
                     except OSError as exc:
                         logger.debug("could not empty journal of %s: %s", self.session_id, exc)
-                elif self.journal_lines >= FOLD_LINES or self.journal_size >= FOLD_BYTES:
-                    self._cut_journal(upto)
+                elif stale_meta or self.journal_lines >= FOLD_LINES or self.journal_size >= FOLD_BYTES:
+                    self._cut_journal(upto, with_meta=stale_meta)
         logger.debug("saved %s: %d messages, %d bytes in %.2f ms", path, upto, len(data),
                      (time.perf_counter() - t0) * 1000)
         return path
 
-    def _cut_journal(self, upto: int) -> None:
+    def _cut_journal(self, upto: int, *, with_meta: bool = False) -> None:
         """Replace the journal by one line holding what the snapshot (of ``upto`` messages)
         lacks; turns keep arriving, so it is never simply emptied (caller holds ``lock``).
 
@@ -1275,7 +1281,7 @@ class _Core:
         encoded = [self.encoded[i] if i < len(self.encoded) else encode_json(self.messages[i])
                    for i in range(upto, end)]
         line = self._line(upto, end, encoded,
-                          with_meta=any(getattr(self.record, k) is not None for k in META_FIELDS))
+                          with_meta=with_meta or any(getattr(self.record, k) is not None for k in META_FIELDS))
         path = self.journal_path
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         try:
