@@ -146,10 +146,11 @@ def test_ctrl_c_at_the_prompt_explains_and_a_second_one_quits(sessions_dir):
     child = spawn(sessions_dir=sessions_dir)
     child.sendintr()
     child.expect("Ctrl-C again, Ctrl-D or `quit` to leave")
+    child.expect(PROMPT)  # back at the prompt (a person's second press comes after it)
     child.sendintr()
     child.expect(pexpect.EOF)
     child.close()
-    assert child.exitstatus == 0
+    assert child.exitstatus == 0, child.before
 
 
 def test_spinner_streaming_and_arrow_key_history_across_runs(sessions_dir):
