@@ -94,9 +94,11 @@ class Conversation:
             i -= 1
         return i if i >= 0 else None
 
-    def truncate(self, n: int) -> None:
-        """Keep the first ``n`` messages (an undo, once the store has recorded it)."""
+    def rewind(self, n: int, new: list[MessageDict] | None = None) -> None:
+        """Keep the first ``n`` messages, then ``new`` (an undo, a retry, a cut reply: once the
+        store has recorded it)."""
         del self.messages[n:]
+        self.messages.extend(new or [])
         self.turns = sum(1 for m in self.messages if m["role"] == "assistant")
         self.policy.truncated(n)
 
@@ -130,10 +132,11 @@ class Conversation:
     def commit(self, plan: Plan, reply: MessageDict) -> tuple[int, list[MessageDict]]:
         """Append a completed (or interrupted) turn; returns (start index, messages) to journal.
         A retry's plan first withdraws the turn it replaces (its store write must be done)."""
-        if plan.replaces is not None:
-            self.truncate(plan.replaces)
-        start = len(self.messages)
         new = [plan.user, reply]
+        if plan.replaces is not None:
+            self.rewind(plan.replaces, new)
+            return plan.replaces, new
+        start = len(self.messages)
         if not self.stateless:
             self.messages.extend(new)  # one extend: a reader never sees half a turn
             self.turns += 1

@@ -287,19 +287,24 @@ class SessionCore:
         at = self.conversation.last_turn_start()
         if at is None:
             return False
-        if not self._record_rewind(at, []):
-            raise SessionError(f"could not undo the last turn of session {self.session_id}: "
-                               f"{getattr(self.writer, 'last_error', None) or 'the store refused it'}; nothing "
-                               "was changed")
-        self.conversation.truncate(at)
-        self.turn_seq += 1  # a KV save pending for the undone turn is stale
+        self._rewind_last_turn(at, [], "undo the last turn")
         self.last = None
         logger.info("session %s: the last turn was undone (%d turn(s) left; the file keeps it under 'undone')",
                     self.session_id, self.conversation.turns)
+        return True
+
+    def _rewind_last_turn(self, at: int, kept: list[MessageDict], what: str) -> None:
+        """Replace the last turn (from message ``at``) by ``kept``: recorded by the store first
+        (else ``SessionError``, nothing changed), then in the conversation and the KV file."""
+        if not self._record_rewind(at, kept):
+            raise SessionError(f"could not {what} of session {self.session_id}: "
+                               f"{getattr(self.writer, 'last_error', None) or 'the store refused it'}; nothing "
+                               "was changed")
+        self.conversation.rewind(at, kept)
+        self.turn_seq += 1  # a KV save pending for the old turn is stale
         if self.persist_kv_cache and self.conversation.messages:
             seq = self.turn_seq
             self.kv.schedule(self.conversation.warm_prompt(), lambda: self.turn_seq == seq)
-        return True
 
     def cut_last_reply(self, heard: str | int) -> bool:
         """The user stopped listening after the last reply was saved (a barge-in while its audio
@@ -322,20 +327,10 @@ class SessionCore:
         kept: list[MessageDict] = []
         if text.strip():
             kept = [messages[at], {"role": "assistant", "content": text, "interrupted": True}]
-        if not self._record_rewind(at, kept):
-            raise SessionError(f"could not cut the last reply of session {self.session_id}: "
-                               f"{getattr(self.writer, 'last_error', None) or 'the store refused it'}; nothing "
-                               "was changed")
-        self.conversation.truncate(at)
-        self.conversation.messages.extend(kept)
-        self.conversation.turns += 1 if kept else 0
+        self._rewind_last_turn(at, kept, "cut the last reply")
         self.interruptions += 1
-        self.turn_seq += 1
         logger.info("session %s: the last reply was cut to the %d of %d characters the user heard", self.session_id,
                     len(text), len(full))
-        if self.persist_kv_cache and self.conversation.messages:
-            seq = self.turn_seq
-            self.kv.schedule(self.conversation.warm_prompt(), lambda: self.turn_seq == seq)
         return True
 
     @property

@@ -63,7 +63,6 @@ __all__ = [
     "parse_journal_line",
     "validate_messages",
     "validate_summary",
-    "validate_title",
     "validate_undone",
 ]
 
@@ -279,7 +278,8 @@ MIGRATIONS: list[tuple[int, Callable[[dict[str, Any]], dict[str, Any]]]] = [
 ]
 
 
-def validate_title(value: Any, where: str = "title") -> str | None:
+def _optional_str(value: Any, where: str) -> str | None:
+    """An optional record-level string (``system_prompt``, ``title``), or ``SessionFormatError``."""
     if value is not None and not isinstance(value, str):
         raise SessionFormatError(f"'{where}' is {type(value).__name__}, not a string")
     return value
@@ -418,18 +418,15 @@ class SessionRecord:
             raise SessionFormatError(f"'updated_at' is {type(updated_at).__name__}, not a string")
         # "turns" is derived from the history: whatever is on disk (2, 2.0, "2", nonsense) is
         # not read at all, so it can never make a session unloadable.
-        system_prompt = data.get("system_prompt")
-        if system_prompt is not None and not isinstance(system_prompt, str):
-            raise SessionFormatError(f"'system_prompt' is {type(system_prompt).__name__}, not a string")
         return cls(
             session_id=_require_str(data, "session_id"),
             llm_model=_require_str(data, "llm_model"),
             created_at=created_at,
             updated_at=updated_at or created_at,
             messages=messages,
-            system_prompt=system_prompt,
+            system_prompt=_optional_str(data.get("system_prompt"), "system_prompt"),
             summary=validate_summary(data.get("summary")),
-            title=validate_title(data.get("title")),
+            title=_optional_str(data.get("title"), "title"),
             undone=validate_undone(data.get("undone")),
         )
 
@@ -473,13 +470,10 @@ def parse_journal_line(line: bytes | bytearray) -> JournalRecordDict:
             raise SessionFormatError("journal line has a meta that is not an object")
         clean: JournalMetaDict = {}
         if "system_prompt" in meta:
-            sp = meta["system_prompt"]
-            if sp is not None and not isinstance(sp, str):
-                raise SessionFormatError("journal line has a system_prompt that is not a string")
-            clean["system_prompt"] = sp
+            clean["system_prompt"] = _optional_str(meta["system_prompt"], "journal system_prompt")
         if "summary" in meta:
             clean["summary"] = validate_summary(meta["summary"], "journal summary")
         if "title" in meta:
-            clean["title"] = validate_title(meta["title"], "journal title")
+            clean["title"] = _optional_str(meta["title"], "journal title")
         out["meta"] = clean  # unknown meta keys (a newer release's) are ignored
     return out

@@ -978,15 +978,9 @@ class _Core:
             if after.summary is not None and after.summary["covers"] > start:
                 after.summary = None
             after.apply_meta(meta)
-            withdrawn = [self.encoded[i] if i < len(self.encoded) else encode_json(self.messages[i])
-                         for i in range(start, len(self.messages))]
             new = [encode_json(m) for m in messages]
-            # Every record-level field, None included: a summary the undo dropped is dropped on replay too.
-            fields = ", ".join(f'"{k}": {encode_json(getattr(after, k))}' for k in META_FIELDS)
-            line = (f'{{"session_id": {encode_json(self.session_id)}, "start": {start}, '
-                    f'"rewind": {len(self.record.undone) + 1}, "undone": [{", ".join(withdrawn)}], '
-                    f'"messages": [{", ".join(new)}], "updated_at": {encode_json(at)}, '
-                    f'"meta": {{{fields}}}}}\n').encode()
+            line = self._line(start, new, meta_of=after, updated_at=at,
+                              rewind=(len(self.record.undone) + 1, self._encoded(start, len(self.messages))))
             if self.size + len(line) > self.store.max_file_bytes:
                 self.last_error = ValueError(f"session {self.session_id} has reached the "
                                              f"{self.store.max_file_bytes:,}-byte limit sessions are read up to")
@@ -1031,16 +1025,24 @@ class _Core:
         with self.lock:
             return self._append_line()
 
-    def _line(self, start: int, end: int, encoded: list[str], *, with_meta: bool) -> bytes:
+    def _line(self, start: int, encoded: list[str], *, meta_of: SessionRecord | None,
+              rewind: tuple[int, list[str]] | None = None, updated_at: str | None = None) -> bytes:
+        """One journal line (``JournalRecordDict``): ``encoded`` messages appended at ``start``;
+        with ``meta_of``, every record-level field of that record, None included (a line carries
+        the whole record-level state: None clears a system prompt, a title, a dropped summary);
+        with ``rewind`` (its number, the withdrawn messages encoded), an undo."""
         meta = ""
-        if with_meta:
-            # Every field, None included: a line carries the whole record-level state (None
-            # clears a system prompt or a title).
-            fields = ", ".join(f'"{k}": {encode_json(getattr(self.record, k))}' for k in META_FIELDS)
+        if meta_of is not None:
+            fields = ", ".join(f'"{k}": {encode_json(getattr(meta_of, k))}' for k in META_FIELDS)
             meta = f', "meta": {{{fields}}}'
-        return (f'{{"session_id": {encode_json(self.session_id)}, "start": {start}, '
-                f'"messages": [{", ".join(encoded)}], "updated_at": {encode_json(self.record.updated_at)}'
-                f'{meta}}}\n').encode()
+        undo = f'"rewind": {rewind[0]}, "undone": [{", ".join(rewind[1])}], ' if rewind is not None else ""
+        return (f'{{"session_id": {encode_json(self.session_id)}, "start": {start}, {undo}'
+                f'"messages": [{", ".join(encoded)}], '
+                f'"updated_at": {encode_json(updated_at or self.record.updated_at)}{meta}}}\n').encode()
+
+    def _encoded(self, start: int, end: int) -> list[str]:
+        """``messages[start:end]`` encoded, reusing the strings kept for snapshots (caller holds ``lock``)."""
+        return [self.encoded[i] if i < len(self.encoded) else encode_json(self.messages[i]) for i in range(start, end)]
 
     def _append_line(self) -> bool:
         """One ``write`` of one line with everything not yet durable (caller holds ``lock``)."""
@@ -1053,7 +1055,7 @@ class _Core:
         self.record.updated_at = now_iso()
         # Each message is encoded once, here; snapshots reuse these strings.
         new = [encode_json(m) for m in self.messages[start:end]]
-        line = self._line(start, end, new, with_meta=self.meta_dirty)
+        line = self._line(start, new, meta_of=self.record if self.meta_dirty else None)
         if self.size + len(line) > self.store.max_file_bytes:
             exc = ValueError(f"session {self.session_id} has reached the {self.store.max_file_bytes:,}-byte "
                              "limit sessions are read up to; the turn is kept in memory only; start a new session")
@@ -1278,10 +1280,8 @@ class _Core:
         """
         assert self.fd is not None
         end = self.journaled
-        encoded = [self.encoded[i] if i < len(self.encoded) else encode_json(self.messages[i])
-                   for i in range(upto, end)]
-        line = self._line(upto, end, encoded,
-                          with_meta=with_meta or any(getattr(self.record, k) is not None for k in META_FIELDS))
+        carry_meta = with_meta or any(getattr(self.record, k) is not None for k in META_FIELDS)
+        line = self._line(upto, self._encoded(upto, end), meta_of=self.record if carry_meta else None)
         path = self.journal_path
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         try:
