@@ -55,7 +55,7 @@ sys.path.insert(0, {str(src)!r})
 sys.path.insert(0, {str(ROOT / 'bench')!r})
 from pathlib import Path
 from bench_listing import build, timed
-from conversation_session._store import HistoryStore
+from conversation_session.stores._file import HistoryStore
 base = Path(sys.argv[1])
 build(base / "s", {sessions}, {messages})
 store = HistoryStore(base / "s")

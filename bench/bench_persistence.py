@@ -216,8 +216,8 @@ class CS:
     """Templates of sessions of N messages, written with the project's own code."""
 
     def __init__(self, root: Path, sizes: list[int]):
-        from conversation_session._format import SessionRecord
-        from conversation_session._store import HistoryStore, SessionWriter
+        from conversation_session.stores._file import HistoryStore, SessionWriter
+        from conversation_session.stores._record import SessionRecord
 
         self.root = root
         self.tpl = root / "cs_templates"
@@ -525,7 +525,7 @@ def repeat(fn: Callable[[], Any], *, budget_s: float, max_reps: int, min_reps: i
 
 def run_snapshot(cs: CS, sizes: list[int], work: Path, *, budget_s: float) -> dict[int, dict[str, Any]]:
     from conversation_session import ConversationSession, FakeBackend
-    from conversation_session._store import encode_snapshot
+    from conversation_session.stores._file import encode_snapshot
 
     out = {}
     for n in sizes:
@@ -548,7 +548,7 @@ def run_load(cs: CS, others: dict[str, Contender], sizes: list[int], work: Path,
              budget_s: float, max_reps: int = 300, min_reps: int = 8) -> dict[int, dict[str, Any]]:
     """Each loader once per round, round after round, so machine noise hits them all alike."""
     from conversation_session import ConversationSession, FakeBackend
-    from conversation_session._store import HistoryStore
+    from conversation_session.stores._file import HistoryStore
 
     out: dict[int, dict[str, Any]] = {}
     store = HistoryStore(cs.tpl)
@@ -647,7 +647,7 @@ def run_profile(cs: CS, work: Path, n: int, turns: int) -> str:
     pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(25)
 
     # The same steps without the profiler's overhead, one at a time (median of many).
-    from conversation_session._format import now_iso
+    from conversation_session.stores._record import now_iso
 
     pair = [{"role": "user", "content": pairs[0][0]}, {"role": "assistant", "content": pairs[0][1]}]
     fd = os.open(d / "scratch.journal", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -673,9 +673,9 @@ def run_profile(cs: CS, work: Path, n: int, turns: int) -> str:
     os.close(fd)
 
     # Loading: HistoryStore.load of the N-message session, profiled, then its steps timed alone.
-    from conversation_session._fileio import read_regular_file
-    from conversation_session._format import SessionRecord
-    from conversation_session._store import HistoryStore
+    from conversation_session.stores._file import HistoryStore
+    from conversation_session.stores._fileio import read_regular_file
+    from conversation_session.stores._record import SessionRecord
 
     store = HistoryStore(cs.tpl)
     sid = cs.sid(n)

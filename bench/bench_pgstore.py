@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 from conversation_session import SessionRecord  # noqa: E402
-from conversation_session._pgstore import PostgresStore  # noqa: E402
+from conversation_session.stores._postgres import PostgresStore  # noqa: E402
 
 SIZES = [10, 100, 1000, 5000]
 SAVES = 50

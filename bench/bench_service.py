@@ -62,7 +62,7 @@ async def library_serial(store_spec: str, turns: int) -> list[float]:
 
 async def library_run(store_spec: str, clients: int, turns: int) -> list[float]:
     from conversation_session import AsyncConversationSession, FakeBackend
-    from conversation_session._core import open_store
+    from conversation_session.session._core import open_store
 
     store = open_store(store_spec if "://" in store_spec else None, None if "://" in store_spec else store_spec)
     backend = FakeBackend()

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conversation_session import ConversationSession, FakeBackend, HistoryStore, SessionError
-from conversation_session._fileio import atomic_write_bytes
-from conversation_session._housekeeping import doctor
+from conversation_session.stores._fileio import atomic_write_bytes
+from conversation_session.stores._housekeeping import doctor
 
 
 # -- worker ----------------------------------------------------------------------------------------

@@ -249,7 +249,7 @@ from conversation_session import SessionLockedError
 
 spec, sid, ttl = sys.argv[1], sys.argv[2], float(sys.argv[3])
 if "://" in spec:
-    from conversation_session._pgstore import PostgresStore
+    from conversation_session.stores._postgres import PostgresStore
     store = PostgresStore(spec, lease_ttl_s=ttl, connect_timeout_s=2)
 else:
     from conversation_session import HistoryStore

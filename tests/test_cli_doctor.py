@@ -14,7 +14,7 @@ import pytest
 
 import pg_server as _pg
 from conversation_session import ConversationSession, FakeBackend
-from conversation_session._pgstore import PostgresStore
+from conversation_session.stores._postgres import PostgresStore
 
 pg_server = _pg.pg_server
 pg_url = _pg.pg_url

@@ -16,8 +16,8 @@ import pytest
 
 import pg_server as _pg
 from conversation_session import ConversationSession, FakeBackend, HistoryStore
-from conversation_session._pgstore import PostgresStore
 from conversation_session.cli._args import parse_args, store_from
+from conversation_session.stores._postgres import PostgresStore
 from test_memory_summary import Summarizer
 
 pg_server = _pg.pg_server

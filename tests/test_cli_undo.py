@@ -16,8 +16,8 @@ import pexpect
 import pytest
 
 from conversation_session import HistoryStore
-from conversation_session._format import SessionRecord
 from conversation_session.cli._chat import completions
+from conversation_session.stores._record import SessionRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = ROOT / "main.py"

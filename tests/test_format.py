@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from conversation_session import ConversationSession, SessionFormatError, SessionRecord
-from conversation_session._format import MIGRATIONS, SCHEMA_VERSION, SessionFileDict, upgrade
+from conversation_session.stores._record import MIGRATIONS, SCHEMA_VERSION, SessionFileDict, upgrade
 
 SEED_KEYS = {"session_id", "created_at", "llm_model", "turns", "conversation_history"}
 

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conversation_session import ConversationSession, FakeBackend, HistoryStore, SessionFormatError
-from conversation_session._format import ROLES
-from conversation_session._housekeeping import INFO_KINDS, doctor, export_all, import_session, prune
+from conversation_session.stores._housekeeping import INFO_KINDS, doctor, export_all, import_session, prune
+from conversation_session.stores._record import ROLES
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 SID = "session_1"

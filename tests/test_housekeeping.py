@@ -24,9 +24,9 @@ from conversation_session import (
     SessionError,
     SessionFormatError,
     SessionRecord,
-    _format,
 )
-from conversation_session._housekeeping import (
+from conversation_session.stores import _record as _format
+from conversation_session.stores._housekeeping import (
     doctor,
     export_all,
     import_session,
@@ -202,7 +202,7 @@ def test_export_all_on_a_full_disk_fails_with_one_clear_line(sessions_dir, tmp_p
     code = f"""
         import resource
         from conversation_session import HistoryStore, SessionError
-        from conversation_session._housekeeping import export_all
+        from conversation_session.stores._housekeeping import export_all
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         try:
             export_all(HistoryStore({str(sessions_dir)!r}), {str(tmp_path / 'api')!r})

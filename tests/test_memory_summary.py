@@ -13,8 +13,8 @@ from conversation_session import (
     ConversationSession,
     FakeBackend,
     HistoryStore,
-    _summary,
 )
+from conversation_session.memory import _summary
 
 
 class Summarizer(FakeBackend):

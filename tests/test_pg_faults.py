@@ -15,7 +15,7 @@ import pytest
 import pg_server as _pg
 from conversation_session import SessionLockedError
 from conversation_session._exceptions import StoreUnavailableError
-from conversation_session._pgstore import PostgresStore
+from conversation_session.stores._postgres import PostgresStore
 from pg_server import PgServer, read, send, start_writer
 
 pg_server = _pg.pg_server

@@ -3,19 +3,18 @@ fenced and all-or-nothing; titles; search."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import psycopg
 import pytest
 
 import pg_server as _pg
-from conversation_session import SessionLockedError, SessionRecord, _pgstore
-from conversation_session._apgstore import AsyncPostgresStore
+from conversation_session import SessionLockedError, SessionRecord
 from conversation_session._exceptions import SessionNotFoundError, StoreUnavailableError
-from conversation_session._pgstore import PostgresStore, plan_rewind
-from conversation_session._store import encode_json
-from conversation_session._store_api import make_snippet
+from conversation_session.stores import _postgres as _pgstore
+from conversation_session.stores._api import make_snippet
+from conversation_session.stores._file import encode_json
+from conversation_session.stores._postgres import PostgresStore, plan_rewind
 from pg_server import PgServer
 
 pg_server = _pg.pg_server
@@ -318,36 +317,3 @@ def test_search_folds_case_beyond_ascii_and_skips_sessions_without_messages(stor
 
 
 # -- async -------------------------------------------------------------------------------------------
-def test_async_store_rewind_title_and_search(pg_url, pg_server: PgServer):
-    async def main() -> None:
-        store = AsyncPostgresStore(pg_url, connect_timeout_s=1)
-        try:
-            w = await store.create("m")
-            assert await w.append(0, _turns(3), meta={"title": "Async  talk"})
-            assert await w.rewind(4, [_turn(2)[0], {"role": "assistant", "content": "retried 50%"}])
-            assert [(u["start"], u["messages"]) for u in w.record.undone] == [(4, _turn(2))]
-            before = _snapshot(w.record)
-            pg_server.stop("fast")
-            try:
-                assert await w.rewind(2) is False
-                assert isinstance(w.last_error, StoreUnavailableError)
-                assert _snapshot(w.record) == before
-            finally:
-                pg_server.start()
-            assert await w.append(6, _turn(3), meta={"title": None})
-            expected = w.record.to_dict()
-            await w.close()
-            loaded = await store.load(w.session_id)
-            assert loaded.to_dict() == expected and loaded.title is None
-            await store.set_title(w.session_id, "Named")
-            hits = await store.search("50%")
-            assert [(h.session_id, h.index, h.title) for h in hits] == [(w.session_id, 5, "Named")]
-            w2, record = await store.open(w.session_id)
-            assert record.title == "Named" and record.undone == expected["undone"]
-            with pytest.raises(SessionLockedError):
-                await store.set_title(w.session_id, "x")
-            await w2.close()
-        finally:
-            await store.close()
-
-    asyncio.run(main())

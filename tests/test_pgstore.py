@@ -16,9 +16,9 @@ import pytest
 import pg_server as _pg
 from conversation_session import HistoryStore, SessionLockedError, SessionRecord
 from conversation_session._exceptions import SessionFormatError, SessionNotFoundError, StoreUnavailableError
-from conversation_session._pgstore import MIGRATIONS, PostgresStore, redact_url
-from conversation_session._store import encode_json
-from conversation_session._store_api import SessionWriterAPI, StoreAPI
+from conversation_session.stores._api import SessionWriterAPI, StoreAPI
+from conversation_session.stores._file import encode_json
+from conversation_session.stores._postgres import MIGRATIONS, PostgresStore, redact_url
 from pg_server import PgServer
 
 # The shared server's fixtures (only conftest.py could share them otherwise).
@@ -327,7 +327,7 @@ def test_sessions_move_file_to_postgres_and_back_with_nothing_lost(tmp_path, sto
 def test_the_schema_is_created_once_even_when_two_processes_start_together(pg_url):
     code = textwrap.dedent(f"""
         import sys
-        from conversation_session._pgstore import PostgresStore
+        from conversation_session.stores._postgres import PostgresStore
         s = PostgresStore({pg_url!r})
         print(len(s.newest_first()), flush=True)
         s.close()
@@ -383,94 +383,3 @@ def test_urls_are_shown_without_their_password():
 
 
 # -- the async store: the same statements and lease over AsyncConnectionPool ----------------------
-def test_async_store_round_trip_lease_and_fencing(pg_url):
-    import asyncio
-
-    from conversation_session._apgstore import AsyncPostgresStore
-
-    async def main() -> None:
-        a = AsyncPostgresStore(pg_url, lease_ttl_s=1.0)
-        b = PostgresStore(pg_url, lease_ttl_s=1.0)  # a sync store on another "host"
-        try:
-            w = await a.create("m")
-            assert await w.append(0, TRICKY[:3], meta={"system_prompt": "sp"})
-            assert await w.append(3, TRICKY[3:])
-            with pytest.raises(ValueError):
-                await w.append(0, _turn(0))
-            loaded = await a.load(w.session_id)
-            assert loaded.messages == TRICKY and loaded.system_prompt == "sp"
-            assert b.load(w.session_id).messages == TRICKY  # one format for both
-            await asyncio.sleep(2.5)  # the heartbeat, through the shared scheduler, keeps the lease
-            with pytest.raises(SessionLockedError):
-                b.open(w.session_id)
-            assert await a.is_locked(w.session_id)
-            [info] = await a.list_sessions()
-            assert info.total_messages == 5 and await a.newest_first() == [w.session_id]
-            # Fencing: the lease expires while "paused" and another host takes the session.
-            a._writers.discard(w)  # its heartbeat stops renewing it, as in a paused process
-            _expire(pg_url, w.session_id)
-            wb, rec = b.open(w.session_id)
-            assert len(rec.messages) == 5
-            assert await w.append(5, _turn(1)) is False
-            assert isinstance(w.last_error, SessionLockedError)
-            assert await w.append(7, _turn(2)) is False
-            await w.close()  # must not release b's lease
-            assert await a.is_locked(w.session_id)
-            wb.close()
-            w2, rec2 = await a.open(w.session_id)
-            assert rec2.messages == TRICKY
-            assert await w2.append(5, _turn(3))
-            await w2.close()
-            imported = await a.import_record(SessionRecord(session_id="imp", llm_model="m", messages=_turn(0)))
-            assert imported == "imp" and (await a.load("imp")).messages == _turn(0)
-            assert (await a.load_newest(exclude=["imp"])).session_id == w.session_id
-            assert await a.delete("imp") is True and await a.delete("imp") is False
-            with pytest.raises(SessionNotFoundError):
-                await a.open("imp")
-            with pytest.raises(ValueError):
-                await a.load("../x")
-        finally:
-            await a.close()
-            b.close()
-
-    asyncio.run(main())
-
-
-def test_async_store_survives_a_restart_and_a_terminated_connection(pg_server: PgServer, pg_url):
-    import asyncio
-
-    from conversation_session._apgstore import AsyncPostgresStore
-
-    async def main() -> None:
-        s = AsyncPostgresStore(pg_url, connect_timeout_s=1)
-        try:
-            w = await s.create("m")
-            assert await w.append(0, _turn(0))
-            pg_server.terminate_backends(_db(pg_url))
-            assert await w.append(2, _turn(1))
-            pg_server.stop("immediate")
-            assert await w.append(4, _turn(2)) is False
-            assert isinstance(w.last_error, StoreUnavailableError)
-            pg_server.start()
-            assert await w.append(6, _turn(3))
-            assert (await s.load(w.session_id)).messages == [m for i in range(4) for m in _turn(i)]
-            await w.close()
-        finally:
-            pg_server.start()
-            await s.close()
-
-    asyncio.run(main())
-
-
-def test_async_store_down_at_start_is_a_clear_error():
-    import asyncio
-
-    from conversation_session._apgstore import AsyncPostgresStore
-
-    async def main() -> None:
-        s = AsyncPostgresStore(f"postgresql://u:pw-secret@127.0.0.1:{_pg._free_port()}/d")
-        with pytest.raises(StoreUnavailableError, match="running") as info:
-            await s.create("m")
-        assert "pw-secret" not in str(info.value)
-
-    asyncio.run(main())

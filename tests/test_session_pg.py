@@ -15,7 +15,7 @@ from conversation_session import (
     SessionLockedError,
     StoreUnavailableError,
 )
-from conversation_session._pgstore import PostgresStore
+from conversation_session.stores._postgres import PostgresStore
 from test_memory_summary import Summarizer
 
 pg_server = _pg.pg_server

@@ -20,7 +20,7 @@ from conversation_session import (
     SessionFormatError,
     SessionLockedError,
 )
-from conversation_session._store import encode_snapshot
+from conversation_session.stores._file import encode_snapshot
 from helpers import run_python
 
 

@@ -14,8 +14,8 @@ import pytest
 import pg_server as _pg
 from conversation_session import HistoryStore, SessionLockedError, SessionRecord
 from conversation_session._exceptions import SessionFormatError
-from conversation_session._pgstore import PostgresStore
-from conversation_session._store_api import SessionWriterAPI, StoreAPI
+from conversation_session.stores._api import SessionWriterAPI, StoreAPI
+from conversation_session.stores._postgres import PostgresStore
 from pg_server import read, send, start_writer
 
 pg_server = _pg.pg_server

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from conversation_session import ConversationSession, FakeBackend, HistoryStore, SessionFormatError, _runtime, _store
+from conversation_session import ConversationSession, FakeBackend, HistoryStore, SessionFormatError, _runtime
 from conversation_session._exceptions import SessionNotFoundError
-from conversation_session._format import SCHEMA_VERSION
-from conversation_session._housekeeping import doctor, export_all, prune
-from conversation_session._store_api import SessionInfo, SessionWriterAPI, StoreAPI
+from conversation_session.stores import _file as _store
+from conversation_session.stores._api import SessionInfo, SessionWriterAPI, StoreAPI
+from conversation_session.stores._housekeeping import doctor, export_all, prune
+from conversation_session.stores._record import SCHEMA_VERSION
 from helpers import run_python
 
 
@@ -193,22 +194,62 @@ def test_ensure_room_and_append_never_write_what_the_loader_refuses(sessions_dir
 
 
 # -- 1: a bounded journal ------------------------------------------------------------------------
-def test_the_journal_is_folded_even_while_turns_keep_arriving(sessions_dir):
+def test_the_journal_is_folded_even_while_turns_keep_arriving(sessions_dir, monkeypatch):
+    """Turns keep arriving while every snapshot is being written: the journal is still cut
+    down to what the snapshot lacks (not left to grow until a quiet moment).  The test holds
+    each snapshot open until more than FOLD_LINES turns have arrived during it, so the outcome
+    does not depend on how fast this machine writes snapshots."""
+    started = threading.Semaphore(0)  # one release per snapshot of this session that began
+    go = threading.Semaphore(0)       # one release per snapshot the test lets finish
+    real_write = _store.atomic_write_bytes
+
+    def held_write(path, data, *args, **kwargs):
+        # Only this session's snapshots (the shared pool may be finishing other tests' work).
+        if Path(path).name == f"{writer.session_id}.json" and threading.current_thread() is not test_thread:
+            started.release()
+            assert go.acquire(timeout=30), "the test never let the snapshot finish"
+        return real_write(path, data, *args, **kwargs)
+
+    test_thread = threading.current_thread()
+    monkeypatch.setattr(_store, "atomic_write_bytes", held_write)
     store = HistoryStore(sessions_dir)
     writer = store.create("m")
     journal = sessions_dir / f"{writer.session_id}.journal"
-    turns = 3000
+    rounds, during = 10, _store.FOLD_LINES + 16
+    n = 0
+
+    def turn() -> None:
+        nonlocal n
+        assert writer.append(2 * n, _turn(f"question {n}", f"answer {n} " + "y" * 200))
+        n += 1
+
     try:
         worst = 0
-        for n in range(turns):
-            assert writer.append(2 * n, _turn(f"question {n}", f"answer {n} " + "y" * 200))
-            if n % 100 == 99:
-                worst = max(worst, journal.read_bytes().count(b"\n"))
+        for _ in range(rounds):
+            deadline = time.monotonic() + 30
+            while not started.acquire(timeout=0.01):  # turns until a snapshot is being written
+                turn()
+                assert time.monotonic() < deadline, "no snapshot started"
+            for _ in range(during):  # more than FOLD_LINES turns while it is being written
+                turn()
+            before = journal.read_bytes().count(b"\n")
+            go.release()
+            # The snapshot ends by cutting the journal to one line (what it lacks), since turns
+            # arrived during it: wait for that, bounded.
+            deadline = time.monotonic() + 30
+            while journal.read_bytes().count(b"\n") >= before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            worst = max(worst, journal.read_bytes().count(b"\n"))
         # A crash now would replay only this tail (the old store: every line since the start).
-        tail = journal.read_bytes().count(b"\n")
-        assert tail < turns // 4 and worst < turns // 4, (tail, worst)
-        assert store.load(writer.session_id).turns == turns
+        assert n > rounds * during and worst <= 2, (n, worst)
+        monkeypatch.setattr(_store, "atomic_write_bytes", real_write)
+        for _ in range(3):
+            go.release()
+        assert store.load(writer.session_id).turns == n
     finally:
+        monkeypatch.setattr(_store, "atomic_write_bytes", real_write)
+        for _ in range(3):
+            go.release()
         writer.close()
 
 
@@ -357,7 +398,7 @@ def test_a_foreign_journal_is_refused_and_kept_aside(sessions_dir, caplog):
 
 
 def test_doctor_and_the_loader_replay_with_the_same_function(sessions_dir, monkeypatch):
-    from conversation_session import _housekeeping
+    from conversation_session.stores import _housekeeping
 
     assert _housekeeping.replay_journal is _store.replay_journal
     calls = []

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from conversation_session import AsyncConversationSession, ConversationSession, HistoryStore, SessionError
-from conversation_session._format import TITLE_MAX_CHARS
-from conversation_session._store import replay_journal
 from conversation_session.backends import FakeBackend
+from conversation_session.stores._file import replay_journal
+from conversation_session.stores._record import TITLE_MAX_CHARS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -310,7 +310,7 @@ def test_a_title_set_while_a_snapshot_is_being_written_is_not_lost(tmp_path, mon
     # journal afterwards would drop the title (it is in neither file).
     import threading
 
-    import conversation_session._store as store_mod
+    import conversation_session.stores._file as store_mod
 
     store = HistoryStore(tmp_path)
     w = store.create("m")

@@ -8,8 +8,6 @@
         print(result.response)
 """
 
-from ._async import AsyncConversationSession
-from ._core import STORE_ENV
 from ._exceptions import (
     BackendError,
     ModelNotFoundError,
@@ -21,15 +19,15 @@ from ._exceptions import (
     StoreUnavailableError,
     TTSTimeoutError,
 )
-from ._format import SCHEMA_VERSION, MessageDict, SessionFileDict, SessionRecord
 from ._logging import setup_logger
 from ._result import ChatResult
-from ._session import SESSIONS_DIR_ENV, ConversationSession
-from ._store import HistoryStore
-from ._store_api import SessionInfo, SessionWriterAPI, StoreAPI
-from ._turn import AsyncTurn, Turn
 from ._version import __version__
 from .backends import Backend, CancelToken, FakeBackend, GenerationRequest, HttpTimeouts, Usage
+from .session._aio import AsyncConversationSession
+from .session._sync import ConversationSession
+from .session._turn import AsyncTurn, Turn
+from .stores import SESSIONS_DIR_ENV, STORE_ENV, HistoryStore, SessionInfo, SessionWriterAPI, StoreAPI
+from .stores._record import SCHEMA_VERSION, MessageDict, SessionFileDict, SessionRecord
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -68,13 +66,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    """``PostgresStore`` / ``AsyncPostgresStore`` on first use: they need the ``[postgres]`` extra."""
-    if name in ("PostgresStore", "AsyncPostgresStore"):
+    """``PostgresStore`` on first use: it needs the ``[postgres]`` extra."""
+    if name == "PostgresStore":
         try:
-            if name == "PostgresStore":
-                from ._pgstore import PostgresStore as found
-            else:
-                from ._apgstore import AsyncPostgresStore as found  # type: ignore[assignment]
+            from .stores._postgres import PostgresStore as found
         except ImportError as exc:
             raise ImportError(f"{name} needs the postgres extra: pip install 'conversation-session[postgres]'") from exc
         return found

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .._format import MessageDict
 from .._runtime import generation_executor, shared_executor
+from ..stores._record import MessageDict
 
 __all__ = ["Backend", "CancelToken", "GenerationRequest", "Usage", "estimate_tokens"]
 

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 from .._exceptions import BackendError
-from .._format import MessageDict
+from ..stores._record import MessageDict
 from ._base import Backend, GenerationRequest
 
 __all__ = ["FakeBackend"]

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._fileio import atomic_write_bytes, read_regular_file
+from ..stores._fileio import atomic_write_bytes, read_regular_file
 
 __all__ = ["KV_FORMAT", "KVStateError", "enforce_cap", "read_kv_file", "tokens_digest", "write_kv_file"]
 

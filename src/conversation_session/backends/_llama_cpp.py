@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .._exceptions import BackendError, ModelNotFoundError
-from .._format import MessageDict
+from ..stores._record import MessageDict
 from ._base import Backend, CancelToken, GenerationRequest
 from ._kvstate import KVStateError, read_kv_file, tokens_digest, write_kv_file
 

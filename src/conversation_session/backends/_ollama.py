@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from .._exceptions import BackendError, ModelNotFoundError
-from .._format import MessageDict
+from ..stores._record import MessageDict
 from ._base import Backend, CancelToken, GenerationRequest, Usage
 from ._http import AsyncClients, HttpTimeouts, cancel_extensions, make_client, probe_off_the_loop, server_message
 

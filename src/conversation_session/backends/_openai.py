@@ -31,8 +31,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from .._exceptions import BackendError, ModelNotFoundError
-from .._format import MessageDict
 from .._runtime import shared_executor
+from ..stores._record import MessageDict
 from ._base import Backend, CancelToken, GenerationRequest, Usage
 from ._http import (
     AsyncClients,

@@ -23,11 +23,11 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from .._core import STORE_ENV
-from .._session import SESSIONS_DIR_ENV
 from .._version import __version__
 from ..backends import BACKEND_NAMES
+from ..session._limits import parse_timeout
 from ..speech import PLAYBACK_CHOICES
+from ..stores import SESSIONS_DIR_ENV, STORE_ENV
 from ._commands import command_help
 from ._config import apply_config
 from ._text import parse_size
@@ -360,12 +360,9 @@ def retention_days(args: argparse.Namespace, environ: dict[str, str]) -> float |
 
 def _seconds(text: str) -> float | None:
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError("must be 0 (no limit) or more")
-    return value or None
+        return parse_timeout(text, "seconds")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def sessions_dir_from(args: argparse.Namespace) -> str:

@@ -32,8 +32,9 @@ from typing import Any, TextIO
 from .. import ConversationSession
 from .._exceptions import SessionError, SessionTimeoutError, TTSTimeoutError
 from .._result import ChatResult
-from .._turn import Turn
 from ..backends import Backend
+from ..session._limits import check_max_tokens, parse_timeout
+from ..session._turn import Turn
 from ._args import store_from
 from ._commands import COMMANDS, Command, command_help, find_command, parse_line
 from ._confirm import NotConfirmed, confirm
@@ -1057,7 +1058,7 @@ class ChatApp:
             return
         sid = ids[0]
         try:
-            from .._store import validate_session_id
+            from ..stores import validate_session_id
 
             validate_session_id(sid)
         except ValueError as exc:
@@ -1089,7 +1090,7 @@ class ChatApp:
     def _export(self, session: ConversationSession, arg: str) -> None:
         c = self.console
         words = arg.split(maxsplit=1)
-        from .._store import validate_session_id
+        from ..stores import validate_session_id
 
         sid, dest = session.session_id, ""
         if words:
@@ -1131,15 +1132,9 @@ class ChatApp:
                     raise ValueError("the temperature must be between 0 and 5")
                 session.temperature = number
             elif name == "max_tokens":
-                count = int(value)
-                if count < 1:
-                    raise ValueError("max_tokens must be 1 or more")
-                session.max_tokens = count
+                session.max_tokens = check_max_tokens(int(value))
             elif name == "timeout":
-                seconds = float(value)
-                if seconds < 0:
-                    raise ValueError("the timeout must be 0 (no limit) or more seconds")
-                session.timeout = seconds or None
+                session.timeout = parse_timeout(value)  # 0: no limit
             elif name == "verbose":
                 if value.lower() not in ("on", "off", "true", "false", "1", "0", ""):
                     raise ValueError("use /set verbose on or /set verbose off")

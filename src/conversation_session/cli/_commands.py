@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .._store import validate_session_id
+from ..stores import validate_session_id
 
 __all__ = ["COMMANDS", "Command", "Parsed", "command_help", "find_command", "parse_line"]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .._fileio import atomic_write_bytes
-from .._format import SessionRecord
-from .._store import encode_snapshot
-from .._store_api import StoreAPI
+from ..stores._api import StoreAPI
+from ..stores._file import encode_snapshot
+from ..stores._fileio import atomic_write_bytes
+from ..stores._record import SessionRecord
 
 __all__ = ["encode_record", "export_session", "render_markdown"]
 

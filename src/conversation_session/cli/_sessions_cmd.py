@@ -21,11 +21,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TextIO
 
-from .._core import open_store
 from .._exceptions import SessionError, SessionLockedError
-from .._housekeeping import INFO_KINDS, doctor, export_all, import_session, prune
-from .._store import HistoryStore, validate_session_id
-from .._store_api import StoreAPI
+from ..memory._kvcache import kv_file_path
+from ..stores import HistoryStore, open_store, validate_session_id
+from ..stores._api import StoreAPI
+from ..stores._housekeeping import INFO_KINDS, doctor, export_all, import_session, prune
 from ._args import store_from
 from ._confirm import confirm
 from ._export import encode_record, export_session
@@ -48,11 +48,8 @@ def _clean(text: str) -> str:
 
 def kv_bytes(store: object, session_id: str) -> int | None:
     """Size of the session's saved KV cache file (embedded backend), None when it has none."""
-    kv_path = getattr(store, "kv_path", None)
-    if kv_path is None:
-        return None
     try:
-        st = os.lstat(kv_path(session_id))
+        st = os.lstat(kv_file_path(store, session_id))
     except (OSError, ValueError):
         return None
     return st.st_size if stat.S_ISREG(st.st_mode) else None

@@ -26,8 +26,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._async import AsyncConversationSession
-from .._core import open_store
 from .._exceptions import (
     BackendError,
     SessionError,
@@ -36,12 +34,13 @@ from .._exceptions import (
     SessionTimeoutError,
     StoreUnavailableError,
 )
-from .._format import SessionRecord, is_utf8_text
 from .._result import ChatResult
-from .._store import HistoryStore, encode_snapshot
-from .._store_api import StoreAPI
 from ..backends import Backend, FakeBackend, create_backend
+from ..session._aio import AsyncConversationSession
 from ..speech import EspeakEngine, SpeechEngine
+from ..stores import StoreAPI, is_postgres_url, is_session_id, open_store
+from ..stores._file import HistoryStore, encode_snapshot
+from ..stores._record import SessionRecord, is_utf8_text
 from ._auth import Authenticator, RateLimiter
 from ._config import CONFIG_ENV, ServiceConfig
 from ._handoff import ask_release, holder_pid
@@ -54,7 +53,6 @@ __all__ = ["ApiError", "ServiceState", "app_from_env", "create_app", "result_jso
 
 logger = logging.getLogger("conversation_session.service")
 
-_SID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _RID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _GENERATED_RE = re.compile(r"c[0-9a-f]{24}|[0-9A-HJKMNP-TV-Z]{26}")  # ours, or a ULID (Home Assistant's)
 
@@ -140,10 +138,8 @@ def make_backend(config: ServiceConfig) -> Backend:
 
 def make_store(config: ServiceConfig) -> StoreAPI:
     url = config.store
-    if config.lease_ttl_s is not None and url and url.startswith(("postgresql://", "postgres://")):
-        from .._pgstore import PostgresStore
-
-        return PostgresStore(url, lease_ttl_s=config.lease_ttl_s)
+    if config.lease_ttl_s is not None and is_postgres_url(url):
+        return open_store(url, lease_ttl_s=config.lease_ttl_s)
     return open_store(url, config.sessions_dir)
 
 
@@ -151,7 +147,7 @@ def make_owners(store: StoreAPI, config: ServiceConfig) -> OwnerTable:
     if isinstance(store, HistoryStore):
         return FileOwners(store.directory)
     url = getattr(store, "url", None)
-    if isinstance(url, str) and url.startswith(("postgresql://", "postgres://")):
+    if is_postgres_url(url):
         return PostgresOwners(url, description=store.description)
     raise ValueError(f"the service needs an ownership table for {store.description}; "
                      "use the file store or PostgreSQL")
@@ -277,7 +273,7 @@ class ServiceState:
     async def owned(self, sid: str, owner: str) -> dict[str, Any]:
         """The ownership entry of ``sid`` if ``owner`` owns it; 404 otherwise (the same answer
         whether it does not exist or belongs to someone else: ids are not confirmed)."""
-        if not isinstance(sid, str) or not _SID_RE.fullmatch(sid):
+        if not is_session_id(sid):
             raise ApiError(400, "invalid_id", "a session id is 1-128 letters, digits, '_' or '-'")
         session_id_var.set(sid)
         _, owners = self.tables()
@@ -639,7 +635,7 @@ async def ha_process(request: Request) -> Response:
     cid = data.get("conversation_id")
     if not isinstance(language, str) or len(language) > 35:
         raise ApiError(400, "bad_request", '"language" must be a language tag such as "en"')
-    if cid is not None and (not isinstance(cid, str) or not _SID_RE.fullmatch(cid)):
+    if cid is not None and not is_session_id(cid):
         raise ApiError(400, "invalid_id", '"conversation_id" is 1-128 letters, digits, "_" or "-"')
     _, owners = st.tables()
     reg = st.reg()

@@ -12,6 +12,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..session._limits import parse_timeout
+from ..stores._open import is_postgres_url
+
 __all__ = ["CONFIG_ENV", "TOKENS_ENV", "ServiceConfig", "build_parser", "config_from_args", "is_loopback"]
 
 TOKENS_ENV = "CONVERSATION_SESSION_TOKENS"
@@ -64,7 +67,7 @@ class ServiceConfig:
         if self.keep_open_s is not None:
             return max(self.keep_open_s, 0.0)
         store = self.store or os.environ.get("CONVERSATION_SESSIONS_STORE") or ""
-        return 0.0 if store.startswith(("postgresql://", "postgres://")) else 30.0
+        return 0.0 if is_postgres_url(store) else 30.0
 
     def to_env(self) -> str:
         data = dataclasses.asdict(self)
@@ -98,10 +101,10 @@ def _positive(kind: type) -> Any:
 
 
 def _timeout(text: str) -> float | None:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or positive, not {text}")
-    return None if value == 0 else value
+    try:
+        return parse_timeout(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentParser:

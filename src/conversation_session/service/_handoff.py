@@ -20,17 +20,18 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ..stores._ids import SESSION_ID_RE_BYTES
+
 __all__ = ["HandoffListener", "ask_release", "holder_pid"]
 
 logger = logging.getLogger("conversation_session.service")
 
-_ID = re.compile(rb"[A-Za-z0-9_-]{1,128}")
+_ID = SESSION_ID_RE_BYTES
 
 
 def _folder() -> Path:

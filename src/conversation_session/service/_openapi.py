@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._version import __version__
+from ..stores._ids import SESSION_ID_PATTERN
 
 __all__ = ["openapi_document"]
 
@@ -27,7 +28,7 @@ _ERRORS = {
     "503": _json(_ref("Error"), "not ready (model loading) or store unavailable"),
 }
 _SID = [{"name": "sid", "in": "path", "required": True,
-         "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}}]
+         "schema": {"type": "string", "pattern": f"^{SESSION_ID_PATTERN}$"}}]
 
 
 def openapi_document() -> dict[str, Any]:

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict
 
 from .._exceptions import StoreUnavailableError
-from .._fileio import atomic_write_bytes
-from .._format import now_iso
+from ..stores._fileio import atomic_write_bytes
+from ..stores._record import now_iso
 from ._auth import take_from_bucket
 
 if TYPE_CHECKING:  # Python 3.10 has no typing.NotRequired; annotations are strings at run time

@@ -25,11 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .._async import AsyncConversationSession
 from .._exceptions import SessionError, SessionLockedError
-from .._format import SessionRecord
-from .._store_api import StoreAPI
 from ..backends import Backend
+from ..session._aio import AsyncConversationSession
+from ..stores._api import StoreAPI
+from ..stores._record import SessionRecord
 from ._config import ServiceConfig
 from ._handoff import HandoffListener, ask_release, holder_pid
 from ._owners import OwnerEntry, OwnerTable

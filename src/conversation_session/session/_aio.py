@@ -23,14 +23,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .._exceptions import SessionError
+from .._result import ChatResult
+from .._runtime import shared_executor
+from ..backends import Backend
+from ..stores import validate_session_id
+from ..stores._api import StoreAPI
 from ._core import SessionCore, SessionView
-from ._exceptions import SessionError
-from ._result import ChatResult
-from ._runtime import shared_executor
-from ._store import validate_session_id
-from ._store_api import StoreAPI
+from ._limits import DEFAULT_TIMEOUT_S
 from ._turn import AsyncTurn, _TurnSteps
-from .backends import Backend
 
 __all__ = ["AsyncConversationSession"]
 
@@ -52,7 +53,7 @@ class AsyncConversationSession(SessionView):
     """
 
     def __init__(self, llm_model: str | os.PathLike[str] | None = None, *, backend: str | Backend = "llama-cpp",
-                 base_url: str | None = None, enable_cache: bool = True, timeout: float | None = 60.0,
+                 base_url: str | None = None, enable_cache: bool = True, timeout: float | None = DEFAULT_TIMEOUT_S,
                  tts_wait_timeout: float | None = 30.0, tts: Any = None,
                  sessions_dir: str | os.PathLike[str] | None = None, system_prompt: str | None = None,
                  max_tokens: int = 512, temperature: float = 0.7, backend_options: dict[str, Any] | None = None,

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from ._exceptions import SessionError, SessionFormatError, SessionLockedError
+from .._exceptions import SessionError, SessionFormatError, SessionLockedError
+from ._api import StoreAPI
+from ._file import _CACHE_NAME, HistoryStore, aside_path, encode_snapshot, parse_json_bytes, replay_journal
 from ._fileio import FileTooLargeError, NotARegularFileError, atomic_write_bytes, dir_lock, read_regular_file
-from ._format import SessionRecord
-from ._store import _CACHE_NAME, _ID_RE, HistoryStore, aside_path, encode_snapshot, parse_json_bytes, replay_journal
-from ._store_api import StoreAPI
+from ._ids import SESSION_ID_RE
+from ._record import SessionRecord
 
 __all__ = [
     "INFO_KINDS",
@@ -339,7 +340,7 @@ def doctor(store: HistoryStore, fix: bool = False) -> list[Problem]:
                                                   f"({int(now - st.st_mtime)} s old)", None))
             continue
         stem, dot, ext = name.rpartition(".")
-        if not dot or ext not in ("json", "journal") or not _ID_RE.fullmatch(stem):
+        if not dot or ext not in ("json", "journal") or not SESSION_ID_RE.fullmatch(stem):
             continue
         bad = _check_file(store, path, st)
         if ext == "journal":

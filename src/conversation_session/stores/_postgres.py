@@ -64,14 +64,18 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ._exceptions import (
+from .._exceptions import (
     SessionError,
     SessionFormatError,
     SessionLockedError,
     SessionNotFoundError,
     StoreUnavailableError,
 )
-from ._format import (
+from .._runtime import Deadline, run_in_background, schedule
+from ._api import SNIPPET_CHARS, SearchHit, SessionInfo, make_snippet
+from ._file import encode_json
+from ._ids import SESSION_ID_RE, validate_session_id
+from ._record import (
     ROLES,
     MessageDict,
     SessionRecord,
@@ -83,9 +87,6 @@ from ._format import (
     validate_summary,
     validate_undone,
 )
-from ._runtime import Deadline, run_in_background, schedule
-from ._store import encode_json, validate_session_id
-from ._store_api import SNIPPET_CHARS, SearchHit, SessionInfo, make_snippet
 
 if TYPE_CHECKING:
     import psycopg
@@ -108,7 +109,6 @@ DEFAULT_POOL_SIZE = 10
 DEFAULT_STATEMENT_TIMEOUT_S = 10.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 # Named, ordered schema steps.  Never edit a released step: add a new one.  ``{s}`` is the
 # quoted schema name.
@@ -947,7 +947,7 @@ class PostgresStore:
 
     def import_record(self, record: SessionRecord) -> str:
         session, rows, undone = import_params(record)
-        preferred = record.session_id if _ID_RE.fullmatch(record.session_id) else None
+        preferred = record.session_id if SESSION_ID_RE.fullmatch(record.session_id) else None
 
         def run(conn: psycopg.Connection[Any]) -> str:
             with conn.transaction():

@@ -52,7 +52,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from ._format import MessageDict, SessionRecord
+from ._record import MessageDict, SessionRecord
 
 __all__ = ["SearchHit", "SessionInfo", "SessionWriterAPI", "StoreAPI", "make_snippet"]
 

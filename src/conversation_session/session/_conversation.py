@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._exceptions import SessionError
-from ._format import MessageDict
-from ._policy import Fit, WindowPolicy
-from .backends import Usage
+from .._exceptions import SessionError
+from ..backends import Usage
+from ..memory._window import Fit, WindowPolicy
+from ..stores._record import MessageDict
 
 __all__ = ["Conversation", "Figures", "Plan"]
 

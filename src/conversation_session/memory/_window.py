@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ._exceptions import SessionError
-from ._format import MessageDict
+from .._exceptions import SessionError
+from ..stores._record import MessageDict
 
 __all__ = ["Fit", "TokenCounter", "TrimPolicy", "WindowPolicy"]
 

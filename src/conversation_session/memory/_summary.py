@@ -42,8 +42,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from ._format import MessageDict
-from ._policy import Fit, TrimPolicy
+from ..stores._record import MessageDict
+from ._window import Fit, TrimPolicy
 
 __all__ = ["Summarizer", "SummaryPolicy", "SummaryState", "join_summary", "personal_statements", "split_summary",
            "summary_prompt"]

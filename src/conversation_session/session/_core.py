@@ -10,73 +10,34 @@ shared pool.  Turn logic lives in ``_turn.py`` and ``_conversation.py``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .._exceptions import SessionError, SessionLockedError, SessionNotFoundError
+from .._result import ChatResult
+from .._runtime import run_in_background, schedule
+from ..backends import Backend, GenerationRequest, create_backend
+from ..memory._kvcache import JOIN_TIMEOUT_S, KVFile, Warmup, kv_file_path
+from ..memory._summary import SUMMARY_MAX_TOKENS, SummaryPolicy, SummaryState
+from ..memory._window import TrimPolicy
+from ..speech import create_speaker
+from ..stores import open_store, validate_session_id
+from ..stores._api import SessionWriterAPI, StoreAPI
+from ..stores._record import MessageDict, SessionRecord, clean_title, is_utf8_text
 from ._conversation import Conversation, Plan
-from ._exceptions import SessionError, SessionLockedError, SessionNotFoundError
-from ._format import MessageDict, SessionRecord, clean_title, is_utf8_text
-from ._policy import TrimPolicy
-from ._result import ChatResult
-from ._runtime import run_in_background, schedule
-from ._store import HistoryStore, validate_session_id
-from ._store_api import SessionWriterAPI, StoreAPI
-from ._summary import SUMMARY_MAX_TOKENS, SummaryPolicy, SummaryState
-from ._warmth import JOIN_TIMEOUT_S, KVFile, Warmup
-from .backends import Backend, GenerationRequest, create_backend
-from .speech import create_speaker
+from ._limits import SUMMARY_TIMEOUT_S, check_max_tokens, check_timeout
 
-__all__ = ["SESSIONS_DIR_ENV", "STORE_ENV", "SessionCore", "SessionView", "core_setting", "default_sessions_dir",
-           "open_store"]
+__all__ = ["SessionCore", "SessionView", "core_setting"]
 
 logger = logging.getLogger("conversation_session")
 
-SESSIONS_DIR_ENV = "CONVERSATION_SESSIONS_DIR"
-STORE_ENV = "CONVERSATION_SESSIONS_STORE"
 _keys = itertools.count(1)
-
-
-def default_sessions_dir() -> str:
-    return os.environ.get(SESSIONS_DIR_ENV) or "sessions"
-
-
-def open_store(store: StoreAPI | str | os.PathLike[str] | None, sessions_dir: str | os.PathLike[str] | None
-               ) -> StoreAPI:
-    """A store object from what the caller gave: a store, a URL, or (default) a folder.
-
-    ``store`` wins over ``sessions_dir``; with neither, ``$CONVERSATION_SESSIONS_STORE`` (a URL)
-    and then ``$CONVERSATION_SESSIONS_DIR`` (a folder, default ``sessions``) are used.
-    """
-    if store is None and sessions_dir is None:
-        store = os.environ.get(STORE_ENV) or None
-    if store is None:
-        return HistoryStore(sessions_dir if sessions_dir is not None else default_sessions_dir())
-    if isinstance(store, str) and store.startswith(("postgresql://", "postgres://")):
-        try:
-            from ._pgstore import PostgresStore
-        except ImportError as exc:
-            raise SessionError("the PostgreSQL store needs the postgres extra: "
-                               "pip install 'conversation-session[postgres]'") from exc
-        return PostgresStore.from_url(store)
-    if isinstance(store, (str, os.PathLike)):
-        text = os.fspath(store)
-        if "://" in text and not text.startswith("file://"):
-            raise ValueError(f"unknown store URL {text.split('://')[0]}://...; use postgresql://... or a folder")
-        return HistoryStore(text.removeprefix("file://"))
-    return store
-
-
-def _kv_cache_dir(store: StoreAPI) -> Path:
-    """Where KV files live for a store that has no folder of its own: a per-host cache."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "conversation-session" / "kv"
-    return base / hashlib.sha256(store.description.encode()).hexdigest()[:16]
 
 
 class SessionCore:
@@ -89,14 +50,10 @@ class SessionCore:
                  kv_cache_max_bytes: int, tts_output_dir: str | os.PathLike[str] | None,
                  tts_options: dict[str, Any] | None, store: StoreAPI | str | None,
                  memory: str = "trim", summarizer: Backend | None = None):
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be positive or None, not {timeout!r}")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, not {max_tokens!r}")
         self.enable_cache = enable_cache
-        self.timeout = timeout
-        self.tts_wait_timeout = tts_wait_timeout
-        self.max_tokens = max_tokens
+        self.timeout = check_timeout(timeout)
+        self.tts_wait_timeout = check_timeout(tts_wait_timeout, "tts_wait_timeout")
+        self.max_tokens = check_max_tokens(max_tokens)
         self.temperature = temperature
         self.sampling: dict[str, Any] = {}
         self.owns_backend = not isinstance(backend, Backend)  # close only what we created
@@ -155,10 +112,7 @@ class SessionCore:
 
     @property
     def kv_path(self) -> Path:
-        kv_path = getattr(self.store, "kv_path", None)
-        if kv_path is not None:
-            return Path(kv_path(self.session_id))
-        return _kv_cache_dir(self.store) / f"{self.session_id}.kv"
+        return kv_file_path(self.store, self.session_id)
 
     @property
     def location(self) -> str | None:
@@ -206,7 +160,7 @@ class SessionCore:
         backend = self._summarizer or self.backend
         request = GenerationRequest(messages=prompt, max_tokens=SUMMARY_MAX_TOKENS, temperature=0.2,
                                     cache_key=f"{self.cache_key}:summary")
-        deadline = schedule(self.timeout or 120.0, request.cancel.cancel)
+        deadline = schedule(self.timeout or SUMMARY_TIMEOUT_S, request.cancel.cancel)
         try:
             text = "".join(backend.generate(request))
         finally:
@@ -645,10 +599,12 @@ class SessionCore:
             self.backend.close()
 
 
-def core_setting(name: str, doc: str) -> Any:
-    """A read-write attribute kept on the session's core (changeable between turns)."""
-    return property(lambda self: getattr(self._core, name),
-                    lambda self, value: setattr(self._core, name, value), doc=doc)
+def core_setting(name: str, doc: str, check: Callable[[Any], Any] | None = None) -> Any:
+    """A read-write attribute kept on the session's core (changeable between turns), checked
+    by ``check`` when it is set, as the constructor checks it."""
+    def set_(self: Any, value: Any) -> None:
+        setattr(self._core, name, value if check is None else check(value))
+    return property(lambda self: getattr(self._core, name), set_, doc=doc)
 
 
 class SessionView:
@@ -662,7 +618,7 @@ class SessionView:
     llm_model = property(lambda self: self._core.llm_model)
     store = property(lambda self: self._core.store)
     persist_kv_cache = property(lambda self: self._core.persist_kv_cache)
-    timeout = core_setting("timeout", "seconds a whole turn may take (None: no limit)")
+    timeout = core_setting("timeout", "seconds a whole turn may take (None: no limit)", check_timeout)
 
     @property
     def session_id(self) -> str:

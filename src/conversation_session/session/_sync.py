@@ -22,15 +22,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ._core import SESSIONS_DIR_ENV, SessionCore, SessionView, core_setting, default_sessions_dir
-from ._exceptions import SessionError
-from ._result import ChatResult
-from ._store import validate_session_id
-from ._store_api import StoreAPI
+from .._exceptions import SessionError
+from .._result import ChatResult
+from ..backends import Backend
+from ..stores import validate_session_id
+from ..stores._api import StoreAPI
+from ._core import SessionCore, SessionView, core_setting
+from ._limits import DEFAULT_TIMEOUT_S, check_max_tokens, check_timeout
 from ._turn import Turn, _TurnSteps
-from .backends import Backend
 
-__all__ = ["SESSIONS_DIR_ENV", "ConversationSession", "default_sessions_dir"]
+__all__ = ["ConversationSession"]
 
 logger = logging.getLogger("conversation_session")
 
@@ -82,7 +83,7 @@ class ConversationSession(SessionView):
         backend: str | Backend = "llama-cpp",
         base_url: str | None = None,
         enable_cache: bool = True,
-        timeout: float | None = 60.0,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
         tts_wait_timeout: float | None = 30.0,
         tts: Any = None,
         sessions_dir: str | os.PathLike[str] | None = None,
@@ -114,8 +115,9 @@ class ConversationSession(SessionView):
 
     # -- settings the caller may change between turns ---------------------------------------
     tts = property(lambda self: self._core.speaker)
-    tts_wait_timeout = core_setting("tts_wait_timeout", "seconds to wait for speech once the text is complete")
-    max_tokens = core_setting("max_tokens", "reply length limit in tokens")
+    tts_wait_timeout = core_setting("tts_wait_timeout", "seconds to wait for speech once the text is complete",
+                                    lambda v: check_timeout(v, "tts_wait_timeout"))
+    max_tokens = core_setting("max_tokens", "reply length limit in tokens", check_max_tokens)
     temperature = core_setting("temperature", "sampling temperature")
     sampling = core_setting("sampling", "extra sampling options sent with each request (top_p, seed, ...)")
     kv_cache_max_bytes = property(lambda self: self._core.kv.cap)

@@ -13,7 +13,9 @@ Two collaborators of a session, both running on the process's shared pool (``_ru
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -22,13 +24,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
-from ._exceptions import SessionError
-from ._format import MessageDict
-from ._runtime import Deadline, run_in_background, schedule
-from .backends import Backend, CancelToken
-from .backends._kvstate import enforce_cap
+from .._exceptions import SessionError
+from .._runtime import Deadline, run_in_background, schedule
+from ..backends import Backend, CancelToken
+from ..backends._kvstate import enforce_cap
+from ..stores._record import MessageDict
 
-__all__ = ["KVFile", "Warmup"]
+__all__ = ["KVFile", "Warmup", "kv_file_path"]
 
 logger = logging.getLogger("conversation_session")
 
@@ -38,6 +40,18 @@ KV_SAVE_DELAY_S = 0.5
 # Background work stops within one step of being cancelled or finishes soon; this only
 # guards against a stuck backend.
 JOIN_TIMEOUT_S = 15.0
+
+
+def kv_file_path(store: object, session_id: str) -> Path:
+    """The one rule for where a session's KV file lives: beside the session when the store is a
+    folder (``<id>.kv``), else in a per-host cache named after the store (PostgreSQL: the KV
+    state belongs to this host's model, the history to the shared database)."""
+    kv_path = getattr(store, "kv_path", None)
+    if kv_path is not None:
+        return Path(kv_path(session_id))
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "conversation-session" / "kv"
+    description = str(getattr(store, "description", repr(store)))
+    return base / hashlib.sha256(description.encode()).hexdigest()[:16] / f"{session_id}.kv"
 
 
 class KVFile:

@@ -29,12 +29,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import BackendError, SessionError, SessionTimeoutError, TTSTimeoutError
-from ._format import MessageDict
-from ._result import ChatResult
-from ._runtime import Deadline, schedule, shared_executor
-from .backends import GenerationRequest
-from .speech import HeardReport, Speaker, SpeechTimeout, heard_prefix
+from .._exceptions import BackendError, SessionError, SessionTimeoutError, TTSTimeoutError
+from .._result import ChatResult
+from .._runtime import Deadline, schedule, shared_executor
+from ..backends import GenerationRequest
+from ..speech import HeardReport, Speaker, SpeechTimeout, heard_prefix
+from ..stores._record import MessageDict
 
 if TYPE_CHECKING:
     from ._core import SessionCore

@@ -36,7 +36,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import threading
 import time
 import weakref
@@ -46,7 +45,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ._exceptions import SessionError, SessionFormatError, SessionLockedError, SessionNotFoundError
+from .._exceptions import SessionError, SessionFormatError, SessionLockedError, SessionNotFoundError
+from .._runtime import run_in_background
+from ._api import SearchHit, SessionInfo, make_snippet
 from ._fileio import (
     NotARegularFileError,
     atomic_write_bytes,
@@ -56,7 +57,8 @@ from ._fileio import (
     open_regular,
     read_regular_file_stat,
 )
-from ._format import (
+from ._ids import SESSION_ID_RE, validate_session_id
+from ._record import (
     META_FIELDS,
     UTF8_BOM,
     JournalRecordDict,
@@ -67,8 +69,6 @@ from ._format import (
     now_iso,
     parse_journal_line,
 )
-from ._runtime import run_in_background
-from ._store_api import SearchHit, SessionInfo, make_snippet
 
 __all__ = [
     "DEFAULT_MAX_FILE_BYTES",
@@ -84,7 +84,6 @@ __all__ = [
     "parse_json_bytes",
     "replay_journal",
     "search_record",
-    "validate_session_id",
 ]
 
 logger = logging.getLogger("conversation_session.store")
@@ -98,26 +97,11 @@ FOLD_BYTES = 1024 * 1024
 ROOM_MARGIN = 64 * 1024
 """Head fields and per-line overhead: ``ensure_room`` keeps this much below the read limit."""
 
-_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _CACHE_NAME = ".list-cache.json"
 _CACHE_VERSION = 2  # 2: heads carry the title and the number of rewinds
 _READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
-
-
-def validate_session_id(session_id: object) -> str:
-    """Return ``session_id`` if it is a plain session name, else raise ``ValueError``.
-
-    Only letters, digits, ``_`` and ``-`` are allowed, so no id can name a path outside
-    ``sessions_dir`` (no separators, no ``..``, no NUL, nothing absolute).
-    """
-    if not isinstance(session_id, str) or not _ID_RE.fullmatch(session_id):
-        raise ValueError(
-            f"invalid session id {session_id!r}: use 1-128 letters, digits, '_' or '-' "
-            "(a name such as 'session_1730000001', not a path)"
-        )
-    return session_id
 
 
 # One encoder, built once: json.dumps(..., ensure_ascii=False) builds a new one per call.
@@ -436,7 +420,7 @@ class HistoryStore:
             raise SessionError(f"cannot read the sessions folder {self.directory}: {exc.strerror or exc}") from exc
         for entry in entries:
             stem, dot, ext = entry.name.rpartition(".")
-            if not dot or ext not in ("json", "journal") or not _ID_RE.fullmatch(stem):
+            if not dot or ext not in ("json", "journal") or not SESSION_ID_RE.fullmatch(stem):
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -781,7 +765,7 @@ class HistoryStore:
         if len(data) > self.max_file_bytes:
             raise SessionFormatError(f"it is {len(data):,} bytes, over the {self.max_file_bytes:,}-byte limit")
         self.ensure_dir()
-        wanted = record.session_id if _ID_RE.fullmatch(record.session_id) else None
+        wanted = record.session_id if SESSION_ID_RE.fullmatch(record.session_id) else None
         try:
             session_id, fd = self._claim_id(wanted)
         except OSError as exc:

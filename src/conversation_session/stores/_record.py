@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from ._exceptions import SessionFormatError
+from .._exceptions import SessionFormatError
 
 if TYPE_CHECKING:  # Python 3.10 has no typing.NotRequired; annotations are strings at run time
     from typing_extensions import NotRequired
