@@ -12,6 +12,7 @@ import pytest
 
 from conversation_session.backends import CancelToken, GenerationRequest
 from conversation_session.backends._llama_cpp import LlamaCppBackend
+from forced_tokens import byte_token, force_next_reply, text_tokens
 
 pytestmark = pytest.mark.model
 
@@ -234,6 +235,50 @@ def test_a_seeded_reply_is_the_same_on_every_path_to_its_prompts_cells(backend, 
     for key in ("S", "S-restored", "S-warm"):
         backend.forget(key)
 
+
+@pytest.mark.parametrize("then", ["next turn at once", "next turn after a pause", "KV file"])
+@pytest.mark.parametrize("where", ["inside", "at the end"])
+def test_a_reply_with_bytes_that_are_not_utf8_keeps_the_whole_cache(backend, tmp_path, monkeypatch, where, then):
+    """A reply whose tokens are not valid UTF-8 is saved with U+FFFD (or without the bytes of a
+    last, unfinished character), which does not tokenize back to the sampled tokens.  The cells
+    are brought in line with the saved text, so the next turn, or a KV file saved for a restart,
+    still covers the whole conversation instead of stopping at the bad byte."""
+    e4, b8 = byte_token(backend, 0xE4), byte_token(backend, 0xB8)  # the start of a 3-byte character
+    if where == "inside":  # ... followed by a space: invalid, decoded as U+FFFD, and the model goes on
+        forced = [*text_tokens(backend, "Hi"), e4, *text_tokens(backend, " there, friend")]
+    else:  # ... and the reply stops there: the unfinished character is dropped
+        forced = [*text_tokens(backend, "Hi there"), e4, b8, *text_tokens(backend, "<|im_end|>")]
+    history: list = [{"role": "system", "content": "You are a friendly assistant. " * 10}]
+    force_next_reply(monkeypatch, backend, forced)
+    first = _turn(backend, "U", history, "Say hello.", max_tokens=40)
+    reply = history[-1]["content"]
+    if where == "inside":
+        assert reply.startswith("Hi\ufffd there, friend") and first.usage.finish_reason == "length"
+    else:
+        assert reply == "Hi there" and first.usage.finish_reason == "stop"
+    # The conversation's tokens, without the 4 of the prompt for a reply (<|im_start|>assistant\n).
+    completed = backend.count_tokens(history) - 4
+    new_message = backend.count_tokens([{"role": "system", "content": ""}, {"role": "user", "content": "Thanks!"}])
+
+    if then == "next turn after a pause":
+        # While the user reads the reply, its cells are recomputed from the saved text.
+        deadline = time.monotonic() + 60
+        while "U" in backend._model.realign and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert backend.cache_stats(cache_key="U")["tokens_in_cache"] == completed
+    if then.startswith("next turn"):  # at once: it finishes what the background has not
+        second = _turn(backend, "U", history, "Thanks!")
+        assert second.usage.cached_tokens >= completed
+        assert second.usage.prompt_tokens - second.usage.cached_tokens <= new_message
+    else:  # a restart: the file's cells are those of the saved text
+        saved = backend.save_state(tmp_path / "u.kv", history, cache_key="U")
+        assert saved["kv_save"] == "saved" and saved["kv_saved_tokens"] >= completed
+        restored = backend.restore_state(tmp_path / "u.kv", history, max_bytes=1 << 30, cache_key="U2")
+        assert restored["kv_restored"] is True and restored["kv_restore_tokens"] >= completed
+        second = _turn(backend, "U2", history, "Thanks!")
+        assert second.usage.cached_tokens >= completed
+    backend.forget("U")
+    backend.forget("U2")
 
 def test_two_async_sessions_on_one_loop_share_the_model(backend):
     """Two conversations streaming at once on one event loop (the executor runs the model):
