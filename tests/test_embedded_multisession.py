@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from conversation_session.backends import GenerationRequest
+from conversation_session.backends import CancelToken, GenerationRequest
 from conversation_session.backends._llama_cpp import LlamaCppBackend
+from forced_tokens import byte_token, force_next_reply, text_tokens
 
 pytestmark = pytest.mark.model
 
@@ -181,6 +182,103 @@ def test_sampling_seed_and_per_request_options(backend):
     assert reply(1.0, top_k=1) == reply(0.0)  # top_k=1 leaves only the greedy choice
     backend.forget("C")
 
+
+def test_a_seeded_reply_is_the_same_on_every_path_to_its_prompts_cells(backend, tmp_path):
+    """With a seed, a sampled reply (temperature 1.0) is the same whether the prompt's cells were
+    computed now, kept with the reply after them, kept under a longer conversation, copied to
+    RAM and back, restored from a KV file or prefilled by a warm-up.  Each path leaves the same
+    cells before the prompt's last token and evaluates that token alone: the same kernels on
+    the same batch shapes, so the same logits on any CPU (not only on this one's rounding)."""
+    # 69 tokens: a batch of 64, one of 4, then the last token.  (On an AVX-512 EPYC this last
+    # token's logits, computed in a batch of several, differ from those computed alone.)
+    prompt = [{"role": "system", "content": "You are a helpful assistant who likes cats. " * 5},
+              {"role": "user", "content": "Tell me a short story about a cat."}]
+
+    def reply(key: str) -> tuple[str, GenerationRequest]:
+        request = GenerationRequest(messages=prompt, max_tokens=24, temperature=1.0, cache_key=key,
+                                    options={"seed": 42})
+        return "".join(backend.generate(request)), request
+
+    backend.reset_cache(cache_key="S")
+    cold, first = reply("S")
+    assert first.usage.cached_tokens == 0 and first.usage.prompt_tokens > 64
+    again, second = reply("S")  # the prompt's cells, and the first reply's after them
+    assert second.usage.cached_tokens == second.usage.prompt_tokens - 1
+    assert again == cold
+
+    # Two more turns: the prompt is now the start of a longer conversation in the cells.
+    history = list(prompt)
+    for text in ("And then?", "How does it end?"):
+        history += [{"role": "assistant", "content": cold}, {"role": "user", "content": text}]
+    later = GenerationRequest(messages=history, max_tokens=16, temperature=0, cache_key="S")
+    history.append({"role": "assistant", "content": "".join(backend.generate(later))})
+    assert later.usage.cached_tokens >= first.usage.prompt_tokens
+    saved = backend.save_state(tmp_path / "s.kv", history, cache_key="S")
+    assert saved["kv_save"] == "saved" and saved["kv_saved_tokens"] > first.usage.prompt_tokens
+    under_longer, third = reply("S")
+    assert third.usage.cached_tokens == third.usage.prompt_tokens - 1
+    assert under_longer == cold
+
+    restored = backend.restore_state(tmp_path / "s.kv", history, max_bytes=1 << 30, cache_key="S-restored")
+    assert restored["kv_restored"] is True
+    from_file, fourth = reply("S-restored")  # S's cells went to RAM
+    assert fourth.usage.cached_tokens == fourth.usage.prompt_tokens - 1
+    assert from_file == cold
+
+    warmed = backend.warm(prompt, CancelToken(), cache_key="S-warm")
+    assert warmed["warmup_finished"] is True and warmed["warmup_cached_tokens"] == 0
+    after_warmup, _ = reply("S-warm")
+    assert after_warmup == cold
+    back_from_ram, fifth = reply("S")
+    assert fifth.usage.cached_tokens == fifth.usage.prompt_tokens - 1
+    assert back_from_ram == cold
+    for key in ("S", "S-restored", "S-warm"):
+        backend.forget(key)
+
+
+@pytest.mark.parametrize("then", ["next turn at once", "next turn after a pause", "KV file"])
+@pytest.mark.parametrize("where", ["inside", "at the end"])
+def test_a_reply_with_bytes_that_are_not_utf8_keeps_the_whole_cache(backend, tmp_path, monkeypatch, where, then):
+    """A reply whose tokens are not valid UTF-8 is saved with U+FFFD (or without the bytes of a
+    last, unfinished character), which does not tokenize back to the sampled tokens.  The cells
+    are brought in line with the saved text, so the next turn, or a KV file saved for a restart,
+    still covers the whole conversation instead of stopping at the bad byte."""
+    e4, b8 = byte_token(backend, 0xE4), byte_token(backend, 0xB8)  # the start of a 3-byte character
+    if where == "inside":  # ... followed by a space: invalid, decoded as U+FFFD, and the model goes on
+        forced = [*text_tokens(backend, "Hi"), e4, *text_tokens(backend, " there, friend")]
+    else:  # ... and the reply stops there: the unfinished character is dropped
+        forced = [*text_tokens(backend, "Hi there"), e4, b8, *text_tokens(backend, "<|im_end|>")]
+    history: list = [{"role": "system", "content": "You are a friendly assistant. " * 10}]
+    force_next_reply(monkeypatch, backend, forced)
+    first = _turn(backend, "U", history, "Say hello.", max_tokens=40)
+    reply = history[-1]["content"]
+    if where == "inside":
+        assert reply.startswith("Hi\ufffd there, friend") and first.usage.finish_reason == "length"
+    else:
+        assert reply == "Hi there" and first.usage.finish_reason == "stop"
+    # The conversation's tokens, without the 4 of the prompt for a reply (<|im_start|>assistant\n).
+    completed = backend.count_tokens(history) - 4
+    new_message = backend.count_tokens([{"role": "system", "content": ""}, {"role": "user", "content": "Thanks!"}])
+
+    if then == "next turn after a pause":
+        # While the user reads the reply, its cells are recomputed from the saved text.
+        deadline = time.monotonic() + 60
+        while "U" in backend._model.realign and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert backend.cache_stats(cache_key="U")["tokens_in_cache"] == completed
+    if then.startswith("next turn"):  # at once: it finishes what the background has not
+        second = _turn(backend, "U", history, "Thanks!")
+        assert second.usage.cached_tokens >= completed
+        assert second.usage.prompt_tokens - second.usage.cached_tokens <= new_message
+    else:  # a restart: the file's cells are those of the saved text
+        saved = backend.save_state(tmp_path / "u.kv", history, cache_key="U")
+        assert saved["kv_save"] == "saved" and saved["kv_saved_tokens"] >= completed
+        restored = backend.restore_state(tmp_path / "u.kv", history, max_bytes=1 << 30, cache_key="U2")
+        assert restored["kv_restored"] is True and restored["kv_restore_tokens"] >= completed
+        second = _turn(backend, "U2", history, "Thanks!")
+        assert second.usage.cached_tokens >= completed
+    backend.forget("U")
+    backend.forget("U2")
 
 def test_two_async_sessions_on_one_loop_share_the_model(backend):
     """Two conversations streaming at once on one event loop (the executor runs the model):

