@@ -18,7 +18,14 @@ import threading
 
 import pytest
 
-from conversation_session import AsyncConversationSession, ChatResult, ConversationSession, FakeBackend, SessionError
+from conversation_session import (
+    AsyncConversationSession,
+    ChatResult,
+    ConversationSession,
+    FakeBackend,
+    SessionError,
+    Turn,
+)
 
 STORY = [f"w{i} " for i in range(40)]
 LONG = [f"w{i} " for i in range(300)]  # streamed with a delay: far longer than any test waits
@@ -150,9 +157,8 @@ def test_sync_interrupt_from_another_thread_between_its_pieces(sessions_dir):
 
 
 def test_sync_interrupt_waits_boundedly_for_a_step_that_does_not_end(sessions_dir, monkeypatch):
-    from conversation_session import _turn
-
-    monkeypatch.setattr(_turn, "_INTERRUPT_WAIT_S", 0.3)
+    # The module that defines Turn, wherever it lives: a short bound keeps the test quick.
+    monkeypatch.setattr(sys.modules[Turn.__module__], "_INTERRUPT_WAIT_S", 0.3)
     fake = FakeBackend()
     fake.enqueue(STORY)
     stuck, release = threading.Event(), threading.Event()
