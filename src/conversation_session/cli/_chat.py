@@ -620,7 +620,10 @@ class ChatApp:
             if sp.barged or sp.done.is_set():
                 return
             sp.barged = True
-        sp.turn.interrupt()  # the speaker's playback clock says what was heard
+        try:
+            sp.turn.interrupt()  # the speaker's playback clock says what was heard
+        except SessionError:
+            pass  # the turn had failed meanwhile: its worker reports how
         try:
             sp.done.wait(_BARGE_WAIT_S)
         except KeyboardInterrupt:

@@ -129,6 +129,10 @@ class SessionCore:
             raise SessionError(f"cannot {action} the session from inside on_token: the turn is still "
                                "running; act after chat() returns")
 
+    def in_callback_now(self) -> bool:
+        """Whether this thread is inside the turn's on_token callback."""
+        return self._callback_thread == threading.get_ident()
+
     @contextlib.contextmanager
     def in_callback(self) -> Iterator[None]:
         previous, self._callback_thread = self._callback_thread, threading.get_ident()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,6 +111,7 @@ class ConversationSession(SessionView):
         self._lock = threading.Lock()        # guards the session's state; never held across a turn
         self._turn_free = threading.Condition(self._lock)
         self._turn_owner: int | None = None  # the thread whose turn is running
+        self._open_turn: weakref.ref[Turn] | None = None  # that turn (weak: dropping it ends it)
         logger.debug("session %s started (backend %s, model %s)", self.session_id, self.backend.name,
                      self.llm_model)
 
@@ -146,20 +148,20 @@ class ConversationSession(SessionView):
     def close(self) -> None:
         """Flush the session file, release the session lock and a backend this session created
         (a backend passed in stays the caller's).  Idempotent."""
-        if self._turn_owner == threading.get_ident() and not self._core.closed:
-            raise SessionError("cannot close the session from inside on_token: the turn is still running")
+        if not self._core.closed:
+            self._end_own_turn("cannot close the session from inside on_token: the turn is still running")
         with self._state(wait_turn=True, allow_closed=True):
             self._core.close()
 
     @contextmanager
     def _state(self, *, wait_turn: bool = True, allow_closed: bool = False) -> Iterator[None]:
-        """Hold the session: wait for another thread's turn to end (never our own: that is a
-        call from inside on_token, which gets a clear error)."""
+        """Hold the session: wait for another thread's turn to end (never our own: see
+        ``_end_own_turn``)."""
+        if wait_turn:
+            self._end_own_turn("cannot do that from inside on_token: the turn is still running; "
+                               "act after chat() returns")
         with self._lock:
             if wait_turn:
-                if self._turn_owner == threading.get_ident():
-                    raise SessionError("cannot do that from inside on_token: the turn is still running; "
-                                       "act after chat() returns")
                 while self._turn_owner is not None:
                     self._turn_free.wait()
             if not allow_closed:
@@ -187,10 +189,9 @@ class ConversationSession(SessionView):
         core = self._core
         core.check_can_chat(text)
         me = threading.get_ident()
+        self._end_own_turn("cannot start a turn from inside on_token: the turn is still running; "
+                           "send it after chat() returns")
         with self._lock:
-            if self._turn_owner == me:
-                raise SessionError("cannot start a turn from inside on_token: the turn is still running; "
-                                   "send it after chat() returns")
             while self._turn_owner is not None:
                 self._turn_free.wait()
             core.check_can_chat(text)
@@ -200,6 +201,7 @@ class ConversationSession(SessionView):
             with self._lock:
                 if self._turn_owner is not None:
                     self._turn_owner = None
+                    self._open_turn = None
                     self._turn_free.notify_all()
 
         try:
@@ -207,7 +209,27 @@ class ConversationSession(SessionView):
         except BaseException:
             release()
             raise
-        return Turn(steps)
+        turn = Turn(steps)
+        self._open_turn = weakref.ref(turn)
+        return turn
+
+    def _end_own_turn(self, in_callback_error: str) -> None:
+        """Before this thread waits for the turn to be free.  From inside on_token, waiting
+        would never end: an error.  If the turn is this thread's own and no callback runs, it
+        was left open (its loop left early, no ``with`` block): it is ended as its ``with`` block
+        would end it (a reply being spoken keeps what was heard, an unfinished one is dropped)."""
+        if self._core.in_callback_now():
+            raise SessionError(in_callback_error)
+        me = threading.get_ident()
+        if self._turn_owner != me:
+            return
+        turn = self._open_turn() if self._open_turn is not None else None
+        if turn is not None:
+            logger.info("the previous turn was left open; ending it as its with block would")
+            turn.close()
+        if self._turn_owner == me:
+            raise SessionError("this thread's previous turn is still open; end it first (iterate it to the end, "
+                               "or call its result(), interrupt() or cancel())")
 
     def chat(self, text: str, *, on_token: Callable[[str], None] | None = None) -> ChatResult:
         """Send ``text`` and return the completed reply; the turn is saved before returning.
