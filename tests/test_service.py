@@ -35,6 +35,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+JSON = {"Content-Type": "application/json"}  # raw bytes must say they are JSON (the service refuses others: 415)
+
+
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
@@ -319,23 +322,23 @@ def test_refuses_to_listen_beyond_loopback_without_a_token(tmp_path: Path) -> No
 def test_bad_input_gets_a_4xx_json_error_never_a_500(server: ServiceProcess, client: httpx.Client) -> None:
     sid = new_session(client)
     url = f"/v1/sessions/{sid}/messages"
-    assert_json_error(client.post(url, content=b'{"text": "x", '), 400, "bad_json")
-    assert_json_error(client.post(url, content=b"\xff\xfe not utf-8"), 400, "bad_json")
+    assert_json_error(client.post(url, content=b'{"text": "x", ', headers=JSON), 400, "bad_json")
+    assert_json_error(client.post(url, content=b"\xff\xfe not utf-8", headers=JSON), 400, "bad_json")
     assert_json_error(client.post(url, json=["text"]), 400, "bad_json")
     assert_json_error(client.post(url, content=b""), 400, "bad_json")
     assert_json_error(client.post(url, json={"txt": "x"}), 400, "invalid_text")
     assert_json_error(client.post(url, json={"text": 5}), 400, "invalid_text")
     assert_json_error(client.post(url, json={"text": "   "}), 400, "invalid_text")
-    assert_json_error(client.post(url, content=b'{"text": "\\ud800"}'), 400, "invalid_text")
+    assert_json_error(client.post(url, content=b'{"text": "\\ud800"}', headers=JSON), 400, "invalid_text")
     assert_json_error(client.post(url, json={"text": "a\x00b"}), 400, "invalid_text")
     assert_json_error(client.post(url, json={"text": "x", "stream": "yes"}), 400)
-    assert_json_error(client.post(url, content=b"[" * 100_000 + b"]" * 100), 413, "too_large")
+    assert_json_error(client.post(url, content=b"[" * 100_000 + b"]" * 100, headers=JSON), 413, "too_large")
     assert_json_error(client.post(url, json={"text": "x" * 70_000}), 413, "too_large")
     assert_json_error(client.post(url, json={"text": "é" * 9000}), 413, "too_large")  # 18 KB of UTF-8
-    assert_json_error(client.post(url, content=b"[" * 50_000), 400, "bad_json")  # deep nesting
+    assert_json_error(client.post(url, content=b"[" * 50_000, headers=JSON), 400, "bad_json")  # deep nesting
     # A body larger than announced, or sent without a length, is cut at the limit too.
     chunks = (b"x" * 16_384 for _ in range(8))
-    assert_json_error(client.post(url, content=chunks), 413, "too_large")
+    assert_json_error(client.post(url, content=chunks, headers=JSON), 413, "too_large")
     for hostile in ("..", "a*b", "x" * 200, "%2e%2e%2fetc%2fpasswd", "session_1;rm", "%00"):
         resp = client.get(f"/v1/sessions/{hostile}")
         assert resp.status_code in (400, 404), (hostile, resp.status_code)

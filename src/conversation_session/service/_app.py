@@ -704,6 +704,9 @@ class RequestContext:
             elif message["type"] == "websocket.accept":
                 status.append(101)
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            elif message["type"] == "websocket.http.response.start":  # a handshake refused (_guard)
+                status.append(message["status"])
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
         try:
@@ -740,6 +743,7 @@ def create_app(config: ServiceConfig | None = None, *, backend: Backend | None =
                store: StoreAPI | None = None) -> Starlette:
     """The service as an ASGI app (one worker).  ``backend``/``store`` objects may be given
     (tests, embedding in a host); otherwise they are built from ``config``."""
+    from ._guard import Guard
     from ._ws import session_ws
 
     cfg = config or ServiceConfig()
@@ -769,6 +773,7 @@ def create_app(config: ServiceConfig | None = None, *, backend: Backend | None =
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ApiError: _api_error, HTTPException: _http_error})
     app.state.service = state
+    app.add_middleware(Guard, config=cfg)  # before routing, inside RequestContext (request id, log line)
     app.add_middleware(RequestContext)
     return app
 

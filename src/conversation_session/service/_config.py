@@ -9,15 +9,19 @@ import dataclasses
 import ipaddress
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..session._limits import parse_timeout
 from ..stores._open import is_postgres_url
 
-__all__ = ["CONFIG_ENV", "TOKENS_ENV", "ServiceConfig", "build_parser", "config_from_args", "is_loopback"]
+__all__ = ["CONFIG_ENV", "ORIGINS_ENV", "TOKENS_ENV", "ServiceConfig", "build_parser", "config_from_args",
+           "host_name", "is_loopback", "origin_of"]
 
 TOKENS_ENV = "CONVERSATION_SESSION_TOKENS"
+ORIGINS_ENV = "CONVERSATION_SESSION_ORIGINS"
 CONFIG_ENV = "CONVERSATION_SESSION_SERVICE_CONFIG"
 """Set by ``main`` for the worker processes: the whole config as JSON (tokens included, so the
 workers never read the command line)."""
@@ -36,6 +40,10 @@ class ServiceConfig:
     port: int = 8765
     workers: int = 1
     tokens: tuple[str, ...] = ()
+    # Browser-facing guards (``_guard``): host names beyond loopback that requests may name
+    # ("*": any, behind a reverse proxy that checks them), and web origins allowed to call.
+    allowed_hosts: tuple[str, ...] = ()
+    allow_origins: tuple[str, ...] = ()
     timeout: float | None = 60.0         # one turn, as the library's timeout
     max_tokens: int = 512
     system: str | None = None
@@ -59,6 +67,16 @@ class ServiceConfig:
     fake_delay: float = 0.0
     fake_context: int | None = None       # tests: the fake backend's context window (words)
 
+    def __post_init__(self) -> None:
+        # Checked here too (not only by the command line), so an embedding host learns of a
+        # bad value when it builds the config, not at its first request.
+        for key, check in (("allowed_hosts", host_name), ("allow_origins", origin_of)):
+            values = getattr(self, key)
+            if isinstance(values, str):
+                raise TypeError(f"ServiceConfig.{key} is a tuple of strings, not one string")
+            for value in values:
+                check(value)
+
     @property
     def keep_open(self) -> float:
         """Workers on one host hand idle sessions over on request (``_handoff``); workers on
@@ -70,15 +88,71 @@ class ServiceConfig:
         return 0.0 if is_postgres_url(store) else 30.0
 
     def to_env(self) -> str:
-        data = dataclasses.asdict(self)
-        data["tokens"] = list(self.tokens)
-        return json.dumps(data)
+        return json.dumps(dataclasses.asdict(self))
 
     @classmethod
     def from_env(cls, text: str) -> ServiceConfig:
         data = json.loads(text)
-        data["tokens"] = tuple(data.get("tokens") or ())
+        for key in _TUPLES:
+            data[key] = tuple(data.get(key) or ())
         return cls(**data)
+
+
+_TUPLES = ("tokens", "allowed_hosts", "allow_origins")  # lists in JSON
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def host_name(text: str) -> str:
+    """A host name as the guard compares it: lower case, no trailing dot, an IPv6 address
+    without brackets; ``"*"`` stays.  ValueError for anything else (a port included)."""
+    name = text.strip().lower()
+    if name == "*":
+        return name
+    bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    name = name.removesuffix(".")
+    if name and len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split(".")):
+        return name
+    raise ValueError(f"{text!r} is not a host name (give a name or an address, without a port; '*' allows any)")
+
+
+def origin_of(text: str) -> str:
+    """A web origin as browsers send it in ``Origin``: ``scheme://host[:port]``, lower case,
+    the scheme's default port left out.  ValueError for anything else (a path, "null", "*")."""
+    raw = text.strip()
+    what = f"{text!r} is not an origin: give scheme://host[:port], e.g. http://localhost:3000"
+    try:
+        parts = urlsplit(raw)
+        port = parts.port
+    except ValueError:
+        raise ValueError(what) from None
+    scheme = parts.scheme.lower()
+    if (not _SCHEME.fullmatch(scheme) or not parts.hostname or parts.username is not None
+            or parts.password is not None or parts.path not in ("", "/") or parts.query or parts.fragment
+            or "#" in raw or "?" in raw or raw.endswith(":")):
+        raise ValueError(what)
+    host = host_name(parts.hostname)
+    if host == "*":
+        raise ValueError(what)
+    if ":" in host:
+        host = f"[{host}]"
+    if port is None or port == _DEFAULT_PORTS.get(scheme):
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+def _cli_value(parse: Any) -> Any:
+    def check(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return check
 
 
 def is_loopback(host: str) -> bool:
@@ -129,6 +203,14 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
     p.add_argument("--token", action="append", default=None, metavar="TOKEN",
                    help=f"a bearer token clients must send (repeatable; also ${TOKENS_ENV}, comma-separated); "
                         "each token sees only its own sessions")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME", type=_cli_value(host_name),
+                   help="a host name requests may name besides loopback ones and --host (repeatable); other "
+                        "names are refused (a guard against DNS rebinding); '*' allows any, for a reverse proxy "
+                        "that checks the name itself")
+    p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN", type=_cli_value(origin_of),
+                   help=f"a web origin (scheme://host[:port]) whose pages may call the service: its cross-origin "
+                        f"requests, WebSockets and CORS are allowed (repeatable; also ${ORIGINS_ENV}, "
+                        "comma-separated); pages of other origins cannot change anything")
     p.add_argument("--timeout", type=_timeout, default=60.0, help="seconds per turn (0 = no limit; default 60)")
     p.add_argument("--max-tokens", type=_positive(int), default=512, help="reply length limit (default 512)")
     p.add_argument("--system", default=None, help="system prompt for new sessions")
@@ -170,10 +252,18 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     env = os.environ if environ is None else environ
     tokens = list(args.token or [])
     tokens += [t.strip() for t in env.get(TOKENS_ENV, "").split(",") if t.strip()]
+    origins = list(args.allow_origin or [])
+    for text in env.get(ORIGINS_ENV, "").split(","):
+        if text.strip():
+            try:
+                origins.append(origin_of(text))
+            except ValueError as exc:
+                raise ValueError(f"${ORIGINS_ENV}: {exc}") from None
     return ServiceConfig(
         store=args.store, sessions_dir=args.sessions_dir, backend=args.backend, model=args.model,
         base_url=args.base_url, host=args.host, port=args.port, workers=args.workers,
-        tokens=tuple(dict.fromkeys(tokens)), timeout=args.timeout, max_tokens=args.max_tokens,
+        tokens=tuple(dict.fromkeys(tokens)), allowed_hosts=tuple(dict.fromkeys(args.allowed_host or [])),
+        allow_origins=tuple(dict.fromkeys(origins)), timeout=args.timeout, max_tokens=args.max_tokens,
         system=args.system, memory=args.memory, tts=args.tts, tts_voice=args.tts_voice, tts_rate=args.tts_rate,
         log_level=args.log_level, rate=args.rate, burst=args.burst,
         lock_wait_s=max(args.lock_wait, 0.0), keep_open_s=args.keep_open, max_open=args.max_open,

@@ -20,7 +20,10 @@ logger = logging.getLogger("conversation_session.service")
 def run(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:  # $CONVERSATION_SESSION_ORIGINS (the flags are checked by the parser)
+        parser.error(str(exc))
     if not is_loopback(config.host) and not config.tokens:
         print(f"refusing to listen on {config.host} without a token: clients there could read and write every "
               "session. Give --token TOKEN (or $CONVERSATION_SESSION_TOKENS), or listen on 127.0.0.1.",

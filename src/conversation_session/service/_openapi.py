@@ -21,9 +21,12 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 _ERRORS = {
     "400": _json(_ref("Error"), "bad input (malformed JSON, invalid id, empty text)"),
     "401": _json(_ref("Error"), "missing or wrong bearer token"),
+    "403": _json(_ref("Error"), "cross_origin: sent by a web page of another origin (see --allow-origin)"),
     "404": _json(_ref("Error"), "no such session for this token"),
     "409": _json(_ref("Error"), "the session stayed busy with another request past the wait bound; retry"),
     "413": _json(_ref("Error"), "body over 64 KB or text over 16 KB"),
+    "415": _json(_ref("Error"), "a body without Content-Type: application/json"),
+    "421": _json(_ref("Error"), "unknown_host: Host is not a name of this service (see --allowed-host)"),
     "429": _json(_ref("Error"), "rate limit for this token (across all workers); see Retry-After"),
     "503": _json(_ref("Error"), "not ready (model loading) or store unavailable"),
 }
