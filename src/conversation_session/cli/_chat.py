@@ -130,6 +130,26 @@ def _session_ids(store: Any) -> list[str]:
         return []
 
 
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or minimal stream
+        return False
+
+
+def _is_current_model(session: ConversationSession, name: str) -> bool:
+    """``/model NAME`` names the model in use: its name, or (embedded) its file by any path."""
+    if name == session.llm_model:
+        return True
+    current = getattr(session.backend, "path", None)
+    if current is None:
+        return False
+    try:
+        return os.path.samefile(Path(name).expanduser(), current)
+    except (OSError, ValueError):
+        return False
+
+
 @dataclass
 class _Spoken:
     """A reply being generated and spoken by a worker thread (see the module docstring)."""
@@ -466,9 +486,15 @@ class ChatApp:
             c.start_spinner("thinking…")
         started = False
         shown: list[str] = []  # the reply as streamed, for rendering it as Markdown afterwards
+        # One-shot into a pipe or a file: the reply is written once it is complete, so a turn
+        # that fails (timeout, Ctrl-C, server error) leaves nothing on stdout for the script.
+        withhold = self.one_shot and not _is_tty(c.out)
 
         def on_token(piece: str) -> None:
             nonlocal started
+            if withhold:
+                shown.append(piece)
+                return
             if not started:
                 c.stop_spinner()
                 if self.interactive:
@@ -515,9 +541,7 @@ class ChatApp:
             c.stop_spinner()
             self._end_reply(started)
             c.release()
-            kept = ("the partial reply above was not kept; " if started else "")
-            c.notice(f"⏱️  timed out after {exc.timeout:g} s; {kept}the conversation so far is kept, "
-                     "carry on", "yellow")
+            c.notice(self._timeout_text(session, exc.timeout, started), "yellow")
             self._failed = True
             return True
         except SessionError as exc:  # BackendError included
@@ -529,6 +553,9 @@ class ChatApp:
             return True
         finally:
             c.stop_spinner()
+        if withhold and shown:
+            c.reply("".join(shown))
+            started = True
         if not started and self.interactive:
             c.write(c.style("🤖 (empty reply)", "dim"))
         elif self.interactive and self.markdown:
@@ -543,6 +570,16 @@ class ChatApp:
         assert result is not None
         self._after_reply(session, result)
         return True
+
+    def _timeout_text(self, session: ConversationSession, timeout: float | None, started: bool) -> str:
+        after = f"{timeout:g} s" if timeout is not None else "the time limit"
+        if self.one_shot:
+            # The process is exiting: say what was saved and how to go on, not "carry on".
+            earlier = (f"; session {session.session_id} keeps its {session.turns} earlier turn(s) "
+                       f"(--resume {session.session_id} continues it)" if session.turns else "")
+            return f"⏱️  timed out after {after} (--timeout): no reply, nothing of it saved{earlier}"
+        kept = "the partial reply above was not kept; " if started else ""
+        return f"⏱️  timed out after {after}; {kept}the conversation so far is kept, carry on"
 
     # -- a spoken reply: barge-in ----------------------------------------------------------
     def _speak(self, session: ConversationSession, text: str, on_token: Callable[[str], None], *,
@@ -829,14 +866,18 @@ class ChatApp:
             c.line(f"   model: {session.llm_model} ({session.backend.name}); `/model NAME` switches, "
                    "`/models` lists what the backend offers")
             return
-        if self.backend is not None:
-            c.error("this app was given its backend object; the model cannot be switched")
-            return
         a = self.args
         if a.backend == "llama-cpp":
             from ._models import find_local_model
 
             name = find_local_model(name, a.model)
+        if _is_current_model(session, name):
+            # Loading it again would cost the load time and the KV cache for nothing.
+            c.notice(f"{session.llm_model} is already in use; nothing to switch", "dim")
+            return
+        if self.backend is not None:
+            c.error("this app was given its backend object; the model cannot be switched")
+            return
         new_args = argparse.Namespace(**vars(a))
         new_args.model = name
         settings = {"system_prompt": session.system_prompt, "temperature": session.temperature,
