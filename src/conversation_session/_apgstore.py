@@ -211,14 +211,15 @@ class AsyncPostgresStore:
         return rows
 
     # -- the store -----------------------------------------------------------------------------
-    async def create(self, llm_model: str) -> AsyncPostgresWriter:
+    async def create(self, llm_model: str, *, session_id: str | None = None) -> AsyncPostgresWriter:
         holder = new_holder()
         base = f"session_{int(time.time())}"
         record = SessionRecord(session_id=base, llm_model=llm_model)
+        preferred = None if session_id is None else validate_session_id(session_id)
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> str:
             rows = await (await conn.execute(self.sql.ids_like, (base, base.replace("_", r"\_") + r"\_%"))).fetchall()
-            for session_id in create_candidates({r[0] for r in rows}, base):
+            for session_id in create_candidates({r[0] for r in rows}, base, preferred):
                 cur = await conn.execute(self.sql.create, {"id": session_id, "created_at": record.created_at,
                                                            "llm_model": llm_model, "holder": holder,
                                                            "ttl": self.lease_ttl_s})

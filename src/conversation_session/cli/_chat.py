@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .. import ConversationSession
-from .._exceptions import SessionError, SessionTimeoutError, TTSTimeoutError
+from .._exceptions import SessionError, SessionLockedError, SessionTimeoutError, TTSTimeoutError
 from .._result import ChatResult
 from .._turn import Turn
 from ..backends import Backend
@@ -128,6 +128,31 @@ def _session_ids(store: Any) -> list[str]:
         return [sid for _mtime, sid in store.candidates()]
     except (OSError, SessionError):
         return []
+
+
+def _skipped_text(held: list[tuple[str, SessionLockedError]]) -> str:
+    """Why newer sessions were passed over by ``-c``: who holds the newest of them."""
+    if not held:
+        return ""
+    sid, exc = held[0]
+    more = f" (and {len(held) - 1} more in use)" if len(held) > 1 else ""
+    return f"; the newer {sid} is open in {_holder(exc.holder)}{more}"
+
+
+def _holder(holder: str | None) -> str:
+    """``the session service (process 4242)`` or ``process 4243 (python main.py)``."""
+    from .._fileio import process_label
+    from ..service._handoff import holder_pid, is_worker
+
+    pid = holder_pid(holder)
+    if pid is None:
+        return f"another process ({holder})" if holder else "another process"
+    if pid == os.getpid():
+        return "this process"
+    if is_worker(pid):
+        return f"the session service (process {pid})"
+    label = process_label(pid)
+    return f"process {pid}" + (f" ({label})" if label else "")
 
 
 def _is_tty(stream: TextIO) -> bool:
@@ -410,20 +435,28 @@ class ChatApp:
         c = self.console
         a = self.args
         if a.resume is not None:
+            skipped: list[tuple[str, SessionLockedError]] = []
             try:
-                resumed = session.load_history(a.resume or None)
+                if a.resume:
+                    resumed = session.load_history(a.resume)
+                else:
+                    resumed, skipped = self._continue_latest(session)
             except (SessionError, ValueError) as exc:
                 c.error(str(exc))
                 return False
+            why = _skipped_text(skipped)
             if resumed:
                 if not self.one_shot:
-                    c.notice(f"✅ resumed {session.session_id}: {session.turns} turn(s)", "green")
+                    c.notice(f"✅ resumed {session.session_id}: {session.turns} turn(s){why}", "green")
+                elif skipped:  # a script continuing "the latest" gets an older one: say so
+                    c.notice(f"continuing {session.session_id} ({session.turns} turn(s)){why}", "yellow")
                 self._trimmed_seen = 0
             elif a.resume:
                 c.error(f"no saved session {a.resume} in {_where(session.store)}")
                 return False
-            elif not self.one_shot:
-                c.notice("No saved session to resume; starting a new one.", "dim")
+            elif not self.one_shot or skipped:
+                c.notice(f"No saved session to resume{why}; starting a new one, {session.session_id}.",
+                         "yellow" if skipped else "dim")
         if self.interactive:
             c.notice(f"conversation-session · {session.backend.name} · {session.llm_model} · "
                      f"session {session.session_id}", "bold")
@@ -431,6 +464,24 @@ class ChatApp:
         if a.resume is None and not self.one_shot:
             self._hint_earlier(session)
         return True
+
+    @staticmethod
+    def _continue_latest(session: ConversationSession) -> tuple[bool, list[tuple[str, SessionLockedError]]]:
+        """``-c``: the newest saved session that has turns and can be opened, and the newer ones
+        passed over because another process holds them (the service, another chat), so the
+        user is told which session goes on and why not the newest."""
+        held: list[tuple[str, SessionLockedError]] = []
+        for sid in _session_ids(session.store):
+            if sid == session.session_id:
+                continue
+            try:
+                if session.load_history(sid):
+                    return True, held
+            except SessionLockedError as exc:
+                held.append((sid, exc))
+            except (SessionError, ValueError) as exc:  # damaged: said, and the next one is tried
+                logger.warning("skipping session %s: %s", sid, exc)
+        return False, held
 
     def _hint_earlier(self, session: ConversationSession) -> None:
         """Say that an earlier session exists, once per earlier session (not at every start)."""

@@ -441,7 +441,7 @@ async def list_sessions(request: Request) -> Response:
     for sid, entry in mine:
         info = infos.get(entry.get("store_id") or "")
         out.append({
-            "session_id": sid, "created_at": entry["created_at"],
+            "session_id": sid, "created_at": info.created_at if info else entry["created_at"],
             "updated_at": info.updated_at if info else entry["created_at"],
             "turns": info.turns if info else 0, "total_messages": info.total_messages if info else 0,
             "first_user_line": info.first_user_line if info else "",
@@ -457,7 +457,8 @@ async def get_session(request: Request) -> Response:
     entry = await st.owned(sid, owner)
     record = await st.record(entry, sid)
     return JSONResponse({
-        "session_id": sid, "created_at": entry["created_at"], "updated_at": record.updated_at or entry["created_at"],
+        # The saved session's own dates once it has a turn (the file shows the same ones).
+        "session_id": sid, "created_at": record.created_at, "updated_at": record.updated_at or record.created_at,
         "turns": record.turns, "total_messages": len(record.messages), "llm_model": record.llm_model or None,
         "system_prompt": record.system_prompt, "store_session_id": entry.get("store_id"),
         "memory": st.config.memory,
