@@ -392,6 +392,9 @@ def test_async_store_round_trip_lease_and_fencing(pg_url):
         a = AsyncPostgresStore(pg_url, lease_ttl_s=1.0)
         b = PostgresStore(pg_url, lease_ttl_s=1.0)  # a sync store on another "host"
         try:
+            named = await a.create("m", session_id="c0123456789abcdef01234567")  # the service's ids
+            assert named.session_id == "c0123456789abcdef01234567"
+            await named.close()  # no turn: nothing is left of it
             w = await a.create("m")
             assert await w.append(0, TRICKY[:3], meta={"system_prompt": "sp"})
             assert await w.append(3, TRICKY[3:])
