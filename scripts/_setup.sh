@@ -5,7 +5,8 @@
 #   tests start their own server in a temporary folder).  Installed with apt-get as root, or
 #   sudo, when missing.
 # - .venv with this project installed (editable).  Re-installed only when pyproject.toml
-#   changes; pip's wheel cache makes the llama.cpp build a one-time cost.
+#   changes or another set of extras is asked for (none after the tests' set, which holds the
+#   chat's); pip's wheel cache makes the llama.cpp build a one-time cost.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -49,9 +50,35 @@ setup_project() {
   local stamp="$VENV/.installed${extras:+-$extras}"
   local want
   want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-32)"
-  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    _say "installing the project into .venv; the first time this compiles llama.cpp from source (about 5 minutes on 2 cores, once: pip caches the result)"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT${extras:+[$extras]}"
+  [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && return 0
+  # The test tools' set (dev) holds everything the chat's (all) does: after ./scripts/test,
+  # ./scripts/chat has nothing to install.
+  if [ "$extras" = all ] && [ "$(cat "$VENV/.installed-dev" 2>/dev/null)" = "$want" ]; then
     echo "$want" > "$stamp"
+    return 0
   fi
+  _say "$(_install_what "$extras" "$want")"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT${extras:+[$extras]}"
+  echo "$want" > "$stamp"
+}
+
+# What the install about to run really does, in one line: llama.cpp is compiled only when
+# llama_cpp cannot be imported yet (and then only once: pip caches the wheel).
+_install_what() {
+  local extras="$1" want="$2" what="the project" other
+  case "$extras" in
+    all) what="the chat's extras" ;;
+    dev) what="the test tools" ;;
+  esac
+  if ! "$VENV/bin/python" -c 'import llama_cpp' >/dev/null 2>&1; then
+    echo "installing the project into .venv; the first time this compiles llama.cpp from source (about 5 minutes on 2 cores, once: pip caches the result)"
+    return
+  fi
+  for other in "$VENV"/.installed*; do
+    if [ "$(cat "$other" 2>/dev/null)" = "$want" ]; then
+      echo "installing $what into .venv (llama.cpp is already built)"
+      return
+    fi
+  done
+  echo "pyproject.toml changed: updating the project in .venv (llama.cpp is already built)"
 }

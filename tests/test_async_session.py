@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import threading
 import time
 
@@ -294,7 +295,11 @@ def test_the_readme_asyncio_example_runs(tmp_path, sessions_dir):
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     script = tmp_path / "example.py"
     script.write_text(code, encoding="utf-8")
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    # As a user runs it: in a folder of their own, without the tests' sessions folder.
+    env = {k: v for k, v in os.environ.items() if k not in ("CONVERSATION_SESSIONS_DIR", "CONVERSATION_SESSIONS_STORE")}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env=env)
     assert out.returncode == 0, out.stderr
     assert "Reply 1: 我叫小明" in out.stdout
-    assert len(list(sessions_dir.glob("session_*.json"))) == 2
+    # The test backend's sessions never land in the user's ./sessions (where `-c` would find them).
+    assert not (tmp_path / "sessions").exists() and not sessions_dir.exists()

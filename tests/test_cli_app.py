@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conversation_session import BackendError, FakeBackend, HistoryStore
+from conversation_session import BackendError, ConversationSession, FakeBackend, HistoryStore
 from conversation_session.cli._args import parse_args
 from conversation_session.cli._chat import ChatApp, backend_options, completions
 from conversation_session.cli._commands import parse_line
@@ -188,6 +188,22 @@ def test_control_characters_are_shown_not_obeyed(sessions_dir):
 
 
 # -- 9, 10, 11, 13, 14 ------------------------------------------------------------------------------
+def test_the_markdown_export_holds_the_title_system_prompt_and_withdrawn_turns(sessions_dir, tmp_path):
+    target = tmp_path / "trip.md"
+    status, _, err, app = chat(["hello", "undo", "again", "/title Trip to Rome", f"/export {target}"],
+                               "--system", "You are a pirate.")
+    assert status == 0, err
+    sid = app.session.session_id
+    md = target.read_text()
+    assert md.startswith("# Trip to Rome\n")  # the title, not the id, after a rename
+    assert f"- session: {sid}" in md
+    assert "## system prompt\n\nYou are a pirate.\n" in md
+    body, _, withdrawn = md.partition("## withdrawn turns (undo, retry)")
+    assert "## user\n\nagain" in body and "hello" not in body
+    assert "(they were messages 1-2)" in withdrawn
+    assert "#### user\n\nhello" in withdrawn and "#### assistant\n\nReply 1: hello" in withdrawn
+
+
 def test_stats_after_clear_and_resume_show_no_figures_of_the_previous_session(sessions_dir):
     _, _, _, first = chat(["older one"])
     status, out, _, _ = chat(["a b c", "d e f", "stats", "clear", "stats", "g h", f"/resume {first.session.session_id}",
@@ -350,6 +366,35 @@ def test_config_file_sets_defaults_and_flags_win(sessions_dir, tmp_path, monkeyp
     assert run("hi").returncode == 2
 
 
+def test_a_bad_config_file_is_one_line_without_the_usage_text(tmp_path, capsys):
+    config = tmp_path / "xdg" / "conversation-session" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text("temprature = 0.2\n")
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["hello"], {"XDG_CONFIG_HOME": str(tmp_path / "xdg")})
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "usage:" not in err, err
+    assert err.startswith("conversation-session: error: config file ") and "unknown key 'temprature'" in err
+
+
+@pytest.mark.parametrize("words", [["sessions", "list"], ["--backend", "fake", "hello"]])
+def test_a_reader_that_goes_away_ends_the_output_quietly(sessions_dir, words):
+    """``sessions list | head -3``: once the reader has gone, the app stops without an
+    "error: Broken pipe" line or a traceback (exit status 1, as Python's own advice has it)."""
+    with ConversationSession(backend=FakeBackend(), sessions_dir=sessions_dir) as s:
+        s.chat("one")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first line is written
+    try:
+        proc = subprocess.run([sys.executable, str(MAIN), *words], stdin=subprocess.DEVNULL, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60, cwd=ROOT)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1
+    assert proc.stderr == "", proc.stderr
+
+
 # -- sampling flags, --verbose, /set, multi-line, completion ------------------------------------------
 def test_sampling_flags_go_where_the_backend_takes_them():
     pytest.importorskip("llama_cpp")
@@ -425,17 +470,37 @@ def test_sigint_during_a_one_shot_reply_exits_130_and_saves_nothing_of_it(sessio
         child = subprocess.Popen([sys.executable, str(MAIN), "--backend", "ollama", "--base-url", server.url,
                                   "tell me something long"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        assert child.stdout is not None
-        assert child.stdout.read(5) == "word0"  # the reply is streaming
+        deadline = time.monotonic() + 30
+        while not any(c.words_sent >= 5 for c in server.chats):  # the reply is streaming
+            assert time.monotonic() < deadline and child.poll() is None, "the reply never started"
+            time.sleep(0.02)
         child.send_signal(signal.SIGINT)
         try:
-            _, err = child.communicate(timeout=20)
+            out, err = child.communicate(timeout=20)
         finally:
             child.kill()
     finally:
         server.stop()
     assert child.returncode == 130 and "interrupted: this reply was not saved" in err
+    assert out == ""  # nothing of the cut reply reaches the script reading stdout
     assert saved_messages(sessions_dir) == []
+
+
+def test_a_one_shot_timeout_writes_nothing_to_stdout_and_says_what_was_saved(sessions_dir):
+    server = OllamaAPIServer(token_delay=0.05).start()
+    try:
+        first = run("--backend", "ollama", "--base-url", server.url, "hello")
+        assert first.returncode == 0 and first.stdout.startswith("You said: hello")
+        proc = run("--backend", "ollama", "--base-url", server.url, "--timeout", "1", "-c", "tell me something long")
+    finally:
+        server.stop()
+    assert proc.returncode == 1
+    assert proc.stdout == ""  # the partial reply ("word0 word1 ...") is not left for the script
+    (sid,) = [i.session_id for i in HistoryStore(sessions_dir).list_sessions()]
+    assert "timed out after 1 s (--timeout): no reply, nothing of it saved" in proc.stderr
+    assert f"session {sid} keeps its 1 earlier turn(s) (--resume {sid} continues it)" in proc.stderr
+    assert "carry on" not in proc.stderr  # the process is exiting
+    assert HistoryStore(sessions_dir).load(sid).turns == 1
 
 
 def test_an_unknown_model_exits_1_with_what_to_do(sessions_dir):

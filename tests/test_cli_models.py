@@ -48,10 +48,13 @@ def run(*args: str, input: str = "", timeout: float = 120) -> subprocess.Complet
 
 
 def test_model_switches_the_model_for_the_rest_of_the_same_conversation(ollama, sessions_dir):
-    lines = ["hello", "/models", "/model llama3.2:1b", "again", "/model nosuch:7b", "third", "model", "history"]
+    lines = ["hello", "/model qwen2.5:3b", "/models", "/model llama3.2:1b", "again", "/model nosuch:7b", "third",
+             "model", "history"]
     proc = run("--backend", "ollama", "--base-url", ollama.url, input="".join(x + "\n" for x in lines))
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, err
+    # The model in use, named: said so, not reloaded (no new session object, no second check).
+    assert "qwen2.5:3b is already in use; nothing to switch" in err and "now on qwen2.5:3b" not in err
     # /models: both of the server's models, the one in use marked.
     assert "* qwen2.5:3b" in out and "  llama3.2:1b" in out
     assert "now on llama3.2:1b (ollama)" in err and "with its 1 turn(s) (was qwen2.5:3b)" in err
@@ -143,9 +146,9 @@ def test_a_bad_model_file_keeps_the_embedded_model_working(sessions_dir):
     proc = run("--max-tokens", "8", "--threads", "1", input="".join(x + "\n" for x in lines))
     assert proc.returncode == 0, proc.stderr
     assert "cannot switch to /nonexistent/model.gguf" in proc.stderr and "still on" in proc.stderr
-    # Switching to the bundled model by its listed name: the same session goes on, 2 turns.
-    assert "now on" in proc.stderr and "with its 2 turn(s)" in proc.stderr
-    assert "2 turn(s), 4 message(s)" in proc.stdout
+    # Naming the bundled model, which is still the one in use: said, and not loaded again.
+    assert "SmolLM2-135M-Instruct.Q4_1 is already in use; nothing to switch" in proc.stderr
+    assert "now on" not in proc.stderr and "2 turn(s), 4 message(s)" in proc.stdout
     assert len(HistoryStore(sessions_dir).list_sessions()) == 1
 
 

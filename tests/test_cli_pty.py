@@ -173,3 +173,40 @@ def test_a_log_line_from_another_thread_prints_above_the_prompt(sessions_dir):
     child.expect("typed")
     child.sendcontrol("u")
     quit_(child)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_a_planted_input_history_is_treated_as_absent_and_said_once(sessions_dir, tmp_path, kind):
+    """A FIFO planted as ``.input_history`` hung the chat at the first message (opening it for
+    writing waits for a reader); a symlink would have written through to its target.  Either is
+    now left alone: the history is kept in memory for the run, and that is said once."""
+    sessions_dir.mkdir(parents=True)
+    planted = sessions_dir / ".input_history"
+    target = tmp_path / "elsewhere"
+    if kind == "fifo":
+        os.mkfifo(planted)
+    else:
+        target.write_text("")
+        planted.symlink_to(target)
+    seen = io.StringIO()
+    child = pexpect.spawn(
+        sys.executable, [str(ROOT / "main.py"), "--backend", "fake"], cwd=str(ROOT),
+        env={**os.environ, "CONVERSATION_SESSIONS_DIR": str(sessions_dir), "TERM": "xterm",
+             "PROMPT_TOOLKIT_NO_CPR": "1"},
+        encoding="utf-8", timeout=15, dimensions=(40, 200))
+    child.logfile_read = seen
+    child.expect("input history is kept for this run only")
+    child.expect(PROMPT)
+    for n, text in enumerate(("hello", "again"), start=1):
+        child.sendline(text)
+        child.expect(f"Reply {n}: {text}")
+        child.expect(PROMPT)
+    child.send("\x1b[A")  # up arrow: this run's input is still recalled
+    child.expect("again")
+    child.sendcontrol("u")
+    quit_(child)
+    assert ANSI.sub("", seen.getvalue()).count("input history is kept for this run only") == 1
+    if kind == "fifo":
+        assert planted.is_fifo()
+    else:
+        assert planted.is_symlink() and target.read_text() == ""

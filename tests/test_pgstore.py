@@ -382,4 +382,3 @@ def test_urls_are_shown_without_their_password():
     assert json.dumps(PostgresStore.from_url("postgresql://u:pw@h/d").description) == '"postgresql://u@h/d"'
 
 
-# -- the async store: the same statements and lease over AsyncConnectionPool ----------------------

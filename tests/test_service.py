@@ -402,6 +402,32 @@ def test_home_assistant_endpoint_remembers_across_restarts(tmp_path: Path) -> No
         assert [m["content"] for m in history[::2]] == ["turn on the light", "and the fan?", "and now?"]
 
 
+def test_home_assistant_timeout_speaks_one_short_sentence_in_the_requests_language(tmp_path: Path) -> None:
+    """A satellite reads ``speech`` aloud: a short sentence in the request's language, never the
+    library's technical message, which goes in ``data`` with the details."""
+    from conversation_session.service._app import ha_sorry
+
+    assert ha_sorry("timeout", "zh-TW") == "抱歉，回答逾時了，請再說一遍。"
+    assert ha_sorry("error", "zh_Hant_HK") == ha_sorry("error", "zh-TW") != ha_sorry("error", "zh")
+    with service(tmp_path / "s", "--timeout", "0.3", "--fake-delay", "0.02") as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        spoken = {}
+        for language in ("en", "zh-CN", "fr"):
+            body = c.post("/api/conversation/process", json={"text": LONG, "language": language}).json()
+            response = body["response"]
+            assert response["response_type"] == "error" and response["language"] == language
+            spoken[language] = response["speech"]["plain"]["speech"]
+            data = response["data"]
+            assert data["code"] == "failed_to_handle" and data["error"] == "timeout"
+            assert data["timeout_s"] == 0.3 and "timeout=0.3" in data["message"]
+            assert str(data["partial_response"]).startswith("Reply ")  # what was generated, not spoken
+            assert body["continue_conversation"] is False
+    assert spoken["en"] == "Sorry, that took too long. Please ask again."
+    assert spoken["zh-CN"] == "抱歉，回答超时了，请再说一遍。"
+    assert spoken["fr"] == spoken["en"]  # a language without its sentence: English
+    assert all("timeout" not in text and len(text) < 60 for text in spoken.values())
+
+
 # -- operations ---------------------------------------------------------------------------------------------
 def test_graceful_shutdown_finishes_the_running_turn_and_flushes(tmp_path: Path) -> None:
     srv = ServiceProcess(tmp_path / "s", "--fake-delay", "0.01")
@@ -425,6 +451,35 @@ def test_graceful_shutdown_finishes_the_running_turn_and_flushes(tmp_path: Path)
     data = json.loads((tmp_path / "s" / files[0]).read_text())
     assert data["turns"] == 2
     assert any(line.get("msg") == "stopped: sessions closed and flushed" for line in srv.log_lines())
+
+
+@pytest.mark.parametrize("flag", [None, "json"])
+def test_the_log_is_plain_lines_on_a_terminal_and_json_when_asked(tmp_path: Path, flag: str | None) -> None:
+    """On an interactive terminal (a real pty) the service logs plain lines; ``--log-format json``
+    keeps JSON lines there too (and elsewhere JSON is the default: the other tests read it)."""
+    import pexpect
+
+    port = free_port()
+    args = ["-m", "conversation_session.service", "--backend", "fake", "--port", str(port),
+            "--sessions-dir", str(tmp_path / "s"), *(["--log-format", flag] if flag else [])]
+    child = pexpect.spawn(sys.executable, args, cwd=str(ROOT), env=dict(os.environ), encoding="utf-8", timeout=30)
+    try:
+        child.expect(r"serving on http://127\.0\.0\.1:\d+[^\r\n]*")
+        line = child.before.rsplit("\n", 1)[-1] + child.after
+        child.expect("ready: backend")
+        httpx.get(f"http://127.0.0.1:{port}/v1/sessions", headers={"X-Request-ID": "tty-1"}, timeout=5)
+        child.expect("GET /v1/sessions 200")
+        request_line = child.before.rsplit("\n", 1)[-1] + child.after + child.readline()
+    finally:
+        child.kill(signal.SIGTERM)
+        child.expect(pexpect.EOF)
+        child.close()
+    if flag == "json":
+        assert json.loads(line.strip())["msg"].startswith("serving on")
+        assert json.loads(request_line.strip())["request_id"] == "tty-1"
+    else:
+        assert not line.lstrip().startswith("{") and " INFO " in line, line
+        assert "request tty-1" in request_line and not request_line.lstrip().startswith("{"), request_line
 
 
 def test_not_ready_while_the_backend_is_missing(tmp_path: Path) -> None:

@@ -266,6 +266,24 @@ def test_import_record_keeps_a_free_id_and_validates(subject):
     assert subject.store.load("imported_x").messages == _turns(3) + _turn(9)
 
 
+def test_create_takes_a_preferred_id_when_it_is_free(subject):
+    """The service names a session's store record after its own id (one id everywhere); an id
+    in use, or held by a writer, gives a fresh one instead, never a shared record."""
+    w = subject.store.create("m", session_id="c0123456789abcdef01234567")
+    assert w.session_id == "c0123456789abcdef01234567"
+    held = subject.store.create("m", session_id="c0123456789abcdef01234567")  # held by w: another id
+    assert held.session_id != w.session_id
+    assert w.append(0, _turn(0)) and held.append(0, _turn(1))
+    w.close()
+    held.close()
+    again = subject.store.create("m", session_id="c0123456789abcdef01234567")  # saved: another id
+    assert again.session_id not in ("c0123456789abcdef01234567", held.session_id)
+    again.close()
+    assert subject.store.load("c0123456789abcdef01234567").messages == _turn(0)
+    with pytest.raises(ValueError):
+        subject.store.create("m", session_id="../escape")
+
+
 # -- undo (rewind), titles and search: schema 4 ---------------------------------------------------
 def test_rewind_withdraws_records_and_survives_a_reopen(subject):
     w = _writer(subject)

@@ -59,3 +59,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return broken_pipe()
+
+
+def broken_pipe() -> int:
+    """Whoever read standard output has gone (``sessions list | head -3``): stop quietly, as the
+    Python documentation advises (signal module, "Note on SIGPIPE").  The rest of the output
+    goes to /dev/null, so the interpreter's last flush at exit cannot fail again and print."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (embedded): nothing to redirect
+        pass
+    return 1

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .. import ConversationSession
-from .._exceptions import SessionError, SessionTimeoutError, TTSTimeoutError
+from .._exceptions import SessionError, SessionLockedError, SessionTimeoutError, TTSTimeoutError
 from .._result import ChatResult
 from ..backends import Backend
 from ..session._limits import check_max_tokens, parse_timeout
@@ -129,6 +129,51 @@ def _session_ids(store: Any) -> list[str]:
         return [sid for _mtime, sid in store.candidates()]
     except (OSError, SessionError):
         return []
+
+
+def _skipped_text(held: list[tuple[str, SessionLockedError]]) -> str:
+    """Why newer sessions were passed over by ``-c``: who holds the newest of them."""
+    if not held:
+        return ""
+    sid, exc = held[0]
+    more = f" (and {len(held) - 1} more in use)" if len(held) > 1 else ""
+    return f"; the newer {sid} is open in {_holder(exc.holder)}{more}"
+
+
+def _holder(holder: str | None) -> str:
+    """``the session service (process 4242)`` or ``process 4243 (python main.py)``."""
+    from ..service._handoff import holder_pid, is_worker
+    from ..stores._fileio import process_label
+
+    pid = holder_pid(holder)
+    if pid is None:
+        return f"another process ({holder})" if holder else "another process"
+    if pid == os.getpid():
+        return "this process"
+    if is_worker(pid):
+        return f"the session service (process {pid})"
+    label = process_label(pid)
+    return f"process {pid}" + (f" ({label})" if label else "")
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or minimal stream
+        return False
+
+
+def _is_current_model(session: ConversationSession, name: str) -> bool:
+    """``/model NAME`` names the model in use: its name, or (embedded) its file by any path."""
+    if name == session.llm_model:
+        return True
+    current = getattr(session.backend, "path", None)
+    if current is None:
+        return False
+    try:
+        return os.path.samefile(Path(name).expanduser(), current)
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass
@@ -391,20 +436,28 @@ class ChatApp:
         c = self.console
         a = self.args
         if a.resume is not None:
+            skipped: list[tuple[str, SessionLockedError]] = []
             try:
-                resumed = session.load_history(a.resume or None)
+                if a.resume:
+                    resumed = session.load_history(a.resume)
+                else:
+                    resumed, skipped = self._continue_latest(session)
             except (SessionError, ValueError) as exc:
                 c.error(str(exc))
                 return False
+            why = _skipped_text(skipped)
             if resumed:
                 if not self.one_shot:
-                    c.notice(f"✅ resumed {session.session_id}: {session.turns} turn(s)", "green")
+                    c.notice(f"✅ resumed {session.session_id}: {session.turns} turn(s){why}", "green")
+                elif skipped:  # a script continuing "the latest" gets an older one: say so
+                    c.notice(f"continuing {session.session_id} ({session.turns} turn(s)){why}", "yellow")
                 self._trimmed_seen = 0
             elif a.resume:
                 c.error(f"no saved session {a.resume} in {_where(session.store)}")
                 return False
-            elif not self.one_shot:
-                c.notice("No saved session to resume; starting a new one.", "dim")
+            elif not self.one_shot or skipped:
+                c.notice(f"No saved session to resume{why}; starting a new one, {session.session_id}.",
+                         "yellow" if skipped else "dim")
         if self.interactive:
             c.notice(f"conversation-session · {session.backend.name} · {session.llm_model} · "
                      f"session {session.session_id}", "bold")
@@ -412,6 +465,24 @@ class ChatApp:
         if a.resume is None and not self.one_shot:
             self._hint_earlier(session)
         return True
+
+    @staticmethod
+    def _continue_latest(session: ConversationSession) -> tuple[bool, list[tuple[str, SessionLockedError]]]:
+        """``-c``: the newest saved session that has turns and can be opened, and the newer ones
+        passed over because another process holds them (the service, another chat), so the
+        user is told which session goes on and why not the newest."""
+        held: list[tuple[str, SessionLockedError]] = []
+        for sid in _session_ids(session.store):
+            if sid == session.session_id:
+                continue
+            try:
+                if session.load_history(sid):
+                    return True, held
+            except SessionLockedError as exc:
+                held.append((sid, exc))
+            except (SessionError, ValueError) as exc:  # damaged: said, and the next one is tried
+                logger.warning("skipping session %s: %s", sid, exc)
+        return False, held
 
     def _hint_earlier(self, session: ConversationSession) -> None:
         """Say that an earlier session exists, once per earlier session (not at every start)."""
@@ -467,9 +538,15 @@ class ChatApp:
             c.start_spinner("thinking…")
         started = False
         shown: list[str] = []  # the reply as streamed, for rendering it as Markdown afterwards
+        # One-shot into a pipe or a file: the reply is written once it is complete, so a turn
+        # that fails (timeout, Ctrl-C, server error) leaves nothing on stdout for the script.
+        withhold = self.one_shot and not _is_tty(c.out)
 
         def on_token(piece: str) -> None:
             nonlocal started
+            if withhold:
+                shown.append(piece)
+                return
             if not started:
                 c.stop_spinner()
                 if self.interactive:
@@ -516,9 +593,7 @@ class ChatApp:
             c.stop_spinner()
             self._end_reply(started)
             c.release()
-            kept = ("the partial reply above was not kept; " if started else "")
-            c.notice(f"⏱️  timed out after {exc.timeout:g} s; {kept}the conversation so far is kept, "
-                     "carry on", "yellow")
+            c.notice(self._timeout_text(session, exc.timeout, started), "yellow")
             self._failed = True
             return True
         except SessionError as exc:  # BackendError included
@@ -530,6 +605,9 @@ class ChatApp:
             return True
         finally:
             c.stop_spinner()
+        if withhold and shown:
+            c.reply("".join(shown))
+            started = True
         if not started and self.interactive:
             c.write(c.style("🤖 (empty reply)", "dim"))
         elif self.interactive and self.markdown:
@@ -544,6 +622,16 @@ class ChatApp:
         assert result is not None
         self._after_reply(session, result)
         return True
+
+    def _timeout_text(self, session: ConversationSession, timeout: float | None, started: bool) -> str:
+        after = f"{timeout:g} s" if timeout is not None else "the time limit"
+        if self.one_shot:
+            # The process is exiting: say what was saved and how to go on, not "carry on".
+            earlier = (f"; session {session.session_id} keeps its {session.turns} earlier turn(s) "
+                       f"(--resume {session.session_id} continues it)" if session.turns else "")
+            return f"⏱️  timed out after {after} (--timeout): no reply, nothing of it saved{earlier}"
+        kept = "the partial reply above was not kept; " if started else ""
+        return f"⏱️  timed out after {after}; {kept}the conversation so far is kept, carry on"
 
     # -- a spoken reply: barge-in ----------------------------------------------------------
     def _speak(self, session: ConversationSession, text: str, on_token: Callable[[str], None], *,
@@ -833,14 +921,18 @@ class ChatApp:
             c.line(f"   model: {session.llm_model} ({session.backend.name}); `/model NAME` switches, "
                    "`/models` lists what the backend offers")
             return
-        if self.backend is not None:
-            c.error("this app was given its backend object; the model cannot be switched")
-            return
         a = self.args
         if a.backend == "llama-cpp":
             from ._models import find_local_model
 
             name = find_local_model(name, a.model)
+        if _is_current_model(session, name):
+            # Loading it again would cost the load time and the KV cache for nothing.
+            c.notice(f"{session.llm_model} is already in use; nothing to switch", "dim")
+            return
+        if self.backend is not None:
+            c.error("this app was given its backend object; the model cannot be switched")
+            return
         new_args = argparse.Namespace(**vars(a))
         new_args.model = name
         settings = {"system_prompt": session.system_prompt, "temperature": session.temperature,

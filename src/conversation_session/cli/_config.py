@@ -107,7 +107,8 @@ def apply_config(parser: argparse.ArgumentParser, environ: dict[str, str]) -> tu
     try:
         values, _path = read_config(parser, environ)
     except argparse.ArgumentTypeError as exc:
-        parser.error(str(exc))
+        # One line, as promised: the usage text says nothing about a file's keys.
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     sessions_dir = values.pop("sessions_dir", None)
     store = values.pop("store", None)
     if store and "://" not in store:

@@ -7,19 +7,43 @@ from pathlib import Path
 from ..stores._api import StoreAPI
 from ..stores._file import encode_snapshot
 from ..stores._fileio import atomic_write_bytes
-from ..stores._record import SessionRecord
+from ..stores._record import MessageDict, SessionRecord
 
 __all__ = ["encode_record", "export_session", "render_markdown"]
 
 
+def _message_lines(m: MessageDict, level: str) -> list[str]:
+    mark = " (interrupted: kept as far as it was heard)" if m.get("interrupted") else ""
+    return [f"{level} {m['role']}{mark}", "", m["content"], ""]
+
+
 def render_markdown(record: SessionRecord) -> str:
-    lines = [f"# {record.session_id}", "",
-             f"- model: {record.llm_model}", f"- created: {record.created_at}",
-             f"- updated: {record.updated_at}", f"- turns: {record.turns}", ""]
+    """The whole session as Markdown: its title as the heading (else its id), the system
+    prompt, the messages, the running summary and the turns withdrawn by undo/retry."""
+    lines = [f"# {_one_line(record.title) if record.title else record.session_id}", ""]
+    if record.title:
+        lines.append(f"- session: {record.session_id}")
+    lines += [f"- model: {record.llm_model}", f"- created: {record.created_at}",
+              f"- updated: {record.updated_at}", f"- turns: {record.turns}", ""]
+    if record.system_prompt is not None:
+        lines += ["## system prompt", "", record.system_prompt, ""]
     for m in record.messages:
-        heading = f"## {m['role']}" + (" (interrupted: kept as far as it was heard)" if m.get("interrupted") else "")
-        lines += [heading, "", m["content"], ""]
+        lines += _message_lines(m, "##")
+    if record.summary is not None:
+        lines += [f"## running summary (of the first {record.summary['covers']} message(s))", "",
+                  record.summary["text"], ""]
+    if record.undone:
+        lines += ["## withdrawn turns (undo, retry)", ""]
+        for u in record.undone:
+            lines += [f"### withdrawn {u['at']} (they were messages {u['start'] + 1}-"
+                      f"{u['start'] + len(u['messages'])})", ""]
+            for m in u["messages"]:
+                lines += _message_lines(m, "####")
     return "\n".join(lines)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def encode_record(record: SessionRecord, fmt: str) -> bytes:

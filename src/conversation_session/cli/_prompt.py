@@ -4,6 +4,7 @@ line within a message."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -15,6 +16,8 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from prompt_toolkit.patch_stdout import patch_stdout
+
+from ..stores._fileio import FileTooLargeError, NotARegularFileError, open_regular, read_regular_file
 
 __all__ = ["make_prompt"]
 
@@ -34,17 +37,86 @@ class _ChatCompleter(Completer):
             yield Completion(text, start_position=-start)
 
 
+_HISTORY_MAX_BYTES = 64 << 20  # a planted huge file is not read into memory
+
+
+class _RegularFileHistory(FileHistory):
+    """prompt_toolkit's ``FileHistory``, except that the file is opened as the stores open
+    theirs (``open_regular``): never blocking, never through a symlink, only a regular file.
+    A FIFO planted as the history would otherwise hang the chat at the first message (opening
+    a FIFO for writing waits for a reader).  If the file stops being a regular file, the
+    history goes on in memory for this run, and that is said once."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.path = path
+        self.broken = False
+
+    def _give_up(self, exc: OSError) -> None:
+        if not self.broken:
+            self.broken = True
+            logger.warning("%s %s; input history is kept for this run only", self.path,
+                           exc.strerror or exc)
+
+    def load_history_strings(self) -> Iterable[str]:
+        try:
+            raw = bytes(read_regular_file(self.path, _HISTORY_MAX_BYTES))
+        except FileNotFoundError:
+            return []
+        except (NotARegularFileError, FileTooLargeError) as exc:
+            self._give_up(exc)
+            return []
+        except OSError as exc:
+            logger.warning("input history not read: %s", exc)
+            return []
+        strings: list[str] = []
+        lines: list[str] = []
+        for line in raw.decode("utf-8", errors="replace").splitlines(keepends=True):
+            if line.startswith("+"):
+                lines.append(line[1:])
+            elif lines:
+                strings.append("".join(lines)[:-1])
+                lines = []
+        if lines:
+            strings.append("".join(lines)[:-1])
+        return list(reversed(strings))  # newest first, as FileHistory returns them
+
+    def store_string(self, string: str) -> None:
+        if self.broken:
+            return
+        text = f"\n# {datetime.datetime.now()}\n" + "".join(f"+{line}\n" for line in string.split("\n"))
+        try:
+            fd = open_regular(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        except NotARegularFileError as exc:
+            self._give_up(exc)
+            return
+        except OSError as exc:
+            logger.warning("input history not saved: %s", exc)
+            return
+        try:
+            os.write(fd, text.encode("utf-8", errors="replace"))
+        except OSError as exc:
+            logger.warning("input history not saved: %s", exc)
+        finally:
+            os.close(fd)
+
+
 def _history(directory: str | os.PathLike[str] | None) -> History:
     if directory is None:
         return InMemoryHistory()
     path = Path(directory) / ".input_history"
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.touch(mode=0o600, exist_ok=True)
-        return FileHistory(str(path))
+        os.close(open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT))
+    except NotARegularFileError as exc:
+        # A FIFO, a device, a directory or a symlink stands there: treated as absent, as the
+        # stores treat such files (`doctor` names the session files among them).
+        logger.warning("%s %s; input history is kept for this run only", path, exc.strerror or exc)
+        return InMemoryHistory()
     except OSError as exc:
         logger.warning("input history not kept across runs: %s", exc)
         return InMemoryHistory()
+    return _RegularFileHistory(path)
 
 
 def make_prompt(directory: str | os.PathLike[str] | None,

@@ -346,6 +346,8 @@ def run_command(args: argparse.Namespace, *, usage: Callable[[str], object] | No
             usage(str(exc))  # argparse's error(): prints usage and exits 2
         print(f"error: {exc}", file=err)
         return 2
+    except BrokenPipeError:
+        raise  # the reader of stdout has gone: ``main`` stops quietly, no "error:" line
     except (SessionError, OSError, ValueError) as exc:
         text = str(exc) if not isinstance(exc, OSError) or not exc.strerror else (
             f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror}")

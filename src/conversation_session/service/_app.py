@@ -437,7 +437,7 @@ async def list_sessions(request: Request) -> Response:
     for sid, entry in mine:
         info = infos.get(entry.get("store_id") or "")
         out.append({
-            "session_id": sid, "created_at": entry["created_at"],
+            "session_id": sid, "created_at": info.created_at if info else entry["created_at"],
             "updated_at": info.updated_at if info else entry["created_at"],
             "turns": info.turns if info else 0, "total_messages": info.total_messages if info else 0,
             "first_user_line": info.first_user_line if info else "",
@@ -453,7 +453,8 @@ async def get_session(request: Request) -> Response:
     entry = await st.owned(sid, owner)
     record = await st.record(entry, sid)
     return JSONResponse({
-        "session_id": sid, "created_at": entry["created_at"], "updated_at": record.updated_at or entry["created_at"],
+        # The saved session's own dates once it has a turn (the file shows the same ones).
+        "session_id": sid, "created_at": record.created_at, "updated_at": record.updated_at or record.created_at,
         "turns": record.turns, "total_messages": len(record.messages), "llm_model": record.llm_model or None,
         "system_prompt": record.system_prompt, "store_session_id": entry.get("store_id"),
         "memory": st.config.memory,
@@ -607,15 +608,33 @@ class TurnStream(Response):
 
 
 # -- Home Assistant ----------------------------------------------------------------------------------
+_HA_SORRY = {
+    "timeout": {"en": "Sorry, that took too long. Please ask again.",
+                "zh-Hans": "抱歉，回答超时了，请再说一遍。", "zh-Hant": "抱歉，回答逾時了，請再說一遍。"},
+    "error": {"en": "Sorry, I cannot answer right now.",
+              "zh-Hans": "抱歉，我现在无法回答。", "zh-Hant": "抱歉，我現在無法回答。"},
+}
+
+
+def ha_sorry(kind: str, language: str) -> str:
+    """The sentence a voice satellite speaks when a turn failed, in ``language`` (a BCP 47
+    tag as Home Assistant sends it); English for a language it does not have."""
+    parts = language.replace("_", "-").lower().split("-")
+    key = "en"
+    if parts[0] == "zh":
+        key = "zh-Hant" if "hant" in parts or any(p in ("tw", "hk", "mo") for p in parts[1:]) else "zh-Hans"
+    return _HA_SORRY[kind][key]
+
+
 def _ha_answer(speech: str, conversation_id: str, language: str, *, error: str | None = None,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+               extra: dict[str, Any] | None = None, details: dict[str, Any] | None = None) -> dict[str, Any]:
     """The shape of Home Assistant's ``POST /api/conversation/process`` answer."""
     response: dict[str, Any] = {
         "speech": {"plain": {"speech": speech, "extra_data": None}},
         "card": {},
         "language": language,
         "response_type": "error" if error else "action_done",
-        "data": {"code": error} if error else {"targets": [], "success": [], "failed": []},
+        "data": {"code": error, **(details or {})} if error else {"targets": [], "success": [], "failed": []},
     }
     return {"response": response, "conversation_id": conversation_id,
             "continue_conversation": bool(not error and speech.rstrip().endswith(("?", "？"))), **(extra or {})}
@@ -668,8 +687,14 @@ async def ha_process(request: Request) -> Response:
         raise turn_error(exc) from None
     except (SessionError, ValueError) as exc:
         st.counters["turns_failed"] += 1
-        return JSONResponse(_ha_answer(f"Sorry, I could not answer: {exc}", shown, language,
-                                       error="failed_to_handle"))
+        # A satellite reads the speech aloud: one short sentence in the request's language;
+        # what a developer needs goes in ``data``.
+        kind = "timeout" if isinstance(exc, SessionTimeoutError) else "error"
+        details: dict[str, Any] = {"error": kind, "message": str(exc)}
+        if isinstance(exc, SessionTimeoutError):
+            details.update(timeout_s=exc.timeout, partial_response=exc.partial_response)
+        return JSONResponse(_ha_answer(ha_sorry(kind, language), shown, language, error="failed_to_handle",
+                                       details=details))
     st.counters["turns_completed"] += 1
     return JSONResponse(_ha_answer(result.response, shown, language,
                                    extra={"session_id": sid, "turn": result.turn}))
@@ -782,5 +807,5 @@ def app_from_env() -> Starlette:
     """The app factory each ``uvicorn --workers N`` process calls (config from the environment)."""
     text = os.environ.get(CONFIG_ENV)
     cfg = ServiceConfig.from_env(text) if text else ServiceConfig()
-    setup_json_logging(cfg.log_level)
+    setup_json_logging(cfg.log_level, cfg.log_format)
     return create_app(cfg)

@@ -53,6 +53,7 @@ class ServiceConfig:
     tts_voice: str | None = None         # one espeak-ng voice for all text (default: by language)
     tts_rate: int | None = None          # words per minute
     log_level: str = "INFO"
+    log_format: str = "auto"             # json, plain, or auto: plain when stderr is a terminal
     # Limits.
     max_body_bytes: int = 64 * 1024
     max_text_bytes: int = 16 * 1024
@@ -224,6 +225,9 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
     p.add_argument("--tts-rate", type=_positive(int), default=None, metavar="WPM",
                    help="speech rate, words per minute")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default="auto", choices=["auto", "json", "plain"],
+                   help="the log on stderr: JSON lines, plain lines, or auto (default): plain when stderr is a "
+                        "terminal, JSON otherwise")
     p.add_argument("--rate", type=_positive(float), default=10.0,
                    help="requests per second allowed per token, counted across all the workers sharing the store "
                         "(default 10)")
@@ -265,7 +269,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         tokens=tuple(dict.fromkeys(tokens)), allowed_hosts=tuple(dict.fromkeys(args.allowed_host or [])),
         allow_origins=tuple(dict.fromkeys(origins)), timeout=args.timeout, max_tokens=args.max_tokens,
         system=args.system, memory=args.memory, tts=args.tts, tts_voice=args.tts_voice, tts_rate=args.tts_rate,
-        log_level=args.log_level, rate=args.rate, burst=args.burst,
+        log_level=args.log_level, log_format=args.log_format, rate=args.rate, burst=args.burst,
         lock_wait_s=max(args.lock_wait, 0.0), keep_open_s=args.keep_open, max_open=args.max_open,
         shutdown_grace_s=max(args.shutdown_grace, 0.0), lease_ttl_s=args.lease_ttl,
         fake_delay=max(args.fake_delay, 0.0), fake_context=args.fake_context,

@@ -21,13 +21,15 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ..stores._fileio import process_label
 from ..stores._ids import SESSION_ID_RE_BYTES
 
-__all__ = ["HandoffListener", "ask_release", "holder_pid"]
+__all__ = ["HandoffListener", "ask_release", "describe_holder", "holder_pid", "is_worker"]
 
 logger = logging.getLogger("conversation_session.service")
 
@@ -54,6 +56,29 @@ def holder_pid(holder: str | None) -> int | None:
     if len(parts) >= 2 and parts[0] == socket.gethostname() and parts[1].isdigit():
         return int(parts[1])
     return None
+
+
+def is_worker(pid: int) -> bool:
+    """True if ``pid`` is a live service worker of this user on this host (it listens for
+    hand-over requests); False for another program holding a session (the chat, a script)."""
+    try:
+        os.kill(pid, 0)
+        return stat.S_ISSOCK(os.stat(_path(pid)).st_mode)
+    except (OSError, ValueError):  # gone, or no socket: not a worker (or hand-over is off)
+        return False
+
+
+def describe_holder(holder: str | None) -> str:
+    """Who holds a session, for a 409's message: another worker of this service, or the real
+    program (``process 4242 (python main.py)``: the chat), so the user knows what to close."""
+    pid = holder_pid(holder)
+    if pid is None:
+        return f"another worker ({holder})" if holder else "another worker"
+    if is_worker(pid):
+        return f"another worker of this service (process {pid})"
+    label = process_label(pid)
+    return (f"another program, process {pid}" + (f" ({label})" if label else "")
+            + ", not this service: close the session there (in the chat: `new`, or quit)")
 
 
 def ask_release(pid: int, store_id: str) -> bool:

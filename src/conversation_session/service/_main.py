@@ -48,7 +48,7 @@ def run(argv: list[str] | None = None) -> int:
         return 1
     from ._log import setup_json_logging
 
-    setup_json_logging(config.log_level)
+    setup_json_logging(config.log_level, config.log_format)
     common = {"host": config.host, "port": config.port, "log_config": None, "access_log": False,
               "timeout_graceful_shutdown": config.shutdown_grace_s or None, "lifespan": "on",
               "server_header": False,

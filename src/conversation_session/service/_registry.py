@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +32,7 @@ from ..session._aio import AsyncConversationSession
 from ..stores._api import StoreAPI
 from ..stores._record import SessionRecord
 from ._config import ServiceConfig
-from ._handoff import HandoffListener, ask_release, holder_pid
+from ._handoff import HandoffListener, ask_release, describe_holder, holder_pid
 from ._owners import OwnerEntry, OwnerTable
 
 __all__ = ["Busy", "Gone", "Registry"]
@@ -68,8 +69,31 @@ class _LoadingStore:
     def __init__(self, store: StoreAPI):
         self._store = store
 
-    def create(self, llm_model: str) -> _Placeholder:
+    def create(self, llm_model: str, *, session_id: str | None = None) -> _Placeholder:
         return _Placeholder(llm_model)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+class _NamedStore:
+    """The store, except that ``create()`` asks for the service's session id as the store id,
+    so the file (or row) of a service session carries the id the API shows.  A store whose
+    ``create`` takes no ``session_id`` (an embedder's own) names it itself, as before: the
+    ownership table maps the two."""
+
+    def __init__(self, store: StoreAPI, session_id: str):
+        self._store = store
+        self._session_id = session_id
+
+    def create(self, llm_model: str, *, session_id: str | None = None) -> Any:
+        try:
+            named = "session_id" in inspect.signature(self._store.create).parameters
+        except (TypeError, ValueError):
+            named = False
+        if named:
+            return self._store.create(llm_model, session_id=session_id or self._session_id)
+        return self._store.create(llm_model)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
@@ -228,7 +252,8 @@ class Registry:
                         if pid is not None:
                             ask_release(pid, expected)
                         if time.monotonic() + delay > deadline:
-                            raise Busy(f"session {sid} is in use by another worker; retry later ({exc})") from exc
+                            raise Busy(f"session {sid} is in use by {describe_holder(exc.holder)}; "
+                                       "retry later") from exc
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, 0.2)
                         expected = (await self._entry(sid))["store_id"]
@@ -239,8 +264,9 @@ class Registry:
                     if loaded:
                         return session
                     await self._close_session(session)
-                # No turn saved yet (new, or its first turn never completed): a new store session, bound.
-                session = await self.io(self._new_session, self.store, persona)
+                # No turn saved yet (new, or its first turn never completed): a new store session,
+                # named after the service's id (one id in the API, the folder and the chat), bound.
+                session = await self.io(self._new_session, _NamedStore(self.store, sid), persona)
                 outcome = await self.io(self.owners.bind, sid, expected, session.session_id)
                 if outcome == "ok":
                     logger.debug("session %s: history in store session %s", sid, session.session_id)

@@ -157,8 +157,9 @@ class StoreAPI(Protocol):
     def description(self) -> str:
         """For messages: the folder, or the URL without its password."""
 
-    def create(self, llm_model: str) -> SessionWriterAPI:
-        """A new, empty session with a fresh id, open for writing."""
+    def create(self, llm_model: str, *, session_id: str | None = None) -> SessionWriterAPI:
+        """A new, empty session open for writing: named ``session_id`` when that id is free
+        (the service names sessions after its own ids), else with a fresh id."""
 
     def open(self, session_id: str) -> tuple[SessionWriterAPI, SessionRecord]:
         """Open an existing session for writing: its writer (holding the lease) and its record.

@@ -55,6 +55,7 @@ from ._fileio import (
     flock_holder,
     fsync_dir,
     open_regular,
+    process_label,
     read_regular_file_stat,
 )
 from ._ids import SESSION_ID_RE, validate_session_id
@@ -573,8 +574,9 @@ class HistoryStore:
             except BlockingIOError:
                 holder = flock_holder(fd)
                 os.close(fd)
+                label = process_label(holder) if holder and holder != os.getpid() else None
                 who = ("another session object in this process" if holder == os.getpid()
-                       else f"process {holder}" if holder else "another process")
+                       else f"process {holder}" + (f" ({label})" if label else "") if holder else "another process")
                 raise SessionLockedError(
                     f"session {session_id} is open for writing by {who}; close it there first, "
                     "or start a new session",
@@ -651,23 +653,26 @@ class HistoryStore:
                             "writable, or choose another with sessions_dir=... (--sessions-dir)")
 
     # -- writing -------------------------------------------------------------------------
-    def create(self, llm_model: str) -> SessionWriter:
-        """Start a new session named ``session_<unix seconds>``, with a suffix if that is taken.
+    def create(self, llm_model: str, *, session_id: str | None = None) -> SessionWriter:
+        """Start a new session named ``session_id`` when that name is free (the service names a
+        session's file after its own id), else ``session_<unix seconds>``, with a suffix if that
+        is taken.
 
         In a folder that cannot be written (a backup mounted read-only), this still returns a
         writer: it creates its files at its first append, which returns False (and logs why)
         while it cannot.
         """
+        preferred = None if session_id is None else validate_session_id(session_id)
         try:
             self.ensure_dir()
-            session_id, fd = self._claim_id()
+            session_id, fd = self._claim_id(preferred)
         except (OSError, SessionError) as exc:
             cause = exc if isinstance(exc, OSError) else exc.__cause__
             if not (isinstance(cause, OSError) and cause.errno in _READ_ONLY_ERRNOS):
                 if isinstance(exc, SessionError):
                     raise
                 raise self._folder_error("create a session in", exc) from exc
-            session_id = self._free_id()
+            session_id = preferred if preferred is not None and not self._exists(preferred) else self._free_id()
             logger.info("%s is not writable (%s); session %s will be created at its first save",
                         self.directory, cause.strerror or cause, session_id)
             record = SessionRecord(session_id=session_id, llm_model=llm_model)

@@ -19,6 +19,7 @@ __all__ = [
     "flock_holder",
     "fsync_dir",
     "open_regular",
+    "process_label",
     "read_regular_file",
     "read_regular_file_stat",
 ]
@@ -212,3 +213,24 @@ def flock_holder(fd: int) -> int | None:
                 with contextlib.suppress(ValueError):
                     return int(parts[4])
     return None
+
+
+def process_label(pid: int) -> str | None:
+    """What program process ``pid`` runs, for messages naming a lock's holder: the command's
+    name and its script or ``-m`` module (``python main.py``, ``python -m
+    conversation_session.service``), never its other arguments (a prompt, a token, a URL with a
+    password).  None when it cannot be read (gone, another user's on a hardened /proc, not Linux)."""
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+            argv = f.read(4096).split(b"\0")
+    except (OSError, ValueError):
+        return None
+    words = [w.decode("utf-8", "replace") for w in argv if w]
+    if not words:
+        return None
+    label = [os.path.basename(words[0])]
+    if len(words) > 2 and words[1] == "-m":
+        label += words[1:3]
+    elif len(words) > 1 and words[1].endswith(".py"):
+        label.append(os.path.basename(words[1]))
+    return " ".join(label)

@@ -683,7 +683,11 @@ def import_candidates(preferred: str | None) -> Iterator[str]:
         yield base if n == 1 else f"{base}_{n}"
 
 
-def create_candidates(taken: set[str], base: str) -> Iterator[str]:
+def create_candidates(taken: set[str], base: str, preferred: str | None = None) -> Iterator[str]:
+    """The ids ``create`` tries in turn: ``preferred`` first (an insert that conflicts moves
+    on), then ``base``, ``base_2``, ..."""
+    if preferred is not None:
+        yield preferred
     for n in range(1, 100_000):
         session_id = base if n == 1 else f"{base}_{n}"
         if session_id not in taken:
@@ -857,14 +861,15 @@ class PostgresStore:
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- StoreAPI ------------------------------------------------------------------------------
-    def create(self, llm_model: str) -> PostgresWriter:
+    def create(self, llm_model: str, *, session_id: str | None = None) -> PostgresWriter:
         holder = new_holder()
         base = f"session_{int(time.time())}"
         record = SessionRecord(session_id=base, llm_model=llm_model)
+        preferred = None if session_id is None else validate_session_id(session_id)
 
         def run(conn: psycopg.Connection[Any]) -> str:
             taken = {r[0] for r in conn.execute(self.sql.ids_like, (base, base.replace("_", r"\_") + r"\_%"))}
-            for session_id in create_candidates(taken, base):
+            for session_id in create_candidates(taken, base, preferred):
                 row = conn.execute(self.sql.create, {"id": session_id, "created_at": record.created_at,
                                                      "llm_model": llm_model, "holder": holder,
                                                      "ttl": self.lease_ttl_s}).fetchone()
