@@ -22,8 +22,8 @@ import pytest
 
 from conversation_session import BackendError, ConversationSession, FakeBackend, HistoryStore
 from conversation_session.cli._args import parse_args
-from conversation_session.cli._chat import ChatApp, backend_options, completions
-from conversation_session.cli._commands import parse_line
+from conversation_session.cli._chat import ChatApp, backend_options
+from conversation_session.cli._commands import completions, parse_line
 from conversation_session.cli._text import escape_controls, format_bytes, parse_size
 from ollama_api_server import OllamaAPIServer
 

@@ -16,7 +16,7 @@ import pexpect
 import pytest
 
 from conversation_session import HistoryStore
-from conversation_session.cli._chat import completions
+from conversation_session.cli._commands import completions
 from conversation_session.stores._record import SessionRecord
 
 ROOT = Path(__file__).resolve().parent.parent

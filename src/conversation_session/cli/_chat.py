@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -36,10 +36,12 @@ from ..backends import Backend
 from ..session._limits import check_max_tokens, parse_timeout
 from ..session._turn import Turn
 from ._args import store_from
-from ._commands import COMMANDS, Command, command_help, find_command, parse_line
+from ._commands import SETTINGS, Command, command_help, parse_line
 from ._confirm import NotConfirmed, confirm
 from ._console import Console, ConsoleLogHandler
 from ._export import export_session
+from ._models import find_local_model, list_models, print_models
+from ._prompt import make_prompt
 from ._sessions_cmd import kv_bytes
 from ._text import escape_controls, format_bytes, printable
 
@@ -50,7 +52,6 @@ logger = logging.getLogger("conversation_session.cli")
 # What the library logs when it trims the prompt; the app says it in its own notice instead.
 _TRIM_LOG_TEXT = "left out of the prompt"
 _HINT_FILE = ".last_hint"
-_SETTINGS = ("system", "temperature", "max_tokens", "timeout", "verbose")
 _CHECK_TIMEOUT_S = 5.0
 _SEARCH_LIMIT = 20       # hits /search prints (the command has --limit)
 _MODEL_LIST_TIMEOUT_S = 2.0  # Tab after `/model `: a stuck server must not freeze the prompt
@@ -295,7 +296,6 @@ class ChatApp:
                     raise EOFError
                 return line.rstrip("\r\n")
             return read
-        from ._prompt import make_prompt
 
         assert self.session is not None
         # Through self.session each time: `/model` replaces the session (and its store object).
@@ -305,7 +305,6 @@ class ChatApp:
     def _model_names(self) -> list[str]:
         """What `/model ` completes to: the backend's models, asked once (a failure: none)."""
         if self._models_cache is None:
-            from ._models import list_models
 
             a = self.args
             try:
@@ -897,7 +896,6 @@ class ChatApp:
 
     # -- /model and /models ----------------------------------------------------------------
     def _list_models(self, session: ConversationSession) -> None:
-        from ._models import list_models
 
         c = self.console
         a = self.args
@@ -923,7 +921,6 @@ class ChatApp:
             return
         a = self.args
         if a.backend == "llama-cpp":
-            from ._models import find_local_model
 
             name = find_local_model(name, a.model)
         if _is_current_model(session, name):
@@ -1235,48 +1232,10 @@ class ChatApp:
                     raise ValueError("use /set verbose on or /set verbose off")
                 self.verbose = value.lower() in ("on", "true", "1", "")
             else:
-                c.error(f"cannot set {name!r}; settable: {', '.join(_SETTINGS)}")
+                c.error(f"cannot set {name!r}; settable: {', '.join(SETTINGS)}")
                 return
         except ValueError as exc:
             text = str(exc)
             c.error(text if "must" in text or "use" in text else f"{name}: {value!r} is not a valid value")
             return
         c.notice(f"{name} = {value or 'on'}")
-
-
-def print_models(entries: list[Any], current: str | None, say: Callable[[str], None]) -> None:
-    """One line per model (``*``: the one in use)."""
-    if not entries:
-        say("the backend lists no models")
-        return
-    width = max(len(e.name) for e in entries)
-    for e in entries:
-        here = current is not None and (e.name == current or e.detail == current
-                                        or Path(current).stem == e.name)
-        size = format_bytes(e.size_bytes) if e.size_bytes is not None else ""
-        say(f"{'*' if here else ' '} {printable(e.name, keep_newlines=False):<{width}}  {size:>9}  "
-            f"{printable(e.detail, keep_newlines=False)}".rstrip())
-
-
-def completions(text: str, session_ids: Callable[[], Iterable[str]],
-                model_names: Callable[[], Iterable[str]] | None = None) -> list[tuple[str, int]]:
-    """Tab completions for ``text`` (the line before the cursor): ``(completion, start)`` pairs,
-    ``start`` being how many characters before the cursor the completion replaces."""
-    if " " not in text:
-        slash = text.startswith("/")
-        word = (text[1:] if slash else text).lower()
-        if not word and not slash:
-            return []
-        names = [n for c in COMMANDS for n in (c.name, *c.aliases) if n.startswith(word)]
-        return [(("/" if slash else "") + n, len(text)) for n in names]
-    head, _, tail = text.partition(" ")
-    command = find_command(head.lstrip("/"))
-    if command is None or " " in tail:
-        return []
-    if command.session_arg:
-        return [(sid, len(tail)) for sid in session_ids() if sid.startswith(tail)]
-    if command.name == "set":
-        return [(n, len(tail)) for n in _SETTINGS if n.startswith(tail.lower())]
-    if command.name == "model" and model_names is not None:
-        return [(n, len(tail)) for n in model_names() if n.startswith(tail)]
-    return []

@@ -11,12 +11,12 @@ message (``\\history``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..stores import validate_session_id
 
-__all__ = ["COMMANDS", "Command", "Parsed", "command_help", "find_command", "parse_line"]
+__all__ = ["COMMANDS", "SETTINGS", "Command", "Parsed", "command_help", "completions", "find_command", "parse_line"]
 
 
 @dataclass(frozen=True)
@@ -112,3 +112,31 @@ def parse_line(line: str, session_exists: Callable[[str], bool]) -> Parsed:
         if command.session_arg and _is_session_id(first) and session_exists(first):
             return Parsed("command", command=command, arg=rest)
     return Parsed("message", text)
+
+
+SETTINGS = ("system", "temperature", "max_tokens", "timeout", "verbose")
+"""What ``/set NAME VALUE`` can change."""
+
+
+def completions(text: str, session_ids: Callable[[], Iterable[str]],
+                model_names: Callable[[], Iterable[str]] | None = None) -> list[tuple[str, int]]:
+    """Tab completions for ``text`` (the line before the cursor): ``(completion, start)`` pairs,
+    ``start`` being how many characters before the cursor the completion replaces."""
+    if " " not in text:
+        slash = text.startswith("/")
+        word = (text[1:] if slash else text).lower()
+        if not word and not slash:
+            return []
+        names = [n for c in COMMANDS for n in (c.name, *c.aliases) if n.startswith(word)]
+        return [(("/" if slash else "") + n, len(text)) for n in names]
+    head, _, tail = text.partition(" ")
+    command = find_command(head.lstrip("/"))
+    if command is None or " " in tail:
+        return []
+    if command.session_arg:
+        return [(sid, len(tail)) for sid in session_ids() if sid.startswith(tail)]
+    if command.name == "set":
+        return [(n, len(tail)) for n in SETTINGS if n.startswith(tail.lower())]
+    if command.name == "model" and model_names is not None:
+        return [(n, len(tail)) for n in model_names() if n.startswith(tail)]
+    return []

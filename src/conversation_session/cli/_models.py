@@ -10,14 +10,17 @@ configured is missing, which is exactly when a user wants the list.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from .._exceptions import BackendError
+from ._text import format_bytes, printable
 
-__all__ = ["ModelEntry", "default_model", "find_local_model", "list_models"]
+__all__ = ["ModelEntry", "default_model", "find_local_model", "list_models", "print_models"]
 
 # A listing is a question to a server that should answer at once; a stuck one must not hang the app.
 LIST_TIMEOUT_S = 5.0
@@ -178,3 +181,17 @@ def default_model(backend: str, model: str | None, entries: list[ModelEntry]) ->
     if backend in ("llama-cpp", "fake") and entries:
         return entries[0].name  # the bundled model comes first
     return None
+
+
+def print_models(entries: list[Any], current: str | None, say: Callable[[str], None]) -> None:
+    """One line per model (``*``: the one in use)."""
+    if not entries:
+        say("the backend lists no models")
+        return
+    width = max(len(e.name) for e in entries)
+    for e in entries:
+        here = current is not None and (e.name == current or e.detail == current
+                                        or Path(current).stem == e.name)
+        size = format_bytes(e.size_bytes) if e.size_bytes is not None else ""
+        say(f"{'*' if here else ' '} {printable(e.name, keep_newlines=False):<{width}}  {size:>9}  "
+            f"{printable(e.detail, keep_newlines=False)}".rstrip())

@@ -18,6 +18,7 @@ from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from prompt_toolkit.patch_stdout import patch_stdout
 
 from ..stores._fileio import FileTooLargeError, NotARegularFileError, open_regular, read_regular_file
+from ._commands import completions
 
 __all__ = ["make_prompt"]
 
@@ -31,8 +32,6 @@ class _ChatCompleter(Completer):
         self.model_names = model_names
 
     def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterator[Completion]:
-        from ._chat import completions
-
         for text, start in completions(document.text_before_cursor, self.session_ids, self.model_names):
             yield Completion(text, start_position=-start)
 

@@ -29,6 +29,7 @@ from ..stores._housekeeping import INFO_KINDS, doctor, export_all, import_sessio
 from ._args import store_from
 from ._confirm import confirm
 from ._export import encode_record, export_session
+from ._models import default_model, list_models, print_models
 from ._text import format_bytes, printable
 
 __all__ = ["CommandError", "apply_retention", "kv_bytes", "run_command"]
@@ -360,9 +361,6 @@ def run_command(args: argparse.Namespace, *, usage: Callable[[str], object] | No
 
 def _models(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``models``: what the backend offers (no store needed)."""
-    from ._chat import print_models
-    from ._models import default_model, list_models
-
     try:
         entries = list_models(args.backend, base_url=args.base_url, model=args.model)
     except SessionError as exc:
