@@ -405,7 +405,7 @@ def test_home_assistant_endpoint_remembers_across_restarts(tmp_path: Path) -> No
 def test_home_assistant_timeout_speaks_one_short_sentence_in_the_requests_language(tmp_path: Path) -> None:
     """A satellite reads ``speech`` aloud: a short sentence in the request's language, never the
     library's technical message, which goes in ``data`` with the details."""
-    from conversation_session.service._app import ha_sorry
+    from conversation_session.service._ha import ha_sorry
 
     assert ha_sorry("timeout", "zh-TW") == "抱歉，回答逾時了，請再說一遍。"
     assert ha_sorry("error", "zh_Hant_HK") == ha_sorry("error", "zh-TW") != ha_sorry("error", "zh")

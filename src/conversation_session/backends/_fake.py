@@ -14,6 +14,7 @@ session's cache bookkeeping can be tested without a model.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -23,7 +24,7 @@ from .._exceptions import BackendError
 from ..stores._record import MessageDict
 from ._base import Backend, GenerationRequest
 
-__all__ = ["FakeBackend"]
+__all__ = ["FakeBackend", "WordFakeBackend"]
 
 
 def _words(messages: list[MessageDict]) -> list[str]:
@@ -175,3 +176,15 @@ class FakeBackend(Backend):
 
     def forget(self, cache_key: Any) -> None:
         self.reset_cache(cache_key=cache_key)
+
+
+class WordFakeBackend(FakeBackend):
+    """The fake backend, streaming its reply word by word (so streaming, sentence events and
+    interrupts have something to cut): ``serve --backend fake``, for trying the service and
+    its clients without a model."""
+
+    def _start(self, request: Any) -> Any:
+        plan = super()._start(request)
+        text = "".join(plan.pieces)
+        plan.pieces = re.findall(r"\S+\s*", text) or [text]
+        return plan

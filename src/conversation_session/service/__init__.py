@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._config import ServiceConfig
+from ._config import INSTALL_HINT, ServiceConfig
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
 __all__ = ["INSTALL_HINT", "ServiceConfig", "create_app", "main"]
-
-INSTALL_HINT = "the service needs Starlette and uvicorn: pip install 'conversation-session[service]'"
 
 
 def create_app(config: ServiceConfig | None = None, **kwargs: Any) -> Starlette:

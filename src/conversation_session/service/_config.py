@@ -17,8 +17,10 @@ from urllib.parse import urlsplit
 from ..session._limits import parse_timeout
 from ..stores._open import is_postgres_url
 
-__all__ = ["CONFIG_ENV", "ORIGINS_ENV", "TOKENS_ENV", "ServiceConfig", "build_parser", "config_from_args",
-           "host_name", "is_loopback", "origin_of"]
+__all__ = ["CONFIG_ENV", "INSTALL_HINT", "ORIGINS_ENV", "TOKENS_ENV", "ServiceConfig", "build_parser",
+           "config_from_args", "host_name", "is_loopback", "origin_of"]
+
+INSTALL_HINT = "the service needs Starlette and uvicorn: pip install 'conversation-session[service]'"
 
 TOKENS_ENV = "CONVERSATION_SESSION_TOKENS"
 ORIGINS_ENV = "CONVERSATION_SESSION_ORIGINS"

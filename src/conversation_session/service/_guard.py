@@ -31,8 +31,8 @@ import ipaddress
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._app import ApiError
 from ._config import ServiceConfig, host_name, origin_of
+from ._errors import ApiError
 
 __all__ = ["Guard"]
 

@@ -10,7 +10,8 @@ import signal
 import socket
 import sys
 
-from ._config import CONFIG_ENV, build_parser, config_from_args, is_loopback
+from ._config import CONFIG_ENV, INSTALL_HINT, build_parser, config_from_args, is_loopback
+from ._log import setup_json_logging
 
 __all__ = ["run"]
 
@@ -42,12 +43,8 @@ def run(argv: list[str] | None = None) -> int:
         import starlette  # noqa: F401
         import uvicorn
     except ImportError:
-        from . import INSTALL_HINT
-
         print(INSTALL_HINT, file=sys.stderr)
         return 1
-    from ._log import setup_json_logging
-
     setup_json_logging(config.log_level, config.log_format)
     common = {"host": config.host, "port": config.port, "log_config": None, "access_log": False,
               "timeout_graceful_shutdown": config.shutdown_grace_s or None, "lifespan": "on",

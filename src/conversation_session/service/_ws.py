@@ -68,9 +68,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from .._exceptions import SessionError
 from ..speech import SentenceSplitter, heard_prefix, split_sentence_spans
-from ._app import ApiError, ServiceState, check_text, result_json, turn_error
 from ._audio import AUDIO_FORMATS, AudioStream
+from ._errors import ApiError, result_json, turn_error
 from ._log import session_id_var
+from ._requests import check_text
+from ._state import ServiceState
 
 __all__ = ["session_ws"]
 
