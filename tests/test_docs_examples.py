@@ -108,7 +108,7 @@ def _invocations() -> list[tuple[str, list[str]]]:
     return found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _help(command: tuple[str, ...]) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run([sys.executable, str(ROOT / "main.py"), *command, "--help"], env=env,
