@@ -1,6 +1,7 @@
 """The seed's test script.
 
     python test_session.py               # the automated suite (pytest, real model included)
+    python test_session.py --fast        # the in-process lane: no model, no real processes
     python test_session.py interactive   # 交互式测试: a test chat in a session of its own
 
 Extra arguments after the automated form go to pytest, e.g. `python test_session.py -k timeout`;
@@ -59,6 +60,8 @@ def automated(args: list[str]) -> int:
               "instead: it installs the test tools (once) and runs the suite (options go to pytest, "
               "e.g. ./scripts/test -k timeout).", file=sys.stderr)
         return 1
+    if "--fast" in args:  # the in-process lane (tests/conftest.py says what is left out)
+        args = [a for a in args if a != "--fast"] + ["-m", "not model and not process and not slow"]
     return pytest.main(["-q", *args])
 
 

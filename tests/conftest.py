@@ -12,6 +12,33 @@ from conversation_session import SESSIONS_DIR_ENV, FakeBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The lanes.  `./scripts/test --fast` runs what is left once these are deselected: in-process
+# tests (the Ollama-API test server is a thread of the test process), in well under two minutes.
+# - model: the real embedded model (marked in the test files) or llama.cpp's server;
+# - process: real processes: PostgreSQL, `serve` workers, `python main.py` on a pty or a pipe, a
+#   fresh venv, the benchmarks' smoke runs, a browser, strace;
+# - slow: long runs (fuzzing, many processes).
+# A new test file is in the process lane unless it is listed as in-process here: a new test
+# that starts processes must never slow the fast lane by accident.
+_IN_PROCESS_FILES = {
+    "test_async_session.py", "test_backends_async.py", "test_format.py", "test_interrupt.py",
+    "test_interrupt_result.py", "test_memory_summary.py", "test_ollama_backend.py", "test_session.py",
+    "test_speech.py", "test_store.py", "test_store_conformance.py", "test_store_hardening.py", "test_undo.py",
+    "test_cli_undo.py", "test_cli_models.py", "test_docs_examples.py", "test_service_guard.py",
+}
+_PROCESS_FIXTURES = {"pg_url", "pg_server", "llama_server", "core_venv", "server", "instant_server"}
+# In an in-process file, a test whose name or parameters say it runs real processes.
+_PROCESS_WORDS = ("kill_9", "real_process", "terminal", "pty", "postgres", "thousand", "twenty_sessions",
+                  "command_lines", "espeak")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        in_process = item.path.name in _IN_PROCESS_FILES
+        if (not in_process or _PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+                or any(word in item.name for word in _PROCESS_WORDS)):
+            item.add_marker(pytest.mark.process)
+
 
 @pytest.fixture(autouse=True)
 def sessions_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -290,8 +290,8 @@ def test_the_readme_asyncio_example_runs(tmp_path, sessions_dir):
     import sys
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("### Asyncio and many sessions per process"):]
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "library.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Asyncio and many sessions per process"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     script = tmp_path / "example.py"
     script.write_text(code, encoding="utf-8")
