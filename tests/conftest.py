@@ -24,7 +24,7 @@ _IN_PROCESS_FILES = {
     "test_async_session.py", "test_backends_async.py", "test_format.py", "test_interrupt.py",
     "test_interrupt_result.py", "test_memory_summary.py", "test_ollama_backend.py", "test_session.py",
     "test_speech.py", "test_store.py", "test_store_conformance.py", "test_store_hardening.py", "test_undo.py",
-    "test_cli_undo.py", "test_cli_models.py", "test_docs_examples.py", "test_service_guard.py",
+    "test_cli_undo.py", "test_cli_models.py", "test_docs_examples.py", "test_service_guard.py", "test_options.py",
 }
 _PROCESS_FIXTURES = {"pg_url", "pg_server", "llama_server", "core_venv", "server", "instant_server"}
 # In an in-process file, a test whose name or parameters say it runs real processes.

@@ -112,6 +112,14 @@ class AsyncConversationSession(SessionView):
     def system_prompt(self) -> str | None:
         return self._core.conversation.system_prompt
 
+    @system_prompt.setter
+    def system_prompt(self, value: str | None) -> None:
+        """Change the persona from the next turn on; saved with the session.  Between turns only:
+        a setter cannot wait for a running turn, so during one it raises ``SessionError``."""
+        if self._turn_task is not None:
+            raise SessionError("cannot change the system prompt while a turn is running; set it between turns")
+        self._core.set_system_prompt(value)
+
     # -- the turn ---------------------------------------------------------------------------
     def stream(self, text: str, *, on_token: Callable[[str], None] | None = None) -> AsyncTurn:
         """A turn to stream: ``async with s.stream(text) as turn: async for piece in turn``.

@@ -122,6 +122,17 @@ class SessionCore:
         return f"{self.store.description}#{self.session_id}"
 
     # -- guards ---------------------------------------------------------------------------
+    def set_system_prompt(self, value: str | None) -> None:
+        """The persona from the next turn on, saved with the next turn (the caller holds the
+        session between turns: the sync lock, or no turn running on the loop)."""
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"system_prompt must be a str or None, not {type(value).__name__}")
+        self.check_open("change")
+        self._requested_system = value
+        self.conversation.system_prompt = value
+        self.conversation.policy.reset()
+        self._pending_meta = {"system_prompt": value}
+
     def check_open(self, action: str = "use") -> None:
         if self.closed:
             raise SessionError(f"the session is closed; cannot {action} it (start a new session)")

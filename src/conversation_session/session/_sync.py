@@ -132,11 +132,7 @@ class ConversationSession(SessionView):
     def system_prompt(self, value: str | None) -> None:
         """Change the persona from the next turn on; saved with the session."""
         with self._state():
-            core = self._core
-            core._requested_system = value
-            core.conversation.system_prompt = value
-            core.conversation.policy.reset()
-            core._pending_meta = {"system_prompt": value}
+            self._core.set_system_prompt(value)
 
     # -- context manager -----------------------------------------------------------------
     def __enter__(self) -> ConversationSession:

@@ -1,0 +1,61 @@
+"""The session's options: one rule each, checked by the constructor, the setters and both
+command lines alike; the sync and the async session expose the same settable ones."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from conversation_session import AsyncConversationSession, ConversationSession, FakeBackend, SessionError
+from conversation_session.cli._args import parse_args
+from conversation_session.service._config import build_parser
+
+
+@pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, "30", True])
+def test_a_timeout_that_is_not_a_positive_finite_number_is_refused_everywhere(bad):
+    with pytest.raises(ValueError, match="timeout"):
+        ConversationSession(backend=FakeBackend(), timeout=bad)
+    with ConversationSession(backend=FakeBackend()) as session:
+        with pytest.raises(ValueError, match="timeout"):
+            session.timeout = bad
+        assert session.timeout == 60.0  # unchanged
+        session.timeout = None  # no limit is allowed
+        assert session.timeout is None
+        with pytest.raises(ValueError, match="tts_wait_timeout"):
+            session.tts_wait_timeout = bad
+        with pytest.raises(ValueError, match="max_tokens"):
+            session.max_tokens = 0
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-1", "soon"])
+def test_both_command_lines_refuse_a_timeout_that_is_not_a_number_of_seconds(text, capsys):
+    with pytest.raises(SystemExit) as chat_exit:
+        parse_args(["--timeout", text])
+    assert chat_exit.value.code == 2
+    with pytest.raises(SystemExit) as serve_exit:
+        build_parser().parse_args(["--timeout", text])
+    assert serve_exit.value.code == 2
+    assert parse_args(["--timeout", "0"]).timeout is None  # 0: no limit, on both
+    assert build_parser().parse_args(["--timeout", "0"]).timeout is None
+
+
+def test_the_async_session_can_change_its_system_prompt_between_turns(sessions_dir):
+    async def main() -> None:
+        fake = FakeBackend()
+        async with AsyncConversationSession(backend=fake) as s:
+            s.system_prompt = "You are a pirate."
+            await s.chat("hi")
+            assert fake.requests[-1].messages[0] == {"role": "system", "content": "You are a pirate."}
+            async with s.stream("tell me more") as turn:
+                async for _ in turn:
+                    with pytest.raises(SessionError, match="between turns"):
+                        s.system_prompt = "no"
+                    break
+            sid = s.session_id
+        with ConversationSession(backend=FakeBackend()) as again:
+            again.load_history(sid)
+            assert again.system_prompt == "You are a pirate."
+
+    asyncio.run(main())
