@@ -2,7 +2,8 @@
 # scripts/test.  Usage: setup_project [pip-extras]
 # - Debian packages: python3-venv and g++ (llama-cpp-python compiles llama.cpp on first
 #   install), espeak-ng (speech), and with the test tools PostgreSQL's server binaries (the
-#   tests start their own server in a temporary folder).  Installed with apt-get as root, or
+#   tests start their own server in a temporary folder) and chromium with chromium-driver (the
+#   web page's tests run it headless).  Installed with apt-get as root, or
 #   sudo, when missing.
 # - .venv with this project installed (editable).  Re-installed only when pyproject.toml
 #   changes or another set of extras is asked for (none after the tests' set, which holds the
@@ -36,6 +37,10 @@ setup_project() {
   command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
   if [ "$extras" = dev ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
     need+=(postgresql)
+  fi
+  # The web page's tests drive Debian's browser through its own driver (nothing downloaded).
+  if [ "$extras" = dev ] && ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }; then
+    need+=(chromium chromium-driver)
   fi
   if [ ${#need[@]} -gt 0 ]; then
     _apt_install "${need[@]}" || _say "continuing without: ${need[*]}"

@@ -61,3 +61,12 @@ def _reset_package_logger():
 @pytest.fixture
 def fake() -> FakeBackend:
     return FakeBackend()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Each phase's report on the item (``item.rep_call``): fixtures can see whether the test
+    failed (the browser tests save a screenshot then)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, "rep_" + report.when, report)

@@ -34,6 +34,7 @@ from ..backends import Backend
 from ..session._aio import AsyncConversationSession
 from ..stores import StoreAPI
 from ..stores._file import encode_snapshot
+from ._actions import detached_turn
 from ._config import CONFIG_ENV, ServiceConfig
 from ._errors import ApiError, ClientGone, result_json, turn_error
 from ._guard import Guard
@@ -44,6 +45,7 @@ from ._openapi import openapi_document
 from ._registry import Busy, Gone
 from ._requests import check_text, read_json, run_watched
 from ._state import ServiceState, state_of
+from ._web import web_routes
 from ._ws import session_ws
 
 __all__ = ["app_from_env", "create_app"]
@@ -115,7 +117,7 @@ async def list_sessions(request: Request) -> Response:
             "session_id": sid, "created_at": info.created_at if info else entry["created_at"],
             "updated_at": info.updated_at if info else entry["created_at"],
             "turns": info.turns if info else 0, "total_messages": info.total_messages if info else 0,
-            "first_user_line": info.first_user_line if info else "",
+            "first_user_line": info.first_user_line if info else "", "title": info.title if info else None,
         })
     out.sort(key=lambda s: (s["updated_at"], s["session_id"]), reverse=True)
     return JSONResponse({"sessions": out})
@@ -130,6 +132,7 @@ async def get_session(request: Request) -> Response:
     return JSONResponse({
         # The saved session's own dates once it has a turn (the file shows the same ones).
         "session_id": sid, "created_at": record.created_at, "updated_at": record.updated_at or record.created_at,
+        "title": record.title,
         "turns": record.turns, "total_messages": len(record.messages), "llm_model": record.llm_model or None,
         "system_prompt": record.system_prompt, "store_session_id": entry.get("store_id"),
         "memory": st.config.memory,
@@ -145,8 +148,15 @@ async def export_session(request: Request) -> Response:
     owner = await st.owner(request)
     sid = request.path_params["sid"]
     entry = await st.owned(sid, owner)
+    fmt = request.query_params.get("format", "json")
+    if fmt not in ("json", "md"):
+        raise ApiError(400, "bad_request", "format is json (the session file) or md (Markdown)")
     record = await st.record(entry, sid)
     record.session_id = sid
+    if fmt == "md":
+        from ..cli._export import render_markdown  # here: the cli package is not the service's to load
+        return Response(render_markdown(record).encode(), media_type="text/markdown; charset=utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="{sid}.md"'})
     body = encode_snapshot(record, record.messages)
     return Response(body, media_type="application/json; charset=utf-8",
                     headers={"Content-Disposition": f'attachment; filename="{sid}.json"'})
@@ -191,7 +201,12 @@ async def post_message(request: Request) -> Response:
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "bad_request", '"stream" must be true or false')
+    detach = data.get("detach", False)
+    if not isinstance(detach, bool):
+        raise ApiError(400, "bad_request", '"detach" must be true or false')
     await st.owned(sid, owner)
+    if detach:  # the turn completes and is saved even if this client goes away (see _live)
+        return await detached_turn(request, sid, text, stream=stream)
     reg = st.reg()
     if stream:
         hold = reg.hold(sid)
@@ -375,6 +390,7 @@ def create_app(config: ServiceConfig | None = None, *, backend: Backend | None =
         Route("/v1/sessions/{sid}/export", export_session, methods=["GET"]),
         WebSocketRoute("/v1/sessions/{sid}/ws", session_ws),
         Route("/api/conversation/process", ha_process, methods=["POST"]),
+        *web_routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ApiError: _api_error, HTTPException: _http_error})

@@ -15,10 +15,26 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from collections.abc import Mapping
 
-__all__ = ["LOCAL_OWNER", "Authenticator", "RateLimiter", "owner_of", "take_from_bucket"]
+__all__ = ["LOCAL_OWNER", "WS_PROTOCOL", "Authenticator", "RateLimiter", "owner_of", "subprotocol_token",
+           "take_from_bucket"]
 
 LOCAL_OWNER = "local"
+# A browser cannot set headers on a WebSocket, and a token in the URL ends up in logs and
+# history: a page offers the subprotocols ``conversation-session`` and ``bearer.<token>``
+# (``Sec-WebSocket-Protocol``), and the service selects the first, never echoing the token.
+WS_PROTOCOL = "conversation-session"
+_BEARER_PREFIX = "bearer."
+
+
+def subprotocol_token(headers: Mapping[str, str]) -> str | None:
+    """The token offered as subprotocol ``bearer.<token>`` in ``Sec-WebSocket-Protocol``."""
+    for item in (headers.get("sec-websocket-protocol") or "").split(","):
+        item = item.strip()
+        if item.lower().startswith(_BEARER_PREFIX) and len(item) > len(_BEARER_PREFIX):
+            return item[len(_BEARER_PREFIX):]
+    return None
 
 
 def owner_of(token: str) -> str:
@@ -27,8 +43,9 @@ def owner_of(token: str) -> str:
 
 
 class Authenticator:
-    """Maps an ``Authorization: Bearer <token>`` header (or ``?token=`` on a WebSocket, which
-    browsers cannot give headers) to an owner; None when it is missing or wrong."""
+    """Maps an ``Authorization: Bearer <token>`` header (or, on a WebSocket, which browsers
+    cannot give headers, the ``bearer.<token>`` subprotocol or the older ``?token=``) to an
+    owner; None when it is missing or wrong."""
 
     def __init__(self, tokens: tuple[str, ...]):
         self._tokens = [(t.encode(), owner_of(t)) for t in tokens]

@@ -9,6 +9,11 @@ from ..stores._ids import SESSION_ID_PATTERN
 
 __all__ = ["openapi_document"]
 
+_DETACH = ("the turn belongs to the session, not to this request: if the client goes away (a reloaded "
+           "browser tab) the turn still completes and is saved; follow it with GET .../live, stop it with "
+           "POST .../stop.  Without it a client that disconnects cancels the turn (nothing kept), as voice "
+           "devices expect.  A second detached turn on the same session while one runs: 409")
+
 
 def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
@@ -64,7 +69,8 @@ def openapi_document() -> dict[str, Any]:
                 "SessionSummary": {"type": "object", "properties": {
                     "session_id": {"type": "string"}, "created_at": {"type": "string"},
                     "updated_at": {"type": "string"}, "turns": {"type": "integer"},
-                    "total_messages": {"type": "integer"}, "first_user_line": {"type": "string"}}},
+                    "total_messages": {"type": "integer"}, "first_user_line": {"type": "string"},
+                    "title": {"type": ["string", "null"]}}},
             },
         },
         "security": [{"bearer": []}],
@@ -93,6 +99,12 @@ def openapi_document() -> dict[str, Any]:
                         "history": {"type": "array", "items": _ref("Message")}}}]}, "the session"), **_ERRORS}},
                 "delete": {"summary": "delete the session and its history", "responses": {
                     "200": _json({"type": "object"}, "deleted"), **_ERRORS}},
+                "patch": {"summary": "rename: the title (one line; null removes it); 409 before the first turn",
+                          "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                              "type": "object", "required": ["title"], "properties": {
+                                  "title": {"type": ["string", "null"], "maxLength": 200}}}}}},
+                          "responses": {"200": _json({"type": "object", "properties": {
+                              "title": {"type": ["string", "null"]}}}, "renamed"), **_ERRORS}},
             },
             "/v1/sessions/{sid}/messages": {
                 "parameters": _SID,
@@ -101,10 +113,13 @@ def openapi_document() -> dict[str, Any]:
                     "requestBody": {"required": True, "content": {"application/json": {"schema": {
                         "type": "object", "required": ["text"], "properties": {
                             "text": {"type": "string", "maxLength": 16384},
-                            "stream": {"type": "boolean", "default": False}}}}}},
+                            "stream": {"type": "boolean", "default": False},
+                            "detach": {"type": "boolean", "default": False, "description": _DETACH}}}}}},
                     "responses": {
                         "200": {"description": "the reply (JSON), or with stream=true server-sent events: "
-                                               "`piece` {text} ..., then `done` (a TurnResult) or `error`",
+                                               "`piece` {text} ..., then `done` (a TurnResult) or `error`; "
+                                               "a detached stream starts with `start` {session_id, text, retry} "
+                                               "and ends with `done`, `interrupted` (after /stop) or `error`",
                                 "content": {"application/json": {"schema": _ref("TurnResult")},
                                             "text/event-stream": {"schema": {"type": "string"}}}},
                         "502": _json(_ref("Error"), "the model backend failed"),
@@ -113,8 +128,13 @@ def openapi_document() -> dict[str, Any]:
             },
             "/v1/sessions/{sid}/export": {
                 "parameters": _SID,
-                "get": {"summary": "the session in the library's JSON file format",
-                        "responses": {"200": _json({"type": "object"}, "the session file"), **_ERRORS}}},
+                "get": {"summary": "the session as a download: the library's JSON file format, or Markdown",
+                        "parameters": [{"name": "format", "in": "query", "required": False,
+                                        "schema": {"type": "string", "enum": ["json", "md"], "default": "json"}}],
+                        "responses": {"200": {"description": "the session file", "content": {
+                            "application/json": {"schema": {"type": "object"}},
+                            "text/markdown": {"schema": {"type": "string"}}}}, **_ERRORS}}},
+            **_more_paths(),
             "/api/conversation/process": {
                 "post": {
                     "summary": "Home Assistant's conversation API (memory never expires)",
@@ -127,4 +147,53 @@ def openapi_document() -> dict[str, Any]:
                         "response": {"type": "object"}}}, "Home Assistant's answer shape"), **_ERRORS}},
             },
         },
+    }
+
+
+def _more_paths() -> dict[str, Any]:
+    """The routes the web page added (service/_actions.py); any client may use them."""
+    sse = {"text/event-stream": {"schema": {"type": "string"}}}
+    empty_body = {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}}
+    return {
+        "/": {"get": {"summary": "the web page (HTML; its script and style under /web/)", "security": [],
+                      "responses": {"200": {"description": "the page", "content": {"text/html": {}}}}}},
+        "/v1/search": {"get": {
+            "summary": "this token's sessions whose title or messages hold the text (case-insensitive)",
+            "parameters": [{"name": "q", "in": "query", "required": True, "schema": {"type": "string",
+                                                                                  "maxLength": 200}}],
+            "responses": {"200": _json({"type": "object", "properties": {"query": {"type": "string"}, "hits": {
+                "type": "array", "items": {"type": "object", "properties": {
+                    "session_id": {"type": "string"}, "title": {"type": ["string", "null"]},
+                    "updated_at": {"type": "string"}, "index": {"type": "integer", "description": "-1: the title"},
+                    "role": {"type": "string"}, "snippet": {"type": "string"}}}}}}, "the hits"), **_ERRORS}}},
+        "/v1/sessions/{sid}/undo": {"parameters": _SID, "post": {
+            "summary": "withdraw the last turn (durably; the export keeps it under withdrawn turns)",
+            "requestBody": empty_body,
+            "responses": {"200": _json({"type": "object", "properties": {
+                "undone": {"type": "boolean"}, "turns": {"type": "integer"}}}, "done"), **_ERRORS}}},
+        "/v1/sessions/{sid}/retry": {"parameters": _SID, "post": {
+            "summary": "ask the last user message again; the new reply replaces the last one",
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"stream": {"type": "boolean", "default": False,
+                                                            "description": "only with detach"},
+                                                 "detach": {"type": "boolean", "default": False,
+                                                            "description": _DETACH}}}}}},
+            "responses": {"200": {"description": "a TurnResult, or (stream) the events of a detached turn",
+                                  "content": {"application/json": {"schema": _ref("TurnResult")}, **sse}},
+                          **_ERRORS}}},
+        "/v1/sessions/{sid}/stats": {"parameters": _SID, "get": {
+            "summary": "the context figures (tokens in the window, cache hits, last turn's timings)",
+            "responses": {"200": _json({"type": "object", "properties": {"stats": {"type": "object"}}},
+                                       "the figures"), **_ERRORS}}},
+        "/v1/sessions/{sid}/live": {"parameters": _SID, "get": {
+            "summary": "follow the detached reply being written in this worker",
+            "description": "Server-sent events: `start` {session_id, text, retry}, one `piece` with the reply "
+                           "so far, each new `piece`, then `done` / `interrupted` / `error`.  When none runs: "
+                           "one `idle` {session_id, turns}.  Going away stops following, not the turn.",
+            "responses": {"200": {"description": "events", "content": sse}, **_ERRORS}}},
+        "/v1/sessions/{sid}/stop": {"parameters": _SID, "post": {
+            "summary": "stop the detached reply: kept as far as it was written, marked interrupted",
+            "requestBody": empty_body,
+            "responses": {"200": _json({"type": "object", "properties": {"stopped": {
+                "type": "boolean", "description": "false: no reply was being written"}}}, "done"), **_ERRORS}}},
     }

@@ -24,7 +24,7 @@ from ..speech import EspeakEngine, SpeechEngine
 from ..stores import StoreAPI, is_postgres_url, is_session_id, open_store
 from ..stores._file import HistoryStore
 from ..stores._record import SessionRecord
-from ._auth import Authenticator, RateLimiter
+from ._auth import Authenticator, RateLimiter, subprotocol_token
 from ._config import ServiceConfig
 from ._errors import ApiError
 from ._log import session_id_var
@@ -134,7 +134,8 @@ class ServiceState:
 
     # -- per request ---------------------------------------------------------------------------
     async def owner(self, conn: HTTPConnection) -> str:
-        owner = self.auth.owner(conn.headers.get("authorization"), conn.query_params.get("token"))
+        owner = self.auth.owner(conn.headers.get("authorization"),
+                                conn.query_params.get("token") or subprotocol_token(conn.headers))
         if owner is None:
             raise ApiError(401, "unauthorized", "send Authorization: Bearer <token> (one of the server's --token)",
                            headers={"WWW-Authenticate": "Bearer"})

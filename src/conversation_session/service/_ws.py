@@ -48,11 +48,17 @@ on meanwhile (another device's turn, an undo: the last reply is no longer this o
 that cannot record the cut sends an ``error`` event instead (the reply stays whole).  The cut
 takes the session as a turn does, so it never interleaves with another turn on it.
 
+Authentication: ``Authorization: Bearer <token>`` on the handshake; a browser, which cannot set
+that header, offers the subprotocols ``conversation-session`` and ``bearer.<token>``
+(``Sec-WebSocket-Protocol``) and the service selects ``conversation-session`` (the token is never
+echoed).  ``?token=`` still works for old clients, but puts the token in URLs and logs.
+
 A connection holds its session only while a turn runs, so REST calls and other devices can
 use the session between turns.  Disconnecting mid-reply cancels the turn (the backend stops,
-nothing of the turn is kept), as a timeout does.  ``interrupt`` calls ``turn.interrupt(heard=,
-heard_ms=)`` where the library has it (the heard part is kept), else ``turn.cancel()``
-(nothing of the turn is kept).
+nothing of the turn is kept), as a timeout does: what a voice device expects.  A client that
+wants its reply to outlive it (the web page) uses REST with ``"detach": true`` (see ``_live``).
+``interrupt`` calls ``turn.interrupt(heard=, heard_ms=)`` where the library has it (the heard
+part is kept), else ``turn.cancel()`` (nothing of the turn is kept).
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from .._exceptions import SessionError
 from ..speech import SentenceSplitter, heard_prefix, split_sentence_spans
 from ._audio import AUDIO_FORMATS, AudioStream
+from ._auth import WS_PROTOCOL
 from ._errors import ApiError, result_json, turn_error
 from ._log import session_id_var
 from ._requests import check_text
@@ -282,7 +289,10 @@ async def session_ws(ws: WebSocket) -> None:
         await ws.close(code=1011)
         return
     session_id_var.set(sid)
-    await ws.accept()
+    offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",")]
+    # A page authenticates with the subprotocol bearer.<token>: the handshake must then select
+    # a protocol it offered -- the plain one, so the token is never sent back.
+    await ws.accept(subprotocol=WS_PROTOCOL if WS_PROTOCOL in offered else None)
     conn = _Conn(ws, st, sid)
     wanted = (ws.query_params.get("audio") or "none").lower()
     problem = None
