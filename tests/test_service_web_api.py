@@ -84,6 +84,22 @@ def test_a_detached_reply_survives_its_client(server: ServiceProcess, client: ht
         assert list(sse_events(resp.iter_lines())) == [("idle", {"session_id": sid, "turns": 1})]
 
 
+def test_a_detached_reply_is_completed_before_shutdown(tmp_path: Path) -> None:
+    """SIGTERM while a detached reply is being written and nobody follows it: the service gives
+    it the shutdown grace, saves it whole, then exits cleanly."""
+    with service(tmp_path / "sessions", "--token", TOKEN_A, "--fake-delay", "0.05") as proc:
+        with httpx.Client(base_url=proc.url, headers=auth(TOKEN_A), timeout=30) as client:
+            sid = new_session(client)
+            with client.stream("POST", f"/v1/sessions/{sid}/messages",
+                               json={"text": WORDS, "stream": True, "detach": True}) as resp:
+                assert next(sse_events(resp.iter_lines()))[0] == "start"
+        assert proc.stop() == 0
+    with service(tmp_path / "sessions", "--token", TOKEN_A) as proc, \
+            httpx.Client(base_url=proc.url, headers=auth(TOKEN_A), timeout=30) as client:
+        last = history(client, sid)[-1]
+        assert last["role"] == "assistant" and str(last["content"]).endswith(WORDS) and "interrupted" not in last
+
+
 def test_without_detach_a_vanished_client_still_cancels(server: ServiceProcess, client: httpx.Client) -> None:
     sid = new_session(client)
     with client.stream("POST", f"/v1/sessions/{sid}/messages", json={"text": WORDS, "stream": True}) as resp:

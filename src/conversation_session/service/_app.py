@@ -40,6 +40,7 @@ from ._errors import ApiError, ClientGone, result_json, turn_error
 from ._guard import Guard
 from ._ha import ha_process
 from ._handoff import ask_release, holder_pid
+from ._live import finish_live
 from ._log import request_id_var, session_id_var, setup_json_logging
 from ._openapi import openapi_document
 from ._registry import Busy, Gone
@@ -376,6 +377,7 @@ def create_app(config: ServiceConfig | None = None, *, backend: Backend | None =
         try:
             yield
         finally:
+            await finish_live(app, cfg.shutdown_grace_s)  # detached turns: the grace, then cancelled
             await state.stop()
 
     routes = [

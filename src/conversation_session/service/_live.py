@@ -28,7 +28,7 @@ from ._errors import ApiError, result_json, turn_error
 from ._log import session_id_var
 from ._state import ServiceState
 
-__all__ = ["LiveTurn", "live_turns", "sse_event", "start_live"]
+__all__ = ["LiveTurn", "finish_live", "live_turns", "sse_event", "start_live"]
 
 logger = logging.getLogger("conversation_session.service")
 
@@ -149,6 +149,21 @@ def start_live(app: Starlette, st: ServiceState, sid: str, text: str, *, retry: 
     live.task = asyncio.get_running_loop().create_task(live.run(st, table))
     live.task.add_done_callback(_log_failure)
     return live
+
+
+async def finish_live(app: Starlette, grace: float) -> None:
+    """Shutdown: give the running detached turns ``grace`` seconds to complete (and be saved),
+    then cancel the rest (nothing of them is kept, as for any turn cut by a shutdown)."""
+    tasks = [live.task for live in live_turns(app).values() if live.task is not None]
+    if not tasks:
+        return
+    logger.info("waiting up to %.0f s for %d detached turn(s) to complete", grace, len(tasks))
+    _, pending = await asyncio.wait(tasks, timeout=grace)
+    for task in pending:
+        task.cancel()
+    for task in pending:
+        with contextlib.suppress(BaseException):
+            await task
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
