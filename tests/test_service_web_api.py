@@ -179,6 +179,18 @@ def test_undo_retry_rename_search_stats_export(client: httpx.Client) -> None:
     assert_json_error(client.get(f"/v1/sessions/{sid}/export", params={"format": "pdf"}), 400)
 
 
+def test_cut_keeps_the_saved_reply_as_far_as_heard(client: httpx.Client) -> None:
+    sid = new_session(client)
+    reply = client.post(f"/v1/sessions/{sid}/messages", json={"text": "One. Two. Three."}).json()["response"]
+    assert_json_error(client.post(f"/v1/sessions/{sid}/cut", json={"heard": "nonsense", "turn": 1}), 400)
+    assert_json_error(client.post(f"/v1/sessions/{sid}/cut", json={"heard": reply[:5], "turn": 2}), 409, "moved_on")
+    assert_json_error(client.post(f"/v1/sessions/{sid}/cut", json={"heard": 3, "turn": 1}), 400)
+    heard = reply[:reply.index("Two.") + 4]
+    resp = client.post(f"/v1/sessions/{sid}/cut", json={"heard": heard, "turn": 1})
+    assert resp.json() == {"session_id": sid, "cut": True, "kept": True, "turn": 1, "response": heard}
+    assert history(client, sid)[-1] == {"role": "assistant", "content": heard, "interrupted": True}
+
+
 def test_websocket_token_as_subprotocol(server: ServiceProcess, client: httpx.Client) -> None:
     sid = new_session(client)
     url = server.url.replace("http://", "ws://") + f"/v1/sessions/{sid}/ws"
@@ -203,7 +215,7 @@ def test_the_api_document_describes_the_new_routes(client: httpx.Client) -> None
     doc = client.get("/openapi.json").json()
     paths = doc["paths"]
     for path in ("/v1/search", "/v1/sessions/{sid}/undo", "/v1/sessions/{sid}/retry", "/v1/sessions/{sid}/stats",
-                 "/v1/sessions/{sid}/live", "/v1/sessions/{sid}/stop"):
+                 "/v1/sessions/{sid}/live", "/v1/sessions/{sid}/stop", "/v1/sessions/{sid}/cut"):
         assert path in paths, path
     assert "patch" in paths["/v1/sessions/{sid}"]
     body = paths["/v1/sessions/{sid}/messages"]["post"]["requestBody"]["content"]["application/json"]["schema"]

@@ -64,7 +64,7 @@ def browser(downloads: Path) -> Iterator[WebDriver]:
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1200,820", "--lang=en-US"):
+                "--window-size=1200,820", "--lang=en-US", "--autoplay-policy=no-user-gesture-required"):
         options.add_argument(arg)
     options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
                                               "download.prompt_for_download": False})
@@ -369,3 +369,66 @@ def test_main_view(page: WebDriver, api: httpx.Client) -> None:
     if target:
         time.sleep(0.3)  # let the last frame paint
         assert page.save_screenshot(target)
+
+
+# -- voice (serve --tts) -------------------------------------------------------------------------------------
+SENTENCES = " ".join(f"Sentence number {n} is spoken here." for n in range(1, 13))
+
+
+@pytest.fixture(scope="module")
+def tts_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    if not shutil.which("espeak-ng"):
+        pytest.fail("the voice test needs espeak-ng (./scripts/test installs it)", pytrace=False)
+    base = tmp_path_factory.mktemp("web-tts")
+    with service(base / "sessions", "--token", TOKEN_A, "--fake-delay", "0.05", "--rate", "1000",
+                 "--burst", "1000", "--tts") as proc:
+        yield proc
+
+
+def open_voice_page(browser: WebDriver, server: ServiceProcess) -> None:
+    browser.get(server.url + "/")
+    browser.execute_script("localStorage.setItem(arguments[0], arguments[1])", TOKEN_KEY, TOKEN_A)
+    browser.get(server.url + "/")
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#session-list li"), "the page to start")
+    new_session(browser)
+    by_id(browser, "voice").click()
+
+
+@pytest.mark.parametrize("when", ["while_written", "after_saved"])
+def test_barge_in_keeps_what_was_heard(browser: WebDriver, tts_server: ServiceProcess, when: str,
+                                       request: pytest.FixtureRequest) -> None:
+    """Replies spoken sentence by sentence; typing while it speaks stops the audio at once and
+    the saved reply is cut to what was played, marked interrupted."""
+    browser.set_window_size(1200, 820)
+    open_voice_page(browser, tts_server)
+    sid = current_sid(browser)
+    try:
+        type_and_send(browser, SENTENCES)
+        if when == "after_saved":
+            wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, "#messages .msg.streaming")
+                 and d.execute_script("return voice.done !== null"), "the reply to be saved", timeout=30)
+        wait(browser, lambda d: d.execute_script("return heardMs()") > 1500, "some of the reply to be heard",
+             timeout=30)
+        assert browser.execute_script("return speaking()")
+        if when == "while_written":
+            assert browser.find_elements(By.CSS_SELECTOR, "#messages .msg.streaming")
+        by_id(browser, "input").send_keys("w")  # starting to type is a barge-in
+        assert not browser.execute_script("return speaking()")  # playback stopped at once
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .badge"), "the interrupted mark",
+             timeout=30)
+        with httpx.Client(base_url=tts_server.url, headers=auth(TOKEN_A), timeout=30) as api:
+            last = saved(api, sid)[-1]
+        assert last["role"] == "assistant" and last["interrupted"] is True
+        kept = re.sub(r"^Reply \d+: ", "", last["content"])  # the fake's reply: "Reply N: " and the message
+        assert kept and SENTENCES.startswith(kept.rstrip()) and len(kept) < len(SENTENCES), last["content"]
+        if when == "after_saved":  # the page said which sentences it played: whole ones are kept
+            assert kept.rstrip().endswith("."), kept
+        assert messages(browser)[-1][1].strip() == last["content"].strip()
+    except BaseException:
+        folder = ARTIFACTS / "web"
+        folder.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(WebDriverException):
+            browser.save_screenshot(str(folder / f"{request.node.name}.png"))
+        raise
+    finally:
+        browser.execute_script("closeVoice()")

@@ -8,6 +8,8 @@ the detached turns of ``_live`` (follow one, stop one).
     GET   /v1/sessions/{id}/stats                 the context figures (tokens in the window, cache)
     GET   /v1/sessions/{id}/live                  server-sent events: the detached reply being written
     POST  /v1/sessions/{id}/stop                  stop the detached reply (kept as far as written)
+    POST  /v1/sessions/{id}/cut   {"heard", "turn"}  barge-in after the reply was saved: keep it
+                                                  as far as it was heard (the page played it)
     GET   /v1/search?q=...                        this token's sessions holding the text
 """
 
@@ -27,8 +29,8 @@ from ._live import LiveTurn, live_turns, sse_event, start_live
 from ._requests import read_json, run_watched
 from ._state import state_of
 
-__all__ = ["detached_turn", "get_live", "get_stats", "patch_session", "post_retry", "post_stop", "post_undo",
-           "search_sessions"]
+__all__ = ["detached_turn", "get_live", "get_stats", "patch_session", "post_cut", "post_retry", "post_stop",
+           "post_undo", "search_sessions"]
 
 logger = logging.getLogger("conversation_session.service")
 
@@ -211,6 +213,43 @@ async def post_stop(request: Request) -> Response:
         return JSONResponse({"session_id": sid, "stopped": False})
     await live.stop()
     return JSONResponse({"session_id": sid, "stopped": True})
+
+
+async def post_cut(request: Request) -> Response:
+    """Cut the saved last reply to what was heard (a player that buffered the whole reply's audio
+    stops it later than the WebSocket could know): ``heard`` starts the reply, ``turn`` is the
+    turn count it was the last of (anything else: the session moved on, 409, nothing cut)."""
+    st = state_of(request)
+    owner = await st.owner(request)
+    sid = request.path_params["sid"]
+    data = await read_json(request, st.config.max_body_bytes)
+    heard, turn = data.get("heard"), data.get("turn")
+    if not isinstance(heard, str):
+        raise ApiError(400, "bad_request", '"heard" must be the start of the last reply that was heard')
+    if not isinstance(turn, int) or isinstance(turn, bool):
+        raise ApiError(400, "bad_request", '"turn" must be the turn number of that reply')
+    await st.owned(sid, owner)
+    if sid in live_turns(request.app):
+        raise ApiError(409, "busy", "a reply is being written; stop it instead", headers={"Retry-After": "1"})
+    try:
+        async with st.reg().hold(sid) as session:
+            assert session is not None
+            history = session.history
+            last = history[-1] if history and history[-1].get("role") == "assistant" else None
+            if last is None or session.turns != turn:
+                raise ApiError(409, "moved_on", "the session moved on since that reply; nothing was cut")
+            if not last["content"].startswith(heard):
+                raise ApiError(400, "bad_request", '"heard" does not start the last reply')
+            cut = await session.cut_last_reply(heard)
+            history = session.history
+            last = history[-1] if history and history[-1].get("role") == "assistant" else None
+            kept = last is not None and session.turns == turn
+            return JSONResponse({"session_id": sid, "cut": cut, "kept": kept, "turn": session.turns,
+                                 "response": last["content"] if kept and last is not None else ""})
+    except ApiError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - mapped to a JSON answer
+        raise turn_error(exc) from None
 
 
 async def search_sessions(request: Request) -> Response:

@@ -191,6 +191,17 @@ def _more_paths() -> dict[str, Any]:
                            "so far, each new `piece`, then `done` / `interrupted` / `error`.  When none runs: "
                            "one `idle` {session_id, turns}.  Going away stops following, not the turn.",
             "responses": {"200": {"description": "events", "content": sse}, **_ERRORS}}},
+        "/v1/sessions/{sid}/cut": {"parameters": _SID, "post": {
+            "summary": "barge-in after the reply was saved: keep it as far as it was heard, marked interrupted",
+            "description": "For a player that buffered the reply's audio and stopped it later than the WebSocket "
+                           "could know. `heard` must start the last reply; `turn` is its turn number (the session "
+                           "moved on since: 409 moved_on, nothing cut). An empty `heard` withdraws the turn.",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["heard", "turn"], "properties": {
+                    "heard": {"type": "string"}, "turn": {"type": "integer"}}}}}},
+            "responses": {"200": _json({"type": "object", "properties": {
+                "cut": {"type": "boolean"}, "kept": {"type": "boolean"}, "turn": {"type": "integer"},
+                "response": {"type": "string"}}}, "done"), **_ERRORS}}},
         "/v1/sessions/{sid}/stop": {"parameters": _SID, "post": {
             "summary": "stop the detached reply: kept as far as it was written, marked interrupted",
             "requestBody": empty_body,

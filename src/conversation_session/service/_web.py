@@ -62,4 +62,5 @@ def web_routes() -> list[BaseRoute]:
         Route("/v1/sessions/{sid}/stats", _actions.get_stats, methods=["GET"]),
         Route("/v1/sessions/{sid}/live", _actions.get_live, methods=["GET"]),
         Route("/v1/sessions/{sid}/stop", _actions.post_stop, methods=["POST"]),
+        Route("/v1/sessions/{sid}/cut", _actions.post_cut, methods=["POST"]),
     ]

@@ -255,7 +255,7 @@ function renderSession() {
 function updateButtons() {
   const busy = !!state.streaming;
   const turns = state.session ? state.session.turns : 0;
-  $("stop").disabled = !busy;
+  $("stop").disabled = !busy && !speaking();
   $("undo").disabled = busy || !turns;
   $("retry").disabled = busy || !turns;
   $("send").disabled = busy;
@@ -264,6 +264,7 @@ function updateButtons() {
 
 async function openSession(sid, { follow = true } = {}) {
   if (state.streaming && state.streaming.sid !== sid) state.streaming.controller.abort();
+  if (voice.sid && voice.sid !== sid) closeVoice();
   state.sid = sid;
   if (location.hash !== "#" + sid) history.replaceState(null, "", "#" + sid);
   document.body.classList.remove("show-list");
@@ -368,6 +369,7 @@ async function send(event) {
     if (!state.sid) await newSession({ quiet: true });
     const sid = state.sid;
     input.value = "";
+    if (voiceOn()) { await sendVoice(sid, text); return; }
     const controller = new AbortController();
     const resp = await api("POST", sessionPath(sid, "/messages"),
                            { text, stream: true, detach: true }, controller.signal);
@@ -398,6 +400,7 @@ async function retry() {
 }
 
 async function stop() {
+  if (bargeIn()) return;
   if (!state.streaming) return;
   try {
     await apiJson("POST", sessionPath(state.streaming.sid, "/stop"), {});
@@ -550,6 +553,164 @@ async function runSearch() {
   if (!data.hits.length) results.append(el("li", { class: "hint", text: "Nothing found." }));
 }
 
+// -- voice: the session's WebSocket with sentence audio (serve --tts) ------------------------------
+// A voice turn follows the device rule: the socket carries it, and barge-in keeps what was heard.
+// The page says how much it played (heard_ms); the service cuts the saved reply to it.
+const voice = { ws: null, sid: null, queue: [], audio: null, playedMs: 0, expecting: null, bubble: null, reply: "",
+                sentences: [], playing: -1, muted: false, done: null };
+
+function voiceOn() { return $("voice").checked; }
+
+function speaking() { return !!(voice.audio || voice.queue.length); }
+
+function heardMs() { return voice.playedMs + (voice.audio ? voice.audio.currentTime * 1000 : 0); }
+
+function setSpeaking() {
+  document.body.dataset.speaking = speaking() ? "true" : "false";
+  updateButtons();
+}
+
+function closeVoice() {
+  stopAudio();
+  if (voice.ws) { voice.ws.onclose = null; voice.ws.close(); }
+  voice.ws = null;
+  voice.sid = null;
+}
+
+function openVoice(sid) {
+  if (voice.ws && voice.sid === sid && voice.ws.readyState === WebSocket.OPEN) return Promise.resolve(voice.ws);
+  closeVoice();
+  const protocols = ["conversation-session"];
+  if (state.token) protocols.push("bearer." + state.token);  // never in the URL
+  const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+  const ws = new WebSocket(scheme + location.host + sessionPath(sid, "/ws?audio=wav"), protocols);
+  ws.binaryType = "blob";
+  voice.ws = ws;
+  voice.sid = sid;
+  return new Promise((resolve, reject) => {
+    let ready = false;
+    ws.onmessage = (event) => {
+      if (typeof event.data !== "string") { onAudio(event.data); return; }
+      const data = JSON.parse(event.data);
+      if (data.type === "ready") {
+        ready = true;
+        if (data.audio !== "wav") say("This server does not speak (start it with --tts): replies come as text.");
+        resolve(ws);
+      } else {
+        onVoiceEvent(data);
+      }
+    };
+    ws.onclose = () => {
+      if (voice.ws === ws) { voice.ws = null; voice.sid = null; }
+      if (!ready) reject(new Error("the voice connection was refused (token?)"));
+      else if (state.streaming && state.streaming.voice) { state.streaming = null; updateButtons(); }
+    };
+  });
+}
+
+function onAudio(blob) {
+  if (voice.expecting === null || voice.muted) return;  // audio of a reply that was interrupted
+  voice.queue.push({ blob, sentence: voice.expecting });
+  voice.expecting = null;
+  playNext();
+}
+
+function playNext() {
+  if (voice.audio || !voice.queue.length) { setSpeaking(); return; }
+  const clip = voice.queue.shift();
+  const url = URL.createObjectURL(clip.blob);
+  const audio = new Audio(url);
+  voice.playing = clip.sentence;
+  voice.audio = audio;
+  const next = () => {
+    if (voice.audio !== audio) return;
+    voice.playedMs += (isFinite(audio.duration) ? audio.duration : audio.currentTime) * 1000;
+    URL.revokeObjectURL(url);
+    voice.audio = null;
+    playNext();
+  };
+  audio.addEventListener("ended", next);
+  audio.addEventListener("error", next);
+  audio.play().catch(next);
+  setSpeaking();
+}
+
+function stopAudio() {
+  if (voice.audio) voice.audio.pause();
+  voice.audio = null;
+  voice.queue = [];
+  voice.expecting = null;
+  setSpeaking();
+}
+
+function onVoiceEvent(data) {
+  if (data.type === "piece") {
+    voice.reply += data.text;
+    if (voice.bubble) { fillBody(voice.bubble, "assistant", voice.reply); scrollDown(); }
+  } else if (data.type === "sentence") {
+    voice.sentences.push(data.text);
+  } else if (data.type === "audio") {
+    voice.expecting = data.sentence;
+  } else if (data.type === "done" || data.type === "interrupted") {
+    if (data.type === "done") voice.done = { turn: data.turn, response: data.response };
+    if (state.streaming && state.streaming.voice) state.streaming = null;
+    updateButtons();
+    if (voice.sid === state.sid) { openSession(state.sid, { follow: false }); refreshList(); }
+  } else if (data.type === "error") {
+    if (state.streaming && state.streaming.voice) state.streaming = null;
+    say(data.message);
+    updateButtons();
+  }
+}
+
+async function sendVoice(sid, text) {
+  const ws = await openVoice(sid);
+  $("messages").append(messageNode("user", text));
+  voice.bubble = startReply();
+  voice.reply = "";
+  voice.playedMs = 0;
+  voice.sentences = [];
+  voice.playing = -1;
+  voice.done = null;
+  stopAudio();
+  voice.muted = false;
+  state.streaming = { sid, voice: true, controller: { abort() {} } };
+  updateButtons();
+  ws.send(JSON.stringify({ type: "message", text }));
+}
+
+// Barge-in: playback stops at once; the service keeps the reply as far as it was heard.
+// While the reply is written the service cuts it by the audio's real durations (heard_ms);
+// once it is saved, the page, which may have buffered every sentence, says itself what it
+// played: the sentences up to the one playing (it may have been heard: it stays).
+function bargeIn() {
+  const running = state.streaming && state.streaming.voice;
+  if (!voice.ws || !(running || speaking())) return false;
+  const heard = Math.round(heardMs());
+  const done = voice.done;
+  const text = done ? heardText(done.response) : null;
+  stopAudio();
+  voice.muted = true;  // the rest of this reply's audio, still arriving, is not played
+  if (running || !done) {
+    voice.ws.send(JSON.stringify({ type: "interrupt", heard_ms: heard }));
+  } else {
+    apiJson("POST", sessionPath(voice.sid, "/cut"), { heard: text, turn: done.turn })
+      .then(() => { if (voice.sid === state.sid) { openSession(state.sid, { follow: false }); refreshList(); } })
+      .catch(fail);
+  }
+  return true;
+}
+
+function heardText(reply) {
+  let end = 0;
+  for (let i = 0; i <= voice.playing && i < voice.sentences.length; i++) {
+    const at = reply.indexOf(voice.sentences[i].trim(), end);
+    if (at < 0) break;
+    end = at + voice.sentences[i].trim().length;
+  }
+  return reply.slice(0, end);
+}
+
 // -- start ---------------------------------------------------------------------------------------------
 async function start() {
   await refreshList();
@@ -561,12 +722,13 @@ async function start() {
 function keyboard() {
   $("input").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) send(event);
+    else if (event.key.length === 1 && speaking()) bargeIn();  // starting to type while it speaks
   });
   document.addEventListener("keydown", (event) => {
     if (event.key === "Escape") {
       if (!$("token-panel").hidden) { $("token-panel").hidden = true; return; }
       if (!$("rename-form").hidden) { hideRename(); return; }
-      if (state.streaming) { event.preventDefault(); stop(); }
+      if (state.streaming || speaking()) { event.preventDefault(); stop(); }
     }
   });
 }
@@ -583,6 +745,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("delete").addEventListener("click", remove);
   $("export-json").addEventListener("click", () => exportAs("json"));
   $("export-md").addEventListener("click", () => exportAs("md"));
+  $("voice").addEventListener("change", () => {
+    if (!voiceOn()) closeVoice();
+    else if (state.sid) openVoice(state.sid).catch(fail);
+  });
   $("stats").addEventListener("toggle", () => { if ($("stats").open) loadStats(); });
   $("search").addEventListener("input", onSearchInput);
   $("token-form").addEventListener("submit", saveToken);
