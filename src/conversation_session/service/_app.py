@@ -35,6 +35,7 @@ from ..session._aio import AsyncConversationSession
 from ..stores import StoreAPI
 from ..stores._file import encode_snapshot
 from ._actions import detached_turn
+from ._compat import PathToken
 from ._config import CONFIG_ENV, ServiceConfig
 from ._errors import ApiError, ClientGone, result_json, turn_error
 from ._guard import Guard
@@ -42,6 +43,8 @@ from ._ha import ha_process
 from ._handoff import ask_release, holder_pid
 from ._live import finish_live
 from ._log import request_id_var, session_id_var, setup_json_logging
+from ._ollama_api import ollama_routes
+from ._openai_api import openai_routes
 from ._openapi import openapi_document
 from ._registry import Busy, Gone
 from ._requests import check_text, read_json, run_watched
@@ -171,7 +174,7 @@ async def delete_session(request: Request) -> Response:
     store, owners = st.tables()
     deadline = time.monotonic() + st.config.lock_wait_s
     try:
-        async with st.reg().hold(sid, open_session=False):
+        async with (await st.wait_ready()).hold(sid, open_session=False):
             # Freshly read: another worker may have bound a store session meanwhile.
             entry = await st.owned(sid, owner)
             store_id = entry.get("store_id")
@@ -208,7 +211,7 @@ async def post_message(request: Request) -> Response:
     await st.owned(sid, owner)
     if detach:  # the turn completes and is saved even if this client goes away (see _live)
         return await detached_turn(request, sid, text, stream=stream)
-    reg = st.reg()
+    reg = await st.wait_ready()
     if stream:
         hold = reg.hold(sid)
         try:
@@ -393,12 +396,15 @@ def create_app(config: ServiceConfig | None = None, *, backend: Backend | None =
         WebSocketRoute("/v1/sessions/{sid}/ws", session_ws),
         Route("/api/conversation/process", ha_process, methods=["POST"]),
         *web_routes(),
+        *ollama_routes(),   # Ollama's API (_ollama_api), and OpenAI's (_openai_api), over the same sessions
+        *openai_routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ApiError: _api_error, HTTPException: _http_error})
     app.state.service = state
     app.add_middleware(Guard, config=cfg)  # before routing, inside RequestContext (request id, log line)
     app.add_middleware(RequestContext)
+    app.add_middleware(PathToken)  # outermost: the token leaves the path before anything logs it
     return app
 
 

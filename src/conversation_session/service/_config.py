@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 from ..session._limits import parse_timeout
 from ..stores._open import is_postgres_url
 
-__all__ = ["CONFIG_ENV", "INSTALL_HINT", "ORIGINS_ENV", "TOKENS_ENV", "ServiceConfig", "build_parser",
-           "config_from_args", "host_name", "is_loopback", "origin_of"]
+__all__ = ["CONFIG_ENV", "INSTALL_HINT", "ORIGINS_ENV", "TOKENS_ENV", "ServiceConfig", "assistant_spec",
+           "build_parser", "config_from_args", "host_name", "is_loopback", "origin_of"]
 
 INSTALL_HINT = "the service needs Starlette and uvicorn: pip install 'conversation-session[service]'"
 
@@ -46,6 +46,10 @@ class ServiceConfig:
     # ("*": any, behind a reverse proxy that checks them), and web origins allowed to call.
     allowed_hosts: tuple[str, ...] = ()
     allow_origins: tuple[str, ...] = ()
+    # Ollama/OpenAI-compatible surfaces (``_compat``): extra model names to list, each with a
+    # memory of its own ("NAME" or "NAME=MODEL"; MODEL must be the model this service serves).
+    assistants: tuple[str, ...] = ()
+    ready_wait_s: float = 120.0          # a request arriving while the model loads waits this long, then 503
     timeout: float | None = 60.0         # one turn, as the library's timeout
     max_tokens: int = 512
     system: str | None = None
@@ -69,6 +73,7 @@ class ServiceConfig:
     # Test hooks (hidden options).
     fake_delay: float = 0.0
     fake_context: int | None = None       # tests: the fake backend's context window (words)
+    fake_load_s: float = 0.0              # tests: the fake backend takes this long to load
 
     def __post_init__(self) -> None:
         # Checked here too (not only by the command line), so an embedding host learns of a
@@ -101,7 +106,7 @@ class ServiceConfig:
         return cls(**data)
 
 
-_TUPLES = ("tokens", "allowed_hosts", "allow_origins")  # lists in JSON
+_TUPLES = ("tokens", "allowed_hosts", "allow_origins", "assistants")  # lists in JSON
 _LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
@@ -147,6 +152,21 @@ def origin_of(text: str) -> str:
     if port is None or port == _DEFAULT_PORTS.get(scheme):
         return f"{scheme}://{host}"
     return f"{scheme}://{host}:{port}"
+
+
+_ASSISTANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def assistant_spec(text: str) -> str:
+    """``NAME[=MODEL]`` as given to ``--assistant``, checked (ValueError): NAME is 1-64 letters,
+    digits, '.', '_' or '-' (a model name every client accepts), MODEL anything non-empty."""
+    name, eq, model = text.partition("=")
+    name = name.strip().removesuffix(":latest")
+    if not _ASSISTANT.fullmatch(name):
+        raise ValueError(f"--assistant {text!r}: NAME must be 1-64 letters, digits, '.', '_' or '-'")
+    if eq and not model.strip():
+        raise ValueError(f"--assistant {text!r}: give NAME or NAME=MODEL")
+    return f"{name}={model.strip()}" if eq else name
 
 
 def _cli_value(parse: Any) -> Any:
@@ -214,6 +234,14 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
                    help=f"a web origin (scheme://host[:port]) whose pages may call the service: its cross-origin "
                         f"requests, WebSockets and CORS are allowed (repeatable; also ${ORIGINS_ENV}, "
                         "comma-separated); pages of other origins cannot change anything")
+    p.add_argument("--assistant", action="append", default=None, metavar="NAME[=MODEL]",
+                   type=_cli_value(assistant_spec),
+                   help="a model name the Ollama and OpenAI APIs list (/api/tags, /v1/models), with a memory of "
+                        "its own per token (repeatable): 'kitchen' and 'office' remember separately; MODEL, if "
+                        "given, must be the model this service serves (--model)")
+    p.add_argument("--ready-wait", type=float, default=120.0,
+                   help="seconds a request arriving while the model is still loading waits for it before 503 "
+                        "(default 120)")
     p.add_argument("--timeout", type=_timeout, default=60.0, help="seconds per turn (0 = no limit; default 60)")
     p.add_argument("--max-tokens", type=_positive(int), default=512, help="reply length limit (default 512)")
     p.add_argument("--system", default=None, help="system prompt for new sessions")
@@ -251,6 +279,7 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
     # For tests and benchmarks: the fake backend's delay per streamed piece.
     p.add_argument("--fake-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--fake-context", type=_positive(int), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--fake-load-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     return p
 
 
@@ -265,14 +294,22 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
                 origins.append(origin_of(text))
             except ValueError as exc:
                 raise ValueError(f"${ORIGINS_ENV}: {exc}") from None
+    for spec in args.assistant or []:
+        _, eq, served = spec.partition("=")
+        if eq and args.model is not None and served not in (
+                args.model, os.path.basename(args.model), os.path.basename(args.model).removesuffix(".gguf")):
+            raise ValueError(f"--assistant {spec}: this service serves one model ({args.model}); an assistant "
+                             "can only name it (leave '=MODEL' out for the service's model)")
     return ServiceConfig(
         store=args.store, sessions_dir=args.sessions_dir, backend=args.backend, model=args.model,
         base_url=args.base_url, host=args.host, port=args.port, workers=args.workers,
         tokens=tuple(dict.fromkeys(tokens)), allowed_hosts=tuple(dict.fromkeys(args.allowed_host or [])),
-        allow_origins=tuple(dict.fromkeys(origins)), timeout=args.timeout, max_tokens=args.max_tokens,
+        allow_origins=tuple(dict.fromkeys(origins)), assistants=tuple(dict.fromkeys(args.assistant or [])),
+        ready_wait_s=max(args.ready_wait, 0.0), timeout=args.timeout, max_tokens=args.max_tokens,
         system=args.system, memory=args.memory, tts=args.tts, tts_voice=args.tts_voice, tts_rate=args.tts_rate,
         log_level=args.log_level, log_format=args.log_format, rate=args.rate, burst=args.burst,
         lock_wait_s=max(args.lock_wait, 0.0), keep_open_s=args.keep_open, max_open=args.max_open,
         shutdown_grace_s=max(args.shutdown_grace, 0.0), lease_ttl_s=args.lease_ttl,
         fake_delay=max(args.fake_delay, 0.0), fake_context=args.fake_context,
+        fake_load_s=max(args.fake_load_delay, 0.0),
     )

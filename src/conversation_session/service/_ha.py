@@ -81,7 +81,7 @@ async def ha_process(request: Request) -> Response:
     if cid is not None and not is_session_id(cid):
         raise ApiError(400, "invalid_id", '"conversation_id" is 1-128 letters, digits, "_" or "-"')
     _, owners = st.tables()
-    reg = st.reg()
+    reg = await st.wait_ready()
     sid: str | None = None
     shown = cid
     if cid is not None:

@@ -76,8 +76,8 @@ def new_sid() -> str:
 class OwnerTable(Protocol):
     def get(self, sid: str) -> OwnerEntry | None: ...
     def list(self, owner: str) -> list[tuple[str, OwnerEntry]]: ...
-    def create(self, owner: str, alias: str | None = None, system_prompt: str | None = None
-               ) -> tuple[str, OwnerEntry]: ...
+    def create(self, owner: str, alias: str | None = None, system_prompt: str | None = None,
+               sid: str | None = None) -> tuple[str, OwnerEntry]: ...
     def find_alias(self, owner: str, alias: str) -> str | None: ...
     def bind(self, sid: str, expected: str | None, store_id: str) -> BindOutcome: ...
     def remove(self, sid: str) -> bool: ...
@@ -164,16 +164,21 @@ class FileOwners:
                 return sid
         return None
 
-    def create(self, owner: str, alias: str | None = None, system_prompt: str | None = None
-               ) -> tuple[str, OwnerEntry]:
+    def create(self, owner: str, alias: str | None = None, system_prompt: str | None = None,
+               sid: str | None = None) -> tuple[str, OwnerEntry]:
+        """A new session of ``owner`` (or the one named ``alias``).  ``sid``: the id it must have
+        (an id derived from the owner, see ``_compat``); an existing row of that id is returned."""
         with self._locked() as sessions:
+            if sid is not None and sid in sessions:
+                return sid, sessions[sid]
             if alias is not None:
-                for sid, e in sessions.items():
+                for other, e in sessions.items():
                     if e.get("owner") == owner and e.get("alias") == alias:
-                        return sid, e
-            sid = new_sid()
-            while sid in sessions:  # pragma: no cover - 96 random bits
+                        return other, e
+            if sid is None:
                 sid = new_sid()
+                while sid in sessions:  # pragma: no cover - 96 random bits
+                    sid = new_sid()
             entry: OwnerEntry = {"owner": owner, "store_id": None, "created_at": now_iso(), "alias": alias,
                                  "system_prompt": system_prompt}
             sessions[sid] = entry
@@ -310,19 +315,21 @@ class PostgresOwners:
             f"SELECT sid FROM {self.SCHEMA}.owners WHERE owner = %s AND alias = %s", (owner, alias)).fetchone())
         return None if row is None else str(row[0])
 
-    def create(self, owner: str, alias: str | None = None, system_prompt: str | None = None
-               ) -> tuple[str, OwnerEntry]:
+    def create(self, owner: str, alias: str | None = None, system_prompt: str | None = None,
+               sid: str | None = None) -> tuple[str, OwnerEntry]:
         entry: OwnerEntry = {"owner": owner, "store_id": None, "created_at": now_iso(), "alias": alias,
                              "system_prompt": system_prompt}
 
+        given = sid
+
         def run(conn: Any) -> str:
             while True:
-                sid = new_sid()
+                sid = given or new_sid()
                 row = conn.execute(
                     f"INSERT INTO {self.SCHEMA}.owners (sid, owner, created_at, alias, system_prompt) "
                     "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING sid",
                     (sid, owner, entry["created_at"], alias, system_prompt)).fetchone()
-                if row is not None:
+                if row is not None or given is not None:
                     return sid
                 if alias is not None:
                     found = conn.execute(f"SELECT sid FROM {self.SCHEMA}.owners WHERE owner = %s AND alias = %s",
@@ -330,8 +337,8 @@ class PostgresOwners:
                     if found is not None:
                         return str(found[0])
 
-        sid = self._run(run)
-        return sid, self.get(sid) or entry
+        made: str = self._run(run)
+        return made, self.get(made) or entry
 
     def bind(self, sid: str, expected: str | None, store_id: str) -> BindOutcome:
         import psycopg

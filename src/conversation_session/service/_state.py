@@ -102,6 +102,8 @@ class ServiceState:
             backend = self._given_backend
             if backend is None:
                 backend = await loop.run_in_executor(None, make_backend, self.config)
+            if self.config.backend == "fake" and self.config.fake_load_s:
+                await asyncio.sleep(self.config.fake_load_s)  # tests: a model that takes a while to load
             await backend.acheck()
             assert self.store is not None and self.owners is not None
             self.backend = backend
@@ -166,6 +168,16 @@ class ServiceState:
             why = f": {self.startup_error}" if self.startup_error else " (the model is still loading)"
             raise ApiError(503, "not_ready", f"the service is not ready{why}", headers={"Retry-After": "2"})
         return self.registry
+
+    async def wait_ready(self) -> Registry:
+        """The registry, waiting (up to ``ready_wait_s``) while the model is still loading: a
+        client that connects right after a restart (a voice satellite, an SDK that never polls
+        /readyz) gets its answer late rather than an error.  A failed start answers 503 at once."""
+        deadline = time.monotonic() + self.config.ready_wait_s
+        while self.registry is None and self.startup_error is None and time.monotonic() < deadline:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.ready.wait(), min(0.25, max(deadline - time.monotonic(), 0.0)))
+        return self.reg()
 
     def tables(self) -> tuple[StoreAPI, OwnerTable]:
         if self.store is None or self.owners is None:

@@ -126,7 +126,7 @@ class _Conn:
         self.streamed = []
         self.committed = None
         try:
-            async with st.reg().hold(self.sid) as session:
+            async with (await st.wait_ready()).hold(self.sid) as session:
                 assert session is not None
                 splitter = SentenceSplitter()
                 async with session.stream(text) as turn:
@@ -278,7 +278,7 @@ async def session_ws(ws: WebSocket) -> None:
     try:
         owner = await st.owner(ws)
         await st.owned(sid, owner)
-        st.reg()
+        await st.wait_ready()
     except ApiError as err:
         # Refused before the handshake completes: the client sees an HTTP status (403).
         logger.info("websocket refused: %s", err.code)

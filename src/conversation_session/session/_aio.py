@@ -197,6 +197,19 @@ class AsyncConversationSession(SessionView):
         async with self._get_lock():
             return await self._off_loop(self._core.undo)
 
+    async def rewind_to(self, n: int) -> int:
+        """Keep the first ``n`` messages; the rest are withdrawn durably, as by ``undo``
+        (``SessionCore.rewind_to``).  Returns how many were withdrawn."""
+        self._check_reentry("rewind")
+        async with self._get_lock():
+            return await self._off_loop(self._core.rewind_to, n)
+
+    async def import_turns(self, messages: list[Any]) -> bool:
+        """Append completed turns without asking the model (``SessionCore.import_turns``)."""
+        self._check_reentry("append to")
+        async with self._get_lock():
+            return await self._off_loop(self._core.import_turns, messages)
+
     async def cut_last_reply(self, heard: str | int) -> bool:
         """Barge-in after the reply was saved (see ``ConversationSession.cut_last_reply``)."""
         self._check_reentry("cut a reply in")

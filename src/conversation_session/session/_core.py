@@ -262,6 +262,42 @@ class SessionCore:
                     self.session_id, self.conversation.turns)
         return True
 
+    def rewind_to(self, n: int) -> int:
+        """Keep only the first ``n`` messages (an edit or a regenerate made by a client that
+        resends the whole conversation): the rest leave through the store's undo record (kept
+        under ``undone``), never silently.  Returns how many messages were withdrawn."""
+        self.check_open("rewind")
+        if self.read_only is not None:
+            raise SessionError(f"session {self.read_only.session_id} was opened read-only; nothing can be undone")
+        gone = len(self.conversation.messages) - n
+        if n < 0 or gone < 0:
+            raise ValueError(f"cannot rewind to message {n}: the session holds {len(self.conversation.messages)}")
+        if gone:
+            self._rewind_last_turn(n, [], "rewind the history")
+            self.last = None
+        return gone
+
+    def import_turns(self, messages: list[MessageDict]) -> bool:
+        """Append completed turns the client holds and the session does not (user, assistant,
+        ...), journaled like a turn; True when durable (False: kept in memory, saved later)."""
+        self.check_open("append to")
+        if self.read_only is not None:
+            raise SessionError(f"session {self.read_only.session_id} was opened read-only")
+        roles = [m["role"] for m in messages]
+        if not messages or roles != ["user", "assistant"] * (len(roles) // 2):
+            raise ValueError("turns to add must alternate user, assistant, ... and end with the assistant")
+        for m in messages:
+            if not isinstance(m.get("content"), str) or not is_utf8_text(m["content"]):
+                raise ValueError("a message's content must be text")
+        start = len(self.conversation.messages)
+        new: list[MessageDict] = [{"role": m["role"], "content": m["content"]} for m in messages]
+        self.conversation.messages.extend(new)
+        self.conversation.turns += len(new) // 2
+        self.turn_seq += 1
+        if not self.enable_cache or self.writer is None:
+            return False
+        return self._append(start, new)
+
     def _rewind_last_turn(self, at: int, kept: list[MessageDict], what: str) -> None:
         """Replace the last turn (from message ``at``) by ``kept``: recorded by the store first
         (else ``SessionError``, nothing changed), then in the conversation and the KV file."""

@@ -1,0 +1,204 @@
+"""OpenAI's chat completions API on the service, driven by the official ``openai`` client
+against a real ``serve`` process on loopback (the fake backend: "Reply N: <message>", one token
+per word, a modelled prompt cache), and once on the embedded model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from test_service import TOKEN_A, TOKEN_B, ServiceProcess, auth, service
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    base = tmp_path_factory.mktemp("openai")
+    with service(base / "s", "--token", TOKEN_A, "--token", TOKEN_B, "--assistant", "kitchen") as srv:
+        yield srv
+
+
+def client(srv: ServiceProcess, token: str = TOKEN_A, **headers: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=token, default_headers=headers or None, max_retries=0)
+
+
+def native(srv: ServiceProcess, token: str = TOKEN_A) -> httpx.Client:
+    return httpx.Client(base_url=srv.url, headers=auth(token), timeout=30)
+
+
+def history(srv: ServiceProcess, sid: str, token: str = TOKEN_A) -> list[dict[str, Any]]:
+    with native(srv, token) as c:
+        resp = c.get(f"/v1/sessions/{sid}")
+        assert resp.status_code == 200, resp.text
+        return list(resp.json()["history"])
+
+
+def test_models(server: ServiceProcess) -> None:
+    ids = [m.id for m in client(server).models.list()]
+    assert ids == ["fake-model", "kitchen"]
+    with pytest.raises(openai.AuthenticationError) as err:
+        client(server, "wrong").models.list()
+    assert err.value.status_code == 401
+    body = err.value.body
+    assert isinstance(body, dict) and body["type"] == "authentication_error" and "param" in body and "code" in body
+
+
+def test_completion_not_streaming(server: ServiceProcess) -> None:
+    c = client(server)
+    raw = c.chat.completions.with_raw_response.create(
+        model="kitchen", user="plain-user",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}],
+        temperature=0.3, seed=11, max_tokens=50)
+    sid = raw.headers["x-session-id"]
+    first = raw.parse()
+    choice = first.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == "Reply 1: hello there"
+    assert choice.finish_reason == "stop" and first.object == "chat.completion" and first.model == "kitchen"
+    assert first.usage is not None and first.usage.completion_tokens == 4
+    assert first.usage.total_tokens == first.usage.prompt_tokens + 4
+    second = c.chat.completions.create(model="kitchen", user="plain-user", messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "Reply 1: hello there"}, {"role": "user", "content": "more"}])
+    usage = second.usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    # Warm: everything but the new message came from the cache.
+    assert usage.prompt_tokens - (usage.prompt_tokens_details.cached_tokens or 0) < 5
+    assert [m["content"] for m in history(server, sid)] == ["hello there", "Reply 1: hello there", "more",
+                                                             second.choices[0].message.content]
+
+
+def test_completion_streaming(server: ServiceProcess) -> None:
+    c = client(server)
+    chunks = list(c.chat.completions.create(model="streamer", stream=True, stream_options={"include_usage": True},
+                                            messages=[{"role": "user", "content": "tell me a story"}]))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text.endswith("tell me a story")
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == ["stop"]
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None and usage.completion_tokens == len(text.split())
+    # Without include_usage there is no usage; the stream ends with [DONE] on the wire.
+    with native(server) as h, h.stream("POST", "/v1/chat/completions", json={
+            "model": "streamer", "stream": True, "messages": [{"role": "user", "content": "again"}]}) as resp:
+        lines = [line for line in resp.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all("usage" not in e for e in events) and events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_length_and_stop(server: ServiceProcess) -> None:
+    c = client(server)
+    cut = c.chat.completions.create(model="limits", max_completion_tokens=2,
+                                    messages=[{"role": "user", "content": "one two three"}])
+    assert cut.choices[0].finish_reason == "length" and cut.usage is not None and cut.usage.completion_tokens == 2
+    raw = c.chat.completions.with_raw_response.create(model="limits", stop=["STOP"], messages=[
+        {"role": "user", "content": "alpha STOP beta"}])
+    stopped = raw.parse()
+    content = stopped.choices[0].message.content
+    assert content and content.endswith(": alpha ") and stopped.choices[0].finish_reason == "stop"
+    assert history(server, raw.headers["x-session-id"])[-1]["content"] == content  # stored cut there too
+    streamed = list(c.chat.completions.create(model="limits", stop="beta", stream=True, messages=[
+        {"role": "user", "content": "alpha beta gamma"}]))
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices).endswith(": alpha ")
+
+
+def test_errors_in_openai_shape(server: ServiceProcess) -> None:
+    c = client(server)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model="kitchen", messages=[])
+    assert isinstance(err.value.body, dict) and err.value.body["type"] == "invalid_request_error"
+    assert err.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model="kitchen", n=2, messages=[{"role": "user", "content": "hi"}])
+    assert isinstance(err.value.body, dict) and err.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="kitchen", messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+
+
+def test_user_field_and_headers_choose_the_session(server: ServiceProcess) -> None:
+    c = client(server)
+
+    def sid_of(**kw: Any) -> str:
+        raw = c.chat.completions.with_raw_response.create(model="kitchen", **kw)
+        return str(raw.headers["x-session-id"])
+
+    alice = sid_of(user="alice", messages=[{"role": "user", "content": "I am Alice"}])
+    bob = sid_of(user="bob", messages=[{"role": "user", "content": "I am Bob"}])
+    model_one = sid_of(messages=[{"role": "user", "content": "no id"}])
+    assert len({alice, bob, model_one}) == 3
+    # A stateless client that sends only the new message keeps its memory by id.
+    assert sid_of(user="alice", messages=[{"role": "user", "content": "who am I?"}]) == alice
+    assert [m["content"] for m in history(server, alice)][::2] == ["I am Alice", "who am I?"]
+    # The header wins over the user field.
+    webui = client(server, **{"X-OpenWebUI-Chat-Id": "chat-77"})
+    raw = webui.chat.completions.with_raw_response.create(model="kitchen", user="alice",
+                                                          messages=[{"role": "user", "content": "from webui"}])
+    assert raw.headers["x-session-id"] not in (alice, bob)
+    # The Ollama surface reaches the same session for the same header.
+    with native(server) as h:
+        resp = h.post("/api/chat", headers={"X-OpenWebUI-Chat-Id": "chat-77"}, json={
+            "model": "kitchen", "stream": False, "messages": [
+                {"role": "user", "content": "from webui"},
+                {"role": "assistant", "content": raw.parse().choices[0].message.content},
+                {"role": "user", "content": "via ollama"}]})
+    assert resp.headers["x-session-id"] == raw.headers["x-session-id"]
+    listed = {s["session_id"] for s in native(server).get("/v1/sessions").json()["sessions"]}
+    assert {alice, bob, model_one, raw.headers["x-session-id"]} <= listed
+
+
+def test_regenerate_and_edit_with_the_user_field(server: ServiceProcess) -> None:
+    c = client(server)
+    msgs: list[Any] = [{"role": "user", "content": "q1"}]
+    raw = c.chat.completions.with_raw_response.create(model="kitchen", user="editor", messages=msgs)
+    sid = raw.headers["x-session-id"]
+    a1 = raw.parse().choices[0].message.content
+    # Only the new message again, with an id: a continuation (a stateless client keeps its memory).
+    regenerated = c.chat.completions.create(model="kitchen", user="editor", messages=msgs)
+    stored = history(server, sid)
+    assert [m["content"] for m in stored] == ["q1", a1, "q1", regenerated.choices[0].message.content]
+    # The whole conversation without its last reply: the last turn is regenerated in place.
+    again = c.chat.completions.create(model="kitchen", user="editor", messages=[
+        {"role": "user", "content": "q1"}, {"role": "assistant", "content": a1}, {"role": "user", "content": "q1"}])
+    stored = history(server, sid)
+    assert [m["content"] for m in stored] == ["q1", a1, "q1", again.choices[0].message.content]
+    # An edit of the first question: the rest is withdrawn (kept under "undone").
+    edited = c.chat.completions.create(model="kitchen", user="editor", messages=[
+        {"role": "user", "content": "q1"}, {"role": "assistant", "content": a1},
+        {"role": "user", "content": "q1 edited"}])
+    assert [m["content"] for m in history(server, sid)] == ["q1", a1, "q1 edited", edited.choices[0].message.content]
+    exported = native(server).get(f"/v1/sessions/{sid}/export").json()
+    assert again.choices[0].message.content in json.dumps(exported["undone"])
+
+
+def test_native_routes_are_unaffected(server: ServiceProcess) -> None:
+    with native(server) as h:
+        sid = h.post("/v1/sessions").json()["session_id"]
+        body = h.post(f"/v1/sessions/{sid}/messages", json={"text": "native"}).json()
+        assert body["turn"] == 1 and body["response"].endswith("native")
+        assert h.get(f"/v1/sessions/{sid}").json()["turns"] == 1
+        assert h.get("/openapi.json").status_code == 200
+        assert h.delete(f"/v1/sessions/{sid}").json()["deleted"] is True
+
+
+@pytest.mark.model
+def test_embedded_model_reports_the_cached_prefix(tmp_path: Path) -> None:
+    with service(tmp_path / "s", "--max-tokens", "8", backend="llama-cpp") as srv:
+        c = client(srv, "unused")
+        first = c.chat.completions.create(model="assistant", messages=[{"role": "user", "content": "Say hello."}])
+        reply = first.choices[0].message.content
+        assert reply and first.usage is not None and 0 < first.usage.completion_tokens <= 8
+        second = c.chat.completions.create(model="assistant", messages=[
+            {"role": "user", "content": "Say hello."}, {"role": "assistant", "content": reply},
+            {"role": "user", "content": "Again."}])
+        usage = second.usage
+        assert usage is not None and usage.prompt_tokens_details is not None
+        cached = usage.prompt_tokens_details.cached_tokens or 0
+        # The second request computed only what is new (the new message and its framing).
+        assert cached > 0 and usage.prompt_tokens - cached < first.usage.prompt_tokens
