@@ -24,7 +24,8 @@ SYSTEM = "You are a voice assistant for Home Assistant. Current time is 08:00."
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     base = tmp_path_factory.mktemp("ollama")
-    with service(base / "s", "--token", TOKEN_A, "--token", TOKEN_B, "--assistant", "kitchen",
+    with service(base / "s", "--token", TOKEN_A, "--token", TOKEN_B, "--rate", "1000", "--burst", "1000",
+                 "--assistant", "kitchen",
                  "--assistant", "office") as srv:
         yield srv
 

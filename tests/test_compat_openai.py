@@ -13,13 +13,14 @@ import httpx
 import openai
 import pytest
 
-from test_service import TOKEN_A, TOKEN_B, ServiceProcess, auth, service
+from test_service import TOKEN_A, TOKEN_B, ServiceProcess, auth, service, wait_for
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     base = tmp_path_factory.mktemp("openai")
-    with service(base / "s", "--token", TOKEN_A, "--token", TOKEN_B, "--assistant", "kitchen") as srv:
+    with service(base / "s", "--token", TOKEN_A, "--token", TOKEN_B, "--rate", "1000", "--burst", "1000",
+                 "--assistant", "kitchen") as srv:
         yield srv
 
 
@@ -202,3 +203,22 @@ def test_embedded_model_reports_the_cached_prefix(tmp_path: Path) -> None:
         cached = usage.prompt_tokens_details.cached_tokens or 0
         # The second request computed only what is new (the new message and its framing).
         assert cached > 0 and usage.prompt_tokens - cached < first.usage.prompt_tokens
+
+
+def test_a_client_gone_mid_stream_keeps_nothing(tmp_path: Path) -> None:
+    with service(tmp_path / "s", "--fake-delay", "0.05") as srv:
+        c = client(srv, "unused")
+        raw = c.chat.completions.with_raw_response.create(model="m", messages=[{"role": "user", "content": "short"}])
+        sid = raw.headers["x-session-id"]
+        long_text = " ".join(f"w{i}" for i in range(200))
+        stream = c.chat.completions.create(model="m", stream=True, messages=[{"role": "user", "content": long_text}])
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+        stream.close()
+        # Once the turn has ended (cancelled: well before its 10 s of reply), nothing of it is kept.
+        wait_for(lambda: srv.health()["busy_sessions"] == 0, timeout=8, what="the turn to end")
+        assert [m["content"] for m in history(srv, sid, "unused")][::2] == ["short"]
+        # The same session goes on.
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "after"}])
+        assert [m["content"] for m in history(srv, sid, "unused")][::2] == ["short", "after"]

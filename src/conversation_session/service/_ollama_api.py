@@ -88,6 +88,7 @@ def _details(served: str) -> dict[str, Any]:
 
 async def _models(request: Request) -> list[dict[str, Any]]:
     st = _state(request)
+    await st.wait_ready()  # the names come from the loaded model: the same before and after it loads
     backend_model = st.backend.model_name if st.backend is not None else None
     out = []
     for name, served in served_models(st.config, backend_model):

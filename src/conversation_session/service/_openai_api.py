@@ -76,6 +76,7 @@ def _errors(fn: Handler) -> Handler:
 async def models(request: Request) -> Response:
     st = _state(request)
     await st.owner(request)
+    await st.wait_ready()  # the names come from the loaded model: the same before and after it loads
     backend_model = st.backend.model_name if st.backend is not None else None
     created = int(time.time())
     data = [{"id": name, "object": "model", "created": created, "owned_by": "conversation-session"}
@@ -111,8 +112,10 @@ def _request(data: dict[str, Any], request: Request, limit: int) -> CompatReques
         if request.headers.get(header):
             explicit = check_name(request.headers[header], header)
             break
-    if explicit is None and data.get("user") is not None:
-        explicit = check_name(data.get("user"), '"user"')
+    user = data.get("user")
+    if explicit is None and isinstance(user, str) and user.strip():
+        # A string only: some clients send an object here (user details), which names nothing.
+        explicit = check_name(user, '"user"')
     return CompatRequest(model=model, system=system, history=history, text=text, explicit=explicit,
                          whole=bool(request.headers.get(WHOLE_HEADER)),
                          max_tokens=max_tokens, temperature=_number(data, "temperature"),
