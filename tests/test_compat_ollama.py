@@ -6,6 +6,7 @@ a restart.  The durable history is read back through the native API (/v1/session
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import httpx
 import ollama
 import pytest
 
+from pg_server import pg_server, pg_url  # noqa: F401
 from test_service import TOKEN_A, TOKEN_B, ServiceProcess, auth, service
 
 SYSTEM = "You are a voice assistant for Home Assistant. Current time is 08:00."
@@ -430,3 +432,23 @@ def test_reconciliation_rule_cases() -> None:
     assert plan.rewind_to is None and plan.imports == tuple(stored[2:])
     with pytest.raises(CompatError):
         reconcile(stored, [*stored[:2], {"role": "user", "content": "dangling"}], "u9", explicit=True)
+
+
+def test_two_workers_on_postgresql(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+    """Both workers derive the same session from the model name (the first to create it wins
+    the row); the conversation is one, whichever worker answers."""
+    with service(tmp_path / "s", "--store", pg_url, "--workers", "2", "--keep-open", "0") as srv:
+        said: list[str] = []
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two first requests at once
+            list(pool.map(lambda t: chat_sid(srv, {"model": "shared", "messages": [
+                {"role": "user", "content": t}]}, ""), ["first a", "first b"]))
+        said += ["first a", "first b"]
+        for i in range(4):
+            said.append(f"then {i}")
+            chat_sid(srv, {"model": "shared:latest", "messages": [{"role": "user", "content": said[-1]}]}, "")
+        listed = sessions(srv, "")
+        assert len(listed) == 1
+        stored = history(srv, next(iter(listed)), "")
+        assert sorted(m["content"] for m in stored[::2]) == sorted(said) and stored[4::2] == [
+            {"role": "user", "content": f"then {i}"} for i in range(4)]
+        no_duplicates(stored)
