@@ -178,6 +178,19 @@ def test_regenerate_and_edit_with_the_user_field(server: ServiceProcess) -> None
     assert again.choices[0].message.content in json.dumps(exported["undone"])
 
 
+def test_a_web_page_of_an_allowed_origin_may_choose_its_session(tmp_path: Path) -> None:
+    app = "http://localhost:3000"
+    with service(tmp_path / "s", "--allow-origin", app) as srv, httpx.Client(base_url=srv.url, timeout=10) as h:
+        pre = h.options("/v1/chat/completions", headers={
+            "Origin": app, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,x-session-id"})
+        assert pre.status_code == 204
+        assert "x-session-id" in pre.headers["access-control-allow-headers"].lower()
+        made = h.post("/v1/chat/completions", headers={"Origin": app, "X-Session-Id": "page-1"},
+                      json={"model": "m", "messages": [{"role": "user", "content": "from a page"}]})
+        assert made.status_code == 200 and "x-session-id" in made.headers["access-control-expose-headers"].lower()
+
+
 def test_native_routes_are_unaffected(server: ServiceProcess) -> None:
     with native(server) as h:
         sid = h.post("/v1/sessions").json()["session_id"]

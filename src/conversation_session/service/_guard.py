@@ -39,8 +39,9 @@ __all__ = ["Guard"]
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _WILDCARD_BINDS = frozenset({"0.0.0.0", "::", ""})
 _ALLOW_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE"
-_ALLOW_HEADERS = b"Authorization, Content-Type, X-Request-ID"
-_EXPOSE_HEADERS = b"X-Request-ID, Retry-After, Location, Content-Disposition, WWW-Authenticate"
+# X-Session-Id (and Open WebUI's chat id) choose the session on the Ollama/OpenAI routes (_compat).
+_ALLOW_HEADERS = b"Authorization, Content-Type, X-Request-ID, X-Session-Id, X-OpenWebUI-Chat-Id"
+_EXPOSE_HEADERS = b"X-Request-ID, X-Session-Id, Retry-After, Location, Content-Disposition, WWW-Authenticate"
 _PREFLIGHT_MAX_AGE = b"600"
 
 
