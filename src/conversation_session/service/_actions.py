@@ -71,6 +71,7 @@ class FollowStream(Response):
 async def detached_turn(request: Request, sid: str, text: str, *, stream: bool, retry: bool = False) -> Response:
     """Start a detached turn (the caller checked ownership) and follow it."""
     st = state_of(request)
+    await st.wait_ready()  # a request arriving while the model loads waits for it (bounded)
     live = start_live(request.app, st, sid, text, retry=retry)
     if stream:
         return FollowStream(live)
@@ -103,7 +104,7 @@ async def post_retry(request: Request) -> Response:
     if stream:
         raise ApiError(400, "bad_request", 'a streamed retry is a detached one: send "detach": true too')
     try:
-        async with st.reg().hold(sid) as session:
+        async with (await st.wait_ready()).hold(sid) as session:
             assert session is not None
             result = await run_watched(session.retry(), request.receive)
     except ClientGone:
@@ -122,7 +123,7 @@ async def post_undo(request: Request) -> Response:
     if sid in live_turns(request.app):
         raise ApiError(409, "busy", "a reply is still being written; stop it first", headers={"Retry-After": "1"})
     try:
-        async with st.reg().hold(sid) as session:
+        async with (await st.wait_ready()).hold(sid) as session:
             assert session is not None
             undone = await session.undo()
             turns = session.turns
@@ -151,7 +152,7 @@ async def patch_session(request: Request) -> Response:
     if not entry.get("store_id"):
         raise ApiError(409, "empty_session", "the session has no turn yet; send a message first, then rename it")
     try:
-        async with st.reg().hold(sid) as session:
+        async with (await st.wait_ready()).hold(sid) as session:
             assert session is not None
             saved = await session.set_title(clean)
     except Exception as exc:  # noqa: BLE001 - mapped to a JSON answer
@@ -169,7 +170,7 @@ async def get_stats(request: Request) -> Response:
     if sid in live_turns(request.app):
         raise ApiError(409, "busy", "a reply is being written; ask again when it is done", headers={"Retry-After": "1"})
     try:
-        async with st.reg().hold(sid) as session:
+        async with (await st.wait_ready()).hold(sid) as session:
             assert session is not None
             stats = await session.get_cache_stats()
     except Exception as exc:  # noqa: BLE001 - mapped to a JSON answer
@@ -232,7 +233,7 @@ async def post_cut(request: Request) -> Response:
     if sid in live_turns(request.app):
         raise ApiError(409, "busy", "a reply is being written; stop it instead", headers={"Retry-After": "1"})
     try:
-        async with st.reg().hold(sid) as session:
+        async with (await st.wait_ready()).hold(sid) as session:
             assert session is not None
             history = session.history
             last = history[-1] if history and history[-1].get("role") == "assistant" else None

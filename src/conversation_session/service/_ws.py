@@ -229,7 +229,7 @@ class _Conn:
                                  "session_id": self.sid}
         try:
             # Held like a turn: nothing else runs on the session while the cut is checked and made.
-            async with self.state.reg().hold(self.sid) as session:
+            async with (await self.state.wait_ready()).hold(self.sid) as session:
                 assert session is not None
                 history = session.history
                 if session.turns != turn_no or not history or history[-1].get("role") != "assistant" \
