@@ -204,3 +204,10 @@ def test_retry_with_speech_on_a_terminal(sessions_dir, tmp_path):
     assert [m["content"] for m in record.messages] == ["hello there", "Reply 2: hello there"]
     (undone,) = record.undone  # the first turn (all of it, or as far as it was heard), withdrawn
     assert undone["messages"][0]["content"] == "hello there"
+
+
+def test_every_command_has_exactly_one_handler_in_the_chat():
+    from conversation_session.cli._chat import _HANDLERS
+    from conversation_session.cli._commands import COMMANDS
+
+    assert {c.name for c in COMMANDS} == set(_HANDLERS)

@@ -805,55 +805,28 @@ class ChatApp:
 
     # -- commands --------------------------------------------------------------------------
     def _command(self, command: Command, arg: str) -> bool:
-        c = self.console
+        """Run one command; False ends the chat.  One handler per command (``_HANDLERS``)."""
         session = self.session
         assert session is not None
-        name = command.name
-        if name == "quit":
-            return False
-        if name == "help":
-            c.line("Commands (a word alone on its line, or with a leading slash: /history):")
-            c.line(command_help())
-        elif name == "history":
-            self._show_history(session)
-        elif name == "stats":
-            self._show_stats(session)
-        elif name == "memory":
-            self._show_memory(session)
-        elif name in ("clear", "new"):
-            old = session.session_id
-            had = session.turns
-            try:
-                session.clear_history()
-            except SessionError as exc:
-                c.error(str(exc))
-                return True
-            self._trimmed_seen = 0
-            c.notice(f"🧹 new session {session.session_id}"
-                     + (f" (the previous one, {old}, is saved)" if had else ""), "green")
-        elif name == "sessions":
-            self._list_sessions(session.store)
-        elif name == "search":
-            self._search(session.store, arg)
-        elif name == "resume":
-            self._resume(session, arg)
-        elif name == "delete":
-            self._delete(session, arg)
-        elif name == "export":
-            self._export(session, arg)
-        elif name == "set":
-            self._set(session, arg)
-        elif name == "undo":
-            self._undo(session)
-        elif name == "retry":
-            return self._retry(session)
-        elif name == "title":
-            self._title(session, arg)
-        elif name == "model":
-            self._switch_model(session, arg)
-        elif name == "models":
-            self._list_models(session)
-        return True
+        go_on = _HANDLERS[command.name](self, session, arg)
+        return go_on is not False
+
+    def _help(self, session: ConversationSession, arg: str) -> None:
+        self.console.line("Commands (a word alone on its line, or with a leading slash: /history):")
+        self.console.line(command_help())
+
+    def _clear(self, session: ConversationSession, arg: str) -> None:
+        c = self.console
+        old = session.session_id
+        had = session.turns
+        try:
+            session.clear_history()
+        except SessionError as exc:
+            c.error(str(exc))
+            return
+        self._trimmed_seen = 0
+        c.notice(f"🧹 new session {session.session_id}"
+                 + (f" (the previous one, {old}, is saved)" if had else ""), "green")
 
     # -- /undo, /retry, /title ------------------------------------------------------------
     def _undo(self, session: ConversationSession) -> None:
@@ -1239,3 +1212,27 @@ class ChatApp:
             c.error(text if "must" in text or "use" in text else f"{name}: {value!r} is not a valid value")
             return
         c.notice(f"{name} = {value or 'on'}")
+
+
+_Handler = Callable[[ChatApp, ConversationSession, str], "bool | None"]
+_HANDLERS: dict[str, _Handler] = {
+    "quit": lambda app, session, arg: False,
+    "help": ChatApp._help,
+    "history": lambda app, session, arg: app._show_history(session),
+    "stats": lambda app, session, arg: app._show_stats(session),
+    "memory": lambda app, session, arg: app._show_memory(session),
+    "clear": ChatApp._clear,
+    "new": ChatApp._clear,
+    "sessions": lambda app, session, arg: app._list_sessions(session.store),
+    "search": lambda app, session, arg: app._search(session.store, arg),
+    "resume": ChatApp._resume,
+    "delete": ChatApp._delete,
+    "export": ChatApp._export,
+    "set": ChatApp._set,
+    "undo": lambda app, session, arg: app._undo(session),
+    "retry": lambda app, session, arg: app._retry(session),
+    "title": ChatApp._title,
+    "model": ChatApp._switch_model,
+    "models": lambda app, session, arg: app._list_models(session),
+}
+"""What each command of ``COMMANDS`` does in the chat (a test checks that every command has one)."""
