@@ -20,6 +20,8 @@ class ChatResult:
         cached_tokens: prompt tokens served from the KV cache instead of being computed.
         completion_tokens: tokens generated.
         saved: the turn is on disk (False: the save failed and was logged; memory keeps it).
+        durability: with ``saved``, what the saved turn survives: ``"process"`` (the process
+            dying) or ``"power"`` (the machine losing power too); None when not saved.
         finish_reason: ``stop`` (the model ended), ``length`` (hit ``max_tokens``).
         trimmed_turns: oldest turns left out of the prompt to fit the context window.
         tts_first_audio_s: seconds from ``chat()`` to the first audio (speech enabled only).
@@ -44,6 +46,7 @@ class ChatResult:
     interrupted: bool = False
     heard_fraction: float | None = None
     interrupt_to_silence_s: float | None = None
+    durability: str | None = None
 
     @property
     def tokens_per_s(self) -> float | None:

@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "shows it)")
     g.add_argument("--timeout", type=_seconds, default=60.0,
                    help="seconds a reply may take; 0 for no limit (default 60)")
+    g.add_argument("--durability", choices=["process", "power"], default=None,
+                   help="what a saved turn survives: the program dying (process) or also a power cut (power: "
+                        "flushed to the disk before the reply counts as saved); default "
+                        "$CONVERSATION_SESSION_DURABILITY, else power")
     g = p.add_argument_group("sessions")
     g.add_argument("-c", "--continue", dest="continue_", action="store_true",
                    help="continue the latest session")

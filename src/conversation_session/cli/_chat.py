@@ -270,7 +270,7 @@ class ChatApp:
                 tts_options={k: v for k, v in (("rate", a.tts_rate), ("voice", a.tts_voice),
                                                ("playback", getattr(a, "tts_playback", None))) if v is not None},
                 persist_kv_cache=a.persist_kv, memory=getattr(a, "memory", "trim"),
-                summarizer=self.summarizer, **extra,
+                summarizer=self.summarizer, durability=getattr(a, "durability", None), **extra,
             )
         finally:
             self.console.stop_spinner()

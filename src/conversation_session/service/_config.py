@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..session._limits import parse_timeout
+from ..stores._durability import resolve_durability
 from ..stores._open import is_postgres_url
 
 __all__ = ["CONFIG_ENV", "INSTALL_HINT", "ORIGINS_ENV", "TOKENS_ENV", "ServiceConfig", "assistant_spec",
@@ -54,6 +55,7 @@ class ServiceConfig:
     max_tokens: int = 512
     system: str | None = None
     memory: str = "trim"                 # or "summary": running summaries beyond the window
+    durability: str | None = None        # "process" or "power" (None: $CONVERSATION_SESSION_DURABILITY, else power)
     # Speech: the WebSocket sends each sentence's audio to connections that ask (?audio=wav).
     tts: str = "none"                    # or "espeak"
     tts_voice: str | None = None         # one espeak-ng voice for all text (default: by language)
@@ -84,6 +86,8 @@ class ServiceConfig:
                 raise TypeError(f"ServiceConfig.{key} is a tuple of strings, not one string")
             for value in values:
                 check(value)
+        if self.durability is not None:
+            object.__setattr__(self, "durability", resolve_durability(self.durability))
 
     @property
     def keep_open(self) -> float:
@@ -248,6 +252,10 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
     p.add_argument("--memory", choices=["trim", "summary"], default="trim",
                    help="when a conversation outgrows the context window: leave the oldest turns out of the "
                         "prompt (trim, default) or fold them into a running summary")
+    p.add_argument("--durability", choices=["process", "power"], default=None,
+                   help="what a saved turn survives: the worker dying (process) or also a power cut (power: "
+                        "flushed to the disk, or committed with synchronous_commit on PostgreSQL, before the "
+                        "reply is sent); default $CONVERSATION_SESSION_DURABILITY, else power")
     p.add_argument("--tts", nargs="?", const="espeak", choices=["none", "espeak"], default="none",
                    help="synthesise each reply sentence (espeak-ng, WAV) for WebSocket clients that connect with "
                         "?audio=wav (--tts alone means espeak)")
@@ -306,7 +314,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         tokens=tuple(dict.fromkeys(tokens)), allowed_hosts=tuple(dict.fromkeys(args.allowed_host or [])),
         allow_origins=tuple(dict.fromkeys(origins)), assistants=tuple(dict.fromkeys(args.assistant or [])),
         ready_wait_s=max(args.ready_wait, 0.0), timeout=args.timeout, max_tokens=args.max_tokens,
-        system=args.system, memory=args.memory, tts=args.tts, tts_voice=args.tts_voice, tts_rate=args.tts_rate,
+        system=args.system, memory=args.memory, durability=args.durability,
+        tts=args.tts, tts_voice=args.tts_voice, tts_rate=args.tts_rate,
         log_level=args.log_level, log_format=args.log_format, rate=args.rate, burst=args.burst,
         lock_wait_s=max(args.lock_wait, 0.0), keep_open_s=args.keep_open, max_open=args.max_open,
         shutdown_grace_s=max(args.shutdown_grace, 0.0), lease_ttl_s=args.lease_ttl,

@@ -55,7 +55,8 @@ def result_json(result: ChatResult) -> dict[str, Any]:
         "figures": {
             "ttft_s": result.ttft_s, "total_s": result.total_s, "prompt_tokens": result.prompt_tokens,
             "cached_tokens": result.cached_tokens, "completion_tokens": result.completion_tokens,
-            "saved": result.saved, "finish_reason": result.finish_reason, "trimmed_turns": result.trimmed_turns,
+            "saved": result.saved, "durability": result.durability,
+            "finish_reason": result.finish_reason, "trimmed_turns": result.trimmed_turns,
         },
     }
     if getattr(result, "interrupted", False):  # barge-in: what reached the user was kept

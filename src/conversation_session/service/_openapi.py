@@ -47,6 +47,7 @@ def openapi_document() -> dict[str, Any]:
         "ttft_s": {"type": ["number", "null"]}, "total_s": {"type": "number"},
         "prompt_tokens": {"type": ["integer", "null"]}, "cached_tokens": {"type": ["integer", "null"]},
         "completion_tokens": {"type": ["integer", "null"]}, "saved": {"type": "boolean"},
+        "durability": {"type": ["string", "null"], "enum": ["process", "power", None]},
         "finish_reason": {"type": ["string", "null"]}, "trimmed_turns": {"type": "integer"}}}
     return {
         "openapi": "3.1.0",

@@ -292,7 +292,7 @@ class Registry:
         cfg = self.config
         return AsyncConversationSession(backend=self.backend, store=store, timeout=cfg.timeout,
                                         max_tokens=cfg.max_tokens, system_prompt=system_prompt,
-                                        tts_wait_timeout=None, memory=cfg.memory)
+                                        tts_wait_timeout=None, memory=cfg.memory, durability=cfg.durability)
 
     # -- housekeeping ---------------------------------------------------------------------
     async def _sweep(self) -> None:

@@ -60,7 +60,7 @@ class AsyncConversationSession(SessionView):
                  persist_kv_cache: bool = True, kv_cache_max_bytes: int = 1 << 30,
                  tts_output_dir: str | os.PathLike[str] | None = None, tts_options: dict[str, Any] | None = None,
                  store: StoreAPI | str | None = None, memory: str = "trim",
-                 summarizer: Backend | None = None):
+                 summarizer: Backend | None = None, durability: str | None = None):
         # Construction touches the store once (a new session's id); for a folder that is a
         # few microseconds, so it is done here rather than forcing an awaitable constructor.
         self._core = SessionCore(
@@ -69,7 +69,7 @@ class AsyncConversationSession(SessionView):
             max_tokens=max_tokens, temperature=temperature, backend_options=backend_options,
             persist_kv_cache=persist_kv_cache, kv_cache_max_bytes=kv_cache_max_bytes,
             tts_output_dir=tts_output_dir, tts_options=tts_options, store=store,
-            memory=memory, summarizer=summarizer,
+            memory=memory, summarizer=summarizer, durability=durability,
         )
         self._lock: asyncio.Lock | None = None   # made on first use, inside the running loop
         self._turn_task: asyncio.Task[Any] | None = None
@@ -172,9 +172,10 @@ class AsyncConversationSession(SessionView):
 
     async def _complete(self, steps: _TurnSteps, **how: Any) -> ChatResult:
         """Commit a turn (``how``: ``heard=``, ``silence_s=`` for an interrupted one).  A file
-        journal append is one small write: inline.  A store that talks to a server appends off
-        the loop."""
-        if getattr(self._core.store, "blocking_appends", False):
+        journal append is one small write: inline.  A store that talks to a server, or waits for
+        the disk (the ``power`` level: a flush shared with the other sessions committing at
+        once, which only happens when they wait off the loop), appends off the loop."""
+        if getattr(self._core.store, "blocking_appends", False) or self._core.saved_level == "power":
             return await self._off_loop(functools.partial(steps.complete, **how))
         return steps.complete(**how)
 

@@ -29,6 +29,7 @@ from ..memory._window import TrimPolicy
 from ..speech import create_speaker
 from ..stores import open_store, validate_session_id
 from ..stores._api import SessionWriterAPI, StoreAPI
+from ..stores._durability import resolve_durability
 from ..stores._record import MessageDict, SessionRecord, clean_title, is_utf8_text
 from ._conversation import Conversation, Plan
 from ._limits import SUMMARY_TIMEOUT_S, check_max_tokens, check_timeout
@@ -49,8 +50,9 @@ class SessionCore:
                  temperature: float, backend_options: dict[str, Any] | None, persist_kv_cache: bool,
                  kv_cache_max_bytes: int, tts_output_dir: str | os.PathLike[str] | None,
                  tts_options: dict[str, Any] | None, store: StoreAPI | str | None,
-                 memory: str = "trim", summarizer: Backend | None = None):
+                 memory: str = "trim", summarizer: Backend | None = None, durability: str | None = None):
         self.enable_cache = enable_cache
+        requested_durability = None if durability is None else resolve_durability(durability)
         self.timeout = check_timeout(timeout)
         self.tts_wait_timeout = check_timeout(tts_wait_timeout, "tts_wait_timeout")
         self.max_tokens = check_max_tokens(max_tokens)
@@ -94,16 +96,31 @@ class SessionCore:
         self.writer: SessionWriterAPI | None = None
         try:
             self.store = open_store(store, sessions_dir)
+            # Asked for, else the store's own level (a store object may carry one), else the
+            # environment's or the default.
+            self.durability = (requested_durability or getattr(self.store, "durability", None)
+                               or resolve_durability(None))
             self.persist_kv_cache = bool(persist_kv_cache and enable_cache and backend_.can_persist_state)
             self.kv = KVFile(backend_, lambda: self.kv_path, kv_cache_max_bytes, self.cache_key)
             self.speaker = create_speaker(tts, output_dir=tts_output_dir, **(tts_options or {}))
             if enable_cache:
-                self.writer = self.store.create(self.llm_model)
+                self.writer = self._leveled(self.store.create(self.llm_model))
                 if system_prompt:
                     self._pending_meta = {"system_prompt": system_prompt}
         except BaseException:
             self._release_resources()
             raise
+
+    def _leveled(self, writer: SessionWriterAPI | None) -> SessionWriterAPI | None:
+        """``writer`` set to save at this session's durability level (when its store has levels)."""
+        if writer is not None and hasattr(writer, "durability"):
+            writer.durability = self.durability
+        return writer
+
+    @property
+    def saved_level(self) -> str | None:
+        """The level the writer saves at (``ChatResult.durability`` of a saved turn)."""
+        return getattr(self.writer, "durability", None) if self.writer is not None else None
 
     # -- identity -------------------------------------------------------------------------
     @property
@@ -374,7 +391,7 @@ class SessionCore:
         old_key = self.cache_key
         self.cache_key = f"cs{next(_keys)}"
         self.kv = KVFile(self.backend, lambda: self.kv_path, self.kv.cap, self.cache_key)
-        self.writer = writer
+        self.writer = self._leveled(writer)
         self.read_only = record if read_only else None
         messages = list(record.messages) if record is not None else []
         system = self._requested_system
@@ -674,6 +691,11 @@ class SessionView:
     @property
     def session_id(self) -> str:
         return self._core.session_id
+
+    @property
+    def durability(self) -> str:
+        """What a turn survives once returned: ``"process"`` or ``"power"`` (docs/durability.md)."""
+        return self._core.durability
 
     @property
     def history(self) -> list[MessageDict]:

@@ -71,6 +71,10 @@ class ConversationSession(SessionView):
             kept after the system prompt (made in the background, in batches, so the prompt
             prefix and the KV cache stay stable between compactions).
         summarizer: the backend that writes summaries (default: this session's backend).
+        durability: what a turn survives once ``chat()`` has returned it: ``"process"`` (the
+            process dying) or ``"power"`` (the machine losing power too: its journal line is
+            flushed to the disk first); default ``$CONVERSATION_SESSION_DURABILITY``, else the
+            store's level, else ``"power"`` (docs/durability.md).
 
     Raises:
         BackendError: the backend cannot be set up (model file missing, ...).
@@ -99,6 +103,7 @@ class ConversationSession(SessionView):
         store: StoreAPI | str | None = None,
         memory: str = "trim",
         summarizer: Backend | None = None,
+        durability: str | None = None,
     ):
         self._core = SessionCore(
             llm_model, backend=backend, base_url=base_url, enable_cache=enable_cache, timeout=timeout,
@@ -106,7 +111,7 @@ class ConversationSession(SessionView):
             max_tokens=max_tokens, temperature=temperature, backend_options=backend_options,
             persist_kv_cache=persist_kv_cache, kv_cache_max_bytes=kv_cache_max_bytes,
             tts_output_dir=tts_output_dir, tts_options=tts_options, store=store,
-            memory=memory, summarizer=summarizer,
+            memory=memory, summarizer=summarizer, durability=durability,
         )
         self._lock = threading.Lock()        # guards the session's state; never held across a turn
         self._turn_free = threading.Condition(self._lock)

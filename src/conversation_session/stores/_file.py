@@ -48,12 +48,14 @@ from typing import Any
 from .._exceptions import SessionError, SessionFormatError, SessionLockedError, SessionNotFoundError
 from .._runtime import run_in_background
 from ._api import SearchHit, SessionInfo, make_snippet
+from ._durability import resolve_durability
 from ._fileio import (
     NotARegularFileError,
     atomic_write_bytes,
     dir_lock,
     flock_holder,
     fsync_dir,
+    group_sync,
     open_regular,
     process_label,
     read_regular_file_stat,
@@ -304,10 +306,13 @@ def _first_line(messages: Iterable[MessageDict]) -> str:
 class HistoryStore:
     """All sessions in one directory (the file implementation of ``StoreAPI``)."""
 
-    def __init__(self, directory: str | os.PathLike[str], *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
+    def __init__(self, directory: str | os.PathLike[str], *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                 durability: str | None = None):
         # Resolved once: a later os.chdir() must not send turns to another folder.
         self.directory = Path(os.path.abspath(os.fspath(directory)))
         self.max_file_bytes = max_file_bytes
+        # The level of the writers it makes (each may be changed: ``SessionWriter.durability``).
+        self.durability = resolve_durability(durability)
 
     @property
     def description(self) -> str:
@@ -892,6 +897,8 @@ class _Core:
         self.meta_seq = 0                      # bumped at each change of a record-level field
         self.full = False                      # refused an append: over the size the loader reads
         self.last_error: BaseException | None = None
+        self.durability = store.durability      # "power": each line is flushed before it counts
+        self.dir_synced = False                 # the folder's entries (the journal's name) are on disk
         self.lock = threading.Lock()            # the fd, the list and the counters
         self.snapshot_lock = threading.Lock()   # one snapshot (or reattach) at a time
         self.snapshot_owner: int | None = None
@@ -1089,18 +1096,33 @@ class _Core:
         return gone
 
     def _write_line(self, line: bytes) -> OSError | None:
-        """Append ``line`` to the journal with ``write`` calls; on failure cut off what was
-        written and return the error (caller holds ``lock``)."""
+        """Append ``line`` to the journal with ``write`` calls, and at the ``power`` level flush
+        it to the disk; on failure cut off what was written and return the error (caller
+        holds ``lock``)."""
         assert self.fd is not None
         try:
             view = memoryview(line)
             while view:
                 view = view[os.write(self.fd, view):]
+            if self.durability == "power":
+                self._flush_journal()
         except OSError as exc:
+            # A failed flush too: the line may never reach the disk, so it must not count.
             self._undo_partial_append()
             self.last_error = exc
             return exc
         return None
+
+    def _flush_journal(self) -> None:
+        """Put the journal's written lines on the disk, and, once per journal file, the folder
+        entries that name it (a new journal, the folder itself if new): without them a power
+        cut could leave the flushed line in a file no name reaches (caller holds ``lock``)."""
+        assert self.fd is not None
+        if not self.dir_synced:
+            fsync_dir(self.store.directory)
+            fsync_dir(self.store.directory.parent)
+            self.dir_synced = True
+        group_sync.sync(self.fd)
 
     def _undo_partial_append(self) -> None:
         # A short write leaves half a line; cut it off so the next append starts clean.
@@ -1155,6 +1177,7 @@ class _Core:
             with self.lock:
                 old, self.fd = self.fd, fd
                 self.pending = self.orphaned = False
+                self.dir_synced = False  # a new journal: its name is not on the disk yet
                 self.journal_size = os.fstat(fd).st_size
                 self.journal_lines = 0
                 self.journal_torn = self.journal_size > 0  # whatever is there is replaced by the snapshot
@@ -1431,6 +1454,17 @@ class SessionWriter:
     @property
     def turns(self) -> int:
         return self._core.turns
+
+    @property
+    def durability(self) -> str:
+        """What an append that returned True survives: ``process`` or ``power`` (docs/durability.md)."""
+        return self._core.durability
+
+    @durability.setter
+    def durability(self, level: str) -> None:
+        level = resolve_durability(level)
+        with self._core.lock:
+            self._core.durability = level
 
     # -- writing -------------------------------------------------------------------------
     def append(self, start: int, messages: list[MessageDict], meta: dict[str, Any] | None = None) -> bool:

@@ -8,16 +8,19 @@ import fcntl
 import logging
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
     "FileTooLargeError",
+    "GroupSync",
     "NotARegularFileError",
     "atomic_write_bytes",
     "dir_lock",
     "flock_holder",
     "fsync_dir",
+    "group_sync",
     "open_regular",
     "process_label",
     "read_regular_file",
@@ -150,6 +153,110 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600, durable: b
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def _load_syncfs() -> object | None:
+    """libc's ``syncfs`` (Linux): one call makes every write to a filesystem durable."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+class _Ticket:
+    __slots__ = ("dev", "done", "error", "fd")
+
+    def __init__(self, fd: int, dev: int):
+        self.fd, self.dev = fd, dev
+        self.done = False
+        self.error: OSError | None = None
+
+
+class GroupSync:
+    """Make file writes durable, sharing disk flushes between threads that commit at once.
+
+    Leader/follower group commit: a thread that asks while no flush runs becomes the leader and
+    flushes every request queued so far; the others wait, and those that queued while a flush
+    ran are taken by the next leader together.  Every request was queued after its ``write``
+    returned, and the flush that covers it starts after it was queued, so it covers the write.
+
+    A batch of one file is an ``fdatasync`` of it (the cheapest flush of a single file); a
+    batch of several is one ``syncfs`` per filesystem (one flush for all: measured on this
+    project's machine at 100 files, 2 ms against 13 ms for 100 ``fdatasync`` calls; see
+    BENCHMARKS.md), falling back to ``fdatasync`` of each where ``syncfs`` is missing.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[_Ticket] = []
+        self._leading = False
+        self._syncfs = _load_syncfs()
+        self.flushes = 0          # disk flushes issued (the benchmark reads it)
+
+    def sync(self, fd: int) -> None:
+        """Return once everything written to ``fd`` before the call is on the disk; raise
+        the flush's ``OSError`` if it failed (then nothing is known to be durable)."""
+        ticket = _Ticket(fd, os.fstat(fd).st_dev)
+        with self._cond:
+            self._queue.append(ticket)
+            while not ticket.done and self._leading:
+                self._cond.wait()
+            if ticket.done:
+                if ticket.error is not None:
+                    raise ticket.error
+                return
+            self._leading = True
+            batch, self._queue = self._queue, []
+        try:
+            self._flush(batch)
+        finally:
+            with self._cond:
+                for t in batch:
+                    t.done = True
+                self._leading = False
+                self._cond.notify_all()
+        if ticket.error is not None:
+            raise ticket.error
+
+    def _flush(self, batch: list[_Ticket]) -> None:
+        if len(batch) == 1 or self._syncfs is None:
+            for t in batch:
+                self.flushes += 1
+                try:
+                    _fdatasync(t.fd)
+                except OSError as failed:
+                    t.error = failed
+            return
+        by_dev: dict[int, list[_Ticket]] = {}
+        for t in batch:
+            by_dev.setdefault(t.dev, []).append(t)
+        for tickets in by_dev.values():
+            self.flushes += 1
+            if self._syncfs(tickets[0].fd) != 0:  # type: ignore[operator]
+                err = _c_errno()
+                error = OSError(err, os.strerror(err))
+                for t in tickets:
+                    t.error = error
+
+
+def _c_errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
+
+
+group_sync = GroupSync()
+"""The process's one group committer (every writer at the ``power`` level goes through it)."""
 
 
 _warned_lock_dirs: set[str] = set()
