@@ -38,6 +38,16 @@ one ``json`` value: ``json`` keeps a NUL's ``\u0000`` escape, ``jsonb`` would re
 the replacement and updates the counts.  The rewind number also tells a retried transaction
 whose first attempt did commit (its reply lost) that there is nothing left to do.
 
+Durability (docs/durability.md): a writer at the ``power`` level commits with
+``synchronous_commit = on`` (the commit returns once the WAL is flushed to the server's disk,
+and to a synchronous standby when one is configured); at the ``process`` level with
+``synchronous_commit = off``: the commit returns before the WAL flush, which the server makes
+within ``3 x wal_writer_delay`` (600 ms by default).  Either way the turn survives this
+process dying (the server has it); at ``process`` a crash of the *server* (or its machine)
+within that window can lose the last turns, never corrupt the database.  The level is set on a
+pooled connection only when it differs from the one the connection last ran with, so it costs
+one round trip per change, not per turn.
+
 Loads are one statement (one snapshot): the session row's fields as one small JSON text in a
 first row, then one plain row per message, in order.  Plain rows cost the server nothing to
 build and the client little to read (psycopg's C row loader); building the whole history as
@@ -73,6 +83,7 @@ from .._exceptions import (
 )
 from .._runtime import Deadline, run_in_background, schedule
 from ._api import SNIPPET_CHARS, SearchHit, SessionInfo, make_snippet
+from ._durability import resolve_durability
 from ._file import encode_json
 from ._ids import SESSION_ID_RE, validate_session_id
 from ._record import (
@@ -716,7 +727,8 @@ class PostgresStore:
 
     def __init__(self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE, lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
                  statement_timeout_s: float = DEFAULT_STATEMENT_TIMEOUT_S,
-                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, schema: str = DEFAULT_SCHEMA):
+                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, schema: str = DEFAULT_SCHEMA,
+                 durability: str | None = None):
         if lease_ttl_s <= 0 or statement_timeout_s <= 0 or connect_timeout_s <= 0 or pool_size < 1:
             raise ValueError("pool_size, lease_ttl_s, statement_timeout_s and connect_timeout_s must be positive")
         self.url = url
@@ -734,6 +746,8 @@ class PostgresStore:
         self._closed = False
         self._suspect = False  # the last call lost the server: probe it before using the pool
         self._search_sql: str | None = None  # with ICU case folding when the server has it
+        self.durability = resolve_durability(durability)  # its writers' level (each may change it)
+        self._levels: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresStore:
@@ -1056,11 +1070,18 @@ class PostgresStore:
                 if not self._closed and self._beat is None and any(not w.closed for w in self._writers):
                     self._beat = schedule(self.lease_ttl_s / 3, self._beat_due)
 
+    def _commit_level(self, conn: psycopg.Connection[Any], level: str) -> None:
+        """Make ``conn`` commit as ``level`` asks (``synchronous_commit``), if it does not already."""
+        if self._levels.get(conn) != level:
+            conn.execute("SELECT set_config('synchronous_commit', %s, false)", ("on" if level == "power" else "off",))
+            self._levels[conn] = level
+
     def append_batch(self, writer: PostgresWriter, batch_for: Callable[[int], AppendBatch]) -> int:
         """Run the append statement; returns the new durable count.  Raises ``_LeaseLost`` or
         ``StoreUnavailableError``."""
 
         def run(conn: psycopg.Connection[Any]) -> int:
+            self._commit_level(conn, writer.durability)
             durable = writer.durable
             for _ in range(3):
                 batch = batch_for(durable)
@@ -1080,6 +1101,7 @@ class PostgresStore:
         sql = self.sql
 
         def run(conn: psycopg.Connection[Any]) -> None:
+            self._commit_level(conn, writer.durability)
             with conn.transaction():
                 state = conn.execute(sql.lock_session, (writer.session_id,)).fetchone()
                 count = check_rewind_state(writer, state, plan)
@@ -1202,6 +1224,7 @@ class PostgresWriter:
         self._lost: str | None = None
         self._pid = os.getpid()
         self.last_error: BaseException | None = None
+        self.durability = store.durability      # "power": synchronous_commit on (see the module docstring)
         self._finalizer = weakref.finalize(self, _release, store, record.session_id, holder, gen, os.getpid())
         store._register(self)
 
