@@ -100,7 +100,7 @@ def main() -> None:
     variants = [("process", "process", True), ("power", "power", True),
                 ("power, no group commit", "power", False)]
     results: dict[tuple[int, str], list[dict[str, float]]] = {}
-    for repeat in range(2):  # interleaved twice: a noisy neighbour hits every variant alike
+    for _repeat in range(2):  # interleaved twice: a noisy neighbour hits every variant alike
         for n in (1, 10, 100):
             for name, level, grouped in variants:
                 results.setdefault((n, name), []).append(run(args.dir, n, level, args.rounds, grouped))

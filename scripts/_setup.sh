@@ -42,6 +42,10 @@ setup_project() {
   if [ "$extras" = dev ] && ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }; then
     need+=(chromium chromium-driver)
   fi
+  # The crash-state tests record the file store's system calls (tests/crash_states.py).
+  if [ "$extras" = dev ] && ! command -v strace >/dev/null 2>&1; then
+    need+=(strace)
+  fi
   if [ ${#need[@]} -gt 0 ]; then
     _apt_install "${need[@]}" || _say "continuing without: ${need[*]}"
   fi
