@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import pg_server as _pg
 from conversation_session import AsyncConversationSession, ConversationSession, FakeBackend, HistoryStore
 from conversation_session.cli._args import parse_args
 from conversation_session.cli._chat import ChatApp
@@ -195,3 +196,28 @@ def test_the_service_saves_at_the_level_it_was_started_with(tmp_path: Path) -> N
             body = client.post(f"/v1/sessions/{sid}/messages", json={"text": "hello"}).json()
     assert body["figures"]["saved"] is True
     assert body["figures"]["durability"] == "process"
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------
+pg_server = _pg.pg_server
+pg_url = _pg.pg_url
+
+
+def test_postgresql_commits_with_synchronous_commit_as_the_level_asks(pg_url: str) -> None:
+    from conversation_session.stores._postgres import PostgresStore
+
+    store = PostgresStore(pg_url, pool_size=1)  # one connection: the probe sees the appends' settings
+    try:
+        def setting() -> str:
+            return str(store._run("probe", lambda conn: conn.execute("SHOW synchronous_commit").fetchone()[0]))
+
+        for level, expected in (("process", "off"), ("power", "on"), ("process", "off")):
+            with ConversationSession(backend=FakeBackend(), store=store, durability=level) as s:
+                result = s.chat(f"saved at {level}")
+                assert result.saved and result.durability == level
+                assert setting() == expected
+                assert s.undo()  # the rewind's transaction too
+                assert setting() == expected
+        assert PostgresStore(pg_url, durability="process").durability == "process"
+    finally:
+        store.close()
