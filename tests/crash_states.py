@@ -22,7 +22,8 @@ How it works (after ALICE, "All File Systems Are Not Created Equal", OSDI 2014):
 3. **Enumerate.**  At every point of the trace (after each call), ``states_at`` yields the
    durable-only state, the everything-written state, and, for each object with pending
    operations, every prefix (and torn variant) of them with the other objects all-persisted
-   and none-persisted.  Identical states are explored once.
+   and none-persisted (``pairs=True``: also every two objects at any prefix each).  Identical
+   states are explored once.
 4. **Check.**  Each state is written to a fresh folder and loaded with the library
    (``HistoryStore.load``), which must: never raise anything but ``SessionNotFoundError``
    (nothing corrupt or unreadable); give a session equal to one the driver had at some
@@ -438,8 +439,9 @@ def _torn(op: tuple) -> list[bytes]:
     return [data[:c] for c in cuts] + [b"\0" * len(data)]
 
 
-def states_at(cp: CrashPoint) -> Iterator[State | None]:
-    """The states a power cut at ``cp`` can leave (see the module docstring, step 3)."""
+def states_at(cp: CrashPoint, *, pairs: bool = False) -> Iterator[State | None]:
+    """The states a power cut at ``cp`` can leave (see the module docstring, step 3); with
+    ``pairs``, also every two objects at any prefix each (the others all or none persisted)."""
     yield _materialise(cp.root, {}, True)
     yield _materialise(cp.root, {}, False)
     for node in cp.nodes:
@@ -450,6 +452,13 @@ def states_at(cp: CrashPoint) -> Iterator[State | None]:
             for choice in variants:
                 for default_all in (True, False):
                     yield _materialise(cp.root, {id(node): choice}, default_all)
+    if pairs:
+        for i, a in enumerate(cp.nodes):
+            for b in cp.nodes[i + 1:]:
+                for ka in range(len(a.pending) + 1):
+                    for kb in range(len(b.pending) + 1):
+                        for default_all in (True, False):
+                            yield _materialise(cp.root, {id(a): (ka, None), id(b): (kb, None)}, default_all)
 
 
 def fingerprint(state: State | None) -> str:
@@ -496,7 +505,7 @@ def load_state(state: State | None, session_id: str, scratch: Path) -> tuple[str
     return "ok", (json.dumps(msgs, ensure_ascii=False), record.title)
 
 
-def check(rec: Recording, *, limit: int | None = None, seed: int = 25) -> Verdict:
+def check(rec: Recording, *, limit: int | None = None, seed: int = 25, pairs: bool = False) -> Verdict:
     """Explore the recording's crash states (all of them, or a sample of about ``limit`` drawn
     with ``seed``, always keeping each crash point's durable-only state) and check each."""
     # Operation -1: the session just created, before its first turn (an empty journal).
@@ -507,7 +516,7 @@ def check(rec: Recording, *, limit: int | None = None, seed: int = 25) -> Verdic
     plan: list[tuple[int, int, list[str]]] = []   # (event index, acked, fingerprints: [all, durable, ...])
     for cp in replay(rec):
         fps = []
-        for st in states_at(cp):
+        for st in states_at(cp, pairs=pairs):
             fp = fingerprint(st)
             contents.setdefault(fp, st)
             fps.append(fp)

@@ -7,7 +7,9 @@ Each session is two files in ``sessions_dir``:
 * ``<id>.journal``: turns completed since that snapshot, one JSON line each (naming its
   session and its position), appended with a single ``write`` before ``chat()`` returns.
   This is what makes a turn survive ``kill -9`` the moment it is acknowledged, at a cost that
-  does not grow with the history.
+  does not grow with the history.  At the ``power`` durability level the line is also flushed to
+  the disk (``fdatasync``, shared between sessions committing at once: ``_fileio.GroupSync``),
+  and the folder once per new journal, before the append returns (docs/durability.md).
 
 Background work on the shared pool (``_runtime``) folds the journal into a fresh snapshot
 after each turn and empties the journal; when turns keep arriving meanwhile, the journal is
