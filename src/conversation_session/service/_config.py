@@ -56,6 +56,7 @@ class ServiceConfig:
     system: str | None = None
     memory: str = "trim"                 # or "summary": running summaries beyond the window
     durability: str | None = None        # "process" or "power" (None: $CONVERSATION_SESSION_DURABILITY, else power)
+    retention_s: float | None = None     # sessions idle longer are deleted at start, then hourly (None: kept)
     # Speech: the WebSocket sends each sentence's audio to connections that ask (?audio=wav).
     tts: str = "none"                    # or "espeak"
     tts_voice: str | None = None         # one espeak-ng voice for all text (default: by language)
@@ -201,6 +202,19 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+_AGE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", re.IGNORECASE)
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "": 86400}
+
+
+def parse_age(text: str) -> float:
+    """Seconds of ``30d``, ``12h``, ``2w``, ``90m``, ``45s``; a plain number is days (the format
+    of ``sessions prune --older-than``)."""
+    m = _AGE_RE.fullmatch(text)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age such as 30d, 12h, 2w or 90m")
+    return float(m.group(1)) * _AGE_UNITS[m.group(2).lower()]
+
+
 def _timeout(text: str) -> float | None:
     try:
         return parse_timeout(text)
@@ -256,6 +270,10 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
                    help="what a saved turn survives: the worker dying (process) or also a power cut (power: "
                         "flushed to the disk, or committed with synchronous_commit on PostgreSQL, before the "
                         "reply is sent); default $CONVERSATION_SESSION_DURABILITY, else power")
+    p.add_argument("--retention", type=parse_age, default=None, metavar="AGE",
+                   help="delete sessions not updated for AGE (30d, 12h, 2w), at start and then hourly, with their "
+                        "KV files; a session open anywhere (this service, another worker, the chat app) is never "
+                        "deleted (default: keep everything)")
     p.add_argument("--tts", nargs="?", const="espeak", choices=["none", "espeak"], default="none",
                    help="synthesise each reply sentence (espeak-ng, WAV) for WebSocket clients that connect with "
                         "?audio=wav (--tts alone means espeak)")
@@ -314,7 +332,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         tokens=tuple(dict.fromkeys(tokens)), allowed_hosts=tuple(dict.fromkeys(args.allowed_host or [])),
         allow_origins=tuple(dict.fromkeys(origins)), assistants=tuple(dict.fromkeys(args.assistant or [])),
         ready_wait_s=max(args.ready_wait, 0.0), timeout=args.timeout, max_tokens=args.max_tokens,
-        system=args.system, memory=args.memory, durability=args.durability,
+        system=args.system, memory=args.memory, durability=args.durability, retention_s=args.retention,
         tts=args.tts, tts_voice=args.tts_voice, tts_rate=args.tts_rate,
         log_level=args.log_level, log_format=args.log_format, rate=args.rate, burst=args.burst,
         lock_wait_s=max(args.lock_wait, 0.0), keep_open_s=args.keep_open, max_open=args.max_open,

@@ -24,12 +24,15 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from .._exceptions import SessionError, SessionLockedError
 from ..backends import Backend
+from ..memory._kvcache import kv_file_path
 from ..session._aio import AsyncConversationSession
 from ..stores._api import StoreAPI
+from ..stores._housekeeping import prune
 from ..stores._record import SessionRecord
 from ._config import ServiceConfig
 from ._handoff import HandoffListener, ask_release, describe_holder, holder_pid
@@ -39,6 +42,7 @@ __all__ = ["Busy", "Gone", "Registry"]
 
 logger = logging.getLogger("conversation_session.service")
 T = TypeVar("T")
+RETENTION_EVERY_S = 3600.0  # --retention prunes at start, then this often
 
 
 class _Placeholder:
@@ -130,6 +134,7 @@ class Registry:
         self._loading_store = _LoadingStore(store)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cs-service")
         self._sweeper: asyncio.Task[None] | None = None
+        self._retainer: asyncio.Task[None] | None = None
         self._handoff = HandoffListener()
         self._handoff_tasks: set[asyncio.Task[None]] = set()
         self.closing = False
@@ -150,6 +155,8 @@ class Registry:
     async def start(self) -> None:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            if self.config.retention_s:
+                self._retainer = asyncio.get_running_loop().create_task(self._retain())
             await self._handoff.start(self._release_requested)
 
     def _release_requested(self, store_id: str) -> None:
@@ -312,11 +319,36 @@ class Registry:
             except Exception:
                 logger.exception("closing idle sessions failed")
 
+    async def _retain(self) -> None:
+        """``--retention``: prune sessions idle that long, at start and then every hour.  Every
+        worker does it; each deletion is checked where no writer can start (the store's
+        ``delete(idle_before=...)``), so a session in use, here or elsewhere, is never taken."""
+        while True:
+            try:
+                gone = await self.io(self.prune_idle)
+                if gone:
+                    logger.info("retention: deleted %d session(s) not updated for %g s", len(gone),
+                                self.config.retention_s)
+            except Exception:
+                logger.exception("retention: pruning failed")
+            await asyncio.sleep(RETENTION_EVERY_S)
+
+    def prune_idle(self) -> list[str]:
+        """Delete the store's sessions not updated for ``retention_s``, and their KV files."""
+        assert self.config.retention_s
+        gone = prune(self.store, older_than=timedelta(seconds=self.config.retention_s))
+        for sid in gone:
+            with contextlib.suppress(OSError):
+                kv_file_path(self.store, sid).unlink()  # the file store's went with the session
+        return gone
+
     async def close(self, grace: float) -> None:
         """Shutdown: wait up to ``grace`` for running requests, then close every session (a
         final snapshot each; a turn still running was cancelled by the server and keeps nothing)."""
         self.closing = True
         self._handoff.close()
+        if self._retainer is not None:
+            self._retainer.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

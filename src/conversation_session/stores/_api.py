@@ -178,9 +178,10 @@ class StoreAPI(Protocol):
     def list_sessions(self) -> list[SessionInfo]:
         """Every readable session, most recently updated first."""
 
-    def delete(self, session_id: str) -> bool:
+    def delete(self, session_id: str, *, idle_before: float | None = None) -> bool:
         """Remove a session; False if it did not exist.  Raises ``SessionLockedError`` while a
-        writer holds it."""
+        writer holds it.  With ``idle_before`` (a Unix time), only if the session was last
+        updated before then, checked while no writer can start (False if it was not)."""
 
     def import_record(self, record: SessionRecord) -> str:
         """Store a whole session (``sessions import``, moving between stores); keeps its id when

@@ -735,8 +735,12 @@ class HistoryStore:
         core.journal_lines = raw.count(b"\n") if raw else 0
         return SessionWriter(core), record
 
-    def delete(self, session_id: str) -> bool:
-        """Delete a session's files; refuses (``SessionLockedError``) while it is open for writing."""
+    def delete(self, session_id: str, *, idle_before: float | None = None) -> bool:
+        """Delete a session's files; refuses (``SessionLockedError``) while it is open for writing.
+
+        ``idle_before`` (retention): only if its last update is older than that Unix time,
+        checked under the folder lock and the journal's lock, so no writer can add a turn
+        between the check and the removal (False, nothing removed, if it is newer)."""
         validate_session_id(session_id)
         if not self.directory.is_dir():
             return False
@@ -747,6 +751,8 @@ class HistoryStore:
             except NotARegularFileError:
                 fd = None  # a planted FIFO or link: nobody can hold it, just remove the name
             try:
+                if idle_before is not None and self._updated_since(session_id, idle_before):
+                    return False
                 for p in (self.snapshot_path(session_id), self.journal_path(session_id)):
                     try:
                         p.unlink()
@@ -761,6 +767,23 @@ class HistoryStore:
                 if fd is not None:
                     os.close(fd)
         return removed
+
+    def _updated_since(self, session_id: str, when: float) -> bool:
+        """True if the session changed at or after Unix time ``when`` (its ``updated_at``, else
+        its files' modification time); a session that cannot be read counts as recent: it is
+        never removed by age (``doctor`` deals with it)."""
+        try:
+            record = self.load(session_id)
+        except SessionNotFoundError:
+            return False
+        except (SessionError, OSError):
+            return True
+        try:
+            return datetime.fromisoformat(record.updated_at or record.created_at).timestamp() >= when
+        except (TypeError, ValueError, OverflowError, OSError):
+            mtimes = [p.stat().st_mtime for p in (self.snapshot_path(session_id), self.journal_path(session_id))
+                      if p.exists()]
+            return max(mtimes, default=0.0) >= when
 
     def import_record(self, record: SessionRecord) -> str:
         """Store a whole session; keeps its id when free, else a new one; returns the id.

@@ -162,7 +162,9 @@ def prune(store: StoreAPI, older_than: timedelta | None = None, keep: int | None
     A session goes if it is not among the ``keep`` most recently updated and (when
     ``older_than`` is given) was last updated more than ``older_than`` ago.  Sessions open for
     writing are skipped, and so are damaged ones (``doctor`` deals with those).  One listing,
-    one ``delete`` per session (which itself refuses a session open for writing).
+    one ``delete`` per session (which itself refuses a session open for writing, and, with
+    ``older_than``, checks the age again where no writer can add a turn meanwhile: a session
+    used between the listing and its deletion stays).
     """
     if older_than is None and keep is None:
         raise ValueError("prune needs older_than, keep, or both")
@@ -185,10 +187,12 @@ def prune(store: StoreAPI, older_than: timedelta | None = None, keep: int | None
                 out.append(sid)
             continue
         try:
-            if store.delete(sid):
-                out.append(sid)
+            gone = store.delete(sid) if cutoff is None else store.delete(sid, idle_before=cutoff)
         except SessionLockedError:
             logger.info("not pruned: %s is open for writing", sid)
+            continue
+        if gone:
+            out.append(sid)
     return out
 
 

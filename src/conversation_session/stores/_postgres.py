@@ -568,7 +568,7 @@ WHERE id = %(id)s"""
         self.list = (f"SELECT id, created_at, updated_at, llm_model, turns, message_count, bytes, first_user_line, "
                      f"title FROM {s}.sessions WHERE message_count > 0 ORDER BY updated_ts DESC, id DESC")
         self.delete = (f"DELETE FROM {s}.sessions WHERE id = %s AND (holder IS NULL OR lease_expires <= now()) "
-                       "RETURNING id")
+                       "AND (%s::float8 IS NULL OR updated_ts < to_timestamp(%s::float8)) RETURNING id")
         self.is_locked = (f"SELECT holder IS NOT NULL AND lease_expires > now() FROM {s}.sessions WHERE id = %s")
         self.import_session = (
             f"INSERT INTO {s}.sessions (id, created_at, updated_at, updated_ts, llm_model, system_prompt, summary, "
@@ -948,16 +948,21 @@ class PostgresStore:
                             updated_at=r[2] or r[1], llm_model=r[3], turns=r[4], total_messages=r[5],
                             size_bytes=r[6], first_user_line=r[7], title=r[8]) for r in rows]
 
-    def delete(self, session_id: str) -> bool:
+    def delete(self, session_id: str, *, idle_before: float | None = None) -> bool:
+        """``StoreAPI.delete``; ``idle_before`` is checked in the same statement as the lease."""
         validate_session_id(session_id)
 
         def run(conn: psycopg.Connection[Any]) -> bool | tuple[Any, ...]:
-            """True: deleted; False: no such session; else the lease state of its holder."""
+            """True: deleted; False: no such session, or updated since ``idle_before``; else the
+            lease state of its holder."""
             with conn.transaction():
-                if conn.execute(self.sql.delete, (session_id,)).fetchone():
+                if conn.execute(self.sql.delete, (session_id, idle_before, idle_before)).fetchone():
                     return True
                 state: tuple[Any, ...] | None = conn.execute(self.sql.lease_state, (session_id,)).fetchone()
-                return False if state is None else state
+                if state is None:
+                    return False
+                held = state[0] is not None and (state[3] or 0.0) > 0
+                return state if held else False  # not held: it was updated since idle_before
 
         outcome = self._run("delete a session", run)
         if isinstance(outcome, bool):

@@ -1,0 +1,143 @@
+"""Retention: sessions idle longer than an age are deleted, never one in use, even by another
+process, and never one used between the listing and its deletion (``serve --retention``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+import pg_server as _pg
+from conversation_session import HistoryStore, SessionLockedError, SessionRecord
+from conversation_session.service._config import build_parser, parse_age
+from conversation_session.stores._housekeeping import prune
+from test_service import service, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+OLD = (datetime.now() - timedelta(days=40)).isoformat(timespec="seconds")
+
+
+def _old_session(store: HistoryStore, name: str) -> str:
+    record = SessionRecord(session_id=name, llm_model="fake", created_at=OLD, updated_at=OLD,
+                           messages=[{"role": "user", "content": f"{name} question"},
+                                     {"role": "assistant", "content": f"{name} answer"}])
+    return store.import_record(record)
+
+
+def _fresh_session(store: HistoryStore) -> str:
+    writer = store.create("fake")
+    assert writer.append(0, [{"role": "user", "content": "fresh"}, {"role": "assistant", "content": "yes"}])
+    writer.close()
+    return writer.session_id
+
+
+def _hold_open(sessions_dir: Path, sid: str) -> subprocess.Popen[str]:
+    """Another process with ``sid`` open for writing (no turn: its age stays 40 days)."""
+    code = textwrap.dedent(f"""
+        import sys
+        from conversation_session import ConversationSession, FakeBackend
+        s = ConversationSession(backend=FakeBackend(), sessions_dir={str(sessions_dir)!r})
+        assert s.load_history({sid!r})
+        print("open", flush=True)
+        sys.stdin.read()
+        s.close()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "open"
+    return proc
+
+
+def test_delete_if_idle_checks_the_age_where_no_writer_can_add_a_turn(sessions_dir: Path) -> None:
+    store = HistoryStore(sessions_dir)
+    sid = _old_session(store, "session_old")
+    cutoff = time.time() - 30 * 86400
+    # Listed as idle for 40 days ... then used before the deletion: it must stay.
+    writer, record = store.open(sid)
+    assert writer.append(len(record.messages), [{"role": "user", "content": "still here"},
+                                                {"role": "assistant", "content": "good"}])
+    with pytest.raises(SessionLockedError):
+        store.delete(sid, idle_before=cutoff)  # open: refused, as any delete
+    writer.close()
+    assert store.delete(sid, idle_before=cutoff) is False
+    assert store.load(sid).messages[-1]["content"] == "good"
+    # Idle for real: gone.
+    other = _old_session(store, "session_idle")
+    assert store.delete(other, idle_before=cutoff) is True
+    assert other not in [i.session_id for i in store.list_sessions()]
+
+
+def test_prune_by_age_skips_a_session_another_process_holds(sessions_dir: Path) -> None:
+    store = HistoryStore(sessions_dir)
+    held = _old_session(store, "session_held")
+    idle = _old_session(store, "session_idle")
+    fresh = _fresh_session(store)
+    proc = _hold_open(sessions_dir, held)
+    try:
+        assert prune(store, older_than=timedelta(days=30)) == [idle]
+    finally:
+        proc.communicate("", timeout=30)
+    assert sorted(i.session_id for i in store.list_sessions()) == sorted([held, fresh])
+
+
+def test_serve_retention_prunes_at_start_but_never_a_session_in_use(tmp_path: Path) -> None:
+    sessions_dir = tmp_path / "sessions"
+    store = HistoryStore(sessions_dir)
+    held = _old_session(store, "session_held")
+    idle = _old_session(store, "session_idle")
+    (sessions_dir / f"{idle}.kv").write_bytes(b"kv state")
+    fresh = _fresh_session(store)
+    proc = _hold_open(sessions_dir, held)
+    try:
+        with service(sessions_dir, "--retention", "30d") as svc:
+            wait_for(lambda: not (sessions_dir / f"{idle}.json").exists(), 30, "the idle session to be pruned")
+            assert "retention: deleted 1 session" in svc.log()
+    finally:
+        proc.communicate("", timeout=30)
+    assert not (sessions_dir / f"{idle}.kv").exists()
+    assert sorted(i.session_id for i in store.list_sessions()) == sorted([held, fresh])
+
+
+def test_retention_ages_are_checked() -> None:
+    assert parse_age("30d") == 30 * 86400 and parse_age("12h") == 43200 and parse_age("2") == 2 * 86400
+    assert build_parser().parse_args(["--retention", "2w"]).retention == 14 * 86400
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--retention", "soon"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--retention", "0d"])
+
+
+pg_server = _pg.pg_server
+pg_url = _pg.pg_url
+
+
+def test_postgresql_prunes_by_age_in_the_statement_that_checks_the_lease(pg_url: str) -> None:
+    import psycopg
+
+    from conversation_session.stores._postgres import PostgresStore
+
+    store = PostgresStore(pg_url)
+    try:
+        ids = {}
+        for name in ("idle", "held", "fresh"):
+            writer = store.create("fake")
+            assert writer.append(0, [{"role": "user", "content": name}, {"role": "assistant", "content": "ok"}])
+            ids[name] = writer
+        ids["idle"].close()
+        ids["fresh"].close()  # "held" stays open: its lease is live
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("UPDATE conversation_session.sessions SET updated_ts = now() - interval '40 days', "
+                         "updated_at = %s WHERE id = ANY(%s)", (OLD, [ids["idle"].session_id, ids["held"].session_id]))
+        assert prune(store, older_than=timedelta(days=30)) == [ids["idle"].session_id]  # "held" is open here
+        cutoff = time.time() - 30 * 86400
+        assert store.delete(ids["fresh"].session_id, idle_before=cutoff) is False
+        ids["held"].close()
+        listed = sorted(i.session_id for i in store.list_sessions())
+        assert listed == sorted([ids["held"].session_id, ids["fresh"].session_id])
+    finally:
+        store.close()
