@@ -31,11 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from conversation_session import (  # noqa: E402
-    AsyncConversationSession,
-    FakeBackend,
-    _turn,
-)
+from conversation_session import AsyncConversationSession, FakeBackend  # noqa: E402
+from conversation_session.session import _turn  # noqa: E402
 
 OVERHEADS: list[float] = []
 
