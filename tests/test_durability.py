@@ -221,3 +221,43 @@ def test_postgresql_commits_with_synchronous_commit_as_the_level_asks(pg_url: st
         assert PostgresStore(pg_url, durability="process").durability == "process"
     finally:
         store.close()
+
+
+def test_an_async_turn_cancelled_while_its_power_commit_waits_keeps_nothing(sessions_dir: Path) -> None:
+    # At the power level the commit runs on the shared pool; a task cancelled while that job
+    # still waits for a worker must not have its turn saved later behind its back (asyncio
+    # cancels the queued job; one already running completes, and the turn is then kept).
+    from conversation_session._runtime import MAX_WORKERS, shared_executor
+
+    async def main() -> tuple[list[str], str]:
+        s = AsyncConversationSession(backend=FakeBackend(), sessions_dir=sessions_dir, durability="power")
+        await s.chat("first")
+        pool = shared_executor()
+        gate, started = threading.Event(), threading.Semaphore(0)
+
+        def block() -> None:
+            started.release()
+            gate.wait(30)
+
+        blockers = [pool.submit(block) for _ in range(MAX_WORKERS)]
+        for _ in range(MAX_WORKERS):
+            assert started.acquire(timeout=30)
+        task = asyncio.create_task(s.chat("second"))
+        while pool._work_queue.qsize() == 0:  # the commit job is queued behind the blockers
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gate.set()
+        for b in blockers:
+            b.result(30)
+        await asyncio.get_running_loop().run_in_executor(pool, lambda: None)  # the queued commit has run
+        history = [m["content"] for m in s.history]
+        sid = s.session_id
+        await s.aclose()
+        return history, sid
+
+    history, sid = asyncio.run(main())
+    assert len(history) == 2 and history[0] == "first"
+    saved = [m["content"] for m in HistoryStore(sessions_dir).load(sid).messages]
+    assert saved == history and "second" not in saved
