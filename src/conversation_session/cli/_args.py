@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+from .._flags import add_model_flags, add_voice_flags, positive_int, seconds
 from .._version import __version__
 from ..backends import BACKEND_NAMES
-from ..session._limits import parse_timeout
 from ..speech import PLAYBACK_CHOICES
 from ..stores import SESSIONS_DIR_ENV, STORE_ENV
 from ._commands import command_help
@@ -112,33 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="*", metavar="PROMPT",
                    help="answer this one message and exit (standard input, when piped, is added to it)")
     g = p.add_argument_group("model")
-    g.add_argument("--backend", choices=list(BACKEND_NAMES), default="llama-cpp",
-                   metavar="{" + ",".join(b for b in BACKEND_NAMES if b != "fake") + "}",
-                   help="llama-cpp: in-process, no server (default); ollama; openai: any "
-                        "OpenAI-compatible server (fake: scripted echo replies, for tests)")
-    g.add_argument("--model", help="a .gguf path (llama-cpp; default: bundled SmolLM2-135M), or the "
-                                   "server's model name (ollama default: qwen2.5:3b)")
-    g.add_argument("--base-url", help="server URL (ollama: $OLLAMA_HOST or http://127.0.0.1:11434)")
-    g.add_argument("--system", default=None, help="system prompt")
-    g.add_argument("--max-tokens", type=_positive_int, default=512, help="reply length limit (default 512)")
+    add_model_flags(g)
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed, where the backend takes one")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
-    g.add_argument("--top-k", type=_positive_int, default=None, help="sample from the K likeliest tokens")
+    g.add_argument("--top-k", type=positive_int, default=None, help="sample from the K likeliest tokens")
     g.add_argument("--repeat-penalty", type=float, default=None, help="penalty for repeated tokens")
-    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for the embedded model")
-    g.add_argument("--context-length", type=_positive_int, default=None,
+    g.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the embedded model")
+    g.add_argument("--context-length", type=positive_int, default=None,
                    help="context window in tokens (llama-cpp default 8192, ollama 4096)")
-    g.add_argument("--memory", choices=["trim", "summary"], default="trim",
-                   help="when the conversation outgrows the context window: trim leaves the oldest turns "
-                        "out of the prompt (default); summary folds them into a running summary (`memory` "
-                        "shows it)")
-    g.add_argument("--timeout", type=_seconds, default=60.0,
-                   help="seconds a reply may take; 0 for no limit (default 60)")
-    g.add_argument("--durability", choices=["process", "power"], default=None,
-                   help="what a saved turn survives: the program dying (process) or also a power cut (power: "
-                        "flushed to the disk before the reply counts as saved); default "
-                        "$CONVERSATION_SESSION_DURABILITY, else power")
     g = p.add_argument_group("sessions")
     g.add_argument("-c", "--continue", dest="continue_", action="store_true",
                    help="continue the latest session")
@@ -153,14 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "else keep everything; 0 keeps everything)")
     g = p.add_argument_group("speech")
     g.add_argument("--tts", choices=["none", "espeak"], default="none", help="speak replies")
-    g.add_argument("--tts-wait-timeout", type=_seconds, default=30.0,
+    g.add_argument("--tts-wait-timeout", type=seconds, default=30.0,
                    help="seconds to wait for speech to finish (default 30)")
     g.add_argument("--tts-output-dir", default=None, help="write speech as WAV files here")
     g.add_argument("--tts-playback", choices=list(PLAYBACK_CHOICES), default=None,
                    help="where speech plays: device, silent (in real time, without a sound device: headless "
                         "machines and tests), off (WAV files only), auto (default: the device when one is found)")
-    g.add_argument("--tts-rate", type=int, default=None, metavar="WPM", help="speech rate, words per minute")
-    g.add_argument("--tts-voice", default=None, help="espeak-ng voice for all text (default: by language)")
+    add_voice_flags(g)
     g = p.add_argument_group("output")
     g.add_argument("--no-markdown", dest="markdown", action="store_false",
                    help="on a terminal, leave completed replies as plain text (default: Markdown is styled; "
@@ -190,7 +171,7 @@ def build_housekeeping_parser() -> argparse.ArgumentParser:
                       description="Every message and title holding TEXT (case-insensitive), newest session "
                                   "first, each with a snippet around the match.")
     q.add_argument("text", nargs="+", metavar="TEXT", help="what to look for (several words: that phrase)")
-    q.add_argument("--limit", type=_positive_int, default=50, metavar="N", help="at most N hits (default 50)")
+    q.add_argument("--limit", type=positive_int, default=50, metavar="N", help="at most N hits (default 50)")
     q.add_argument("--json", action="store_true", help="a JSON list instead of lines")
 
     q = ss.add_parser("rename", parents=[common], help="set a session's title",
@@ -322,13 +303,6 @@ def _count(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = _count(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return value
-
-
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -360,13 +334,6 @@ def retention_days(args: argparse.Namespace, environ: dict[str, str]) -> float |
         return _days(text) or None
     except argparse.ArgumentTypeError as exc:
         raise argparse.ArgumentTypeError(f"${RETENTION_ENV}={text!r}: {exc}") from None
-
-
-def _seconds(text: str) -> float | None:
-    try:
-        return parse_timeout(text, "seconds")
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def sessions_dir_from(args: argparse.Namespace) -> str:

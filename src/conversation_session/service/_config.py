@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from .._flags import add_model_flags, add_voice_flags
 from ..session._limits import parse_timeout
 from ..stores._durability import resolve_durability
 from ..stores._open import is_postgres_url
@@ -233,10 +234,7 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
                         " else the file store in --sessions-dir)")
     p.add_argument("--sessions-dir", default=None,
                    help="the file store's folder (default $CONVERSATION_SESSIONS_DIR or ./sessions)")
-    p.add_argument("--backend", default="llama-cpp", choices=["llama-cpp", "ollama", "openai", "fake"],
-                   help="the model backend, one per worker shared by every session (default: the embedded model)")
-    p.add_argument("--model", default=None, help="a .gguf path (llama-cpp) or a model name (ollama, openai)")
-    p.add_argument("--base-url", default=None, help="the server URL for ollama/openai")
+    add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; any other needs --token)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
@@ -260,16 +258,6 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
     p.add_argument("--ready-wait", type=float, default=120.0,
                    help="seconds a request arriving while the model is still loading waits for it before 503 "
                         "(default 120)")
-    p.add_argument("--timeout", type=_timeout, default=60.0, help="seconds per turn (0 = no limit; default 60)")
-    p.add_argument("--max-tokens", type=_positive(int), default=512, help="reply length limit (default 512)")
-    p.add_argument("--system", default=None, help="system prompt for new sessions")
-    p.add_argument("--memory", choices=["trim", "summary"], default="trim",
-                   help="when a conversation outgrows the context window: leave the oldest turns out of the "
-                        "prompt (trim, default) or fold them into a running summary")
-    p.add_argument("--durability", choices=["process", "power"], default=None,
-                   help="what a saved turn survives: the worker dying (process) or also a power cut (power: "
-                        "flushed to the disk, or committed with synchronous_commit on PostgreSQL, before the "
-                        "reply is sent); default $CONVERSATION_SESSION_DURABILITY, else power")
     p.add_argument("--retention", type=parse_age, default=None, metavar="AGE",
                    help="delete sessions not updated for AGE (30d, 12h, 2w), at start and then hourly, with their "
                         "KV files; a session open anywhere (this service, another worker, the chat app) is never "
@@ -277,9 +265,7 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
     p.add_argument("--tts", nargs="?", const="espeak", choices=["none", "espeak"], default="none",
                    help="synthesise each reply sentence (espeak-ng, WAV) for WebSocket clients that connect with "
                         "?audio=wav (--tts alone means espeak)")
-    p.add_argument("--tts-voice", default=None, help="espeak-ng voice for all text (default: by language)")
-    p.add_argument("--tts-rate", type=_positive(int), default=None, metavar="WPM",
-                   help="speech rate, words per minute")
+    add_voice_flags(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", default="auto", choices=["auto", "json", "plain"],
                    help="the log on stderr: JSON lines, plain lines, or auto (default): plain when stderr is a "

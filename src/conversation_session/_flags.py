@@ -1,0 +1,60 @@
+"""The command-line flags the chat app and ``serve`` share, declared once, with one validator
+each (the chat's and the service's parsers used to declare them twice and drifted)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .backends import BACKEND_NAMES
+from .session._limits import DEFAULT_TIMEOUT_S, parse_timeout
+
+__all__ = ["add_model_flags", "add_voice_flags", "positive_int", "seconds"]
+
+DURABILITY_HELP = ("what a saved turn survives: the program dying (process) or also a power cut (power: "
+                   "flushed to the disk, or committed with synchronous_commit on PostgreSQL, before the reply "
+                   "counts as saved); default $CONVERSATION_SESSION_DURABILITY, else power")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def seconds(text: str) -> float | None:
+    """Seconds on a command line: ``0`` means no limit; nan, inf and negative values are refused."""
+    try:
+        return parse_timeout(text, "seconds")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_model_flags(g: Any) -> None:
+    """The model and the turn: --backend, --model, --base-url, --system, --max-tokens, --memory,
+    --timeout, --durability."""
+    g.add_argument("--backend", choices=list(BACKEND_NAMES), default="llama-cpp",
+                   metavar="{" + ",".join(b for b in BACKEND_NAMES if b != "fake") + "}",
+                   help="llama-cpp: in-process, no server (default); ollama; openai: any "
+                        "OpenAI-compatible server (fake: scripted replies, for trying things without a model)")
+    g.add_argument("--model", help="a .gguf path (llama-cpp; default: bundled SmolLM2-135M), or the "
+                                   "server's model name (ollama default: qwen2.5:3b)")
+    g.add_argument("--base-url", help="server URL (ollama: $OLLAMA_HOST or http://127.0.0.1:11434)")
+    g.add_argument("--system", default=None, help="system prompt")
+    g.add_argument("--max-tokens", type=positive_int, default=512, help="reply length limit (default 512)")
+    g.add_argument("--memory", choices=["trim", "summary"], default="trim",
+                   help="when a conversation outgrows the context window: trim leaves the oldest turns "
+                        "out of the prompt (default); summary folds them into a running summary")
+    g.add_argument("--timeout", type=seconds, default=DEFAULT_TIMEOUT_S,
+                   help=f"seconds a reply may take; 0 for no limit (default {DEFAULT_TIMEOUT_S:g})")
+    g.add_argument("--durability", choices=["process", "power"], default=None, help=DURABILITY_HELP)
+
+
+def add_voice_flags(g: Any) -> None:
+    """The voice: --tts-voice, --tts-rate."""
+    g.add_argument("--tts-voice", default=None, help="espeak-ng voice for all text (default: by language)")
+    g.add_argument("--tts-rate", type=positive_int, default=None, metavar="WPM", help="speech rate, words per minute")
