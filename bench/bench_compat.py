@@ -390,8 +390,8 @@ def main() -> int:
         # One table, rows grouped by way in.
         header, rule = tables[0].splitlines()[:2]
         body = [line for t in tables for line in t.splitlines()[2:]]
-        body.sort(key=lambda line: [i for i, k in enumerate(KINDS)
-                                    if line.startswith(f"| {overhead_label(k)} |")][0])
+        body.sort(key=lambda line: next(i for i, k in enumerate(KINDS)
+                                    if line.startswith(f"| {overhead_label(k)} |")))
         print("\n".join([header, rule, *body]) + "\n")
         if not args.no_embedded:
             log(f"embedded model: {args.pairs} conversation(s) per row")

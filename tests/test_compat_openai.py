@@ -235,3 +235,46 @@ def test_a_client_gone_mid_stream_keeps_nothing(tmp_path: Path) -> None:
         # The same session goes on.
         c.chat.completions.create(model="m", messages=[{"role": "user", "content": "after"}])
         assert [m["content"] for m in history(srv, sid, "unused")][::2] == ["short", "after"]
+
+
+def _refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref":
+                yield value
+            else:
+                yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
+
+
+def test_the_api_document_lists_the_compat_routes(server: ServiceProcess) -> None:
+    """/openapi.json describes every Ollama and OpenAI route the service serves (taken from the
+    routing tables, so a route added later without its description fails here), the headers that
+    choose the session, the token-in-path form and --assistant."""
+    from conversation_session.service._ollama_api import ollama_routes
+    from conversation_session.service._openai_api import openai_routes
+
+    with native(server) as h:
+        doc = h.get("/openapi.json").json()
+        assert h.get(f"/t/{TOKEN_A}/openapi.json").json() == doc
+    paths = doc["paths"]
+    for route in [*ollama_routes(), *openai_routes()]:
+        assert route.path in paths, route.path
+        for method in route.methods - {"HEAD"}:
+            assert method.lower() in paths[route.path], (route.path, method)
+    for path, method in (("/api/chat", "post"), ("/v1/chat/completions", "post")):
+        op = paths[path][method]
+        assert {p["name"] for p in op["parameters"] if p["in"] == "header"} == {"X-Session-Id",
+                                                                               "X-OpenWebUI-Chat-Id"}
+        assert "X-Session-Id" in op["responses"]["200"]["headers"]
+        assert "--assistant" in op["requestBody"]["content"]["application/json"]["schema"]["properties"][
+            "model"]["description"]
+        assert "/t/{token}" in [s["url"] for s in op["servers"]]
+    assert "--assistant" in paths["/api/tags"]["get"]["summary"] and "--assistant" in paths["/v1/models"]["get"][
+        "summary"]
+    assert "/t/TOKEN/" in doc["info"]["description"]
+    schemas = doc["components"]["schemas"]
+    for ref in set(_refs(doc)):
+        assert ref.removeprefix("#/components/schemas/") in schemas, ref
