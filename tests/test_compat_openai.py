@@ -278,3 +278,28 @@ def test_the_api_document_lists_the_compat_routes(server: ServiceProcess) -> Non
     schemas = doc["components"]["schemas"]
     for ref in set(_refs(doc)):
         assert ref.removeprefix("#/components/schemas/") in schemas, ref
+
+
+def test_a_long_chat_fits_in_a_request(server: ServiceProcess) -> None:
+    """Open WebUI sends the whole chat every time: 1,000 messages of ordinary length are ~150 KB,
+    which the service's 64 KB body limit refused (413) until the chat endpoints got their own."""
+    said = "please turn the kitchen lights to forty percent and tell me how warm it is outside today"
+    chat = [{"role": r, "content": f"{r} {i}: {said}"} for i in range(500) for r in ("user", "assistant")]
+    headers = {"X-OpenWebUI-Chat-Id": "long-chat"}
+    with native(server) as h:
+        for path, extra in (("/v1/chat/completions", {}), ("/api/chat", {"stream": False})):
+            body = {"model": "kitchen", "messages": [*chat, {"role": "user", "content": f"first via {path}"}],
+                    **extra}
+            assert len(json.dumps(body)) > 128 * 1024
+            first = h.post(path, json=body, headers=headers)
+            assert first.status_code == 200, first.text[:300]
+            sid = first.headers["x-session-id"]
+            reply = (first.json()["choices"][0]["message"]["content"] if path.startswith("/v1")
+                     else first.json()["message"]["content"])
+            chat += [{"role": "user", "content": f"first via {path}"}, {"role": "assistant", "content": reply}]
+        stored = history(server, sid)
+        assert [(m["role"], m["content"]) for m in stored] == [(m["role"], m["content"]) for m in chat]
+        huge = {"model": "kitchen", "messages": [{"role": "user", "content": "x" * (4 * 1024 * 1024)}]}
+        refused = h.post("/v1/chat/completions", json=huge, headers=headers)
+        assert refused.status_code == 413 and refused.json()["error"]["code"] == "too_large"
+        assert len(history(server, sid)) == len(chat)
