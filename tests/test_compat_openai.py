@@ -235,3 +235,71 @@ def test_a_client_gone_mid_stream_keeps_nothing(tmp_path: Path) -> None:
         # The same session goes on.
         c.chat.completions.create(model="m", messages=[{"role": "user", "content": "after"}])
         assert [m["content"] for m in history(srv, sid, "unused")][::2] == ["short", "after"]
+
+
+def _refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref":
+                yield value
+            else:
+                yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
+
+
+def test_the_api_document_lists_the_compat_routes(server: ServiceProcess) -> None:
+    """/openapi.json describes every Ollama and OpenAI route the service serves (taken from the
+    routing tables, so a route added later without its description fails here), the headers that
+    choose the session, the token-in-path form and --assistant."""
+    from conversation_session.service._ollama_api import ollama_routes
+    from conversation_session.service._openai_api import openai_routes
+
+    with native(server) as h:
+        doc = h.get("/openapi.json").json()
+        assert h.get(f"/t/{TOKEN_A}/openapi.json").json() == doc
+    paths = doc["paths"]
+    for route in [*ollama_routes(), *openai_routes()]:
+        assert route.path in paths, route.path
+        for method in route.methods - {"HEAD"}:
+            assert method.lower() in paths[route.path], (route.path, method)
+    for path, method in (("/api/chat", "post"), ("/v1/chat/completions", "post")):
+        op = paths[path][method]
+        assert {p["name"] for p in op["parameters"] if p["in"] == "header"} == {"X-Session-Id",
+                                                                               "X-OpenWebUI-Chat-Id"}
+        assert "X-Session-Id" in op["responses"]["200"]["headers"]
+        assert "--assistant" in op["requestBody"]["content"]["application/json"]["schema"]["properties"][
+            "model"]["description"]
+        assert "/t/{token}" in [s["url"] for s in op["servers"]]
+    assert "--assistant" in paths["/api/tags"]["get"]["summary"] and "--assistant" in paths["/v1/models"]["get"][
+        "summary"]
+    assert "/t/TOKEN/" in doc["info"]["description"]
+    schemas = doc["components"]["schemas"]
+    for ref in set(_refs(doc)):
+        assert ref.removeprefix("#/components/schemas/") in schemas, ref
+
+
+def test_a_long_chat_fits_in_a_request(server: ServiceProcess) -> None:
+    """Open WebUI sends the whole chat every time: 1,000 messages of ordinary length are ~150 KB,
+    which the service's 64 KB body limit refused (413) until the chat endpoints got their own."""
+    said = "please turn the kitchen lights to forty percent and tell me how warm it is outside today"
+    chat = [{"role": r, "content": f"{r} {i}: {said}"} for i in range(500) for r in ("user", "assistant")]
+    headers = {"X-OpenWebUI-Chat-Id": "long-chat"}
+    with native(server) as h:
+        for path, extra in (("/v1/chat/completions", {}), ("/api/chat", {"stream": False})):
+            body = {"model": "kitchen", "messages": [*chat, {"role": "user", "content": f"first via {path}"}],
+                    **extra}
+            assert len(json.dumps(body)) > 128 * 1024
+            first = h.post(path, json=body, headers=headers)
+            assert first.status_code == 200, first.text[:300]
+            sid = first.headers["x-session-id"]
+            reply = (first.json()["choices"][0]["message"]["content"] if path.startswith("/v1")
+                     else first.json()["message"]["content"])
+            chat += [{"role": "user", "content": f"first via {path}"}, {"role": "assistant", "content": reply}]
+        stored = history(server, sid)
+        assert [(m["role"], m["content"]) for m in stored] == [(m["role"], m["content"]) for m in chat]
+        huge = {"model": "kitchen", "messages": [{"role": "user", "content": "x" * (4 * 1024 * 1024)}]}
+        refused = h.post("/v1/chat/completions", json=huge, headers=headers)
+        assert refused.status_code == 413 and refused.json()["error"]["code"] == "too_large"
+        assert len(history(server, sid)) == len(chat)

@@ -66,6 +66,10 @@ class ServiceConfig:
     log_format: str = "auto"             # json, plain, or auto: plain when stderr is a terminal
     # Limits.
     max_body_bytes: int = 64 * 1024
+    # The Ollama/OpenAI chat bodies carry what the client holds: Open WebUI the whole chat, Home
+    # Assistant its system prompt (every exposed entity) and tool schemas; 64 KB refused a
+    # 1,000-message chat.  The new message itself stays within max_text_bytes.
+    max_chat_body_bytes: int = 4 * 1024 * 1024
     max_text_bytes: int = 16 * 1024
     rate: float = 10.0                   # requests per second per token (token bucket), across workers
     burst: float = 40.0

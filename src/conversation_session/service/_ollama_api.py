@@ -205,7 +205,7 @@ def _final(model: str, result: Any, stopped: bool, **extra: Any) -> dict[str, An
 async def chat(request: Request) -> Response:
     st = _state(request)
     owner = await st.owner(request)
-    data = await read_json(request, st.config.max_body_bytes)
+    data = await read_json(request, st.config.max_chat_body_bytes)
     model = check_name(data.get("model"), '"model"')
     stream = data.get("stream", True)
     if not isinstance(stream, bool):

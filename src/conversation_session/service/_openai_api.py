@@ -137,7 +137,7 @@ def _finish(result: ChatResult, stopped: bool) -> str:
 async def chat_completions(request: Request) -> Response:
     st = _state(request)
     owner = await st.owner(request)
-    data = await read_json(request, st.config.max_body_bytes)
+    data = await read_json(request, st.config.max_chat_body_bytes)
     req = _request(data, request, st.config.max_text_bytes)
     options = data.get("stream_options") or {}
     if not isinstance(options, dict):

@@ -6,6 +6,7 @@ from typing import Any
 
 from .._version import __version__
 from ..stores._ids import SESSION_ID_PATTERN
+from ._openapi_compat import compat_components, compat_paths
 
 __all__ = ["openapi_document"]
 
@@ -55,7 +56,11 @@ def openapi_document() -> dict[str, Any]:
                  "description": "Durable conversations for voice devices: every acknowledged turn is saved; "
                                 "any worker serves any session; a busy session answers 409 after a bounded wait. "
                                 "WebSocket per session at /v1/sessions/{sid}/ws (see the README); with ?audio=wav "
-                                "on a server started with --tts, each sentence's WAV follows as a binary frame."},
+                                "on a server started with --tts, each sentence's WAV follows as a binary frame. "
+                                "Ollama's API (/api/...) and OpenAI's chat completions (/v1/models, "
+                                "/v1/chat/completions) reach the same durable sessions (docs/compat.md); for "
+                                "clients that take only a URL, every route also answers under /t/TOKEN/ (the "
+                                "token in the path instead of the Authorization header)."},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
@@ -72,6 +77,7 @@ def openapi_document() -> dict[str, Any]:
                     "updated_at": {"type": "string"}, "turns": {"type": "integer"},
                     "total_messages": {"type": "integer"}, "first_user_line": {"type": "string"},
                     "title": {"type": ["string", "null"]}}},
+                **compat_components(),
             },
         },
         "security": [{"bearer": []}],
@@ -147,6 +153,7 @@ def openapi_document() -> dict[str, Any]:
                         "conversation_id": {"type": "string"}, "continue_conversation": {"type": "boolean"},
                         "response": {"type": "object"}}}, "Home Assistant's answer shape"), **_ERRORS}},
             },
+            **compat_paths(),
         },
     }
 
