@@ -358,3 +358,55 @@ def test_search_in_titles_and_messages_newest_first(subject):
     assert len(subject.store.search("cat", limit=2)) == 2
     with pytest.raises(ValueError):
         subject.store.search(" \n ")
+
+
+# -- schema 5: tool calls -----------------------------------------------------------------
+def _tool_turn(i: int) -> list[dict]:
+    """A turn with two tool calls: the user, the call request, the results, the final reply."""
+    calls = [{"id": f"call_{i}_a", "type": "function",
+              "function": {"name": "set_light", "arguments": {"room": "厨房", "on": True, "level": 0.5,
+                                                                "tags": ["a", None], "nul": "x\x00y"}}},
+             {"id": f"call_{i}_b", "type": "function", "function": {"name": "current_time", "arguments": {}}}]
+    return [{"role": "user", "content": f"turn the light on {i}"},
+            {"role": "assistant", "content": "", "tool_calls": calls},
+            {"role": "tool", "tool_call_id": f"call_{i}_a", "name": "set_light", "content": "ok 🎉"},
+            {"role": "tool", "tool_call_id": f"call_{i}_b", "name": "current_time",
+             "content": "error: TimeoutError: too slow"},
+            {"role": "assistant", "content": f"done {i}"}]
+
+
+def test_schema_5_tool_calls_round_trip(subject):
+    w = _writer(subject)
+    turn = _tool_turn(0)
+    # The way a session writes a tool-using turn: the intent first, then each result, then the reply.
+    assert w.append(0, turn[:2])
+    assert w.append(2, turn[2:3])
+    assert w.append(3, turn[3:4])
+    assert w.append(4, turn[4:])
+    assert w.append(5, _turn(1))
+    want = [*turn, *_turn(1)]
+    assert w.flush()
+    for record in (subject.store.load(w.session_id), w.record):
+        assert record.messages == want
+        assert record.turns == 2  # the user's turns: the tool round is not a turn
+    w.close()
+    w2, record = subject.store.open(w.session_id)
+    assert record.messages == want and record.turns == 2
+    # An undo of the tool-using turn moves all of it, calls and results, to undone.
+    assert w2.rewind(0, [], None)
+    w2.close()
+    record = subject.store.load(w.session_id)
+    assert record.messages == [] and record.undone[-1]["messages"] == want
+
+
+def test_schema_5_bad_tool_messages_are_refused(subject):
+    w = _writer(subject)
+    for bad in ([{"role": "tool", "content": "x"}],  # no tool_call_id
+                [{"role": "assistant", "content": "", "tool_calls": [{"id": "c", "function": {"name": "f",
+                                                                                             "arguments": [1]}}]}],
+                [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}]):
+        with pytest.raises((ValueError, SessionFormatError)):
+            record = SessionRecord.from_dict({"schema_version": 5, "session_id": "s", "created_at": "t",
+                                              "llm_model": "m", "conversation_history": bad})
+            raise ValueError(f"accepted {record.messages}")
+    w.close()

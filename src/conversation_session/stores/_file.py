@@ -151,7 +151,7 @@ def parse_json_bytes(raw: bytes | bytearray, label: str, path: Path | None = Non
 
 
 def _count_turns(messages: Iterable[MessageDict]) -> int:
-    return sum(1 for m in messages if m["role"] == "assistant")
+    return sum(1 for m in messages if m["role"] == "user")  # as count_turns: the user's turns
 
 
 def aside_path(path: Path, stamp: str | None = None) -> Path:

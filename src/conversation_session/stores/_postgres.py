@@ -95,6 +95,7 @@ from ._record import (
     count_turns,
     is_utf8_text,
     now_iso,
+    validate_messages,
     validate_summary,
     validate_undone,
 )
@@ -169,6 +170,15 @@ CREATE TABLE {s}.undone (
     PRIMARY KEY (session_id, seq)
 );
 """),
+    # Schema 5: tool calls.  A "tool" message, and the fields beyond role/content/interrupted
+    # ({"tool_calls": [...]} of an assistant, {"tool_call_id", "name"} of a tool message) as
+    # one JSON object (json, not jsonb: a NUL's escape stays, as in undone); NULL for the rest.
+    ("0004_tool_calls", """
+ALTER TABLE {s}.messages DROP CONSTRAINT IF EXISTS messages_role_check;
+ALTER TABLE {s}.messages ADD CONSTRAINT messages_role_check
+    CHECK (role IN ('system', 'user', 'assistant', 'tool'));
+ALTER TABLE {s}.messages ADD COLUMN extra json;
+"""),
 ]
 
 _BY_INDEX = operator.itemgetter(0)
@@ -242,6 +252,11 @@ def check_messages(messages: list[MessageDict]) -> list[MessageDict]:
             raise ValueError(f"messages[{i}].content is {type(content).__name__}, not a string")
         if not is_utf8_text(content):
             raise ValueError(f"messages[{i}].content holds a lone surrogate: not text")
+        if "tool_calls" in m or role == "tool":
+            try:
+                validate_messages([m], where=f"messages[{i}]")
+            except SessionFormatError as exc:
+                raise ValueError(str(exc)) from None
     return [dict(m) for m in messages]  # type: ignore[misc]  # a copy: the caller's dicts stay theirs
 
 
@@ -270,6 +285,7 @@ def message_rows(messages: list[MessageDict]) -> dict[str, list[Any]]:
     contents: list[str] = []
     as_json: list[bool] = []
     interrupted: list[bool] = []
+    extra: list[str | None] = []
     for m in messages:
         content = m["content"]
         roles.append(m["role"])
@@ -280,7 +296,18 @@ def message_rows(messages: list[MessageDict]) -> dict[str, list[Any]]:
             contents.append(content)
             as_json.append(False)
         interrupted.append(bool(m.get("interrupted")))
-    return {"roles": roles, "contents": contents, "as_json": as_json, "interrupted": interrupted}
+        extra.append(message_extra(m))
+    return {"roles": roles, "contents": contents, "as_json": as_json, "interrupted": interrupted,
+            "extra": extra}
+
+
+def message_extra(m: MessageDict) -> str | None:
+    """The ``extra`` column of a message (schema 5): its tool fields as one JSON object, or None."""
+    if "tool_calls" in m:
+        return encode_json({"tool_calls": m["tool_calls"]})
+    if m["role"] == "tool":
+        return encode_json({"tool_call_id": m.get("tool_call_id", ""), "name": m.get("name", "")})
+    return None
 
 
 def history_bytes(sizes: list[int]) -> int:
@@ -479,10 +506,11 @@ WITH s AS (
       AND message_count = %(start)s::int
     RETURNING id
 ), m AS (
-    INSERT INTO {s}.messages (session_id, idx, role, content, content_is_json, interrupted)
-    SELECT s.id, %(start)s::int + t.ord::int - 1, t.role, t.content, t.as_json, t.interrupted
-    FROM s, unnest(%(roles)s::text[], %(contents)s::text[], %(as_json)s::bool[], %(interrupted)s::bool[])
-         WITH ORDINALITY AS t(role, content, as_json, interrupted, ord)
+    INSERT INTO {s}.messages (session_id, idx, role, content, content_is_json, interrupted, extra)
+    SELECT s.id, %(start)s::int + t.ord::int - 1, t.role, t.content, t.as_json, t.interrupted, t.extra
+    FROM s, unnest(%(roles)s::text[], %(contents)s::text[], %(as_json)s::bool[], %(interrupted)s::bool[],
+                   %(extra)s::text[]::json[])
+         WITH ORDINALITY AS t(role, content, as_json, interrupted, extra, ord)
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM m)"""
@@ -510,7 +538,10 @@ SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM m)"""
         self.message_json = (
             "'{\"role\":\"' || m.role || '\",\"content\":' || "
             "CASE WHEN m.content_is_json THEN m.content ELSE to_json(m.content)::text END || "
-            "CASE WHEN m.interrupted THEN ',\"interrupted\":true}' ELSE '}' END")
+            "CASE WHEN m.interrupted THEN ',\"interrupted\":true' ELSE '' END || "
+            # schema 5: the extra object's members, spliced in (it is always a JSON object)
+            "CASE WHEN m.extra IS NULL THEN '' ELSE ',' || "
+            "substr(btrim(m.extra::text), 2, length(btrim(m.extra::text)) - 2) END || '}'")
         # One statement, so one snapshot: the history and the metadata always agree.  One row
         # (idx -1) carries the session's fields as JSON, then one row per message.  No ORDER BY:
         # the client sorts the rows (already nearly in order: timsort's best case), which costs
@@ -521,19 +552,21 @@ SELECT -1 AS idx, NULL::text, json_build_array(
     x.created_at, x.updated_at, x.llm_model, x.system_prompt, x.title, x.summary, x.message_count,
     (SELECT coalesce(json_agg(json_build_object('at', u.at, 'start', u.start, 'messages', u.messages)
                               ORDER BY u.seq), '[]'::json)
-     FROM {s}.undone u WHERE u.session_id = x.id))::text, 0
+     FROM {s}.undone u WHERE u.session_id = x.id))::text, 0, NULL::text
 FROM x
 UNION ALL
-SELECT m.idx, m.role, m.content, m.content_is_json::int * {_AS_JSON} + m.interrupted::int * {_INTERRUPTED}
+SELECT m.idx, m.role, m.content, m.content_is_json::int * {_AS_JSON} + m.interrupted::int * {_INTERRUPTED},
+       m.extra::text
 FROM {s}.messages m WHERE m.session_id = %(id)s"""
         # undo/retry: the session row locked (fencing and the counts checked with it held).
         self.lock_session = (f"SELECT holder, lease_gen, message_count, (SELECT coalesce(max(u.seq), 0) FROM "
                              f"{s}.undone u WHERE u.session_id = x.id) FROM {s}.sessions x WHERE id = %s FOR UPDATE")
         self.insert_messages = (
-            f"INSERT INTO {s}.messages (session_id, idx, role, content, content_is_json, interrupted) "
-            "SELECT %(id)s, %(base)s::int + t.ord::int - 1, t.role, t.content, t.as_json, t.interrupted "
-            "FROM unnest(%(roles)s::text[], %(contents)s::text[], %(as_json)s::bool[], %(interrupted)s::bool[]) "
-            "WITH ORDINALITY AS t(role, content, as_json, interrupted, ord)")
+            f"INSERT INTO {s}.messages (session_id, idx, role, content, content_is_json, interrupted, extra) "
+            "SELECT %(id)s, %(base)s::int + t.ord::int - 1, t.role, t.content, t.as_json, t.interrupted, t.extra "
+            "FROM unnest(%(roles)s::text[], %(contents)s::text[], %(as_json)s::bool[], %(interrupted)s::bool[], "
+            "%(extra)s::text[]::json[]) "
+            "WITH ORDINALITY AS t(role, content, as_json, interrupted, extra, ord)")
         self.withdraw = (f"INSERT INTO {s}.undone (session_id, seq, at, start, messages) "
                          f"SELECT %(id)s, %(seq)s, %(at)s, %(start)s, "
                          f"('[' || coalesce(string_agg({self.message_json}, ',' ORDER BY m.idx), '') || ']')::json "
@@ -602,10 +635,12 @@ ORDER BY h.updated_ts DESC, h.id DESC, h.idx
 LIMIT %(limit)s"""
 
 
-def _odd_message(role: str, content: str, flags: int) -> MessageDict:
+def _odd_message(role: str, content: str, flags: int, extra: str | None) -> MessageDict:
     m: MessageDict = {"role": role, "content": json.loads(content) if flags & _AS_JSON else content}
     if flags & _INTERRUPTED:
         m["interrupted"] = True
+    if extra is not None:
+        m.update(json.loads(extra))  # type: ignore[typeddict-item]
     return m
 
 
@@ -620,8 +655,9 @@ def parse_load(session_id: str, rows: list[tuple[Any, ...]]) -> SessionRecord | 
         created_at, updated_at, llm_model, system_prompt, title, summary, count, undone = fields
         # Most messages are plain {role, content}: built in one comprehension, the rest aside.
         messages: list[MessageDict] = [
-            {"role": role, "content": content} if not flags else _odd_message(role, content, flags)
-            for _, role, content, flags in rows[1:]
+            {"role": role, "content": content} if not flags and extra is None
+            else _odd_message(role, content, flags, extra)
+            for _, role, content, flags, extra in rows[1:]
         ]
         record = SessionRecord(session_id=session_id, llm_model=llm_model, created_at=created_at,
                                updated_at=updated_at or created_at, messages=messages, system_prompt=system_prompt,

@@ -21,6 +21,10 @@ Version 4 adds ``title`` (optional: the session's name, one line) and ``undone``
 ``undo()`` and ``retry()`` withdrew from the history, oldest first, each
 ``{"at": <time>, "start": <index it was withdrawn from>, "messages": [...]}``): an undo is never a
 silent rewrite, the file says what left the history and when.
+Version 5 adds tool calls: an assistant message may carry ``"tool_calls": [{"id", "type":
+"function", "function": {"name", "arguments": {...}}}]`` (its content may be ""), and a message
+with ``"role": "tool"`` carries ``tool_call_id``, ``name`` and ``content`` (the result, or the
+error text).  ``turns`` counts the user's turns: a turn with three tool calls is one turn.
 
 Files without ``schema_version`` (written by the seed's own implementation) are version 0 and
 are upgraded on load by the steps in ``MIGRATIONS``.  Turns completed since the last snapshot
@@ -54,6 +58,8 @@ __all__ = [
     "SessionFileDict",
     "SessionRecord",
     "SummaryDict",
+    "ToolCallDict",
+    "ToolFunctionDict",
     "UndoneDict",
     "check_text",
     "clean_title",
@@ -63,19 +69,36 @@ __all__ = [
     "parse_journal_line",
     "validate_messages",
     "validate_summary",
+    "validate_tool_calls",
     "validate_undone",
 ]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 TITLE_MAX_CHARS = 200
-ROLES = frozenset({"system", "user", "assistant"})
+ROLES = frozenset({"system", "user", "assistant", "tool"})
 UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class ToolFunctionDict(TypedDict):
+    name: str
+    arguments: dict[str, Any]   # stored as a JSON object, never as a JSON string
+
+
+class ToolCallDict(TypedDict):
+    """One call an assistant message asks for (schema 5)."""
+
+    id: str
+    type: str                   # always "function"
+    function: ToolFunctionDict
 
 
 class MessageDict(TypedDict):
     role: str
     content: str
     interrupted: NotRequired[bool]  # assistant only; present (True) when the reply was cut short
+    tool_calls: NotRequired[list[ToolCallDict]]  # assistant only (schema 5)
+    tool_call_id: NotRequired[str]  # role "tool" only: the call this message answers
+    name: NotRequired[str]          # role "tool" only: the tool's name
 
 
 class SummaryDict(TypedDict):
@@ -161,8 +184,9 @@ def clean_title(title: object) -> str | None:
 
 
 def count_turns(messages: list[MessageDict]) -> int:
-    """A turn is one completed exchange, so it is counted by the assistant's replies."""
-    return sum(1 for m in messages if m["role"] == "assistant")
+    """A turn is one exchange started by the user, so it is counted by the user's messages (a
+    turn with tool calls holds several assistant messages; before schema 5 both counts agree)."""
+    return sum(1 for m in messages if m["role"] == "user")
 
 
 def is_utf8_text(text: str) -> bool:
@@ -220,7 +244,44 @@ def validate_messages(value: Any, *, where: str = "conversation_history") -> lis
         msg: MessageDict = {"role": role, "content": content}
         if interrupted and role == "assistant":
             msg["interrupted"] = True
+        if role == "assistant" and m.get("tool_calls") is not None:
+            calls = validate_tool_calls(m["tool_calls"], f"{where}[{i}].tool_calls")
+            if calls:
+                msg["tool_calls"] = calls
+        elif role == "tool":
+            for key in ("tool_call_id", "name"):
+                value = m.get(key)
+                if not isinstance(value, str):
+                    raise SessionFormatError(f"{where}[{i}].{key} is {type(value).__name__}, not a string")
+            msg["tool_call_id"] = m["tool_call_id"]
+            msg["name"] = m["name"]
         out.append(msg)  # any other key is dropped: it is not part of the format
+    return out
+
+
+def validate_tool_calls(value: Any, where: str = "tool_calls") -> list[ToolCallDict]:
+    """An assistant message's ``tool_calls`` (schema 5), or ``SessionFormatError``.  Arguments
+    written as a JSON string (as the OpenAI API sends them) are read as the object they hold."""
+    if not isinstance(value, list):
+        raise SessionFormatError(f"{where} is {type(value).__name__}, not a list")
+    out: list[ToolCallDict] = []
+    for i, call in enumerate(value):
+        if not isinstance(call, dict):
+            raise SessionFormatError(f"{where}[{i}] is {type(call).__name__}, not an object")
+        call_id, fn = call.get("id"), call.get("function")
+        if not isinstance(call_id, str) or not call_id:
+            raise SessionFormatError(f"{where}[{i}].id is {call_id!r}, not a call id")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise SessionFormatError(f"{where}[{i}].function has no name")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except (ValueError, RecursionError):
+                raise SessionFormatError(f"{where}[{i}].function.arguments is not JSON") from None
+        if not isinstance(args, dict):
+            raise SessionFormatError(f"{where}[{i}].function.arguments is {type(args).__name__}, not an object")
+        out.append({"id": call_id, "type": "function", "function": {"name": fn["name"], "arguments": args}})
     return out
 
 
@@ -270,11 +331,21 @@ def _v4_title_undone(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _v5_tool_calls(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 5: assistant messages may carry ``tool_calls``, and ``"role": "tool"`` messages
+    answer them; ``turns`` counts the user's messages.  Nothing in a version 4 file changes
+    (without tool calls, the user's and the assistant's messages come in pairs)."""
+    data = dict(data)
+    data["schema_version"] = 5
+    return data
+
+
 MIGRATIONS: list[tuple[int, Callable[[dict[str, Any]], dict[str, Any]]]] = [
     (1, _v1_from_seed),
     (2, _v2_system_prompt),
     (3, _v3_summary),
     (4, _v4_title_undone),
+    (5, _v5_tool_calls),
 ]
 
 
