@@ -640,7 +640,7 @@ def _odd_message(role: str, content: str, flags: int, extra: str | None) -> Mess
     if flags & _INTERRUPTED:
         m["interrupted"] = True
     if extra is not None:
-        m.update(json.loads(extra))  # type: ignore[typeddict-item]
+        m.update(json.loads(extra))
     return m
 
 
