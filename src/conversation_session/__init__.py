@@ -22,12 +22,13 @@ from ._exceptions import (
 from ._logging import setup_logger
 from ._result import ChatResult
 from ._version import __version__
-from .backends import Backend, CancelToken, FakeBackend, GenerationRequest, HttpTimeouts, Usage
+from .backends import Backend, CancelToken, FakeBackend, GenerationRequest, HttpTimeouts, ToolCall, ToolCalls, Usage
 from .session._aio import AsyncConversationSession
 from .session._sync import ConversationSession
 from .session._turn import AsyncTurn, Turn
 from .stores import SESSIONS_DIR_ENV, STORE_ENV, HistoryStore, SessionInfo, SessionWriterAPI, StoreAPI
 from .stores._record import SCHEMA_VERSION, MessageDict, SessionFileDict, SessionRecord
+from .tools import Tool, tool
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -58,10 +59,14 @@ __all__ = [
     "StoreAPI",
     "StoreUnavailableError",
     "TTSTimeoutError",
+    "Tool",
+    "ToolCall",
+    "ToolCalls",
     "Turn",
     "Usage",
     "__version__",
     "setup_logger",
+    "tool",
 ]
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["ChatResult"]
 
@@ -30,6 +31,8 @@ class ChatResult:
         heard_fraction: with ``interrupted``, the share of the generated reply that was heard.
         interrupt_to_silence_s: with ``interrupted`` and speech, seconds from the interrupt
             until the audio stopped.
+        tool_calls: the tool calls of this turn, in order: ``{"id", "name", "arguments",
+            "result" or "error", "duration_s"}`` (empty when the model called none).
     """
 
     response: str
@@ -47,6 +50,7 @@ class ChatResult:
     heard_fraction: float | None = None
     interrupt_to_silence_s: float | None = None
     durability: str | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float | None:

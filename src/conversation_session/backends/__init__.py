@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._base import Backend, CancelToken, GenerationRequest, Usage, estimate_tokens
-from ._fake import FakeBackend
+from ._base import Backend, CancelToken, GenerationRequest, ToolCall, Usage, estimate_tokens
+from ._fake import FakeBackend, ToolCalls
 from ._http import HttpTimeouts
 
 __all__ = [
@@ -24,6 +24,8 @@ __all__ = [
     "FakeBackend",
     "GenerationRequest",
     "HttpTimeouts",
+    "ToolCall",
+    "ToolCalls",
     "Usage",
     "create_backend",
     "estimate_tokens",

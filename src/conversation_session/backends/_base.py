@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,8 +26,9 @@ from typing import Any, ClassVar
 
 from .._runtime import generation_executor, shared_executor
 from ..stores._record import MessageDict
+from ..tools._tool import ToolCall
 
-__all__ = ["Backend", "CancelToken", "GenerationRequest", "Usage", "estimate_tokens"]
+__all__ = ["Backend", "CancelToken", "GenerationRequest", "ToolCall", "Usage", "estimate_tokens"]
 
 
 class CancelToken:
@@ -96,6 +98,11 @@ class GenerationRequest:
     # per-conversation state (the embedded model) serves several sessions from one model by
     # switching to this key's state; the others ignore it.
     cache_key: Any = None
+    # Tools offered to the model (their JSON schemas, as the chat APIs take them); None: none.
+    tools: list[dict[str, Any]] | None = None
+    # Set by the backend before its stream ends when the model asks for tool calls instead of
+    # (or after) text.  Calls are never yielded as text pieces, so speech never speaks them.
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 def estimate_tokens(messages: list[MessageDict]) -> int:
@@ -108,6 +115,8 @@ def estimate_tokens(messages: list[MessageDict]) -> int:
     total = 0
     for m in messages:
         text = m["content"]
+        if "tool_calls" in m:  # a call request: its name and arguments are in the prompt too
+            text += json.dumps(m["tool_calls"], ensure_ascii=False)
         ascii_chars = sum(1 for ch in text if ch < "\x80")
         total += (ascii_chars + 2) // 3 + (len(text) - ascii_chars) + 6
     return total + 3

@@ -6,6 +6,9 @@
         assert s.chat("hi").response == "Hello! How can I help?"
     assert fake.requests[0].messages[-1]["content"] == "hi"
 
+A tool call is scripted with ``ToolCalls``: ``fake.enqueue(ToolCalls([("set_light", {"on": True})]))``
+makes the next reply ask for that call (with a fresh id ``call_<hex>`` unless one is given).
+
 Without a queued reply it answers ``"Reply N: <the user's message>"``.  It models a prompt
 cache (cached tokens = the common prefix with the previous prompt, one token per word) so the
 session's cache bookkeeping can be tested without a model.
@@ -14,17 +17,29 @@ session's cache bookkeeping can be tested without a model.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
+import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 from .._exceptions import BackendError
 from ..stores._record import MessageDict
+from ..tools._tool import ToolCall
 from ._base import Backend, GenerationRequest
 
-__all__ = ["FakeBackend", "WordFakeBackend"]
+__all__ = ["FakeBackend", "ToolCalls", "WordFakeBackend"]
+
+
+class ToolCalls:
+    """A scripted reply that asks for tool calls: ``ToolCalls([("name", {args}), ...], text="")``
+    (a call may also be a ``ToolCall``); ``text`` is streamed before the calls are reported."""
+
+    def __init__(self, calls: Sequence[ToolCall | tuple[str, dict[str, Any]]], text: str = ""):
+        self.calls = [c if isinstance(c, ToolCall) else ToolCall(c[0], dict(c[1])) for c in calls]
+        self.text = text
 
 
 def _words(messages: list[MessageDict]) -> list[str]:
@@ -32,18 +47,21 @@ def _words(messages: list[MessageDict]) -> list[str]:
     for m in messages:
         out.append(f"<{m['role']}>")
         out.extend(m["content"].split())
+        if "tool_calls" in m:
+            out.extend(json.dumps(m["tool_calls"], ensure_ascii=False).split())
     return out
 
 
 class _Plan:
     """One scripted reply under way."""
 
-    __slots__ = ("key", "pieces", "produced")
+    __slots__ = ("calls", "key", "pieces", "produced")
 
-    def __init__(self, key: Any, pieces: list[str]):
+    def __init__(self, key: Any, pieces: list[str], calls: list[ToolCall] | None = None):
         self.key = key
         self.pieces = pieces
         self.produced: list[str] = []
+        self.calls = calls or []
 
 
 class FakeBackend(Backend):
@@ -67,16 +85,16 @@ class FakeBackend(Backend):
         self.model_name = model_name
         self.piece_delay = piece_delay
         self._context_length = context_length
-        self._queue: deque[list[str] | BaseException] = deque()
+        self._queue: deque[list[str] | ToolCalls | BaseException] = deque()
         self.requests: list[GenerationRequest] = []
         self.cancelled = 0
         self._cached: dict[Any, list[str]] = {}
         self._lock = threading.Lock()
 
-    def enqueue(self, reply: Iterable[str] | str | BaseException) -> None:
-        """Queue the next reply (a string, its pieces, or an exception to raise)."""
+    def enqueue(self, reply: Iterable[str] | str | ToolCalls | BaseException) -> None:
+        """Queue the next reply (a string, its pieces, ``ToolCalls``, or an exception to raise)."""
         with self._lock:
-            if isinstance(reply, BaseException):
+            if isinstance(reply, (BaseException, ToolCalls)):
                 self._queue.append(reply)
             else:
                 self._queue.append([reply] if isinstance(reply, str) else list(reply))
@@ -108,6 +126,9 @@ class FakeBackend(Backend):
                 reply = [f"Reply {len(self.requests)}: ", user]
         if isinstance(reply, BaseException):
             raise reply
+        if isinstance(reply, ToolCalls):
+            calls = [c if c.id else ToolCall(c.name, c.arguments, f"call_{uuid.uuid4().hex[:12]}") for c in reply.calls]
+            return _Plan(request.cache_key, [reply.text] if reply.text else [], calls)
         return _Plan(request.cache_key, reply)
 
     def _accept(self, request: GenerationRequest, plan: _Plan, piece: str) -> bool:
@@ -139,7 +160,8 @@ class FakeBackend(Backend):
                     break
                 yield piece
             else:
-                request.usage.finish_reason = "stop"
+                request.usage.finish_reason = "tool_calls" if plan.calls else "stop"
+                request.tool_calls = list(plan.calls)
         finally:
             request.usage.completion_tokens = len(plan.produced)
             request.usage.eval_s = 0.0
@@ -158,7 +180,8 @@ class FakeBackend(Backend):
                     break
                 yield piece
             else:
-                request.usage.finish_reason = "stop"
+                request.usage.finish_reason = "tool_calls" if plan.calls else "stop"
+                request.tool_calls = list(plan.calls)
             finished = True
         finally:
             if not finished and request.usage.finish_reason is None:

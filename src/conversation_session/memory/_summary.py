@@ -33,6 +33,7 @@ without recomputing anything.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -122,10 +123,20 @@ class SummaryState:
         return cls(text, covers, model if isinstance(model, str) else "")
 
 
+def _line(m: MessageDict) -> str:
+    """One message of the summary's input; tool calls and results read as what was done."""
+    if m["role"] == "tool":
+        return f"tool {m.get('name', '')} returned: {m['content']}"
+    calls = "; ".join(f"{c['function']['name']}({json.dumps(c['function']['arguments'], ensure_ascii=False)})"
+                      for c in m.get("tool_calls", []))
+    text = m["content"]
+    return f"{m['role']}: {text}{' ' if text and calls else ''}{'[called ' + calls + ']' if calls else ''}"
+
+
 def summary_prompt(previous: str | None, messages: list[MessageDict]) -> list[MessageDict]:
     """The request that folds ``messages`` into ``previous``: facts first (names, preferences,
     decisions, open questions), short, in the conversation's language."""
-    lines = [f"{m['role']}: {m['content']}" for m in messages]
+    lines = [_line(m) for m in messages]
     parts = []
     if previous:
         parts.append(f"Summary so far:\n{previous}\n")
@@ -236,7 +247,7 @@ class SummaryPolicy(TrimPolicy):
             if self._sent_tokens_from(history, start, new_fixed, budget) is None:
                 start = max(start, self._cut_for(history, new_fixed, budget - n_ctx // 4))
             if start < len(history):
-                dropped = sum(1 for m in history[self.start:start] if m["role"] == "assistant")
+                dropped = sum(1 for m in history[self.start:start] if m["role"] == "user")
                 self._adopt(ready, start)
                 return Fit(self.start, dropped)
             self._ready = None  # the summary alone leaves no room: trim, and fold again later

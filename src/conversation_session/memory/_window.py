@@ -152,7 +152,7 @@ class TrimPolicy:
             # guards against template effects between messages.  Proportional to the prompt.
             while start < len(history) and self._full_count([*system, *history[start:], user]) > budget:
                 start = self._next_turn(history, start + 1)
-        dropped = sum(1 for m in history[self.start:start] if m["role"] == "assistant") if start > self.start else 0
+        dropped = sum(1 for m in history[self.start:start] if m["role"] == "user") if start > self.start else 0
         if dropped:
             logger.warning("context window (%d tokens) full: %d oldest turn(s) left out of the prompt "
                            "(still in the history and the file)", n_ctx, dropped)

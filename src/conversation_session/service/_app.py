@@ -141,7 +141,7 @@ async def get_session(request: Request) -> Response:
         "system_prompt": record.system_prompt, "store_session_id": entry.get("store_id"),
         "memory": st.config.memory,
         "summary": record.summary["text"] if record.summary else None,
-        "summarized_turns": sum(1 for m in record.messages[:record.summary["covers"]] if m["role"] == "assistant")
+        "summarized_turns": sum(1 for m in record.messages[:record.summary["covers"]] if m["role"] == "user")
         if record.summary else 0,
         "history": record.messages,
     })

@@ -19,7 +19,7 @@ import asyncio
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,7 +30,7 @@ from ..backends import Backend
 from ..stores import validate_session_id
 from ..stores._api import StoreAPI
 from ._core import SessionCore, SessionView
-from ._limits import DEFAULT_TIMEOUT_S
+from ._limits import DEFAULT_TIMEOUT_S, DEFAULT_TOOL_ROUNDS
 from ._turn import AsyncTurn, _TurnSteps
 
 __all__ = ["AsyncConversationSession"]
@@ -60,7 +60,8 @@ class AsyncConversationSession(SessionView):
                  persist_kv_cache: bool = True, kv_cache_max_bytes: int = 1 << 30,
                  tts_output_dir: str | os.PathLike[str] | None = None, tts_options: dict[str, Any] | None = None,
                  store: StoreAPI | str | None = None, memory: str = "trim",
-                 summarizer: Backend | None = None, durability: str | None = None):
+                 summarizer: Backend | None = None, durability: str | None = None,
+                 tools: Sequence[Callable[..., Any]] | None = None, max_tool_rounds: int = DEFAULT_TOOL_ROUNDS):
         # Construction touches the store once (a new session's id); for a folder that is a
         # few microseconds, so it is done here rather than forcing an awaitable constructor.
         self._core = SessionCore(
@@ -69,7 +70,8 @@ class AsyncConversationSession(SessionView):
             max_tokens=max_tokens, temperature=temperature, backend_options=backend_options,
             persist_kv_cache=persist_kv_cache, kv_cache_max_bytes=kv_cache_max_bytes,
             tts_output_dir=tts_output_dir, tts_options=tts_options, store=store,
-            memory=memory, summarizer=summarizer, durability=durability,
+            memory=memory, summarizer=summarizer, durability=durability, tools=tools,
+            max_tool_rounds=max_tool_rounds,
         )
         self._lock: asyncio.Lock | None = None   # made on first use, inside the running loop
         self._turn_task: asyncio.Task[Any] | None = None
@@ -121,21 +123,25 @@ class AsyncConversationSession(SessionView):
         self._core.set_system_prompt(value)
 
     # -- the turn ---------------------------------------------------------------------------
-    def stream(self, text: str, *, on_token: Callable[[str], None] | None = None) -> AsyncTurn:
+    def stream(self, text: str, *, on_token: Callable[[str], None] | None = None,
+               tools: Sequence[Callable[..., Any]] | None = None, max_tool_rounds: int | None = None) -> AsyncTurn:
         """A turn to stream: ``async with s.stream(text) as turn: async for piece in turn``.
 
         The session takes the turn when the turn starts (``async with`` or the first
         iteration) and holds it until the turn ends; concurrent calls wait their turn.
         """
-        return self._start(text, on_token, retry=False)
+        return self._start(text, on_token, retry=False, tools=tools, max_tool_rounds=max_tool_rounds)
 
     def stream_retry(self, *, on_token: Callable[[str], None] | None = None) -> AsyncTurn:
         """Ask the last user message again; the completed reply replaces the last one (see
         ``ConversationSession.stream_retry``)."""
         return self._start("", on_token, retry=True)
 
-    def _start(self, text: str, on_token: Callable[[str], None] | None, *, retry: bool) -> AsyncTurn:
+    def _start(self, text: str, on_token: Callable[[str], None] | None, *, retry: bool, tools: Any = None,
+               max_tool_rounds: int | None = None) -> AsyncTurn:
         core = self._core
+        if tools is not None or max_tool_rounds is not None:
+            _TurnSteps.check_tools(core, tools, max_tool_rounds)
         core.check_can_chat(text)
 
         async def begin() -> _TurnSteps:
@@ -162,7 +168,8 @@ class AsyncConversationSession(SessionView):
                     else:
                         loop.call_soon_threadsafe(free)
 
-                return _TurnSteps(core, text, on_token, release, retry=retry)
+                return _TurnSteps(core, text, on_token, release, retry=retry, tools=tools,
+                                   max_tool_rounds=max_tool_rounds)
             except BaseException:
                 self._turn_task = None
                 lock.release()
@@ -179,10 +186,18 @@ class AsyncConversationSession(SessionView):
             return await self._off_loop(functools.partial(steps.complete, **how))
         return steps.complete(**how)
 
-    async def chat(self, text: str, *, on_token: Callable[[str], None] | None = None) -> ChatResult:
+    async def _step(self, fn: Callable[..., T], *args: Any) -> T:
+        """A durable step of a tool-using turn (see ``_complete``: inline for a file journal)."""
+        if getattr(self._core.store, "blocking_appends", False):
+            return await self._off_loop(fn, *args)
+        return fn(*args)
+
+    async def chat(self, text: str, *, on_token: Callable[[str], None] | None = None,
+                   tools: Sequence[Callable[..., Any]] | None = None,
+                   max_tool_rounds: int | None = None) -> ChatResult:
         """Send ``text``; the completed reply, saved before this returns.  Raises what
         ``ConversationSession.chat`` raises; a cancelled task keeps nothing of the turn."""
-        turn = self.stream(text, on_token=on_token)
+        turn = self.stream(text, on_token=on_token, tools=tools, max_tool_rounds=max_tool_rounds)
         async with turn:
             return await turn.result()
 

@@ -12,6 +12,9 @@ Three outcomes of a turn, and what each leaves in the history:
 * interrupted (barge-in): the reply cut to what the user heard, marked ``interrupted``
   (see ``_turn.py``).
 
+A turn that calls tools is committed in steps (``continued``): the user message with the call
+request, then each result, then the reply; what was recorded stays whatever ends the turn.
+
 A retry is a turn that replaces the last one: it is planned without the last turn, and its
 commit withdraws that turn (which the store records as undone) and appends the new one.
 """
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from .._exceptions import SessionError
 from ..backends import Usage
 from ..memory._window import Fit, WindowPolicy
-from ..stores._record import MessageDict
+from ..stores._record import MessageDict, count_turns
 
 __all__ = ["Conversation", "Figures", "Plan"]
 
@@ -67,17 +70,17 @@ class Conversation:
     stateless: bool = False     # enable_cache=False: each prompt carries only its own message
     messages: list[MessageDict] = field(default_factory=list)
     figures: Figures = field(default_factory=Figures)
-    turns: int = 0              # assistant replies; kept incrementally (never recounted per turn)
+    turns: int = 0              # the user's messages; kept incrementally (never recounted per turn)
     trimmed_turns: int = 0
 
     def __post_init__(self) -> None:
-        self.turns = sum(1 for m in self.messages if m["role"] == "assistant")
+        self.turns = count_turns(self.messages)
 
     def replace(self, messages: list[MessageDict], system_prompt: str | None) -> None:
         """Another conversation from now on (resume, clear): its own window and figures."""
         self.messages = messages
         self.system_prompt = system_prompt
-        self.turns = sum(1 for m in messages if m["role"] == "assistant")
+        self.turns = count_turns(messages)
         self.trimmed_turns = 0
         self.figures = Figures()
         self.policy.reset()
@@ -87,7 +90,8 @@ class Conversation:
 
     def last_turn_start(self) -> int | None:
         """Where the last complete turn (its user message) begins, or None if there is none."""
-        if self.stateless or not self.messages or self.messages[-1]["role"] != "assistant":
+        # A tool-using turn stopped after its calls ends with results, not a reply: still a turn.
+        if self.stateless or not self.messages or self.messages[-1]["role"] == "user":
             return None
         i = len(self.messages) - 1
         while i >= 0 and self.messages[i]["role"] != "user":
@@ -99,7 +103,7 @@ class Conversation:
         store has recorded it)."""
         del self.messages[n:]
         self.messages.extend(new or [])
-        self.turns = sum(1 for m in self.messages if m["role"] == "assistant")
+        self.turns = count_turns(self.messages)
         self.policy.truncated(n)
 
     def plan_retry(self) -> Plan:
@@ -119,8 +123,9 @@ class Conversation:
         fit: Fit = self.policy.fit(history, system, user)
         self.trimmed_turns += fit.dropped_now  # the start only moves forward: count incrementally
         prefix = self.policy.prefix(system)  # after fit: a compaction may have changed it
-        # Backends get plain {role, content}: a marker such as "interrupted" is for the file.
-        sent: list[MessageDict] = [m if len(m) == 2 else {"role": m["role"], "content": m["content"]}
+        # Backends get no "interrupted": that marker is for the file (tool fields they need).
+        sent: list[MessageDict] = [m if "interrupted" not in m else  # type: ignore[misc]
+                                   {k: v for k, v in m.items() if k != "interrupted"}
                                    for m in history[fit.start:]]
         return Plan(user, [*prefix, *sent, user], fit.start, self.trimmed_turns)
 
@@ -129,10 +134,19 @@ class Conversation:
         plan = self.plan("…")
         return plan.prompt[:-1]
 
-    def commit(self, plan: Plan, reply: MessageDict) -> tuple[int, list[MessageDict]]:
-        """Append a completed (or interrupted) turn; returns (start index, messages) to journal.
-        A retry's plan first withdraws the turn it replaces (its store write must be done)."""
-        new = [plan.user, reply]
+    def commit(self, plan: Plan, reply: MessageDict | list[MessageDict], *,
+               continued: bool = False) -> tuple[int, list[MessageDict]]:
+        """Append a completed (or interrupted) turn, or a step of a tool-using one (``reply``: a
+        list); returns (start index, messages) to journal.  ``continued``: the turn's user
+        message is already in (a later step).  A retry's plan first withdraws the turn it
+        replaces (its store write must be done)."""
+        after = reply if isinstance(reply, list) else [reply]
+        if continued:
+            start = len(self.messages)
+            if not self.stateless:
+                self.messages.extend(after)
+            return start, after
+        new = [plan.user, *after]
         if plan.replaces is not None:
             self.rewind(plan.replaces, new)
             return plan.replaces, new

@@ -31,8 +31,9 @@ from ..stores import open_store, validate_session_id
 from ..stores._api import SessionWriterAPI, StoreAPI
 from ..stores._durability import resolve_durability
 from ..stores._record import MessageDict, SessionRecord, clean_title, is_utf8_text
+from ..tools import UNKNOWN_OUTCOME, as_tools, orphan_calls, result_message
 from ._conversation import Conversation, Plan
-from ._limits import SUMMARY_TIMEOUT_S, check_max_tokens, check_timeout
+from ._limits import DEFAULT_TOOL_ROUNDS, SUMMARY_TIMEOUT_S, check_max_tokens, check_timeout, check_tool_rounds
 
 __all__ = ["SessionCore", "SessionView", "core_setting"]
 
@@ -50,9 +51,12 @@ class SessionCore:
                  temperature: float, backend_options: dict[str, Any] | None, persist_kv_cache: bool,
                  kv_cache_max_bytes: int, tts_output_dir: str | os.PathLike[str] | None,
                  tts_options: dict[str, Any] | None, store: StoreAPI | str | None,
-                 memory: str = "trim", summarizer: Backend | None = None, durability: str | None = None):
+                 memory: str = "trim", summarizer: Backend | None = None, durability: str | None = None,
+                 tools: Any = None, max_tool_rounds: int = DEFAULT_TOOL_ROUNDS):
         self.enable_cache = enable_cache
         requested_durability = None if durability is None else resolve_durability(durability)
+        self.tools = as_tools(tools)
+        self.max_tool_rounds = check_tool_rounds(max_tool_rounds)
         self.timeout = check_timeout(timeout)
         self.tts_wait_timeout = check_timeout(tts_wait_timeout, "tts_wait_timeout")
         self.max_tokens = check_max_tokens(max_tokens)
@@ -208,27 +212,48 @@ class SessionCore:
         self._pending_meta = meta
 
     # -- the turn's commit ---------------------------------------------------------------
-    def commit(self, plan: Plan, reply: MessageDict) -> bool:
+    def commit(self, plan: Plan, reply: MessageDict | list[MessageDict], *, continued: bool = False,
+               before: list[MessageDict] | None = None) -> bool:
         """Append a completed turn to the conversation and journal it; True if durable.
 
-        A retry (``plan.replaces``) is all or nothing: its one store write withdraws the old turn
-        and appends the new one; if the store cannot take it, the previous reply stays."""
-        if plan.replaces is not None:
-            if not self._record_rewind(plan.replaces, [plan.user, reply]):
+        A tool-using turn is committed in steps: ``reply`` a list (the call request, a result),
+        ``continued`` once the turn's first step is in; ``before``: the turn's messages already
+        committed (for the KV file of the completed turn).  A retry (``plan.replaces``) is all or
+        nothing: its first store write withdraws the old turn and appends the new one; if the
+        store cannot take it, the previous reply stays."""
+        after = reply if isinstance(reply, list) else [reply]
+        if plan.replaces is not None and not continued:
+            if not self._record_rewind(plan.replaces, [plan.user, *after]):
                 logger.warning("the new reply of session %s could not be saved (%s); the previous reply stays",
                                self.session_id, getattr(self.writer, "last_error", None))
                 return False
             self.conversation.commit(plan, reply)
             saved = self.enable_cache and self.writer is not None
         else:
-            start, new = self.conversation.commit(plan, reply)
+            start, new = self.conversation.commit(plan, reply, continued=continued)
             if not self.enable_cache or self.writer is None:
                 return False
             saved = self._append(start, new)
-        if self.persist_kv_cache:
+        if self.persist_kv_cache and not isinstance(reply, list):
             seq = self.turn_seq
-            self.kv.schedule([*plan.prompt, reply], lambda: self.turn_seq == seq)
+            self.kv.schedule([*plan.prompt, *(before or []), reply], lambda: self.turn_seq == seq)
         return saved
+
+    def repair_orphans(self) -> None:
+        """Give each call left without a result (a process stopped while it ran) the result
+        ``UNKNOWN_OUTCOME``, recorded (in memory only for a read-only view): the history then
+        has no orphan call, and the call is never run again."""
+        orphans = orphan_calls(self.conversation.messages)
+        if not orphans:
+            return
+        results = [result_message(c, UNKNOWN_OUTCOME) for c in orphans]
+        logger.warning("session %s: %d tool call(s) had no result (the process stopped while they ran); "
+                       "recorded as of unknown outcome: %s", self.session_id, len(orphans),
+                       ", ".join(c["function"]["name"] for c in orphans))
+        start = len(self.conversation.messages)
+        self.conversation.messages.extend(results)
+        if self.read_only is None and self.enable_cache and self.writer is not None:
+            self._append(start, results)
 
     def _append(self, start: int, new: list[MessageDict]) -> bool:
         assert self.writer is not None
@@ -506,6 +531,7 @@ class SessionCore:
 
     def resumed(self, writer: SessionWriterAPI, record: SessionRecord, t0: float) -> None:
         self.adopt(writer, record)
+        self.repair_orphans()
         self.start_warmup()
         logger.info("resumed %s: %d turns, %d messages in %.1f ms", record.session_id, record.turns,
                     len(record.messages), (time.perf_counter() - t0) * 1000)
@@ -515,6 +541,7 @@ class SessionCore:
 
     def viewed(self, record: SessionRecord) -> bool:
         self.adopt(None, record, read_only=True)
+        self.repair_orphans()
         self._stateless_id = record.session_id
         logger.info("opened %s read-only: %d turns", record.session_id, record.turns)
         return bool(self.conversation.messages)
@@ -587,7 +614,7 @@ class SessionCore:
         if not isinstance(self.policy, SummaryPolicy) or self.policy.state is None:
             return 0
         covers = self.policy.state.covers
-        return sum(1 for m in self.conversation.messages[:covers] if m["role"] == "assistant")
+        return sum(1 for m in self.conversation.messages[:covers] if m["role"] == "user")
 
     def stats(self) -> dict[str, Any]:
         last = self.last
@@ -624,7 +651,7 @@ class SessionCore:
             text = self.policy.summary_text()
             stats["summarized_turns"] = summarized
             stats["verbatim_turns"] = self.conversation.turns - sum(
-                1 for m in self.conversation.messages[:self.policy.start] if m["role"] == "assistant")
+                1 for m in self.conversation.messages[:self.policy.start] if m["role"] == "user")
             stats["summary_tokens"] = self.backend.count_tokens([{"role": "system", "content": text}]) if text else 0
             stats["compactions"] = self.policy.compactions
             stats["summary_error"] = self.policy.last_error
@@ -705,6 +732,11 @@ class SessionView:
     @property
     def turns(self) -> int:
         return self._core.conversation.turns
+
+    @property
+    def tools(self) -> list[Any]:
+        """The session's tools (``Tool`` objects), offered to the model on every turn."""
+        return list(self._core.tools.values())
 
     @property
     def title(self) -> str | None:

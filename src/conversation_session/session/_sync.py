@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from ..backends import Backend
 from ..stores import validate_session_id
 from ..stores._api import StoreAPI
 from ._core import SessionCore, SessionView, core_setting
-from ._limits import DEFAULT_TIMEOUT_S, check_max_tokens, check_timeout
+from ._limits import DEFAULT_TIMEOUT_S, DEFAULT_TOOL_ROUNDS, check_max_tokens, check_timeout
 from ._turn import Turn, _TurnSteps
 
 __all__ = ["ConversationSession"]
@@ -75,6 +75,11 @@ class ConversationSession(SessionView):
             process dying) or ``"power"`` (the machine losing power too: its journal line is
             flushed to the disk first); default ``$CONVERSATION_SESSION_DURABILITY``, else the
             store's level, else ``"power"`` (docs/durability.md).
+        tools: functions the model may call (plain functions with type hints and a docstring,
+            or ``tool(...)``-wrapped); see docs/tools.md.  Each call is recorded before it runs
+            and its result before the model sees it; a recorded call is never run again.
+        max_tool_rounds: rounds of tool calls a turn may make; at the bound the model is asked
+            once more without tools, so the user still gets an answer.
 
     Raises:
         BackendError: the backend cannot be set up (model file missing, ...).
@@ -104,6 +109,8 @@ class ConversationSession(SessionView):
         memory: str = "trim",
         summarizer: Backend | None = None,
         durability: str | None = None,
+        tools: Sequence[Callable[..., Any]] | None = None,
+        max_tool_rounds: int = DEFAULT_TOOL_ROUNDS,
     ):
         self._core = SessionCore(
             llm_model, backend=backend, base_url=base_url, enable_cache=enable_cache, timeout=timeout,
@@ -111,7 +118,8 @@ class ConversationSession(SessionView):
             max_tokens=max_tokens, temperature=temperature, backend_options=backend_options,
             persist_kv_cache=persist_kv_cache, kv_cache_max_bytes=kv_cache_max_bytes,
             tts_output_dir=tts_output_dir, tts_options=tts_options, store=store,
-            memory=memory, summarizer=summarizer, durability=durability,
+            memory=memory, summarizer=summarizer, durability=durability, tools=tools,
+            max_tool_rounds=max_tool_rounds,
         )
         self._lock = threading.Lock()        # guards the session's state; never held across a turn
         self._turn_free = threading.Condition(self._lock)
@@ -170,14 +178,15 @@ class ConversationSession(SessionView):
             yield
 
     # -- the turn ------------------------------------------------------------------------
-    def stream(self, text: str, *, on_token: Callable[[str], None] | None = None) -> Turn:
+    def stream(self, text: str, *, on_token: Callable[[str], None] | None = None,
+               tools: Sequence[Callable[..., Any]] | None = None, max_tool_rounds: int | None = None) -> Turn:
         """Start a turn and return it: iterate it for the reply's pieces, then ``result()``.
 
         The session is busy until the turn ends (iterated to the end, ``cancel()``ed, or closed
         by its ``with`` block); other threads' calls wait for it.  An empty message sends
         nothing and completes at once with no new turn.
         """
-        return self._start(text, on_token, retry=False)
+        return self._start(text, on_token, retry=False, tools=tools, max_tool_rounds=max_tool_rounds)
 
     def stream_retry(self, *, on_token: Callable[[str], None] | None = None) -> Turn:
         """Ask the last user message again: a turn (as ``stream()``) whose completed reply
@@ -186,8 +195,11 @@ class ConversationSession(SessionView):
         result says ``saved=False``.  ``SessionError`` if there is no reply to retry."""
         return self._start("", on_token, retry=True)
 
-    def _start(self, text: str, on_token: Callable[[str], None] | None, *, retry: bool) -> Turn:
+    def _start(self, text: str, on_token: Callable[[str], None] | None, *, retry: bool, tools: Any = None,
+               max_tool_rounds: int | None = None) -> Turn:
         core = self._core
+        if tools is not None or max_tool_rounds is not None:
+            _TurnSteps.check_tools(core, tools, max_tool_rounds)  # bad tools: an error before the turn starts
         core.check_can_chat(text)
         me = threading.get_ident()
         self._end_own_turn("cannot start a turn from inside on_token: the turn is still running; "
@@ -206,7 +218,8 @@ class ConversationSession(SessionView):
                     self._turn_free.notify_all()
 
         try:
-            steps = _TurnSteps(core, text, on_token, release, retry=retry)
+            steps = _TurnSteps(core, text, on_token, release, retry=retry, tools=tools,
+                                   max_tool_rounds=max_tool_rounds)
         except BaseException:
             release()
             raise
@@ -232,13 +245,16 @@ class ConversationSession(SessionView):
             raise SessionError("this thread's previous turn is still open; end it first (iterate it to the end, "
                                "or call its result(), interrupt() or cancel())")
 
-    def chat(self, text: str, *, on_token: Callable[[str], None] | None = None) -> ChatResult:
+    def chat(self, text: str, *, on_token: Callable[[str], None] | None = None,
+             tools: Sequence[Callable[..., Any]] | None = None, max_tool_rounds: int | None = None) -> ChatResult:
         """Send ``text`` and return the completed reply; the turn is saved before returning.
 
         Args:
             text: the user's message.  An empty or blank one sends nothing and returns a result
                 with no new turn (``finish_reason="empty"``).
             on_token: called with each streamed piece of the reply, as it arrives.
+            tools: more tools for this call only, offered beside the session's.
+            max_tool_rounds: this call's bound on rounds of tool calls (default: the session's).
 
         Raises:
             SessionTimeoutError: the turn took longer than ``timeout``; nothing of it is kept,
@@ -248,7 +264,7 @@ class ConversationSession(SessionView):
             BackendError: the backend failed (server down, model missing, ...).
             SessionError: the session is closed, read-only, or called from inside ``on_token``.
         """
-        return self._run(self.stream(text, on_token=on_token))
+        return self._run(self.stream(text, on_token=on_token, tools=tools, max_tool_rounds=max_tool_rounds))
 
     def retry(self, *, on_token: Callable[[str], None] | None = None) -> ChatResult:
         """Regenerate the reply to the last user message (see ``stream_retry()``); raises what

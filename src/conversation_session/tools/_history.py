@@ -1,0 +1,44 @@
+"""What the history holds of tool calls, and the repair of a call left without a result.
+
+A call is recorded (the assistant message that asks for it) before it runs, and its result
+after.  A process killed between the two leaves a call without a result: on load it gets one,
+``UNKNOWN_OUTCOME``, so the history has no orphan call (every chat API refuses a request with
+one) and the call is never run again by the library.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..stores._record import MessageDict, ToolCallDict
+
+__all__ = ["UNKNOWN_OUTCOME", "orphan_calls", "result_message"]
+
+logger = logging.getLogger("conversation_session")
+
+UNKNOWN_OUTCOME = ("error: the outcome of this call is unknown (the process stopped while it ran); "
+                   "it may or may not have run")
+
+
+def result_message(call: ToolCallDict, content: str) -> MessageDict:
+    return {"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"], "content": content}
+
+
+def orphan_calls(messages: list[MessageDict]) -> list[ToolCallDict]:
+    """The calls of the history's last call request that have no result, when only results
+    follow it (where a stopped process leaves them: results can be appended there).  An orphan
+    anywhere else (a hand-edited file) is logged, not repaired."""
+    answered = {m.get("tool_call_id") for m in messages if m["role"] == "tool"}
+    last: list[ToolCallDict] = []
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if m["role"] == "tool":
+            continue
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            last = [c for c in m.get("tool_calls", []) if c["id"] not in answered]
+        break
+    elsewhere = sum(1 for m in messages if m["role"] == "assistant"
+                    for c in m.get("tool_calls", []) if c["id"] not in answered) - len(last)
+    if elsewhere:
+        logger.warning("%d tool call(s) in the middle of the history have no result; left as they are", elsewhere)
+    return last
