@@ -15,6 +15,10 @@ between words.  Every request is recorded, including whether the client went awa
 (a write fails) and how many words were sent before that, so a test can check that a
 cancelled turn really stopped the generation.
 
+Tool calls: a request that offers ``tools`` while ``tool_script`` holds replies gets the next
+one: a list of ``(name, arguments)`` sent as one chunk's ``message.tool_calls`` (without ids,
+as Ollama sends them), then the final chunk.
+
 Knobs for tests: ``prompt_delay`` (seconds before the first chunk, as Ollama loading a model or
 computing a long prompt; like Ollama it sends no headers meanwhile and gives up when the client
 disconnects), and ``fault``: ``"http500"``, ``"malformed"`` (a line that is not JSON mid-stream) or
@@ -69,6 +73,7 @@ class OllamaAPIServer(LoopbackServer[ChatRecord]):
         self.context_length = context_length
         self.prompt_delay = 0.0
         self.fault: str | None = None
+        self.tool_script: list[list[tuple[str, dict[str, Any]]]] = []
         self.requests: list[tuple[str, str]] = []
         self._cache: list[str] = []
 
@@ -218,10 +223,21 @@ class _Handler(JSONHandler):
             record.words_sent, record.finished, record.done_at = len(words), True, time.monotonic()
             self.send_json(200, final)
             return
+        calls = srv.tool_script.pop(0) if body.get("tools") and srv.tool_script else None
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        if calls is not None:
+            self._chunk({"model": model, "created_at": created, "done": False, "message": {
+                "role": "assistant", "content": "",
+                "tool_calls": [{"function": {"name": n, "arguments": a}} for n, a in calls]}})
+            final["eval_count"] = len(calls)
+            self._chunk(final)
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+            record.finished, record.done_at = True, time.monotonic()
+            return
         try:
             for i, word in enumerate(words):
                 if srv.token_delay:

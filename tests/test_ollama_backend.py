@@ -203,3 +203,27 @@ def test_the_terminal_app_on_ollama(server, sessions_dir):
                              timeout=60)
     assert "ollama pull llama9:70b" in missing.stdout + missing.stderr
     assert (missing.stdout + missing.stderr).count("❌") == 1
+
+
+def test_tool_calls_get_ids_and_go_back_to_ollama(server, sessions_dir):
+    runs: list[str] = []
+
+    def current_time() -> str:
+        """The local date and time."""
+        runs.append("t")
+        return "2026-01-01T12:00:00+08:00"
+
+    server.tool_script = [[("current_time", {})]]
+    with ConversationSession(backend="ollama", base_url=server.url, tools=[current_time]) as s:
+        result = s.chat("现在几点？")
+        assert runs == ["t"] and result.tool_calls[0]["result"] == "2026-01-01T12:00:00+08:00"
+        assert result.tool_calls[0]["id"].startswith("call_")  # Ollama gives none: made here
+        first, second = server.chats[-2].body, server.chats[-1].body
+        assert first["tools"][0]["function"]["name"] == "current_time"
+        assert second["messages"][1] == {"role": "assistant", "content": "",
+                                         "tool_calls": [{"function": {"name": "current_time", "arguments": {}}}]}
+        assert second["messages"][2] == {"role": "tool", "content": "2026-01-01T12:00:00+08:00",
+                                         "tool_name": "current_time"}
+        assert result.response.startswith("You said:")
+    assert HistoryStore(sessions_dir).load(s.session_id).messages[1]["tool_calls"][0]["id"] == \
+        result.tool_calls[0]["id"]

@@ -108,6 +108,8 @@ class Recorder(LoopbackServer[dict[str, Any]]):
     ``delay``: seconds before answering (no headers meanwhile; gives up if the client goes).
     ``fault``: ``http500``, ``not_found``, ``malformed`` or ``error`` (mid-stream).
     ``old_server``: rejects ``stream_options``, reports no usage, and does not stream.
+    ``tool_script``: replies to requests that offer ``tools``: each a list of ``(name, arguments)``
+    streamed as ``tool_calls`` deltas (the arguments' JSON text in two pieces), as OpenAI does.
     Usage counts words; ``cached_tokens`` is the common prefix with the previous request.
     """
 
@@ -119,6 +121,7 @@ class Recorder(LoopbackServer[dict[str, Any]]):
         self.delay = 0.0
         self.fault: str | None = None
         self.old_server = False  # rejects stream_options, sends no usage, ignores stream=true
+        self.tool_script: list[list[tuple[str, dict[str, Any]]]] = []
         self._cache: list[str] = []
 
 
@@ -150,7 +153,7 @@ class _RecorderHandler(JSONHandler):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
         record: dict[str, Any] = {"body": body, "authorization": self.headers.get("Authorization"),
                                   "disconnected": False, "done_at": None}
-        words = [w for m in body["messages"] for w in [f"<{m['role']}>", *m["content"].split()]]
+        words = [w for m in body["messages"] for w in [f"<{m['role']}>", *(m.get("content") or "").split()]]
         with srv.lock:
             srv.chats.append(record)
             cached = 0
@@ -196,6 +199,17 @@ class _RecorderHandler(JSONHandler):
             self.end_headers()
             self.close_connection = True
             self.wfile.write(b": ping\n\n")
+            if body.get("tools") and srv.tool_script:
+                for index, (name, args) in enumerate(srv.tool_script.pop(0)):
+                    text = json.dumps(args)
+                    first = {"index": index, "id": f"call_srv{index}", "type": "function",
+                             "function": {"name": name, "arguments": ""}}
+                    for d in (first, {"index": index, "function": {"arguments": text[:len(text) // 2]}},
+                              {"index": index, "function": {"arguments": text[len(text) // 2:]}}):
+                        self._event(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [d]}}]}))
+                self._event(json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
+                self._event("[DONE]")
+                return
             for i, word in enumerate(reply):
                 delta = {"content": word if i == 0 else " " + word}
                 self._event(json.dumps({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}]}))
@@ -550,3 +564,26 @@ def test_sampling_options_are_sent(recorder):
     body = recorder.chats[-1]["body"]
     assert (body["seed"], body["top_k"], body["top_p"]) == (3, 10, 0.9)
     backend.close()
+
+
+def test_tool_calls_streamed_as_deltas_are_assembled_and_sent_back(recorder, tmp_path):
+    runs: list[dict] = []
+
+    def set_light(room: str, on: bool) -> str:
+        """Switch a room's light."""
+        runs.append({"room": room, "on": on})
+        return "ok"
+
+    recorder.tool_script = [[("set_light", {"room": "厨房", "on": True}), ("set_light", {"room": "hall", "on": False})]]
+    with ConversationSession("tiny-model", backend="openai", base_url=recorder.url, tools=[set_light]) as s:
+        result = s.chat("lights")
+        assert runs == [{"room": "厨房", "on": True}, {"room": "hall", "on": False}]
+        assert [c["id"] for c in result.tool_calls] == ["call_srv0", "call_srv1"]
+        assert result.response == "Hello from the recorder."
+        first, second = recorder.chats[-2]["body"], recorder.chats[-1]["body"]
+        assert first["tools"][0]["function"]["name"] == "set_light"
+        sent = second["messages"]
+        assert sent[1]["tool_calls"][0] == {"id": "call_srv0", "type": "function", "function": {
+            "name": "set_light", "arguments": json.dumps({"room": "厨房", "on": True}, ensure_ascii=False)}}
+        assert sent[2] == {"role": "tool", "tool_call_id": "call_srv0", "content": "ok"}
+        assert [m["role"] for m in s.history] == ["user", "assistant", "tool", "tool", "assistant"]

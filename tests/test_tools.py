@@ -478,3 +478,30 @@ def test_kill_9_at_each_boundary_never_runs_a_call_twice_and_leaves_no_orphan(st
     with ConversationSession(backend=FakeBackend()) as s:
         assert s.load_history(sid)
         assert len(s.history) == len(history) + 2
+
+
+def test_the_chat_app_offers_current_time_and_shows_each_call(sessions_dir):
+    import io
+    import re
+
+    from conversation_session.cli._args import parse_args
+    from conversation_session.cli._chat import ChatApp
+    from conversation_session.cli._export import render_markdown
+    from conversation_session.stores import HistoryStore
+
+    fake = FakeBackend()
+    fake.enqueue(ToolCalls([("current_time", {})]))
+    fake.enqueue("现在是中午。")
+    out, err = io.StringIO(), io.StringIO()
+    app = ChatApp(parse_args(["--backend", "fake", "--tool", "time"]), stdin=io.StringIO("现在几点？\n"),
+                  stdout=out, stderr=err, interactive=False, backend=fake)
+    assert app.run() == 0
+    assert out.getvalue() == "现在是中午。\n"  # the reply alone on stdout; the call on stderr
+    line = next(x for x in err.getvalue().splitlines() if "🔧" in x)
+    assert re.search(r"🔧 current_time\(\) → \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", line), line
+    assert fake.requests[0].tools[0]["function"]["name"] == "current_time"
+    store = HistoryStore(sessions_dir)
+    record = store.load(store.list_sessions()[0].session_id)
+    assert record.turns == 1 and [m["role"] for m in record.messages] == ["user", "assistant", "tool", "assistant"]
+    md = render_markdown(record)
+    assert "🔧 current_time()" in md and "current_time → " in md

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import threading
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from typing import Any
 
@@ -25,7 +26,7 @@ import httpx
 
 from .._exceptions import BackendError, ModelNotFoundError
 from ..stores._record import MessageDict
-from ._base import Backend, CancelToken, GenerationRequest, Usage
+from ._base import Backend, CancelToken, GenerationRequest, ToolCall, Usage
 from ._http import AsyncClients, HttpTimeouts, cancel_extensions, make_client, probe_off_the_loop, server_message
 
 __all__ = ["DEFAULT_KEEP_ALIVE", "DEFAULT_OLLAMA_MODEL", "PROBE_TIMEOUT", "OllamaBackend", "default_ollama_url"]
@@ -340,33 +341,47 @@ class OllamaBackend(Backend):
 
     def _request_body(self, request: GenerationRequest) -> dict[str, Any]:
         options = {"num_predict": request.max_tokens, "temperature": request.temperature, **request.options}
-        return self._body(request.messages, options)
+        messages = request.messages
+        if any("tool_calls" in m or m["role"] == "tool" for m in messages):
+            messages = [_ollama_message(m) for m in messages]  # type: ignore[misc]
+        body = self._body(messages, options)
+        if request.tools:
+            body["tools"] = request.tools
+        return body
 
     def generate(self, request: GenerationRequest) -> Iterator[str]:
         parts = self._chat(self._request_body(request), request.cancel)
+        calls: list[ToolCall] = []
         try:
             for part in parts:
                 if request.cancel.cancelled:
                     return
-                content = (part.get("message") or {}).get("content")
+                message = part.get("message") or {}
+                content = message.get("content")
                 if content:
                     yield content
+                calls.extend(_calls(message))
                 if part.get("done"):
                     self._record(part, request.usage, request.cache_key)
+                    request.tool_calls = calls
         finally:
             parts.close()
 
     async def agenerate(self, request: GenerationRequest) -> AsyncIterator[str]:
         parts = self._achat(self._request_body(request), request.cancel)
+        calls: list[ToolCall] = []
         try:
             async for part in parts:
                 if request.cancel.cancelled:
                     return
-                content = (part.get("message") or {}).get("content")
+                message = part.get("message") or {}
+                content = message.get("content")
                 if content:
                     yield content
+                calls.extend(_calls(message))
                 if part.get("done"):
                     self._record(part, request.usage, request.cache_key)
+                    request.tool_calls = calls
         finally:
             await parts.aclose()
 
@@ -404,6 +419,37 @@ class OllamaBackend(Backend):
     async def aclose(self) -> None:
         self._client.close()
         await self._aclients.aclose()
+
+
+def _ollama_message(m: MessageDict) -> dict[str, Any]:
+    """A history message as ``/api/chat`` takes it: calls without ids (Ollama has none), a
+    result named by ``tool_name``."""
+    if m["role"] == "tool":
+        return {"role": "tool", "content": m["content"], "tool_name": m.get("name", "")}
+    if "tool_calls" in m:
+        return {"role": m["role"], "content": m["content"],
+                "tool_calls": [{"function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}}
+                               for c in m["tool_calls"]]}
+    return dict(m)
+
+
+def _calls(message: dict[str, Any]) -> list[ToolCall]:
+    """The calls in a streamed chunk's message; Ollama gives them no ids, so each gets one."""
+    out: list[ToolCall] = []
+    for call in message.get("tool_calls") or []:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            logger.warning("Ollama sent a tool call that is not one: %.200r", call)
+            continue
+        args = fn.get("arguments") or {}
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                args = {"_raw": args}
+        out.append(ToolCall(fn["name"], args if isinstance(args, dict) else {"_value": args},
+                            f"call_{uuid.uuid4().hex[:12]}"))
+    return out
 
 
 def _rate(tokens: int | None, seconds: float | None) -> float | None:

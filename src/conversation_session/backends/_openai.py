@@ -33,7 +33,7 @@ import httpx
 from .._exceptions import BackendError, ModelNotFoundError
 from .._runtime import shared_executor
 from ..stores._record import MessageDict
-from ._base import Backend, CancelToken, GenerationRequest, Usage
+from ._base import Backend, CancelToken, GenerationRequest, ToolCall, Usage
 from ._http import (
     AsyncClients,
     HttpTimeouts,
@@ -78,6 +78,54 @@ def normalize_base_url(url: str) -> str:
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _openai_message(m: MessageDict) -> dict[str, Any]:
+    """A history message as ``/v1/chat/completions`` takes it: arguments as a JSON string."""
+    if m["role"] == "tool":
+        return {"role": "tool", "tool_call_id": m.get("tool_call_id", ""), "content": m["content"]}
+    if "tool_calls" in m:
+        return {"role": m["role"], "content": m["content"] or None, "tool_calls": [
+            {"id": c["id"], "type": "function", "function": {
+                "name": c["function"]["name"],
+                "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}}
+            for c in m["tool_calls"]]}
+    return dict(m)
+
+
+def _gather_calls(calls: dict[int, dict[str, Any]], deltas: Any) -> None:
+    """Add streamed ``tool_calls`` deltas: the first of an index names the call (id, name), the
+    rest carry pieces of its arguments' JSON text."""
+    for i, delta in enumerate(deltas if isinstance(deltas, list) else []):
+        if not isinstance(delta, dict):
+            continue
+        index = delta.get("index", i)
+        call = calls.setdefault(index if isinstance(index, int) else i, {"id": "", "name": "", "arguments": ""})
+        fn = delta.get("function") or {}
+        if isinstance(delta.get("id"), str) and delta["id"]:
+            call["id"] = delta["id"]
+        if isinstance(fn.get("name"), str) and fn["name"]:
+            call["name"] = call["name"] or fn["name"]
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            call["arguments"] += args
+        elif isinstance(args, dict):  # a server that sends an object
+            call["arguments"] = json.dumps(args)
+
+
+def _assembled(calls: dict[int, dict[str, Any]]) -> list[ToolCall]:
+    out: list[ToolCall] = []
+    for index in sorted(calls):
+        call = calls[index]
+        if not call["name"]:
+            logger.warning("the server streamed a tool call without a name; ignored: %.200r", call)
+            continue
+        try:
+            args = json.loads(call["arguments"]) if call["arguments"].strip() else {}
+        except ValueError:
+            args = {"_raw": call["arguments"]}  # the model wrote broken JSON: the tool sees why it fails
+        out.append(ToolCall(call["name"], args if isinstance(args, dict) else {"_value": args}, call["id"]))
+    return out
 
 
 def _rate(tokens: int | None, seconds: float | None) -> float | None:
@@ -463,8 +511,10 @@ class OpenAIBackend(Backend):
                                          "prompt_tokens_per_s": _rate(prompt_n, usage.prompt_eval_s),
                                          "server_tokens_per_s": _rate(_int(t.get("predicted_n")), usage.eval_s)}
 
-    def _pieces(self, chunk: dict[str, Any], request: GenerationRequest) -> tuple[list[str], int]:
-        """The text of a chunk, and how many streamed deltas carried text (for the token count)."""
+    def _pieces(self, chunk: dict[str, Any], request: GenerationRequest,
+                calls: dict[int, dict[str, Any]] | None = None) -> tuple[list[str], int]:
+        """The text of a chunk, and how many streamed deltas carried text (for the token count);
+        ``calls`` gathers the streamed ``tool_calls`` deltas, by index."""
         self._probe_failed = False  # the server answers: its window may be asked again
         out: list[str] = []
         deltas = 0
@@ -476,39 +526,51 @@ class OpenAIBackend(Backend):
             if content:
                 deltas += delta is not None
                 out.append(content)
+            if calls is not None and isinstance(part, dict) and part.get("tool_calls"):
+                _gather_calls(calls, part["tool_calls"])
             if choice.get("finish_reason"):
                 request.usage.finish_reason = choice["finish_reason"]
         self._record(chunk, request.usage, request.cache_key)
         return out, deltas
 
     def _request_body(self, request: GenerationRequest) -> dict[str, Any]:
-        return self._body(request.messages, request.max_tokens, request.temperature, request.options)
+        messages = request.messages
+        if any("tool_calls" in m or m["role"] == "tool" for m in messages):
+            messages = [_openai_message(m) for m in messages]  # type: ignore[misc]
+        body = self._body(messages, request.max_tokens, request.temperature, request.options)
+        if request.tools:
+            body["tools"] = request.tools
+        return body
 
     def generate(self, request: GenerationRequest) -> Iterator[str]:
         usage = request.usage
         pieces = 0
+        calls: dict[int, dict[str, Any]] = {}
         chunks = self._events(self._request_body(request), request.cancel)
         try:
             for chunk in chunks:
                 if request.cancel.cancelled:
                     return
-                out, deltas = self._pieces(chunk, request)
+                out, deltas = self._pieces(chunk, request, calls)
                 pieces += deltas
                 yield from out
         finally:
             chunks.close()
         if usage.completion_tokens is None and pieces and not request.cancel.cancelled:
             usage.completion_tokens = pieces  # about one token a chunk (see the module docstring)
+        if calls and not request.cancel.cancelled:
+            request.tool_calls = _assembled(calls)
 
     async def agenerate(self, request: GenerationRequest) -> AsyncIterator[str]:
         usage = request.usage
         pieces = 0
+        calls: dict[int, dict[str, Any]] = {}
         chunks = self._aevents(self._request_body(request), request.cancel)
         try:
             async for chunk in chunks:
                 if request.cancel.cancelled:
                     return
-                out, deltas = self._pieces(chunk, request)
+                out, deltas = self._pieces(chunk, request, calls)
                 pieces += deltas
                 for piece in out:
                     yield piece
@@ -516,6 +578,8 @@ class OpenAIBackend(Backend):
             await chunks.aclose()
         if usage.completion_tokens is None and pieces and not request.cancel.cancelled:
             usage.completion_tokens = pieces
+        if calls and not request.cancel.cancelled:
+            request.tool_calls = _assembled(calls)
 
     def warm(self, messages: list[MessageDict], cancel: CancelToken, *, cache_key: Any = None) -> dict[str, Any]:
         """Send the restored conversation with ``max_tokens: 1`` so the server computes it into

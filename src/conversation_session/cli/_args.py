@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the embedded model")
     g.add_argument("--context-length", type=positive_int, default=None,
                    help="context window in tokens (llama-cpp default 8192, ollama 4096)")
+    g.add_argument("--tool", action="append", choices=["time"], default=None, dest="tools",
+                   help="offer a built-in tool to the model (repeatable): time = current_time, the local "
+                        "date and time; each call is shown on one line and saved with the turn")
     g = p.add_argument_group("sessions")
     g.add_argument("-c", "--continue", dest="continue_", action="store_true",
                    help="continue the latest session")

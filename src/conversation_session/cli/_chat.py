@@ -35,6 +35,8 @@ from .._result import ChatResult
 from ..backends import Backend
 from ..session._limits import check_max_tokens, parse_timeout
 from ..session._turn import Turn
+from ..tools import readable
+from ..tools._builtin import builtin_tools
 from ._args import store_from
 from ._commands import SETTINGS, Command, command_help, parse_line
 from ._confirm import NotConfirmed, confirm
@@ -270,7 +272,8 @@ class ChatApp:
                 tts_options={k: v for k, v in (("rate", a.tts_rate), ("voice", a.tts_voice),
                                                ("playback", getattr(a, "tts_playback", None))) if v is not None},
                 persist_kv_cache=a.persist_kv, memory=getattr(a, "memory", "trim"),
-                summarizer=self.summarizer, durability=getattr(a, "durability", None), **extra,
+                summarizer=self.summarizer, durability=getattr(a, "durability", None),
+                tools=builtin_tools(getattr(a, "tools", None)), **extra,
             )
         finally:
             self.console.stop_spinner()
@@ -761,6 +764,11 @@ class ChatApp:
 
     def _after_reply(self, session: ConversationSession, result: ChatResult) -> None:
         c = self.console
+        for call in result.tool_calls:  # one line each, where notices go (stderr when piped)
+            done = call.get("result", call.get("error", ""))
+            args = ", ".join(f"{k}={v!r}" for k, v in call["arguments"].items())
+            c.notice(printable(f"🔧 {call['name']}({args}) → {' '.join(str(done).split())[:200]}",
+                               keep_newlines=False), "dim")
         if result.finish_reason == "length":
             c.notice(f"✂️  the reply reached the {session.max_tokens}-token limit (--max-tokens) and was cut",
                      "dim")
@@ -968,8 +976,8 @@ class ChatApp:
         if history:
             c.line("   last turns:")
             for m in history[-6:]:
-                who = "您" if m["role"] == "user" else "🤖"
-                text = printable(" ".join(m["content"].split()), keep_newlines=False)
+                who = "您" if m["role"] == "user" else "🔧" if m["role"] == "tool" else "🤖"
+                text = printable(" ".join(readable(m).split()), keep_newlines=False)
                 mark = " ⏹ (interrupted)" if m.get("interrupted") else ""
                 c.line(f"   {who}: {text[:100]}{'…' if len(text) > 100 else ''}{mark}", "dim")
 

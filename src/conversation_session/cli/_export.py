@@ -8,13 +8,14 @@ from ..stores._api import StoreAPI
 from ..stores._file import encode_snapshot
 from ..stores._fileio import atomic_write_bytes
 from ..stores._record import MessageDict, SessionRecord
+from ..tools import readable
 
 __all__ = ["encode_record", "export_session", "render_markdown"]
 
 
 def _message_lines(m: MessageDict, level: str) -> list[str]:
     mark = " (interrupted: kept as far as it was heard)" if m.get("interrupted") else ""
-    return [f"{level} {m['role']}{mark}", "", m["content"], ""]
+    return [f"{level} {m['role']}{mark}", "", readable(m), ""]
 
 
 def render_markdown(record: SessionRecord) -> str:

@@ -16,7 +16,7 @@ from their type hints and docstring, run by the session between two requests to 
 the history holds of calls (the messages, the crash repair of a call without a result).
 """
 
-from ._history import UNKNOWN_OUTCOME, orphan_calls, result_message
+from ._history import UNKNOWN_OUTCOME, describe_call, orphan_calls, readable, result_message
 from ._run import CallOutcome, arun_call, run_call
 from ._tool import Tool, ToolCall, as_tools, tool
 
@@ -27,7 +27,9 @@ __all__ = [
     "ToolCall",
     "arun_call",
     "as_tools",
+    "describe_call",
     "orphan_calls",
+    "readable",
     "result_message",
     "run_call",
     "tool",

@@ -12,7 +12,7 @@ import logging
 
 from ..stores._record import MessageDict, ToolCallDict
 
-__all__ = ["UNKNOWN_OUTCOME", "orphan_calls", "result_message"]
+__all__ = ["UNKNOWN_OUTCOME", "describe_call", "orphan_calls", "readable", "result_message"]
 
 logger = logging.getLogger("conversation_session")
 
@@ -42,3 +42,20 @@ def orphan_calls(messages: list[MessageDict]) -> list[ToolCallDict]:
     if elsewhere:
         logger.warning("%d tool call(s) in the middle of the history have no result; left as they are", elsewhere)
     return last
+
+
+def describe_call(call: ToolCallDict) -> str:
+    """A call as one line a person reads: ``set_light(room='kitchen', on=True)``."""
+    args = ", ".join(f"{k}={v!r}" for k, v in call["function"]["arguments"].items())
+    return f"{call['function']['name']}({args})"
+
+
+def readable(m: MessageDict) -> str:
+    """A message's text for people (history listings, Markdown): calls and results included."""
+    if m["role"] == "tool":
+        return f"{m.get('name', '')} → {m['content']}"
+    calls = m.get("tool_calls")
+    if not calls:
+        return m["content"]
+    asked = "; ".join(describe_call(c) for c in calls)
+    return f"{m['content']}\n🔧 {asked}" if m["content"] else f"🔧 {asked}"
