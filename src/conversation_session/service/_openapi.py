@@ -42,8 +42,13 @@ _SID = [{"name": "sid", "in": "path", "required": True,
 
 def openapi_document() -> dict[str, Any]:
     message = {"type": "object", "required": ["role", "content"], "properties": {
-        "role": {"type": "string", "enum": ["system", "user", "assistant"]}, "content": {"type": "string"},
-        "interrupted": {"type": "boolean"}}}
+        "role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]}, "content": {"type": "string"},
+        "interrupted": {"type": "boolean"},
+        # schema 5: an assistant's call request, and a tool message's answer to one
+        "tool_calls": {"type": "array", "items": {"type": "object", "required": ["id", "type", "function"],
+                                                  "properties": {"id": {"type": "string"}, "type": {"type": "string"},
+                                                                 "function": {"type": "object"}}}},
+        "tool_call_id": {"type": "string"}, "name": {"type": "string"}}}
     figures = {"type": "object", "properties": {
         "ttft_s": {"type": ["number", "null"]}, "total_s": {"type": "number"},
         "prompt_tokens": {"type": ["integer", "null"]}, "cached_tokens": {"type": ["integer", "null"]},
