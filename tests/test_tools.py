@@ -505,3 +505,13 @@ def test_the_chat_app_offers_current_time_and_shows_each_call(sessions_dir):
     assert record.turns == 1 and [m["role"] for m in record.messages] == ["user", "assistant", "tool", "assistant"]
     md = render_markdown(record)
     assert "🔧 current_time()" in md and "current_time → " in md
+
+
+def test_the_readme_example_runs(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Tools"):]
+    code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python") + 9)]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={**os.environ, "CONVERSATION_SESSIONS_DIR": str(tmp_path / "s")})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "The kitchen light is on. kitchen light on\n"
