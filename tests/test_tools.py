@@ -18,6 +18,7 @@ from typing import Literal
 
 import pytest
 
+import pg_server as _pg
 from conversation_session import (
     AsyncConversationSession,
     ConversationSession,
@@ -28,6 +29,9 @@ from conversation_session import (
     tool,
 )
 from conversation_session.tools import UNKNOWN_OUTCOME
+
+pg_server = _pg.pg_server
+pg_url = _pg.pg_url
 
 
 class Counter:
@@ -515,3 +519,65 @@ def test_the_readme_example_runs(tmp_path):
                           env={**os.environ, "CONVERSATION_SESSIONS_DIR": str(tmp_path / "s")})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "The kitchen light is on. kitchen light on\n"
+
+
+def test_a_cancelled_task_during_an_async_tool_keeps_the_call_with_its_one_result(tmp_path):
+    started = asyncio.Event
+    runs: list[str] = []
+
+    async def main() -> None:
+        go = started()
+
+        async def hang(label: str) -> str:
+            """Hang."""
+            runs.append(label)
+            go.set()
+            await asyncio.sleep(30)
+            return "never"
+
+        fake = FakeBackend()
+        fake.enqueue(ToolCalls([("hang", {"label": "a"}), ("hang", {"label": "b"})]))
+        async with AsyncConversationSession(backend=fake, tools=[hang]) as s:
+            task = asyncio.ensure_future(s.chat("go"))
+            await go.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            history = s.history
+            assert [m["role"] for m in history] == ["user", "assistant", "tool", "tool"]
+            assert "outcome is unknown" in history[2]["content"] and "not run" in history[3]["content"]
+            _check_history(history)
+            fake.enqueue("after")
+            assert (await s.chat("next")).response == "after"
+            _check_history(fake.requests[-1].messages)
+
+    asyncio.run(main())
+    assert runs == ["a"]
+
+
+def test_tool_turns_and_the_orphan_repair_on_postgresql(pg_url, tmp_path):
+    counter = Counter(tmp_path / "runs.txt")
+    fake = FakeBackend()
+    fake.enqueue(ToolCalls([("count", {"label": "a", "times": 3})]))
+    fake.enqueue("done")
+    with ConversationSession(backend=fake, store=pg_url, tools=[counter.as_tool()]) as s:
+        s.chat("count")
+        sid, history = s.session_id, s.history
+    with ConversationSession(backend=FakeBackend(), store=pg_url) as s:
+        assert s.load_history(sid) and s.history == history and s.turns == 1
+        # A call left without a result (as a killed process leaves it), written by the store itself.
+        calls = [{"id": "call_x", "type": "function", "function": {"name": "count", "arguments": {"label": "x"}}}]
+        s._writer.append(len(history), [{"role": "user", "content": "again"},
+                                        {"role": "assistant", "content": "", "tool_calls": calls}], None)
+    with ConversationSession(backend=FakeBackend(), store=pg_url) as s:
+        assert s.load_history(sid)
+        assert s.history[-1]["content"] == UNKNOWN_OUTCOME and s.turns == 2
+        _check_history(s.history)
+    from conversation_session.stores._postgres import PostgresStore
+    store = PostgresStore(pg_url)
+    try:
+        assert store.load(sid).messages[-1] == {"role": "tool", "tool_call_id": "call_x", "name": "count",
+                                                "content": UNKNOWN_OUTCOME}
+    finally:
+        store.close()
+    assert counter.runs() == ["a"]
