@@ -513,7 +513,7 @@ def test_the_chat_app_offers_current_time_and_shows_each_call(sessions_dir):
 
 def test_the_readme_example_runs(tmp_path):
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("### Tools"):]
+    section = readme[readme.index("**Tools**"):]
     code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python") + 9)]
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
                           env={**os.environ, "CONVERSATION_SESSIONS_DIR": str(tmp_path / "s")})
