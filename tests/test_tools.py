@@ -581,3 +581,37 @@ def test_tool_turns_and_the_orphan_repair_on_postgresql(pg_url, tmp_path):
     finally:
         store.close()
     assert counter.runs() == ["a"]
+
+
+def test_the_chat_app_offers_a_files_public_functions(tmp_path, sessions_dir):
+    import io
+
+    from conversation_session.cli._args import parse_args
+    from conversation_session.cli._chat import ChatApp
+
+    path = tmp_path / "my_tools.py"
+    path.write_text(textwrap.dedent('''
+        from os.path import join  # imported: not offered
+
+        def set_light(room: str, on: bool) -> str:
+            """Switch a room's light."""
+            return f"{room}: {'on' if on else 'off'}"
+
+        def _helper() -> None:  # private: not offered
+            pass
+    '''))
+    fake = FakeBackend()
+    fake.enqueue(ToolCalls([("set_light", {"room": "kitchen", "on": True})]))
+    fake.enqueue("done")
+    out, err = io.StringIO(), io.StringIO()
+    app = ChatApp(parse_args(["--backend", "fake", "--tools-file", str(path)]), stdin=io.StringIO("light\n"),
+                  stdout=out, stderr=err, interactive=False, backend=fake)
+    assert app.run() == 0 and out.getvalue() == "done\n"
+    assert [t["function"]["name"] for t in fake.requests[0].tools] == ["set_light"]
+    assert "🔧 set_light(room='kitchen', on=True) → kitchen: on" in err.getvalue()
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise RuntimeError('broken file')\n")
+    err = io.StringIO()
+    app = ChatApp(parse_args(["--backend", "fake", "--tools-file", str(bad)]), stdin=io.StringIO("x\n"),
+                  stdout=io.StringIO(), stderr=err, interactive=False, backend=FakeBackend())
+    assert app.run() == 1 and "could not load it: RuntimeError: broken file" in err.getvalue()

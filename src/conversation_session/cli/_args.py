@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tool", action="append", choices=["time"], default=None, dest="tools",
                    help="offer a built-in tool to the model (repeatable): time = current_time, the local "
                         "date and time; each call is shown on one line and saved with the turn")
+    g.add_argument("--tools-file", default=None, metavar="PATH.py",
+                   help="offer the public functions of this Python file to the model as tools (their type "
+                        "hints and docstrings describe them)")
     g = p.add_argument_group("sessions")
     g.add_argument("-c", "--continue", dest="continue_", action="store_true",
                    help="continue the latest session")

@@ -36,7 +36,7 @@ from ..backends import Backend
 from ..session._limits import check_max_tokens, parse_timeout
 from ..session._turn import Turn
 from ..tools import readable
-from ..tools._builtin import builtin_tools
+from ..tools._builtin import builtin_tools, tools_from_file
 from ._args import store_from
 from ._commands import SETTINGS, Command, command_help, parse_line
 from ._confirm import NotConfirmed, confirm
@@ -273,10 +273,18 @@ class ChatApp:
                                                ("playback", getattr(a, "tts_playback", None))) if v is not None},
                 persist_kv_cache=a.persist_kv, memory=getattr(a, "memory", "trim"),
                 summarizer=self.summarizer, durability=getattr(a, "durability", None),
-                tools=builtin_tools(getattr(a, "tools", None)), **extra,
+                tools=self._tools(a), **extra,
             )
         finally:
             self.console.stop_spinner()
+
+    @staticmethod
+    def _tools(a: argparse.Namespace) -> list[Any]:
+        """The tools the flags offer (``--tool``, ``--tools-file``); ValueError names a bad file."""
+        tools = builtin_tools(getattr(a, "tools", None))
+        if getattr(a, "tools_file", None):
+            tools += tools_from_file(a.tools_file)
+        return tools
 
     def _check_backend(self, session: ConversationSession) -> bool:
         """Fail at start, in a few seconds, if the backend cannot serve (not at the first message)."""
