@@ -615,3 +615,23 @@ def test_the_chat_app_offers_a_files_public_functions(tmp_path, sessions_dir):
     app = ChatApp(parse_args(["--backend", "fake", "--tools-file", str(bad)]), stdin=io.StringIO("x\n"),
                   stdout=io.StringIO(), stderr=err, interactive=False, backend=FakeBackend())
     assert app.run() == 1 and "could not load it: RuntimeError: broken file" in err.getvalue()
+
+
+def test_undo_and_retry_move_a_tool_turn_whole(tmp_path, sessions_dir):
+    counter = Counter(tmp_path / "runs.txt")
+    fake = FakeBackend()
+    fake.enqueue(ToolCalls([("count", {"label": "a"})]))
+    fake.enqueue("first")
+    with ConversationSession(backend=fake, tools=[counter.as_tool()]) as s:
+        s.chat("count")
+        old = s.history
+        fake.enqueue(ToolCalls([("count", {"label": "b"})]))
+        fake.enqueue("second")
+        result = s.retry()  # a new answer: the model decides anew, its calls are new calls
+        assert result.response == "second" and [c["arguments"] for c in result.tool_calls] == [{"label": "b"}]
+        assert [m["role"] for m in s.history] == ["user", "assistant", "tool", "assistant"] and s.turns == 1
+        assert s.undo() and s.history == [] and s.turns == 0
+        sid = s.session_id
+    record = SessionRecord.from_dict(json.loads((sessions_dir / f"{sid}.json").read_text()))
+    assert record.undone[0]["messages"] == old and record.messages == []
+    assert counter.runs() == ["a", "b"]  # nothing was run again by the retry or the undo
