@@ -20,6 +20,7 @@ import argparse
 import collections
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,15 +97,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=1000)
     parser.add_argument("--max-wait", type=float, default=0.25, help="longest wait before a kill, after start-up")
+    parser.add_argument("--per-session", type=int, default=25, help="kills before a fresh session")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return run_worker(Path(args.worker))
-    root = Path(tempfile.mkdtemp(prefix="soak_tools_"))
     rng = random.Random(22)
+    grand: collections.Counter[str] = collections.Counter()
     totals: collections.Counter[str] = collections.Counter()
+    root = Path(tempfile.mkdtemp(prefix="soak_tools_"))
     t0 = time.monotonic()
-    for _ in range(args.kills):
+    for kill in range(args.kills):
+        if kill and kill % args.per_session == 0:
+            # A fresh session (and folder) now and then: a session of thousands of turns would
+            # make each restart measure loading, not crashing.
+            grand += totals
+            totals = collections.Counter()
+            shutil.rmtree(root, ignore_errors=True)
+            root = Path(tempfile.mkdtemp(prefix="soak_tools_"))
         proc = subprocess.Popen([sys.executable, __file__, "--worker", str(root)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         # Wait for the worker to be chatting (its imports take most of a start), then a random moment.
@@ -120,13 +130,16 @@ def main() -> int:
         proc.wait()
         totals["kills"] += 1
         check(root, totals)
+    grand += totals
+    shutil.rmtree(root, ignore_errors=True)
+    totals = grand
     elapsed = time.monotonic() - t0
     must_be_zero = ("duplicate runs", "runs without a recorded call", "calls recorded twice",
                     "calls without exactly one result", "acknowledged turns lost", "sessions lost")
     print("| figure | value |\n|---|---|")
     for key in ("kills", "turns acknowledged", "calls recorded", "runs", "unknown outcomes recorded", *must_be_zero):
         print(f"| {key} | {totals[key]} |")
-    print(f"\n{elapsed:.0f} s; folder {root}")
+    print(f"\n{elapsed:.0f} s, a fresh session every {args.per_session} kills")
     return 0 if all(totals[k] == 0 for k in must_be_zero) else 1
 
 
