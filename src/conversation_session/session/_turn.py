@@ -14,6 +14,13 @@ Three outcomes, each with one meaning (``_conversation.py`` has the rules):
   so roles keep alternating for every chat template.  The turn is committed, and journaled,
   before ``interrupt()`` returns its result, whichever thread (or task) streams it.
 
+A turn that calls tools (docs/tools.md) runs in rounds: model, calls, model again.  It is
+committed in steps, each durable before what follows it: the user message with the call request
+before any call runs, each result before the model sees it.  So whatever ends such a turn
+(timeout, ``cancel()``, an error, ``interrupt()``) keeps the calls and their results, each call
+with exactly one (a call still running gets "outcome unknown", one not started "not run"), and
+drops only the unfinished reply.
+
 With speech, "what reached the user" is known only once the audio has played, so a spoken turn
 is committed when its speech ends (finished, timed out, or interrupted), still before
 ``chat()`` returns.  The sync and the async turn share ``_TurnSteps``; they differ only in how
