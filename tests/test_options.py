@@ -76,3 +76,24 @@ def test_the_flags_both_command_lines_share_are_declared_once_and_agree():
             parse_args(argv)
         with pytest.raises(SystemExit):
             build_parser().parse_args(argv)
+
+
+def test_the_one_signature_and_the_options_object_agree():
+    """Both sessions take their arguments through one constructor whose parameters are exactly
+    SessionOptions' fields, with the same defaults (a drift check, as for a generated twin)."""
+    import dataclasses
+    import inspect
+
+    from conversation_session.session._options import SessionOptions
+
+    for cls in (ConversationSession, AsyncConversationSession):
+        params = list(inspect.signature(cls).parameters.values())
+        fields = dataclasses.fields(SessionOptions)
+        assert [p.name for p in params] == [f.name for f in fields], cls
+        for p, f in zip(params, fields, strict=True):
+            assert p.default == f.default, (cls, p.name)
+    assert inspect.signature(ConversationSession) == inspect.signature(AsyncConversationSession)
+    with pytest.raises(ValueError, match="memory"):
+        AsyncConversationSession(backend=FakeBackend(), memory="forever")
+    with pytest.raises(TypeError):
+        ConversationSession(backend=FakeBackend(), no_such_option=1)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,11 +25,8 @@ from typing import Any, TypeVar
 from .._exceptions import SessionError
 from .._result import ChatResult
 from .._runtime import shared_executor
-from ..backends import Backend
 from ..stores import validate_session_id
-from ..stores._api import StoreAPI
-from ._core import SessionCore, SessionView
-from ._limits import DEFAULT_TIMEOUT_S, DEFAULT_TOOL_ROUNDS
+from ._core import SessionView
 from ._turn import AsyncTurn, _TurnSteps
 
 __all__ = ["AsyncConversationSession"]
@@ -52,27 +48,9 @@ class AsyncConversationSession(SessionView):
                     print(piece, end="")
     """
 
-    def __init__(self, llm_model: str | os.PathLike[str] | None = None, *, backend: str | Backend = "llama-cpp",
-                 base_url: str | None = None, enable_cache: bool = True, timeout: float | None = DEFAULT_TIMEOUT_S,
-                 tts_wait_timeout: float | None = 30.0, tts: Any = None,
-                 sessions_dir: str | os.PathLike[str] | None = None, system_prompt: str | None = None,
-                 max_tokens: int = 512, temperature: float = 0.7, backend_options: dict[str, Any] | None = None,
-                 persist_kv_cache: bool = True, kv_cache_max_bytes: int = 1 << 30,
-                 tts_output_dir: str | os.PathLike[str] | None = None, tts_options: dict[str, Any] | None = None,
-                 store: StoreAPI | str | None = None, memory: str = "trim",
-                 summarizer: Backend | None = None, durability: str | None = None,
-                 tools: Sequence[Callable[..., Any]] | None = None, max_tool_rounds: int = DEFAULT_TOOL_ROUNDS):
+    def _init_driver(self) -> None:
         # Construction touches the store once (a new session's id); for a folder that is a
-        # few microseconds, so it is done here rather than forcing an awaitable constructor.
-        self._core = SessionCore(
-            llm_model, backend=backend, base_url=base_url, enable_cache=enable_cache, timeout=timeout,
-            tts_wait_timeout=tts_wait_timeout, tts=tts, sessions_dir=sessions_dir, system_prompt=system_prompt,
-            max_tokens=max_tokens, temperature=temperature, backend_options=backend_options,
-            persist_kv_cache=persist_kv_cache, kv_cache_max_bytes=kv_cache_max_bytes,
-            tts_output_dir=tts_output_dir, tts_options=tts_options, store=store,
-            memory=memory, summarizer=summarizer, durability=durability, tools=tools,
-            max_tool_rounds=max_tool_rounds,
-        )
+        # few microseconds, so it is done in the constructor rather than forcing an awaitable one.
         self._lock: asyncio.Lock | None = None   # made on first use, inside the running loop
         self._turn_task: asyncio.Task[Any] | None = None
 

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ from ..stores._durability import resolve_durability
 from ..stores._record import MessageDict, SessionRecord, clean_title, is_utf8_text
 from ..tools import UNKNOWN_OUTCOME, as_tools, orphan_calls, result_message
 from ._conversation import Conversation, Plan
-from ._limits import DEFAULT_TOOL_ROUNDS, SUMMARY_TIMEOUT_S, check_max_tokens, check_timeout, check_tool_rounds
+from ._limits import DEFAULT_TIMEOUT_S, DEFAULT_TOOL_ROUNDS, SUMMARY_TIMEOUT_S, check_timeout
+from ._options import SessionOptions
 
 __all__ = ["SessionCore", "SessionView", "core_setting"]
 
@@ -45,29 +46,26 @@ _keys = itertools.count(1)
 class SessionCore:
     """The state of one session (see the module docstring)."""
 
-    def __init__(self, llm_model: str | os.PathLike[str] | None, *, backend: str | Backend, base_url: str | None,
-                 enable_cache: bool, timeout: float | None, tts_wait_timeout: float | None, tts: Any,
-                 sessions_dir: str | os.PathLike[str] | None, system_prompt: str | None, max_tokens: int,
-                 temperature: float, backend_options: dict[str, Any] | None, persist_kv_cache: bool,
-                 kv_cache_max_bytes: int, tts_output_dir: str | os.PathLike[str] | None,
-                 tts_options: dict[str, Any] | None, store: StoreAPI | str | None,
-                 memory: str = "trim", summarizer: Backend | None = None, durability: str | None = None,
-                 tools: Any = None, max_tool_rounds: int = DEFAULT_TOOL_ROUNDS):
+    def __init__(self, options: SessionOptions):
+        o = options
+        self.options = options
+        llm_model, backend, enable_cache, memory, summarizer = (o.llm_model, o.backend, o.enable_cache, o.memory,
+                                                                o.summarizer)
+        system_prompt, store = o.system_prompt, o.store
         self.enable_cache = enable_cache
-        requested_durability = None if durability is None else resolve_durability(durability)
-        self.tools = as_tools(tools)
-        self.max_tool_rounds = check_tool_rounds(max_tool_rounds)
-        self.timeout = check_timeout(timeout)
-        self.tts_wait_timeout = check_timeout(tts_wait_timeout, "tts_wait_timeout")
-        self.max_tokens = check_max_tokens(max_tokens)
-        self.temperature = temperature
+        self.tools = as_tools(o.tools)
+        self.max_tool_rounds = o.max_tool_rounds
+        self.timeout = o.timeout
+        self.tts_wait_timeout = o.tts_wait_timeout
+        self.max_tokens = o.max_tokens
+        self.temperature = o.temperature
         self.sampling: dict[str, Any] = {}
         self.owns_backend = not isinstance(backend, Backend)  # close only what we created
         if isinstance(backend, Backend):
             self.backend = backend
         else:
-            self.backend = create_backend(backend, None if llm_model is None else str(llm_model), base_url=base_url,
-                                          **(backend_options or {}))
+            self.backend = create_backend(backend, None if llm_model is None else str(llm_model),
+                                          base_url=o.base_url, **(o.backend_options or {}))
         self.llm_model = self.backend.model_name
         self.closed = False
         self.last: ChatResult | None = None
@@ -79,8 +77,6 @@ class SessionCore:
         self._stateless_id = f"session_{int(time.time())}"
         self._pending_meta: dict[str, Any] | None = None
         backend_ = self.backend
-        if memory not in ("trim", "summary"):
-            raise ValueError(f"memory must be 'trim' or 'summary', not {memory!r}")
         self.memory = memory
         self._summarizer = summarizer
         policy: TrimPolicy
@@ -99,14 +95,14 @@ class SessionCore:
         self.speaker = None
         self.writer: SessionWriterAPI | None = None
         try:
-            self.store = open_store(store, sessions_dir)
+            self.store = open_store(store, o.sessions_dir)
             # Asked for, else the store's own level (a store object may carry one), else the
             # environment's or the default.
-            self.durability = (requested_durability or getattr(self.store, "durability", None)
+            self.durability = (o.durability or getattr(self.store, "durability", None)
                                or resolve_durability(None))
-            self.persist_kv_cache = bool(persist_kv_cache and enable_cache and backend_.can_persist_state)
-            self.kv = KVFile(backend_, lambda: self.kv_path, kv_cache_max_bytes, self.cache_key)
-            self.speaker = create_speaker(tts, output_dir=tts_output_dir, **(tts_options or {}))
+            self.persist_kv_cache = bool(o.persist_kv_cache and enable_cache and backend_.can_persist_state)
+            self.kv = KVFile(backend_, lambda: self.kv_path, o.kv_cache_max_bytes, self.cache_key)
+            self.speaker = create_speaker(o.tts, output_dir=o.tts_output_dir, **(o.tts_options or {}))
             if enable_cache:
                 self.writer = self._leveled(self.store.create(self.llm_model))
                 if system_prompt:
@@ -707,6 +703,42 @@ class SessionView:
     and without the session's lock (each is one attribute read)."""
 
     _core: SessionCore
+
+    def __init__(
+        self,
+        llm_model: str | os.PathLike[str] | None = None,
+        *,
+        backend: str | Backend = "llama-cpp",
+        base_url: str | None = None,
+        enable_cache: bool = True,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        tts_wait_timeout: float | None = 30.0,
+        tts: Any = None,
+        sessions_dir: str | os.PathLike[str] | None = None,
+        system_prompt: str | None = None,
+        max_tokens: int = 512,
+        temperature: float = 0.7,
+        backend_options: dict[str, Any] | None = None,
+        persist_kv_cache: bool = True,
+        kv_cache_max_bytes: int = 1 << 30,
+        tts_output_dir: str | os.PathLike[str] | None = None,
+        tts_options: dict[str, Any] | None = None,
+        store: StoreAPI | str | None = None,
+        memory: str = "trim",
+        summarizer: Backend | None = None,
+        durability: str | None = None,
+        tools: Sequence[Callable[..., Any]] | None = None,
+        max_tool_rounds: int = DEFAULT_TOOL_ROUNDS,
+    ):
+        """The one signature of both sessions (the arguments: ``ConversationSession``'s docs)."""
+        # Every argument, by name, into one frozen options object checked once (_options.py).
+        given = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
+        self._core = SessionCore(SessionOptions(**given))
+        self._init_driver()
+
+    def _init_driver(self) -> None:
+        """What the sync or the async driver adds to a new session (its locks)."""
+        raise NotImplementedError
 
     enable_cache = property(lambda self: self._core.enable_cache)
     backend = property(lambda self: self._core.backend)

@@ -15,7 +15,6 @@ file and KV cache exactly as they were after the previous turn.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -25,11 +24,9 @@ from typing import Any
 
 from .._exceptions import SessionError
 from .._result import ChatResult
-from ..backends import Backend
 from ..stores import validate_session_id
-from ..stores._api import StoreAPI
-from ._core import SessionCore, SessionView, core_setting
-from ._limits import DEFAULT_TIMEOUT_S, DEFAULT_TOOL_ROUNDS, check_max_tokens, check_timeout
+from ._core import SessionView, core_setting
+from ._limits import check_max_tokens, check_timeout
 from ._turn import Turn, _TurnSteps
 
 __all__ = ["ConversationSession"]
@@ -86,41 +83,7 @@ class ConversationSession(SessionView):
         SessionError: the sessions folder cannot be created.
     """
 
-    def __init__(
-        self,
-        llm_model: str | os.PathLike[str] | None = None,
-        *,
-        backend: str | Backend = "llama-cpp",
-        base_url: str | None = None,
-        enable_cache: bool = True,
-        timeout: float | None = DEFAULT_TIMEOUT_S,
-        tts_wait_timeout: float | None = 30.0,
-        tts: Any = None,
-        sessions_dir: str | os.PathLike[str] | None = None,
-        system_prompt: str | None = None,
-        max_tokens: int = 512,
-        temperature: float = 0.7,
-        backend_options: dict[str, Any] | None = None,
-        persist_kv_cache: bool = True,
-        kv_cache_max_bytes: int = 1 << 30,
-        tts_output_dir: str | os.PathLike[str] | None = None,
-        tts_options: dict[str, Any] | None = None,
-        store: StoreAPI | str | None = None,
-        memory: str = "trim",
-        summarizer: Backend | None = None,
-        durability: str | None = None,
-        tools: Sequence[Callable[..., Any]] | None = None,
-        max_tool_rounds: int = DEFAULT_TOOL_ROUNDS,
-    ):
-        self._core = SessionCore(
-            llm_model, backend=backend, base_url=base_url, enable_cache=enable_cache, timeout=timeout,
-            tts_wait_timeout=tts_wait_timeout, tts=tts, sessions_dir=sessions_dir, system_prompt=system_prompt,
-            max_tokens=max_tokens, temperature=temperature, backend_options=backend_options,
-            persist_kv_cache=persist_kv_cache, kv_cache_max_bytes=kv_cache_max_bytes,
-            tts_output_dir=tts_output_dir, tts_options=tts_options, store=store,
-            memory=memory, summarizer=summarizer, durability=durability, tools=tools,
-            max_tool_rounds=max_tool_rounds,
-        )
+    def _init_driver(self) -> None:
         self._lock = threading.Lock()        # guards the session's state; never held across a turn
         self._turn_free = threading.Condition(self._lock)
         self._turn_owner: int | None = None  # the thread whose turn is running
