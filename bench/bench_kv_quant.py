@@ -38,8 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from conversation_session.backends import CancelToken, GenerationRequest
-from conversation_session.backends import _llama_cpp
+from conversation_session.backends import CancelToken, GenerationRequest, _llama_cpp
 from conversation_session.backends._llama_cpp import LlamaCppBackend
 
 # f16 cells with flash attention, for this benchmark only: the backend turns flash attention

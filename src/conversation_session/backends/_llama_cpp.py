@@ -61,7 +61,8 @@ from ..stores._record import MessageDict
 from ._base import Backend, CancelToken, GenerationRequest
 from ._kvstate import KVStateError, read_kv_file, tokens_digest, write_kv_file
 
-__all__ = ["BUNDLED_MODEL_NAME", "DEFAULT_KV_CACHE_TYPE", "EXTRA_HINT", "KV_CACHE_TYPES", "LlamaCppBackend", "bundled_model_path", "default_n_threads"]
+__all__ = ["BUNDLED_MODEL_NAME", "DEFAULT_KV_CACHE_TYPE", "EXTRA_HINT", "KV_CACHE_TYPES", "LlamaCppBackend",
+           "bundled_model_path", "default_n_threads"]
 
 logger = logging.getLogger("conversation_session.backends.llama_cpp")
 

@@ -27,6 +27,7 @@ from .._exceptions import SessionError
 from .._result import ChatResult
 from .._runtime import shared_executor
 from ..backends import Backend
+from ..memory._kvcache import KV_CACHE_MAX_BYTES
 from ..stores import validate_session_id
 from ..stores._api import StoreAPI
 from ._core import SessionCore, SessionView
@@ -57,7 +58,7 @@ class AsyncConversationSession(SessionView):
                  tts_wait_timeout: float | None = 30.0, tts: Any = None,
                  sessions_dir: str | os.PathLike[str] | None = None, system_prompt: str | None = None,
                  max_tokens: int = 512, temperature: float = 0.7, backend_options: dict[str, Any] | None = None,
-                 persist_kv_cache: bool = True, kv_cache_max_bytes: int = 1 << 30,
+                 persist_kv_cache: bool = True, kv_cache_max_bytes: int = KV_CACHE_MAX_BYTES,
                  tts_output_dir: str | os.PathLike[str] | None = None, tts_options: dict[str, Any] | None = None,
                  store: StoreAPI | str | None = None, memory: str = "trim",
                  summarizer: Backend | None = None, durability: str | None = None,

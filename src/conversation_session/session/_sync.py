@@ -26,6 +26,7 @@ from typing import Any
 from .._exceptions import SessionError
 from .._result import ChatResult
 from ..backends import Backend
+from ..memory._kvcache import KV_CACHE_MAX_BYTES
 from ..stores import validate_session_id
 from ..stores._api import StoreAPI
 from ._core import SessionCore, SessionView, core_setting
@@ -61,7 +62,8 @@ class ConversationSession(SessionView):
             completed conversation in ``<session_id>.kv`` so a restart resumes without
             recomputing it.
         kv_cache_max_bytes: total size cap of the ``.kv`` files in ``sessions_dir`` (least
-            recently used are deleted first).
+            recently used, saved or restored, are deleted first; never a history); default
+            256 MiB.
         tts_output_dir: also write the speech as WAV files into this folder.
         tts_options: ``rate`` (words per minute), ``voice``, ``playback`` for the speech engine.
         store: where sessions live: a store object or a URL (``postgresql://user@host/db``);
@@ -102,7 +104,7 @@ class ConversationSession(SessionView):
         temperature: float = 0.7,
         backend_options: dict[str, Any] | None = None,
         persist_kv_cache: bool = True,
-        kv_cache_max_bytes: int = 1 << 30,
+        kv_cache_max_bytes: int = KV_CACHE_MAX_BYTES,
         tts_output_dir: str | os.PathLike[str] | None = None,
         tts_options: dict[str, Any] | None = None,
         store: StoreAPI | str | None = None,
