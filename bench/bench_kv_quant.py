@@ -10,7 +10,8 @@ turns, prefilled by the backend's ``warm`` and saved by ``save_state``: a sessio
 path):
 
 * ``.kv`` file bytes, and bytes per token;
-* save: ``save_state`` (render, copy the cells out of llama.cpp, write the file with fsync);
+* save: ``save_state`` (render, copy the cells out of llama.cpp, write the file with fsync),
+  right after a restore;
 * restore: ``restore_state`` (read, verify, hand the cells to llama.cpp);
 * warm TTFT: the first token of a new question with the history already in the cache
   (measured right after each restore: the cells are then exactly those of a warm session);
@@ -25,7 +26,8 @@ path):
 Rows: ``f16`` (today's default: f16 cells, no flash attention), ``f16+fa`` (f16 cells with
 flash attention: separates what flash attention changes from what quantisation does; a
 bench-only type), ``q8_0`` and ``q4_0`` (both with flash attention, which llama.cpp needs for
-a quantised V cache).  Medians of ``--reps``.  Prints a Markdown table for BENCHMARKS.md.
+a quantised V cache).  All types are loaded at once and the repetitions interleaved type by
+type (so the machine's load hits them alike).  Medians of ``--reps``.  Prints a Markdown table for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from conversation_session.backends import CancelToken, GenerationRequest, _llama_cpp
 from conversation_session.backends._llama_cpp import LlamaCppBackend
@@ -125,48 +128,50 @@ def reply(backend: LlamaCppBackend, messages: list[dict[str, str]], question: st
     return list(toks), decode, request.usage.completion_tokens
 
 
-def free(kv_type: str) -> None:
-    """Unload the shared model of this type (each type is its own llama.cpp context)."""
-    for key in [k for k in _llama_cpp._models if k[2] == kv_type]:
-        loaded = _llama_cpp._models.pop(key)
-        loaded.llama.close()
-
-
-def measure(kv_type: str, a: argparse.Namespace, root: Path) -> dict[str, object]:
+def prepare(kv_type: str, a: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Load the model with this cell type, prefill the history, save its .kv file."""
     backend = LlamaCppBackend(n_threads=a.threads, kv_cache_type=kv_type)
     messages = history(backend, a.tokens)
-    n = backend.count_tokens(messages)  # type: ignore[arg-type]
-    path = root / f"{kv_type}.kv"
     key = object()
     t0 = time.perf_counter()
     backend.warm(messages, CancelToken(), cache_key=key)  # type: ignore[arg-type]
     prefill = time.perf_counter() - t0
-    saves, sizes = [], []
-    for _ in range(a.reps):
-        info = backend.save_state(path, messages, cache_key=key)  # type: ignore[arg-type]
-        if info.get("kv_save") != "saved":
-            raise SystemExit(f"{kv_type}: save_state: {info}")
-        saves.append(float(info["kv_save_s"]))
-        sizes.append(int(info["kv_saved_bytes"]))
-    saved_tokens = int(info["kv_saved_tokens"])
+    path = root / f"{kv_type}.kv"
+    info = backend.save_state(path, messages, cache_key=key)  # type: ignore[arg-type]
+    if info.get("kv_save") != "saved":
+        raise SystemExit(f"{kv_type}: save_state: {info}")
     backend.forget(key)
-    restores, warms, colds = [], [], []
-    for _ in range(a.reps):
-        key = object()
-        t0 = time.perf_counter()
-        info = backend.restore_state(path, messages, 1 << 34, cache_key=key)  # type: ignore[arg-type]
-        restores.append(time.perf_counter() - t0)
-        if not info.get("kv_restored"):
-            raise SystemExit(f"{kv_type}: restore refused: {info}")
-        warms.append(first_token_s(backend, messages, key))
-        backend.forget(key)
-        if not colds:  # once: it is the slow path, for scale only
-            cold_key = object()  # nothing cached: a new key starts from empty cells
-            colds.append(first_token_s(backend, messages, cold_key))
-            backend.forget(cold_key)
-    # Drift: every question after the restored history (the cells a resumed session would have).
+    return {"type": kv_type, "backend": backend, "messages": messages, "path": path, "prefill_s": prefill,
+            "tokens": backend.count_tokens(messages), "saved_tokens": int(info["kv_saved_tokens"]),  # type: ignore[arg-type]
+            "bytes": int(info["kv_saved_bytes"]), "save": [], "restore": [], "warm": [], "cold": []}
+
+
+def one_rep(r: dict[str, Any], cold: bool) -> None:
+    """One save, restore and warm first token (and the cold first token once) of this type."""
+    backend, messages, path = r["backend"], r["messages"], r["path"]
     key = object()
-    info = backend.restore_state(path, messages, 1 << 34, cache_key=key)  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    info = backend.restore_state(path, messages, 1 << 34, cache_key=key)
+    r["restore"].append(time.perf_counter() - t0)
+    if not info.get("kv_restored"):
+        raise SystemExit(f"{r['type']}: restore refused: {info}")
+    r["warm"].append(first_token_s(backend, messages, key))
+    info = backend.save_state(path, messages, cache_key=key)
+    if info.get("kv_save") != "saved":
+        raise SystemExit(f"{r['type']}: save_state: {info}")
+    r["save"].append(float(info["kv_save_s"]))
+    backend.forget(key)
+    if cold:  # once: it is the slow path, for scale only
+        cold_key = object()  # nothing cached: a new key starts from empty cells
+        r["cold"].append(first_token_s(backend, messages, cold_key))
+        backend.forget(cold_key)
+
+
+def drift(r: dict[str, Any], a: argparse.Namespace) -> None:
+    """Greedy replies to every question after the restored history (a resumed session's cells)."""
+    backend, messages = r["backend"], r["messages"]
+    key = object()
+    backend.restore_state(r["path"], messages, 1 << 34, cache_key=key)
     replies, decode_s, decode_n = [], 0.0, 0
     for q in QUESTIONS[:a.questions]:
         toks, d, count = reply(backend, messages, q, key, a.reply_tokens)
@@ -174,14 +179,8 @@ def measure(kv_type: str, a: argparse.Namespace, root: Path) -> dict[str, object
         decode_s += d
         decode_n += max(0, count - 1)  # the first token's time is the prompt's
     backend.forget(key)
-    free(kv_type)
-    row = {"type": kv_type, "tokens": n, "saved_tokens": saved_tokens, "bytes": statistics.median(sizes),
-           "save_s": statistics.median(saves), "restore_s": statistics.median(restores),
-           "warm_s": statistics.median(warms), "cold_s": statistics.median(colds), "prefill_s": prefill,
-           "decode_ms": 1000 * decode_s / decode_n if decode_n else float("nan"), "replies": replies}
-    print(f"  {kv_type}: {row['bytes'] / 1e6:.1f} MB, restore {row['restore_s'] * 1000:.0f} ms, "
-          f"warm {row['warm_s'] * 1000:.0f} ms", file=sys.stderr)
-    return row
+    r["replies"] = replies
+    r["decode_ms"] = 1000 * decode_s / decode_n if decode_n else float("nan")
 
 
 def agreement(base: list[int], other: list[int]) -> float:
@@ -214,10 +213,18 @@ def main() -> None:
         types.insert(0, "f16")  # drift is measured against f16
     started = time.perf_counter()
     load0 = os.getloadavg()[0]
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for t in types:
-            rows.append(measure(t, a, Path(tmp)))
+        # Every type is loaded at once (its own llama.cpp context) and the repetitions are
+        # interleaved type by type, so a change in the machine's load hits them all alike.
+        rows = [prepare(t, a, Path(tmp)) for t in types]
+        for rep in range(a.reps):
+            for r in rows:
+                one_rep(r, cold=rep == 0)
+            print(f"  rep {rep + 1}/{a.reps}", file=sys.stderr)
+        for r in rows:
+            drift(r, a)
+            for name in ("save", "restore", "warm", "cold"):
+                r[f"{name}_s"] = statistics.median(r[name])
     base = rows[0]
     f16_warm = float(base["warm_s"])  # type: ignore[arg-type]
     threads = a.threads or _llama_cpp.default_n_threads()
