@@ -48,10 +48,10 @@ def test_the_cache_type_is_honoured(sessions_dir):
     assert 0.22 < per_token["q4_0"] / per_token["f16"] < 0.33
 
 
-def test_the_default_is_q8_0_and_a_bad_type_is_a_clear_error(sessions_dir):
+def test_the_default_is_f16_and_a_bad_type_is_a_clear_error(sessions_dir):
     s, stats = _chat_once(None)
-    assert stats["kv_cache_type"] == "q8_0"
-    assert read_kv_file(s.store.kv_path(s.session_id), 1 << 30)[0]["kv_type"] == "q8_0"
+    assert stats["kv_cache_type"] == "f16"
+    assert read_kv_file(s.store.kv_path(s.session_id), 1 << 30)[0]["kv_type"] == "f16"
     before = sorted(sessions_dir.iterdir())
     with pytest.raises(ValueError, match="kv_cache_type must be one of f16, q8_0, q4_0, not 'q3'"):
         ConversationSession(backend_options={"kv_cache_type": "q3"})

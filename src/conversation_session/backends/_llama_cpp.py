@@ -84,10 +84,12 @@ DEFAULT_RAM_STATE_BYTES = 1 << 30
 EXTRA_HINT = "pip install 'conversation-session[embedded]'"
 # KV cache cell types (llama.cpp's ``type_k``/``type_v``, both the same).  A quantised V cache
 # needs flash attention, so it is turned on for those; f16 runs as it always has (without it).
-# q8_0 is the default: half the size of f16 on disk and in RAM, resume as fast, replies nearly
-# unchanged (BENCHMARKS.md §16).
+# f16 stays the default: q8_0 halves the .kv files and sessions' states in RAM, but on a CPU its
+# prompt evaluation is about 2.5x slower (flash attention over quantised cells), so a warm turn's
+# first token and a resume's come later than with f16 (BENCHMARKS.md §16).  The files are kept
+# in bounds by the total cap instead (``KV_CACHE_MAX_BYTES``).
 KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # name: ggml_type
-DEFAULT_KV_CACHE_TYPE = "q8_0"
+DEFAULT_KV_CACHE_TYPE = "f16"
 # Sampling settings a request's ``options`` may override.
 _SAMPLER_OPTIONS = ("top_k", "top_p", "min_p", "repeat_penalty")
 # How a reply that the session keeps may end (a cancelled one is not kept as generated).
@@ -375,8 +377,11 @@ def _load(path: Path, n_ctx: int, n_threads: int, kv_type: str) -> _LoadedModel:
         # What saved KV cells depend on: the weights (file size and metadata, which includes
         # the chat template and tokenizer) and how llama.cpp lays out the cache (the cell type:
         # cells of another type would be read as garbage or refused half-way by llama.cpp).
-        ident = json.dumps([path.stat().st_size, sorted((k, str(v)) for k, v in llama.metadata.items()),
-                            {"kv_type": kv_type}])
+        # f16 files keep the fingerprint they had before the type was a choice: still valid.
+        parts: list[Any] = [path.stat().st_size, sorted((k, str(v)) for k, v in llama.metadata.items())]
+        if kv_type != "f16":
+            parts.append({"kv_type": kv_type})
+        ident = json.dumps(parts)
         fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:32]
         loaded = _LoadedModel(llama, _ModelLock(), load_s, path, formatter, formatter_done, stop, fingerprint,
                               n_threads, kv_type)
@@ -399,10 +404,11 @@ class LlamaCppBackend(Backend):
             model (shared by all backends on this model; least recently used dropped first).
         seed: sampling seed (None: random); with ``top_k``, ``top_p``, ``min_p`` and
             ``repeat_penalty``, overridable per request through ``request.options``.
-        kv_cache_type: the KV cache's cell type, ``"q8_0"`` (default), ``"f16"`` or ``"q4_0"``
-            (``KV_CACHE_TYPES``): the size of the ``.kv`` files and of sessions' states in RAM,
-            at a small cost in answer drift (BENCHMARKS.md §16).  A ``.kv`` file saved with
-            another type is not used (the history is computed again).
+        kv_cache_type: the KV cache's cell type, ``"f16"`` (default), ``"q8_0"`` or ``"q4_0"``
+            (``KV_CACHE_TYPES``): q8_0 halves the ``.kv`` files and sessions' states in RAM (q4_0
+            quarters them) but evaluates prompts about 2.5x slower on a CPU, and replies drift
+            a little (q4_0: a lot); BENCHMARKS.md §16.  A ``.kv`` file saved with another type
+            is not used (the history is computed again).
     """
 
     name = "llama-cpp"

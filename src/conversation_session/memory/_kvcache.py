@@ -35,10 +35,10 @@ __all__ = ["KV_CACHE_MAX_BYTES", "KVFile", "Warmup", "kv_file_path"]
 logger = logging.getLogger("conversation_session")
 
 # The default total of the .kv files in one folder.  A session's file grows with its history
-# (about 12 KB per token with q8_0 cells, 23 KB with f16: BENCHMARKS.md §16); 256 MiB keeps about
-# 20,000 tokens of recent conversations (two whole 8,192-token contexts, or ten sessions of 2,000
-# tokens), which is what resumes within seconds of each other need; older files are rebuilt from
-# the history when their session comes back.
+# (23 KB per token with the embedded model's f16 cells, 12 KB with q8_0: BENCHMARKS.md §16);
+# 256 MiB keeps about 11,000 tokens of the most recently used conversations (one whole
+# 8,192-token context, or five sessions of 2,000 tokens; twice that with q8_0).  An evicted
+# session loses only speed: its history is computed again when it comes back.
 KV_CACHE_MAX_BYTES = 256 << 20
 # A KV-cache save waits this long for the next turn before it starts: scripted, back-to-back
 # turns then skip the saves they would only wait for, and a person typing never notices.
