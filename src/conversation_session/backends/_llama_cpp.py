@@ -86,7 +86,7 @@ EXTRA_HINT = "pip install 'conversation-session[embedded]'"
 # needs flash attention, so it is turned on for those; f16 runs as it always has (without it).
 # f16 stays the default: q8_0 halves the .kv files and sessions' states in RAM, but on a CPU its
 # prompt evaluation is about 2.5x slower (flash attention over quantised cells), so a warm turn's
-# first token and a resume's come later than with f16 (BENCHMARKS.md §16).  The files are kept
+# first token and a resume's come later than with f16 (BENCHMARKS.md §18).  The files are kept
 # in bounds by the total cap instead (``KV_CACHE_MAX_BYTES``).
 KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # name: ggml_type
 DEFAULT_KV_CACHE_TYPE = "f16"
@@ -407,7 +407,7 @@ class LlamaCppBackend(Backend):
         kv_cache_type: the KV cache's cell type, ``"f16"`` (default), ``"q8_0"`` or ``"q4_0"``
             (``KV_CACHE_TYPES``): q8_0 halves the ``.kv`` files and sessions' states in RAM (q4_0
             quarters them) but evaluates prompts about 2.5x slower on a CPU, and replies drift
-            a little (q4_0: a lot); BENCHMARKS.md §16.  A ``.kv`` file saved with another type
+            a little (q4_0: a lot); BENCHMARKS.md §18.  A ``.kv`` file saved with another type
             is not used (the history is computed again).
     """
 

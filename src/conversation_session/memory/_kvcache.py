@@ -35,7 +35,7 @@ __all__ = ["KV_CACHE_MAX_BYTES", "KVFile", "Warmup", "kv_file_path"]
 logger = logging.getLogger("conversation_session")
 
 # The default total of the .kv files in one folder.  A session's file grows with its history
-# (23 KB per token with the embedded model's f16 cells, 12 KB with q8_0: BENCHMARKS.md §16);
+# (23 KB per token with the embedded model's f16 cells, 12 KB with q8_0: BENCHMARKS.md §18);
 # 256 MiB keeps about 11,000 tokens of the most recently used conversations (one whole
 # 8,192-token context, or five sessions of 2,000 tokens; twice that with q8_0).  An evicted
 # session loses only speed: its history is computed again when it comes back.
