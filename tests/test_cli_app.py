@@ -407,6 +407,16 @@ def test_sampling_flags_go_where_the_backend_takes_them():
     assert options == {} and ignored == ["--top-k"]
 
 
+def test_kv_type_goes_to_the_embedded_backend_only():
+    pytest.importorskip("llama_cpp")
+    options, ignored = backend_options(parse_args(["--kv-type", "f16"]))
+    assert options == {"kv_cache_type": "f16"} and ignored == []
+    options, ignored = backend_options(parse_args(["--backend", "fake", "--kv-type", "q4_0"]))
+    assert options == {} and ignored == ["--kv-type"]
+    with pytest.raises(SystemExit):
+        parse_args(["--kv-type", "q3"])
+
+
 def test_ignored_sampling_flag_is_said_once(sessions_dir):
     _, _, err, _ = chat(["hi"], "--top-k", "20")
     assert err.count("--top-k is not supported by the fake backend; ignored") == 1

@@ -61,7 +61,8 @@ from ..stores._record import MessageDict
 from ._base import Backend, CancelToken, GenerationRequest
 from ._kvstate import KVStateError, read_kv_file, tokens_digest, write_kv_file
 
-__all__ = ["BUNDLED_MODEL_NAME", "EXTRA_HINT", "LlamaCppBackend", "bundled_model_path", "default_n_threads"]
+__all__ = ["BUNDLED_MODEL_NAME", "DEFAULT_KV_CACHE_TYPE", "EXTRA_HINT", "KV_CACHE_TYPES", "LlamaCppBackend",
+           "bundled_model_path", "default_n_threads"]
 
 logger = logging.getLogger("conversation_session.backends.llama_cpp")
 
@@ -81,6 +82,14 @@ TIME_SLICE_S = 0.15
 # dropped beyond this; a dropped session computes its conversation again on its next turn).
 DEFAULT_RAM_STATE_BYTES = 1 << 30
 EXTRA_HINT = "pip install 'conversation-session[embedded]'"
+# KV cache cell types (llama.cpp's ``type_k``/``type_v``, both the same).  A quantised V cache
+# needs flash attention, so it is turned on for those; f16 runs as it always has (without it).
+# f16 stays the default: q8_0 halves the .kv files and sessions' states in RAM, but on a CPU its
+# prompt evaluation is about 2.5x slower (flash attention over quantised cells), so a warm turn's
+# first token and a resume's come later than with f16 (BENCHMARKS.md §18).  The files are kept
+# in bounds by the total cap instead (``KV_CACHE_MAX_BYTES``).
+KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # name: ggml_type
+DEFAULT_KV_CACHE_TYPE = "f16"
 # Sampling settings a request's ``options`` may override.
 _SAMPLER_OPTIONS = ("top_k", "top_p", "min_p", "repeat_penalty")
 # How a reply that the session keeps may end (a cancelled one is not kept as generated).
@@ -293,6 +302,7 @@ class _LoadedModel:
     stop_tokens: frozenset[int]
     fingerprint: str
     threads: int
+    kv_type: str
     # Whose cells the context holds, and whether they changed since they were copied in.
     active: Any = _NOBODY
     dirty: bool = False
@@ -306,7 +316,7 @@ class _LoadedModel:
     closed: bool = False  # freed at exit: background work must not touch it any more
 
 
-_models: dict[tuple[str, int], _LoadedModel] = {}
+_models: dict[tuple[str, int, str], _LoadedModel] = {}
 _models_lock = threading.Lock()
 
 
@@ -323,9 +333,9 @@ def _free_models() -> None:
         _models.clear()
 
 
-def _load(path: Path, n_ctx: int, n_threads: int) -> _LoadedModel:
-    """Load a GGUF once per process (per context size) and share it between sessions."""
-    key = (str(path.resolve()), n_ctx)
+def _load(path: Path, n_ctx: int, n_threads: int, kv_type: str) -> _LoadedModel:
+    """Load a GGUF once per process (per context size and KV cache type) and share it between sessions."""
+    key = (str(path.resolve()), n_ctx, kv_type)
     with _models_lock:
         loaded = _models.get(key)
         if loaded is not None:
@@ -336,8 +346,10 @@ def _load(path: Path, n_ctx: int, n_threads: int) -> _LoadedModel:
             raise BackendError(f"llama-cpp-python cannot be imported ({exc}): {EXTRA_HINT}") from exc
         t0 = time.perf_counter()
         try:
+            ggml_type = KV_CACHE_TYPES[kv_type]
             llama = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=n_threads,
-                          n_threads_batch=n_threads, verbose=False)
+                          n_threads_batch=n_threads, type_k=ggml_type, type_v=ggml_type,
+                          flash_attn=kv_type != "f16", verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise BackendError(f"cannot load the model {path}: {exc}; is it a valid GGUF file?") from exc
         load_s = time.perf_counter() - t0
@@ -363,13 +375,19 @@ def _load(path: Path, n_ctx: int, n_threads: int) -> _LoadedModel:
             if llama_cpp.llama_vocab_is_eog(vocab, t) or llama_cpp.llama_vocab_is_control(vocab, t)
         )
         # What saved KV cells depend on: the weights (file size and metadata, which includes
-        # the chat template and tokenizer) and how llama.cpp lays out the cache.
-        ident = json.dumps([path.stat().st_size, sorted((k, str(v)) for k, v in llama.metadata.items())])
+        # the chat template and tokenizer) and how llama.cpp lays out the cache (the cell type:
+        # cells of another type would be read as garbage or refused half-way by llama.cpp).
+        # f16 files keep the fingerprint they had before the type was a choice: still valid.
+        parts: list[Any] = [path.stat().st_size, sorted((k, str(v)) for k, v in llama.metadata.items())]
+        if kv_type != "f16":
+            parts.append({"kv_type": kv_type})
+        ident = json.dumps(parts)
         fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:32]
         loaded = _LoadedModel(llama, _ModelLock(), load_s, path, formatter, formatter_done, stop, fingerprint,
-                              n_threads)
+                              n_threads, kv_type)
         _models[key] = loaded
-        logger.info("loaded %s (n_ctx=%d, %d threads) in %.2f s", path.name, n_ctx, n_threads, load_s)
+        logger.info("loaded %s (n_ctx=%d, %d threads, %s KV cache) in %.2f s", path.name, n_ctx, n_threads,
+                    kv_type, load_s)
         return loaded
 
 
@@ -386,6 +404,11 @@ class LlamaCppBackend(Backend):
             model (shared by all backends on this model; least recently used dropped first).
         seed: sampling seed (None: random); with ``top_k``, ``top_p``, ``min_p`` and
             ``repeat_penalty``, overridable per request through ``request.options``.
+        kv_cache_type: the KV cache's cell type, ``"f16"`` (default), ``"q8_0"`` or ``"q4_0"``
+            (``KV_CACHE_TYPES``): q8_0 halves the ``.kv`` files and sessions' states in RAM (q4_0
+            quarters them) but evaluates prompts about 2.5x slower on a CPU, and replies drift
+            a little (q4_0: a lot); BENCHMARKS.md §18.  A ``.kv`` file saved with another type
+            is not used (the history is computed again).
     """
 
     name = "llama-cpp"
@@ -397,7 +420,10 @@ class LlamaCppBackend(Backend):
     def __init__(self, model: str | os.PathLike[str] | None = None, *, n_ctx: int = 8192,
                  n_threads: int | None = None, top_k: int = 40, top_p: float = 0.95,
                  min_p: float = 0.05, repeat_penalty: float = 1.1,
-                 ram_state_bytes: int | None = None, seed: int | None = None):
+                 ram_state_bytes: int | None = None, seed: int | None = None,
+                 kv_cache_type: str = DEFAULT_KV_CACHE_TYPE):
+        if kv_cache_type not in KV_CACHE_TYPES:
+            raise ValueError(f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, not {kv_cache_type!r}")
         _require_llama_cpp()
         if model is None:
             self.path = bundled_model_path()
@@ -415,7 +441,8 @@ class LlamaCppBackend(Backend):
         self.n_threads = n_threads or default_n_threads()
         self._sampling = {"top_k": top_k, "top_p": top_p, "min_p": min_p, "repeat_penalty": repeat_penalty}
         self.seed = seed
-        self._model = _load(self.path, n_ctx, self.n_threads)
+        self.kv_cache_type = kv_cache_type
+        self._model = _load(self.path, n_ctx, self.n_threads, kv_cache_type)
         if ram_state_bytes is not None:
             self._model.ram_cap = ram_state_bytes
 
@@ -783,7 +810,7 @@ class LlamaCppBackend(Backend):
                     return {"kv_save": f"skipped: only {keep} tokens match the conversation"}
                 # Cells past `keep` (a cut reply) ride along; a restore marks only `keep` valid.
                 payload = state.blob
-        header = {"model": m.fingerprint, "n_ctx": self.n_ctx, "n_tokens": keep,
+        header = {"model": m.fingerprint, "kv_type": m.kv_type, "n_ctx": self.n_ctx, "n_tokens": keep,
                   "tokens_sha256": tokens_digest(tokens[:keep])}
         file_bytes = write_kv_file(path, header, payload)
         return {"kv_save": "saved", "kv_saved_tokens": keep, "kv_saved_bytes": file_bytes,
@@ -812,6 +839,8 @@ class LlamaCppBackend(Backend):
             return {"kv_restored": False, "kv_restore_reason": "no saved KV cache"}
         except KVStateError as exc:
             return refuse(str(exc))
+        if header.get("kv_type", "f16") != m.kv_type:
+            return refuse(f"it holds {header.get('kv_type', 'f16')} cells, not {m.kv_type} (kv_cache_type)")
         if header.get("model") != m.fingerprint:
             return refuse("it was computed with another model")
         if header.get("n_ctx") != self.n_ctx:
@@ -872,6 +901,7 @@ class LlamaCppBackend(Backend):
         return {
             "n_ctx": self.n_ctx,
             "n_threads": self.n_threads,
+            "kv_cache_type": m.kv_type,
             "tokens_in_cache": tokens_in_cache,
             "state_bytes": state_bytes,
             "model_load_s": round(m.load_s, 3),

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=positive_int, default=None, help="sample from the K likeliest tokens")
     g.add_argument("--repeat-penalty", type=float, default=None, help="penalty for repeated tokens")
     g.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the embedded model")
+    g.add_argument("--kv-type", choices=["f16", "q8_0", "q4_0"], default=None,
+                   help="the embedded model's KV cache cell type: f16 (default), q8_0 (half the .kv file "
+                        "size, slower prompts) or q4_0")
     g.add_argument("--context-length", type=positive_int, default=None,
                    help="context window in tokens (llama-cpp default 8192, ollama 4096)")
     g.add_argument("--tool", action="append", choices=["time"], default=None, dest="tools",
@@ -135,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-kv-file", dest="persist_kv", action="store_false",
                    help="do not keep the embedded model's KV cache on disk beside the session")
     g.add_argument("--kv-cache-max", type=_size, default=None, metavar="SIZE",
-                   help="cap on the total size of the KV cache files, e.g. 200M or 2G (default 1G)")
+                   help="cap on the total size of the KV cache files, e.g. 200M or 2G (default 256M)")
     g.add_argument("--retention-days", type=_days, default=None, metavar="N",
                    help=f"on start, delete sessions not updated for N days (default ${RETENTION_ENV}, "
                         "else keep everything; 0 keeps everything)")

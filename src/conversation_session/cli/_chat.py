@@ -63,7 +63,8 @@ _BARGE_WAIT_S = 10.0
 
 # Sampling flags -> the backend keyword that takes them (first one the backend accepts).
 _SAMPLING = {"seed": ("seed",), "top_p": ("top_p",), "top_k": ("top_k",),
-             "repeat_penalty": ("repeat_penalty",), "threads": ("n_threads", "num_thread", "threads")}
+             "repeat_penalty": ("repeat_penalty",), "threads": ("n_threads", "num_thread", "threads"),
+             "kv_type": ("kv_cache_type",)}
 _CONTEXT_KEY = {"llama-cpp": "n_ctx", "ollama": "num_ctx", "openai": "context_length", "fake": "context_length"}
 
 

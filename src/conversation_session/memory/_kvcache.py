@@ -30,10 +30,16 @@ from ..backends import Backend, CancelToken
 from ..backends._kvstate import enforce_cap
 from ..stores._record import MessageDict
 
-__all__ = ["KVFile", "Warmup", "kv_file_path"]
+__all__ = ["KV_CACHE_MAX_BYTES", "KVFile", "Warmup", "kv_file_path"]
 
 logger = logging.getLogger("conversation_session")
 
+# The default total of the .kv files in one folder.  A session's file grows with its history
+# (23 KB per token with the embedded model's f16 cells, 12 KB with q8_0: BENCHMARKS.md §18);
+# 256 MiB keeps about 11,000 tokens of the most recently used conversations (one whole
+# 8,192-token context, or five sessions of 2,000 tokens; twice that with q8_0).  An evicted
+# session loses only speed: its history is computed again when it comes back.
+KV_CACHE_MAX_BYTES = 256 << 20
 # A KV-cache save waits this long for the next turn before it starts: scripted, back-to-back
 # turns then skip the saves they would only wait for, and a person typing never notices.
 KV_SAVE_DELAY_S = 0.5

@@ -23,7 +23,7 @@ from .._exceptions import SessionError, SessionLockedError, SessionNotFoundError
 from .._result import ChatResult
 from .._runtime import run_in_background, schedule
 from ..backends import Backend, GenerationRequest, create_backend
-from ..memory._kvcache import JOIN_TIMEOUT_S, KVFile, Warmup, kv_file_path
+from ..memory._kvcache import JOIN_TIMEOUT_S, KV_CACHE_MAX_BYTES, KVFile, Warmup, kv_file_path
 from ..memory._summary import SUMMARY_MAX_TOKENS, SummaryPolicy, SummaryState
 from ..memory._window import TrimPolicy
 from ..speech import create_speaker
@@ -720,7 +720,7 @@ class SessionView:
         temperature: float = 0.7,
         backend_options: dict[str, Any] | None = None,
         persist_kv_cache: bool = True,
-        kv_cache_max_bytes: int = 1 << 30,
+        kv_cache_max_bytes: int = KV_CACHE_MAX_BYTES,
         tts_output_dir: str | os.PathLike[str] | None = None,
         tts_options: dict[str, Any] | None = None,
         store: StoreAPI | str | None = None,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..backends import Backend
+from ..memory._kvcache import KV_CACHE_MAX_BYTES
 from ..stores._api import StoreAPI
 from ..stores._durability import resolve_durability
 from ._limits import DEFAULT_TIMEOUT_S, DEFAULT_TOOL_ROUNDS, check_max_tokens, check_timeout, check_tool_rounds
@@ -41,7 +42,7 @@ class SessionOptions:
     temperature: float = 0.7
     backend_options: dict[str, Any] | None = None
     persist_kv_cache: bool = True
-    kv_cache_max_bytes: int = 1 << 30
+    kv_cache_max_bytes: int = KV_CACHE_MAX_BYTES
     tts_output_dir: str | os.PathLike[str] | None = None
     tts_options: dict[str, Any] | None = None
     store: StoreAPI | str | None = None
