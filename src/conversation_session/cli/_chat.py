@@ -42,9 +42,9 @@ from ._commands import SETTINGS, Command, command_help, parse_line
 from ._confirm import NotConfirmed, confirm
 from ._console import Console, ConsoleLogHandler
 from ._export import export_session
+from ._listing import NothingDeleted, delete_saved, search_lines, session_table
 from ._models import find_local_model, list_models, print_models
 from ._prompt import make_prompt
-from ._sessions_cmd import kv_bytes
 from ._text import escape_controls, format_bytes, printable
 
 __all__ = ["ChatApp", "backend_options"]
@@ -1082,20 +1082,12 @@ class ChatApp:
             self.console.line(f"   {name:<30} {value}")
 
     def _list_sessions(self, store: Any) -> None:
-        c = self.console
         infos = store.list_sessions()
         if not infos:
-            c.line(f"no saved sessions in {_where(store)}")
+            self.console.line(f"no saved sessions in {_where(store)}")
             return
-        current = self.session.session_id if self.session else None
-        for info in infos:
-            mark = "*" if info.session_id == current else " "
-            line = printable(info.title or info.first_user_line, keep_newlines=False)
-            first = line[:50] + ("…" if len(line) > 50 else "")
-            kv = kv_bytes(store, info.session_id)
-            kv_text = "" if kv is None else f" + KV {format_bytes(kv)}"
-            c.line(f"{mark} {info.session_id:<24} {info.updated_at:<20} {info.turns:>4} turn(s)  "
-                   f"{format_bytes(info.size_bytes):>8}{kv_text:<16}  {first}")
+        for line in session_table(store, infos, current=self.session.session_id if self.session else None):
+            self.console.line(line)
 
     def _search(self, store: Any, text: str) -> None:
         c = self.console
@@ -1110,10 +1102,8 @@ class ChatApp:
         if not hits:
             c.line(f"no saved session holds {printable(text.strip(), keep_newlines=False)!r}")
             return
-        for h in hits:
-            where = "title" if h.index < 0 else f"#{h.index} {h.role}"
-            snippet = printable(h.snippet, keep_newlines=False)
-            c.line(f"  {h.session_id:<24} {h.updated_at:<20} {where:<14} {snippet[:90]}")
+        for line in search_lines(hits, 90):
+            c.line("  " + line)
         if len(hits) >= _SEARCH_LIMIT:
             c.line(f"  (the first {_SEARCH_LIMIT}; `sessions search TEXT --limit N` shows more)", "dim")
 
@@ -1138,36 +1128,18 @@ class ChatApp:
         if len(ids) != 1:
             c.error("usage: /delete ID [--yes]  (see `sessions`)")
             return
-        sid = ids[0]
-        try:
-            from ..stores import validate_session_id
+        prompt = self._prompt
+        assert prompt is not None
 
-            validate_session_id(sid)
-        except ValueError as exc:
-            c.error(str(exc))
-            return
-        if sid == session.session_id:
-            c.error("that is the current session; `new` first, then delete it")
-            return
-        if sid not in _session_ids(session.store):
-            c.error(f"no saved session {sid}")
-            return
-        assert self._prompt is not None
+        def ask(question: str) -> bool:
+            return confirm(question, yes=yes, terminal=self.interactive, ask=prompt)
+
         try:
-            go = confirm(f"Delete {sid}? This cannot be undone.", yes=yes, terminal=self.interactive,
-                         ask=self._prompt)
-        except NotConfirmed as exc:
+            c.notice("🗑️  " + delete_saved(session.store, ids[0], ask, current=session.session_id))
+        except NothingDeleted as exc:
+            (c.notice if str(exc) == "not deleted" else c.error)(str(exc))
+        except (NotConfirmed, SessionError, ValueError) as exc:
             c.error(str(exc))
-            return
-        if not go:
-            c.notice("not deleted")
-            return
-        try:
-            removed = session.store.delete(sid)
-        except SessionError as exc:
-            c.error(str(exc))
-            return
-        c.notice(f"🗑️  deleted {sid}" if removed else f"no saved session {sid}")
 
     def _export(self, session: ConversationSession, arg: str) -> None:
         c = self.console

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import stat
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -22,17 +20,17 @@ from pathlib import Path
 from typing import TextIO
 
 from .._exceptions import SessionError, SessionLockedError
-from ..memory._kvcache import kv_file_path
 from ..stores import HistoryStore, open_store, validate_session_id
 from ..stores._api import StoreAPI
 from ..stores._housekeeping import INFO_KINDS, doctor, export_all, import_session, prune
 from ._args import store_from
 from ._confirm import confirm
 from ._export import encode_record, export_session
+from ._listing import NothingDeleted, delete_saved, kv_bytes, one_line, search_lines, session_table
 from ._models import default_model, list_models, print_models
-from ._text import format_bytes, printable
+from ._text import printable
 
-__all__ = ["CommandError", "apply_retention", "kv_bytes", "run_command"]
+__all__ = ["CommandError", "apply_retention", "run_command"]
 
 logger = logging.getLogger("conversation_session.cli")
 
@@ -45,20 +43,6 @@ def _clean(text: str) -> str:
     """Text safe to print: a lone surrogate from a damaged file must not crash the output,
     and control characters from a session's content must not drive the terminal."""
     return printable(text)
-
-
-def kv_bytes(store: object, session_id: str) -> int | None:
-    """Size of the session's saved KV cache file (embedded backend), None when it has none."""
-    try:
-        st = os.lstat(kv_file_path(store, session_id))
-    except (OSError, ValueError):
-        return None
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
-
-
-def _one_line(text: str, width: int) -> str:
-    line = printable(text, keep_newlines=False)
-    return line[:width] + ("…" if len(line) > width else "")
 
 
 class _Commands:
@@ -96,14 +80,8 @@ class _Commands:
         if not infos:
             self.say(f"no saved sessions in {self.store.description}")
             return 0
-        # SIZE is the history; KV the model's saved cache beside it (often far larger).  TITLE:
-        # the session's title, else its first line.
-        self.say(f"{'ID':<26} {'CREATED':<19}  {'UPDATED':<19}  {'TURNS':>5}  {'SIZE':>8}  {'KV':>8}  TITLE")
-        for i in infos:
-            kv = kv_bytes(self.store, i.session_id)
-            self.say(f"{i.session_id:<26} {i.created_at:<19}  {i.updated_at:<19}  {i.turns:>5}  "
-                     f"{format_bytes(i.size_bytes):>8}  {'–' if kv is None else format_bytes(kv):>8}  "
-                     f"{_one_line(i.title or i.first_user_line, 60)}")
+        for line in session_table(self.store, infos):
+            self.say(line)
         return 0
 
     # -- sessions search / rename --------------------------------------------------------------
@@ -119,9 +97,8 @@ class _Commands:
         if not hits:
             print(_clean(f"no session in {self.store.description} holds {text!r}"), file=self.err)
             return 1  # as grep: nothing found
-        for h in hits:
-            where = "title" if h.index < 0 else f"#{h.index} {h.role}"
-            self.say(f"{h.session_id:<26} {h.updated_at:<19}  {where:<14} {_one_line(h.snippet, 100)}")
+        for line in search_lines(hits):
+            self.say(line)
         if len(hits) >= self.args.limit:
             print(f"(the first {len(hits)} hits; --limit N shows more)", file=self.err)
         return 0
@@ -194,15 +171,13 @@ class _Commands:
 
     # -- sessions delete -----------------------------------------------------------------------
     def delete(self) -> int:
-        sid = _valid_id(self.args.session_id)
-        if sid not in self.store.newest_first():  # damaged sessions too: they can be deleted
-            raise self._no_session(sid)
-        if not self.confirm(f"Delete {sid}? This cannot be undone."):
-            self.say("not deleted")
-            return 1
-        if not self.store.delete(sid):
-            raise self._no_session(sid)
-        self.say(f"deleted {sid}")
+        try:
+            self.say(delete_saved(self.store, _valid_id(self.args.session_id), self.confirm))
+        except NothingDeleted as exc:
+            if str(exc) == "not deleted":
+                self.say(str(exc))
+                return 1
+            raise CommandError(str(exc)) from None
         return 0
 
     # -- sessions prune ------------------------------------------------------------------------
@@ -219,7 +194,7 @@ class _Commands:
         self.say(f"{verb} {len(doomed)} session(s):")
         for sid in doomed:
             i = infos.get(sid)
-            self.say(f"  {sid:<26} updated {i.updated_at:<19}  {i.turns:>4} turn(s)  {_one_line(i.first_user_line, 50)}"
+            self.say(f"  {sid:<26} updated {i.updated_at:<19}  {i.turns:>4} turn(s)  {one_line(i.first_user_line, 50)}"
                      if i else f"  {sid}")
         if a.dry_run:
             return 0
