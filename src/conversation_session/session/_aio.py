@@ -128,10 +128,11 @@ class AsyncConversationSession(SessionView):
         model may call the client's tools again (the same rules as ``stream``)."""
         return self._start("", on_token, retry=False, client_tools=client_tools, results=list(results))
 
-    def stream_retry(self, *, on_token: Callable[[str], None] | None = None) -> AsyncTurn:
+    def stream_retry(self, *, on_token: Callable[[str], None] | None = None,
+                     client_tools: Sequence[dict[str, Any]] | None = None) -> AsyncTurn:
         """Ask the last user message again; the completed reply replaces the last one (see
-        ``ConversationSession.stream_retry``)."""
-        return self._start("", on_token, retry=True)
+        ``ConversationSession.stream_retry``; ``client_tools`` as in ``stream``)."""
+        return self._start("", on_token, retry=True, client_tools=client_tools)
 
     def _start(self, text: str, on_token: Callable[[str], None] | None, *, retry: bool, tools: Any = None,
                max_tool_rounds: int | None = None, client_tools: Sequence[dict[str, Any]] | None = None,

@@ -51,6 +51,7 @@ from ..tools._run import STOPPED
 from ._limits import check_tool_rounds
 
 if TYPE_CHECKING:
+    from ._conversation import Plan
     from ._core import SessionCore
 
 __all__ = ["AsyncTurn", "Turn"]
@@ -102,6 +103,7 @@ class _TurnSteps:
         self._commit_lock = threading.Lock()
         self.done_callbacks: list[Callable[[ChatResult], None]] = []
         self.empty = not retry and not resume and not text.strip()
+        self.plan: Plan | None
         if resume:
             self.plan, steps = core.conversation.plan_continue()
             self.steps = list(steps)  # committed already: the rest of the turn continues them
