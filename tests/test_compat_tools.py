@@ -20,8 +20,9 @@ import ollama
 import openai
 import pytest
 
-from conversation_session import AsyncConversationSession, FakeBackend, ToolCalls
+from conversation_session import AsyncConversationSession, ConversationSession, FakeBackend, ToolCalls
 from conversation_session.tools import NO_CLIENT_RESULT, UNKNOWN_OUTCOME
+from pg_server import pg_server, pg_url  # noqa: F401
 from test_service import TOKEN_A, ServiceProcess, auth, service
 
 LIGHT = {"type": "function", "function": {
@@ -263,3 +264,31 @@ def test_library_client_tools_pending_then_results_or_a_new_message(tmp_path: Pa
             assert s.history[-3]["content"] == NO_CLIENT_RESULT
             one_call_one_result(s.history)  # type: ignore[arg-type]
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("where", ["file", "postgresql"])
+def test_sync_session_pending_call_survives_reopening(tmp_path: Path, where: str,
+                                                     request: pytest.FixtureRequest) -> None:
+    """The ``"client": true`` mark is part of the stored call on both stores: reopened, the
+    call is still pending (not repaired), and the client's result completes it."""
+    store: Any = {"sessions_dir": tmp_path} if where == "file" else {"store": request.getfixturevalue("pg_url")}
+    fake = FakeBackend()
+    fake.enqueue(ToolCalls([("HassStartTimer", {"minutes": 1})], text="Starting it."))
+    fake.enqueue("Timer running.")
+    with ConversationSession(backend=fake, **store) as s:
+        with s.stream("a timer", client_tools=[TIMER]) as turn:
+            assert "".join(turn) == "Starting it."
+            r = turn.result()
+        assert r.response == "Starting it." and r.finish_reason == "tool_calls"
+        sid = s.session_id
+    with ConversationSession(backend=fake, **store) as s:
+        s.load_history(sid)
+        assert s.history[-1]["tool_calls"][0]["client"] is True  # still pending after reopening
+        with s.stream_tool_results([{"content": "started"}], client_tools=[TIMER]) as turn:
+            assert "".join(turn) == "Timer running."
+    with ConversationSession(backend=fake, **store) as s:
+        s.load_history(sid)
+        assert [(m["role"], m["content"]) for m in s.history] == [
+            ("user", "a timer"), ("assistant", "Starting it."), ("tool", "started"), ("assistant", "Timer running.")]
+        assert s.turns == 1
+        one_call_one_result(s.history)  # type: ignore[arg-type]
