@@ -292,3 +292,23 @@ def test_sync_session_pending_call_survives_reopening(tmp_path: Path, where: str
             ("user", "a timer"), ("assistant", "Starting it."), ("tool", "started"), ("assistant", "Timer running.")]
         assert s.turns == 1
         one_call_one_result(s.history)  # type: ignore[arg-type]
+
+
+def test_the_continuation_may_call_the_clients_tools_again(tmp_path: Path) -> None:
+    fake = FakeBackend()
+    fake.enqueue(ToolCalls([("HassTurnOn", {"name": "a"})]))
+    fake.enqueue(ToolCalls([("HassStartTimer", {"minutes": 2})]))
+    fake.enqueue("All set.")
+    with ConversationSession(backend=fake, sessions_dir=tmp_path) as s:
+        with s.stream("light then timer", client_tools=[LIGHT, TIMER]) as turn:
+            assert turn.result().finish_reason == "tool_calls"
+        with s.stream_tool_results([{"content": "on"}], client_tools=[LIGHT, TIMER]) as turn:
+            r = turn.result()
+        assert r.finish_reason == "tool_calls" and [c["name"] for c in r.tool_calls] == ["HassStartTimer"]
+        # The second request to the model had the first call and its result in its prompt.
+        assert [m["role"] for m in fake.requests[1].messages] == ["user", "assistant", "tool"]
+        with s.stream_tool_results([{"content": "timer set"}], client_tools=[LIGHT, TIMER]) as turn:
+            assert turn.result().response == "All set."
+        assert [m["role"] for m in s.history] == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
+        assert s.turns == 1
+        one_call_one_result(s.history)  # type: ignore[arg-type]
