@@ -312,3 +312,25 @@ def test_the_continuation_may_call_the_clients_tools_again(tmp_path: Path) -> No
         assert [m["role"] for m in s.history] == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
         assert s.turns == 1
         one_call_one_result(s.history)  # type: ignore[arg-type]
+
+
+def test_an_edit_after_a_tool_turn_rewinds_to_the_right_stored_message(server: ServiceProcess) -> None:
+    """With an explicit id the client's messages are the whole conversation; the stored call and
+    result are not in the client's comparison, so the rewind point is mapped past them."""
+    c = _openai(server)
+    msgs: list[Any] = [{"role": "user", "content": "call:HassTurnOn {}"}]
+    first = c.chat.completions.create(model="fake-model", user="oa-edit", messages=msgs, tools=[LIGHT])
+    [call] = first.choices[0].message.tool_calls or []
+    msgs += [first.choices[0].message.model_dump(exclude_none=True),
+             {"role": "tool", "tool_call_id": call.id, "content": "on"}]
+    a1 = c.chat.completions.create(model="fake-model", user="oa-edit", messages=msgs, tools=[LIGHT])
+    msgs += [{"role": "assistant", "content": a1.choices[0].message.content}]
+    c.chat.completions.create(model="fake-model", user="oa-edit",
+                              messages=[*msgs, {"role": "user", "content": "hello"}])
+    raw = c.chat.completions.with_raw_response.create(
+        model="fake-model", user="oa-edit", messages=[*msgs, {"role": "user", "content": "hi instead"}])
+    stored = history(server, raw.headers["x-session-id"])
+    assert [(m["role"], m["content"]) for m in stored][2:] == [
+        ("tool", "on"), ("assistant", a1.choices[0].message.content), ("user", "hi instead"),
+        ("assistant", raw.parse().choices[0].message.content)]
+    one_call_one_result(stored)
