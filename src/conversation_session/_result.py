@@ -32,7 +32,9 @@ class ChatResult:
         interrupt_to_silence_s: with ``interrupted`` and speech, seconds from the interrupt
             until the audio stopped.
         tool_calls: the tool calls of this turn, in order: ``{"id", "name", "arguments",
-            "result" or "error", "duration_s"}`` (empty when the model called none).
+            "result" or "error", "duration_s"}`` (empty when the model called none); a call of
+            ``client_tools`` is ``{"id", "name", "arguments", "client": True}``, pending, and
+            ``finish_reason`` is then ``tool_calls`` (docs/compat.md).
     """
 
     response: str

@@ -201,13 +201,53 @@ class FakeBackend(Backend):
         self.reset_cache(cache_key=cache_key)
 
 
+_CALL = re.compile(r"call:([A-Za-z_][\w.-]*)\s*(\{.*\})?\s*$", re.S)
+
+
+def scripted_calls(request: GenerationRequest) -> list[ToolCall]:
+    """The testing convention of ``serve --backend fake``: a last user message made of lines
+    ``call:NAME {json-args}`` asks for those calls (in order) of offered tools (``{}`` without
+    arguments); anything else, or a tool that was not offered, is answered as text."""
+    last = request.messages[-1] if request.messages else None
+    if last is None or last["role"] != "user" or not request.tools:
+        return []
+    offered = {t["function"]["name"] for t in request.tools}
+    calls: list[ToolCall] = []
+    for line in last["content"].strip().splitlines():
+        found = _CALL.match(line.strip())
+        if found is None or found.group(1) not in offered:
+            return []
+        try:
+            args = json.loads(found.group(2) or "{}")
+        except ValueError:
+            return []
+        if not isinstance(args, dict):
+            return []
+        calls.append(ToolCall(found.group(1), args, f"call_{uuid.uuid4().hex[:12]}"))
+    return calls
+
+
 class WordFakeBackend(FakeBackend):
     """The fake backend, streaming its reply word by word (so streaming, sentence events and
     interrupts have something to cut): ``serve --backend fake``, for trying the service and
-    its clients without a model."""
+    its clients without a model.  ``scripted_calls`` says how it asks for a tool call; after
+    tool results it answers ``Reply N: NAME said RESULT`` (each result, ``; ``-joined)."""
 
     def _start(self, request: Any) -> Any:
         plan = super()._start(request)
+        # Only the default reply is replaced: a queued one (enqueue) stays what was scripted.
+        default = not plan.calls and "".join(plan.pieces).startswith(f"Reply {len(self.requests)}: ")
+        calls = scripted_calls(request) if default else []
+        if calls:
+            plan.pieces, plan.calls = [], calls
+            return plan
+        if default and request.messages and request.messages[-1]["role"] == "tool":
+            said: list[str] = []
+            for m in reversed(request.messages):
+                if m["role"] != "tool":
+                    break
+                said.insert(0, f"{m.get('name', '')} said {m['content']}")
+            plan.pieces = [f"Reply {len(self.requests)}: {'; '.join(said)}"]
         text = "".join(plan.pieces)
         plan.pieces = re.findall(r"\S+\s*", text) or [text]
         return plan

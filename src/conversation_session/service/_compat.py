@@ -25,6 +25,15 @@ never a second copy of it:
   stored history is rewound to the common prefix (``rewind_to``: withdrawn messages are kept
   under ``undone``, as by ``undo``) and the client's differing turns are added before the turn.
 
+**Tool calls pass through** (``parse_tools``): the tools the client declares are offered to
+the model and never run here.  A call the model makes ends the turn: it is committed as a
+pending call (``"client": true`` on the call, so the orphan repair on load leaves it for the
+client) and returned in the API's shape.  A request whose last messages are ``tool`` results
+answers the pending calls (``AsyncConversationSession.stream_tool_results``: by
+``tool_call_id``, or in order without ids, as Home Assistant's Ollama integration sends them);
+its other messages are not reconciled (they are what led to the call).  Stored tool messages
+are left out of the comparison: only user messages and assistant replies with text take part.
+
 The client's system prompt is the prompt's system prompt for that request (the stored one
 otherwise); it is not saved.  Comparisons touch at most the client's messages (O(client
 messages), not O(history)).
@@ -50,14 +59,15 @@ from ._log import session_id_var
 from ._requests import run_watched
 
 __all__ = ["CompatError", "CompatRequest", "PathToken", "Reconcile", "TurnEvent", "check_name", "derived_sid",
-           "durations", "finish", "first_event", "model_key", "parse_messages", "reconcile", "resolve_session",
-           "run_turn", "served_models", "whole_turn"]
+           "durations", "finish", "first_event", "model_key", "parse_messages", "parse_tools", "reconcile",
+           "resolve_session", "run_turn", "served_models", "whole_turn"]
 
 logger = logging.getLogger("conversation_session.service")
 
 SESSION_HEADERS = ("x-session-id", "x-openwebui-chat-id")
 WHOLE_HEADER = "x-openwebui-chat-id"  # Open WebUI sends the whole conversation, always
 _MAX_NAME = 256
+_MAX_TOOLS = 256
 
 
 class CompatError(Exception):
@@ -128,16 +138,20 @@ class CompatRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = True
+    tools: list[dict[str, Any]] = field(default_factory=list)  # the client's tools (it runs them)
+    results: list[dict[str, Any]] | None = None  # the client's results of the pending calls (``text`` is "")
 
 
-def parse_messages(raw: Any, limit: int) -> tuple[str | None, list[MessageDict], str]:
-    """(system prompt, earlier user/assistant messages, new user message) of a request's
-    ``messages``.  Tool calls are not passed through yet: ``tool`` messages and assistant
-    messages without text are left out of the comparison."""
+def parse_messages(raw: Any, limit: int) -> tuple[str | None, list[MessageDict], str, list[dict[str, Any]] | None]:
+    """(system prompt, earlier user/assistant messages, new user message, tool results) of a
+    request's ``messages``.  Assistant messages that ask for calls and ``tool`` messages are
+    left out of the comparison; ``tool`` messages at the end are the client's results of the
+    pending calls (then there is no new user message: ``""``, and the results are a list)."""
     if not isinstance(raw, list) or not raw:
         raise CompatError(400, '"messages" must be a non-empty list', param="messages")
     system: list[str] = []
     convo: list[MessageDict] = []
+    results: list[dict[str, Any]] = []  # the tool messages since the last user/assistant message
     for i, m in enumerate(raw):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise CompatError(400, f"messages[{i}] must be an object with a role", param="messages")
@@ -150,22 +164,63 @@ def parse_messages(raw: Any, limit: int) -> tuple[str | None, list[MessageDict],
             if not convo:
                 system.append(text)  # a system message after the conversation began is left out
         elif role in ("user", "assistant"):
-            if role == "assistant" and not text.strip():
-                continue  # a tool call without text (tools are not passed through yet)
+            results = []
+            if role == "assistant" and (m.get("tool_calls") or not text.strip()):
+                continue  # a call request: stored as the session made it, not compared
             convo.append({"role": role, "content": text})
         elif role in ("tool", "function"):
-            continue
+            call_id = m.get("tool_call_id")
+            if call_id is not None and not isinstance(call_id, str):
+                raise CompatError(400, f"messages[{i}].tool_call_id must be a string", param="messages")
+            if len(text.encode()) > limit:
+                raise CompatError(413, f"messages[{i}]: the tool result is over {limit} bytes", param="messages")
+            results.append({"content": text, "tool_call_id": call_id or None})
         else:
             raise CompatError(400, f"messages[{i}]: unknown role {role!r}", param="messages")
+    if results:
+        return ("\n\n".join(system) if system else None), convo, "", results
     if not convo or convo[-1]["role"] != "user":
-        raise CompatError(400, "the last message must be the user's (tool results are not passed through yet)",
-                          param="messages")
+        raise CompatError(400, "the last message must be the user's, or tool results", param="messages")
     text = convo.pop()["content"]
     if not text.strip():
         raise CompatError(400, "the user's message is empty", param="messages")
     if len(text.encode()) > limit:
         raise CompatError(413, f"the user's message is over {limit} bytes", param="messages")
-    return ("\n\n".join(system) if system else None), convo, text
+    return ("\n\n".join(system) if system else None), convo, text, None
+
+
+def parse_tools(tools: Any, choice: Any = None) -> list[dict[str, Any]]:
+    """The client's tools as the schemas offered to the model (``{"type": "function",
+    "function": {"name", "description", "parameters"}}``).  ``tool_choice`` (OpenAI): ``"none"``
+    offers none, ``{"type": "function", "function": {"name"}}`` only that one; ``"auto"`` and
+    ``"required"`` offer all (a model cannot be forced to call here)."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list) or len(tools) > _MAX_TOOLS:
+        raise CompatError(400, f'"tools" must be a list of at most {_MAX_TOOLS} tools', param="tools")
+    out: list[dict[str, Any]] = []
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise CompatError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
+                              param="tools")
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise CompatError(400, f"tools[{i}].function.parameters must be an object", param="tools")
+        schema: dict[str, Any] = {"name": fn["name"], "description": str(fn.get("description") or ""),
+                                  "parameters": params or {"type": "object", "properties": {}}}
+        out.append({"type": "function", "function": schema})
+    if choice is None or choice in ("auto", "required"):
+        return out
+    if choice == "none":
+        return []
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(name, str):
+        raise CompatError(400, '"tool_choice" must be "none", "auto", "required" or a function', param="tool_choice")
+    chosen = [t for t in out if t["function"]["name"] == name]
+    if not chosen:
+        raise CompatError(400, f'"tool_choice" names {name!r}, which is not in "tools"', param="tool_choice")
+    return chosen
 
 
 def check_name(value: Any, what: str) -> str:
@@ -279,17 +334,46 @@ async def _apply(session: AsyncConversationSession, plan: Reconcile) -> None:
             raise CompatError(400, str(exc), param="messages") from None
 
 
+def _compared(stored: Sequence[MessageDict]) -> tuple[list[MessageDict], list[int]]:
+    """The stored messages that take part in reconciliation (user messages, assistant replies
+    with text) and their indexes (one pass over the history)."""
+    index = [i for i, m in enumerate(stored) if m["role"] == "user" or
+             (m["role"] == "assistant" and "tool_calls" not in m and m["content"].strip())]
+    return [stored[i] for i in index], index
+
+
 async def run_turn(st: Any, sid: str, req: CompatRequest) -> AsyncGenerator[TurnEvent, None]:
     """Hold session ``sid``, reconcile, run the turn: its pieces, then its result.  Closing
     the generator early (a client gone) cancels the turn; nothing of it is kept."""
     reg = await st.wait_ready()
     async with reg.hold(sid) as session:
         assert session is not None
-        plan = reconcile(session._core.conversation.messages, req.history, req.text, req.explicit is not None,
-                         req.whole)
+        plan = Reconcile()
+        stored = session._core.conversation.messages
+        if req.results is None:
+            plan = reconcile(stored, req.history, req.text, req.explicit is not None, req.whole)
+        if plan != Reconcile() and any(m["role"] == "tool" for m in stored):
+            # The client's view leaves the session's call messages out: compare without them
+            # (only here, where the plain comparison found a difference, is the history scanned).
+            shown, index = _compared(stored)
+            plan = reconcile(shown, req.history, req.text, True, req.whole)
+            if plan.rewind_to is not None:
+                at = plan.rewind_to
+                plan = Reconcile(retry=plan.retry, imports=plan.imports,
+                                 rewind_to=index[at] if at < len(index) else len(session._core.conversation.messages))
         await _apply(session, plan)
         with _request_settings(session, req, st.config.max_tokens):
-            turn = session.stream_retry() if plan.retry else session.stream(req.text)
+            if req.results is not None:
+                try:
+                    turn = session.stream_tool_results(req.results, client_tools=req.tools)
+                    await turn.__aenter__()
+                except (ValueError, SessionError) as exc:
+                    raise CompatError(400, f"the tool results answer no pending call: {exc}",
+                                      param="messages") from None
+            elif plan.retry:
+                turn = session.stream_retry(client_tools=req.tools)
+            else:
+                turn = session.stream(req.text, client_tools=req.tools)
             hold = max((len(s) for s in req.stop), default=1) - 1
             async with turn:
                 full = ""

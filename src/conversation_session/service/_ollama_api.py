@@ -1,8 +1,10 @@
 """Ollama's API on the service (``/api/...``): what Home Assistant's Ollama integration, Open
 WebUI and the ``ollama`` SDK call, with a durable session behind every chat (``_compat``).
 
-Errors are Ollama's shape, ``{"error": "message"}``.  Tool calls are not passed through yet:
-``tools`` is accepted and the model answers without calling any.  ``format`` and ``think`` are
+Errors are Ollama's shape, ``{"error": "message"}``.  Tool calls pass through (``_compat``): a
+call the model makes to one of the request's ``tools`` is returned as ``message.tool_calls``
+(``{"function": {"name", "arguments": {...}}}``, ``done_reason`` ``"stop"`` as Ollama says it),
+and the ``tool`` messages of the next request answer it in order.  ``format`` and ``think`` are
 accepted and not enforced (no structured output, no separate thinking).  ``keep_alive`` is
 accepted: the model stays loaded for the service's life.
 """
@@ -36,6 +38,7 @@ from ._compat import (
     model_key,
     now_rfc3339,
     parse_messages,
+    parse_tools,
     resolve_session,
     run_turn,
     served_models,
@@ -195,8 +198,23 @@ def _chunk(model: str, **fields: Any) -> bytes:
     return (json.dumps({"model": model, "created_at": now_rfc3339(), **fields}, ensure_ascii=False) + "\n").encode()
 
 
+def _calls(result: Any) -> list[dict[str, Any]]:
+    """The client's calls of a turn, as Ollama returns them."""
+    return [{"function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in result.tool_calls if c.get("client")]
+
+
+def _message(content: str, result: Any) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    calls = _calls(result)
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
 def _final(model: str, result: Any, stopped: bool, **extra: Any) -> dict[str, Any]:
-    reason = "stop" if stopped else (result.finish_reason or "stop")
+    # Ollama ends a turn that asks for calls with "stop" too (its clients look at tool_calls).
+    reason = "stop" if stopped or result.finish_reason == "tool_calls" else (result.finish_reason or "stop")
     return {"model": model, "created_at": now_rfc3339(), **extra, "done": True, "done_reason": reason,
             **durations(result)}
 
@@ -217,20 +235,19 @@ async def chat(request: Request) -> Response:
         loaded = {"model": model, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": ""},
                   "done": True, "done_reason": "load"}
         return JSONResponse(loaded) if not stream else Response(json.dumps(loaded) + "\n", media_type=_NDJSON)
-    system, history, text = parse_messages(data.get("messages"), st.config.max_text_bytes)
+    system, history, text, results = parse_messages(data.get("messages"), st.config.max_text_bytes)
     req = CompatRequest(model=model, system=system, history=history, text=text, explicit=_explicit(request),
                         whole=bool(request.headers.get(WHOLE_HEADER)),
                         max_tokens=int(options["num_predict"]) if options.get("num_predict") else None,
                         temperature=options.get("temperature"), seed=options.get("seed"), stop=options["stop"],
-                        stream=stream)
+                        stream=stream, tools=parse_tools(data.get("tools")), results=results)
     sid = await resolve_session(st, owner, model, req.explicit)
     events = run_turn(st, sid, req)
     headers = {"X-Session-Id": sid}
     if not stream:
         reply, result, stopped = await whole_turn(events, request.receive)
         st.counters["turns_completed"] += 1
-        return JSONResponse(_final(model, result, stopped, message={"role": "assistant", "content": reply}),
-                            headers=headers)
+        return JSONResponse(_final(model, result, stopped, message=_message(reply, result)), headers=headers)
     first = await first_event(events, request.receive)
 
     async def body() -> AsyncIterator[bytes]:
@@ -242,6 +259,8 @@ async def chat(request: Request) -> Response:
                 if ev.result is not None:
                     st.counters["turns_completed"] += 1
                     await finish(events)
+                    if _calls(ev.result):  # as Ollama streams them: a chunk of their own, then the end
+                        yield _chunk(model, message=_message("", ev.result), done=False)
                     yield (json.dumps(_final(model, ev.result, ev.stopped,
                                              message={"role": "assistant", "content": ""})) + "\n").encode()
                     return

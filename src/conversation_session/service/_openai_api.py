@@ -2,9 +2,11 @@
 what the ``openai`` SDK, Open WebUI, Pipecat's and LiveKit's OpenAI plugins call, with a
 durable session behind every chat (``_compat``).
 
-Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.  Tool calls are
-not passed through yet: ``tools``/``tool_choice`` are accepted and the model answers without
-calling any.  ``n`` > 1 is refused (one conversation, one reply).
+Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.  Tool calls pass
+through (``_compat``): a call the model makes to one of the request's ``tools`` is returned as
+``message.tool_calls`` (``delta.tool_calls`` when streaming; ``arguments`` a JSON string) with
+``finish_reason`` ``"tool_calls"``, and the ``tool`` messages of the next request answer it by
+``tool_call_id``.  ``n`` > 1 is refused (one conversation, one reply).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ._compat import (
     finish,
     first_event,
     parse_messages,
+    parse_tools,
     resolve_session,
     run_turn,
     served_models,
@@ -106,7 +109,8 @@ def _request(data: dict[str, Any], request: Request, limit: int) -> CompatReques
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
         raise CompatError(400, '"stop" must be a string or up to 4 strings', param="stop")
     max_tokens = _number(data, "max_completion_tokens", int) or _number(data, "max_tokens", int)
-    system, history, text = parse_messages(data.get("messages"), limit)
+    system, history, text, results = parse_messages(data.get("messages"), limit)
+    tools = parse_tools(data.get("tools"), data.get("tool_choice"))
     explicit = None
     for header in SESSION_HEADERS:
         if request.headers.get(header):
@@ -119,7 +123,8 @@ def _request(data: dict[str, Any], request: Request, limit: int) -> CompatReques
     return CompatRequest(model=model, system=system, history=history, text=text, explicit=explicit,
                          whole=bool(request.headers.get(WHOLE_HEADER)),
                          max_tokens=max_tokens, temperature=_number(data, "temperature"),
-                         seed=_number(data, "seed", int), stop=[s for s in stop if s], stream=stream)
+                         seed=_number(data, "seed", int), stop=[s for s in stop if s], stream=stream,
+                         tools=tools, results=results)
 
 
 def _usage(result: ChatResult) -> dict[str, Any]:
@@ -129,7 +134,16 @@ def _usage(result: ChatResult) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": result.cached_tokens or 0}}
 
 
+def _calls(result: ChatResult) -> list[dict[str, Any]]:
+    """The client's calls of a turn, as OpenAI returns them (arguments a JSON string)."""
+    return [{"id": c["id"], "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for c in result.tool_calls if c.get("client")]
+
+
 def _finish(result: ChatResult, stopped: bool) -> str:
+    if _calls(result):
+        return "tool_calls"
     return "stop" if stopped else ("length" if result.finish_reason == "length" else "stop")
 
 
@@ -150,10 +164,14 @@ async def chat_completions(request: Request) -> Response:
     if not req.stream:
         reply, result, stopped = await whole_turn(events, request.receive)
         st.counters["turns_completed"] += 1
+        message: dict[str, Any] = {"role": "assistant", "content": reply, "refusal": None}
+        calls = _calls(result)
+        if calls:
+            message.update(content=reply or None, tool_calls=calls)
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": req.model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply, "refusal": None},
+            "choices": [{"index": 0, "message": message,
                          "logprobs": None, "finish_reason": _finish(result, stopped)}],
             "usage": _usage(result),
         }, headers=headers)
@@ -179,6 +197,10 @@ async def chat_completions(request: Request) -> Response:
                 if ev.result is not None:
                     st.counters["turns_completed"] += 1
                     await finish(events)
+                    calls = _calls(ev.result)
+                    if calls:  # one delta per call, whole (OpenAI splits arguments; clients join them)
+                        for i, call in enumerate(calls):
+                            yield chunk({"tool_calls": [{"index": i, **call}]})
                     yield chunk({}, _finish(ev.result, ev.stopped))
                     if include_usage:
                         yield chunk({}, usage=_usage(ev.result), choices=False)

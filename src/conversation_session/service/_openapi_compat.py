@@ -103,14 +103,17 @@ def _ollama_paths() -> dict[str, Any]:
     chat_body = {"type": "object", "required": ["model"], "properties": {
         "model": {"type": "string", "description": _MODEL},
         "messages": {"type": "array", "items": _ref("OllamaMessage"),
-                     "description": "the last must be the user's; empty: only loads the model (done_reason load)"},
+                     "description": "the last must be the user's, or tool results answering the pending calls in "
+                                    "order; empty: only loads the model (done_reason load)"},
         "stream": {"type": "boolean", "default": True}, "options": options,
-        "tools": {"type": "array", "description": "accepted; not passed through yet"},
+        "tools": {"type": "array", "description": "offered to the model, run by the client: a call comes back as "
+                                                  "message.tool_calls, stored pending until its results"},
         "keep_alive": {"description": "accepted: the model stays loaded for the service's life"},
         "think": {"description": "accepted, not enforced"}, "format": {"description": "accepted, not enforced"}}}
     chat_answer = {"allOf": [_ref("OllamaFigures"), {"type": "object", "properties": {
         "model": {"type": "string"}, "created_at": {"type": "string"},
-        "message": {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}}}]}
+        "message": {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"},
+                                                     "tool_calls": {"type": "array", "items": {"type": "object"}}}}}}]}
     ndjson = {"application/x-ndjson": {"schema": {"type": "string", "description": (
         "one JSON object a line: pieces with done=false, then the final object (done=true, the figures); a "
         "failure after the stream started is an {\"error\": ...} line")}}}
@@ -164,7 +167,7 @@ def _openai_paths() -> dict[str, Any]:
     body = {"type": "object", "required": ["model", "messages"], "properties": {
         "model": {"type": "string", "description": _MODEL},
         "messages": {"type": "array", "items": _ref("ChatCompletionMessage"),
-                     "description": "the last must be the user's"},
+                     "description": "the last must be the user's, or tool results (by tool_call_id)"},
         "user": {"type": "string", "description": "an explicit session id when no header names one"},
         "stream": {"type": "boolean", "default": False},
         "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
@@ -174,15 +177,19 @@ def _openai_paths() -> dict[str, Any]:
         "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}],
                  "description": "the stored reply is cut at the stop sequence, marked interrupted"},
         "n": {"type": "integer", "enum": [1]},
-        "tools": {"type": "array", "description": "accepted; not passed through yet"},
-        "tool_choice": {"description": "accepted; not passed through yet"}}}
+        "tools": {"type": "array", "description": "offered to the model, run by the client: a call comes back as "
+                                                  "message.tool_calls (finish_reason tool_calls), stored pending "
+                                                  "until the results (docs/compat.md)"},
+        "tool_choice": {"description": "none: no tool; a function: only it; auto and required: all"}}}
     completion = {"type": "object", "properties": {
         "id": {"type": "string"}, "object": {"type": "string", "enum": ["chat.completion"]},
         "created": {"type": "integer"}, "model": {"type": "string"},
         "choices": {"type": "array", "items": {"type": "object", "properties": {
-            "index": {"type": "integer"}, "finish_reason": {"type": "string", "enum": ["stop", "length"]},
+            "index": {"type": "integer"}, "finish_reason": {"type": "string", "enum": ["stop", "length", "tool_calls"]},
             "message": {"type": "object", "properties": {"role": {"type": "string"},
-                                                         "content": {"type": "string"}}}}}},
+                                                         "content": {"type": ["string", "null"]},
+                                                         "tool_calls": {"type": "array",
+                                                                        "items": {"type": "object"}}}}}}},
         "usage": _ref("ChatCompletionUsage")}}
     models = {"type": "object", "properties": {"object": {"type": "string"}, "data": {"type": "array", "items": {
         "type": "object", "properties": {"id": {"type": "string"}, "object": {"type": "string"},

@@ -102,21 +102,41 @@ class AsyncConversationSession(SessionView):
 
     # -- the turn ---------------------------------------------------------------------------
     def stream(self, text: str, *, on_token: Callable[[str], None] | None = None,
-               tools: Sequence[Callable[..., Any]] | None = None, max_tool_rounds: int | None = None) -> AsyncTurn:
+               tools: Sequence[Callable[..., Any]] | None = None, max_tool_rounds: int | None = None,
+               client_tools: Sequence[dict[str, Any]] | None = None) -> AsyncTurn:
         """A turn to stream: ``async with s.stream(text) as turn: async for piece in turn``.
 
         The session takes the turn when the turn starts (``async with`` or the first
         iteration) and holds it until the turn ends; concurrent calls wait their turn.
-        """
-        return self._start(text, on_token, retry=False, tools=tools, max_tool_rounds=max_tool_rounds)
 
-    def stream_retry(self, *, on_token: Callable[[str], None] | None = None) -> AsyncTurn:
+        ``client_tools``: tool schemas (``{"type": "function", "function": {"name", ...}}``)
+        of tools the caller runs itself (an API client's).  They are offered to the model and
+        never run here: a call to one ends the turn with ``finish_reason == "tool_calls"`` and
+        the call in ``result.tool_calls`` (``"client": True``, no result), committed as pending;
+        ``stream_tool_results`` continues the turn.  A new message instead records for each
+        pending call that the client sent no result (docs/compat.md).
+        """
+        return self._start(text, on_token, retry=False, tools=tools, max_tool_rounds=max_tool_rounds,
+                           client_tools=client_tools)
+
+    def stream_tool_results(self, results: Sequence[dict[str, Any]], *,
+                            on_token: Callable[[str], None] | None = None,
+                            client_tools: Sequence[dict[str, Any]] | None = None) -> AsyncTurn:
+        """Record the results of the client's pending calls (``{"content", "tool_call_id"?}``;
+        without ids they answer the calls in order: ``SessionCore.add_tool_results``), durably,
+        then let the model continue the turn; its reply is committed as the turn's end.  The
+        model may call the client's tools again (the same rules as ``stream``)."""
+        return self._start("", on_token, retry=False, client_tools=client_tools, results=list(results))
+
+    def stream_retry(self, *, on_token: Callable[[str], None] | None = None,
+                     client_tools: Sequence[dict[str, Any]] | None = None) -> AsyncTurn:
         """Ask the last user message again; the completed reply replaces the last one (see
-        ``ConversationSession.stream_retry``)."""
-        return self._start("", on_token, retry=True)
+        ``ConversationSession.stream_retry``; ``client_tools`` as in ``stream``)."""
+        return self._start("", on_token, retry=True, client_tools=client_tools)
 
     def _start(self, text: str, on_token: Callable[[str], None] | None, *, retry: bool, tools: Any = None,
-               max_tool_rounds: int | None = None) -> AsyncTurn:
+               max_tool_rounds: int | None = None, client_tools: Sequence[dict[str, Any]] | None = None,
+               results: list[dict[str, Any]] | None = None) -> AsyncTurn:
         core = self._core
         if tools is not None or max_tool_rounds is not None:
             _TurnSteps.check_tools(core, tools, max_tool_rounds)
@@ -128,6 +148,8 @@ class AsyncConversationSession(SessionView):
             await lock.acquire()
             try:
                 core.check_can_chat(text)
+                if results is not None:
+                    await self._step(core.add_tool_results, results)  # durable before the model sees them
                 self._turn_task = asyncio.current_task()
                 loop = asyncio.get_running_loop()
 
@@ -147,7 +169,8 @@ class AsyncConversationSession(SessionView):
                         loop.call_soon_threadsafe(free)
 
                 return _TurnSteps(core, text, on_token, release, retry=retry, tools=tools,
-                                   max_tool_rounds=max_tool_rounds)
+                                   max_tool_rounds=max_tool_rounds, client_tools=list(client_tools or []),
+                                   resume=results is not None)
             except BaseException:
                 self._turn_task = None
                 lock.release()

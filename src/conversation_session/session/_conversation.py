@@ -114,6 +114,14 @@ class Conversation:
         plan = self.plan(self.messages[at]["content"], upto=at)
         return Plan(plan.user, plan.prompt, plan.start, plan.trimmed_turns, replaces=at)
 
+    def plan_continue(self) -> tuple[Plan, list[MessageDict]]:
+        """The prompt that continues the last turn after its tool results (the API client ran
+        the calls): the turn's plan, and its messages after the user's (already committed)."""
+        at = self.last_turn_start()
+        if at is None or self.messages[-1]["role"] != "tool":
+            raise SessionError("there is no tool result to continue after")
+        return self.plan(self.messages[at]["content"], upto=at), self.messages[at + 1:]
+
     def plan(self, text: str, *, upto: int | None = None) -> Plan:
         """The prompt for a new user message (raises ``SessionError`` if it cannot fit at all);
         ``upto`` plans as if the history held only its first ``upto`` messages (a retry)."""

@@ -31,7 +31,7 @@ from ..stores import open_store, validate_session_id
 from ..stores._api import SessionWriterAPI, StoreAPI
 from ..stores._durability import resolve_durability
 from ..stores._record import MessageDict, SessionRecord, clean_title, is_utf8_text
-from ..tools import UNKNOWN_OUTCOME, as_tools, orphan_calls, result_message
+from ..tools import NO_CLIENT_RESULT, UNKNOWN_OUTCOME, as_tools, orphan_calls, pending_client_calls, result_message
 from ._conversation import Conversation, Plan
 from ._limits import DEFAULT_TIMEOUT_S, DEFAULT_TOOL_ROUNDS, SUMMARY_TIMEOUT_S, check_timeout
 from ._options import SessionOptions
@@ -238,8 +238,9 @@ class SessionCore:
     def repair_orphans(self) -> None:
         """Give each call left without a result (a process stopped while it ran) the result
         ``UNKNOWN_OUTCOME``, recorded (in memory only for a read-only view): the history then
-        has no orphan call, and the call is never run again."""
-        orphans = orphan_calls(self.conversation.messages)
+        has no orphan call, and the call is never run again.  A client's call (``"client":
+        true``) is not an orphan: it waits for the client's result (``add_tool_results``)."""
+        orphans = [c for c in orphan_calls(self.conversation.messages) if not c.get("client")]
         if not orphans:
             return
         results = [result_message(c, UNKNOWN_OUTCOME) for c in orphans]
@@ -250,6 +251,57 @@ class SessionCore:
         self.conversation.messages.extend(results)
         if self.read_only is None and self.enable_cache and self.writer is not None:
             self._append(start, results)
+
+    # -- calls the API client runs (docs/compat.md) --------------------------------------------
+    def add_tool_results(self, results: list[dict[str, Any]]) -> int:
+        """Record the client's results of its pending calls (``{"content", "tool_call_id"?}``),
+        durably, before the model sees them; returns how many were recorded.
+
+        A result with ``tool_call_id`` answers that call; one without answers the first pending
+        call not yet answered (the Ollama API has no ids: results come in the calls' order).  A
+        result for a call already answered is skipped (a client resending after a failed
+        request).  Pending calls the client did not answer get ``NO_CLIENT_RESULT``.  Raises
+        ``ValueError`` (nothing recorded) for a result that answers no call."""
+        self.check_open("append to")
+        pending = pending_client_calls(self.conversation.messages)
+        answered = {m.get("tool_call_id") for m in self.conversation.messages if m["role"] == "tool"}
+        by_id = {c["id"]: c for c in pending}
+        texts: dict[str, str] = {}
+        for i, r in enumerate(results):
+            content = r.get("content")
+            if not isinstance(content, str) or not is_utf8_text(content):
+                raise ValueError(f"tool result {i}: its content must be text")
+            call_id = r.get("tool_call_id")
+            if call_id:
+                if call_id in answered:
+                    continue
+                if call_id not in by_id or call_id in texts:
+                    raise ValueError(f"tool result {i}: {call_id!r} is not a call waiting for its result")
+            else:
+                free = [c["id"] for c in pending if c["id"] not in texts]
+                if not free:
+                    if not pending:
+                        continue  # all answered already: a resent request
+                    raise ValueError(f"tool result {i}: there are more results than calls ({len(pending)})")
+                call_id = free[0]
+            texts[call_id] = content
+        if not pending:
+            return 0
+        new = [result_message(c, texts.get(c["id"], NO_CLIENT_RESULT)) for c in pending]
+        start = len(self.conversation.messages)
+        self.conversation.messages.extend(new)
+        self.turn_seq += 1
+        if self.enable_cache and self.writer is not None:
+            self._append(start, new)
+        return len(texts)
+
+    def settle_client_calls(self) -> None:
+        """The conversation moves on (a new user message) without the client's results: each
+        pending call gets ``NO_CLIENT_RESULT``, so the history has no orphan call."""
+        if pending_client_calls(self.conversation.messages):
+            logger.info("session %s: the client's pending tool call(s) got no result; recorded as such",
+                        self.session_id)
+            self.add_tool_results([])
 
     def _append(self, start: int, new: list[MessageDict]) -> bool:
         assert self.writer is not None

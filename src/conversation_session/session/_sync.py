@@ -142,14 +142,24 @@ class ConversationSession(SessionView):
 
     # -- the turn ------------------------------------------------------------------------
     def stream(self, text: str, *, on_token: Callable[[str], None] | None = None,
-               tools: Sequence[Callable[..., Any]] | None = None, max_tool_rounds: int | None = None) -> Turn:
+               tools: Sequence[Callable[..., Any]] | None = None, max_tool_rounds: int | None = None,
+               client_tools: Sequence[dict[str, Any]] | None = None) -> Turn:
         """Start a turn and return it: iterate it for the reply's pieces, then ``result()``.
 
         The session is busy until the turn ends (iterated to the end, ``cancel()``ed, or closed
         by its ``with`` block); other threads' calls wait for it.  An empty message sends
-        nothing and completes at once with no new turn.
+        nothing and completes at once with no new turn.  ``client_tools``: schemas of tools
+        the caller runs itself (``AsyncConversationSession.stream``; docs/compat.md).
         """
-        return self._start(text, on_token, retry=False, tools=tools, max_tool_rounds=max_tool_rounds)
+        return self._start(text, on_token, retry=False, tools=tools, max_tool_rounds=max_tool_rounds,
+                           client_tools=client_tools)
+
+    def stream_tool_results(self, results: Sequence[dict[str, Any]], *,
+                            on_token: Callable[[str], None] | None = None,
+                            client_tools: Sequence[dict[str, Any]] | None = None) -> Turn:
+        """Record the results of the client's pending calls, then let the model continue the
+        turn (``AsyncConversationSession.stream_tool_results``)."""
+        return self._start("", on_token, retry=False, client_tools=client_tools, results=list(results))
 
     def stream_retry(self, *, on_token: Callable[[str], None] | None = None) -> Turn:
         """Ask the last user message again: a turn (as ``stream()``) whose completed reply
@@ -159,7 +169,8 @@ class ConversationSession(SessionView):
         return self._start("", on_token, retry=True)
 
     def _start(self, text: str, on_token: Callable[[str], None] | None, *, retry: bool, tools: Any = None,
-               max_tool_rounds: int | None = None) -> Turn:
+               max_tool_rounds: int | None = None, client_tools: Sequence[dict[str, Any]] | None = None,
+               results: list[dict[str, Any]] | None = None) -> Turn:
         core = self._core
         if tools is not None or max_tool_rounds is not None:
             _TurnSteps.check_tools(core, tools, max_tool_rounds)  # bad tools: an error before the turn starts
@@ -181,8 +192,11 @@ class ConversationSession(SessionView):
                     self._turn_free.notify_all()
 
         try:
+            if results is not None:
+                core.add_tool_results(results)  # durable before the model sees them
             steps = _TurnSteps(core, text, on_token, release, retry=retry, tools=tools,
-                                   max_tool_rounds=max_tool_rounds)
+                               max_tool_rounds=max_tool_rounds, client_tools=list(client_tools or []),
+                               resume=results is not None)
         except BaseException:
             release()
             raise

@@ -51,6 +51,7 @@ from ..tools._run import STOPPED
 from ._limits import check_tool_rounds
 
 if TYPE_CHECKING:
+    from ._conversation import Plan
     from ._core import SessionCore
 
 __all__ = ["AsyncTurn", "Turn"]
@@ -68,8 +69,14 @@ class _TurnSteps:
 
     def __init__(self, core: SessionCore, text: str, on_token: Callable[[str], None] | None,
                  release: Callable[[], None], *, retry: bool = False, tools: Any = None,
-                 max_tool_rounds: int | None = None):
+                 max_tool_rounds: int | None = None, client_tools: list[dict[str, Any]] | None = None,
+                 resume: bool = False):
         self.core = core
+        # Tools the API client declared: offered, never run here; a call to one ends the turn
+        # with the call pending (docs/compat.md).  ``resume``: continue after their results.
+        self.client_tools = list(client_tools or [])
+        self.client_names = {t["function"]["name"] for t in self.client_tools}
+        self.pending: list[ToolCallDict] = []
         # Tools given to this call are offered beside the session's, for this turn only.
         self.tools: dict[str, Tool] = core.tools if tools is None else as_tools(tools, core.tools)
         self.max_rounds = core.max_tool_rounds if max_tool_rounds is None else check_tool_rounds(max_tool_rounds)
@@ -95,10 +102,18 @@ class _TurnSteps:
         self.backend_stream: Any = None  # the backend's generator, for an interrupt from on_token
         self._commit_lock = threading.Lock()
         self.done_callbacks: list[Callable[[ChatResult], None]] = []
-        self.empty = not retry and not text.strip()
-        self.plan = core.conversation.plan_retry() if retry else None if self.empty else core.conversation.plan(text)
+        self.empty = not retry and not resume and not text.strip()
+        self.plan: Plan | None
+        if resume:
+            self.plan, steps = core.conversation.plan_continue()
+            self.steps = list(steps)  # committed already: the rest of the turn continues them
+        else:
+            if not self.empty:
+                core.settle_client_calls()  # a new message instead of the client's results
+            self.plan = (core.conversation.plan_retry() if retry else None if self.empty
+                         else core.conversation.plan(text))
         self.request = GenerationRequest(
-            messages=self.plan.prompt if self.plan else [], max_tokens=core.max_tokens,
+            messages=[*self.plan.prompt, *self.steps] if self.plan else [], max_tokens=core.max_tokens,
             temperature=core.temperature, cache_key=core.cache_key, options=dict(core.sampling),
             tools=self._schemas(),
         )
@@ -132,9 +147,8 @@ class _TurnSteps:
     # -- tool rounds (the crash rule: docs/tools.md) -----------------------------------------
     def _schemas(self) -> list[dict[str, Any]] | None:
         """The tools to offer this round; at the bound none, so the model answers."""
-        if not self.tools or self.rounds >= self.max_rounds:
-            return None
-        return [t.schema() for t in self.tools.values()]
+        server = [t.schema() for t in self.tools.values()] if self.rounds < self.max_rounds else []
+        return [*server, *self.client_tools] or None
 
     def wants_calls(self) -> bool:
         """The round's stream ended asking for tool calls that were offered."""
@@ -164,8 +178,12 @@ class _TurnSteps:
         for c in self.request.tool_calls:
             call_id = c.id if c.id and c.id not in taken else f"call_{uuid.uuid4().hex[:12]}"
             taken.add(call_id)
-            calls.append({"id": call_id, "type": "function",
-                          "function": {"name": c.name, "arguments": dict(c.arguments)}})
+            call: ToolCallDict = {"id": call_id, "type": "function",
+                                  "function": {"name": c.name, "arguments": dict(c.arguments)}}
+            if c.name in self.client_names and c.name not in self.tools:
+                call["client"] = True
+                self.pending.append(call)
+            calls.append(call)
         message: MessageDict = {"role": "assistant", "content": "".join(self.pieces), "tool_calls": calls}
         self.intent_durable = self._commit_step([message])
         if not self.intent_durable:
@@ -203,7 +221,7 @@ class _TurnSteps:
         one that was running: outcome unknown; the others: not run), so none is an orphan."""
         done = {c["id"] for c in self.calls}
         for call in calls:
-            if call["id"] in done:
+            if call["id"] in done or call.get("client"):
                 continue
             text = STOPPED if call["id"] == self.running else "error: not run: the turn was stopped before this call"
             self.call_done(call, CallOutcome(None, text, 0.0, stopped=True))
@@ -270,7 +288,21 @@ class _TurnSteps:
             usage = self.request.usage
             full = "".join(self.pieces)
             interrupted = heard is not None
-            if self.steps and interrupted and not (heard or "").strip():
+            if self.pending and not interrupted:
+                # The client runs these calls: the turn stops here, its calls committed and
+                # pending; the client's results continue it (``stream_tool_results``).
+                core.conversation.figures.add(usage)
+                self.calls.extend({"id": c["id"], "name": c["function"]["name"],
+                                   "arguments": c["function"]["arguments"], "client": True} for c in self.pending)
+                asked = next((m["content"] for m in reversed(self.steps) if m.get("tool_calls")), "")
+                result = ChatResult(response=asked, turn=core.conversation.turns, ttft_s=self.ttft, total_s=total,
+                                    prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
+                                    completion_tokens=(usage.completion_tokens or 0) + self.earlier_completion,
+                                    saved=self.intent_durable and core.writer is not None,
+                                    durability=core.saved_level if self.intent_durable else None,
+                                    finish_reason="tool_calls", tool_calls=list(self.calls))
+                core.last = result
+            elif self.steps and interrupted and not (heard or "").strip():
                 # Barge-in after tool calls: what was done stays recorded; no reply is added.
                 logger.info("interrupted before any of the reply was heard: the turn's %d tool call(s) are kept",
                             len(self.calls))
@@ -671,6 +703,8 @@ def _run(s: _TurnSteps) -> Generator[str, None, None]:
                 calls = s.call_request()
                 try:
                     for call in calls:
+                        if call.get("client"):
+                            continue  # the API client runs it
                         tool, outcome = s.before_call(call)
                         if tool is not None:
                             s.running = call["id"]
@@ -682,6 +716,8 @@ def _run(s: _TurnSteps) -> Generator[str, None, None]:
                 if s.request.cancel.cancelled:
                     completed = False  # the turn was stopped while its tools ran
                     break
+                if s.pending:
+                    break  # the client's calls: the turn ends with them pending
                 s.next_round()
         except (Exception, GeneratorExit) as exc:
             if isinstance(exc, GeneratorExit):
@@ -935,6 +971,8 @@ async def _arun(s: _TurnSteps, session: Any) -> AsyncGenerator[str, None]:
                 calls = await session._step(s.call_request)
                 try:
                     for call in calls:
+                        if call.get("client"):
+                            continue  # the API client runs it
                         tool, done = s.before_call(call)
                         if tool is not None:
                             s.running = call["id"]
@@ -946,6 +984,8 @@ async def _arun(s: _TurnSteps, session: Any) -> AsyncGenerator[str, None]:
                 if s.request.cancel.cancelled:
                     completed = False
                     break
+                if s.pending:
+                    break  # the client's calls: the turn ends with them pending
                 s.next_round()
         except (Exception, GeneratorExit) as exc:
             if isinstance(exc, GeneratorExit):

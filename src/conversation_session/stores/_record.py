@@ -90,6 +90,7 @@ class ToolCallDict(TypedDict):
     id: str
     type: str                   # always "function"
     function: ToolFunctionDict
+    client: NotRequired[bool]   # present (True): the API client runs it, not the library (docs/compat.md)
 
 
 class MessageDict(TypedDict):
@@ -281,7 +282,10 @@ def validate_tool_calls(value: Any, where: str = "tool_calls") -> list[ToolCallD
                 raise SessionFormatError(f"{where}[{i}].function.arguments is not JSON") from None
         if not isinstance(args, dict):
             raise SessionFormatError(f"{where}[{i}].function.arguments is {type(args).__name__}, not an object")
-        out.append({"id": call_id, "type": "function", "function": {"name": fn["name"], "arguments": args}})
+        checked: ToolCallDict = {"id": call_id, "type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if call.get("client") is True:
+            checked["client"] = True  # the client's to answer: never repaired as an orphan while pending
+        out.append(checked)
     return out
 
 

@@ -16,11 +16,20 @@ from their type hints and docstring, run by the session between two requests to 
 the history holds of calls (the messages, the crash repair of a call without a result).
 """
 
-from ._history import UNKNOWN_OUTCOME, describe_call, orphan_calls, readable, result_message
+from ._history import (
+    NO_CLIENT_RESULT,
+    UNKNOWN_OUTCOME,
+    describe_call,
+    orphan_calls,
+    pending_client_calls,
+    readable,
+    result_message,
+)
 from ._run import CallOutcome, arun_call, run_call
 from ._tool import Tool, ToolCall, as_tools, tool
 
 __all__ = [
+    "NO_CLIENT_RESULT",
     "UNKNOWN_OUTCOME",
     "CallOutcome",
     "Tool",
@@ -29,6 +38,7 @@ __all__ = [
     "as_tools",
     "describe_call",
     "orphan_calls",
+    "pending_client_calls",
     "readable",
     "result_message",
     "run_call",
