@@ -7,6 +7,10 @@ backend object may serve many sessions at once (per-session state is keyed by
 * ``ollama``: an Ollama server (the seed's ``qwen2.5:3b``).
 * ``openai``: any OpenAI-compatible ``/v1/chat/completions`` server.
 * ``fake``: deterministic, scripted replies for tests.
+
+``list_models(name, ...)`` says what each offers (Ollama's pulled models, an OpenAI-compatible
+server's ``/v1/models``, the GGUF files beside the embedded model), found by name as
+``create_backend`` builds them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 from ._base import Backend, CancelToken, GenerationRequest, ToolCall, Usage, estimate_tokens
 from ._fake import FakeBackend, ToolCalls
 from ._http import HttpTimeouts
+from ._models import ModelEntry, find_local_model, list_models
 
 __all__ = [
     "BACKEND_NAMES",
@@ -24,11 +29,14 @@ __all__ = [
     "FakeBackend",
     "GenerationRequest",
     "HttpTimeouts",
+    "ModelEntry",
     "ToolCall",
     "ToolCalls",
     "Usage",
     "create_backend",
     "estimate_tokens",
+    "find_local_model",
+    "list_models",
 ]
 
 BACKEND_NAMES = ("llama-cpp", "ollama", "openai", "fake")
