@@ -273,7 +273,7 @@ class ChatApp:
                                                ("playback", getattr(a, "tts_playback", None))) if v is not None},
                 persist_kv_cache=a.persist_kv, memory=getattr(a, "memory", "trim"),
                 summarizer=self.summarizer, durability=getattr(a, "durability", None),
-                tools=self._tools(a), **extra,
+                tools=self._tools(a), encryption_key=getattr(a, "key_file", None), **extra,
             )
         finally:
             self.console.stop_spinner()

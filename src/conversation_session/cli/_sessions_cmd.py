@@ -25,6 +25,7 @@ from .._exceptions import SessionError, SessionLockedError
 from ..memory._kvcache import kv_file_path
 from ..stores import HistoryStore, open_store, validate_session_id
 from ..stores._api import StoreAPI
+from ..stores._crypto import keygen
 from ..stores._housekeeping import INFO_KINDS, doctor, export_all, import_session, prune
 from ._args import store_from
 from ._confirm import confirm
@@ -65,7 +66,7 @@ class _Commands:
     def __init__(self, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO):
         self.args = args
         self.stdin, self.out, self.err = stdin, stdout, stderr
-        self.store: StoreAPI = open_store(store_from(args), None)
+        self.store: StoreAPI = open_store(store_from(args), None, encryption_key=getattr(args, "key_file", None))
 
     def say(self, text: str = "") -> None:
         print(_clean(text), file=self.out)
@@ -333,6 +334,15 @@ def run_command(args: argparse.Namespace, *, usage: Callable[[str], object] | No
     err = stderr or sys.stderr
     if args.command == "models":
         return _models(args, stdout or sys.stdout, err)
+    if args.command == "keygen":
+        try:
+            path = keygen(args.path)
+        except SessionError as exc:
+            print(_clean(f"error: {exc}"), file=err)
+            return 1
+        print(f"wrote a new key to {path} (mode 600); keep a copy somewhere safe: without it, sessions "
+              "encrypted with it cannot be read", file=stdout or sys.stdout)
+        return 0
     cmds: _Commands | None = None
     try:
         cmds = _Commands(args, stdin or sys.stdin, stdout or sys.stdout, err)
@@ -378,7 +388,7 @@ def apply_retention(store_spec: str, days: float, *, stderr: TextIO | None = Non
     """Delete sessions not updated for ``days`` days (those in use are kept); returns their ids.
     ``store_spec``: a folder or a store URL."""
     try:
-        store = open_store(store_spec, None)
+        store = open_store(store_spec, None)  # no key needed: an encrypted session is dated by its files
     except (SessionError, ValueError) as exc:
         logger.warning("retention: %s", exc)
         return []

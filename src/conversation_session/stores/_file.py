@@ -863,12 +863,15 @@ class HistoryStore:
         never removed by age (``doctor`` deals with it)."""
         try:
             record = self.load(session_id)
+            updated = record.updated_at or record.created_at
         except SessionNotFoundError:
             return False
+        except EncryptionKeyError:
+            updated = ""  # encrypted, no key here: its files' dates say when it was last written
         except (SessionError, OSError):
             return True
         try:
-            return datetime.fromisoformat(record.updated_at or record.created_at).timestamp() >= when
+            return datetime.fromisoformat(updated).timestamp() >= when
         except (TypeError, ValueError, OverflowError, OSError):
             mtimes = [p.stat().st_mtime for p in (self.snapshot_path(session_id), self.journal_path(session_id))
                       if p.exists()]
