@@ -294,12 +294,12 @@ def _journal_problem(store: HistoryStore, path: Path, have: tuple[int, int] | No
     count, folded = have or (0, 0)
     try:
         sealed = is_encrypted_journal(raw) or _encrypted_snapshot(store, stem)
-        raw, _cipher = store._plain_journal(stem, raw, None, encrypted=sealed)
+        plain, _cipher = store._plain_journal(stem, raw, None, encrypted=sealed)
     except EncryptionKeyError as exc:
         return "encrypted", f"not checked: {exc}"
     except SessionFormatError as exc:
         return "tampered", str(exc)
-    return replay_journal(raw, stem, count, folded).problem
+    return replay_journal(plain, stem, count, folded).problem
 
 
 def _encrypted_snapshot(store: HistoryStore, session_id: str) -> bool:
