@@ -28,6 +28,8 @@ import json
 import logging
 import os
 import stat
+import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,10 @@ __all__ = [
     "keygen",
     "load_key",
     "open_journal",
+    "open_kv",
     "open_snapshot",
+    "register_directory",
+    "seal_kv",
     "snapshot_header",
 ]
 
@@ -310,3 +315,61 @@ def _is_json_object(line: bytes) -> bool:
         return isinstance(json.loads(line), dict)
     except (ValueError, RecursionError):
         return False
+
+
+# -- KV cache files ----------------------------------------------------------------------------
+# The backends write ``<id>.kv`` beside the session without knowing about stores or keys; a
+# folder whose store has a key is registered here, and the KV file's bytes are sealed on their
+# way to the disk (``_kvstate``), each file under a fresh data key wrapped like a session's.
+_KV_MAGIC = b"CSKE"
+_kv_lock = threading.Lock()
+_kv_keys: dict[str, Keyring] = {}
+
+
+def register_directory(directory: Path, keyring: Keyring) -> None:
+    """KV files written into ``directory`` (by this process) are encrypted with ``keyring``."""
+    with _kv_lock:
+        _kv_keys[str(directory)] = keyring
+
+
+def _kv_keyring(path: Path) -> Keyring | None:
+    with _kv_lock:
+        return _kv_keys.get(os.path.abspath(path.parent))
+
+
+def _kv_ad(path: Path) -> bytes:
+    return b"conversation-session kv\0" + path.stem.encode()
+
+
+def seal_kv(path: Path, data: bytes) -> bytes:
+    """``data`` as written to ``path``: encrypted if its folder is registered, else unchanged."""
+    keys = _kv_keyring(path)
+    if keys is None:
+        return data
+    cipher = keys.new_cipher(f"kv\0{path.stem}")
+    head = json.dumps({"format": FORMAT + "-kv", "version": 1, "cipher": "AES-256-GCM",
+                       "data_key": cipher._wrapped_b64}).encode()
+    header = _KV_MAGIC + struct.pack("<I", len(head)) + head
+    nonce = os.urandom(_NONCE)
+    return header + nonce + cipher._aead.encrypt(nonce, data, header + _kv_ad(path))
+
+
+def open_kv(path: Path, raw: bytearray) -> bytearray:
+    """The plaintext of a KV file's bytes (unchanged if not encrypted).
+
+    Raises ``ValueError`` (the caller treats the file as unusable: the history is prefilled
+    again) for an encrypted file without its key, with another key, or altered."""
+    if raw[:4] != _KV_MAGIC:
+        return raw
+    keys = _kv_keyring(path)
+    if keys is None:
+        raise ValueError(f"{path.name} is encrypted and no key was given")
+    try:
+        (head_len,) = struct.unpack_from("<I", raw, 4)
+        header = bytes(raw[:8 + head_len])
+        wrapped = _unb64(json.loads(header[8:])["data_key"])
+        cipher = keys.cipher(wrapped, f"kv\0{path.stem}", path.name)
+        body = memoryview(raw)[8 + head_len:]
+        return bytearray(cipher._aead.decrypt(bytes(body[:_NONCE]), bytes(body[_NONCE:]), header + _kv_ad(path)))
+    except (SessionError, ValueError, KeyError, TypeError, struct.error, binascii.Error, _invalid_tag()) as exc:
+        raise ValueError(f"{path.name} cannot be decrypted ({exc or 'altered'})") from None

@@ -64,6 +64,7 @@ from ._crypto import (
     load_key,
     open_journal,
     open_snapshot,
+    register_directory,
 )
 from ._durability import resolve_durability
 from ._fileio import (
@@ -338,6 +339,8 @@ class HistoryStore:
         # With a key, new sessions are encrypted (docs/encryption.md); plain ones stay plain.
         key = load_key(encryption_key)
         self.keyring: Keyring | None = Keyring(key) if key is not None else None
+        if self.keyring is not None:
+            register_directory(self.directory, self.keyring)  # the KV files beside the sessions
 
     @property
     def encrypted(self) -> bool:
