@@ -227,7 +227,8 @@ def test_a_tampered_journal_line_is_refused_never_loaded_altered(sessions_dir, k
     store = HistoryStore(sessions_dir, encryption_key=key_file)
     assert len(store.load(sid).messages) == 4
     data_at = lines[0].index(b'"data": "') + 30
-    journal.write_bytes(_flip(lines[0], data_at) + lines[1])
+    other = b"B" if lines[0][data_at:data_at + 1] == b"A" else b"A"  # still base64: only the cipher can tell
+    journal.write_bytes(lines[0][:data_at] + other + lines[0][data_at + 1:] + lines[1])
     with pytest.raises(SessionFormatError, match="line 1 fails authentication"):
         store.load(sid)
     before = _disk(sessions_dir)
@@ -261,6 +262,13 @@ def test_lines_swapped_between_sessions_or_reordered_are_refused(sessions_dir, k
     (sessions_dir / f"{b}.journal").write_bytes(b"".join(a_lines))
     with pytest.raises(SessionFormatError, match="fails authentication"):
         store.load(b)
+
+
+def test_a_line_too_damaged_to_parse_is_damage_not_loaded(sessions_dir, key_file, no_snapshots):
+    sid, lines = _journal_lines(sessions_dir, key_file, ["one", "two", "three"])
+    (sessions_dir / f"{sid}.journal").write_bytes(lines[0] + lines[1][:60] + b"\0" * 40 + b"\n" + lines[2])
+    record = HistoryStore(sessions_dir, encryption_key=key_file).load(sid)
+    assert [m["content"] for m in record.messages if m["role"] == "user"] == ["one"]
 
 
 def test_a_torn_last_line_is_ignored_as_after_a_crash(sessions_dir, key_file, no_snapshots):
@@ -380,3 +388,62 @@ def test_the_kv_file_is_encrypted_and_restored_with_the_key(sessions_dir, key_fi
     assert with_key["restored"] is True
     without = json.loads(run_python(resume.replace("{key}", "None")).stdout.splitlines()[-1])
     assert without == {"error": "EncryptionKeyError"}
+
+
+# -- rekey -----------------------------------------------------------------------------------------------
+def _make_sessions(folder: Path, key, n: int) -> dict[str, list[str]]:
+    ids = []
+    for i in range(n):
+        with _session(folder, key) as s:
+            s.chat(f"s{i} one {CANARY}")
+            s.chat(f"s{i} two")
+            ids.append(s.session_id)
+    return {sid: [m["content"] for m in HistoryStore(folder, encryption_key=key).load(sid).messages] for sid in ids}
+
+
+def test_rekey_puts_every_session_under_the_new_key(sessions_dir, key_file, tmp_path, capsys):
+    made = _make_sessions(sessions_dir, key_file, 3)
+    with _session(sessions_dir, None) as s:  # a plain one is encrypted too
+        s.chat(f"plain {CANARY}")
+        made[s.session_id] = [m["content"] for m in HistoryStore(sessions_dir).load(s.session_id).messages]
+    new = tmp_path / "new"
+    cli_main(["keygen", str(new)])
+    assert cli_main(["--key-file", str(key_file), "sessions", "rekey", "--new-key-file", str(new)]) == 0
+    assert "rekeyed 4 session(s)" in capsys.readouterr().out
+    _no_canary(sessions_dir)
+    for sid, contents in made.items():
+        assert [m["content"] for m in HistoryStore(sessions_dir, encryption_key=new).load(sid).messages] == contents
+        with pytest.raises(EncryptionKeyError):
+            HistoryStore(sessions_dir, encryption_key=key_file).load(sid)
+    assert cli_main(["--key-file", str(new), "sessions", "rekey", "--new-key-file", str(new)]) == 0
+    assert "already under the new key" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 5, 6])  # odd: before a session's fold; even: between fold and new key
+def test_rekey_interrupted_by_kill_9_loses_nothing(sessions_dir, key_file, tmp_path, kill_at):
+    made = _make_sessions(sessions_dir, key_file, 4)
+    new = tmp_path / "new"
+    cli_main(["keygen", str(new)])
+    proc = run_python(f"""
+        import os, signal, sys
+        from conversation_session.cli import main
+        from conversation_session.stores import _file
+        real, calls = _file._Core._write_snapshot, [0]
+        def counting(self, *a, **kw):
+            calls[0] += 1
+            if calls[0] == {kill_at}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(self, *a, **kw)
+        _file._Core._write_snapshot = counting
+        sys.exit(main(["--key-file", {str(key_file)!r}, "--sessions-dir", {str(sessions_dir)!r},
+                       "sessions", "rekey", "--new-key-file", {str(new)!r}]))
+    """, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    both = HistoryStore(sessions_dir, encryption_key=new)
+    both.keyring.also_read_with(key_file.read_bytes())
+    for sid, contents in made.items():  # every session whole, under one key or the other
+        assert [m["content"] for m in both.load(sid).messages] == contents
+    _no_canary(sessions_dir)
+    assert cli_main(["--key-file", str(key_file), "sessions", "rekey", "--new-key-file", str(new)]) == 0
+    for sid, contents in made.items():
+        assert [m["content"] for m in HistoryStore(sessions_dir, encryption_key=new).load(sid).messages] == contents

@@ -170,7 +170,8 @@ def build_housekeeping_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{sessions,doctor,models,keygen}", required=True)
     sp = sub.add_parser("sessions", help="list, export, import, delete or prune saved sessions",
                         description="Manage saved sessions without starting the chat.")
-    ss = sp.add_subparsers(dest="sessions_command", metavar="{list,search,rename,export,import,delete,prune}",
+    ss = sp.add_subparsers(dest="sessions_command",
+                           metavar="{list,search,rename,export,import,delete,prune,rekey}",
                            required=True)
 
     q = ss.add_parser("list", parents=[common], help="saved sessions, newest first")
@@ -206,6 +207,14 @@ def build_housekeeping_parser() -> argparse.ArgumentParser:
     q = ss.add_parser("delete", parents=[common], help="delete one session")
     q.add_argument("session_id", metavar="ID")
     q.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+    q = ss.add_parser("rekey", parents=[common], help="put every session under a new encryption key",
+                      description="Re-encrypt every session (plain ones too) with a fresh data key wrapped by "
+                                  "the key in --new-key-file; --key-file (or $CONVERSATION_SESSION_KEY_FILE) "
+                                  "names the old key. Safe to interrupt: each session is whole under one key or "
+                                  "the other at every moment; run it again to finish. Sessions open for writing "
+                                  "are skipped.")
+    q.add_argument("--new-key-file", required=True, metavar="PATH", help="the new key (`keygen PATH` makes one)")
 
     q = ss.add_parser("prune", parents=[common], help="delete old sessions",
                       description="Delete sessions not among the --keep newest and (with --older-than) "

@@ -25,7 +25,7 @@ from .._exceptions import SessionError, SessionLockedError
 from ..memory._kvcache import kv_file_path
 from ..stores import HistoryStore, open_store, validate_session_id
 from ..stores._api import StoreAPI
-from ..stores._crypto import keygen
+from ..stores._crypto import keygen, load_key
 from ..stores._housekeeping import INFO_KINDS, doctor, export_all, import_session, prune
 from ._args import store_from
 from ._confirm import confirm
@@ -136,6 +136,34 @@ class _Commands:
         shown = " ".join(title.split())
         self.say(f"renamed {sid}: {shown}" if shown else f"removed the title of {sid}")
         return 0
+
+    # -- sessions rekey ------------------------------------------------------------------------
+    def rekey(self) -> int:
+        """Every session under the key of ``--new-key-file``, each with a fresh data key; the
+        old key (``--key-file``, or none for plain sessions) only reads."""
+        if not isinstance(self.store, HistoryStore):
+            raise CommandError(f"rekey works on a sessions folder, not {self.store.description}")
+        new = HistoryStore(self.store.directory, encryption_key=Path(self.args.new_key_file))
+        assert new.keyring is not None
+        old = load_key(getattr(self.args, "key_file", None))
+        if old is not None:
+            new.keyring.also_read_with(old)
+        done, already, failed = 0, 0, 0
+        for sid in self.store.newest_first():
+            try:
+                changed = new.rekey(sid)
+            except SessionLockedError:
+                print(_clean(f"skipped {sid}: it is open for writing; close it and run rekey again"), file=self.err)
+                failed += 1
+                continue
+            except (SessionError, OSError) as exc:
+                print(_clean(f"skipped {sid}: {exc}"), file=self.err)
+                failed += 1
+                continue
+            done += changed
+            already += not changed
+        self.say(f"rekeyed {done} session(s)" + (f"; {already} already under the new key" if already else ""))
+        return 1 if failed else 0
 
     # -- sessions export -----------------------------------------------------------------------
     def export(self) -> int:
@@ -350,7 +378,7 @@ def run_command(args: argparse.Namespace, *, usage: Callable[[str], object] | No
             return cmds.doctor()
         action = {"list": cmds.list, "search": cmds.search, "rename": cmds.rename, "export": cmds.export,
                   "import": cmds.import_,
-                  "delete": cmds.delete, "prune": cmds.prune}[args.sessions_command]
+                  "delete": cmds.delete, "prune": cmds.prune, "rekey": cmds.rekey}[args.sessions_command]
         return action()
     except _Usage as exc:
         if usage is not None:

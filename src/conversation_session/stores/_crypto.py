@@ -150,8 +150,13 @@ class Keyring:
 
     def __init__(self, key: bytes):
         self._aead = _aead(key)
-        self.key_id = hashlib.sha256(b"conversation-session key id\0" + key).digest()[:_KEY_ID]
+        self.key_id = _key_id(key)
         self._unwrapped: dict[tuple[bytes, str], bytes] = {}
+        self._readers: dict[bytes, Any] = {self.key_id: self._aead}
+
+    def also_read_with(self, key: bytes) -> None:
+        """Also open data keys wrapped by ``key`` (``rekey``: sessions still under the old key)."""
+        self._readers.setdefault(_key_id(key), _aead(key))
 
     def new_cipher(self, session_id: str) -> SessionCipher:
         """A fresh data key for a new session."""
@@ -164,12 +169,13 @@ class Keyring:
         """The session's cipher from its wrapped data key; ``EncryptionKeyError`` for another key."""
         cached = self._unwrapped.get((wrapped, session_id))
         if cached is None:
-            if wrapped[:_KEY_ID] != self.key_id:
+            reader = self._readers.get(wrapped[:_KEY_ID])
+            if reader is None:
                 raise EncryptionKeyError(f"{where} is encrypted with another key (key id {wrapped[:_KEY_ID].hex()}, "
                                          f"this key's is {self.key_id.hex()}); give the key it was written with")
             body = wrapped[_KEY_ID:]
             try:
-                cached = self._aead.decrypt(body[:_NONCE], body[_NONCE:], _wrap_ad(session_id))
+                cached = reader.decrypt(body[:_NONCE], body[_NONCE:], _wrap_ad(session_id))
             except _invalid_tag():
                 raise SessionFormatError(f"{where}: its data key fails authentication (altered, or copied from "
                                          "another session); refused") from None
@@ -191,6 +197,10 @@ class Keyring:
             return None
 
 
+def _key_id(key: bytes) -> bytes:
+    return hashlib.sha256(b"conversation-session key id\0" + key).digest()[:_KEY_ID]
+
+
 def _wrap_ad(session_id: str) -> bytes:
     return b"conversation-session data key\0" + session_id.encode()
 
@@ -205,6 +215,7 @@ class SessionCipher:
     def __init__(self, session_id: str, data_key: bytes, wrapped: bytes):
         self.session_id = session_id
         self.wrapped = wrapped
+        self.key_id = wrapped[:_KEY_ID]  # the user's key that wraps it
         self._aead = _aead(data_key)
         self._wrapped_b64 = _b64(wrapped)
 

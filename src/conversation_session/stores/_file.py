@@ -918,6 +918,35 @@ class HistoryStore:
         os.close(fd)
         return session_id
 
+    def rekey(self, session_id: str) -> bool:
+        """Put a session under this store's key with a fresh data key (``sessions rekey``);
+        False if it already is.  A plain session is encrypted.  The store must also read the old
+        key (``keyring.also_read_with``).
+
+        Crash-safe at every step: the journal is first folded into a snapshot under the old data
+        key (the journal is then empty), and only then is that snapshot replaced, atomically, by
+        one under the new data key; so the session is always whole under one key or the other,
+        and running rekey again finishes the job.  Its KV file (a cache, under the old key) goes.
+        """
+        if self.keyring is None:
+            raise SessionError("rekey needs the new key")
+        writer, _record = self.open(session_id)
+        try:
+            core = writer._core
+            if core.cipher is not None and core.cipher.key_id == self.keyring.key_id:
+                return False
+            writer.write_snapshot()
+            with core.snapshot_lock:
+                if core.journal_size or core.journal_torn:
+                    raise SessionError(f"session {session_id}: its journal could not be folded; not rekeyed")
+                core.cipher = self.keyring.new_cipher(session_id)
+                core._write_snapshot(background=False)
+            with contextlib.suppress(FileNotFoundError):
+                self.kv_path(session_id).unlink()
+            return True
+        finally:
+            writer.close()
+
     def set_title(self, session_id: str, title: str | None) -> None:
         """Name a session nobody has open (``sessions rename``): a journal line, like any change."""
         title = clean_title(title)
