@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conversation_session import (
@@ -25,6 +26,7 @@ from conversation_session import (
 from conversation_session.cli import main as cli_main
 from conversation_session.stores._file import _Core
 from helpers import run_python
+from test_service import service
 
 CANARY = "CANARY-7f3a-purple-giraffe"
 
@@ -159,6 +161,12 @@ def test_export_writes_plaintext_only_where_asked(sessions_dir, key_file, tmp_pa
     assert cli_main(["--key-file", str(key_file), "sessions", "export", sid, "-o", str(out)]) == 0
     assert CANARY in json.loads(out.read_text())["conversation_history"][0]["content"]
     _no_canary(sessions_dir)  # the store itself still holds no plaintext
+    with _session(sessions_dir, None) as s:
+        s.chat("a plain one")
+    everything = tmp_path / "all"
+    assert cli_main(["sessions", "export", "--all", str(everything)]) == 0  # without the key: the plain one
+    assert [p.name for p in everything.iterdir()] == [f"{s.session_id}.json"]
+    assert f"skipped {sid}" in capsys.readouterr().err
 
 
 # -- wrong and missing keys --------------------------------------------------------------------------
@@ -271,6 +279,27 @@ def test_a_line_too_damaged_to_parse_is_damage_not_loaded(sessions_dir, key_file
     assert [m["content"] for m in record.messages if m["role"] == "user"] == ["one"]
 
 
+def test_a_plain_journal_with_a_torn_tail_that_looks_encrypted_stays_plain(sessions_dir):
+    # Found by the loader's fuzzing: a torn last line alone must not make a plain session
+    # "encrypted" (which refused its complete plain lines as forged).
+    line = json.dumps({"session_id": "session_1", "start": 0, "messages": [{"role": "user", "content": "q"},
+                      {"role": "assistant", "content": "a"}], "updated_at": "2026-01-01T00:00:00"}).encode()
+    sessions_dir.mkdir()
+    (sessions_dir / "session_1.journal").write_bytes(line + b'\n{"enc": 1, ')
+    assert len(HistoryStore(sessions_dir).load("session_1").messages) == 2
+
+
+def test_continue_skips_a_session_it_cannot_decrypt(sessions_dir, key_file):
+    with _session(sessions_dir, None) as s:
+        s.chat("older, plain")
+        plain = s.session_id
+    time.sleep(0.01)
+    with _session(sessions_dir, key_file) as s:
+        s.chat("newer, encrypted")
+    assert HistoryStore(sessions_dir).load_newest().session_id == plain
+    assert HistoryStore(sessions_dir, encryption_key=key_file).load_newest().session_id != plain
+
+
 def test_a_torn_last_line_is_ignored_as_after_a_crash(sessions_dir, key_file, no_snapshots):
     sid, lines = _journal_lines(sessions_dir, key_file, ["one", "two"])
     (sessions_dir / f"{sid}.journal").write_bytes(lines[0] + lines[1][:40])
@@ -349,12 +378,16 @@ def test_the_key_file_from_the_environment_and_the_chat_app(sessions_dir, key_fi
     assert f"from the app {CANARY}" in capsys.readouterr().out
 
 
-def test_serve_takes_a_key_file(sessions_dir, key_file):
-    from conversation_session.service._config import build_parser, config_from_args
-    from conversation_session.service._state import make_store
-    config = config_from_args(build_parser().parse_args(["--backend", "fake", "--key-file", str(key_file)]))
-    store = make_store(config)
-    assert isinstance(store, HistoryStore) and store.encrypted
+def test_serve_with_a_key_file_keeps_its_sessions_encrypted_real_process(sessions_dir, key_file):
+    with service(sessions_dir, "--key-file", str(key_file)) as srv:
+        sid = httpx.post(f"{srv.url}/v1/sessions", timeout=10).json()["session_id"]
+        reply = httpx.post(f"{srv.url}/v1/sessions/{sid}/messages", json={"text": f"served {CANARY}"}, timeout=30)
+        assert reply.status_code == 200 and reply.json()["figures"]["saved"], reply.text
+        _no_canary(sessions_dir)
+        listed = httpx.get(f"{srv.url}/v1/sessions", timeout=10).json()["sessions"]
+        assert [x["first_user_line"] for x in listed] == [f"served {CANARY}"]
+    _no_canary(sessions_dir)
+    assert CANARY in HistoryStore(sessions_dir, encryption_key=key_file).load(sid).messages[0]["content"]
 
 
 # -- the embedded model's KV file ----------------------------------------------------------------------

@@ -353,6 +353,8 @@ def _info_dict(i: object) -> dict[str, object]:
     out = {k: getattr(i, k, None) for k in ("session_id", "title", "created_at", "updated_at", "turns",
                                              "total_messages", "size_bytes", "llm_model", "first_user_line")}
     out["path"] = location
+    if getattr(i, "encrypted", False):
+        out["encrypted"] = True
     return out
 
 

@@ -298,6 +298,10 @@ def open_journal(raw: bytes | bytearray, session_id: str, keyring: Keyring | Non
     if not raw or (not encrypted_session and JOURNAL_MAGIC not in raw):
         return bytes(raw), None
     lines = bytes(raw).split(b"\n")
+    # A session is encrypted by its snapshot or a complete encrypted line; a torn last line alone
+    # (garbage after a crash, or bytes that merely look like one) does not make it so.
+    if not encrypted_session and not any(line.startswith(JOURNAL_MAGIC) for line in lines[:-1]):
+        return bytes(raw), None
     cipher: SessionCipher | None = None
     out: list[bytes] = []
     for n, line in enumerate(lines, 1):

@@ -503,7 +503,7 @@ class HistoryStore:
                 continue
             try:
                 record = self.load(session_id)
-            except (SessionFormatError, OSError) as exc:
+            except (SessionFormatError, EncryptionKeyError, OSError) as exc:
                 logger.warning("skipping session %s: %s", session_id, exc)
                 continue
             if record.messages:

@@ -105,7 +105,7 @@ def export_all(store: StoreAPI, dest_dir: str | os.PathLike[str]) -> ExportResul
             if not record.messages:
                 continue
             data = encode_snapshot(record, record.messages)
-        except (SessionFormatError, OSError) as exc:
+        except (SessionFormatError, EncryptionKeyError, OSError) as exc:  # encrypted: skipped without its key
             logger.warning("not exported: %s: %s", session_id, exc)
             result.skipped[session_id] = str(exc)
             continue
