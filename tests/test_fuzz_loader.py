@@ -1,8 +1,9 @@
 """The loader against damaged and hostile files: a committed corpus and hypothesis fuzzing.
 
 Whatever the bytes of ``<id>.json`` and ``<id>.journal``, every path that reads them (load,
-list, newest, import, export, prune, doctor) either works or reports a ``SessionFormatError``;
-nothing crashes, and the doctor never loses a byte.  ``-m slow`` runs 10,000 cases.
+list, newest, import, export, prune, doctor) either works or reports a ``SessionFormatError``
+(or, for bytes that claim to be encrypted, an ``EncryptionKeyError``); nothing crashes, and the
+doctor never loses a byte.  ``-m slow`` runs 10,000 cases.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conversation_session import ConversationSession, FakeBackend, HistoryStore, SessionFormatError
+from conversation_session import ConversationSession, EncryptionKeyError, FakeBackend, HistoryStore, SessionFormatError
 from conversation_session.stores._housekeeping import INFO_KINDS, doctor, export_all, import_session, prune
 from conversation_session.stores._record import ROLES
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 SID = "session_1"
 KINDS = {"symlink", "not-regular", "oversized", "unreadable", "unparseable", "malformed", "id-mismatch",
-         "stray-temp", "orphan-journal", "torn-journal", "damaged-journal", "foreign-journal"}
+         "stray-temp", "orphan-journal", "torn-journal", "damaged-journal", "foreign-journal",
+         "encrypted", "tampered"}  # bytes may claim to be encrypted (docs/encryption.md)
 VALID_HISTORY = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
 VALID = json.dumps({"schema_version": 1, "session_id": SID, "created_at": "2025-10-24T12:00:00",
                     "updated_at": "2025-10-24T12:00:00", "llm_model": "m", "turns": 1,
@@ -51,7 +53,7 @@ def check_every_loader_path(directory: Path, snapshot: bytes | None, journal: by
 
     try:
         record = store.load(SID)
-    except SessionFormatError as exc:
+    except (SessionFormatError, EncryptionKeyError) as exc:
         record, load_error = None, exc
         assert str(exc)
     else:
@@ -69,7 +71,9 @@ def check_every_loader_path(directory: Path, snapshot: bytes | None, journal: by
 
     problems = doctor(store, fix=False)
     assert {p.kind for p in problems} <= KINDS
-    if load_error is not None:
+    if isinstance(load_error, EncryptionKeyError):
+        assert any(p.kind == "encrypted" for p in problems), f"load failed ({load_error}) but doctor saw nothing"
+    elif load_error is not None:
         assert any(p.kind not in INFO_KINDS for p in problems), f"load failed ({load_error}) but doctor saw nothing"
     if not any(p.kind not in INFO_KINDS for p in problems) and snapshot is not None:
         assert record is not None, "doctor found nothing but the session does not load"

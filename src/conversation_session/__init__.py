@@ -10,6 +10,7 @@
 
 from ._exceptions import (
     BackendError,
+    EncryptionKeyError,
     ModelNotFoundError,
     SessionError,
     SessionFormatError,
@@ -41,6 +42,7 @@ __all__ = [
     "CancelToken",
     "ChatResult",
     "ConversationSession",
+    "EncryptionKeyError",
     "FakeBackend",
     "GenerationRequest",
     "HistoryStore",

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BackendError",
+    "EncryptionKeyError",
     "ModelNotFoundError",
     "SessionError",
     "SessionFormatError",
@@ -85,6 +86,12 @@ class SessionFormatError(SessionError):
     def __init__(self, message: str, *, path: Any = None):
         super().__init__(message)
         self.path = path
+
+
+class EncryptionKeyError(SessionError):
+    """An encrypted session cannot be read: no key was given, or not the key it was written with.
+
+    Nothing was changed: no file is rewritten or moved aside (docs/encryption.md)."""
 
 
 class SessionLockedError(SessionError):

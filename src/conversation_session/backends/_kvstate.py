@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..stores._crypto import open_kv, seal_kv
 from ..stores._fileio import atomic_write_bytes, read_regular_file
 
 __all__ = ["KV_FORMAT", "KVStateError", "enforce_cap", "read_kv_file", "tokens_digest", "write_kv_file"]
@@ -45,6 +46,7 @@ def write_kv_file(path: Path, header: dict[str, Any], payload: memoryview | byte
               "payload_crc32": zlib.crc32(payload)}
     head = json.dumps(header, sort_keys=True).encode()
     data = b"".join((_MAGIC, struct.pack("<I", len(head)), head, payload))
+    data = seal_kv(path, data)  # encrypted when the session's folder has a key (docs/encryption.md)
     atomic_write_bytes(path, data)
     return len(data)
 
@@ -62,6 +64,10 @@ def read_kv_file(path: Path, max_bytes: int) -> tuple[dict[str, Any], memoryview
         raise
     except OSError as exc:
         raise KVStateError(f"cannot read {path.name}: {exc.strerror or exc}") from exc
+    try:
+        raw = open_kv(path, raw)
+    except ValueError as exc:
+        raise KVStateError(str(exc)) from None
     if len(raw) < 8 or raw[:4] != _MAGIC:
         raise KVStateError(f"{path.name} is not a KV cache file")
     (head_len,) = struct.unpack_from("<I", raw, 4)

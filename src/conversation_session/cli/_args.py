@@ -36,7 +36,7 @@ __all__ = ["HOUSEKEEPING", "RETENTION_ENV", "build_parser", "parse_args", "parse
            "retention_days", "sessions_dir_from", "store_from"]
 
 RETENTION_ENV = "CONVERSATION_SESSIONS_RETENTION_DAYS"
-HOUSEKEEPING = ("sessions", "doctor", "models")
+HOUSEKEEPING = ("sessions", "doctor", "models", "keygen")
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 _HOUSEKEEPING_HELP = """\
@@ -92,6 +92,9 @@ def _global_flags(p: Any, *, suppress: bool) -> None:
                         f"(default: ${STORE_ENV}, the config file, or the sessions folder)")
     p.add_argument("--sessions-dir", default=default,
                    help=f"where sessions are saved (default: ${SESSIONS_DIR_ENV}, the config file, or ./sessions)")
+    p.add_argument("--key-file", default=default, metavar="PATH",
+                   help="encrypt new sessions at rest with this key file, and read encrypted ones (default "
+                        "$CONVERSATION_SESSION_KEY_FILE; make one with `keygen PATH`)")
     p.add_argument("--log-level", default=argparse.SUPPRESS if suppress else "WARNING", choices=_LOG_LEVELS,
                    help="log detail on standard error (default WARNING)")
     p.add_argument("--log-file", default=default, metavar="PATH",
@@ -167,10 +170,11 @@ def build_housekeeping_parser() -> argparse.ArgumentParser:
                                 epilog=_HOUSEKEEPING_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     _global_flags(common, suppress=True)
-    sub = p.add_subparsers(dest="command", metavar="{sessions,doctor,models}", required=True)
+    sub = p.add_subparsers(dest="command", metavar="{sessions,doctor,models,keygen}", required=True)
     sp = sub.add_parser("sessions", help="list, export, import, delete or prune saved sessions",
                         description="Manage saved sessions without starting the chat.")
-    ss = sp.add_subparsers(dest="sessions_command", metavar="{list,search,rename,export,import,delete,prune}",
+    ss = sp.add_subparsers(dest="sessions_command",
+                           metavar="{list,search,rename,export,import,delete,prune,rekey}",
                            required=True)
 
     q = ss.add_parser("list", parents=[common], help="saved sessions, newest first")
@@ -207,6 +211,14 @@ def build_housekeeping_parser() -> argparse.ArgumentParser:
     q.add_argument("session_id", metavar="ID")
     q.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
 
+    q = ss.add_parser("rekey", parents=[common], help="put every session under a new encryption key",
+                      description="Re-encrypt every session (plain ones too) with a fresh data key wrapped by "
+                                  "the key in --new-key-file; --key-file (or $CONVERSATION_SESSION_KEY_FILE) "
+                                  "names the old key. Safe to interrupt: each session is whole under one key or "
+                                  "the other at every moment; run it again to finish. Sessions open for writing "
+                                  "are skipped.")
+    q.add_argument("--new-key-file", required=True, metavar="PATH", help="the new key (`keygen PATH` makes one)")
+
     q = ss.add_parser("prune", parents=[common], help="delete old sessions",
                       description="Delete sessions not among the --keep newest and (with --older-than) "
                                   "not updated for that long. Sessions in use are never deleted.")
@@ -224,6 +236,13 @@ def build_housekeeping_parser() -> argparse.ArgumentParser:
     q.add_argument("--fix", action="store_true",
                    help="move problem files aside to <name>.corrupt-<timestamp> (turns still readable "
                         "in a damaged journal are saved first)")
+
+    q = sub.add_parser("keygen", help="write a new encryption key file",
+                       description="Write a new random 32-byte key file (mode 0600) for --key-file or "
+                                   "$CONVERSATION_SESSION_KEY_FILE. An existing file is never overwritten. Keep a "
+                                   "copy somewhere safe: sessions encrypted with a lost key cannot be read by "
+                                   "anyone (docs/encryption.md).")
+    q.add_argument("path", metavar="PATH", help="the key file to create")
 
     q = sub.add_parser("models", parents=[common], help="list the models the backend offers",
                        description="Ollama: the pulled models (/api/tags); an OpenAI-compatible server: "
@@ -282,7 +301,7 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> ar
         if before.prompt:
             parser.error(f"unexpected words before {argv[i]}: {' '.join(before.prompt)}")
         args = build_housekeeping_parser().parse_args(argv[i:])
-        for name in ("store", "sessions_dir", "log_level", "log_file", "backend", "base_url", "model"):
+        for name in ("store", "sessions_dir", "log_level", "log_file", "key_file", "backend", "base_url", "model"):
             if not hasattr(args, name):
                 setattr(args, name, getattr(before, name))
     args.config_sessions_dir = config_dir

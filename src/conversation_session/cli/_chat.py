@@ -274,7 +274,7 @@ class ChatApp:
                                                ("playback", getattr(a, "tts_playback", None))) if v is not None},
                 persist_kv_cache=a.persist_kv, memory=getattr(a, "memory", "trim"),
                 summarizer=self.summarizer, durability=getattr(a, "durability", None),
-                tools=self._tools(a), **extra,
+                tools=self._tools(a), encryption_key=getattr(a, "key_file", None), **extra,
             )
         finally:
             self.console.stop_spinner()
@@ -311,7 +311,9 @@ class ChatApp:
 
         assert self.session is not None
         # Through self.session each time: `/model` replaces the session (and its store object).
-        return make_prompt(_state_dir(self.session.store), lambda: _session_ids(self._current().store),
+        # With a key, the lines typed are not written to disk either (docs/encryption.md).
+        history_dir = None if getattr(self.session.store, "encrypted", False) else _state_dir(self.session.store)
+        return make_prompt(history_dir, lambda: _session_ids(self._current().store),
                            on_typing=self._on_typing, model_names=self._model_names)
 
     def _model_names(self) -> list[str]:

@@ -22,6 +22,7 @@ from typing import TextIO
 from .._exceptions import SessionError, SessionLockedError
 from ..stores import HistoryStore, open_store, validate_session_id
 from ..stores._api import StoreAPI
+from ..stores._crypto import keygen, load_key
 from ..stores._housekeeping import INFO_KINDS, doctor, export_all, import_session, prune
 from ._args import store_from
 from ._confirm import confirm
@@ -49,7 +50,7 @@ class _Commands:
     def __init__(self, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO):
         self.args = args
         self.stdin, self.out, self.err = stdin, stdout, stderr
-        self.store: StoreAPI = open_store(store_from(args), None)
+        self.store: StoreAPI = open_store(store_from(args), None, encryption_key=getattr(args, "key_file", None))
 
     def say(self, text: str = "") -> None:
         print(_clean(text), file=self.out)
@@ -112,6 +113,34 @@ class _Commands:
         shown = " ".join(title.split())
         self.say(f"renamed {sid}: {shown}" if shown else f"removed the title of {sid}")
         return 0
+
+    # -- sessions rekey ------------------------------------------------------------------------
+    def rekey(self) -> int:
+        """Every session under the key of ``--new-key-file``, each with a fresh data key; the
+        old key (``--key-file``, or none for plain sessions) only reads."""
+        if not isinstance(self.store, HistoryStore):
+            raise CommandError(f"rekey works on a sessions folder, not {self.store.description}")
+        new = HistoryStore(self.store.directory, encryption_key=Path(self.args.new_key_file))
+        assert new.keyring is not None
+        old = load_key(getattr(self.args, "key_file", None))
+        if old is not None:
+            new.keyring.also_read_with(old)
+        done, already, failed = 0, 0, 0
+        for sid in self.store.newest_first():
+            try:
+                changed = new.rekey(sid)
+            except SessionLockedError:
+                print(_clean(f"skipped {sid}: it is open for writing; close it and run rekey again"), file=self.err)
+                failed += 1
+                continue
+            except (SessionError, OSError) as exc:
+                print(_clean(f"skipped {sid}: {exc}"), file=self.err)
+                failed += 1
+                continue
+            done += changed
+            already += not changed
+        self.say(f"rekeyed {done} session(s)" + (f"; {already} already under the new key" if already else ""))
+        return 1 if failed else 0
 
     # -- sessions export -----------------------------------------------------------------------
     def export(self) -> int:
@@ -299,6 +328,8 @@ def _info_dict(i: object) -> dict[str, object]:
     out = {k: getattr(i, k, None) for k in ("session_id", "title", "created_at", "updated_at", "turns",
                                              "total_messages", "size_bytes", "llm_model", "first_user_line")}
     out["path"] = location
+    if getattr(i, "encrypted", False):
+        out["encrypted"] = True
     return out
 
 
@@ -308,6 +339,15 @@ def run_command(args: argparse.Namespace, *, usage: Callable[[str], object] | No
     err = stderr or sys.stderr
     if args.command == "models":
         return _models(args, stdout or sys.stdout, err)
+    if args.command == "keygen":
+        try:
+            path = keygen(args.path)
+        except SessionError as exc:
+            print(_clean(f"error: {exc}"), file=err)
+            return 1
+        print(f"wrote a new key to {path} (mode 600); keep a copy somewhere safe: without it, sessions "
+              "encrypted with it cannot be read", file=stdout or sys.stdout)
+        return 0
     cmds: _Commands | None = None
     try:
         cmds = _Commands(args, stdin or sys.stdin, stdout or sys.stdout, err)
@@ -315,7 +355,7 @@ def run_command(args: argparse.Namespace, *, usage: Callable[[str], object] | No
             return cmds.doctor()
         action = {"list": cmds.list, "search": cmds.search, "rename": cmds.rename, "export": cmds.export,
                   "import": cmds.import_,
-                  "delete": cmds.delete, "prune": cmds.prune}[args.sessions_command]
+                  "delete": cmds.delete, "prune": cmds.prune, "rekey": cmds.rekey}[args.sessions_command]
         return action()
     except _Usage as exc:
         if usage is not None:
@@ -353,7 +393,7 @@ def apply_retention(store_spec: str, days: float, *, stderr: TextIO | None = Non
     """Delete sessions not updated for ``days`` days (those in use are kept); returns their ids.
     ``store_spec``: a folder or a store URL."""
     try:
-        store = open_store(store_spec, None)
+        store = open_store(store_spec, None)  # no key needed: an encrypted session is dated by its files
     except (SessionError, ValueError) as exc:
         logger.warning("retention: %s", exc)
         return []

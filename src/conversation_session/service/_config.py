@@ -58,6 +58,7 @@ class ServiceConfig:
     memory: str = "trim"                 # or "summary": running summaries beyond the window
     durability: str | None = None        # "process" or "power" (None: $CONVERSATION_SESSION_DURABILITY, else power)
     retention_s: float | None = None     # sessions idle longer are deleted at start, then hourly (None: kept)
+    key_file: str | None = None          # encrypt new sessions at rest (None: $CONVERSATION_SESSION_KEY_FILE)
     # Speech: the WebSocket sends each sentence's audio to connections that ask (?audio=wav).
     tts: str = "none"                    # or "espeak"
     tts_voice: str | None = None         # one espeak-ng voice for all text (default: by language)
@@ -262,6 +263,9 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
     p.add_argument("--ready-wait", type=float, default=120.0,
                    help="seconds a request arriving while the model is still loading waits for it before 503 "
                         "(default 120)")
+    p.add_argument("--key-file", default=None, metavar="PATH",
+                   help="encrypt sessions at rest with this key file (made by `conversation-session keygen PATH`); "
+                        "default $CONVERSATION_SESSION_KEY_FILE, else plain JSON (docs/encryption.md)")
     p.add_argument("--retention", type=parse_age, default=None, metavar="AGE",
                    help="delete sessions not updated for AGE (30d, 12h, 2w), at start and then hourly, with their "
                         "KV files; a session open anywhere (this service, another worker, the chat app) is never "
@@ -323,6 +327,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         allow_origins=tuple(dict.fromkeys(origins)), assistants=tuple(dict.fromkeys(args.assistant or [])),
         ready_wait_s=max(args.ready_wait, 0.0), timeout=args.timeout, max_tokens=args.max_tokens,
         system=args.system, memory=args.memory, durability=args.durability, retention_s=args.retention,
+        key_file=args.key_file,
         tts=args.tts, tts_voice=args.tts_voice, tts_rate=args.tts_rate,
         log_level=args.log_level, log_format=args.log_format, rate=args.rate, burst=args.burst,
         lock_wait_s=max(args.lock_wait, 0.0), keep_open_s=args.keep_open, max_open=args.max_open,

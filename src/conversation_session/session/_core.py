@@ -95,7 +95,7 @@ class SessionCore:
         self.speaker = None
         self.writer: SessionWriterAPI | None = None
         try:
-            self.store = open_store(store, o.sessions_dir)
+            self.store = open_store(store, o.sessions_dir, encryption_key=o.encryption_key)
             # Asked for, else the store's own level (a store object may carry one), else the
             # environment's or the default.
             self.durability = (o.durability or getattr(self.store, "durability", None)
@@ -781,6 +781,7 @@ class SessionView:
         durability: str | None = None,
         tools: Sequence[Callable[..., Any]] | None = None,
         max_tool_rounds: int = DEFAULT_TOOL_ROUNDS,
+        encryption_key: bytes | str | os.PathLike[str] | None = None,
     ):
         """The one signature of both sessions (the arguments: ``ConversationSession``'s docs)."""
         # Every argument, by name, into one frozen options object checked once (_options.py).

@@ -51,6 +51,7 @@ class SessionOptions:
     durability: str | None = None
     tools: Sequence[Callable[..., Any]] | None = None
     max_tool_rounds: int = DEFAULT_TOOL_ROUNDS
+    encryption_key: bytes | str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
         # Every rule in its own function (session/_limits.py, stores/_durability.py), so the

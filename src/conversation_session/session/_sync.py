@@ -77,6 +77,9 @@ class ConversationSession(SessionView):
             and its result before the model sees it; a recorded call is never run again.
         max_tool_rounds: rounds of tool calls a turn may make; at the bound the model is asked
             once more without tools, so the user still gets an answer.
+        encryption_key: encrypt new sessions at rest: the 32 key bytes or a key file's path
+            (``conversation-session keygen PATH``); default ``$CONVERSATION_SESSION_KEY_FILE``,
+            else none (plain JSON).  The file store only (docs/encryption.md).
 
     Raises:
         BackendError: the backend cannot be set up (model file missing, ...).

@@ -107,6 +107,9 @@ class SessionInfo:
     size_bytes: int
     first_user_line: str
     title: str | None = None
+    encrypted: bool = False
+    """Stored encrypted (docs/encryption.md).  Listed without its key, such a session shows only
+    its id, dates and size; ``first_user_line`` is ``"(encrypted)"``, the counts are 0."""
 
 
 @runtime_checkable

@@ -47,9 +47,25 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .._exceptions import SessionError, SessionFormatError, SessionLockedError, SessionNotFoundError
+from .._exceptions import (
+    EncryptionKeyError,
+    SessionError,
+    SessionFormatError,
+    SessionLockedError,
+    SessionNotFoundError,
+)
 from .._runtime import run_in_background
 from ._api import SearchHit, SessionInfo, make_snippet
+from ._crypto import (
+    Keyring,
+    SessionCipher,
+    is_encrypted_journal,
+    is_encrypted_snapshot,
+    load_key,
+    open_journal,
+    open_snapshot,
+    register_directory,
+)
 from ._durability import resolve_durability
 from ._fileio import (
     NotARegularFileError,
@@ -148,6 +164,10 @@ def parse_json_bytes(raw: bytes | bytearray, label: str, path: Path | None = Non
         raise SessionFormatError(f"{label}: JSON nested too deeply", path=path) from exc
     except ValueError as exc:
         raise SessionFormatError(f"{label}: not valid JSON ({exc})", path=path) from exc
+
+
+def _cache_label(session_id: str) -> bytes:
+    return b"conversation-session list cache\0" + session_id.encode()
 
 
 def _count_turns(messages: Iterable[MessageDict]) -> int:
@@ -309,12 +329,26 @@ class HistoryStore:
     """All sessions in one directory (the file implementation of ``StoreAPI``)."""
 
     def __init__(self, directory: str | os.PathLike[str], *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-                 durability: str | None = None):
+                 durability: str | None = None,
+                 encryption_key: bytes | str | os.PathLike[str] | None = None):
         # Resolved once: a later os.chdir() must not send turns to another folder.
         self.directory = Path(os.path.abspath(os.fspath(directory)))
         self.max_file_bytes = max_file_bytes
         # The level of the writers it makes (each may be changed: ``SessionWriter.durability``).
         self.durability = resolve_durability(durability)
+        # With a key, new sessions are encrypted (docs/encryption.md); plain ones stay plain.
+        key = load_key(encryption_key)
+        self.keyring: Keyring | None = Keyring(key) if key is not None else None
+        if self.keyring is not None:
+            register_directory(self.directory, self.keyring)  # the KV files beside the sessions
+
+    @property
+    def encrypted(self) -> bool:
+        """True if this store has a key (its new sessions are encrypted)."""
+        return self.keyring is not None
+
+    def new_cipher(self, session_id: str) -> SessionCipher | None:
+        return self.keyring.new_cipher(session_id) if self.keyring is not None else None
 
     @property
     def description(self) -> str:
@@ -360,7 +394,13 @@ class HistoryStore:
             raise SessionFormatError(f"{path.name}: cannot read ({exc.strerror or exc}){hint}", path=path) from exc
 
     def _parse_snapshot(self, session_id: str, raw: bytes | bytearray) -> SessionRecord:
+        return self._open_snapshot(session_id, raw)[0]
+
+    def _open_snapshot(self, session_id: str, raw: bytes | bytearray) -> tuple[SessionRecord, SessionCipher | None]:
         snap = self.snapshot_path(session_id)
+        cipher = None
+        if is_encrypted_snapshot(raw):
+            raw, cipher = open_snapshot(raw, session_id, self.keyring, snap.name)
         data = parse_json_bytes(raw, snap.name, snap)
         try:
             record = SessionRecord.from_dict(data, raw=raw)
@@ -369,7 +409,14 @@ class HistoryStore:
         if record.session_id != session_id:
             logger.warning("%s says session_id=%r; using the file name", snap.name, record.session_id)
             record.session_id = session_id
-        return record
+        return record, cipher
+
+    def _plain_journal(self, session_id: str, raw: bytes | bytearray, cipher: SessionCipher | None,
+                       encrypted: bool = False) -> tuple[bytes | bytearray, SessionCipher | None]:
+        """The journal's lines in plaintext (an encrypted session's are decrypted and checked)."""
+        plain, found = open_journal(raw, session_id, self.keyring, self.journal_path(session_id).name,
+                                    encrypted_session=encrypted or cipher is not None)
+        return plain, cipher or found
 
     def read(self, session_id: str) -> tuple[SessionRecord, JournalReplay, bytearray | None]:
         """The consistent read every reader uses: the session as of one moment, with every
@@ -383,6 +430,11 @@ class HistoryStore:
 
         Returns the record, the journal's replay and the journal's bytes (None if none).
         """
+        record, replay, raw, _cipher = self._read(session_id)
+        return record, replay, raw
+
+    def _read(self, session_id: str) -> tuple[SessionRecord, JournalReplay, bytearray | None, SessionCipher | None]:
+        """``read``, and the session's cipher if it is encrypted."""
         validate_session_id(session_id)
         t0 = time.perf_counter()
         jpath, spath = self.journal_path(session_id), self.snapshot_path(session_id)
@@ -390,12 +442,14 @@ class HistoryStore:
         snapshot = self._read_file(spath)
         if snapshot is None and journal is None:
             raise SessionNotFoundError(f"no saved session {session_id} in {self.directory}", session_id=session_id)
+        cipher = None
         if snapshot is not None:
-            record = self._parse_snapshot(session_id, snapshot[0])
+            record, cipher = self._open_snapshot(session_id, snapshot[0])
         else:
             record = SessionRecord(session_id=session_id, llm_model="unknown", created_at="", updated_at="")
         raw = journal[0] if journal is not None else None
-        replay = replay_journal(raw or b"", session_id, len(record.messages), len(record.undone))
+        plain, cipher = self._plain_journal(session_id, raw or b"", cipher)
+        replay = replay_journal(plain, session_id, len(record.messages), len(record.undone))
         _log_replay(jpath.name, replay)
         replay.apply(record)
         if not record.created_at:
@@ -405,7 +459,7 @@ class HistoryStore:
             size = (len(snapshot[0]) if snapshot is not None else 0) + (len(raw) if raw else 0)
             logger.debug("loaded %s: %d messages, %d bytes in %.2f ms", spath, len(record.messages), size,
                          (time.perf_counter() - t0) * 1000)
-        return record, replay, raw
+        return record, replay, raw, cipher
 
     def load(self, session_id: str) -> SessionRecord:
         """Read a session (journal + snapshot, consistently) without taking its lock.
@@ -449,7 +503,7 @@ class HistoryStore:
                 continue
             try:
                 record = self.load(session_id)
-            except (SessionFormatError, OSError) as exc:
+            except (SessionFormatError, EncryptionKeyError, OSError) as exc:
                 logger.warning("skipping session %s: %s", session_id, exc)
                 continue
             if record.messages:
@@ -468,12 +522,21 @@ class HistoryStore:
         sessions = data.get("sessions")
         return sessions if isinstance(sessions, dict) else {}
 
-    @staticmethod
-    def _cached_head(entry: object, marks: list[int]) -> dict[str, Any] | None:
-        """A cache entry's snapshot summary, if it describes exactly this snapshot file."""
+    def _cached_head(self, session_id: str, entry: object, marks: list[int]) -> dict[str, Any] | None:
+        """A cache entry's snapshot summary, if it describes exactly this snapshot file.
+
+        An encrypted session's summary (its first line, its title) is kept sealed by the key."""
         if not isinstance(entry, dict) or entry.get("marks") != marks:
             return None
         head = entry.get("head")
+        if isinstance(entry.get("sealed"), str):
+            opened = None if self.keyring is None else self.keyring.unseal(entry["sealed"], _cache_label(session_id))
+            try:
+                head = json.loads(opened) if opened is not None else None
+            except ValueError:
+                head = None
+            if isinstance(head, dict):
+                head["encrypted"] = True
         types = {"created_at": str, "updated_at": str, "llm_model": str, "turns": int, "total": int, "first": str,
                  "rewinds": int}
         if not isinstance(head, dict) or any(type(head.get(k)) is not t for k, t in types.items()):
@@ -493,7 +556,7 @@ class HistoryStore:
             st = None
         if st is not None:
             marks = _marks(st)
-            head = self._cached_head(cache.get(session_id), marks)
+            head = self._cached_head(session_id, cache.get(session_id), marks)
             if head is None:
                 snapshot = self._read_file(spath)
                 if snapshot is not None:
@@ -503,9 +566,16 @@ class HistoryStore:
                             "llm_model": record.llm_model, "turns": _count_turns(record.messages),
                             "total": len(record.messages), "first": _first_line(record.messages),
                             "title": record.title, "rewinds": len(record.undone)}
+                    if is_encrypted_snapshot(snapshot[0]):
+                        head["encrypted"] = True
                     st = snapshot[1]
             if head is not None:
-                fresh[session_id] = {"marks": marks, "head": head}
+                if head.get("encrypted") and self.keyring is not None:
+                    plain_head = {k: v for k, v in head.items() if k != "encrypted"}
+                    fresh[session_id] = {"marks": marks, "sealed": self.keyring.seal(
+                        json.dumps(plain_head, ensure_ascii=False).encode(), _cache_label(session_id))}
+                else:
+                    fresh[session_id] = {"marks": marks, "head": head}
                 size += st.st_size
         if head is None:
             if journal is None:
@@ -516,7 +586,10 @@ class HistoryStore:
         title = head.get("title") if isinstance(head.get("title"), str) else None
         if journal is not None:
             size += journal[1].st_size
-            replay = replay_journal(journal[0], session_id, total, head["rewinds"])
+            plain, cipher = self._plain_journal(session_id, journal[0], None, bool(head.get("encrypted")))
+            if cipher is not None:
+                head["encrypted"] = True
+            replay = replay_journal(plain, session_id, total, head["rewinds"])
             _log_replay(jpath.name, replay)
             if replay.keep < total:
                 # An undo withdrew messages of the snapshot: its first line may be among them.
@@ -533,7 +606,19 @@ class HistoryStore:
         created_at = head["created_at"] or updated_at
         return SessionInfo(session_id=session_id, location=str(spath), created_at=created_at,
                            updated_at=updated_at or created_at, llm_model=head["llm_model"], turns=turns,
-                           total_messages=total, size_bytes=size, first_user_line=first, title=title)
+                           total_messages=total, size_bytes=size, first_user_line=first, title=title,
+                           encrypted=bool(head.get("encrypted")))
+
+    def _locked_info(self, session_id: str) -> SessionInfo:
+        """The row of an encrypted session listed without its key: what the files' names and
+        dates say, nothing of their content."""
+        paths = [p for p in (self.snapshot_path(session_id), self.journal_path(session_id)) if p.exists()]
+        sts = [p.stat() for p in paths]
+        created = datetime.fromtimestamp(min(st.st_mtime for st in sts)).isoformat(timespec="seconds")
+        updated = datetime.fromtimestamp(max(st.st_mtime for st in sts)).isoformat(timespec="seconds")
+        return SessionInfo(session_id=session_id, location=str(self.snapshot_path(session_id)), created_at=created,
+                           updated_at=updated, llm_model="", turns=0, total_messages=0,
+                           size_bytes=sum(st.st_size for st in sts), first_user_line="(encrypted)", encrypted=True)
 
     def list_sessions(self) -> list[SessionInfo]:
         """Every readable session with at least one message, newest first; bad files are logged.
@@ -548,7 +633,12 @@ class HistoryStore:
         out = []
         for session_id in self.newest_first():
             try:
-                info = self._info(session_id, cache, fresh)
+                try:
+                    info = self._info(session_id, cache, fresh)
+                except EncryptionKeyError:
+                    info = self._locked_info(session_id)
+                    if session_id in cache:
+                        fresh[session_id] = cache[session_id]  # another key's sealed entry: keep it
             except (SessionFormatError, OSError) as exc:
                 logger.warning("skipping session %s: %s", session_id, exc)
                 continue
@@ -683,9 +773,11 @@ class HistoryStore:
             logger.info("%s is not writable (%s); session %s will be created at its first save",
                         self.directory, cause.strerror or cause, session_id)
             record = SessionRecord(session_id=session_id, llm_model=llm_model)
-            return SessionWriter(_Core(self, record, None, snapshot_upto=None, persisted=False))
+            return SessionWriter(_Core(self, record, None, snapshot_upto=None, persisted=False,
+                                       cipher=self.new_cipher(session_id)))
         record = SessionRecord(session_id=session_id, llm_model=llm_model)
-        return SessionWriter(_Core(self, record, fd, snapshot_upto=None, persisted=False))
+        return SessionWriter(_Core(self, record, fd, snapshot_upto=None, persisted=False,
+                                   cipher=self.new_cipher(session_id)))
 
     def open(self, session_id: str) -> tuple[SessionWriter, SessionRecord]:
         """Open an existing session for writing: lock it, then load it (so nothing is missed).
@@ -711,7 +803,7 @@ class HistoryStore:
             raise self._folder_error("open a session for writing in", exc) from exc
         assert fd is not None
         try:
-            record, replay, raw = self.read(session_id)
+            record, replay, raw, cipher = self._read(session_id)
             if replay.unread and raw:
                 target = aside_path(journal)
                 atomic_write_bytes(target, bytes(raw))
@@ -722,7 +814,7 @@ class HistoryStore:
             core = _Core(self, dataclasses.replace(record, messages=list(record.messages)), fd,
                          snapshot_upto=replay.base if not replay.undone and
                          os.path.exists(self.snapshot_path(session_id)) else None,
-                         persisted=persisted)
+                         persisted=persisted, cipher=cipher)
         except BaseException:
             # Leave a damaged session as it was found: no empty journal beside it.
             if created:
@@ -774,12 +866,15 @@ class HistoryStore:
         never removed by age (``doctor`` deals with it)."""
         try:
             record = self.load(session_id)
+            updated = record.updated_at or record.created_at
         except SessionNotFoundError:
             return False
+        except EncryptionKeyError:
+            updated = ""  # encrypted, no key here: its files' dates say when it was last written
         except (SessionError, OSError):
             return True
         try:
-            return datetime.fromisoformat(record.updated_at or record.created_at).timestamp() >= when
+            return datetime.fromisoformat(updated).timestamp() >= when
         except (TypeError, ValueError, OverflowError, OSError):
             mtimes = [p.stat().st_mtime for p in (self.snapshot_path(session_id), self.journal_path(session_id))
                       if p.exists()]
@@ -808,7 +903,9 @@ class HistoryStore:
         journal = self.journal_path(session_id)
         try:
             again.session_id = session_id
-            atomic_write_bytes(self.snapshot_path(session_id), encode_snapshot(again, again.messages))
+            data = encode_snapshot(again, again.messages)
+            cipher = self.new_cipher(session_id)
+            atomic_write_bytes(self.snapshot_path(session_id), cipher.seal_snapshot(data) if cipher else data)
         except BaseException:
             with dir_lock(self.directory):
                 with contextlib.suppress(OSError):
@@ -820,6 +917,35 @@ class HistoryStore:
                 journal.unlink()
         os.close(fd)
         return session_id
+
+    def rekey(self, session_id: str) -> bool:
+        """Put a session under this store's key with a fresh data key (``sessions rekey``);
+        False if it already is.  A plain session is encrypted.  The store must also read the old
+        key (``keyring.also_read_with``).
+
+        Crash-safe at every step: the journal is first folded into a snapshot under the old data
+        key (the journal is then empty), and only then is that snapshot replaced, atomically, by
+        one under the new data key; so the session is always whole under one key or the other,
+        and running rekey again finishes the job.  Its KV file (a cache, under the old key) goes.
+        """
+        if self.keyring is None:
+            raise SessionError("rekey needs the new key")
+        writer, _record = self.open(session_id)
+        try:
+            core = writer._core
+            if core.cipher is not None and core.cipher.key_id == self.keyring.key_id:
+                return False
+            writer.write_snapshot()
+            with core.snapshot_lock:
+                if core.journal_size or core.journal_torn:
+                    raise SessionError(f"session {session_id}: its journal could not be folded; not rekeyed")
+                core.cipher = self.keyring.new_cipher(session_id)
+                core._write_snapshot(background=False)
+            with contextlib.suppress(FileNotFoundError):
+                self.kv_path(session_id).unlink()
+            return True
+        finally:
+            writer.close()
 
     def set_title(self, session_id: str, title: str | None) -> None:
         """Name a session nobody has open (``sessions rename``): a journal line, like any change."""
@@ -851,10 +977,12 @@ class HistoryStore:
                 if not raw:
                     continue
                 folded = raw.decode("utf-8", "replace").casefold()
-                if any(w not in folded for w in plain):
+                sealed = any(part is not None and (is_encrypted_snapshot(part[0]) or is_encrypted_journal(part[0]))
+                             for part in parts)
+                if not sealed and any(w not in folded for w in plain):
                     continue
                 record = self.load(session_id)
-            except (SessionFormatError, SessionNotFoundError, OSError) as exc:
+            except (SessionFormatError, SessionNotFoundError, EncryptionKeyError, OSError) as exc:
                 logger.debug("search: skipping %s: %s", session_id, exc)
                 continue
             hits.extend(search_record(record, needle, limit - len(hits)))
@@ -900,8 +1028,9 @@ class _Core:
     writer nobody references any more is collected (and closed)."""
 
     def __init__(self, store: HistoryStore, record: SessionRecord, journal_fd: int | None,
-                 *, snapshot_upto: int | None, persisted: bool):
+                 *, snapshot_upto: int | None, persisted: bool, cipher: SessionCipher | None = None):
         self.store = store
+        self.cipher = cipher                    # an encrypted session's data key (None: plain JSON)
         self.record = record
         self.messages: list[MessageDict] = record.messages  # the writer's own list
         self.session_id = record.session_id
@@ -1047,7 +1176,8 @@ class _Core:
             return self._append_line()
 
     def _line(self, start: int, encoded: list[str], *, meta_of: SessionRecord | None,
-              rewind: tuple[int, list[str]] | None = None, updated_at: str | None = None) -> bytes:
+              rewind: tuple[int, list[str]] | None = None, updated_at: str | None = None,
+              lineno: int | None = None) -> bytes:
         """One journal line (``JournalRecordDict``): ``encoded`` messages appended at ``start``;
         with ``meta_of``, every record-level field of that record, None included (a line carries
         the whole record-level state: None clears a system prompt, a title, a dropped summary);
@@ -1057,9 +1187,13 @@ class _Core:
             fields = ", ".join(f'"{k}": {encode_json(getattr(meta_of, k))}' for k in META_FIELDS)
             meta = f', "meta": {{{fields}}}'
         undo = f'"rewind": {rewind[0]}, "undone": [{", ".join(rewind[1])}], ' if rewind is not None else ""
-        return (f'{{"session_id": {encode_json(self.session_id)}, "start": {start}, {undo}'
+        text = (f'{{"session_id": {encode_json(self.session_id)}, "start": {start}, {undo}'
                 f'"messages": [{", ".join(encoded)}], '
-                f'"updated_at": {encode_json(updated_at or self.record.updated_at)}{meta}}}\n').encode()
+                f'"updated_at": {encode_json(updated_at or self.record.updated_at)}{meta}}}')
+        if self.cipher is not None:
+            # Sealed at its place in the journal: the line the file will hold at that position.
+            return self.cipher.seal_line(text.encode(), lineno if lineno is not None else self.journal_lines + 1)
+        return (text + "\n").encode()
 
     def _encoded(self, start: int, end: int) -> list[str]:
         """``messages[start:end]`` encoded, reusing the strings kept for snapshots (caller holds ``lock``)."""
@@ -1189,6 +1323,9 @@ class _Core:
                                        session_id)
                         with self.lock:
                             self.session_id = self.record.session_id = session_id
+                            # The data key is bound to the id: a new id needs a new one.
+                            if self.cipher is not None:
+                                self.cipher = self.store.new_cipher(session_id)
                 else:
                     with dir_lock(self.store.directory):
                         new_fd = self.store._lock_journal(self.session_id, create=True)
@@ -1279,6 +1416,8 @@ class _Core:
                     self.encoded.extend(extra)
             encoded += extra
         data = encode_snapshot(head, messages, encoded, turns=turns)
+        if self.cipher is not None:
+            data = self.cipher.seal_snapshot(data)
         atomic_write_bytes(path, data)
         with self.lock:
             self.snapshot_upto = upto
@@ -1318,7 +1457,7 @@ class _Core:
         assert self.fd is not None
         end = self.journaled
         carry_meta = with_meta or any(getattr(self.record, k) is not None for k in META_FIELDS)
-        line = self._line(upto, self._encoded(upto, end), meta_of=self.record if carry_meta else None)
+        line = self._line(upto, self._encoded(upto, end), meta_of=self.record if carry_meta else None, lineno=1)
         path = self.journal_path
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         try:

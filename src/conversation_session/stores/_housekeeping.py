@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from .._exceptions import SessionError, SessionFormatError, SessionLockedError
+from .._exceptions import EncryptionKeyError, SessionError, SessionFormatError, SessionLockedError
 from ._api import StoreAPI
+from ._crypto import is_encrypted_journal, is_encrypted_snapshot
 from ._file import _CACHE_NAME, HistoryStore, aside_path, encode_snapshot, parse_json_bytes, replay_journal
 from ._fileio import FileTooLargeError, NotARegularFileError, atomic_write_bytes, dir_lock, read_regular_file
 from ._ids import SESSION_ID_RE
@@ -45,8 +46,12 @@ logger = logging.getLogger("conversation_session.housekeeping")
 STRAY_TEMP_AGE_S = 60.0
 """A temporary file this old cannot belong to a write in progress (writes take milliseconds)."""
 
-INFO_KINDS = frozenset({"id-mismatch"})
-"""Problem kinds that are only reported: the file still loads, so nothing is moved."""
+INFO_KINDS = frozenset({"id-mismatch", "encrypted"})
+"""Problem kinds that are only reported: the file still loads (or, ``encrypted``, cannot be checked
+without its key: docs/encryption.md), so nothing is moved."""
+
+_LOCKED = (-1, -1)
+"""``_snapshot_problem``'s count for an encrypted snapshot checked without its key."""
 
 _TEMP_RE = re.compile(r"\..+\.tmp")
 _ASIDE_RE = re.compile(r".+\.corrupt-\d{14}(-\d+)?")
@@ -100,7 +105,7 @@ def export_all(store: StoreAPI, dest_dir: str | os.PathLike[str]) -> ExportResul
             if not record.messages:
                 continue
             data = encode_snapshot(record, record.messages)
-        except (SessionFormatError, OSError) as exc:
+        except (SessionFormatError, EncryptionKeyError, OSError) as exc:  # encrypted: skipped without its key
             logger.warning("not exported: %s: %s", session_id, exc)
             result.skipped[session_id] = str(exc)
             continue
@@ -204,7 +209,8 @@ class Problem:
     ``kind`` is one of: ``symlink``, ``not-regular``, ``oversized``, ``unreadable``,
     ``unparseable``, ``malformed``, ``id-mismatch`` (loads; the file name wins),
     ``stray-temp``, ``orphan-journal``, ``torn-journal``, ``damaged-journal``,
-    ``foreign-journal`` (lines of another session).
+    ``foreign-journal`` (lines of another session), ``tampered`` (an encrypted file that fails
+    authentication), ``encrypted`` (only reported: not checked without the key).
     ``moved_to`` is set when ``doctor(fix=True)`` moved the file aside.
     """
 
@@ -249,6 +255,15 @@ def _snapshot_problem(store: HistoryStore, path: Path) -> tuple[tuple[str, str] 
         return ("not-regular", exc.strerror or str(exc)), None
     except OSError as exc:
         return ("unreadable", f"cannot read ({exc.strerror or exc})"), None
+    stem = path.name[: -len(".json")]
+    if is_encrypted_snapshot(raw):
+        try:
+            record = store._parse_snapshot(stem, raw)
+        except EncryptionKeyError as exc:
+            return ("encrypted", f"not checked: {exc}"), _LOCKED
+        except SessionFormatError as exc:
+            return ("tampered", str(exc)), None
+        return None, (len(record.messages), len(record.undone))
     try:
         data = parse_json_bytes(raw, path.name, path)
     except SessionFormatError as exc:
@@ -257,7 +272,6 @@ def _snapshot_problem(store: HistoryStore, path: Path) -> tuple[tuple[str, str] 
         record = SessionRecord.from_dict(data, raw=raw)
     except SessionFormatError as exc:
         return ("malformed", str(exc)), None
-    stem = path.name[: -len(".json")]
     if record.session_id != stem:
         return ("id-mismatch", f"says session_id={record.session_id!r}; it loads as {stem} (the file name wins)"), \
             (len(record.messages), len(record.undone))
@@ -274,8 +288,26 @@ def _journal_problem(store: HistoryStore, path: Path, have: tuple[int, int] | No
         if have is None:
             return "orphan-journal", "an empty journal with no snapshot, left by a process that ended early"
         return None
+    stem = path.name[: -len(".journal")]
+    if have == _LOCKED:
+        return None  # its encrypted snapshot was reported: the journal cannot be checked either
     count, folded = have or (0, 0)
-    return replay_journal(raw, path.name[: -len(".journal")], count, folded).problem
+    try:
+        sealed = is_encrypted_journal(raw) or _encrypted_snapshot(store, stem)
+        plain, _cipher = store._plain_journal(stem, raw, None, encrypted=sealed)
+    except EncryptionKeyError as exc:
+        return "encrypted", f"not checked: {exc}"
+    except SessionFormatError as exc:
+        return "tampered", str(exc)
+    return replay_journal(plain, stem, count, folded).problem
+
+
+def _encrypted_snapshot(store: HistoryStore, session_id: str) -> bool:
+    try:
+        with open(store.snapshot_path(session_id), "rb") as f:
+            return is_encrypted_snapshot(f.read(128))
+    except OSError:
+        return False
 
 
 def _move_journal_aside(store: HistoryStore, session_id: str, path: Path, stamp: str, *, fold: bool) -> Path | None:
@@ -292,8 +324,10 @@ def _move_journal_aside(store: HistoryStore, session_id: str, path: Path, stamp:
     try:
         if fold and fd is not None:
             try:
-                record = store.load(session_id)
+                record, _replay, _raw, cipher = store._read(session_id)
                 data = encode_snapshot(record, record.messages) if record.messages else None
+                if data is not None and cipher is not None:
+                    data = cipher.seal_snapshot(data)  # an encrypted session stays encrypted
             except SessionFormatError as exc:
                 logger.warning("%s: nothing saved from the journal: %s", session_id, exc)
             else:

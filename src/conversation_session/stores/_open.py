@@ -37,10 +37,15 @@ def open_store(store: StoreAPI | str | os.PathLike[str] | None = None,
         SessionError: PostgreSQL asked for without the ``[postgres]`` extra.
         ValueError: an address of an unknown kind (``redis://...``).
     """
+    if options.get("encryption_key", 0) is None:
+        del options["encryption_key"]  # not asked for: each store applies its own default
     if store is None and sessions_dir is None:
         store = os.environ.get(STORE_ENV) or None
     if store is None:
         return HistoryStore(sessions_dir if sessions_dir is not None else default_sessions_dir(), **options)
+    if is_postgres_url(store) and "encryption_key" in options:
+        raise SessionError("encryption at rest is not available with the PostgreSQL store yet; use a sessions "
+                           "folder, or PostgreSQL's own encryption (docs/encryption.md)")
     if is_postgres_url(store):
         try:
             from ._postgres import PostgresStore
@@ -53,4 +58,7 @@ def open_store(store: StoreAPI | str | os.PathLike[str] | None = None,
         if "://" in text and not text.startswith("file://"):
             raise ValueError(f"unknown store URL {text.split('://')[0]}://...; use postgresql://... or a folder")
         return HistoryStore(text.removeprefix("file://"), **options)
+    if "encryption_key" in options:
+        raise ValueError("give the key to the store object itself (HistoryStore(folder, encryption_key=...)), "
+                         "not beside it")
     return store
