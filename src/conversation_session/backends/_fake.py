@@ -119,17 +119,18 @@ class FakeBackend(Backend):
             request.usage.prompt_tokens = len(prompt)
             request.usage.cached_tokens = cached
             self._cached[request.cache_key] = list(prompt)
-            if self._queue:
-                reply = self._queue.popleft()
-            else:
-                user = next((m["content"] for m in reversed(request.messages) if m["role"] == "user"), "")
-                reply = [f"Reply {len(self.requests)}: ", user]
+            reply = self._queue.popleft() if self._queue else self._default_reply(request)
         if isinstance(reply, BaseException):
             raise reply
         if isinstance(reply, ToolCalls):
             calls = [c if c.id else ToolCall(c.name, c.arguments, f"call_{uuid.uuid4().hex[:12]}") for c in reply.calls]
             return _Plan(request.cache_key, [reply.text] if reply.text else [], calls)
         return _Plan(request.cache_key, reply)
+
+    def _default_reply(self, request: GenerationRequest) -> list[str] | ToolCalls:
+        """The reply when none is queued (called under the lock)."""
+        user = next((m["content"] for m in reversed(request.messages) if m["role"] == "user"), "")
+        return [f"Reply {len(self.requests)}: ", user]
 
     def _accept(self, request: GenerationRequest, plan: _Plan, piece: str) -> bool:
         """Whether ``piece`` may be sent (the token budget); counts it into the modelled cache."""
@@ -201,13 +202,48 @@ class FakeBackend(Backend):
         self.reset_cache(cache_key=cache_key)
 
 
+_CALL_LINE = re.compile(r"^/call\s+([A-Za-z_][A-Za-z0-9_.-]*)\s*(\{.*\})?\s*$")
+
+
+def scripted_calls(request: GenerationRequest) -> ToolCalls | list[str] | None:
+    """The ``/call`` convention of ``serve --backend fake`` (a testing aid): a user message whose
+    lines are each ``/call NAME {json arguments}`` makes the reply ask for those calls, when
+    tools are offered; once their results follow it, the reply lists them.  ``None`` otherwise."""
+    if not request.tools:
+        return None
+    last_user = max((i for i, m in enumerate(request.messages) if m["role"] == "user"), default=None)
+    if last_user is None:
+        return None
+    lines = [ln for ln in request.messages[last_user]["content"].splitlines() if ln.strip()]
+    found = [_CALL_LINE.match(ln.strip()) for ln in lines]
+    if not lines or not all(found):
+        return None
+    after = request.messages[last_user + 1:]
+    if not after:
+        try:
+            return ToolCalls([(m[1], json.loads(m[2]) if m[2] else {}) for m in found if m is not None])
+        except (ValueError, TypeError):
+            return ["The /call arguments are not a JSON object."]
+    results = [f"{m.get('name', '?')} → {m['content']}" for m in after if m["role"] == "tool"]
+    return ["Done: " + "; ".join(results) + "."]
+
+
 class WordFakeBackend(FakeBackend):
     """The fake backend, streaming its reply word by word (so streaming, sentence events and
     interrupts have something to cut): ``serve --backend fake``, for trying the service and
-    its clients without a model."""
+    its clients without a model.  With ``script_calls`` it follows the ``/call`` convention
+    (``scripted_calls``), so the service's tool calls can be tried and tested without a model."""
+
+    def __init__(self, *, script_calls: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.script_calls = script_calls
+
+    def _default_reply(self, request: GenerationRequest) -> list[str] | ToolCalls:
+        scripted = scripted_calls(request) if self.script_calls else None
+        return scripted if scripted is not None else super()._default_reply(request)
 
     def _start(self, request: Any) -> Any:
         plan = super()._start(request)
         text = "".join(plan.pieces)
-        plan.pieces = re.findall(r"\S+\s*", text) or [text]
+        plan.pieces = re.findall(r"\S+\s*", text) or ([text] if text else [])  # no empty piece
         return plan
