@@ -1,5 +1,5 @@
 """Server-side tools over a real ``serve`` process: ``--tools-file`` with a counting tool (one
-line appended to a file per run), the fake backend scripted by the ``/call`` convention, the
+line appended to a file per run), the fake backend scripted by the ``!call`` convention, the
 calls in the turn's JSON, and ``tool_call``/``tool_result`` events on the SSE stream and the
 WebSocket, in order, between the pieces of the rounds."""
 
@@ -68,7 +68,7 @@ def test_a_turn_runs_the_tool_once_and_returns_its_calls(server: tuple[ServicePr
     before = len(runs(log))
     sid = client.post("/v1/sessions").json()["session_id"]
     body = client.post(f"/v1/sessions/{sid}/messages",
-                       json={"text": '/call set_light {"room": "kitchen", "on": true}'}).json()
+                       json={"text": '!call set_light {"room": "kitchen", "on": true}'}).json()
     assert runs(log)[before:] == ["kitchen True"]
     [call] = body["tool_calls"]
     assert call["name"] == "set_light" and call["arguments"] == {"room": "kitchen", "on": True}
@@ -87,7 +87,7 @@ def test_sse_stream_has_call_and_result_events_in_order(server: tuple[ServicePro
     _, log = server
     before = len(runs(log))
     sid = client.post("/v1/sessions").json()["session_id"]
-    text = '/call set_light {"room": "hall", "on": false}\n/call broken {}'
+    text = '!call set_light {"room": "hall", "on": false}\n!call broken {}'
     with client.stream("POST", f"/v1/sessions/{sid}/messages", json={"text": text, "stream": True}) as resp:
         events = list(sse_events(resp.iter_lines()))
     kinds = [k for k, _ in events]
@@ -109,7 +109,7 @@ def test_websocket_has_call_and_result_events(server: tuple[ServiceProcess, Path
     url = proc.url.replace("http://", "ws://") + f"/v1/sessions/{sid}/ws"
     with connect(url, additional_headers=auth(TOKEN_A), open_timeout=10) as ws:
         assert json.loads(ws.recv(timeout=10))["type"] == "ready"
-        ws.send(json.dumps({"type": "message", "text": '/call set_light {"room": "attic", "on": true}'}))
+        ws.send(json.dumps({"type": "message", "text": '!call set_light {"room": "attic", "on": true}'}))
         seen = []
         while not seen or seen[-1]["type"] not in ("done", "error"):
             seen.append(json.loads(ws.recv(timeout=10)))

@@ -687,3 +687,33 @@ def test_async_on_tool_awaits_an_async_callback_before_the_call_runs(tmp_path: P
 
     asyncio.run(main())
     assert order == ["tool_call", "run", "tool_result"]
+
+
+def test_approve_is_asked_before_a_call_and_a_refusal_is_recorded_not_run(tmp_path: Path) -> None:
+    ran: list[str] = []
+    asked: list[dict[str, object]] = []
+
+    def set_light(room: str) -> str:
+        """Switch a light."""
+        ran.append(room)
+        return "ok"
+
+    async def ask(call: dict[str, object]) -> bool | str:
+        asked.append(call)
+        return True if call["arguments"] == {"room": "a"} else "not that room"
+
+    async def main() -> list[dict[str, object]]:
+        fake = FakeBackend()
+        fake.enqueue(ToolCalls([("set_light", {"room": "a"}), ("set_light", {"room": "b"})]))
+        fake.enqueue("Done.")
+        async with AsyncConversationSession(backend=fake, tools=[set_light], approve=ask,
+                                            sessions_dir=tmp_path) as s:
+            result = await s.chat("lights")
+            return result.tool_calls
+
+    calls = asyncio.run(main())
+    assert ran == ["a"] and [c["arguments"] for c in asked] == [{"room": "a"}, {"room": "b"}]
+    assert calls[0]["result"] == "ok"
+    assert calls[1]["error"] == "error: not approved: not that room; it was not run"
+    with pytest.raises(TypeError, match="approve must be a function"):
+        ConversationSession(backend=FakeBackend(), approve="yes", sessions_dir=tmp_path)  # type: ignore[arg-type]

@@ -74,6 +74,9 @@ class FakeBackend(Backend):
     Args:
         piece_delay: seconds to wait before each piece (to exercise timeouts).
         context_length: tokens (words) in the modelled context window; None for unlimited.
+        script_calls: follow the ``!call NAME {json}`` convention (``scripted_calls``) when no
+            reply is queued, so tool calls can be tried without a model (``serve --backend fake
+            --tools-file``, ``chat --backend fake --tools-file``): a testing aid.
     """
 
     name = "fake"
@@ -81,8 +84,9 @@ class FakeBackend(Backend):
     exact_token_count = True
 
     def __init__(self, *, piece_delay: float = 0.0, context_length: int | None = None,
-                 model_name: str = "fake-model"):
+                 model_name: str = "fake-model", script_calls: bool = False):
         self.model_name = model_name
+        self.script_calls = script_calls
         self.piece_delay = piece_delay
         self._context_length = context_length
         self._queue: deque[list[str] | ToolCalls | BaseException] = deque()
@@ -129,6 +133,9 @@ class FakeBackend(Backend):
 
     def _default_reply(self, request: GenerationRequest) -> list[str] | ToolCalls:
         """The reply when none is queued (called under the lock)."""
+        scripted = scripted_calls(request) if self.script_calls else None
+        if scripted is not None:
+            return scripted
         user = next((m["content"] for m in reversed(request.messages) if m["role"] == "user"), "")
         return [f"Reply {len(self.requests)}: ", user]
 
@@ -202,12 +209,12 @@ class FakeBackend(Backend):
         self.reset_cache(cache_key=cache_key)
 
 
-_CALL_LINE = re.compile(r"^/call\s+([A-Za-z_][A-Za-z0-9_.-]*)\s*(\{.*\})?\s*$")
+_CALL_LINE = re.compile(r"^!call\s+([A-Za-z_][A-Za-z0-9_.-]*)\s*(\{.*\})?\s*$")
 
 
 def scripted_calls(request: GenerationRequest) -> ToolCalls | list[str] | None:
-    """The ``/call`` convention of ``serve --backend fake`` (a testing aid): a user message whose
-    lines are each ``/call NAME {json arguments}`` makes the reply ask for those calls, when
+    """The ``!call`` convention of ``serve --backend fake`` (a testing aid): a user message whose
+    lines are each ``!call NAME {json arguments}`` makes the reply ask for those calls, when
     tools are offered; once their results follow it, the reply lists them.  ``None`` otherwise."""
     if not request.tools:
         return None
@@ -223,7 +230,7 @@ def scripted_calls(request: GenerationRequest) -> ToolCalls | list[str] | None:
         try:
             return ToolCalls([(m[1], json.loads(m[2]) if m[2] else {}) for m in found if m is not None])
         except (ValueError, TypeError):
-            return ["The /call arguments are not a JSON object."]
+            return ["The !call arguments are not a JSON object."]
     results = [f"{m.get('name', '?')} → {m['content']}" for m in after if m["role"] == "tool"]
     return ["Done: " + "; ".join(results) + "."]
 
@@ -231,16 +238,7 @@ def scripted_calls(request: GenerationRequest) -> ToolCalls | list[str] | None:
 class WordFakeBackend(FakeBackend):
     """The fake backend, streaming its reply word by word (so streaming, sentence events and
     interrupts have something to cut): ``serve --backend fake``, for trying the service and
-    its clients without a model.  With ``script_calls`` it follows the ``/call`` convention
-    (``scripted_calls``), so the service's tool calls can be tried and tested without a model."""
-
-    def __init__(self, *, script_calls: bool = False, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.script_calls = script_calls
-
-    def _default_reply(self, request: GenerationRequest) -> list[str] | ToolCalls:
-        scripted = scripted_calls(request) if self.script_calls else None
-        return scripted if scripted is not None else super()._default_reply(request)
+    its clients without a model."""
 
     def _start(self, request: Any) -> Any:
         plan = super()._start(request)

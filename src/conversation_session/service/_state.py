@@ -38,7 +38,7 @@ logger = logging.getLogger("conversation_session.service")
 
 def make_backend(config: ServiceConfig) -> Backend:
     if config.backend == "fake":
-        # The /call convention (a testing aid) only when there are tools to call.
+        # The !call convention (a testing aid) only when there are tools to call.
         return WordFakeBackend(piece_delay=config.fake_delay, context_length=config.fake_context,
                                script_calls=config.tools_file is not None)
     return create_backend(config.backend, config.model, base_url=config.base_url)

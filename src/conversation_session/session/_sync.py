@@ -77,6 +77,11 @@ class ConversationSession(SessionView):
             and its result before the model sees it; a recorded call is never run again.
         max_tool_rounds: rounds of tool calls a turn may make; at the bound the model is asked
             once more without tools, so the user still gets an answer.
+        approve: asked before each call of a tool not marked ``idempotent``, in the thread
+            running the turn, with ``{"id", "name", "arguments"}``; anything but ``True`` (or an
+            exception) and the call is not run: its result is ``"error: not approved: <why>;
+            it was not run"`` (a string answer is the why).  On ``AsyncConversationSession`` it
+            may be ``async def``.  The call's intent is recorded before the question.
 
     Raises:
         BackendError: the backend cannot be set up (model file missing, ...).

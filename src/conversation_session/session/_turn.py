@@ -193,6 +193,18 @@ class _TurnSteps:
                                            f"{', '.join(sorted(self.tools)) or 'none'})", 0.0)
         return found, None
 
+    def needs_approval(self, tool: Tool) -> bool:
+        return self.core.approve is not None and not tool.idempotent
+
+    def refusal(self, call: ToolCallDict, answer: Any) -> CallOutcome | None:
+        """``None`` if ``approve`` answered ``True``; else the outcome of a call not run."""
+        if answer is True:
+            return None
+        why = (f"{type(answer).__name__}: {answer}" if isinstance(answer, BaseException)
+               else answer if isinstance(answer, str) and answer else "the user refused it")
+        logger.info("tool call %s (%s) not approved: %s", call["id"], call["function"]["name"], why)
+        return CallOutcome(None, f"error: not approved: {why}; it was not run", 0.0)
+
     def call_done(self, call: ToolCallDict, outcome: CallOutcome) -> None:
         """Record a call's one result, before the model sees it."""
         self._commit_step([result_message(call, outcome.text)])
@@ -708,6 +720,14 @@ def _run(s: _TurnSteps) -> Generator[str, None, None]:
                     for call in calls:
                         tool, outcome = s.before_call(call)
                         s.emit_tool_events()
+                        if tool is not None and s.needs_approval(tool):
+                            try:
+                                answer = s.core.approve({"id": call["id"], "name": tool.name,
+                                                         "arguments": call["function"]["arguments"]})
+                            except Exception as exc:  # noqa: BLE001 - a refusal, named in the result
+                                answer = exc
+                            outcome = s.refusal(call, answer)
+                            tool = None if outcome is not None else tool
                         if tool is not None:
                             s.running = call["id"]
                             outcome = run_call(tool, call["function"]["arguments"], s.request.cancel)
@@ -984,6 +1004,16 @@ async def _arun(s: _TurnSteps, session: Any) -> AsyncGenerator[str, None]:
                     for call in calls:
                         tool, done = s.before_call(call)
                         await s.aemit_tool_events()
+                        if tool is not None and s.needs_approval(tool):
+                            try:
+                                answer = s.core.approve({"id": call["id"], "name": tool.name,
+                                                         "arguments": call["function"]["arguments"]})
+                                if inspect.isawaitable(answer):
+                                    answer = await answer
+                            except Exception as exc:  # noqa: BLE001
+                                answer = exc
+                            done = s.refusal(call, answer)
+                            tool = None if done is not None else tool
                         if tool is not None:
                             s.running = call["id"]
                             done = await arun_call(tool, call["function"]["arguments"], s.request.cancel)
