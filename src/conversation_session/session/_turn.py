@@ -193,8 +193,9 @@ class _TurnSteps:
                                            f"{', '.join(sorted(self.tools)) or 'none'})", 0.0)
         return found, None
 
-    def needs_approval(self, tool: Tool) -> bool:
-        return self.core.approve is not None and not tool.idempotent
+    def approver(self, tool: Tool | None) -> Callable[[dict[str, Any]], Any] | None:
+        """The session's ``approve``, if this call must be asked about (a tool not idempotent)."""
+        return None if tool is None or tool.idempotent else self.core.approve
 
     def refusal(self, call: ToolCallDict, answer: Any) -> CallOutcome | None:
         """``None`` if ``approve`` answered ``True``; else the outcome of a call not run."""
@@ -720,10 +721,11 @@ def _run(s: _TurnSteps) -> Generator[str, None, None]:
                     for call in calls:
                         tool, outcome = s.before_call(call)
                         s.emit_tool_events()
-                        if tool is not None and s.needs_approval(tool):
+                        ask = s.approver(tool)
+                        if ask is not None:
                             try:
-                                answer = s.core.approve({"id": call["id"], "name": tool.name,
-                                                         "arguments": call["function"]["arguments"]})
+                                answer = ask({"id": call["id"], "name": call["function"]["name"],
+                                             "arguments": call["function"]["arguments"]})
                             except Exception as exc:  # noqa: BLE001 - a refusal, named in the result
                                 answer = exc
                             outcome = s.refusal(call, answer)
@@ -1004,10 +1006,11 @@ async def _arun(s: _TurnSteps, session: Any) -> AsyncGenerator[str, None]:
                     for call in calls:
                         tool, done = s.before_call(call)
                         await s.aemit_tool_events()
-                        if tool is not None and s.needs_approval(tool):
+                        ask = s.approver(tool)
+                        if ask is not None:
                             try:
-                                answer = s.core.approve({"id": call["id"], "name": tool.name,
-                                                         "arguments": call["function"]["arguments"]})
+                                answer = ask({"id": call["id"], "name": call["function"]["name"],
+                                             "arguments": call["function"]["arguments"]})
                                 if inspect.isawaitable(answer):
                                     answer = await answer
                             except Exception as exc:  # noqa: BLE001
