@@ -3,9 +3,9 @@ tools are offered, a call the model makes comes back in the API's own shape and 
 pending call, the client's result on the next request completes it, and the model continues.
 
 Driven by the official ``ollama`` and ``openai`` clients against a real ``serve --backend fake``
-process, whose testing convention makes the model call: a user message of lines
-``call:NAME {json-args}`` asks for those calls of offered tools; after results it answers
-``Reply N: NAME said RESULT``.  The durable history is read back through the native API."""
+process, whose testing convention makes the model !call  a user message of lines
+``!call NAME {json-args}`` asks for those calls of offered tools; after results it answers
+``Done: NAME → RESULT.``.  The durable history is read back through the native API."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def one_call_one_result(stored: list[dict[str, Any]]) -> None:
 @pytest.mark.parametrize("stream", [False, True])
 def test_ollama_call_round_trip(server: ServiceProcess, stream: bool) -> None:
     c = ollama.Client(host=server.url, headers={**auth(TOKEN_A), "X-Session-Id": f"ollama-tools-{stream}"})
-    ask = 'call:HassTurnOn {"name": "kitchen light"}'
+    ask = '!call HassTurnOn {"name": "kitchen light"}'
     messages: list[dict[str, Any]] = [{"role": "user", "content": ask}]
     if stream:
         parts = list(c.chat(model="fake-model", messages=messages, tools=[LIGHT], stream=True))
@@ -79,7 +79,7 @@ def test_ollama_call_round_trip(server: ServiceProcess, stream: bool) -> None:
                                                                  tools=[LIGHT], stream=True))
     else:
         reply = c.chat(model="fake-model", messages=messages, tools=[LIGHT]).message.content or ""
-    assert reply.endswith("HassTurnOn said the kitchen light is on")
+    assert reply.endswith("HassTurnOn → the kitchen light is on.")
     with httpx.Client(base_url=server.url, headers=auth(TOKEN_A), timeout=30) as h:
         sid = h.post("/api/chat", json={"model": "fake-model", "stream": False, "messages": [
             *messages, {"role": "assistant", "content": reply}, {"role": "user", "content": "thanks"}]},
@@ -97,7 +97,7 @@ def test_home_assistant_results_without_ids_are_matched_in_order(server: Service
     prompt rebuilt each time, two calls in one round, results sent without ids."""
     async def run() -> tuple[Any, Any, str]:
         c = ollama.AsyncClient(host=server.url, headers=auth(TOKEN_A))
-        ask = 'call:HassTurnOn {"name": "hall"}\ncall:HassStartTimer {"minutes": 5}'
+        ask = '!call HassTurnOn {"name": "hall"}\n!call HassStartTimer {"minutes": 5}'
         msgs: list[dict[str, Any]] = [{"role": "system", "content": "You are a voice assistant. Time: 08:00."},
                                       {"role": "user", "content": ask}]
         first = [p async for p in await c.chat(model="ha-tools", messages=msgs, tools=[LIGHT, TIMER],
@@ -114,7 +114,7 @@ def test_home_assistant_results_without_ids_are_matched_in_order(server: Service
     calls, last, reply = asyncio.run(run())
     assert [tc.function.name for tc in calls] == ["HassTurnOn", "HassStartTimer"]
     assert last.done and last.done_reason == "stop"
-    assert reply.endswith("HassTurnOn said hall light on; HassStartTimer said timer set for 5 minutes")
+    assert reply.endswith("HassTurnOn → hall light on; HassStartTimer → timer set for 5 minutes.")
     with httpx.Client(base_url=server.url, headers=auth(TOKEN_A), timeout=30) as h:
         sid = h.post("/api/chat", json={"model": "ha-tools", "stream": False,
                                          "messages": [{"role": "user", "content": "hi"}]}).headers["x-session-id"]
@@ -133,7 +133,7 @@ def _openai(srv: ServiceProcess) -> openai.OpenAI:
 
 def test_openai_call_round_trip(server: ServiceProcess) -> None:
     c = _openai(server)
-    messages: list[Any] = [{"role": "user", "content": 'call:HassStartTimer {"minutes": 3}'}]
+    messages: list[Any] = [{"role": "user", "content": '!call HassStartTimer {"minutes": 3}'}]
     first = c.chat.completions.create(model="fake-model", messages=messages, tools=[TIMER], user="oa-plain")
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
@@ -144,7 +144,7 @@ def test_openai_call_round_trip(server: ServiceProcess) -> None:
                  {"role": "tool", "tool_call_id": call.id, "content": "timer started"}]
     second = c.chat.completions.create(model="fake-model", messages=messages, tools=[TIMER], user="oa-plain")
     assert second.choices[0].finish_reason == "stop"
-    assert (second.choices[0].message.content or "").endswith("HassStartTimer said timer started")
+    assert (second.choices[0].message.content or "").endswith("HassStartTimer → timer started.")
     raw = c.chat.completions.with_raw_response.create(
         model="fake-model", user="oa-plain",
         messages=[*messages, {"role": "assistant", "content": second.choices[0].message.content},
@@ -157,7 +157,7 @@ def test_openai_call_round_trip(server: ServiceProcess) -> None:
 
 def test_openai_streamed_tool_call_deltas(server: ServiceProcess) -> None:
     c = _openai(server)
-    messages: list[Any] = [{"role": "user", "content": 'call:HassTurnOn {"area": "office"}'}]
+    messages: list[Any] = [{"role": "user", "content": '!call HassTurnOn {"area": "office"}'}]
     ids: dict[int, str] = {}
     names: dict[int, str] = {}
     args: dict[int, str] = {}
@@ -181,7 +181,7 @@ def test_openai_streamed_tool_call_deltas(server: ServiceProcess) -> None:
                                            user="oa-stream", stream=True):
         for ch in chunk.choices:
             text += ch.delta.content or ""
-    assert text.endswith("HassTurnOn said office light on")
+    assert text.endswith("HassTurnOn → office light on.")
 
 
 def test_a_result_for_no_pending_call_is_refused(server: ServiceProcess) -> None:
@@ -198,14 +198,14 @@ def test_a_result_for_no_pending_call_is_refused(server: ServiceProcess) -> None
 def test_tool_choice_none_offers_nothing(server: ServiceProcess) -> None:
     out = _openai(server).chat.completions.create(
         model="fake-model", user="oa-choice", tools=[LIGHT], tool_choice="none",
-        messages=[{"role": "user", "content": "call:HassTurnOn {}"}])
+        messages=[{"role": "user", "content": "!call HassTurnOn {}"}])
     assert out.choices[0].finish_reason == "stop" and not out.choices[0].message.tool_calls
 
 
 # -- across a kill -9 -------------------------------------------------------------------------------
 def test_kill_9_between_the_call_and_its_result(tmp_path: Path) -> None:
     first = ServiceProcess(tmp_path / "s")
-    messages: list[dict[str, Any]] = [{"role": "user", "content": 'call:HassTurnOn {"name": "porch"}'}]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": '!call HassTurnOn {"name": "porch"}'}]
     try:
         out = ollama.Client(host=first.url).chat(model="porch", messages=messages, tools=[LIGHT])
         assert [tc.function.name for tc in out.message.tool_calls or []] == ["HassTurnOn"]
@@ -217,7 +217,7 @@ def test_kill_9_between_the_call_and_its_result(tmp_path: Path) -> None:
             {"function": {"name": "HassTurnOn", "arguments": {"name": "porch"}}}]},
             {"role": "tool", "content": "porch light on"}]
         reply = ollama.Client(host=second.url).chat(model="porch", messages=messages, tools=[LIGHT])
-        assert (reply.message.content or "").endswith("HassTurnOn said porch light on")
+        assert (reply.message.content or "").endswith("HassTurnOn → porch light on.")
         with httpx.Client(base_url=second.url, timeout=30) as h:
             [sid] = [s["session_id"] for s in h.get("/v1/sessions").json()["sessions"]]
         stored = history(second, sid, None)
@@ -318,7 +318,7 @@ def test_an_edit_after_a_tool_turn_rewinds_to_the_right_stored_message(server: S
     """With an explicit id the client's messages are the whole conversation; the stored call and
     result are not in the client's comparison, so the rewind point is mapped past them."""
     c = _openai(server)
-    msgs: list[Any] = [{"role": "user", "content": "call:HassTurnOn {}"}]
+    msgs: list[Any] = [{"role": "user", "content": "!call HassTurnOn {}"}]
     first = c.chat.completions.create(model="fake-model", user="oa-edit", messages=msgs, tools=[LIGHT])
     [call] = first.choices[0].message.tool_calls or []
     msgs += [first.choices[0].message.model_dump(exclude_none=True),

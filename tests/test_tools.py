@@ -635,3 +635,85 @@ def test_undo_and_retry_move_a_tool_turn_whole(tmp_path, sessions_dir):
     record = SessionRecord.from_dict(json.loads((sessions_dir / f"{sid}.json").read_text()))
     assert record.undone[0]["messages"] == old and record.messages == []
     assert counter.runs() == ["a", "b"]  # nothing was run again by the retry or the undo
+
+
+# -- on_tool: the calls' events as they happen (what the service streams) -----------------------
+def test_on_tool_reports_each_call_before_it_runs_and_its_result_after(tmp_path: Path) -> None:
+    order: list[str] = []
+
+    def set_light(room: str) -> str:
+        """Switch a light."""
+        order.append(f"run {room}")
+        return "ok"
+
+    fake = FakeBackend()
+    fake.enqueue(ToolCalls([("set_light", {"room": "a"}), ("nope", {})], text="Sure. "))
+    fake.enqueue("Done.")
+    with ConversationSession(backend=fake, tools=[set_light], sessions_dir=tmp_path) as s:
+        with s.stream("lights") as turn:
+            turn.on_tool(lambda e: order.append(f"{e['type']} {e['name']} {e.get('result', e.get('error', ''))}"))
+            for piece in turn:
+                order.append(f"piece {piece}")
+            result = turn.result()
+    assert order == ["piece Sure. ", "tool_call set_light ", "run a", "tool_result set_light ok",
+                     "tool_call nope ", "tool_result nope " + result.tool_calls[1]["error"], "piece Done."]
+    assert result.tool_calls[1]["error"].startswith("error: there is no tool named 'nope'")
+
+
+def test_async_on_tool_awaits_an_async_callback_before_the_call_runs(tmp_path: Path) -> None:
+    order: list[str] = []
+
+    async def ping() -> str:
+        """Ping."""
+        order.append("run")
+        return "pong"
+
+    async def main() -> None:
+        fake = FakeBackend()
+        fake.enqueue(ToolCalls([("ping", {})]))
+        fake.enqueue("Done.")
+        async with AsyncConversationSession(backend=fake, tools=[ping], sessions_dir=tmp_path) as s:
+            turn = s.stream("go")
+
+            async def seen(event: dict[str, object]) -> None:
+                await asyncio.sleep(0.01)  # a send that takes a moment: the tool waits for it
+                order.append(str(event["type"]))
+
+            turn.on_tool(seen)  # before the turn has begun
+            async with turn:
+                async for _ in turn:
+                    pass
+                await turn.result()
+
+    asyncio.run(main())
+    assert order == ["tool_call", "run", "tool_result"]
+
+
+def test_approve_is_asked_before_a_call_and_a_refusal_is_recorded_not_run(tmp_path: Path) -> None:
+    ran: list[str] = []
+    asked: list[dict[str, object]] = []
+
+    def set_light(room: str) -> str:
+        """Switch a light."""
+        ran.append(room)
+        return "ok"
+
+    async def ask(call: dict[str, object]) -> bool | str:
+        asked.append(call)
+        return True if call["arguments"] == {"room": "a"} else "not that room"
+
+    async def main() -> list[dict[str, object]]:
+        fake = FakeBackend()
+        fake.enqueue(ToolCalls([("set_light", {"room": "a"}), ("set_light", {"room": "b"})]))
+        fake.enqueue("Done.")
+        async with AsyncConversationSession(backend=fake, tools=[set_light], approve=ask,
+                                            sessions_dir=tmp_path) as s:
+            result = await s.chat("lights")
+            return result.tool_calls
+
+    calls = asyncio.run(main())
+    assert ran == ["a"] and [c["arguments"] for c in asked] == [{"room": "a"}, {"room": "b"}]
+    assert calls[0]["result"] == "ok"
+    assert calls[1]["error"] == "error: not approved: not that room; it was not run"
+    with pytest.raises(TypeError, match="approve must be a function"):
+        ConversationSession(backend=FakeBackend(), approve="yes", sessions_dir=tmp_path)  # type: ignore[arg-type]

@@ -74,6 +74,9 @@ class FakeBackend(Backend):
     Args:
         piece_delay: seconds to wait before each piece (to exercise timeouts).
         context_length: tokens (words) in the modelled context window; None for unlimited.
+        script_calls: follow the ``!call NAME {json}`` convention (``scripted_calls``) when no
+            reply is queued, so tool calls can be tried without a model (``serve --backend fake
+            --tools-file``, ``chat --backend fake --tools-file``): a testing aid.
     """
 
     name = "fake"
@@ -81,8 +84,9 @@ class FakeBackend(Backend):
     exact_token_count = True
 
     def __init__(self, *, piece_delay: float = 0.0, context_length: int | None = None,
-                 model_name: str = "fake-model"):
+                 model_name: str = "fake-model", script_calls: bool = False):
         self.model_name = model_name
+        self.script_calls = script_calls
         self.piece_delay = piece_delay
         self._context_length = context_length
         self._queue: deque[list[str] | ToolCalls | BaseException] = deque()
@@ -119,17 +123,21 @@ class FakeBackend(Backend):
             request.usage.prompt_tokens = len(prompt)
             request.usage.cached_tokens = cached
             self._cached[request.cache_key] = list(prompt)
-            if self._queue:
-                reply = self._queue.popleft()
-            else:
-                user = next((m["content"] for m in reversed(request.messages) if m["role"] == "user"), "")
-                reply = [f"Reply {len(self.requests)}: ", user]
+            reply = self._queue.popleft() if self._queue else self._default_reply(request)
         if isinstance(reply, BaseException):
             raise reply
         if isinstance(reply, ToolCalls):
             calls = [c if c.id else ToolCall(c.name, c.arguments, f"call_{uuid.uuid4().hex[:12]}") for c in reply.calls]
             return _Plan(request.cache_key, [reply.text] if reply.text else [], calls)
         return _Plan(request.cache_key, reply)
+
+    def _default_reply(self, request: GenerationRequest) -> list[str] | ToolCalls:
+        """The reply when none is queued (called under the lock)."""
+        scripted = scripted_calls(request) if self.script_calls else None
+        if scripted is not None:
+            return scripted
+        user = next((m["content"] for m in reversed(request.messages) if m["role"] == "user"), "")
+        return [f"Reply {len(self.requests)}: ", user]
 
     def _accept(self, request: GenerationRequest, plan: _Plan, piece: str) -> bool:
         """Whether ``piece`` may be sent (the token budget); counts it into the modelled cache."""
@@ -201,53 +209,40 @@ class FakeBackend(Backend):
         self.reset_cache(cache_key=cache_key)
 
 
-_CALL = re.compile(r"call:([A-Za-z_][\w.-]*)\s*(\{.*\})?\s*$", re.S)
+_CALL_LINE = re.compile(r"^!call\s+([A-Za-z_][A-Za-z0-9_.-]*)\s*(\{.*\})?\s*$")
 
 
-def scripted_calls(request: GenerationRequest) -> list[ToolCall]:
-    """The testing convention of ``serve --backend fake``: a last user message made of lines
-    ``call:NAME {json-args}`` asks for those calls (in order) of offered tools (``{}`` without
-    arguments); anything else, or a tool that was not offered, is answered as text."""
-    last = request.messages[-1] if request.messages else None
-    if last is None or last["role"] != "user" or not request.tools:
-        return []
-    offered = {t["function"]["name"] for t in request.tools}
-    calls: list[ToolCall] = []
-    for line in last["content"].strip().splitlines():
-        found = _CALL.match(line.strip())
-        if found is None or found.group(1) not in offered:
-            return []
+def scripted_calls(request: GenerationRequest) -> ToolCalls | list[str] | None:
+    """The ``!call`` convention of ``serve --backend fake`` (a testing aid): a user message whose
+    lines are each ``!call NAME {json arguments}`` makes the reply ask for those calls, when
+    tools are offered; once their results follow it, the reply lists them.  ``None`` otherwise."""
+    if not request.tools:
+        return None
+    last_user = max((i for i, m in enumerate(request.messages) if m["role"] == "user"), default=None)
+    if last_user is None:
+        return None
+    lines = [ln for ln in request.messages[last_user]["content"].splitlines() if ln.strip()]
+    found = [_CALL_LINE.match(ln.strip()) for ln in lines]
+    if not lines or not all(found):
+        return None
+    after = request.messages[last_user + 1:]
+    if not after:
         try:
-            args = json.loads(found.group(2) or "{}")
-        except ValueError:
-            return []
-        if not isinstance(args, dict):
-            return []
-        calls.append(ToolCall(found.group(1), args, f"call_{uuid.uuid4().hex[:12]}"))
-    return calls
+            return ToolCalls([(m[1], json.loads(m[2]) if m[2] else {}) for m in found if m is not None])
+        except (ValueError, TypeError):
+            return ["The !call arguments are not a JSON object."]
+    results = [f"{m.get('name', '?')} → {m['content']}" for m in after if m["role"] == "tool"]
+    return ["Done: " + "; ".join(results) + "."]
 
 
 class WordFakeBackend(FakeBackend):
     """The fake backend, streaming its reply word by word (so streaming, sentence events and
     interrupts have something to cut): ``serve --backend fake``, for trying the service and
-    its clients without a model.  ``scripted_calls`` says how it asks for a tool call; after
-    tool results it answers ``Reply N: NAME said RESULT`` (each result, ``; ``-joined)."""
+    its clients without a model.  With ``script_calls`` it follows the ``!call`` convention
+    (``scripted_calls``) for tools the server or a client offers."""
 
     def _start(self, request: Any) -> Any:
         plan = super()._start(request)
-        # Only the default reply is replaced: a queued one (enqueue) stays what was scripted.
-        default = not plan.calls and "".join(plan.pieces).startswith(f"Reply {len(self.requests)}: ")
-        calls = scripted_calls(request) if default else []
-        if calls:
-            plan.pieces, plan.calls = [], calls
-            return plan
-        if default and request.messages and request.messages[-1]["role"] == "tool":
-            said: list[str] = []
-            for m in reversed(request.messages):
-                if m["role"] != "tool":
-                    break
-                said.insert(0, f"{m.get('name', '')} said {m['content']}")
-            plan.pieces = [f"Reply {len(self.requests)}: {'; '.join(said)}"]
         text = "".join(plan.pieces)
-        plan.pieces = re.findall(r"\S+\s*", text) or [text]
+        plan.pieces = re.findall(r"\S+\s*", text) or ([text] if text else [])  # no empty piece
         return plan

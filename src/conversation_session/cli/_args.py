@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tools-file", default=None, metavar="PATH.py",
                    help="offer the public functions of this Python file to the model as tools (their type "
                         "hints and docstrings describe them)")
+    g.add_argument("--approve", action="store_true",
+                   help="ask y/N before each tool call that is not marked idempotent; without a terminal to "
+                        "ask on (piped), such calls are refused: the model gets 'error: not approved'")
     g = p.add_argument_group("sessions")
     g.add_argument("-c", "--continue", dest="continue_", action="store_true",
                    help="continue the latest session")

@@ -32,7 +32,7 @@ from typing import Any, TextIO
 from .. import ConversationSession
 from .._exceptions import SessionError, SessionLockedError, SessionTimeoutError, TTSTimeoutError
 from .._result import ChatResult
-from ..backends import Backend
+from ..backends import Backend, FakeBackend
 from ..session._limits import check_max_tokens, parse_timeout
 from ..session._turn import Turn
 from ..tools import readable
@@ -160,6 +160,11 @@ def _holder(holder: str | None) -> str:
     return f"process {pid}" + (f" ({label})" if label else "")
 
 
+def describe(call: dict[str, Any]) -> str:
+    """A call of ``ChatResult.tool_calls`` (or of ``approve``) as one line: ``name(k=v, ...)``."""
+    return f"{call['name']}({', '.join(f'{k}={v!r}' for k, v in call['arguments'].items())})"
+
+
 def _is_tty(stream: TextIO) -> bool:
     try:
         return stream.isatty()
@@ -224,6 +229,7 @@ class ChatApp:
         self.verbose = bool(getattr(args, "verbose", False))
         self.markdown = bool(getattr(args, "markdown", True))
         self._prompt: Callable[[str], str] | None = None
+        self._approved: set[str] = set()  # the ids of the calls --approve let run
         self._interrupts = 0
         self._failed = False              # a turn failed: piped and one-shot runs exit 1
         self._interrupted_piped = False   # Ctrl-C ended a piped or one-shot run: exit 130
@@ -266,18 +272,37 @@ class ChatApp:
         try:
             chosen = {"timeout": a.timeout, "system_prompt": a.system, "max_tokens": a.max_tokens,
                       "temperature": a.temperature, **settings}
+            tools = self._tools(a)
+            backend: Any = self.backend or a.backend
+            if backend == "fake" and tools:
+                # The fake model follows the !call convention, so tools can be tried without a model.
+                backend = FakeBackend(**options, script_calls=True)
             return ConversationSession(
-                a.model, backend=self.backend or a.backend, base_url=a.base_url,
+                a.model, backend=backend, base_url=a.base_url,
                 tts_wait_timeout=a.tts_wait_timeout, tts=tts, store=store_from(a), **chosen,
                 backend_options=options, tts_output_dir=a.tts_output_dir,
                 tts_options={k: v for k, v in (("rate", a.tts_rate), ("voice", a.tts_voice),
                                                ("playback", getattr(a, "tts_playback", None))) if v is not None},
                 persist_kv_cache=a.persist_kv, memory=getattr(a, "memory", "trim"),
                 summarizer=self.summarizer, durability=getattr(a, "durability", None),
-                tools=self._tools(a), encryption_key=getattr(a, "key_file", None), **extra,
+                tools=tools, approve=self._approve if getattr(a, "approve", False) else None,
+                encryption_key=getattr(a, "key_file", None), **extra,
             )
         finally:
             self.console.stop_spinner()
+
+    def _approve(self, call: dict[str, Any]) -> bool | str:
+        """``--approve``: y/N on the terminal before a call that is not idempotent; piped, no."""
+        if not self.interactive:
+            return "no terminal to ask on (--approve refuses such calls when piped)"
+        c = self.console
+        c.stop_spinner()
+        c.end_line()
+        assert self._prompt is not None
+        go = confirm(f"🔧 run {describe(call)}?", yes=False, terminal=True, ask=self._prompt)
+        if go:
+            self._approved.add(call["id"])
+        return go or "the user answered no"
 
     @staticmethod
     def _tools(a: argparse.Namespace) -> list[Any]:
@@ -777,8 +802,8 @@ class ChatApp:
         c = self.console
         for call in result.tool_calls:  # one line each, where notices go (stderr when piped)
             done = call.get("result", call.get("error", ""))
-            args = ", ".join(f"{k}={v!r}" for k, v in call["arguments"].items())
-            c.notice(printable(f"🔧 {call['name']}({args}) → {' '.join(str(done).split())[:200]}",
+            mark = " ✓ approved" if call["id"] in self._approved else ""
+            c.notice(printable(f"🔧 {describe(call)}{mark} → {' '.join(str(done).split())[:200]}",
                                keep_newlines=False), "dim")
         if result.finish_reason == "length":
             c.notice(f"✂️  the reply reached the {session.max_tokens}-token limit (--max-tokens) and was cut",

@@ -65,6 +65,11 @@ class Console:
         if self._mid_line and stream is self.out:
             self.write("\n")
 
+    def end_line(self) -> None:
+        """Go to a fresh line on the terminal if a reply was left half-written (before a question)."""
+        with self._lock:
+            self._end_line(self.out)
+
     def line(self, text: str = "", *styles: str) -> None:
         """Output the user asked for (stdout)."""
         self.stop_spinner()

@@ -282,6 +282,11 @@ class TurnStream(Response):
         st = self.state
         try:
             async with self.session.stream(self.text) as turn:
+                async def tool_event(event: dict[str, Any]) -> None:  # sent as the call happens
+                    await send({"type": "http.response.body", "more_body": True,
+                                "body": _sse(event["type"], {k: v for k, v in event.items() if k != "type"})})
+
+                turn.on_tool(tool_event)
                 async for piece in turn:
                     await send({"type": "http.response.body", "body": _sse("piece", {"text": piece}),
                                 "more_body": True})

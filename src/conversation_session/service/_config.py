@@ -55,6 +55,7 @@ class ServiceConfig:
     timeout: float | None = 60.0         # one turn, as the library's timeout
     max_tokens: int = 512
     system: str | None = None
+    tools_file: str | None = None        # server-side tools: the public functions of this file
     memory: str = "trim"                 # or "summary": running summaries beyond the window
     durability: str | None = None        # "process" or "power" (None: $CONVERSATION_SESSION_DURABILITY, else power)
     retention_s: float | None = None     # sessions idle longer are deleted at start, then hourly (None: kept)
@@ -296,6 +297,9 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
     p.add_argument("--lease-ttl", type=_positive(float), default=None,
                    help="PostgreSQL store: seconds before the sessions of a crashed worker can be taken by another "
                         "(the store's default is 15)")
+    p.add_argument("--tools-file", default=None, metavar="PATH.py",
+                   help="offer the public functions of this Python file to the model as tools, in every session "
+                        "(server-side tools: they run in the service's process; see docs/tools.md)")
     # For tests and benchmarks: the fake backend's delay per streamed piece.
     p.add_argument("--fake-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--fake-context", type=_positive(int), default=None, help=argparse.SUPPRESS)
@@ -326,8 +330,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         tokens=tuple(dict.fromkeys(tokens)), allowed_hosts=tuple(dict.fromkeys(args.allowed_host or [])),
         allow_origins=tuple(dict.fromkeys(origins)), assistants=tuple(dict.fromkeys(args.assistant or [])),
         ready_wait_s=max(args.ready_wait, 0.0), timeout=args.timeout, max_tokens=args.max_tokens,
-        system=args.system, memory=args.memory, durability=args.durability, retention_s=args.retention,
-        key_file=args.key_file,
+        system=args.system, tools_file=args.tools_file, memory=args.memory, durability=args.durability,
+        retention_s=args.retention, key_file=args.key_file,
         tts=args.tts, tts_voice=args.tts_voice, tts_rate=args.tts_rate,
         log_level=args.log_level, log_format=args.log_format, rate=args.rate, burst=args.burst,
         lock_wait_s=max(args.lock_wait, 0.0), keep_open_s=args.keep_open, max_open=args.max_open,

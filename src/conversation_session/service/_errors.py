@@ -59,6 +59,8 @@ def result_json(result: ChatResult) -> dict[str, Any]:
             "finish_reason": result.finish_reason, "trimmed_turns": result.trimmed_turns,
         },
     }
+    if result.tool_calls:  # each call the turn made: id, name, arguments, result or error, duration_s
+        out["tool_calls"] = [dict(c) for c in result.tool_calls]
     if getattr(result, "interrupted", False):  # barge-in: what reached the user was kept
         out["interrupted"] = True
         out["heard_fraction"] = getattr(result, "heard_fraction", None)

@@ -39,6 +39,14 @@ def run(argv: list[str] | None = None) -> int:
         if find_espeak() is None:
             print(f"--tts espeak: espeak-ng is not installed; {ESPEAK_INSTALL_HINT}", file=sys.stderr)
             return 2
+    if config.tools_file:
+        from ..tools._builtin import tools_from_file
+
+        try:  # checked before listening: a bad file is named now, not at the first turn
+            tools_from_file(config.tools_file)
+        except ValueError as exc:
+            print(f"--tools-file: {exc}", file=sys.stderr)
+            return 2
     try:
         import starlette  # noqa: F401
         import uvicorn

@@ -76,7 +76,15 @@ def openapi_document() -> dict[str, Any]:
                 "Message": message,
                 "TurnResult": {"type": "object", "properties": {
                     "session_id": {"type": "string"}, "response": {"type": "string"}, "turn": {"type": "integer"},
-                    "figures": figures}},
+                    "figures": figures,
+                    "tool_calls": {"type": "array", "description": "the server-side tool calls this turn made "
+                                   "(serve --tools-file), in order; absent when none",
+                                   "items": _ref("ToolCall")}}},
+                "ToolCall": {"type": "object", "required": ["id", "name", "arguments"], "properties": {
+                    "id": {"type": "string"}, "name": {"type": "string"}, "arguments": {"type": "object"},
+                    "result": {"type": "string"},
+                    "error": {"type": "string", "description": "instead of result: 'error: <Class>: <message>'"},
+                    "duration_s": {"type": "number"}}},
                 "SessionSummary": {"type": "object", "properties": {
                     "session_id": {"type": "string"}, "created_at": {"type": "string"},
                     "updated_at": {"type": "string"}, "turns": {"type": "integer"},
@@ -129,7 +137,10 @@ def openapi_document() -> dict[str, Any]:
                             "detach": {"type": "boolean", "default": False, "description": _DETACH}}}}}},
                     "responses": {
                         "200": {"description": "the reply (JSON), or with stream=true server-sent events: "
-                                               "`piece` {text} ..., then `done` (a TurnResult) or `error`; "
+                                               "`piece` {text} ..., then `done` (a TurnResult) or `error`; with "
+                                               "server-side tools, `tool_call` {id, name, arguments} as a call "
+                                               "is about to run and `tool_result` (a ToolCall) once its result "
+                                               "is recorded, between the rounds' pieces; "
                                                "a detached stream starts with `start` {session_id, text, retry} "
                                                "and ends with `done`, `interrupted` (after /stop) or `error`",
                                 "content": {"application/json": {"schema": _ref("TurnResult")},

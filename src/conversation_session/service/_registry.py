@@ -34,6 +34,8 @@ from ..session._aio import AsyncConversationSession
 from ..stores._api import StoreAPI
 from ..stores._housekeeping import prune
 from ..stores._record import SessionRecord
+from ..tools import Tool
+from ..tools._builtin import tools_from_file
 from ._config import ServiceConfig
 from ._handoff import HandoffListener, ask_release, describe_holder, holder_pid
 from ._owners import OwnerEntry, OwnerTable
@@ -128,6 +130,8 @@ class Registry:
         self.store = store
         self.backend = backend
         self.owners = owners
+        # Server-side tools (serve --tools-file), loaded once per worker, offered by every session.
+        self.tools: list[Tool] = tools_from_file(config.tools_file) if config.tools_file else []
         self._slots: dict[str, _Slot] = {}
         # Store and ownership-table calls block (a file lock, a PostgreSQL round trip): a pool of
         # their own, so they never queue behind the library's snapshots and KV saves.
@@ -299,7 +303,8 @@ class Registry:
         cfg = self.config
         return AsyncConversationSession(backend=self.backend, store=store, timeout=cfg.timeout,
                                         max_tokens=cfg.max_tokens, system_prompt=system_prompt,
-                                        tts_wait_timeout=None, memory=cfg.memory, durability=cfg.durability)
+                                        tts_wait_timeout=None, memory=cfg.memory, durability=cfg.durability,
+                                        tools=self.tools)
 
     # -- housekeeping ---------------------------------------------------------------------
     async def _sweep(self) -> None:

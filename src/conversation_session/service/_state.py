@@ -38,7 +38,10 @@ logger = logging.getLogger("conversation_session.service")
 
 def make_backend(config: ServiceConfig) -> Backend:
     if config.backend == "fake":
-        return WordFakeBackend(piece_delay=config.fake_delay, context_length=config.fake_context)
+        # The !call convention (a testing aid) acts only when tools are offered: the server's
+        # (--tools-file) or a client's (the Ollama and OpenAI endpoints).
+        return WordFakeBackend(piece_delay=config.fake_delay, context_length=config.fake_context,
+                               script_calls=True)
     return create_backend(config.backend, config.model, base_url=config.base_url)
 
 

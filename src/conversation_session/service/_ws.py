@@ -11,6 +11,8 @@ Server to client::
     {"type": "ready", "session_id": ...}         (+ "audio": "wav" when audio was asked for)
     {"type": "piece", "text": ...}               as the reply streams
     {"type": "sentence", "text": ...}            each complete sentence (what a speaker would say)
+    {"type": "tool_call", "id", "name", "arguments"}          a server-side tool is about to run
+    {"type": "tool_result", "id", "name", "arguments", "result" | "error", "duration_s"}  its result, recorded
     {"type": "done", "response", "turn", "figures"}
     {"type": "interrupted", "kept": bool, ...}   after an interrupt
     {"type": "error", "code", "message"}
@@ -118,6 +120,11 @@ class _Conn:
     async def error(self, err: ApiError) -> None:
         await self.send({"type": "error", "code": err.code, "message": err.message, "status": err.status})
 
+    async def _tool_event(self, event: dict[str, Any]) -> None:
+        """A ``tool_call`` (about to run) or ``tool_result`` (recorded) event, as it happens."""
+        if not self.stopped:
+            await self.send(event)
+
     async def run_turn(self, text: str) -> None:
         st = self.state
         final: dict[str, Any]
@@ -131,6 +138,7 @@ class _Conn:
                 splitter = SentenceSplitter()
                 async with session.stream(text) as turn:
                     self.turn = turn
+                    turn.on_tool(self._tool_event)
                     if audio is not None:
                         audio.start_turn()
                         audio_started = True

@@ -55,6 +55,7 @@ class SessionCore:
         self.enable_cache = enable_cache
         self.tools = as_tools(o.tools)
         self.max_tool_rounds = o.max_tool_rounds
+        self.approve = o.approve
         self.timeout = o.timeout
         self.tts_wait_timeout = o.tts_wait_timeout
         self.max_tokens = o.max_tokens
@@ -782,6 +783,7 @@ class SessionView:
         tools: Sequence[Callable[..., Any]] | None = None,
         max_tool_rounds: int = DEFAULT_TOOL_ROUNDS,
         encryption_key: bytes | str | os.PathLike[str] | None = None,
+        approve: Callable[[dict[str, Any]], Any] | None = None,
     ):
         """The one signature of both sessions (the arguments: ``ConversationSession``'s docs)."""
         # Every argument, by name, into one frozen options object checked once (_options.py).

@@ -52,6 +52,7 @@ class SessionOptions:
     tools: Sequence[Callable[..., Any]] | None = None
     max_tool_rounds: int = DEFAULT_TOOL_ROUNDS
     encryption_key: bytes | str | os.PathLike[str] | None = None
+    approve: Callable[[dict[str, Any]], Any] | None = None
 
     def __post_init__(self) -> None:
         # Every rule in its own function (session/_limits.py, stores/_durability.py), so the
@@ -61,6 +62,8 @@ class SessionOptions:
         set_(self, "tts_wait_timeout", check_timeout(self.tts_wait_timeout, "tts_wait_timeout"))
         set_(self, "max_tokens", check_max_tokens(self.max_tokens))
         set_(self, "max_tool_rounds", check_tool_rounds(self.max_tool_rounds))
+        if self.approve is not None and not callable(self.approve):
+            raise TypeError(f"approve must be a function of the call, not {type(self.approve).__name__}")
         if self.memory not in MEMORY_KINDS:
             raise ValueError(f"memory must be 'trim' or 'summary', not {self.memory!r}")
         if self.durability is not None:

@@ -80,6 +80,11 @@ class ConversationSession(SessionView):
         encryption_key: encrypt new sessions at rest: the 32 key bytes or a key file's path
             (``conversation-session keygen PATH``); default ``$CONVERSATION_SESSION_KEY_FILE``,
             else none (plain JSON).  The file store only (docs/encryption.md).
+        approve: asked before each call of a tool not marked ``idempotent``, in the thread
+            running the turn, with ``{"id", "name", "arguments"}``; anything but ``True`` (or an
+            exception) and the call is not run: its result is ``"error: not approved: <why>;
+            it was not run"`` (a string answer is the why).  On ``AsyncConversationSession`` it
+            may be ``async def``.  The call's intent is recorded before the question.
 
     Raises:
         BackendError: the backend cannot be set up (model file missing, ...).

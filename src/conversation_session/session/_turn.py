@@ -102,6 +102,10 @@ class _TurnSteps:
         self.backend_stream: Any = None  # the backend's generator, for an interrupt from on_token
         self._commit_lock = threading.Lock()
         self.done_callbacks: list[Callable[[ChatResult], None]] = []
+        # on_tool(): events of the turn's calls, queued where they happen (maybe off the loop)
+        # and handed to the callbacks by the driver, in order, in the thread or task streaming.
+        self.tool_callbacks: list[Callable[[dict[str, Any]], Any]] = []
+        self.tool_events: list[dict[str, Any]] = []
         self.empty = not retry and not resume and not text.strip()
         self.plan: Plan | None
         if resume:
@@ -199,11 +203,26 @@ class _TurnSteps:
             return None, CallOutcome(None, "error: not run: the call could not be saved before running", 0.0)
         if self.request.cancel.cancelled:
             return None, CallOutcome(None, "error: not run: the turn was stopped before this call", 0.0)
+        self.tool_events.append({"type": "tool_call", "id": call["id"], "name": name,
+                                 "arguments": call["function"]["arguments"]})
         found = self.tools.get(name)
         if found is None:
             return None, CallOutcome(None, f"error: there is no tool named {name!r} (the tools are: "
                                            f"{', '.join(sorted(self.tools)) or 'none'})", 0.0)
         return found, None
+
+    def approver(self, tool: Tool | None) -> Callable[[dict[str, Any]], Any] | None:
+        """The session's ``approve``, if this call must be asked about (a tool not idempotent)."""
+        return None if tool is None or tool.idempotent else self.core.approve
+
+    def refusal(self, call: ToolCallDict, answer: Any) -> CallOutcome | None:
+        """``None`` if ``approve`` answered ``True``; else the outcome of a call not run."""
+        if answer is True:
+            return None
+        why = (f"{type(answer).__name__}: {answer}" if isinstance(answer, BaseException)
+               else answer if isinstance(answer, str) and answer else "the user refused it")
+        logger.info("tool call %s (%s) not approved: %s", call["id"], call["function"]["name"], why)
+        return CallOutcome(None, f"error: not approved: {why}; it was not run", 0.0)
 
     def call_done(self, call: ToolCallDict, outcome: CallOutcome) -> None:
         """Record a call's one result, before the model sees it."""
@@ -213,8 +232,28 @@ class _TurnSteps:
         entry["result" if outcome.result is not None else "error"] = outcome.text
         entry["duration_s"] = outcome.duration_s
         self.calls.append(entry)
+        self.tool_events.append({"type": "tool_result", **entry})
         logger.info("tool %s(%s) -> %.200s", entry["name"], json.dumps(entry["arguments"], ensure_ascii=False),
                     outcome.text)
+
+    def emit_tool_events(self) -> None:
+        """Hand the queued call events to the ``on_tool`` callbacks (sync turn)."""
+        while self.tool_events:
+            event = self.tool_events.pop(0)
+            for fn in self.tool_callbacks:
+                with self.core.in_callback():
+                    fn(event)
+
+    async def aemit_tool_events(self) -> None:
+        """The same for an async turn: a callback may be ``async def`` (awaited, in order, so a
+        service can send the event before the tool runs)."""
+        while self.tool_events:
+            event = self.tool_events.pop(0)
+            for fn in self.tool_callbacks:
+                with self.core.in_callback():
+                    out = fn(event)
+                if inspect.isawaitable(out):
+                    await out
 
     def settle_calls(self, calls: list[ToolCallDict]) -> None:
         """After a round's calls, however it ended: a call left without a result gets one (the
@@ -492,6 +531,15 @@ class Turn:
         else:
             self._s.done_callbacks.append(fn)
 
+    def on_tool(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``fn(event)`` as the turn's tool calls happen, in the thread streaming the turn:
+        ``{"type": "tool_call", "id", "name", "arguments"}`` when a call is about to run (its
+        intent is durable), ``{"type": "tool_result", "id", "name", "arguments", "result" | "error",
+        "duration_s"}`` once its result is recorded.  Register it before iterating.  A call
+        settled by the turn's end (timeout, cancel, interrupt) has no event; it is in the
+        result's ``tool_calls``."""
+        self._s.tool_callbacks.append(fn)
+
     def cancel(self) -> None:
         """Stop the generation; nothing of this turn is kept.  Safe from any thread: the
         iteration then ends quietly and ``result()`` raises ``SessionError``."""
@@ -706,11 +754,22 @@ def _run(s: _TurnSteps) -> Generator[str, None, None]:
                         if call.get("client"):
                             continue  # the API client runs it
                         tool, outcome = s.before_call(call)
+                        s.emit_tool_events()
+                        ask = s.approver(tool)
+                        if ask is not None:
+                            try:
+                                answer = ask({"id": call["id"], "name": call["function"]["name"],
+                                             "arguments": call["function"]["arguments"]})
+                            except Exception as exc:  # noqa: BLE001 - a refusal, named in the result
+                                answer = exc
+                            outcome = s.refusal(call, answer)
+                            tool = None if outcome is not None else tool
                         if tool is not None:
                             s.running = call["id"]
                             outcome = run_call(tool, call["function"]["arguments"], s.request.cancel)
                         assert outcome is not None
                         s.call_done(call, outcome)
+                        s.emit_tool_events()
                 finally:
                     s.settle_calls(calls)  # Ctrl-C while a tool ran: each call still gets its one result
                 if s.request.cancel.cancelled:
@@ -767,6 +826,7 @@ class AsyncTurn:
         self._iterating = False
         self._iter_task: asyncio.Task[Any] | None = None
         self._done_callbacks: list[Callable[[ChatResult], None]] = []
+        self._tool_callbacks: list[Callable[[dict[str, Any]], Any]] = []
         self._cancelled = False
         # As in Turn: the generator refers to the steps, not to this object, and one task at a
         # time steps it.
@@ -793,6 +853,7 @@ class AsyncTurn:
         finally:
             begun.set()
         s.done_callbacks.extend(self._done_callbacks)
+        s.tool_callbacks.extend(self._tool_callbacks)
         if self._cancelled:
             s.user_cancelled = True
             s.request.cancel.cancel()
@@ -813,6 +874,14 @@ class AsyncTurn:
             self._s.done_callbacks.append(fn)
         else:
             self._done_callbacks.append(fn)
+
+    def on_tool(self, fn: Callable[[dict[str, Any]], Any]) -> None:
+        """Call ``fn(event)`` as the turn's tool calls happen (see ``Turn.on_tool``); ``fn`` may
+        be ``async def``: it is awaited before the call runs, in the task streaming the turn."""
+        if self._s is not None:
+            self._s.tool_callbacks.append(fn)
+        else:
+            self._tool_callbacks.append(fn)
 
     def cancel(self) -> None:
         """Stop the generation; nothing of this turn is kept (``result()`` then raises)."""
@@ -974,11 +1043,24 @@ async def _arun(s: _TurnSteps, session: Any) -> AsyncGenerator[str, None]:
                         if call.get("client"):
                             continue  # the API client runs it
                         tool, done = s.before_call(call)
+                        await s.aemit_tool_events()
+                        ask = s.approver(tool)
+                        if ask is not None:
+                            try:
+                                answer = ask({"id": call["id"], "name": call["function"]["name"],
+                                             "arguments": call["function"]["arguments"]})
+                                if inspect.isawaitable(answer):
+                                    answer = await answer
+                            except Exception as exc:  # noqa: BLE001
+                                answer = exc
+                            done = s.refusal(call, answer)
+                            tool = None if done is not None else tool
                         if tool is not None:
                             s.running = call["id"]
                             done = await arun_call(tool, call["function"]["arguments"], s.request.cancel)
                         assert done is not None
                         await session._step(s.call_done, call, done)
+                        await s.aemit_tool_events()
                 finally:
                     s.settle_calls(calls)  # a cancelled task: each call still gets its one result
                 if s.request.cancel.cancelled:
