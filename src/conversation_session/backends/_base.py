@@ -100,6 +100,11 @@ class GenerationRequest:
     cache_key: Any = None
     # Tools offered to the model (their JSON schemas, as the chat APIs take them); None: none.
     tools: list[dict[str, Any]] | None = None
+    # Whether the model must call one (OpenAI's ``tool_choice``): None or "auto" (it may answer),
+    # "none" (tools not offered this time), "required" (a call to any of them), a tool's name or
+    # ``{"type": "function", "function": {"name": ...}}`` (a call to that one).  Backends that
+    # cannot force a call treat it as "auto".
+    tool_choice: str | dict[str, Any] | None = None
     # Set by the backend before its stream ends when the model asks for tool calls instead of
     # (or after) text.  Calls are never yielded as text pieces, so speech never speaks them.
     tool_calls: list[ToolCall] = field(default_factory=list)

@@ -60,6 +60,7 @@ from .._runtime import run_in_background
 from ..stores._record import MessageDict
 from ._base import Backend, CancelToken, GenerationRequest
 from ._kvstate import KVStateError, read_kv_file, tokens_digest, write_kv_file
+from ._llama_tools import call_message, forced_names, forced_schema, parse_calls, template_messages, tool_block
 
 __all__ = ["BUNDLED_MODEL_NAME", "DEFAULT_KV_CACHE_TYPE", "EXTRA_HINT", "KV_CACHE_TYPES", "LlamaCppBackend",
            "bundled_model_path", "default_n_threads"]
@@ -450,14 +451,24 @@ class LlamaCppBackend(Backend):
     def load_s(self) -> float:
         return self._model.load_s
 
-    def render(self, messages: list[MessageDict]) -> list[int]:
-        """Tokens of the chat-template prompt for ``messages``, ready for the reply."""
-        prompt = self._model.formatter(messages=messages).prompt
-        return self._model.llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+    def render(self, messages: list[MessageDict], block: str | None = None) -> list[int]:
+        """Tokens of the chat-template prompt for ``messages``, ready for the reply (with the
+        tools' description, if any, right before it: ``_llama_tools``)."""
+        return self._tokens(self._model.formatter, messages, block)
 
     def _render_done(self, messages: list[MessageDict]) -> list[int]:
         """Tokens of the completed conversation ``messages``: what every next prompt begins with."""
-        prompt = self._model.formatter_done(messages=messages).prompt
+        return self._tokens(self._model.formatter_done, messages, None)
+
+    def _tokens(self, formatter: Any, messages: list[MessageDict], block: str | None) -> list[int]:
+        import jinja2
+
+        try:
+            prompt = formatter(messages=template_messages(messages, block)).prompt
+        except jinja2.TemplateError as exc:
+            # Some templates refuse roles they do not know (a tool result) or a second system message.
+            raise BackendError(f"the chat template of {self.path.name} cannot render this conversation ({exc}); "
+                               "tool calls need a model whose template takes any role (e.g. ChatML)") from exc
         return self._model.llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
 
     def context_length(self, timeout: float | None = None) -> int:
@@ -652,12 +663,59 @@ class LlamaCppBackend(Backend):
 
     # -- generation --------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> Iterator[str]:
+        """The reply's pieces; with tools offered, a reply that is a call (see ``_llama_tools``)
+        is not yielded but set as ``request.tool_calls``.
+
+        A forced call (``tool_choice`` naming a tool, or ``"required"``) is sampled under a
+        grammar of the call's JSON schema, so even a small model writes a valid call.  Unforced,
+        a reply whose first non-blank character is ``{`` or ``[`` is held back until it ends:
+        it is a call if it parses as one (``parse_calls``), else it is yielded as it was.
+        """
+        tools = request.tools if request.tools and request.tool_choice != "none" else None
+        forced = forced_names(tools, request.tool_choice) if tools else None
+        tokens = self.render(request.messages, tool_block(tools, forced) if tools else None)
+        grammar = None
+        if forced:
+            from llama_cpp import LlamaGrammar
+
+            grammar = LlamaGrammar.from_json_schema(json.dumps(forced_schema(tools or [], forced)), verbose=False)
+        out: dict[str, Any] = {}
+        stream = self._generate(request, tokens, grammar, out)
+        held: list[str] | None = [] if tools else None  # pieces held back while the reply may be a call
+        with contextlib.closing(stream):
+            for piece in stream:
+                if held is None:
+                    yield piece
+                    continue
+                held.append(piece)
+                head = "".join(held).lstrip()
+                if head and not forced and head[0] not in "{[":
+                    yield from held
+                    held = None
+        text = out.get("text", "")
+        kept: MessageDict = {"role": "assistant", "content": text}
+        if held is not None:
+            calls = parse_calls(text, tools or []) if out.get("kept") else None
+            if calls:
+                request.tool_calls = calls
+                kept = call_message(text, calls)
+            else:
+                if forced and out.get("kept"):
+                    logger.warning("a forced tool call came out unreadable (%s after %d tokens): %.200r",
+                                   request.usage.finish_reason, request.usage.completion_tokens or 0, text)
+                yield from held
+        if out.get("kept"):
+            self._schedule_realign(request.cache_key, [*request.messages, kept])
+
+    def _generate(self, request: GenerationRequest, tokens: list[int], grammar: Any,
+                  out: dict[str, Any]) -> Iterator[str]:
+        """Sample the reply to ``tokens``; at its end ``out`` holds its ``text`` and whether it
+        is ``kept`` (ended by itself or at max_tokens: its cells are then realigned)."""
         m = self._model
         llama = m.llama
         key = request.cache_key
         usage = request.usage
         cancel = request.cancel
-        tokens = self.render(request.messages)
         usage.prompt_tokens = len(tokens)
         if len(tokens) >= self.n_ctx:
             raise BackendError(f"the prompt is {len(tokens)} tokens, over the {self.n_ctx}-token context")
@@ -673,7 +731,7 @@ class LlamaCppBackend(Backend):
         # a character still incomplete at the end (a reply cut by max_tokens in the middle of
         # a multi-byte character) is dropped, never emitted or saved.
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        sampler = self._sampler(request)
+        sampler = self._sampler(request, grammar)
         try:
             while True:
                 if cancel.cancelled:
@@ -717,10 +775,10 @@ class LlamaCppBackend(Backend):
             tail, _ = decoder.getstate()
             if tail:
                 logger.debug("dropped %d bytes of an incomplete character at the end of the reply", len(tail))
-            if produced and usage.finish_reason in _KEPT_ENDINGS:
-                self._schedule_realign(key, [*request.messages, {"role": "assistant", "content": "".join(pieces)}])
+            out["text"] = "".join(pieces)
+            out["kept"] = bool(produced) and usage.finish_reason in _KEPT_ENDINGS
 
-    def _sampler(self, request: GenerationRequest) -> Any:
+    def _sampler(self, request: GenerationRequest, grammar: Any = None) -> Any:
         """The request's own sampler chain (its repeat-penalty history and random state are
         the request's, whatever else runs on the model meanwhile)."""
         llama = self._model.llama
@@ -732,7 +790,7 @@ class LlamaCppBackend(Backend):
             if seed is not None:
                 llama._seed = int(seed)
             try:
-                return llama._init_sampler(temp=request.temperature, **sampling)
+                return llama._init_sampler(temp=request.temperature, grammar=grammar, **sampling)
             finally:
                 llama._seed = default_seed
 
