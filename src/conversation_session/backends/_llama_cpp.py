@@ -49,7 +49,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -708,7 +708,7 @@ class LlamaCppBackend(Backend):
             self._schedule_realign(request.cache_key, [*request.messages, kept])
 
     def _generate(self, request: GenerationRequest, tokens: list[int], grammar: Any,
-                  out: dict[str, Any]) -> Iterator[str]:
+                  out: dict[str, Any]) -> Generator[str, None, None]:
         """Sample the reply to ``tokens``; at its end ``out`` holds its ``text`` and whether it
         is ``kept`` (ended by itself or at max_tokens: its cells are then realigned)."""
         m = self._model
