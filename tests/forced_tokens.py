@@ -41,7 +41,7 @@ def force_next_reply(monkeypatch: pytest.MonkeyPatch, backend: LlamaCppBackend, 
     real = LlamaCppBackend._sampler.__get__(backend)
     pending = [list(tokens)]
 
-    def sampler(request: Any) -> Any:
-        return _Forced(real(request), pending.pop() if pending else [])
+    def sampler(request: Any, *args: Any) -> Any:  # args: the grammar of a forced tool call
+        return _Forced(real(request, *args), pending.pop() if pending else [])
 
     monkeypatch.setattr(backend, "_sampler", sampler)

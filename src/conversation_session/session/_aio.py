@@ -103,7 +103,8 @@ class AsyncConversationSession(SessionView):
     # -- the turn ---------------------------------------------------------------------------
     def stream(self, text: str, *, on_token: Callable[[str], None] | None = None,
                tools: Sequence[Callable[..., Any]] | None = None, max_tool_rounds: int | None = None,
-               client_tools: Sequence[dict[str, Any]] | None = None) -> AsyncTurn:
+               client_tools: Sequence[dict[str, Any]] | None = None,
+               tool_choice: str | None = None) -> AsyncTurn:
         """A turn to stream: ``async with s.stream(text) as turn: async for piece in turn``.
 
         The session takes the turn when the turn starts (``async with`` or the first
@@ -117,7 +118,7 @@ class AsyncConversationSession(SessionView):
         pending call that the client sent no result (docs/compat.md).
         """
         return self._start(text, on_token, retry=False, tools=tools, max_tool_rounds=max_tool_rounds,
-                           client_tools=client_tools)
+                           client_tools=client_tools, tool_choice=tool_choice)
 
     def stream_tool_results(self, results: Sequence[dict[str, Any]], *,
                             on_token: Callable[[str], None] | None = None,
@@ -136,10 +137,10 @@ class AsyncConversationSession(SessionView):
 
     def _start(self, text: str, on_token: Callable[[str], None] | None, *, retry: bool, tools: Any = None,
                max_tool_rounds: int | None = None, client_tools: Sequence[dict[str, Any]] | None = None,
-               results: list[dict[str, Any]] | None = None) -> AsyncTurn:
+               results: list[dict[str, Any]] | None = None, tool_choice: str | None = None) -> AsyncTurn:
         core = self._core
-        if tools is not None or max_tool_rounds is not None:
-            _TurnSteps.check_tools(core, tools, max_tool_rounds)
+        if tools is not None or max_tool_rounds is not None or tool_choice is not None:
+            _TurnSteps.check_tools(core, tools, max_tool_rounds, tool_choice)
         core.check_can_chat(text)
 
         async def begin() -> _TurnSteps:
@@ -170,7 +171,7 @@ class AsyncConversationSession(SessionView):
 
                 return _TurnSteps(core, text, on_token, release, retry=retry, tools=tools,
                                    max_tool_rounds=max_tool_rounds, client_tools=list(client_tools or []),
-                                   resume=results is not None)
+                                   resume=results is not None, tool_choice=tool_choice)
             except BaseException:
                 self._turn_task = None
                 lock.release()
@@ -195,10 +196,11 @@ class AsyncConversationSession(SessionView):
 
     async def chat(self, text: str, *, on_token: Callable[[str], None] | None = None,
                    tools: Sequence[Callable[..., Any]] | None = None,
-                   max_tool_rounds: int | None = None) -> ChatResult:
+                   max_tool_rounds: int | None = None, tool_choice: str | None = None) -> ChatResult:
         """Send ``text``; the completed reply, saved before this returns.  Raises what
         ``ConversationSession.chat`` raises; a cancelled task keeps nothing of the turn."""
-        turn = self.stream(text, on_token=on_token, tools=tools, max_tool_rounds=max_tool_rounds)
+        turn = self.stream(text, on_token=on_token, tools=tools, max_tool_rounds=max_tool_rounds,
+                           tool_choice=tool_choice)
         async with turn:
             return await turn.result()
 

@@ -151,7 +151,8 @@ class ConversationSession(SessionView):
     # -- the turn ------------------------------------------------------------------------
     def stream(self, text: str, *, on_token: Callable[[str], None] | None = None,
                tools: Sequence[Callable[..., Any]] | None = None, max_tool_rounds: int | None = None,
-               client_tools: Sequence[dict[str, Any]] | None = None) -> Turn:
+               client_tools: Sequence[dict[str, Any]] | None = None,
+               tool_choice: str | None = None) -> Turn:
         """Start a turn and return it: iterate it for the reply's pieces, then ``result()``.
 
         The session is busy until the turn ends (iterated to the end, ``cancel()``ed, or closed
@@ -160,7 +161,7 @@ class ConversationSession(SessionView):
         the caller runs itself (``AsyncConversationSession.stream``; docs/compat.md).
         """
         return self._start(text, on_token, retry=False, tools=tools, max_tool_rounds=max_tool_rounds,
-                           client_tools=client_tools)
+                           client_tools=client_tools, tool_choice=tool_choice)
 
     def stream_tool_results(self, results: Sequence[dict[str, Any]], *,
                             on_token: Callable[[str], None] | None = None,
@@ -178,10 +179,11 @@ class ConversationSession(SessionView):
 
     def _start(self, text: str, on_token: Callable[[str], None] | None, *, retry: bool, tools: Any = None,
                max_tool_rounds: int | None = None, client_tools: Sequence[dict[str, Any]] | None = None,
-               results: list[dict[str, Any]] | None = None) -> Turn:
+               results: list[dict[str, Any]] | None = None, tool_choice: str | None = None) -> Turn:
         core = self._core
-        if tools is not None or max_tool_rounds is not None:
-            _TurnSteps.check_tools(core, tools, max_tool_rounds)  # bad tools: an error before the turn starts
+        if tools is not None or max_tool_rounds is not None or tool_choice is not None:
+            # bad tools: an error before the turn starts
+            _TurnSteps.check_tools(core, tools, max_tool_rounds, tool_choice)
         core.check_can_chat(text)
         me = threading.get_ident()
         self._end_own_turn("cannot start a turn from inside on_token: the turn is still running; "
@@ -204,7 +206,7 @@ class ConversationSession(SessionView):
                 core.add_tool_results(results)  # durable before the model sees them
             steps = _TurnSteps(core, text, on_token, release, retry=retry, tools=tools,
                                max_tool_rounds=max_tool_rounds, client_tools=list(client_tools or []),
-                               resume=results is not None)
+                               resume=results is not None, tool_choice=tool_choice)
         except BaseException:
             release()
             raise
@@ -231,7 +233,8 @@ class ConversationSession(SessionView):
                                "or call its result(), interrupt() or cancel())")
 
     def chat(self, text: str, *, on_token: Callable[[str], None] | None = None,
-             tools: Sequence[Callable[..., Any]] | None = None, max_tool_rounds: int | None = None) -> ChatResult:
+             tools: Sequence[Callable[..., Any]] | None = None, max_tool_rounds: int | None = None,
+             tool_choice: str | None = None) -> ChatResult:
         """Send ``text`` and return the completed reply; the turn is saved before returning.
 
         Args:
@@ -240,6 +243,10 @@ class ConversationSession(SessionView):
             on_token: called with each streamed piece of the reply, as it arrives.
             tools: more tools for this call only, offered beside the session's.
             max_tool_rounds: this call's bound on rounds of tool calls (default: the session's).
+            tool_choice: this call's first round must call a tool: ``"required"`` (any) or a
+                tool's name (that one); ``"none"``: no tools that round; ``"auto"``/None: the
+                model decides.  Later rounds are ``"auto"``.  The embedded backend forces the
+                call with a grammar; Ollama has no such option (the model decides).
 
         Raises:
             SessionTimeoutError: the turn took longer than ``timeout``; nothing of it is kept,
@@ -249,7 +256,8 @@ class ConversationSession(SessionView):
             BackendError: the backend failed (server down, model missing, ...).
             SessionError: the session is closed, read-only, or called from inside ``on_token``.
         """
-        return self._run(self.stream(text, on_token=on_token, tools=tools, max_tool_rounds=max_tool_rounds))
+        return self._run(self.stream(text, on_token=on_token, tools=tools, max_tool_rounds=max_tool_rounds,
+                                     tool_choice=tool_choice))
 
     def retry(self, *, on_token: Callable[[str], None] | None = None) -> ChatResult:
         """Regenerate the reply to the last user message (see ``stream_retry()``); raises what

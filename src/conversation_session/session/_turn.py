@@ -70,7 +70,7 @@ class _TurnSteps:
     def __init__(self, core: SessionCore, text: str, on_token: Callable[[str], None] | None,
                  release: Callable[[], None], *, retry: bool = False, tools: Any = None,
                  max_tool_rounds: int | None = None, client_tools: list[dict[str, Any]] | None = None,
-                 resume: bool = False):
+                 resume: bool = False, tool_choice: str | None = None):
         self.core = core
         # Tools the API client declared: offered, never run here; a call to one ends the turn
         # with the call pending (docs/compat.md).  ``resume``: continue after their results.
@@ -119,7 +119,10 @@ class _TurnSteps:
         self.request = GenerationRequest(
             messages=[*self.plan.prompt, *self.steps] if self.plan else [], max_tokens=core.max_tokens,
             temperature=core.temperature, cache_key=core.cache_key, options=dict(core.sampling),
-            tools=self._schemas(),
+            tools=None if tool_choice == "none" else self._schemas(),
+            # The first round only: forcing every round would leave the model no way to answer
+            # (the OpenAI Agents SDK resets tool_choice after a call for the same reason).
+            tool_choice=tool_choice,
         )
         self.speaker: Speaker | None = None
         if not self.empty:
@@ -141,12 +144,18 @@ class _TurnSteps:
                 self.on_token(piece)
 
     @staticmethod
-    def check_tools(core: SessionCore, tools: Any, max_tool_rounds: int | None) -> None:
-        """Per-call tools and bound, checked before the turn takes the session."""
-        if tools is not None:
-            as_tools(tools, core.tools)
+    def check_tools(core: SessionCore, tools: Any, max_tool_rounds: int | None,
+                    tool_choice: str | None = None) -> None:
+        """Per-call tools, bound and ``tool_choice``, checked before the turn takes the session."""
+        offered = as_tools(tools, core.tools) if tools is not None else core.tools
         if max_tool_rounds is not None:
             check_tool_rounds(max_tool_rounds)
+        if tool_choice is not None and tool_choice not in ("auto", "none", "required") and (
+                not isinstance(tool_choice, str) or tool_choice not in offered):
+            raise ValueError(f"tool_choice must be 'auto', 'none', 'required' or the name of a tool offered "
+                             f"({', '.join(sorted(offered)) or 'none are'}), not {tool_choice!r}")
+        if tool_choice == "required" and not offered:
+            raise ValueError("tool_choice='required' needs a tool to call; none is offered")
 
     # -- tool rounds (the crash rule: docs/tools.md) -----------------------------------------
     def _schemas(self) -> list[dict[str, Any]] | None:
