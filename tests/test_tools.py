@@ -180,6 +180,36 @@ def test_tools_given_to_one_call_are_offered_for_that_call_only(tmp_path):
         assert len(fake.requests) == 3
 
 
+def test_tool_choice_forces_the_first_round_only_and_a_bad_one_sends_nothing(tmp_path):
+    counter = Counter(tmp_path / "runs.txt")
+    fake = FakeBackend()
+    fake.enqueue(ToolCalls([("count", {"label": "a"})]))
+    fake.enqueue("done")
+    with ConversationSession(backend=fake, tools=[counter.as_tool()]) as s:
+        assert s.chat("count a", tool_choice="count").response == "done"
+        # Forcing every round would leave the model no way to answer: the second round is free.
+        assert [r.tool_choice for r in fake.requests] == ["count", None]
+        s.chat("hi", tool_choice="none")
+        assert fake.requests[-1].tools is None and fake.requests[-1].tool_choice == "none"
+        for bad in ("launch", "any", 3):
+            with pytest.raises(ValueError, match="tool_choice"):
+                s.chat("x", tool_choice=bad)
+        assert len(fake.requests) == 3 and s.turns == 2
+    with ConversationSession(backend=FakeBackend()) as s, pytest.raises(ValueError, match="none is offered"):
+        s.chat("x", tool_choice="required")
+
+    async def main() -> list:
+        fake = FakeBackend()
+        fake.enqueue(ToolCalls([("count", {"label": "b"})]))
+        fake.enqueue("ok")
+        async with AsyncConversationSession(backend=fake, tools=[counter.as_tool()]) as s:
+            await s.chat("count b", tool_choice="required")
+        return [r.tool_choice for r in fake.requests]
+
+    assert asyncio.run(main()) == ["required", None]
+    assert counter.runs() == ["a", "b"]
+
+
 def test_a_tool_that_raises_or_outlives_its_limit_gives_the_model_an_error(tmp_path, caplog):
     slow = Counter(tmp_path / "slow.txt", sleep=1.0)
     bad = Counter(tmp_path / "bad.txt", fail=ValueError("the lamp is broken"))
