@@ -144,3 +144,28 @@ def test_a_session_runs_the_forced_call_the_model_answers_and_the_next_turn_reus
     assert messages[1]["tool_calls"][0]["id"] == call["id"] == messages[2]["tool_call_id"]
     assert messages[1]["tool_calls"][0]["function"]["arguments"] == call["arguments"]
     assert messages[2]["content"] == call["result"] and data["turns"] == 2
+
+
+def test_the_cells_of_a_tool_conversation_are_saved_and_restored(backend, tmp_path):
+    history: list = [{"role": "user", "content": "What is the weather in Lima?"}]
+    request = GenerationRequest(messages=list(history), max_tokens=40, temperature=0, cache_key="kv",
+                                tools=[WEATHER], tool_choice="get_weather")
+    assert "".join(backend.generate(request)) == ""
+    [call] = request.tool_calls
+    history += [{"role": "assistant", "content": "", "tool_calls": [
+                    {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]},
+                {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": "rain, 14 C"}]
+    request = GenerationRequest(messages=list(history), max_tokens=16, temperature=0, cache_key="kv")
+    history.append({"role": "assistant", "content": "".join(backend.generate(request))})
+    assert request.usage.cached_tokens >= len(backend._render_done(history[:2]))  # the call's cells reused
+
+    saved = backend.save_state(tmp_path / "t.kv", history, cache_key="kv")
+    assert saved["kv_save"] == "saved" and saved["kv_saved_tokens"] > len(backend._render_done(history[:3]))
+    restored = backend.restore_state(tmp_path / "t.kv", history, max_bytes=1 << 30, cache_key="kv-restored")
+    assert restored["kv_restored"] and restored["kv_restore_tokens"] == saved["kv_saved_tokens"]
+    # A changed result is another conversation: its cells are refused, never used for it.
+    other = [*history[:2], {**history[2], "content": "snow"}, history[3]]
+    refused = backend.restore_state(tmp_path / "t.kv", other, max_bytes=1 << 30, cache_key="kv-other")
+    assert not refused["kv_restored"]
+    for key in ("kv", "kv-restored", "kv-other"):
+        backend.forget(key)
