@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conversation_session import ConversationSession
+from conversation_session import BackendError, ConversationSession
 from conversation_session.backends import GenerationRequest
 from conversation_session.backends._llama_cpp import LlamaCppBackend
 from conversation_session.backends._llama_tools import parse_calls, template_messages
@@ -48,6 +48,28 @@ def test_a_forced_call_is_valid_and_never_text(backend):
     assert call.name == "get_weather" and call.id.startswith("call_")
     assert isinstance(call.arguments["city"], str) and call.arguments["city"].strip()
     assert request.usage.finish_reason == "stop"  # the grammar let the model end the call by itself
+
+
+def test_a_forced_call_keeps_to_the_parameters_types(backend):
+    light = {"type": "function", "function": {
+        "name": "set_light", "description": "Switch a room's light.",
+        "parameters": {"type": "object", "properties": {
+            "room": {"enum": ["kitchen", "hall"], "type": "string"}, "on": {"type": "boolean"},
+            "level": {"type": "number"}}, "required": ["room", "on"]}}}
+    text, request = _ask(backend, "forced", "Turn the kitchen light on.", tools=[light], tool_choice="set_light")
+    [call] = request.tool_calls
+    assert text == "" and call.arguments["room"] in {"kitchen", "hall"} and isinstance(call.arguments["on"], bool)
+    assert set(call.arguments) <= {"room", "on", "level"}
+    assert isinstance(call.arguments.get("level", 0.5), (int, float))
+
+
+def test_a_schema_llama_cpp_cannot_force_is_a_clear_error(backend):
+    odd = {"type": "function", "function": {"name": "odd", "description": "",
+                                            "parameters": {"type": "object", "properties": {"x": {"type": "strange"}}}}}
+    with pytest.raises(BackendError, match="cannot force a call to odd"):
+        _ask(backend, "forced", "hi", tools=[odd], tool_choice="odd")
+    with pytest.raises(BackendError, match="not one of the tools offered"):
+        _ask(backend, "forced", "hi", tools=[WEATHER], tool_choice="launch")
 
 
 def test_required_calls_one_of_the_offered_tools(backend):

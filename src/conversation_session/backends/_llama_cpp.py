@@ -678,7 +678,12 @@ class LlamaCppBackend(Backend):
         if forced:
             from llama_cpp import LlamaGrammar
 
-            grammar = LlamaGrammar.from_json_schema(json.dumps(forced_schema(tools or [], forced)), verbose=False)
+            schema = forced_schema(tools or [], forced)
+            try:
+                grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+            except Exception as exc:  # llama-cpp-python's converter raises many kinds
+                raise BackendError(f"cannot force a call to {', '.join(forced)}: llama.cpp cannot turn its "
+                                   f"parameters' JSON schema into a grammar ({type(exc).__name__}: {exc})") from exc
         out: dict[str, Any] = {}
         stream = self._generate(request, tokens, grammar, out)
         held: list[str] | None = [] if tools else None  # pieces held back while the reply may be a call
