@@ -430,3 +430,29 @@ def test_barge_in_keeps_what_was_heard(browser: WebDriver, tts_server: ServicePr
         raise
     finally:
         browser.execute_script("closeVoice()")
+
+
+def test_tool_calls_are_shown_as_text(browser: WebDriver, tmp_path: Path) -> None:
+    """A session whose model called a server-side tool: the page shows the call (🔧 name(args))
+    and its result (name → result) as text, whatever markup they hold."""
+    tools = tmp_path / "house.py"
+    tools.write_text('def set_light(room: str) -> str:\n    """Switch a light on."""\n'
+                     '    return "<img src=x onerror=\\"document.title=\'pwned\'\\"> on in " + room\n')
+    with service(tmp_path / "sessions", "--token", TOKEN_A, "--tools-file", str(tools)) as proc:
+        with httpx.Client(base_url=proc.url, headers=auth(TOKEN_A), timeout=30) as client:
+            sid = client.post("/v1/sessions").json()["session_id"]
+            body = client.post(f"/v1/sessions/{sid}/messages",
+                               json={"text": '!call set_light {"room": "<b>hall</b>"}'}).json()
+            assert [c["name"] for c in body["tool_calls"]] == ["set_light"]
+        browser.get(proc.url + "/")
+        browser.execute_script("localStorage.setItem(arguments[0], arguments[1])", TOKEN_KEY, TOKEN_A)
+        browser.get(proc.url + f"/#{sid}")
+        browser.refresh()  # a new fragment alone is not a new page: load it, as a bookmark would
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#messages .msg.tool"), "the tool result")
+        call = browser.find_element(By.CSS_SELECTOR, "#messages .calls li").text
+        assert call.startswith("🔧 set_light(") and "<b>hall</b>" in call
+        result = browser.find_element(By.CSS_SELECTOR, "#messages .msg.tool .body").text
+        assert result.startswith("set_light → <img src=x") and result.endswith("on in <b>hall</b>")
+        for tag in ("img", "b"):
+            assert not browser.find_elements(By.CSS_SELECTOR, f"#messages {tag}"), tag
+        assert browser.title == "Conversations"

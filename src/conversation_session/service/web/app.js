@@ -199,14 +199,33 @@ function linkOrText(label, href, raw) {
 }
 
 // -- the conversation -------------------------------------------------------------------------------
-function messageNode(role, content, interrupted) {
-  const labels = { user: "You", assistant: "Reply", system: "System prompt" };
+function messageNode(role, content, interrupted, message) {
+  const labels = { user: "You", assistant: "Reply", system: "System prompt", tool: "Tool result" };
   const who = el("div", { class: "who" }, [el("span", { text: labels[role] || role })]);
   const body = el("div", { class: "body" });
   const node = el("article", { class: "msg " + role, "aria-label": labels[role] || role }, [who, body]);
-  fillBody(node, role, content);
+  if (role === "tool") {  // a tool's result, as text: "name → result"
+    body.textContent = ((message && message.name) ? message.name + " → " : "") + (content || "");
+    node.dataset.raw = content || "";
+  } else {
+    fillBody(node, role, content || "");
+  }
+  const calls = (message && Array.isArray(message.tool_calls)) ? message.tool_calls : [];
+  if (calls.length) node.append(callsNode(calls));
   if (interrupted) markInterrupted(node);
   return node;
+}
+
+// The calls an assistant message asked for, one line each, as text: 🔧 name({"arg": ...}).
+function callsNode(calls) {
+  const list = el("ul", { class: "calls", "aria-label": "tool calls" });
+  for (const c of calls) {
+    const fn = (c && c.function) || {};
+    let args = fn.arguments;
+    if (typeof args !== "string") { try { args = JSON.stringify(args || {}); } catch (e) { args = "{}"; } }
+    list.append(el("li", { text: "🔧 " + String(fn.name || "?") + "(" + args + ")" }));
+  }
+  return list;
 }
 
 function fillBody(node, role, content) {
@@ -246,7 +265,7 @@ function renderSession() {
   $("empty-hint").hidden = !!(s && s.history && s.history.length);
   if (!s) return;
   $("session-title").textContent = titleOf(s);
-  for (const m of s.history) box.append(messageNode(m.role, m.content, m.interrupted));
+  for (const m of s.history) box.append(messageNode(m.role, m.content, m.interrupted, m));
   if ($("stats").open) loadStats();
   updateButtons();
   scrollDown();
