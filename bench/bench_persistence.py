@@ -13,11 +13,15 @@ Setup (once; a separate venv, so LangChain never becomes a dependency of the pro
 The project itself is NOT installed in that venv: this script puts ``<repo>/src`` first on
 ``sys.path``, so it always measures the working tree (its only runtime need here is httpx).
 
-Run (about 5 minutes on 2 shared cores; ``--quick`` for a ~1 minute smoke run)::
+Run (about 5 minutes on 2 shared cores; ``--quick`` for a ~1 minute run)::
 
     bench/.venv/bin/python bench/bench_persistence.py
     bench/.venv/bin/python bench/bench_persistence.py --quick --no-plot
-    bench/.venv/bin/python bench/bench_persistence.py --profile     # where a commit's time goes
+    bench/.venv/bin/python bench/bench_persistence.py --profile     # where an append's time goes
+    .venv/bin/python bench/bench_persistence.py --smoke             # ~10 s, no peers needed (CI runs it)
+
+A contender whose library is not installed (LangChain, llm) is left out, and the output says
+so: the project's own columns are measured with nothing but the project.
 
 Output: Markdown tables on stdout, ``bench/results/persistence-<time>.json`` (gitignored) and
 ``bench/plots/persistence.png`` (save cost per turn) + ``bench/plots/persistence_load.png``.
@@ -26,16 +30,19 @@ What is measured (all times are wall clock, ``time.perf_counter_ns``):
 
 Save cost per turn (the contender's own work once the reply is known; the model is instant):
 
-* ``conversation_session``: ``SessionWriter.commit()`` (the journal append) timed *inside* a
-  real ``ConversationSession.chat()`` call with ``FakeBackend`` (the writer's ``commit`` is
-  wrapped on the instance), on a session resumed with ``load_history()`` from a file holding N
-  messages.  "idle": between turns the background snapshot is allowed to finish (a person
-  types between turns; a local model takes far longer than a snapshot).  "back-to-back": no
-  pause, so the snapshot thread competes for the GIL and the disk (worst case, scripted use).
-  "+fsync": the same commit followed by ``os.fsync`` of the journal: a hypothetical variant,
-  to compare like for like with SQLite, which fsyncs every commit (the project's journal
-  append survives ``kill -9``, not a power cut).
-  We time ``commit()`` rather than subtracting an ``enable_cache=False`` loop: that loop sends
+* ``conversation_session``: ``SessionWriter.append()`` (the journal append) timed *inside* a
+  real ``ConversationSession.chat()`` call with ``FakeBackend``, on a session resumed with
+  ``load_history()`` from a file holding N messages.  The session is given the file store
+  through its public ``store=`` argument, wrapped so that the writer it opens times its own
+  ``append`` (``TimedStore``): no private attribute is touched.  "idle": between turns the
+  background snapshot is allowed to finish (``writer.flush()``; a person types between turns, a
+  local model takes far longer than a snapshot).  "back-to-back": no pause, so the snapshot
+  thread competes for the GIL and the disk (worst case, scripted use).  "+fsync": the same
+  append followed by ``os.fsync`` of the journal (opened by name for it, a few µs): a
+  hypothetical variant, to compare like for like with SQLite, which fsyncs every commit (the
+  project's journal append survives ``kill -9``, not a power cut).  "direct loop": ``append()``
+  on a writer from ``HistoryStore.open()``, called in a tight loop (the algorithmic cost).
+  We time ``append()`` rather than subtracting an ``enable_cache=False`` loop: that loop sends
   no history, so the prompt building and the fake model's work would differ by O(N) and the
   difference would not be the save cost.
 * LangChain ``FileChatMessageHistory.add_messages([human, ai])`` (langchain_community): what
@@ -52,11 +59,14 @@ Each block starts from a fresh copy of an N-message session and runs at most
 ``max(1, min(50, N // 20))`` turns, so the history stays within 10 % of N.
 
 Background snapshot (information): ``SessionWriter.write_snapshot()`` (encode + temp file +
-fsync + rename + fsync of the folder) and ``encode_snapshot()`` alone, on the live writer.
+fsync + rename + fsync of the folder) on the live writer, and the snapshot's size.
 
-Load cost: ``HistoryStore.load(id)`` and ``ConversationSession.load_history(id)`` on a clean
-session (snapshot only) and on a "crashed" one (snapshot of N-4 messages + 2 turns in the
-journal, written by the real ``commit()``); LangChain ``FileChatMessageHistory(path).messages``
+The N-message sessions are written with ``conversation_session.testing.seed_session`` (the
+store's ``import_record``).  Load cost: ``HistoryStore.load(id)`` and
+``ConversationSession.load_history(id)`` on a clean session (snapshot only) and on a "crashed"
+one (snapshot of N-4 messages + 2 turns in the journal: a child process appends the two turns
+with the real writer and is killed with ``kill -9`` before its background snapshot lands);
+LangChain ``FileChatMessageHistory(path).messages``
 and ``SQLChatMessageHistory(id, connection=url).messages`` (engine creation included, as at a
 program's start); llm ``load_conversation(id, database=path)``.  The OS page cache is warm for
 all of them.
@@ -79,14 +89,17 @@ import platform
 import pstats
 import random
 import shutil
+import signal
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -211,38 +224,65 @@ def template_sizes(sizes: list[int]) -> list[int]:
 
 # -- conversation_session ----------------------------------------------------------------------
 
+# A writer in a second process that appends turns and dies by kill -9 right after: what a
+# crash leaves (the turns in the journal, not yet in the snapshot).  Public interfaces only.
+CRASH_CHILD = r"""
+import json, os, signal, sys
+from conversation_session import HistoryStore
+store = HistoryStore(sys.argv[1])
+writer, record = store.open(sys.argv[2])
+at = len(record.messages)
+for pair in json.loads(sys.stdin.read()):
+    if not writer.append(at, pair):
+        sys.exit(f"append failed: {writer.last_error}")
+    at += len(pair)
+os.kill(os.getpid(), signal.SIGKILL)  # no close(), no final snapshot
+"""
+
+
+def snapshot_messages(path: Path) -> int:
+    """How many messages a session's ``.json`` holds (the seed's file format)."""
+    return len(json.loads(path.read_bytes())["conversation_history"])
+
+
+def seed_crashed(store: Any, sid: str, msgs: list[dict[str, str]], kept: int, attempts: int = 10) -> None:
+    """``sid`` with ``msgs[:kept]`` in its snapshot and the rest (whole turns) in its journal."""
+    from conversation_session.testing import seed_session
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    turns = [msgs[i:i + 2] for i in range(kept, len(msgs), 2)]
+    for _ in range(attempts):
+        seed_session(store, msgs[:kept], session_id=sid, llm_model="fake-model")
+        proc = subprocess.run([sys.executable, "-c", CRASH_CHILD, str(store.directory), sid], input=json.dumps(turns),
+                              capture_output=True, text=True, timeout=120, env=env)
+        if proc.returncode != -signal.SIGKILL:
+            raise SystemExit(f"the crashing writer failed ({proc.returncode}): {proc.stderr.strip()}")
+        # Its background snapshot may, rarely, have landed before the kill: then try again.
+        if snapshot_messages(store.snapshot_path(sid)) == kept and len(store.load(sid).messages) == len(msgs):
+            return
+        store.delete(sid)
+    raise SystemExit(f"could not leave {sid} with turns in its journal after {attempts} attempts")
+
 
 class CS:
-    """Templates of sessions of N messages, written with the project's own code."""
+    """Templates of sessions of N messages, written through the project's public interfaces."""
 
     def __init__(self, root: Path, sizes: list[int]):
-        from conversation_session.stores._file import HistoryStore, SessionWriter
-        from conversation_session.stores._record import SessionRecord
+        from conversation_session import HistoryStore
+        from conversation_session.testing import seed_session
 
         self.root = root
         self.tpl = root / "cs_templates"
         store = HistoryStore(self.tpl)
-        store.ensure_dir()
         for n in template_sizes(sizes):
             msgs = make_messages(n)
-            for crashed in (False, True) if n in sizes else (False,):
-                sid = self.sid(n, crashed)
-                fd = os.open(store.journal_path(sid), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                writer = SessionWriter(store, SessionRecord(session_id=sid, llm_model="fake-model"), fd,
-                                       snapshot_upto=None)
-                live: list[dict[str, str]] = []
-                writer.bind(live)  # type: ignore[arg-type]
-                keep = 4 if crashed and n >= 8 else 0
-                live.extend(msgs[: n - keep])  # type: ignore[arg-type]
-                writer.write_snapshot()
-                writer._request_snapshot = lambda: None  # type: ignore[method-assign]  # keep the journal
-                for i in range(n - keep, n, 2):
-                    live.extend(msgs[i:i + 2])  # type: ignore[arg-type]
-                    assert writer.commit()
-                os.close(fd)  # "crash": the journal stays, close() does nothing more
-                writer._fd = None
-                if not keep:
-                    store.journal_path(sid).unlink()
+            seed_session(store, msgs, session_id=self.sid(n), llm_model="fake-model")
+            if n in sizes:
+                if n >= 8:
+                    seed_crashed(store, self.sid(n, True), msgs, n - 4)
+                else:  # too short to leave two turns out of the snapshot
+                    seed_session(store, msgs, session_id=self.sid(n, True), llm_model="fake-model")
 
     @staticmethod
     def sid(n: int, crashed: bool = False) -> str:
@@ -261,12 +301,61 @@ class CS:
 
 
 def settle(writer: Any) -> None:
-    """Wait until no background snapshot is pending or running (untimed 'think time')."""
-    for _ in range(1000):
-        writer.flush()
-        time.sleep(0.0005)
-        if not writer._snapshot_lock.locked() and not writer._wanted:
-            return
+    """Wait until every background snapshot asked for has been written (untimed 'think time')."""
+    if not writer.flush(60):
+        raise SystemExit(f"the background snapshot of {writer.session_id} did not finish in 60 s")
+
+
+class TimedWriter:
+    """A store writer whose ``append`` (what ``chat()`` saves a turn with) times itself."""
+
+    def __init__(self, inner: Any, times: list[int], journal: Path | None):
+        self._inner = inner
+        self._times = times
+        self._journal = journal  # fsync this file after each append (the hypothetical variant)
+
+    def append(self, start: int, messages: list[Any], meta: dict[str, Any] | None = None) -> bool:
+        t0 = time.perf_counter_ns()
+        ok = self._inner.append(start, messages, meta)
+        if self._journal is not None:
+            fd = os.open(self._journal, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._times.append(time.perf_counter_ns() - t0)
+        return bool(ok)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class TimedStore:
+    """The file store, handed to a session through its public ``store=`` argument; the writers
+    it opens time their appends into ``times``."""
+
+    def __init__(self, directory: Path, *, fsync: bool):
+        from conversation_session import HistoryStore
+
+        self._inner = HistoryStore(directory)
+        self._fsync = fsync
+        self.times: list[int] = []
+        self.writer: TimedWriter | None = None
+
+    def _wrap(self, writer: Any) -> TimedWriter:
+        journal = self._inner.journal_path(writer.session_id) if self._fsync else None
+        self.writer = TimedWriter(writer, self.times, journal)
+        return self.writer
+
+    def create(self, llm_model: str) -> TimedWriter:
+        return self._wrap(self._inner.create(llm_model))
+
+    def open(self, session_id: str) -> tuple[TimedWriter, Any]:
+        writer, record = self._inner.open(session_id)
+        return self._wrap(writer), record
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 def cs_contender(cs: CS, key: str, label: str, *, idle: bool, fsync: bool) -> Contender:
@@ -276,32 +365,21 @@ def cs_contender(cs: CS, key: str, label: str, *, idle: bool, fsync: bool) -> Co
         d = work / key
         sid = cs.restore(n, d)
         fake = FakeBackend()
-        session = ConversationSession(backend=fake, sessions_dir=d, timeout=None)
+        store = TimedStore(d, fsync=fsync)
+        session = ConversationSession(backend=fake, store=store, timeout=None)  # type: ignore[arg-type]
         assert session.load_history(sid) and len(session.history) == n
-        writer = session._writer
-        assert writer is not None
-        commit = writer.commit
-        times: list[int] = []
-
-        def timed_commit() -> bool:
-            t0 = time.perf_counter_ns()
-            ok = commit()
-            if fsync:
-                os.fsync(writer._fd)
-            times.append(time.perf_counter_ns() - t0)
-            return ok
-
-        writer.commit = timed_commit  # type: ignore[method-assign]
+        writer = store.writer
+        assert writer is not None and writer.session_id == sid
         if idle:
             settle(writer)
-        return {"session": session, "fake": fake, "writer": writer, "times": times, "chat": []}
+        return {"session": session, "fake": fake, "writer": writer, "times": store.times, "chat": []}
 
     def turn(st: Any, user: str, reply: str) -> int:
         st["fake"].enqueue(reply)
         t0 = time.perf_counter_ns()
         result = st["session"].chat(user)
         st["chat"].append(time.perf_counter_ns() - t0)
-        assert result.saved
+        assert result.saved and st["times"], "chat() did not save through the timed writer"
         if idle:
             settle(st["writer"])
         return st["times"][-1]
@@ -313,23 +391,26 @@ def cs_contender(cs: CS, key: str, label: str, *, idle: bool, fsync: bool) -> Co
 
 
 def cs_direct_contender(cs: CS) -> Contender:
-    """``commit()`` called directly after appending a turn: no chat(), no pause, warm caches."""
-    from conversation_session import ConversationSession, FakeBackend
+    """``append()`` of a turn called directly on the writer: no chat(), no pause, warm caches."""
+    from conversation_session import HistoryStore
 
     def setup(n: int, work: Path) -> Any:
         d = work / "cs_direct"
         sid = cs.restore(n, d)
-        session = ConversationSession(backend=FakeBackend(), sessions_dir=d, timeout=None)
-        assert session.load_history(sid)
-        return session
+        writer, record = HistoryStore(d).open(sid)
+        assert len(record.messages) == n
+        return {"writer": writer, "at": n}
 
-    def turn(session: Any, user: str, reply: str) -> int:
-        session._messages.extend(({"role": "user", "content": user}, {"role": "assistant", "content": reply}))
+    def turn(st: Any, user: str, reply: str) -> int:
+        pair = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
         t0 = time.perf_counter_ns()
-        assert session._writer.commit()
-        return time.perf_counter_ns() - t0
+        assert st["writer"].append(st["at"], pair)
+        dt = time.perf_counter_ns() - t0
+        st["at"] += 2
+        return dt
 
-    return Contender("cs_direct", "conversation_session commit() direct loop", setup, turn, lambda s: s.close())
+    return Contender("cs_direct", "conversation_session append() direct loop", setup, turn,
+                     lambda st: st["writer"].close())
 
 
 # -- LangChain -------------------------------------------------------------------------------
@@ -523,23 +604,22 @@ def repeat(fn: Callable[[], Any], *, budget_s: float, max_reps: int, min_reps: i
     return out
 
 
-def run_snapshot(cs: CS, sizes: list[int], work: Path, *, budget_s: float) -> dict[int, dict[str, Any]]:
-    from conversation_session import ConversationSession, FakeBackend
-    from conversation_session.stores._file import encode_snapshot
+def run_snapshot(cs: CS, sizes: list[int], work: Path, *, budget_s: float,
+                 min_reps: int = 10) -> dict[int, dict[str, Any]]:
+    """``write_snapshot()`` of the live writer of a resumed session (what the background job runs)."""
+    from conversation_session import HistoryStore
 
     out = {}
     for n in sizes:
         d = work / "snap"
         sid = cs.restore(n, d)
-        with ConversationSession(backend=FakeBackend(), sessions_dir=d, timeout=None) as s:
-            s.load_history(sid)
-            w = s._writer
-            assert w is not None
-            size = len(encode_snapshot(w.record, w._messages))
-            enc = repeat(lambda w=w: encode_snapshot(w.record, w._messages), budget_s=budget_s / 3,
-                         max_reps=300, min_reps=10)
-            full = repeat(w.write_snapshot, budget_s=budget_s, max_reps=300, min_reps=10)
-        out[n] = {"bytes": size, "encode": summarize(enc), "write_snapshot": summarize(full)}
+        store = HistoryStore(d)
+        writer, _record = store.open(sid)
+        try:
+            full = repeat(writer.write_snapshot, budget_s=budget_s, max_reps=300, min_reps=min_reps)
+        finally:
+            writer.close()
+        out[n] = {"bytes": store.snapshot_path(sid).stat().st_size, "write_snapshot": summarize(full)}
         print(f"  snapshot, {n} messages: {len(full)} reps", file=sys.stderr, flush=True)
     return out
 
@@ -547,8 +627,7 @@ def run_snapshot(cs: CS, sizes: list[int], work: Path, *, budget_s: float) -> di
 def run_load(cs: CS, others: dict[str, Contender], sizes: list[int], work: Path, *,
              budget_s: float, max_reps: int = 300, min_reps: int = 8) -> dict[int, dict[str, Any]]:
     """Each loader once per round, round after round, so machine noise hits them all alike."""
-    from conversation_session import ConversationSession, FakeBackend
-    from conversation_session.stores._file import HistoryStore
+    from conversation_session import ConversationSession, FakeBackend, HistoryStore
 
     out: dict[int, dict[str, Any]] = {}
     store = HistoryStore(cs.tpl)
@@ -624,34 +703,37 @@ def run_load(cs: CS, others: dict[str, Contender], sizes: list[int], work: Path,
     return out
 
 
-def run_profile(cs: CS, work: Path, n: int, turns: int) -> str:
-    """cProfile of ``turns`` back-to-back-free commits on an N-message session."""
-    from conversation_session import ConversationSession, FakeBackend
+def run_profile(cs: CS, work: Path, n: int, turns: int, budget_s: float = 1.0) -> str:
+    """cProfile of ``turns`` appends on an N-message session (each after the previous
+    snapshot), then the steps of an append and of a load timed alone."""
+    from conversation_session import HistoryStore, SessionRecord
 
     d = work / "profile"
     sid = cs.restore(n, d)
-    fake = FakeBackend()
     prof = cProfile.Profile()
     pairs = make_turns(turns, seed=11)
-    with ConversationSession(backend=fake, sessions_dir=d, timeout=None) as s:
-        s.load_history(sid)
-        w = s._writer
-        assert w is not None
+    writer, record = HistoryStore(d).open(sid)
+    at = len(record.messages)
+    try:
         for user, reply in pairs:
-            s._messages.extend(({"role": "user", "content": user}, {"role": "assistant", "content": reply}))
+            pair = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
             prof.enable()
-            w.commit()
+            writer.append(at, pair)
             prof.disable()
-            settle(w)
+            at += 2
+            settle(writer)
+    finally:
+        writer.close()
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(25)
 
-    # The same steps without the profiler's overhead, one at a time (median of many).
-    from conversation_session.stores._record import now_iso
+    # The steps of an append without the profiler's overhead, one at a time (median of many).
+    def stamp() -> str:
+        return datetime.now(timezone.utc).astimezone().isoformat(timespec="microseconds")
 
     pair = [{"role": "user", "content": pairs[0][0]}, {"role": "assistant", "content": pairs[0][1]}]
     fd = os.open(d / "scratch.journal", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    line = json.dumps({"start": n, "messages": pair, "updated_at": now_iso()}, ensure_ascii=False).encode() + b"\n"
+    line = json.dumps({"start": n, "messages": pair, "updated_at": stamp()}, ensure_ascii=False).encode() + b"\n"
 
     def write() -> None:
         os.write(fd, line)
@@ -659,24 +741,20 @@ def run_profile(cs: CS, work: Path, n: int, turns: int) -> str:
             os.ftruncate(fd, 0)
 
     steps = {
-        "now_iso() (datetime.now(utc).astimezone()...)": now_iso,
+        "datetime.now(utc).astimezone().isoformat() (the time stamp)": stamp,
         "time.strftime('%Y-%m-%dT%H:%M:%S') (alternative)": lambda: time.strftime("%Y-%m-%dT%H:%M:%S"),
         "json.dumps(journal line, ensure_ascii=False).encode()": lambda: json.dumps(
             {"start": n, "messages": pair, "updated_at": "2025-01-01T00:00:00"}, ensure_ascii=False).encode(),
         f"os.write(journal, {len(line)} bytes)": write,
-        "os.fsync(journal) (not done by commit)": lambda: os.fsync(fd),
+        "os.fsync(journal) (not done by append)": lambda: os.fsync(fd),
     }
-    buf.write("\nsteps of commit(), timed alone (median / p99 over many calls):\n")
+    buf.write("\nsteps of append(), timed alone (median / p99 over many calls):\n")
     for name, fn in steps.items():
         reps = 200 if "fsync" in name else 5000
-        buf.write(f"  {name}: {cell(summarize(repeat(fn, budget_s=1.0, max_reps=reps, min_reps=50)))}\n")
+        buf.write(f"  {name}: {cell(summarize(repeat(fn, budget_s=budget_s, max_reps=reps, min_reps=20)))}\n")
     os.close(fd)
 
     # Loading: HistoryStore.load of the N-message session, profiled, then its steps timed alone.
-    from conversation_session.stores._file import HistoryStore
-    from conversation_session.stores._fileio import read_regular_file
-    from conversation_session.stores._record import SessionRecord
-
     store = HistoryStore(cs.tpl)
     sid = cs.sid(n)
     prof = cProfile.Profile()
@@ -686,13 +764,13 @@ def run_profile(cs: CS, work: Path, n: int, turns: int) -> str:
         prof.disable()
     buf.write(f"\nHistoryStore.load({sid!r}) x20, cProfile:\n")
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(12)
-    raw = (cs.tpl / f"{sid}.json").read_bytes()
+    path = store.snapshot_path(sid)
+    raw = path.read_bytes()
     text = raw.decode()
     data = json.loads(text)
     load_steps = {
         "HistoryStore.load (all)": lambda: store.load(sid),
-        f"read_regular_file ({len(raw) / 1024:,.0f} KiB)": lambda: read_regular_file(
-            cs.tpl / f"{sid}.json", store.max_file_bytes),
+        f"Path.read_bytes ({len(raw) / 1024:,.0f} KiB)": path.read_bytes,
         "bytes.decode('utf-8')": raw.decode,
         "json.loads(str)": lambda: json.loads(text),
         "SessionRecord.from_dict (validation)": lambda: SessionRecord.from_dict(data),
@@ -703,7 +781,7 @@ def run_profile(cs: CS, work: Path, n: int, turns: int) -> str:
         load_steps["orjson.loads(bytes) (alternative, not a dependency)"] = lambda: orjson.loads(raw)
     buf.write("steps of load, timed alone (median / p99):\n")
     for name, fn in load_steps.items():
-        buf.write(f"  {name}: {cell(summarize(repeat(fn, budget_s=2.0, max_reps=200, min_reps=20)))}\n")
+        buf.write(f"  {name}: {cell(summarize(repeat(fn, budget_s=2 * budget_s, max_reps=200, min_reps=5)))}\n")
     return buf.getvalue()
 
 
@@ -776,14 +854,14 @@ def print_tables(res: dict[str, Any], labels: dict[str, str]) -> None:
 
         print("\n### conversation_session: the whole chat() turn with FakeBackend, and the background "
               "snapshot (median / p99)\n")
-        print("| history (messages) | chat() total (idle) | commit share | snapshot size | encode_snapshot | "
+        print("| history (messages) | chat() total (idle) | append share | snapshot size | "
               "write_snapshot (encode+fsync+rename) |")
-        print("|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|")
         for n in sizes:
             ch = res["chat_total"][str(n)]
             sn = res["snapshot"][str(n)]
             share = save[base][str(n)]["median_ms"] / ch["median_ms"] * 100
-            print(f"| {n:,} | {cell(ch)} | {share:.0f} % | {sn['bytes'] / 1024:,.0f} KiB | {cell(sn['encode'])} | "
+            print(f"| {n:,} | {cell(ch)} | {share:.0f} % | {sn['bytes'] / 1024:,.0f} KiB | "
                   f"{cell(sn['write_snapshot'])} |")
 
     load = res["load"]
@@ -873,16 +951,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=list(DEFAULT_SIZES),
                     help="history lengths in messages (default 10,100,1000,5000)")
-    ap.add_argument("--quick", action="store_true", help="short budgets: a smoke run of about a minute")
+    ap.add_argument("--quick", action="store_true", help="short budgets: a run of about a minute")
+    ap.add_argument("--smoke", action="store_true",
+                    help="sizes 10,100 and tiny budgets (~10 s): proves the script runs; no JSON, no plots")
     ap.add_argument("--skip", default="", help="comma-separated contenders to skip: lc_file,lc_sql,llm")
     ap.add_argument("--dir", type=Path, default=None, help="working folder (default: a temporary one in $TMPDIR)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--no-json", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="only profile commit() at the largest size (cProfile)")
+    ap.add_argument("--profile", action="store_true", help="only profile append() at the largest size (cProfile)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.no_plot, args.no_json = [10, 100], True, True
     sizes = sorted(args.sizes)
     skip = set(filter(None, args.skip.split(",")))
-    scale = 0.15 if args.quick else 1.0
+    scale = 0.02 if args.smoke else 0.15 if args.quick else 1.0
 
     work = Path(tempfile.mkdtemp(prefix="bench_persistence_", dir=args.dir))
     try:
@@ -890,30 +972,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"working in {work}", file=sys.stderr)
         cs = CS(work, sizes)
         if args.profile:
-            print(run_profile(cs, work, sizes[-1], 500))
+            print(run_profile(cs, work, sizes[-1], 20 if args.smoke else 500, budget_s=0.05 if args.smoke else 1.0))
             return 0
         contenders = [
-            cs_contender(cs, "cs_idle", "conversation_session commit() (idle)", idle=True, fsync=False),
-            cs_contender(cs, "cs_b2b", "conversation_session commit() (back-to-back)", idle=False, fsync=False),
-            cs_contender(cs, "cs_fsync", "conversation_session commit()+fsync (hypothetical)", idle=True,
+            cs_contender(cs, "cs_idle", "conversation_session append() (idle)", idle=True, fsync=False),
+            cs_contender(cs, "cs_b2b", "conversation_session append() (back-to-back)", idle=False, fsync=False),
+            cs_contender(cs, "cs_fsync", "conversation_session append()+fsync (hypothetical)", idle=True,
                          fsync=True),
             cs_direct_contender(cs),
         ]
         others: dict[str, Contender] = {}
+        left_out: dict[str, str] = {}
         builders = {"lc_file": lc_file_contender, "lc_sql": lc_sql_contender, "llm": llm_contender}
         for key, build in builders.items():
-            if key not in skip:
+            if key in skip:
+                left_out[key] = "--skip"
+                continue
+            try:
                 others[key] = build(work, sizes)
-                contenders.append(others[key])
+            except ImportError as exc:  # a peer library is not installed: leave its columns out, say so
+                left_out[key] = f"{exc.name or exc} is not installed"
+                print(f"{key}: left out ({left_out[key]})", file=sys.stderr)
+                continue
+            contenders.append(others[key])
         labels = {c.key: c.label for c in contenders}
         info = machine_info(work)
         print(f"setup done in {time.perf_counter() - t_start:.1f} s", file=sys.stderr, flush=True)
 
-        run_save(contenders, sizes, work / "run", budget_s=6 * scale, max_turns=1000 if not args.quick else 150,
-                 min_turns=20 if not args.quick else 5)
+        run_save(contenders, sizes, work / "run", budget_s=6 * scale,
+                 max_turns=5 if args.smoke else 150 if args.quick else 1000,
+                 min_turns=2 if args.smoke else 5 if args.quick else 20)
         gc.collect()
-        snapshot = run_snapshot(cs, sizes, work, budget_s=4 * scale)
-        load = run_load(cs, others, sizes, work, budget_s=3 * scale)
+        snapshot = run_snapshot(cs, sizes, work, budget_s=4 * scale, min_reps=2 if args.smoke else 10)
+        load = run_load(cs, others, sizes, work, budget_s=3 * scale, min_reps=2 if args.smoke else 8)
         info["loadavg_end"] = os.getloadavg()
         info["runtime_s"] = round(time.perf_counter() - t_start, 1)
         res = {
@@ -926,6 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
             "chat_total": {str(n): summarize(contenders[0].extra[n]["chat"]) for n in sizes},
             "snapshot": {str(n): v for n, v in snapshot.items()},
             "load": {str(n): v for n, v in load.items()},
+            "left_out": left_out,
         }
         print(f"\n## Persistence benchmark ({time.strftime('%Y-%m-%d %H:%M')})\n")
         m = info
@@ -934,13 +1026,20 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['loadavg_end'][0]:.2f}; run took {m['runtime_s']} s.")
         print("Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v))
         print_tables(res, labels)
+        if left_out:
+            print("\nLeft out: " + "; ".join(f"{k} ({why})" for k, why in left_out.items()))
         if not args.no_json:
             out = BENCH / "results" / f"persistence-{time.strftime('%Y%m%d-%H%M%S')}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(res, indent=1))
             print(f"\nresults: {out.relative_to(REPO)}", file=sys.stderr)
         if not args.no_plot:
-            for p in plot(res, labels, BENCH / "plots"):
+            try:
+                paths = plot(res, labels, BENCH / "plots")
+            except ImportError:
+                paths = []
+                print("matplotlib is not installed: no plots", file=sys.stderr)
+            for p in paths:
                 print(f"plot: {p.relative_to(REPO)}", file=sys.stderr)
         return 0
     finally:
