@@ -13,7 +13,8 @@ What it reports (one run, one process):
 * throughput: turns per second through one event loop (FakeBackend streams two pieces with a
   1 ms pause each, so the loop interleaves as with a real stream).
 
-Run:  .venv/bin/python bench/bench_async.py [--sessions 1000] [--turns 20]
+Run:  .venv/bin/python bench/bench_async.py [--sessions 1000] [--turns 20]     # ~1 minute
+      .venv/bin/python bench/bench_async.py --smoke     # 20 sessions x 3 turns: proves it runs
 """
 
 from __future__ import annotations
@@ -104,14 +105,17 @@ async def run(n_sessions: int, turns: int, folder: str) -> None:
     print(f"session-layer overhead per turn: p50 {statistics.median(overheads) * 1e3:.3f} ms, "
           f"p99 {pct(overheads, 0.99) * 1e3:.3f} ms, max {max(overheads) * 1e3:.1f} ms")
     print(f"threads: at most {max_threads} while talking, {threads_idle} idle")
-    print(f"memory per idle open session (20 turns each): {per_session / 1024:.1f} KiB")
+    print(f"memory per idle open session ({turns} turns each): {per_session / 1024:.1f} KiB")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sessions", type=int, default=1000)
     ap.add_argument("--turns", type=int, default=20)
+    ap.add_argument("--smoke", action="store_true", help="20 sessions x 3 turns: proves the script runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.sessions, args.turns = 20, 3
     with tempfile.TemporaryDirectory() as folder:
         asyncio.run(run(args.sessions, args.turns, folder))
 

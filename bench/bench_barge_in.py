@@ -7,7 +7,8 @@ first-token time and uncached prompt tokens are measured.  The KV cache keeps th
 saved, so after an interrupt the next turn should compute only what follows the cut, as after a
 complete turn.  Both kinds interleave in one run (the machine is noisy), ``--pairs`` of each.
 
-Run:  .venv/bin/python bench/bench_barge_in.py [--pairs 20]
+Run:  .venv/bin/python bench/bench_barge_in.py [--pairs 20]     # ~2 minutes on 2 cores
+      .venv/bin/python bench/bench_barge_in.py --smoke     # one pair: proves it runs
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=20)
+    ap.add_argument("--smoke", action="store_true", help="one pair of each kind: proves the script runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.pairs = 1
     after: dict[str, list[tuple[float, int]]] = {"complete": [], "interrupted": []}
     with tempfile.TemporaryDirectory() as folder, ConversationSession(
             sessions_dir=folder, max_tokens=64, temperature=0, timeout=None, persist_kv_cache=False) as s:

@@ -4,6 +4,7 @@ Run by hand (needs espeak-ng)::
 
     .venv/bin/python bench/bench_interrupt.py            # 50 interrupts per setting
     .venv/bin/python bench/bench_interrupt.py --reps 200 --json bench/results/interrupt.json
+    .venv/bin/python bench/bench_interrupt.py --smoke    # 2 interrupts per setting: proves it runs
 
 For each setting a long English reply is streamed into a ``Speaker`` and interrupted after a
 random delay (seeded: one in three within 0-50 ms, the others 50 ms-1.2 s), so the interrupt
@@ -120,7 +121,10 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=14)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--smoke", action="store_true", help="2 interrupts per setting: proves the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.reps = 2
     if not EspeakEngine.available():
         print("espeak-ng is not installed (sudo apt-get install espeak-ng)", file=sys.stderr)
         return 1

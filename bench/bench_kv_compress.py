@@ -1,6 +1,7 @@
 """Does lossless compression of the ``.kv`` files pay?  (issue 16, defect 13; run by hand)
 
     .venv/bin/python bench/bench_kv_compress.py [--reps 5] [--threads 1] [--long-tokens 4000]
+    .venv/bin/python bench/bench_kv_compress.py --smoke    # 1 rep, a ~300-token file: proves it runs
 
 Two real KV files from the embedded model (SmolLM2-135M-Instruct Q4_1, n_ctx 8192):
 
@@ -39,8 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from conversation_session import ConversationSession
-from conversation_session.backends import CancelToken, GenerationRequest
-from conversation_session.backends._llama_cpp import LlamaCppBackend
+from conversation_session.backends import Backend, CancelToken, GenerationRequest, create_backend
 
 FILLER_Q = "Tell me more about the history of the city and the people who lived there."
 FILLER_A = ("The city grew around a river port. Merchants traded wool, salt and timber, and the "
@@ -48,6 +48,7 @@ FILLER_A = ("The city grew around a river port. Merchants traded wool, salt and 
 SHORT_CHAT = ["Hello! What is a good name for a cat?", "Why that one?", "And for a dog?"]
 QUESTION = {"role": "user", "content": "And the river?"}
 TARGET = 1.5  # resume TTFT with restore <= 1.5x a warm in-process turn
+SMOKE_CODECS: set[str] = set()  # --smoke: one fast codec of each kind (lzma-6 alone takes seconds)
 
 
 def codecs() -> dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]]:
@@ -73,14 +74,14 @@ def codecs() -> dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes], byte
     return out
 
 
-def long_history(backend: LlamaCppBackend, tokens: int) -> list[dict[str, str]]:
+def long_history(backend: Backend, tokens: int) -> list[dict[str, str]]:
     messages: list[dict[str, str]] = []
     while backend.count_tokens(messages) < tokens:
         messages += [{"role": "user", "content": FILLER_Q}, {"role": "assistant", "content": FILLER_A * 2}]
     return messages
 
 
-def short_chat_file(backend: LlamaCppBackend, root: Path) -> tuple[Path, list[dict[str, str]]]:
+def short_chat_file(backend: Backend, root: Path) -> tuple[Path, list[dict[str, str]]]:
     """A real session of three turns; its .kv file as the session saved it on close."""
     with ConversationSession(backend=backend, sessions_dir=root, timeout=None, max_tokens=48,
                              temperature=0) as s:
@@ -95,7 +96,7 @@ def short_chat_file(backend: LlamaCppBackend, root: Path) -> tuple[Path, list[di
     return path, messages
 
 
-def long_file(backend: LlamaCppBackend, root: Path, tokens: int) -> tuple[Path, list[dict[str, str]]]:
+def long_file(backend: Backend, root: Path, tokens: int) -> tuple[Path, list[dict[str, str]]]:
     messages = long_history(backend, tokens)
     key = object()
     t0 = time.perf_counter()
@@ -110,7 +111,7 @@ def long_file(backend: LlamaCppBackend, root: Path, tokens: int) -> tuple[Path, 
     return path, messages
 
 
-def first_token_s(backend: LlamaCppBackend, messages: list[dict[str, str]], key: object) -> float:
+def first_token_s(backend: Backend, messages: list[dict[str, str]], key: object) -> float:
     request = GenerationRequest(messages=[*messages, QUESTION], max_tokens=1, temperature=0,  # type: ignore[list-item]
                                 cache_key=key)
     t0 = time.perf_counter()
@@ -125,7 +126,7 @@ def read_s(path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def measure(backend: LlamaCppBackend, label: str, path: Path, messages: list[dict[str, str]],
+def measure(backend: Backend, label: str, path: Path, messages: list[dict[str, str]],
             reps: int) -> list[dict[str, object]]:
     raw = path.read_bytes()
     restore, warm, read_raw = [], [], []
@@ -147,6 +148,8 @@ def measure(backend: LlamaCppBackend, label: str, path: Path, messages: list[dic
                                       "decompress_s": 0.0, "read_compressed_s": base["read_s"]}]
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         for name, (compress, decompress) in codecs().items():
+            if SMOKE_CODECS and name not in SMOKE_CODECS:
+                continue
             comp_t, dec_t, read_c = [], [], []
             packed = b""
             for _ in range(reps):
@@ -179,10 +182,14 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the library's)")
     p.add_argument("--long-tokens", type=int, default=4000)
+    p.add_argument("--smoke", action="store_true", help="1 repetition, a ~300-token long file: proves the script runs")
     a = p.parse_args()
+    if a.smoke:
+        a.reps, a.long_tokens = 1, 300
+        SMOKE_CODECS.update({"zlib-1", "lzma-0", "zstd-1", "lz4"})
     started = time.perf_counter()
     load0 = os.getloadavg()[0]
-    backend = LlamaCppBackend(n_threads=a.threads)
+    backend = create_backend("llama-cpp", n_threads=a.threads)
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
