@@ -8,6 +8,7 @@ git revision to compare with.
 
     .venv/bin/python bench/bench_listing.py                 # 300 x 1,000 and 100 x 100
     .venv/bin/python bench/bench_listing.py --old 75be06a   # also the store before the cache
+    .venv/bin/python bench/bench_listing.py --smoke         # 5 x 10 and 10 x 20, once: proves it runs
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ sys.path.insert(0, {str(src)!r})
 sys.path.insert(0, {str(ROOT / 'bench')!r})
 from pathlib import Path
 from bench_listing import build, timed
-from conversation_session.stores._file import HistoryStore
+from conversation_session import HistoryStore
 base = Path(sys.argv[1])
 build(base / "s", {sessions}, {messages})
 store = HistoryStore(base / "s")
@@ -83,7 +84,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", help="a git revision whose store to compare with (its src/ is exported to a temp dir)")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true", help="5 x 10 and 10 x 20 sessions, once: proves the script runs")
     args = ap.parse_args()
+    sizes = ((5, 10), (10, 20)) if args.smoke else ((100, 100), (300, 1000))
+    if args.smoke:
+        args.repeat = 1
     sources = {"this tree": ROOT / "src"}
     tmp_old = None
     if args.old:
@@ -93,7 +98,7 @@ def main() -> None:
         sources[f"old ({args.old})"] = Path(tmp_old.name) / "src"
     print(f"list_sessions(), median of {args.repeat}, {os.cpu_count()} CPU(s)")
     print(f"{'store':<18} {'sessions x messages':>20} {'first (no cache)':>17} {'warm':>10} {'one changed':>12}")
-    for sessions, messages in ((100, 100), (300, 1000)):
+    for sessions, messages in sizes:
         for name, src in sources.items():
             r = measure(src, sessions, messages, args.repeat)
             print(f"{name:<18} {f'{sessions} x {messages:,}':>20} {r['cold'] * 1000:>14.1f} ms "

@@ -14,6 +14,7 @@ before measuring).  Then, for ``--rounds`` rounds, each key in turn gets a new ~
 Target: switch <= 1.5 x warm.
 
     .venv/bin/python bench/bench_multisession.py [--sessions 8] [--history-tokens 1000] [--rounds 3]
+    .venv/bin/python bench/bench_multisession.py --smoke    # 2 sessions of ~150 tokens, 1 round: proves it runs
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ import os
 import statistics
 import time
 
-from conversation_session.backends import CancelToken, GenerationRequest
-from conversation_session.backends._llama_cpp import LlamaCppBackend
+from conversation_session.backends import Backend, CancelToken, GenerationRequest, create_backend
 
 TOPICS = ["tea", "trains", "volcanoes", "jazz", "chess", "gardening", "rockets", "bread", "whales", "castles"]
 
 
-def history_for(backend: LlamaCppBackend, topic: str, target: int) -> list[dict[str, str]]:
+def history_for(backend: Backend, topic: str, target: int) -> list[dict[str, str]]:
     messages: list[dict[str, str]] = [{"role": "system", "content": f"You are an expert on {topic}."}]
     i = 0
     while backend.count_tokens(messages) < target:
@@ -41,7 +41,7 @@ def history_for(backend: LlamaCppBackend, topic: str, target: int) -> list[dict[
     return messages
 
 
-def first_token(backend: LlamaCppBackend, key: str, messages: list[dict[str, str]], text: str,
+def first_token(backend: Backend, key: str, messages: list[dict[str, str]], text: str,
                 max_tokens: int) -> tuple[float, GenerationRequest]:
     messages.append({"role": "user", "content": text})
     request = GenerationRequest(messages=list(messages), max_tokens=max_tokens, temperature=0, cache_key=key)
@@ -63,9 +63,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--n-threads", type=int, default=None)
+    parser.add_argument("--smoke", action="store_true", help="2 sessions of ~150 tokens, 1 round: proves it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.sessions, args.history_tokens, args.rounds = 2, 150, 1
 
-    backend = LlamaCppBackend(n_threads=args.n_threads)
+    backend = create_backend("llama-cpp", n_threads=args.n_threads)
     keys = [f"s{i}" for i in range(args.sessions)]
     histories = {k: history_for(backend, TOPICS[i % len(TOPICS)], args.history_tokens) for i, k in enumerate(keys)}
     t0 = time.perf_counter()
@@ -104,7 +107,6 @@ def main() -> None:
         print(f"| {name} | {med(values):.3f} | {p90:.3f} | {med(values) / med(warm):.2f} |")
     print()
     print(f"share of the prompt served from the session's own cells after a switch: median {med(cached):.1%}")
-    print(f"switches: {backend._model.switches}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ before the worker died), so a retry never duplicates a turn; a 409 is retried af
     .venv/bin/python bench/bench_service.py              # PostgreSQL if its binaries are installed
     .venv/bin/python bench/bench_service.py --store file # the file store
     .venv/bin/python bench/bench_service.py --clients 50 --turns 10
+    .venv/bin/python bench/bench_service.py --smoke      # 8 clients x 5 turns, 2 workers: proves it runs
 
 Loopback only; the whole run is bounded by ``--deadline`` seconds.
 """
@@ -55,17 +56,21 @@ def pct(values: list[float], q: float) -> float:
 
 
 # -- the library in-process: the baseline ---------------------------------------------------------------
-async def library_serial(store_spec: str, turns: int) -> list[float]:
+async def library_serial(store_spec: str, turns: int, piece_delay: float = 0.0) -> list[float]:
     """One client, one turn at a time: the per-turn cost without queueing."""
-    return await library_run(store_spec, 1, turns)
+    return await library_run(store_spec, 1, turns, piece_delay)
 
 
-async def library_run(store_spec: str, clients: int, turns: int) -> list[float]:
-    from conversation_session import AsyncConversationSession, FakeBackend
-    from conversation_session.session._core import open_store
+async def library_run(store_spec: str, clients: int, turns: int, piece_delay: float = 0.0) -> list[float]:
+    from conversation_session import AsyncConversationSession, FakeBackend, HistoryStore, StoreAPI
 
-    store = open_store(store_spec if "://" in store_spec else None, None if "://" in store_spec else store_spec)
-    backend = FakeBackend()
+    if "://" in store_spec:
+        from conversation_session import PostgresStore
+
+        store: StoreAPI = PostgresStore.from_url(store_spec)
+    else:
+        store = HistoryStore(store_spec)
+    backend = FakeBackend(piece_delay=piece_delay)
     latencies: list[float] = []
 
     async def client(i: int) -> None:
@@ -235,7 +240,13 @@ def main() -> int:
     p.add_argument("--keep-open", default=None, help="passed to the service (default: its own)")
     p.add_argument("--serial-turns", type=int, default=200, help="turns of the one-client phase")
     p.add_argument("--deadline", type=float, default=600.0, help="bound on the service run (seconds)")
+    p.add_argument("--fake-delay", type=float, default=0.0, help="seconds per reply piece (service and library)")
+    p.add_argument("--smoke", action="store_true",
+                   help="8 clients x 5 turns through 2 workers, 5 ms per piece (so the kill lands mid-run)")
     args = p.parse_args()
+    if args.smoke:
+        args.clients, args.turns, args.workers, args.serial_turns = 8, 5, 2, 5
+        args.fake_delay, args.deadline = 0.005, 120.0
 
     from pg_server import PgServer, find_pg_bin
 
@@ -257,13 +268,15 @@ def main() -> int:
             lib_store = str(tmp / "lib-sessions")
             store_args = ["--sessions-dir", str(tmp / "svc-sessions")]
             kind = "file store"
+        if args.fake_delay:
+            store_args += ["--fake-delay", str(args.fake_delay)]
         if args.keep_open is not None:
             store_args += ["--keep-open", args.keep_open]
         print(f"store: {kind}; {args.clients} clients x {args.turns} turns; {args.workers} workers; "
               f"keep-open {args.keep_open or 'default'}", flush=True)
-        lib_serial = asyncio.run(library_serial(lib_store, args.serial_turns))
+        lib_serial = asyncio.run(library_serial(lib_store, args.serial_turns, args.fake_delay))
         t0 = time.monotonic()
-        lib = asyncio.run(library_run(lib_store, args.clients, args.turns))
+        lib = asyncio.run(library_run(lib_store, args.clients, args.turns, args.fake_delay))
         lib_wall = time.monotonic() - t0
         print(f"library in-process: {len(lib)} turns in {lib_wall:.1f} s", flush=True)
         run = asyncio.run(service_run(store_args, args.clients, args.turns, args.workers, args.kill_at,

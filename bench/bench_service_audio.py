@@ -9,6 +9,7 @@ A real server (``--tts``, espeak-ng, FakeBackend streaming a 6-sentence reply wi
 
     .venv/bin/python bench/bench_service_audio.py
     .venv/bin/python bench/bench_service_audio.py --clients 8 --turns 5 --fake-delay 0.02
+    .venv/bin/python bench/bench_service_audio.py --smoke     # 2 clients x 1 turn: proves it runs
 
 Loopback only.
 """
@@ -100,7 +101,10 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--turns", type=int, default=5)
     p.add_argument("--fake-delay", type=float, default=0.02, help="seconds per streamed piece")
+    p.add_argument("--smoke", action="store_true", help="2 clients x 1 turn: proves the script runs")
     args = p.parse_args()
+    if args.smoke:
+        args.clients, args.turns = 2, 1
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,6 +7,7 @@ first-token time (prompt of ~250 tokens) and generation speed.  The busy process
 ``while True: pass`` loops, i.e. another program using a core.
 
     .venv/bin/python bench/bench_threads.py [--reps 3] [--max-tokens 128]
+    .venv/bin/python bench/bench_threads.py --smoke    # 1 thread, 8 tokens, once: proves it runs
 
 Prints a Markdown table; the default ``n_threads`` (``default_n_threads()``) is chosen from it.
 """
@@ -23,10 +24,9 @@ import time
 
 CHILD = r"""
 import json, sys, time
-from conversation_session.backends import GenerationRequest
-from conversation_session.backends._llama_cpp import LlamaCppBackend
+from conversation_session.backends import GenerationRequest, create_backend
 n_threads, reps, max_tokens = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-backend = LlamaCppBackend(n_threads=n_threads)
+backend = create_backend("llama-cpp", n_threads=n_threads)
 prompt = ("You are a careful assistant. Here are some notes about the history of computing: " * 12
           + "Summarise them in a long answer.")
 out = []
@@ -65,9 +65,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--smoke", action="store_true",
+                        help="1 thread only, 1 repetition of 8 tokens, with and without a busy process: proves it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.reps, args.max_tokens = 1, 8
     cores = len(os.sched_getaffinity(0))
-    counts = sorted({1, 2, cores})
+    counts = [1] if args.smoke else sorted({1, 2, cores})
     print(f"{cores} cores; load average before: {os.getloadavg()[0]:.2f}\n")
     print("| n_threads | busy processes | first token (s), median | tok/s, median | tok/s, min |")
     print("|---|---|---|---|---|")

@@ -4,6 +4,7 @@ Run by hand (needs espeak-ng)::
 
     .venv/bin/python bench/bench_tts.py               # 5 repetitions, replies streamed at 25 pieces/s
     .venv/bin/python bench/bench_tts.py --reps 9 --rate 10
+    .venv/bin/python bench/bench_tts.py --smoke      # 2 sentences each, once: proves it runs
 
 Each reply is streamed the way a model writes it (English a word per piece, Chinese two
 characters per piece) at ``--rate`` pieces per second, and also handed over complete at once
@@ -16,6 +17,7 @@ Markdown table of medians.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
@@ -99,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5, help="repetitions per case (median reported)")
     parser.add_argument("--rate", type=float, default=25.0, help="streamed pieces per second (a model's speed)")
+    parser.add_argument("--smoke", action="store_true", help="the first 2 sentences of each reply, once, at 100 "
+                        "pieces/s: proves the script runs")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.reps, args.rate = 1, 100.0
     if not EspeakEngine.available():
         print("espeak-ng is not installed: sudo apt-get install espeak-ng", file=sys.stderr)
         return 1
@@ -107,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_tts_") as tmp:
         for name, text, lang in (("English", ENGLISH, "en"), ("Chinese", CHINESE, "cmn")):
+            if args.smoke:
+                text = "".join(re.findall(r".+?[.!?。！？]\s*", text)[:2])
             parts = pieces(text, lang)
             for label, interval in ((f"{args.rate:g} pieces/s", 1 / args.rate), ("instant", 0.0)):
                 for mode in ("streaming", "whole reply"):

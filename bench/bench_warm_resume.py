@@ -11,6 +11,9 @@ restored history is not in it (as after a server restart or another user's reque
 * warm, no pause: the first message is sent at once; the turn waits for the warm-up.
 
 Run by hand:  .venv/bin/python bench/bench_warm_resume.py [--trials 3] [--pause 2] [--threads 1]
+              .venv/bin/python bench/bench_warm_resume.py --smoke   # 3 turns, 1 trial: proves it runs
+
+Needs llama-cpp-python's server (``pip install 'llama-cpp-python[server]'``, in the dev extras).
 """
 
 from __future__ import annotations
@@ -28,15 +31,11 @@ from pathlib import Path
 import httpx
 
 from conversation_session import ConversationSession, FakeBackend
+from conversation_session.backends import Backend, create_backend
 from conversation_session.backends._llama_cpp import bundled_model_path
-from conversation_session.backends._openai import OpenAIBackend
 
 TOPICS = ["the tides", "bread baking", "the history of the bicycle", "how bees find flowers",
           "learning the cello", "volcanic islands", "winter gardening", "old lighthouses"]
-
-
-class ColdOpenAIBackend(OpenAIBackend):
-    can_warm = False
 
 
 def free_port() -> int:
@@ -64,11 +63,11 @@ def start_server(port: int, threads: int) -> subprocess.Popen[bytes]:
     raise SystemExit("llama_cpp.server did not start")
 
 
-def make_history(directory: Path) -> str:
+def make_history(directory: Path, topics: list[str]) -> str:
     """A saved session of about 1,000 tokens (written with the fake backend: no model needed)."""
     fake = FakeBackend()
     with ConversationSession(backend=fake, sessions_dir=directory) as s:
-        for topic in TOPICS:
+        for topic in topics:
             question = (f"Tell me about {topic}. I would like to know how it works, why it matters, what "
                         f"people usually get wrong about it, and one surprising fact about {topic}.")
             answer = (f"{topic.capitalize()} is a subject with a long story. In short, it depends on a few "
@@ -92,7 +91,9 @@ def trial(url: str, template: Path, session_id: str, *, warm: bool, pause: float
         sessions = Path(tmp) / "sessions"
         shutil.copytree(template, sessions)
         evict(url)
-        backend = (OpenAIBackend if warm else ColdOpenAIBackend)(None, base_url=url, context_length=4096)
+        backend: Backend = create_backend("openai", base_url=url, context_length=4096)
+        if not warm:
+            backend.can_warm = False  # type: ignore[misc]  # this one backend never warms up
         with ConversationSession(backend=backend, sessions_dir=sessions, max_tokens=8, temperature=0,
                                  timeout=120) as s:
             assert s.load_history(session_id)
@@ -109,7 +110,12 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=2.0, help="seconds the user 'types' (default 2)")
     parser.add_argument("--threads", type=int, default=1,
                         help="server threads (default 1: llama.cpp's spinning threads suffer on a shared machine)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a 3-turn conversation, one trial, pause 0.5 s: proves the script runs")
     args = parser.parse_args()
+    topics = TOPICS[:3] if args.smoke else TOPICS
+    if args.smoke:
+        args.trials, args.pause = 1, 0.5
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -117,7 +123,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             template = Path(tmp) / "sessions"
-            session_id = make_history(template)
+            session_id = make_history(template, topics)
             cases = {"cold (no warm-up)": (False, args.pause), "warm": (True, args.pause),
                      "warm, no pause": (True, 0.0)}
             ttfts: dict[str, list[float]] = {name: [] for name in cases}
@@ -133,7 +139,7 @@ def main() -> None:
         proc.wait(10)
 
     cold = statistics.median(ttfts["cold (no warm-up)"])
-    print(f"\nFirst turn after load_history() of a {len(TOPICS)}-turn conversation "
+    print(f"\nFirst turn after load_history() of a {len(topics)}-turn conversation "
           f"({warm_stats[0].get('warmup_prompt_tokens')} prompt tokens as the server counts them), "
           f"llama_cpp.server with SmolLM2-135M-Instruct Q4_1, {args.threads} thread(s), "
           f"{args.trials} trials, pause {args.pause:g} s:\n")

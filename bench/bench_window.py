@@ -22,7 +22,8 @@ its tokenizer; ``max_tokens=1`` so the model's own time stays small), and ``Fake
 4,096-word window (exact counts, no model).  The OpenAI-compatible backend fits the window with
 the same estimate as Ollama, so its figures match Ollama's (its server is not started here).
 
-Run:  .venv/bin/python bench/bench_window.py [--quick]
+Run:  .venv/bin/python bench/bench_window.py [--quick]    # ~10 minutes on 2 cores (--quick: ~4)
+      .venv/bin/python bench/bench_window.py --smoke      # 10 and 60 messages, 2 resumes, 2 turns
 """
 
 from __future__ import annotations
@@ -121,9 +122,11 @@ def measure(make_backend, n: int, folder: Path, resumes: int, turns: int) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true",
+                    help="10 and 60 messages, 2 resumes, 2 turns, embedded n_ctx 1024: proves it runs")
     args = ap.parse_args()
-    sizes = [10, 100, 1000, 5000]
-    resumes, turns = (5, 10) if args.quick else (15, 30)
+    sizes = [10, 60] if args.smoke else [10, 100, 1000, 5000]
+    resumes, turns = (2, 2) if args.smoke else (5, 10) if args.quick else (15, 30)
     from ollama_api_server import OllamaAPIServer
 
     server = OllamaAPIServer().start()
@@ -135,7 +138,8 @@ def main() -> None:
     try:
         import llama_cpp  # noqa: F401
 
-        contenders.append(("embedded, n_ctx 2048", lambda: _embedded()))
+        n_ctx = 1024 if args.smoke else 2048  # smoke: half the prefill once the window is full
+        contenders.append((f"embedded, n_ctx {n_ctx}", lambda: _embedded(n_ctx)))
     except ImportError:
         print("(embedded model not installed: skipped)")
     print(f"{'backend':<26}{'messages':>9}{'load p50':>10}{'load p99':>10}{'turn p50':>10}{'turn p99':>10}"
@@ -152,20 +156,20 @@ def main() -> None:
 
 
 def _ollama(url: str) -> Backend:
-    from conversation_session.backends._ollama import OllamaBackend
+    from conversation_session.backends import create_backend
 
-    return OllamaBackend(base_url=url, num_ctx=4096)
+    return create_backend("ollama", base_url=url, num_ctx=4096)
 
 
 _EMBEDDED: Backend | None = None
 
 
-def _embedded() -> Backend:
+def _embedded(n_ctx: int) -> Backend:
     global _EMBEDDED
     if _EMBEDDED is None:
-        from conversation_session.backends._llama_cpp import LlamaCppBackend
+        from conversation_session.backends import create_backend
 
-        _EMBEDDED = LlamaCppBackend(n_ctx=2048)
+        _EMBEDDED = create_backend("llama-cpp", n_ctx=n_ctx)
     return _EMBEDDED
 
 
