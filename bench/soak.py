@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/soak.py                          # 4 processes x 200 turns
     .venv/bin/python bench/soak.py --workers 8 --turns 500 --max-seconds 600
+    .venv/bin/python bench/soak.py --smoke       # 2 processes x 80 turns, a few kills: proves it runs
 
 Each worker chats in its own session in one shared sessions folder and, after every
 ``chat()`` returns, appends the turn number to its acknowledgement file.  The parent kills a
@@ -9,7 +10,8 @@ random worker every few hundred milliseconds; after each kill it checks the sess
 (every acknowledged turn must be there, in order, with nothing duplicated), then restarts the
 worker, which resumes its session and carries on.  At the end it prints a Markdown table:
 turns acknowledged, turns on disk, lost (must be 0) and corrupt (must be 0), and runs the
-doctor over the folder.  Exit status 0 only if nothing was lost or corrupt.
+doctor over the folder (the ``doctor`` command, as a user would).  Exit status 0 only if nothing
+was lost or corrupt.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,11 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conversation_session import ConversationSession, FakeBackend, HistoryStore, SessionError
-from conversation_session.stores._fileio import atomic_write_bytes
-from conversation_session.stores._housekeeping import doctor
 
 
 # -- worker ----------------------------------------------------------------------------------------
+def write_whole(path: Path, data: bytes) -> None:
+    """``path`` holds ``data`` or what it held before, whenever the process is killed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def user_text(worker: int, turn: int) -> str:
     return f"w{worker} t{turn}"
 
@@ -52,7 +60,7 @@ def run_worker(root: Path, worker: int, turns: int, piece_delay: float) -> int:
                 print(f"worker {worker}: turn {turn} not saved", file=sys.stderr)
                 return 4
             if not known:
-                atomic_write_bytes(id_file, s.session_id.encode())
+                write_whole(id_file, s.session_id.encode())
                 known = True
             os.write(ack_fd, f"{turn}\n".encode())  # acknowledged: chat() has returned
             turn += 1
@@ -127,6 +135,16 @@ def start(w: Worker, root: Path, args: argparse.Namespace) -> None:
         )
 
 
+def run_doctor(sessions: Path) -> list[str]:
+    """The ``doctor`` command over ``sessions``: the lines it reports (none when all is well)."""
+    proc = subprocess.run([sys.executable, "-m", "conversation_session", "doctor", "--sessions-dir", str(sessions)],
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.strip() and not line.startswith("no problems in")]
+    if proc.returncode not in (0, 1) or (proc.returncode == 1 and not lines):
+        lines.append(f"doctor exited with {proc.returncode}: {proc.stderr.strip()[-300:]}")
+    return lines
+
+
 def run_parent(args: argparse.Namespace) -> int:
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="soak-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -175,7 +193,7 @@ def run_parent(args: argparse.Namespace) -> int:
         a, d = check(root, w.index, tally)
         acked += a
         on_disk += d
-    problems = doctor(HistoryStore(root / "sessions"))
+    problems = run_doctor(root / "sessions")
     failures = [f"worker {w.index}: {f}" for w in workers for f in w.failures]
 
     print(f"\nSoak: {args.workers} processes x {args.turns} turns, FakeBackend(piece_delay={args.piece_delay:g}), "
@@ -188,10 +206,13 @@ def run_parent(args: argparse.Namespace) -> int:
           f"| {elapsed:.0f} s |")
     for note in tally.notes + failures:
         print(f"\n- {note}", end="")
-    for p in problems:
-        print(f"\n- doctor: {p.kind} {p.path.name}: {p.detail}", end="")
+    for problem in problems:
+        print(f"\n- doctor: {problem}", end="")
     print()
-    return 0 if tally.lost == 0 and tally.corrupt == 0 and all(w.done for w in workers) else 1
+    ok = tally.lost == 0 and tally.corrupt == 0 and all(w.done for w in workers)
+    if ok and args.smoke and not args.dir:
+        shutil.rmtree(root, ignore_errors=True)  # a passing smoke run leaves nothing behind
+    return 0 if ok else 1
 
 
 def main() -> int:
@@ -205,7 +226,13 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dir", default=None, help="work folder (default: a new temporary one, kept)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true",
+                   help="2 processes x 80 turns, a kill every 0.2-0.5 s, seed 1: proves the script runs")
     args = p.parse_args()
+    if args.smoke and args.worker is None:
+        args.workers, args.turns, args.kill_min, args.kill_max = 2, 80, 0.2, 0.5
+        args.max_seconds, args.piece_delay = 90.0, 0.005
+        args.seed = 1 if args.seed is None else args.seed
     if args.worker is not None:
         return run_worker(Path(args.dir), args.worker, args.turns, args.piece_delay)
     return run_parent(args)
