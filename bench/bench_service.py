@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -309,6 +310,8 @@ def main() -> int:
         print(json.dumps(report, indent=2))
         ok = run["lost"] == 0 and run["duplicated"] == 0 and run["disordered"] == 0 and bool(run["killed"])
         print("OK: no turn lost, duplicated or reordered" if ok else "FAILED", flush=True)
+        if ok and args.smoke:
+            shutil.rmtree(tmp, ignore_errors=True)  # a passing smoke run leaves nothing behind
         return 0 if ok else 1
     finally:
         if pg is not None:

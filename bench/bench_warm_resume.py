@@ -19,6 +19,7 @@ Needs llama-cpp-python's server (``pip install 'llama-cpp-python[server]'``, in 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import socket
 import statistics
@@ -117,6 +118,9 @@ def main() -> None:
     if args.smoke:
         args.trials, args.pause = 1, 0.5
 
+    if importlib.util.find_spec("llama_cpp.server") is None or importlib.util.find_spec("uvicorn") is None:
+        print("llama-cpp-python's server is not installed (pip install 'llama-cpp-python[server]'): skipped")
+        sys.exit(0 if args.smoke else 1)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(port, args.threads)
