@@ -18,7 +18,7 @@ Part 2 (``--ollama URL --model NAME``): a small LoCoMo-style harness for a user 
     scored by token F1 against the gold answer (the way LoCoMo scores), for ``trim``,
     ``summary`` and full context (a window large enough to hold everything).
 
-Run:  .venv/bin/python bench/bench_memory.py [--turns 300]      # ~15 minutes on 2 cores
+Run:  .venv/bin/python bench/bench_memory.py [--turns 300]      # ~30 minutes on 2 cores
       .venv/bin/python bench/bench_memory.py --smoke             # 9 turns in a 384-token window: proves it runs
       .venv/bin/python bench/bench_memory.py --ollama http://127.0.0.1:11434 --model qwen2.5:3b
 """
