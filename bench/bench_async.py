@@ -32,15 +32,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from conversation_session import AsyncConversationSession, FakeBackend  # noqa: E402
-from conversation_session.session import _turn  # noqa: E402
+from conversation_session import AsyncConversationSession, FakeBackend, Turn  # noqa: E402
 
 OVERHEADS: list[float] = []
 
 
 def _instrument() -> None:
-    """Time every synchronous step of a turn, per turn."""
-    steps = _turn._TurnSteps
+    """Time every synchronous step of a turn, per turn.  The steps are private (``_TurnSteps``,
+    beside the public ``Turn``): found through ``Turn``'s module, which follows the package's
+    moves, and a clear error if they are gone."""
+    steps = getattr(sys.modules[Turn.__module__], "_TurnSteps", None)
+    if steps is None or not all(hasattr(steps, m) for m in ("accept", "complete")):
+        raise SystemExit(f"{Turn.__module__} has no _TurnSteps.accept/complete any more: "
+                         "bench_async.py's instrumentation must follow the turn's steps")
     init, accept, complete = steps.__init__, steps.accept, steps.complete
 
     def timed_init(self, *a, **k):  # type: ignore[no-untyped-def]
