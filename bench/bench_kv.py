@@ -140,13 +140,14 @@ def reuse_question(i: int) -> str:
     return f"Question {i + 1}: tell me something about the number {i + 1}."
 
 
-def bench_reuse(backend, sessions, turns=20):
+def bench_reuse(backend, sessions, turns=20, max_tokens=32):
     """Tokens computed per turn: a session (its KV cells kept between turns) against the same
     conversation sent to the backend with a new cache key every turn (nothing reused: what a
     tool that re-sends the history to a fresh context pays)."""
     per_turn = []
     with ConversationSession(
-        backend=backend, timeout=None, sessions_dir=sessions, max_tokens=32, temperature=0, persist_kv_cache=False
+        backend=backend, timeout=None, sessions_dir=sessions, max_tokens=max_tokens, temperature=0,
+        persist_kv_cache=False,
     ) as s:
         for i in range(turns):
             first, r = ttft(s, reuse_question(i))
@@ -160,7 +161,7 @@ def bench_reuse(backend, sessions, turns=20):
         key = object()  # a key the model has never seen: every prompt token is computed
         request = GenerationRequest(
             messages=[*messages, {"role": "user", "content": reuse_question(i)}],  # type: ignore[list-item]
-            max_tokens=32, temperature=0, cancel=CancelToken(), cache_key=key,
+            max_tokens=max_tokens, temperature=0, cancel=CancelToken(), cache_key=key,
         )
         t0 = time.perf_counter()
         first_s: float | None = None
@@ -216,7 +217,7 @@ def bench_timeout(backend, root, reps, tokens=1000):
     return {"history_tokens": tokens, "recover_s": statistics.median(recover), "fresh_s": statistics.median(fresh)}
 
 
-def bench_overhead(backend, sessions, turns, reps):
+def bench_overhead(backend, sessions, turns, reps, max_tokens=24):
     prompts = [f"Give me a short fact number {i}." for i in range(turns)]
     direct_t, session_t, session_kv_t = [], [], []
     for _ in range(reps):
@@ -225,13 +226,14 @@ def bench_overhead(backend, sessions, turns, reps):
         t0 = time.perf_counter()
         for p in prompts:
             req = GenerationRequest(
-                messages=[*messages, {"role": "user", "content": p}], max_tokens=24, temperature=0, cancel=CancelToken()
+                messages=[*messages, {"role": "user", "content": p}], max_tokens=max_tokens, temperature=0,
+                cancel=CancelToken(),
             )
             reply = "".join(backend.generate(req))
             messages += [{"role": "user", "content": p}, {"role": "assistant", "content": reply}]
         direct_t.append(time.perf_counter() - t0)
         for persist, bucket in ((False, session_t), (True, session_kv_t)):
-            with bench_session(backend, sessions, max_tokens=24, persist_kv_cache=persist) as s:
+            with bench_session(backend, sessions, max_tokens=max_tokens, persist_kv_cache=persist) as s:
                 t0 = time.perf_counter()
                 for p in prompts:
                     s.chat(p)
@@ -288,13 +290,20 @@ def main() -> None:
     lengths = [60] if args.smoke else [250, 500, 1000, 2000]
     reuse_turns, overhead_turns = (3, 2) if args.smoke else (20, 8)
     timeout_tokens = 60 if args.smoke else 1000
+    reply_tokens = 8 if args.smoke else 24
     backend = create_backend("llama-cpp")
     with tempfile.TemporaryDirectory() as tmp:
         sessions = Path(tmp)
+        t0 = time.perf_counter()
         resume = bench_resume(backend, lengths, reps, sessions)
-        reuse = bench_reuse(backend, sessions, reuse_turns)
+        t1 = time.perf_counter()
+        reuse = bench_reuse(backend, sessions, reuse_turns, reply_tokens + 8)
+        t2 = time.perf_counter()
         timeout = bench_timeout(backend, sessions, 1 if args.smoke else max(2, reps // 2), timeout_tokens)
-        overhead = bench_overhead(backend, sessions, overhead_turns, reps + (0 if args.smoke else 1))
+        t3 = time.perf_counter()
+        overhead = bench_overhead(backend, sessions, overhead_turns, reps + (0 if args.smoke else 1), reply_tokens)
+        print(f"  took: resume {t1 - t0:.0f} s, reuse {t2 - t1:.0f} s, timeout {t3 - t2:.0f} s, "
+              f"overhead {time.perf_counter() - t3:.0f} s", file=sys.stderr)
     if not args.smoke:  # a smoke run's figures mean nothing: keep the last real ones
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "kv.json").write_text(
@@ -333,7 +342,7 @@ def main() -> None:
         f"| {timeout['recover_s'] * 1000:.0f} ms | {timeout['fresh_s'] * 1000:.0f} ms "
         f"| {timeout['fresh_s'] / timeout['recover_s']:.1f}x faster |"
     )
-    print(f"\n### 4. Session-layer overhead ({overhead_turns} turns, 24 tokens each, greedy)\n")
+    print(f"\n### 4. Session-layer overhead ({overhead_turns} turns, {reply_tokens} tokens each, greedy)\n")
     print("| backend directly | chat(), no KV file | chat(), KV file saved | overhead | overhead with KV file |")
     print("|---:|---:|---:|---:|---:|")
     print(
