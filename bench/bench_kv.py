@@ -1,6 +1,6 @@
 """KV-cache benchmarks for the embedded model (run by hand; results go into BENCHMARKS.md).
 
-    .venv/bin/python bench/bench_kv.py            # all four, ~5 minutes on 2 cores
+    .venv/bin/python bench/bench_kv.py            # all four, 6-13 minutes on 2 shared cores
     .venv/bin/python bench/bench_kv.py --quick    # fewer repetitions
     .venv/bin/python bench/bench_kv.py --smoke    # tiny sizes, ~15 s: proves it runs (CI does)
     (plots need matplotlib: .venv/bin/pip install matplotlib)

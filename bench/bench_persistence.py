@@ -13,7 +13,7 @@ Setup (once; a separate venv, so LangChain never becomes a dependency of the pro
 The project itself is NOT installed in that venv: this script puts ``<repo>/src`` first on
 ``sys.path``, so it always measures the working tree (its only runtime need here is httpx).
 
-Run (about 5 minutes on 2 shared cores; ``--quick`` for a ~1 minute run)::
+Run (4-6 minutes on 2 shared cores; ``--quick`` for a ~1 minute run)::
 
     bench/.venv/bin/python bench/bench_persistence.py
     bench/.venv/bin/python bench/bench_persistence.py --quick --no-plot
