@@ -3,6 +3,7 @@
 Run by hand (a minute or two on 2 shared cores; needs strace)::
 
     PYTHONPATH=src /work/main/.venv/bin/python bench/bench_crash_states.py [--load-turns 12] [--runs 5]
+    .venv/bin/python bench/bench_crash_states.py --smoke    # 1 run, 2 turns under load: proves it runs
 
 Each run records the driver under strace (a real session: appends, title, retry, undo, explicit
 snapshots, ``--load-turns`` back-to-back turns with the journal cut under load, close, resume,
@@ -19,6 +20,7 @@ acknowledged operation (power: must be 0) and the failures (must be 0).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -34,7 +36,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--load-turns", type=int, default=12)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true", help="1 run of each, 2 turns under load: proves the script runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.runs, args.load_turns = 1, 2
+    if shutil.which("strace") is None:
+        print("strace is not installed (Debian package 'strace'): skipped")
+        return 0 if args.smoke else 1
     bad = 0
     print("| level | runs | crash points | distinct states explored | (crash point, state) pairs missing an "
           "acknowledged operation | failures | seconds |")

@@ -1,8 +1,9 @@
 """What each durability level costs per turn, with 1, 10 and 100 sessions committing at once.
 
-Run by hand, never in the test suite (about a minute on 2 shared cores)::
+Run by hand (about a minute on 2 shared cores; the test suite runs only ``--smoke``)::
 
     PYTHONPATH=src /work/main/.venv/bin/python bench/bench_durability.py [--rounds 30] [--dir PATH]
+    .venv/bin/python bench/bench_durability.py --smoke     # 3 rounds, 1 and 10 sessions, once: proves it runs
 
 Each of N threads owns one open session of one ``HistoryStore`` in a folder on the disk under
 test (default: ``bench/.durability`` on the repository's filesystem, never /tmp, which may be a
@@ -102,17 +103,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--dir", type=Path, default=ROOT / "bench" / ".durability")
+    ap.add_argument("--smoke", action="store_true", help="3 rounds, 1 and 10 sessions, once: proves the script runs")
     args = ap.parse_args()
+    sizes, repeats = ((1, 10), 1) if args.smoke else ((1, 10, 100), 2)
+    if args.smoke:
+        args.rounds = 3
     variants: list[tuple[str, str, bool | str]] = [
                 ("process", "process", True), ("power", "power", True),
                 ("power, batch flushed file by file", "power", "each"),
                 ("power, no group commit", "power", False)]
     results: dict[tuple[int, str], list[dict[str, float]]] = {}
-    for _repeat in range(2):  # interleaved twice: a noisy neighbour hits every variant alike
-        for n in (1, 10, 100):
+    for _repeat in range(repeats):  # interleaved twice: a noisy neighbour hits every variant alike
+        for n in sizes:
             for name, level, grouped in variants:
                 results.setdefault((n, name), []).append(run(args.dir, n, level, args.rounds, grouped))
-    print(f"Disk: the filesystem of {args.dir.parent} ({os.uname().sysname}), {args.rounds} rounds x 2\n")
+    print(f"Disk: the filesystem of {args.dir.parent} ({os.uname().sysname}), {args.rounds} rounds x {repeats}\n")
     print("| sessions at once | level | per-turn median (ms) | per-turn p90 (ms) | wall time per turn (ms) "
           "| disk flushes per round |")
     print("|---:|---|---:|---:|---:|---:|")

@@ -329,6 +329,13 @@ class TimedWriter:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The session sets the writer's durability level: that belongs to the real writer.
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._inner, name, value)
+
 
 class TimedStore:
     """The file store, handed to a session through its public ``store=`` argument; the writers
@@ -347,8 +354,8 @@ class TimedStore:
         self.writer = TimedWriter(writer, self.times, journal)
         return self.writer
 
-    def create(self, llm_model: str) -> TimedWriter:
-        return self._wrap(self._inner.create(llm_model))
+    def create(self, llm_model: str, *, session_id: str | None = None) -> TimedWriter:
+        return self._wrap(self._inner.create(llm_model, session_id=session_id))
 
     def open(self, session_id: str) -> tuple[TimedWriter, Any]:
         writer, record = self._inner.open(session_id)

@@ -3,6 +3,7 @@ chats with tools, then a resume and a check of the crash rule (docs/tools.md).
 
     .venv/bin/python bench/soak_tools.py                     # 1,000 kills
     .venv/bin/python bench/soak_tools.py --kills 200 --max-wait 0.3
+    .venv/bin/python bench/soak_tools.py --smoke             # 8 kills: proves it runs
 
 The worker chats on ``FakeBackend`` in one session; every turn asks for two calls of a counting
 tool (each run appends its unique tag to a file, fsynced) and then answers.  After each
@@ -99,7 +100,10 @@ def main() -> int:
     parser.add_argument("--max-wait", type=float, default=0.25, help="longest wait before a kill, after start-up")
     parser.add_argument("--per-session", type=int, default=25, help="kills before a fresh session")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="8 kills, a fresh session after 4: proves it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.kills, args.per_session = 8, 4
     if args.worker:
         return run_worker(Path(args.worker))
     rng = random.Random(22)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,14 @@ def _pgstore_expected() -> list[str]:
             "LangChain PostgresChatMessageHistory", "LangGraph PostgresSaver"]
 
 
+def _crash_states_expected() -> list[str]:
+    if shutil.which("strace") is None:
+        return ["strace is not installed (Debian package 'strace'): skipped"]
+    return [re.compile(r"^\| power \| 1 \| \d+ \| \d+ \| 0 \| 0 \|", re.M),  # power: nothing lost, no failure
+            re.compile(r"^\| process \| 1 \| \d+ \| \d+ \| \d+ \| 0 \|", re.M),
+            re.compile(r"^\| no-folder-fsync \| \d+ \| [1-9]\d* \|", re.M)]  # a planted defect is caught
+
+
 def _warm_resume_expected() -> list[str]:
     if not (_installed("llama_cpp.server") and _installed("uvicorn")):
         return ["llama-cpp-python's server is not installed"]
@@ -68,6 +77,12 @@ def _warm_resume_expected() -> list[str]:
 # (command line after the interpreter, what its output must contain: plain text or re.compile)
 CASES: dict[str, tuple[list[str], list[object]]] = {
     "bench_async": (["bench/bench_async.py"], ["session-layer overhead per turn: p50", "threads: at most"]),
+    "bench_compat": (["bench/bench_compat.py"], ["### Per-request overhead: the compat endpoints vs the native API",
+                                                 "| Ollama `/api/chat` (Home Assistant) |",
+                                                 "### First token of a conversation's second request"]),
+    "bench_crash_states": (["bench/bench_crash_states.py"], _crash_states_expected()),
+    "bench_durability": (["bench/bench_durability.py"], ["| sessions at once | level |", "| 10 | power |",
+                                                         "| 10 | power, no group commit |"]),
     "bench_barge_in": (["bench/bench_barge_in.py"], [re.compile(r"^complete\s+\d+ms", re.M),
                                                       re.compile(r"^interrupted\s+\d+ms", re.M)]),
     "bench_interrupt": (["bench/bench_interrupt.py"], ["| setting | interrupted while playing |",
@@ -98,13 +113,15 @@ CASES: dict[str, tuple[list[str], list[object]]] = {
                                                  re.compile(r"^embedded, n_ctx 1024\s+60 ", re.M)]),
     # Two processes killed with kill -9 again and again: all 160 turns on disk, none lost or corrupt.
     # (A kill that lands between a save and its acknowledgement leaves a turn saved and never acked.)
+    "soak_tools": (["bench/soak_tools.py"], ["| kills | 8 |", "| duplicate runs | 0 |",
+                                             "| acknowledged turns lost | 0 |"]),
     "soak": (["bench/soak.py"],
              [re.compile(r"\| 2 \| 80 \| [1-9]\d* \| \d+ \| \d+ \| \d+ \| 160 \| 0 \| 0 \| \d+ \|")]),
 }
 
 SPEECH = {"bench_interrupt", "bench_tts", "bench_service_audio"}
-MODEL = {"bench_barge_in", "bench_kv", "bench_kv_compress", "bench_memory", "bench_multisession", "bench_threads",
-         "bench_warm_resume", "bench_window"}
+MODEL = {"bench_barge_in", "bench_compat", "bench_kv", "bench_kv_compress", "bench_memory", "bench_multisession",
+         "bench_threads", "bench_warm_resume", "bench_window"}
 
 
 def _params() -> list[object]:
