@@ -11,7 +11,7 @@ restored history is not in it (as after a server restart or another user's reque
 * warm, no pause: the first message is sent at once; the turn waits for the warm-up.
 
 Run by hand:  .venv/bin/python bench/bench_warm_resume.py [--trials 3] [--pause 2] [--threads 1]
-              .venv/bin/python bench/bench_warm_resume.py --smoke   # 3 turns, 1 trial: proves it runs
+              .venv/bin/python bench/bench_warm_resume.py --smoke   # 2 turns, 1 trial: proves it runs
 
 Needs llama-cpp-python's server (``pip install 'llama-cpp-python[server]'``, in the dev extras).
 """
@@ -112,9 +112,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="server threads (default 1: llama.cpp's spinning threads suffer on a shared machine)")
     parser.add_argument("--smoke", action="store_true",
-                        help="a 3-turn conversation, one trial, pause 0.5 s: proves the script runs")
+                        help="a 2-turn conversation, one trial, pause 0.5 s: proves the script runs")
     args = parser.parse_args()
-    topics = TOPICS[:3] if args.smoke else TOPICS
+    topics = TOPICS[:2] if args.smoke else TOPICS
     if args.smoke:
         args.trials, args.pause = 1, 0.5
 

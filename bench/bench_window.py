@@ -23,7 +23,7 @@ its tokenizer; ``max_tokens=1`` so the model's own time stays small), and ``Fake
 the same estimate as Ollama, so its figures match Ollama's (its server is not started here).
 
 Run:  .venv/bin/python bench/bench_window.py [--quick]    # ~10 minutes on 2 cores (--quick: ~4)
-      .venv/bin/python bench/bench_window.py --smoke      # 10 and 60 messages, 2 resumes, 2 turns
+      .venv/bin/python bench/bench_window.py --smoke      # 10 and 40 messages, 2 resumes, 2 turns
 """
 
 from __future__ import annotations
@@ -123,9 +123,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true",
-                    help="10 and 60 messages, 2 resumes, 2 turns, embedded n_ctx 1024: proves it runs")
+                    help="10 and 40 messages, 2 resumes, 2 turns, embedded n_ctx 512: proves it runs")
     args = ap.parse_args()
-    sizes = [10, 60] if args.smoke else [10, 100, 1000, 5000]
+    sizes = [10, 40] if args.smoke else [10, 100, 1000, 5000]
     resumes, turns = (2, 2) if args.smoke else (5, 10) if args.quick else (15, 30)
     from ollama_api_server import OllamaAPIServer
 
@@ -138,7 +138,7 @@ def main() -> None:
     try:
         import llama_cpp  # noqa: F401
 
-        n_ctx = 1024 if args.smoke else 2048  # smoke: half the prefill once the window is full
+        n_ctx = 512 if args.smoke else 2048  # smoke: a quarter of the prefill once the window is full
         contenders.append((f"embedded, n_ctx {n_ctx}", lambda: _embedded(n_ctx)))
     except ImportError:
         print("(embedded model not installed: skipped)")

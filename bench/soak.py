@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/soak.py                          # 4 processes x 200 turns
     .venv/bin/python bench/soak.py --workers 8 --turns 500 --max-seconds 600
-    .venv/bin/python bench/soak.py --smoke       # 2 processes x 80 turns, a few kills: proves it runs
+    .venv/bin/python bench/soak.py --smoke       # 2 processes x 80 turns, 4 kills: proves it runs
 
 Each worker chats in its own session in one shared sessions folder and, after every
 ``chat()`` returns, appends the turn number to its acknowledgement file.  The parent kills a
@@ -174,7 +174,7 @@ def run_parent(args: argparse.Namespace) -> int:
                 w.failures.append(f"exit {w.proc.returncode}: {err[-300:]}")
                 check(root, w.index, tally)
                 start(w, root, args)
-        if now >= next_kill:
+        if now >= next_kill and (args.max_kills is None or tally.kills < args.max_kills):
             running = [w for w in workers if not w.done and w.proc is not None and w.proc.poll() is None]
             if running:
                 victim = rng.choice(running)
@@ -223,15 +223,18 @@ def main() -> int:
     p.add_argument("--kill-min", type=float, default=0.05, help="shortest pause between kills (s)")
     p.add_argument("--kill-max", type=float, default=0.5, help="longest pause between kills (s)")
     p.add_argument("--max-seconds", type=float, default=300, help="give up after this long")
+    p.add_argument("--max-kills", type=int, default=None, help="stop killing after this many (default: never)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dir", default=None, help="work folder (default: a new temporary one, kept)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--smoke", action="store_true",
-                   help="2 processes x 80 turns, a kill every 0.2-0.5 s, seed 1: proves the script runs")
+                   help="2 processes x 80 turns, 4 kills 0.2-0.5 s apart, seed 1: proves the script runs")
     args = p.parse_args()
     if args.smoke and args.worker is None:
         args.workers, args.turns, args.kill_min, args.kill_max = 2, 80, 0.2, 0.5
-        args.max_seconds, args.piece_delay = 90.0, 0.005
+        # A bounded number of kills: on a busy machine a worker's start-up can outlast the
+        # pause between kills, and an unbounded run would then never finish.
+        args.max_seconds, args.piece_delay, args.max_kills = 120.0, 0.005, 4
         args.seed = 1 if args.seed is None else args.seed
     if args.worker is not None:
         return run_worker(Path(args.dir), args.worker, args.turns, args.piece_delay)

@@ -108,20 +108,25 @@ CASES: dict[str, tuple[list[str], list[object]]] = {
     "bench_threads": (["bench/bench_threads.py"], ["| n_threads | busy processes |", "| 1 | 0 |", "| 1 | 1 |"]),
     "bench_tts": (["bench/bench_tts.py"], ["| reply | sentences |", "| English | 2 |", "| Chinese | 2 |"]),
     "bench_warm_resume": (["bench/bench_warm_resume.py"], _warm_resume_expected()),
-    "bench_window": (["bench/bench_window.py"], [re.compile(r"^no window \(baseline\)\s+60 ", re.M),
-                                                 re.compile(r"^ollama, num_ctx 4096\s+60 ", re.M),
-                                                 re.compile(r"^embedded, n_ctx 1024\s+60 ", re.M)]),
+    "bench_window": (["bench/bench_window.py"], [re.compile(r"^no window \(baseline\)\s+40 ", re.M),
+                                                 re.compile(r"^ollama, num_ctx 4096\s+40 ", re.M),
+                                                 re.compile(r"^embedded, n_ctx 512\s+40 ", re.M)]),
     # Two processes killed with kill -9 again and again: all 160 turns on disk, none lost or corrupt.
     # (A kill that lands between a save and its acknowledgement leaves a turn saved and never acked.)
     "soak_tools": (["bench/soak_tools.py"], ["| kills | 8 |", "| duplicate runs | 0 |",
                                              "| acknowledged turns lost | 0 |"]),
     "soak": (["bench/soak.py"],
-             [re.compile(r"\| 2 \| 80 \| [1-9]\d* \| \d+ \| \d+ \| \d+ \| 160 \| 0 \| 0 \| \d+ \|")]),
+             [re.compile(r"\| 2 \| 80 \| [1-4] \| \d+ \| \d+ \| \d+ \| 160 \| 0 \| 0 \| \d+ \|")]),
 }
 
 SPEECH = {"bench_interrupt", "bench_tts", "bench_service_audio"}
 MODEL = {"bench_barge_in", "bench_compat", "bench_kv", "bench_kv_compress", "bench_memory", "bench_multisession",
          "bench_threads", "bench_warm_resume", "bench_window"}
+
+
+# Over 20 s on the shared 2-core machine (16-43 s: the model computes prompts again, or writes
+# summaries); the others take 1-18 s.
+SLOW = {"bench_kv", "bench_memory", "bench_warm_resume"}
 
 
 def _params() -> list[object]:
@@ -130,6 +135,8 @@ def _params() -> list[object]:
         marks = [needs_espeak] if name in SPEECH else []
         if name in MODEL:
             marks.append(pytest.mark.model)
+        if name in SLOW:
+            marks.append(pytest.mark.slow)
         out.append(pytest.param(name, id=name, marks=marks))
     return out
 
