@@ -11,7 +11,8 @@ on a noisy machine):
 - **load**: ``HistoryStore.load`` of a session of N messages (a snapshot plus a 2-line journal),
   with a fresh store object each time (no unwrapped-key cache).
 
-Run: ``PYTHONPATH=src python bench/bench_encryption.py [--messages 5000] [--rounds 7]``.
+Run: ``PYTHONPATH=src python bench/bench_encryption.py [--messages 5000] [--rounds 7]``
+(``--smoke``: 200 messages, 2 rounds of 3 turns, to prove it runs).
 Markdown on stdout.
 """
 
@@ -89,7 +90,10 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--turns", type=int, default=20)
+    ap.add_argument("--smoke", action="store_true", help="200 messages, 2 rounds of 3 turns: proves the script runs")
     a = ap.parse_args()
+    if a.smoke:
+        a.messages, a.rounds, a.turns = 200, 2, 3
     key = os.urandom(32)
     res: dict[str, dict[str, list[float]]] = {"plain": {}, "encrypted": {}}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:

@@ -1,7 +1,8 @@
 """Persistence benchmarks: what saving a turn and loading a session cost, next to LangChain and llm.
 
-Run by hand, never in the test suite.  Everything runs in ONE process, in ONE run, with the
-contenders interleaved block by block, so that the ratios hold even on a noisy shared machine.
+Run by hand (the test suite runs only ``--smoke``).  Everything runs in ONE process, in ONE
+run, with the contenders interleaved block by block, so that the ratios hold even on a noisy
+shared machine.
 
 Setup (once; a separate venv, so LangChain never becomes a dependency of the project)::
 

@@ -1,5 +1,6 @@
 """The overhead of a tool round: what a tool call costs the session (the journal and the
-dispatch) next to calling the function directly.  Run by hand, never in the test suite::
+dispatch) next to calling the function directly.  Run by hand (the test suite runs only
+``--smoke``)::
 
     PYTHONPATH=src /work/main/.venv/bin/python bench/bench_tools.py [--turns 300] [--dir PATH]
     PYTHONPATH=src /work/main/.venv/bin/python bench/bench_tools.py --smoke    # a few seconds

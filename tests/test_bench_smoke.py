@@ -85,12 +85,16 @@ CASES: dict[str, tuple[list[str], list[object]]] = {
                                                          "| 10 | power, no group commit |"]),
     "bench_barge_in": (["bench/bench_barge_in.py"], [re.compile(r"^complete\s+\d+ms", re.M),
                                                       re.compile(r"^interrupted\s+\d+ms", re.M)]),
+    "bench_encryption": (["bench/bench_encryption.py"], ["| | plain | encrypted | ratio |",
+                                                         "| load 200 messages + 2 journal lines |"]),
     "bench_interrupt": (["bench/bench_interrupt.py"], ["| setting | interrupted while playing |",
                                                        "| silent sink |", "| device stand-in (sleep process) |"]),
     "bench_kv": (["bench/bench_kv.py"], ["### 1. Time to first token after a restart", "### 2. Prompt tokens",
                                          "### 3. Timeout recovery", "### 4. Session-layer overhead"]),
     "bench_kv_compress": (["bench/bench_kv_compress.py"], ["| file | tokens | codec |", "| short chat (3 turns) |",
                                                            "uncompressed: resume/warm"]),
+    "bench_kv_quant": (["bench/bench_kv_quant.py"], ["| KV type | file | bytes/token |", "| q8_0 |",
+                                                     "f16: resume/warm"]),
     "bench_listing": (["bench/bench_listing.py"], ["first (no cache)", re.compile(r"^this tree\s+10 x 20", re.M)]),
     "bench_memory": (["bench/bench_memory.py"], [re.compile(r"^trim\s+\d+%", re.M),
                                                  re.compile(r"^summary\s+\d+%", re.M)]),
@@ -106,6 +110,8 @@ CASES: dict[str, tuple[list[str], list[object]]] = {
     "bench_service_audio": (["bench/bench_service_audio.py"], ["with ?audio=wav",
                                                                re.compile(r"audio frames: [1-9]")]),
     "bench_threads": (["bench/bench_threads.py"], ["| n_threads | busy processes |", "| 1 | 0 |", "| 1 | 1 |"]),
+    "bench_tools": (["bench/bench_tools.py"], ["| direct call `set_light(**args)` |",
+                                               "| turn, 4 call(s), durability power |"]),
     "bench_tts": (["bench/bench_tts.py"], ["| reply | sentences |", "| English | 2 |", "| Chinese | 2 |"]),
     "bench_warm_resume": (["bench/bench_warm_resume.py"], _warm_resume_expected()),
     "bench_window": (["bench/bench_window.py"], [re.compile(r"^no window \(baseline\)\s+40 ", re.M),
@@ -120,8 +126,8 @@ CASES: dict[str, tuple[list[str], list[object]]] = {
 }
 
 SPEECH = {"bench_interrupt", "bench_tts", "bench_service_audio"}
-MODEL = {"bench_barge_in", "bench_compat", "bench_kv", "bench_kv_compress", "bench_memory", "bench_multisession",
-         "bench_threads", "bench_warm_resume", "bench_window"}
+MODEL = {"bench_barge_in", "bench_compat", "bench_kv", "bench_kv_compress", "bench_kv_quant", "bench_memory",
+         "bench_multisession", "bench_threads", "bench_warm_resume", "bench_window"}
 
 
 # Over 20 s on the shared 2-core machine (16-43 s: the model computes prompts again, or writes
