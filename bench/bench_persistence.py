@@ -38,11 +38,12 @@ Save cost per turn (the contender's own work once the reply is known; the model 
   ``append`` (``TimedStore``): no private attribute is touched.  "idle": between turns the
   background snapshot is allowed to finish (``writer.flush()``; a person types between turns, a
   local model takes far longer than a snapshot).  "back-to-back": no pause, so the snapshot
-  thread competes for the GIL and the disk (worst case, scripted use).  "+fsync": the same
-  append followed by ``os.fsync`` of the journal (opened by name for it, a few µs): a
-  hypothetical variant, to compare like for like with SQLite, which fsyncs every commit (the
-  project's journal append survives ``kill -9``, not a power cut).  "direct loop": ``append()``
-  on a writer from ``HistoryStore.open()``, called in a tight loop (the algorithmic cost).
+  thread competes for the GIL and the disk (worst case, scripted use).  The durability level is
+  set on each session (docs/durability.md): ``process`` (the line is written before ``append``
+  returns: it survives ``kill -9``) and ``power`` (also flushed to the disk, through group
+  commit: like for like with SQLite, which syncs every commit; the library's default).
+  "direct loop": ``append()`` on a writer from ``HistoryStore.open()`` at ``process``, called in
+  a tight loop (the algorithmic cost).
   We time ``append()`` rather than subtracting an ``enable_cache=False`` loop: that loop sends
   no history, so the prompt building and the fake model's work would differ by O(N) and the
   difference would not be the save cost.
@@ -310,20 +311,13 @@ def settle(writer: Any) -> None:
 class TimedWriter:
     """A store writer whose ``append`` (what ``chat()`` saves a turn with) times itself."""
 
-    def __init__(self, inner: Any, times: list[int], journal: Path | None):
+    def __init__(self, inner: Any, times: list[int]):
         self._inner = inner
         self._times = times
-        self._journal = journal  # fsync this file after each append (the hypothetical variant)
 
     def append(self, start: int, messages: list[Any], meta: dict[str, Any] | None = None) -> bool:
         t0 = time.perf_counter_ns()
         ok = self._inner.append(start, messages, meta)
-        if self._journal is not None:
-            fd = os.open(self._journal, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
         self._times.append(time.perf_counter_ns() - t0)
         return bool(ok)
 
@@ -342,17 +336,15 @@ class TimedStore:
     """The file store, handed to a session through its public ``store=`` argument; the writers
     it opens time their appends into ``times``."""
 
-    def __init__(self, directory: Path, *, fsync: bool):
+    def __init__(self, directory: Path):
         from conversation_session import HistoryStore
 
         self._inner = HistoryStore(directory)
-        self._fsync = fsync
         self.times: list[int] = []
         self.writer: TimedWriter | None = None
 
     def _wrap(self, writer: Any) -> TimedWriter:
-        journal = self._inner.journal_path(writer.session_id) if self._fsync else None
-        self.writer = TimedWriter(writer, self.times, journal)
+        self.writer = TimedWriter(writer, self.times)
         return self.writer
 
     def create(self, llm_model: str, *, session_id: str | None = None) -> TimedWriter:
@@ -366,18 +358,19 @@ class TimedStore:
         return getattr(self._inner, name)
 
 
-def cs_contender(cs: CS, key: str, label: str, *, idle: bool, fsync: bool) -> Contender:
+def cs_contender(cs: CS, key: str, label: str, *, idle: bool, level: str) -> Contender:
     from conversation_session import ConversationSession, FakeBackend
 
     def setup(n: int, work: Path) -> Any:
         d = work / key
         sid = cs.restore(n, d)
         fake = FakeBackend()
-        store = TimedStore(d, fsync=fsync)
-        session = ConversationSession(backend=fake, store=store, timeout=None)  # type: ignore[arg-type]
+        store = TimedStore(d)
+        session = ConversationSession(backend=fake, store=store, timeout=None,  # type: ignore[arg-type]
+                                      durability=level)
         assert session.load_history(sid) and len(session.history) == n
         writer = store.writer
-        assert writer is not None and writer.session_id == sid
+        assert writer is not None and writer.session_id == sid and writer.durability == level
         if idle:
             settle(writer)
         return {"session": session, "fake": fake, "writer": writer, "times": store.times, "chat": []}
@@ -405,7 +398,7 @@ def cs_direct_contender(cs: CS) -> Contender:
     def setup(n: int, work: Path) -> Any:
         d = work / "cs_direct"
         sid = cs.restore(n, d)
-        writer, record = HistoryStore(d).open(sid)
+        writer, record = HistoryStore(d, durability="process").open(sid)
         assert len(record.messages) == n
         return {"writer": writer, "at": n}
 
@@ -417,7 +410,7 @@ def cs_direct_contender(cs: CS) -> Contender:
         st["at"] += 2
         return dt
 
-    return Contender("cs_direct", "conversation_session append() direct loop", setup, turn,
+    return Contender("cs_direct", "conversation_session append() direct loop, process", setup, turn,
                      lambda st: st["writer"].close())
 
 
@@ -720,7 +713,7 @@ def run_profile(cs: CS, work: Path, n: int, turns: int, budget_s: float = 1.0) -
     sid = cs.restore(n, d)
     prof = cProfile.Profile()
     pairs = make_turns(turns, seed=11)
-    writer, record = HistoryStore(d).open(sid)
+    writer, record = HistoryStore(d, durability="process").open(sid)
     at = len(record.messages)
     try:
         for user, reply in pairs:
@@ -895,7 +888,7 @@ def plot(res: dict[str, Any], labels: dict[str, str], out_dir: Path) -> list[Pat
 
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = res["sizes"]
-    styles = {"cs_idle": ("C0", "o", "-"), "cs_b2b": ("C0", "s", "--"), "cs_fsync": ("C0", "^", ":"),
+    styles = {"cs_idle": ("C0", "o", "-"), "cs_b2b": ("C0", "s", "--"), "cs_power": ("C0", "^", ":"),
               "cs_direct": ("C4", "v", "-."),
               "lc_file": ("C1", "o", "-"), "lc_sql": ("C2", "o", "-"), "llm": ("C3", "o", "-")}
     paths = []
@@ -983,10 +976,10 @@ def main(argv: list[str] | None = None) -> int:
             print(run_profile(cs, work, sizes[-1], 20 if args.smoke else 500, budget_s=0.05 if args.smoke else 1.0))
             return 0
         contenders = [
-            cs_contender(cs, "cs_idle", "conversation_session append() (idle)", idle=True, fsync=False),
-            cs_contender(cs, "cs_b2b", "conversation_session append() (back-to-back)", idle=False, fsync=False),
-            cs_contender(cs, "cs_fsync", "conversation_session append()+fsync (hypothetical)", idle=True,
-                         fsync=True),
+            cs_contender(cs, "cs_idle", "conversation_session append(), process (idle)", idle=True, level="process"),
+            cs_contender(cs, "cs_b2b", "conversation_session append(), process (back-to-back)", idle=False,
+                         level="process"),
+            cs_contender(cs, "cs_power", "conversation_session append(), power (idle)", idle=True, level="power"),
             cs_direct_contender(cs),
         ]
         others: dict[str, Contender] = {}
