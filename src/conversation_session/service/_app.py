@@ -29,7 +29,6 @@ from .._exceptions import (
     SessionError,
     SessionLockedError,
 )
-from .._result import ChatResult
 from ..backends import Backend
 from ..session._aio import AsyncConversationSession
 from ..stores import StoreAPI
@@ -47,7 +46,7 @@ from ._ollama_api import ollama_routes
 from ._openai_api import openai_routes
 from ._openapi import openapi_document
 from ._registry import Busy, Gone
-from ._requests import check_text, read_json, run_watched
+from ._requests import chat_watched, check_text, read_json, run_watched
 from ._state import ServiceState, state_of
 from ._web import web_routes
 from ._ws import session_ws
@@ -221,13 +220,8 @@ async def post_message(request: Request) -> Response:
         assert session is not None
         return TurnStream(st, hold, session, text)
 
-    async def turn() -> ChatResult:
-        async with reg.hold(sid) as session:
-            assert session is not None
-            return await session.chat(text)
-
     try:
-        result = await run_watched(turn(), request.receive)
+        result = await chat_watched(reg, sid, text, request.receive)
     except ClientGone:
         st.counters["turns_cancelled"] += 1
         logger.info("client disconnected mid-turn: turn cancelled, nothing kept")

@@ -16,12 +16,11 @@ from .._exceptions import (
     SessionTimeoutError,
     StoreUnavailableError,
 )
-from .._result import ChatResult
 from ..stores import is_session_id
 from ._errors import ApiError, ClientGone, turn_error
 from ._log import session_id_var
 from ._registry import Busy, Gone
-from ._requests import check_text, read_json, run_watched
+from ._requests import chat_watched, check_text, read_json
 from ._state import state_of
 
 __all__ = ['ha_process', 'ha_sorry']
@@ -96,13 +95,8 @@ async def ha_process(request: Request) -> Response:
     assert shown is not None
     session_id_var.set(sid)
 
-    async def turn() -> ChatResult:
-        async with reg.hold(sid) as session:
-            assert session is not None
-            return await session.chat(text)
-
     try:
-        result = await run_watched(turn(), request.receive)
+        result = await chat_watched(reg, sid, text, request.receive)
     except ClientGone:
         st.counters["turns_cancelled"] += 1
         return Response(status_code=499)

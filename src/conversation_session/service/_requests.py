@@ -16,7 +16,7 @@ from starlette.types import Receive
 from ..stores._record import is_utf8_text
 from ._errors import ApiError, ClientGone
 
-__all__ = ['check_text', 'read_json', 'run_watched', 'wait_disconnect']
+__all__ = ["chat_watched", "check_text", "read_json", "run_watched", "wait_disconnect"]
 
 logger = logging.getLogger("conversation_session.service")
 
@@ -96,3 +96,14 @@ async def run_watched(coro: Awaitable[Any], receive: Receive) -> Any:
     with contextlib.suppress(BaseException):
         await work
     raise ClientGone()
+
+
+async def chat_watched(registry: Any, session_id: str, text: str, receive: Receive) -> Any:
+    """One turn on ``session_id``, held in ``registry`` for its length and cancelled (nothing
+    kept) if the client disconnects first (``ClientGone``)."""
+    async def turn() -> Any:
+        async with registry.hold(session_id) as session:
+            assert session is not None
+            return await session.chat(text)
+
+    return await run_watched(turn(), receive)
