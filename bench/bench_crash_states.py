@@ -2,7 +2,7 @@
 
 Run by hand (a minute or two on 2 shared cores; needs strace)::
 
-    PYTHONPATH=src /work/main/.venv/bin/python bench/bench_crash_states.py [--load-turns 12] [--runs 5]
+    PYTHONPATH=src .venv/bin/python bench/bench_crash_states.py [--load-turns 12] [--runs 5]
     .venv/bin/python bench/bench_crash_states.py --smoke    # 1 run, 2 turns under load: proves it runs
 
 Each run records the driver under strace (a real session: appends, title, retry, undo, explicit

@@ -2,7 +2,7 @@
 
 Run by hand (about a minute on 2 shared cores; the test suite runs only ``--smoke``)::
 
-    PYTHONPATH=src /work/main/.venv/bin/python bench/bench_durability.py [--rounds 30] [--dir PATH]
+    PYTHONPATH=src .venv/bin/python bench/bench_durability.py [--rounds 30] [--dir PATH]
     .venv/bin/python bench/bench_durability.py --smoke     # 3 rounds, 1 and 10 sessions, once: proves it runs
 
 Each of N threads owns one open session of one ``HistoryStore`` in a folder on the disk under

@@ -2,8 +2,8 @@
 dispatch) next to calling the function directly.  Run by hand (the test suite runs only
 ``--smoke``)::
 
-    PYTHONPATH=src /work/main/.venv/bin/python bench/bench_tools.py [--turns 300] [--dir PATH]
-    PYTHONPATH=src /work/main/.venv/bin/python bench/bench_tools.py --smoke    # a few seconds
+    PYTHONPATH=src .venv/bin/python bench/bench_tools.py [--turns 300] [--dir PATH]
+    PYTHONPATH=src .venv/bin/python bench/bench_tools.py --smoke    # a few seconds
 
 The tool is trivial (it returns a constant string), so every figure is overhead.  Measured in
 one process, variants interleaved block by block (the same-run baseline, so ratios hold on a
