@@ -260,6 +260,13 @@ def test_bad_requests_say_what_is_wrong(server: ServiceProcess) -> None:
         assert resp.status_code == 200 and resp.json()["done_reason"] == "load"
         resp = h.post("/api/chat", content=b'{"model": "x"}', headers={"Content-Type": "text/plain"})
         assert resp.status_code == 415  # the guard still stands in front of every route
+        nan = (b'{"model": "kitchen", "stream": false, "options": {"num_predict": Infinity},'
+               b' "messages": [{"role": "user", "content": "hi"}]}')
+        resp = h.post("/api/chat", content=nan, headers={"Content-Type": "application/json"})
+        assert resp.status_code == 400 and "not JSON" in resp.json()["error"]  # not a 500
+        resp = h.post("/api/generate", json={"model": "kitchen", "prompt": "hi", "stream": False,
+                                             "options": {"temperature": None}})
+        assert resp.status_code == 200 and resp.json()["done"] is True  # null: the default
 
 
 def test_token_in_the_path(server: ServiceProcess) -> None:

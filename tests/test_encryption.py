@@ -497,3 +497,25 @@ def test_power_cuts_at_every_point_of_an_encrypted_run_lose_no_acknowledged_turn
     verdict = check(rec, limit=200)
     assert verdict.failures == [] and verdict.lost_turns == 0
     assert verdict.explored >= 100
+
+
+def test_a_torn_first_line_does_not_turn_an_encrypted_session_plain(tmp_path, key_file):
+    """A new session with a key whose first journal line was torn by a crash (no snapshot, no
+    complete line): the turns saved after reopening it are encrypted too."""
+    from conversation_session import HistoryStore
+
+    folder = tmp_path / "sessions"
+    store = HistoryStore(folder, encryption_key=key_file)
+    writer = store.create("m")
+    sid = writer.session_id
+    writer.close()
+    for leftover in folder.glob(f"{sid}*"):
+        leftover.unlink()
+    (folder / f"{sid}.journal").write_bytes(b'{"enc": 1, "key": "AAAA')  # a torn first line
+    writer, record = store.open(sid)
+    assert record.messages == []
+    assert writer.append(0, [{"role": "user", "content": f"my secret is {CANARY}"},
+                             {"role": "assistant", "content": "kept"}])
+    writer.close()
+    _no_canary(folder)
+    assert CANARY in store.load(sid).messages[0]["content"]

@@ -125,10 +125,12 @@ def _gguf_files(model: str | None) -> list[Path]:
             found.extend(sorted(p for p in root.iterdir() if p.suffix.lower() == ".gguf" and p.is_file()))
         except OSError:
             continue
-    unique: dict[Path, None] = {}
+    # One entry per file, under the name it was found by: a symlinked GGUF (a hub cache's
+    # snapshots/.../model.gguf -> blobs/<hash>) is listed as model.gguf, not as its hash.
+    unique: dict[Path, Path] = {}
     for p in found:
-        unique.setdefault(p.resolve(), None)
-    return list(unique)
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())
 
 
 def _local(model: str | None) -> list[ModelEntry]:

@@ -1,4 +1,5 @@
-"""The ASGI app: REST under /v1, the Home Assistant-shaped endpoint, health, OpenAPI.
+"""The ASGI app: the factory (every route, behind the guard) and the native REST/SSE routes
+under /v1; the other surfaces (Home Assistant, Ollama, OpenAI, the page) are modules of their own.
 
 Every response to a bad request is a 4xx with a JSON body ``{"error": {"code", "message"},
 "request_id"}``; an unexpected failure is a 500 with the same shape (the traceback goes to the
@@ -300,7 +301,6 @@ class TurnStream(Response):
         return session_id_var.get()
 
 
-# -- Home Assistant ----------------------------------------------------------------------------------
 # -- plumbing ------------------------------------------------------------------------------------------
 class RequestContext:
     """Outermost layer: the request id (X-Request-ID, echoed or made), one log line per

@@ -475,11 +475,10 @@ class PathToken:
         if path.startswith("/t/"):
             token, slash, rest = path[3:].partition("/")
             if token and slash:
-                from urllib.parse import unquote
-
                 headers = list(scope.get("headers", []))
                 if not any(k == b"authorization" for k, _ in headers):
-                    headers.append((b"authorization", b"Bearer " + unquote(token).encode("latin-1", "replace")))
+                    # ``path`` is already percent-decoded once by the server: use the segment as is.
+                    headers.append((b"authorization", b"Bearer " + token.encode("latin-1", "replace")))
                 new_path = "/" + rest
                 scope = {**scope, "path": new_path, "raw_path": new_path.encode(), "headers": headers}
         await self.app(scope, receive, send)

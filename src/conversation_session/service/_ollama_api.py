@@ -45,7 +45,7 @@ from ._compat import (
     whole_turn,
 )
 from ._errors import ApiError, ClientGone, turn_error
-from ._requests import read_json
+from ._requests import read_json, run_watched
 from ._state import state_of as _state
 
 __all__ = ["ollama_routes"]
@@ -302,9 +302,10 @@ async def generate(request: Request) -> Response:
     messages: list[Any] = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
     num_predict = options.get("num_predict")
+    temperature = options.get("temperature")
     gen = GenerationRequest(
         messages=messages, max_tokens=min(int(num_predict), st.config.max_tokens) if num_predict and num_predict > 0
-        else st.config.max_tokens, temperature=float(options.get("temperature", 0.7)),
+        else st.config.max_tokens, temperature=float(0.7 if temperature is None else temperature),
         options={"seed": int(options["seed"])} if options.get("seed") is not None else {})
     backend = reg.backend
     loop = asyncio.get_running_loop()
@@ -319,8 +320,14 @@ async def generate(request: Request) -> Response:
                 "prompt_eval_duration": 0, "eval_count": u.completion_tokens or 0, "eval_duration": int(total * 1e9)}
 
     if not stream:
-        try:
-            pieces = [p async for p in backend.agenerate(gen)]
+        async def generate() -> list[str]:
+            return [p async for p in backend.agenerate(gen)]
+
+        try:  # a client that goes away stops the generation, as on every other route
+            pieces = await run_watched(generate(), request.receive)
+        except ClientGone:
+            gen.cancel.cancel()
+            raise
         except Exception as exc:  # noqa: BLE001 - said in Ollama's shape
             raise turn_error(exc) from None
         return JSONResponse(final("".join(pieces)))

@@ -45,12 +45,18 @@ async def read_json(request: Request, limit: int, *, optional: bool = False) -> 
             return {}
         raise ApiError(400, "bad_json", 'send a JSON object, e.g. {"text": "hello"}')
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_not_json)
     except (ValueError, RecursionError):
-        raise ApiError(400, "bad_json", "the body is not valid UTF-8 JSON") from None
+        raise ApiError(400, "bad_json", "the body is not valid UTF-8 JSON (NaN and Infinity are not JSON)") from None
     if not isinstance(data, dict):
         raise ApiError(400, "bad_json", "the body must be a JSON object")
     return data
+
+
+def _not_json(name: str) -> Any:
+    """``NaN``, ``Infinity``: Python's parser takes them, JSON does not (and no number field
+    of ours can hold one)."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def check_text(data: dict[str, Any], limit: int, field: str = "text") -> str:

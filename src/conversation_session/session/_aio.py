@@ -184,15 +184,19 @@ class AsyncConversationSession(SessionView):
         journal append is one small write: inline.  A store that talks to a server, or waits for
         the disk (the ``power`` level: a flush shared with the other sessions committing at
         once, which only happens when they wait off the loop), appends off the loop."""
-        if getattr(self._core.store, "blocking_appends", False) or self._core.saved_level == "power":
+        if self._commits_block():
             return await self._off_loop(functools.partial(steps.complete, **how))
         return steps.complete(**how)
 
     async def _step(self, fn: Callable[..., T], *args: Any) -> T:
-        """A durable step of a tool-using turn (see ``_complete``: inline for a file journal)."""
-        if getattr(self._core.store, "blocking_appends", False):
+        """A durable step of a tool-using turn, inline or off the loop as ``_complete`` decides."""
+        if self._commits_block():
             return await self._off_loop(fn, *args)
         return fn(*args)
+
+    def _commits_block(self) -> bool:
+        """Whether a commit waits on a server or the disk (so it must not run on the loop)."""
+        return bool(getattr(self._core.store, "blocking_appends", False)) or self._core.saved_level == "power"
 
     async def chat(self, text: str, *, on_token: Callable[[str], None] | None = None,
                    tools: Sequence[Callable[..., Any]] | None = None,

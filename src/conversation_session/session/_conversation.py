@@ -2,7 +2,7 @@
 
 What the sync and the async session share, written once: the kept messages, what a prompt
 carries (through a window policy), what a completed turn commits, and the running figures.
-The drivers (``_session.py``, ``_async.py``) and the ``Turn`` do the waiting, streaming and
+The drivers (``_sync.py``, ``_aio.py``) and the ``Turn`` do the waiting, streaming and
 saving; every decision about the history is made here.
 
 Three outcomes of a turn, and what each leaves in the history:

@@ -47,7 +47,7 @@ from ..backends import GenerationRequest
 from ..speech import HeardReport, Speaker, SpeechTimeout, heard_prefix
 from ..stores._record import MessageDict, ToolCallDict
 from ..tools import CallOutcome, Tool, arun_call, as_tools, result_message, run_call
-from ..tools._run import STOPPED
+from ..tools._run import NOT_STARTED, STOPPED
 from ._limits import check_tool_rounds
 
 if TYPE_CHECKING:
@@ -106,6 +106,7 @@ class _TurnSteps:
         # and handed to the callbacks by the driver, in order, in the thread or task streaming.
         self.tool_callbacks: list[Callable[[dict[str, Any]], Any]] = []
         self.tool_events: list[dict[str, Any]] = []
+        self.announced: set[str] = set()  # calls whose tool_call event was queued
         self.empty = not retry and not resume and not text.strip()
         self.plan: Plan | None
         if resume:
@@ -211,9 +212,10 @@ class _TurnSteps:
         if not self.intent_durable:
             return None, CallOutcome(None, "error: not run: the call could not be saved before running", 0.0)
         if self.request.cancel.cancelled:
-            return None, CallOutcome(None, "error: not run: the turn was stopped before this call", 0.0)
+            return None, CallOutcome(None, NOT_STARTED, 0.0)
         self.tool_events.append({"type": "tool_call", "id": call["id"], "name": name,
                                  "arguments": call["function"]["arguments"]})
+        self.announced.add(call["id"])
         found = self.tools.get(name)
         if found is None:
             return None, CallOutcome(None, f"error: there is no tool named {name!r} (the tools are: "
@@ -241,7 +243,8 @@ class _TurnSteps:
         entry["result" if outcome.result is not None else "error"] = outcome.text
         entry["duration_s"] = outcome.duration_s
         self.calls.append(entry)
-        self.tool_events.append({"type": "tool_result", **entry})
+        if call["id"] in self.announced:  # a result event only follows its call event
+            self.tool_events.append({"type": "tool_result", **entry})
         logger.info("tool %s(%s) -> %.200s", entry["name"], json.dumps(entry["arguments"], ensure_ascii=False),
                     outcome.text)
 
@@ -271,7 +274,7 @@ class _TurnSteps:
         for call in calls:
             if call["id"] in done or call.get("client"):
                 continue
-            text = STOPPED if call["id"] == self.running else "error: not run: the turn was stopped before this call"
+            text = STOPPED if call["id"] == self.running else NOT_STARTED
             self.call_done(call, CallOutcome(None, text, 0.0, stopped=True))
         self.running = None
 
@@ -354,8 +357,10 @@ class _TurnSteps:
                 # Barge-in after tool calls: what was done stays recorded; no reply is added.
                 logger.info("interrupted before any of the reply was heard: the turn's %d tool call(s) are kept",
                             len(self.calls))
+                kept = self.intent_durable and core.writer is not None  # the steps, as they were saved
                 result = ChatResult(response="", turn=core.conversation.turns, ttft_s=self.ttft, total_s=total,
-                                    saved=True, finish_reason="interrupted", interrupted=True, heard_fraction=0.0,
+                                    saved=kept, durability=core.saved_level if kept else None,
+                                    finish_reason="interrupted", interrupted=True, heard_fraction=0.0,
                                     interrupt_to_silence_s=silence_s, tool_calls=list(self.calls))
                 core.last = result
             elif self.empty or self.plan is None or (interrupted and not (heard or "").strip()):
@@ -545,8 +550,8 @@ class Turn:
         ``{"type": "tool_call", "id", "name", "arguments"}`` when a call is about to run (its
         intent is durable), ``{"type": "tool_result", "id", "name", "arguments", "result" | "error",
         "duration_s"}`` once its result is recorded.  Register it before iterating.  A call
-        settled by the turn's end (timeout, cancel, interrupt) has no event; it is in the
-        result's ``tool_calls``."""
+        not run because the turn ended first (timeout, cancel, interrupt) has no event (neither
+        ``tool_call`` nor ``tool_result``); it is in the result's ``tool_calls``."""
         self._s.tool_callbacks.append(fn)
 
     def cancel(self) -> None:
@@ -767,8 +772,9 @@ def _run(s: _TurnSteps) -> Generator[str, None, None]:
                         ask = s.approver(tool)
                         if ask is not None:
                             try:
-                                answer = ask({"id": call["id"], "name": call["function"]["name"],
-                                             "arguments": call["function"]["arguments"]})
+                                with s.core.in_callback():  # as on_token: no re-entry into the session
+                                    answer = ask({"id": call["id"], "name": call["function"]["name"],
+                                                 "arguments": call["function"]["arguments"]})
                             except Exception as exc:  # noqa: BLE001 - a refusal, named in the result
                                 answer = exc
                             outcome = s.refusal(call, answer)

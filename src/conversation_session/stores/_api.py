@@ -1,7 +1,7 @@
 """The store interface: what a session needs from wherever its history lives.
 
-Two implementations: the file store (``_store.HistoryStore``: a snapshot plus a journal per
-session in one folder, one host) and the PostgreSQL store (``_pgstore``: one system of record
+Two implementations: the file store (``_file.HistoryStore``: a snapshot plus a journal per
+session in one folder, one host) and the PostgreSQL store (``_postgres``: one system of record
 for several hosts).  The session, the chat app and the housekeeping commands talk to this
 interface only; nothing outside a store knows how it keeps its data.
 

@@ -612,8 +612,12 @@ class HistoryStore:
     def _locked_info(self, session_id: str) -> SessionInfo:
         """The row of an encrypted session listed without its key: what the files' names and
         dates say, nothing of their content."""
-        paths = [p for p in (self.snapshot_path(session_id), self.journal_path(session_id)) if p.exists()]
-        sts = [p.stat() for p in paths]
+        sts = []
+        for path in (self.snapshot_path(session_id), self.journal_path(session_id)):
+            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile: then it is not listed
+                sts.append(path.stat())
+        if not sts:
+            raise SessionNotFoundError(f"session {session_id} was deleted while it was listed")
         created = datetime.fromtimestamp(min(st.st_mtime for st in sts)).isoformat(timespec="seconds")
         updated = datetime.fromtimestamp(max(st.st_mtime for st in sts)).isoformat(timespec="seconds")
         return SessionInfo(session_id=session_id, location=str(self.snapshot_path(session_id)), created_at=created,
@@ -804,6 +808,11 @@ class HistoryStore:
         assert fd is not None
         try:
             record, replay, raw, cipher = self._read(session_id)
+            if (cipher is None and self.keyring is not None and not record.messages
+                    and not os.path.exists(self.snapshot_path(session_id)) and b"\n" not in bytes(raw or b"")):
+                # Nothing was saved yet but a torn first line (a crash while a new session with
+                # a key wrote it): it is encrypted from its first turn, as any new session is.
+                cipher = self.new_cipher(session_id)
             if replay.unread and raw:
                 target = aside_path(journal)
                 atomic_write_bytes(target, bytes(raw))

@@ -219,11 +219,17 @@ class GroupSync:
                 return
             self._leading = True
             batch, self._queue = self._queue, []
+        flushed = False
         try:
             self._flush(batch)
+            flushed = True
         finally:
             with self._cond:
                 for t in batch:
+                    if not flushed and t.error is None:
+                        # The flush was interrupted (Ctrl-C in the leading thread): nothing in
+                        # the batch is known to be on the disk, so no waiter may report success.
+                        t.error = OSError(errno.EIO, "the disk flush was interrupted")
                     t.done = True
                 self._leading = False
                 self._cond.notify_all()

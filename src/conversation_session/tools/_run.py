@@ -23,12 +23,14 @@ from ._tool import Tool
 if TYPE_CHECKING:
     from ..backends import CancelToken
 
-__all__ = ["STOPPED", "CallOutcome", "arun_call", "run_call"]
+__all__ = ["NOT_STARTED", "STOPPED", "CallOutcome", "arun_call", "run_call"]
 
 logger = logging.getLogger("conversation_session")
 
 STOPPED = ("error: the turn was stopped (timeout, cancel or interrupt) while this call ran; "
            "its outcome is unknown")
+NOT_STARTED = "error: not run: the turn was stopped before this call"
+"""A call the turn's end reached before it started: it never ran (so the model may ask again)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ def _timeout_error(tool: Tool) -> str:
 
 def run_call(tool: Tool, arguments: dict[str, Any], cancel: CancelToken) -> CallOutcome:
     """Run a sync tool in a thread of its own and wait for it, its limit, or the turn's end."""
+    if cancel.cancelled:  # the turn ended before the call started (e.g. while approval was asked)
+        return CallOutcome(None, NOT_STARTED, 0.0, stopped=True)
     t0 = time.perf_counter()
     fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
     wake = threading.Event()
@@ -108,6 +112,8 @@ def run_call(tool: Tool, arguments: dict[str, Any], cancel: CancelToken) -> Call
 async def arun_call(tool: Tool, arguments: dict[str, Any], cancel: CancelToken) -> CallOutcome:
     """Run a tool for an event loop: ``async def`` as a task (cancelled at its limit), a plain
     function in a thread of its own; waited for until its limit or the turn's end."""
+    if cancel.cancelled:  # the turn ended before the call started (e.g. while approval was asked)
+        return CallOutcome(None, NOT_STARTED, 0.0, stopped=True)
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
     if tool.is_async:
@@ -116,7 +122,8 @@ async def arun_call(tool: Tool, arguments: dict[str, Any], cancel: CancelToken) 
         cfut: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
         def work() -> None:
-            cfut.set_running_or_notify_cancel()
+            if not cfut.set_running_or_notify_cancel():
+                return
             try:
                 cfut.set_result(tool.fn(**arguments))
             except BaseException as exc:  # noqa: BLE001
