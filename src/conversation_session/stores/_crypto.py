@@ -237,6 +237,20 @@ class SessionCipher:
             raise SessionFormatError(f"{where} fails authentication: it was altered (or cut off); refused, "
                                      "nothing loaded from it") from None
 
+    def seal(self, plain: bytes, ad: bytes) -> bytes:
+        """``plain`` under the data key (nonce + ciphertext), bound to ``ad`` (a store's own
+        values: PostgreSQL's columns)."""
+        nonce = os.urandom(_NONCE)
+        return nonce + self._aead.encrypt(nonce, plain, ad)
+
+    def open(self, blob: bytes, ad: bytes, where: str) -> bytes:
+        """What ``seal`` sealed with the same ``ad``; ``SessionFormatError`` if it was altered."""
+        try:
+            return bytes(self._aead.decrypt(blob[:_NONCE], blob[_NONCE:], ad))
+        except (_invalid_tag(), ValueError):
+            raise SessionFormatError(f"{where} fails authentication: altered, or moved from another row or "
+                                     "session; refused, nothing loaded from it") from None
+
     def open_line(self, blob: bytes, lineno: int, where: str) -> bytes:
         try:
             return bytes(self._aead.decrypt(blob[:_NONCE], blob[_NONCE:], _line_ad(self.session_id, lineno)))
