@@ -13,9 +13,7 @@ Two collaborators of a session, both running on the process's shared pool (``_ru
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +26,7 @@ from .._exceptions import SessionError
 from .._runtime import Deadline, run_in_background, schedule
 from ..backends import Backend, CancelToken
 from ..backends._kvstate import enforce_cap
+from ..stores._kvpaths import host_kv_dir
 from ..stores._record import MessageDict
 
 __all__ = ["KV_CACHE_MAX_BYTES", "KVFile", "Warmup", "kv_file_path"]
@@ -55,9 +54,7 @@ def kv_file_path(store: object, session_id: str) -> Path:
     kv_path = getattr(store, "kv_path", None)
     if kv_path is not None:
         return Path(kv_path(session_id))
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "conversation-session" / "kv"
-    description = str(getattr(store, "description", repr(store)))
-    return base / hashlib.sha256(description.encode()).hexdigest()[:16] / f"{session_id}.kv"
+    return host_kv_dir(str(getattr(store, "description", repr(store)))) / f"{session_id}.kv"
 
 
 class KVFile:

@@ -43,9 +43,6 @@ def open_store(store: StoreAPI | str | os.PathLike[str] | None = None,
         store = os.environ.get(STORE_ENV) or None
     if store is None:
         return HistoryStore(sessions_dir if sessions_dir is not None else default_sessions_dir(), **options)
-    if is_postgres_url(store) and "encryption_key" in options:
-        raise SessionError("encryption at rest is not available with the PostgreSQL store yet; use a sessions "
-                           "folder, or PostgreSQL's own encryption (docs/encryption.md)")
     if is_postgres_url(store):
         try:
             from ._postgres import PostgresStore

@@ -71,10 +71,12 @@ import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._exceptions import (
+    EncryptionKeyError,
     SessionError,
     SessionFormatError,
     SessionLockedError,
@@ -83,9 +85,12 @@ from .._exceptions import (
 )
 from .._runtime import Deadline, run_in_background, schedule
 from ._api import SNIPPET_CHARS, SearchHit, SessionInfo, make_snippet
+from ._crypto import Keyring, SessionCipher, load_key, register_directory
 from ._durability import resolve_durability
-from ._file import encode_json
+from ._file import encode_json, search_record
 from ._ids import SESSION_ID_RE, validate_session_id
+from ._kvpaths import host_kv_dir
+from ._postgres_sealing import open_field, open_message, open_summary, seal_field, seal_message, seal_summary
 from ._record import (
     ROLES,
     MessageDict,
@@ -178,6 +183,11 @@ ALTER TABLE {s}.messages DROP CONSTRAINT IF EXISTS messages_role_check;
 ALTER TABLE {s}.messages ADD CONSTRAINT messages_role_check
     CHECK (role IN ('system', 'user', 'assistant', 'tool'));
 ALTER TABLE {s}.messages ADD COLUMN extra json;
+"""),
+    # Encryption at rest (docs/encryption.md, _postgres_sealing.py): the session's data key,
+    # wrapped by the user's key; NULL for a plain session.
+    ("0005_encryption", """
+ALTER TABLE {s}.sessions ADD COLUMN data_key bytea;
 """),
 ]
 
@@ -278,9 +288,16 @@ def check_meta(meta: dict[str, Any] | None) -> dict[str, Any] | None:
     return meta
 
 
-def message_rows(messages: list[MessageDict]) -> dict[str, list[Any]]:
-    """The column arrays of an insert of ``messages`` (PostgreSQL text cannot hold NUL: such a
-    content is stored as its JSON string literal, flagged)."""
+def message_rows(messages: list[MessageDict], cipher: SessionCipher | None = None,
+                 base: int = 0) -> dict[str, list[Any]]:
+    """The column arrays of an insert of ``messages``, the first at index ``base`` (PostgreSQL
+    text cannot hold NUL: such a content is stored as its JSON string literal, flagged).  In an
+    encrypted session each message is sealed whole into ``content`` (_postgres_sealing.py)."""
+    if cipher is not None:
+        n = len(messages)
+        return {"roles": [m["role"] for m in messages],
+                "contents": [seal_message(cipher, base + i, m, encode_json) for i, m in enumerate(messages)],
+                "as_json": [False] * n, "interrupted": [False] * n, "extra": [None] * n}
     roles: list[str] = []
     contents: list[str] = []
     as_json: list[bool] = []
@@ -330,7 +347,8 @@ class AppendBatch:
 
 
 def build_append(session_id: str, holder: str, gen: int, ttl: float, record: SessionRecord,
-                 set_title: bool, start: int, encoded_sizes: list[int]) -> AppendBatch:
+                 set_title: bool, start: int, encoded_sizes: list[int],
+                 cipher: SessionCipher | None = None) -> AppendBatch:
     """Parameters of the append statement for ``record.messages[start:]``; ``set_title``: the
     title was given since the last durable write (else the stored one is kept: a rename made
     while this writer's lease had lapsed is not undone by it)."""
@@ -340,10 +358,11 @@ def build_append(session_id: str, holder: str, gen: int, ttl: float, record: Ses
         "end": start + len(new), "turns": count_turns(new),
         "bytes": history_bytes(encoded_sizes[start:start + len(new)]),
         "updated_at": record.updated_at or now_iso(), "llm_model": record.llm_model,
-        "system_prompt": record.system_prompt, "set_title": set_title, "title": record.title,
-        "first": _first_user_line(new),
-        "summary": None if record.summary is None else json.dumps(record.summary, ensure_ascii=False),
-        **message_rows(new),
+        "system_prompt": seal_field(cipher, "system_prompt", record.system_prompt), "set_title": set_title,
+        "title": seal_field(cipher, "title", record.title),
+        "first": seal_field(cipher, "first_user_line", _first_user_line(new)),
+        "summary": seal_summary(cipher, record.summary),
+        **message_rows(new, cipher, start),
     }
     return AppendBatch(params, start + len(new))
 
@@ -360,10 +379,11 @@ class RewindPlan:
     new_rows: dict[str, Any]    # message_rows() of the replacement
     new_end: int
     session: dict[str, Any]     # the parameters of Sql.rewound
+    cipher: SessionCipher | None = None
 
     def pending_rows(self, count: int) -> dict[str, Any]:
         """The insert of ``old[count:]``: appends not yet durable, written first."""
-        return {"id": self.session["id"], "base": count, **message_rows(self.old[count:])}
+        return {"id": self.session["id"], "base": count, **message_rows(self.old[count:], self.cipher, count)}
 
     def withdraw(self) -> dict[str, Any]:
         return {"id": self.session["id"], "seq": self.seq, "at": self.at, "start": self.start}
@@ -390,16 +410,18 @@ def plan_rewind(writer: Any, start: int, messages: list[MessageDict] | None,
     after.updated_at = at
     sizes = writer.sizes()[:start] + [message_size(m) for m in new]
     set_title = writer.title_dirty or bool(meta and "title" in meta)
+    cipher: SessionCipher | None = writer.cipher
     session = {
         "id": record.session_id, "end": len(after.messages), "turns": count_turns(after.messages),
         "bytes": history_bytes(sizes), "updated_at": at, "llm_model": after.llm_model,
-        "system_prompt": after.system_prompt, "set_title": set_title, "title": after.title,
-        "summary": None if after.summary is None else json.dumps(after.summary, ensure_ascii=False),
-        "first": _first_user_line(after.messages), "ttl": writer.store.lease_ttl_s,
+        "system_prompt": seal_field(cipher, "system_prompt", after.system_prompt), "set_title": set_title,
+        "title": seal_field(cipher, "title", after.title), "summary": seal_summary(cipher, after.summary),
+        "first": seal_field(cipher, "first_user_line", _first_user_line(after.messages)),
+        "ttl": writer.store.lease_ttl_s,
     }
     plan = RewindPlan(seq=len(record.undone) + 1, start=start, at=at, old=list(record.messages),
-                      durable=writer.durable, new_rows=message_rows(new), new_end=len(after.messages),
-                      session=session)
+                      durable=writer.durable, new_rows=message_rows(new, cipher, start), new_end=len(after.messages),
+                      session=session, cipher=cipher)
     return plan, after, sizes
 
 
@@ -455,10 +477,12 @@ def like_pattern(text: str) -> tuple[str, str | None, str]:
     return pattern, (r"\s+".join(regex(w) for w in words) if len(words) > 1 else None), " ".join(words)
 
 
-def search_hits(rows: Iterable[tuple[Any, ...]], needle: str, limit: int) -> list[SearchHit]:
-    """``SearchHit``s of the search statement's rows (id, title, updated_at, idx, role, text, as_json)."""
-    hits: list[SearchHit] = []
-    for session_id, title, updated_at, idx, role, text, as_json in rows:
+def search_hits(rows: Iterable[tuple[Any, ...]], needle: str, limit: int) -> list[tuple[float, SearchHit]]:
+    """``SearchHit``s of the search statement's rows (id, title, updated_at, idx, role, text,
+    as_json, updated_ts), each with its session's ``updated_ts`` (to merge with the hits in
+    encrypted sessions, found by the client)."""
+    hits: list[tuple[float, SearchHit]] = []
+    for session_id, title, updated_at, idx, role, text, as_json, ts in rows:
         if as_json:
             text = json.loads(text)
         snippet = make_snippet(text, needle)
@@ -468,8 +492,8 @@ def search_hits(rows: Iterable[tuple[Any, ...]], needle: str, limit: int) -> lis
             # PostgreSQL's ILIKE folds case by its own rules (ß, final sigma): the text's start.
             flat = " ".join(text.split())
             snippet = flat[:SNIPPET_CHARS] + ("…" if len(flat) > SNIPPET_CHARS else "")
-        hits.append(SearchHit(session_id=session_id, title=title, updated_at=updated_at, index=idx, role=role,
-                              snippet=snippet))
+        hits.append((ts, SearchHit(session_id=session_id, title=title, updated_at=updated_at, index=idx, role=role,
+                                   snippet=snippet)))
         if len(hits) >= limit:
             break
     return hits
@@ -521,8 +545,9 @@ SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM m)"""
                      "WHERE id = %(id)s AND (holder IS NULL OR lease_expires <= now()) "
                      "RETURNING lease_gen, message_count")
         self.create = (f"INSERT INTO {s}.sessions (id, created_at, updated_at, llm_model, holder, lease_gen, "
-                       "lease_expires) VALUES (%(id)s, %(created_at)s, %(created_at)s, %(llm_model)s, %(holder)s, 1, "
-                       "now() + make_interval(secs => %(ttl)s::float8)) ON CONFLICT (id) DO NOTHING RETURNING id")
+                       "lease_expires, data_key) VALUES (%(id)s, %(created_at)s, %(created_at)s, %(llm_model)s, "
+                       "%(holder)s, 1, now() + make_interval(secs => %(ttl)s::float8), %(data_key)s) "
+                       "ON CONFLICT (id) DO NOTHING RETURNING id")
         self.ids_like = f"SELECT id FROM {s}.sessions WHERE id = %s OR id LIKE %s"
         # Release: a session closed without a single message leaves nothing behind (as a file
         # session does); otherwise only the lease is cleared.
@@ -552,7 +577,7 @@ SELECT -1 AS idx, NULL::text, json_build_array(
     x.created_at, x.updated_at, x.llm_model, x.system_prompt, x.title, x.summary, x.message_count,
     (SELECT coalesce(json_agg(json_build_object('at', u.at, 'start', u.start, 'messages', u.messages)
                               ORDER BY u.seq), '[]'::json)
-     FROM {s}.undone u WHERE u.session_id = x.id))::text, 0, NULL::text
+     FROM {s}.undone u WHERE u.session_id = x.id), encode(x.data_key, 'hex'))::text, 0, NULL::text
 FROM x
 UNION ALL
 SELECT m.idx, m.role, m.content, m.content_is_json::int * {_AS_JSON} + m.interrupted::int * {_INTERRUPTED},
@@ -599,15 +624,32 @@ WHERE id = %(id)s"""
         self.newest_with_turns = (f"SELECT id FROM {s}.sessions WHERE turns > 0 AND NOT (id = ANY(%s::text[])) "
                                   "ORDER BY updated_ts DESC, id DESC LIMIT 1")
         self.list = (f"SELECT id, created_at, updated_at, llm_model, turns, message_count, bytes, first_user_line, "
-                     f"title FROM {s}.sessions WHERE message_count > 0 ORDER BY updated_ts DESC, id DESC")
+                     f"title, data_key FROM {s}.sessions WHERE message_count > 0 ORDER BY updated_ts DESC, id DESC")
+        # Encrypted sessions are searched by the client (the server cannot read them).
+        self.encrypted_ids = (f"SELECT id, extract(epoch FROM updated_ts)::float8 FROM {s}.sessions "
+                              "WHERE data_key IS NOT NULL AND message_count > 0 ORDER BY updated_ts DESC, id DESC")
+        self.title_state = f"SELECT data_key, title FROM {s}.sessions WHERE id = %s"
+        # rekey: the row locked, only when nobody holds the session; then every sealed value anew.
+        self.lock_idle = (f"SELECT data_key FROM {s}.sessions WHERE id = %s "
+                          "AND (holder IS NULL OR lease_expires <= now()) FOR UPDATE")
+        self.reseal_messages = (
+            f"UPDATE {s}.messages m SET content = t.content, content_is_json = false, interrupted = false, "
+            "extra = NULL FROM unnest(%(idx)s::int[], %(contents)s::text[]) AS t(idx, content) "
+            "WHERE m.session_id = %(id)s AND m.idx = t.idx")
+        self.reseal_undone = (f"UPDATE {s}.undone u SET messages = t.messages FROM unnest(%(seq)s::int[], "
+                              "%(messages)s::json[]) AS t(seq, messages) WHERE u.session_id = %(id)s AND u.seq = t.seq")
+        self.reseal_session = (f"UPDATE {s}.sessions SET data_key = %(data_key)s, system_prompt = %(system_prompt)s, "
+                               "title = %(title)s, summary = %(summary)s::jsonb, first_user_line = %(first)s "
+                               "WHERE id = %(id)s")
         self.delete = (f"DELETE FROM {s}.sessions WHERE id = %s AND (holder IS NULL OR lease_expires <= now()) "
                        "AND (%s::float8 IS NULL OR updated_ts < to_timestamp(%s::float8)) RETURNING id")
         self.is_locked = (f"SELECT holder IS NOT NULL AND lease_expires > now() FROM {s}.sessions WHERE id = %s")
         self.import_session = (
             f"INSERT INTO {s}.sessions (id, created_at, updated_at, updated_ts, llm_model, system_prompt, summary, "
-            "title, turns, message_count, bytes, first_user_line) VALUES (%(id)s, %(created_at)s, %(updated_at)s, "
-            "coalesce(to_timestamp(%(updated_epoch)s::float8), now()), %(llm_model)s, %(system_prompt)s, "
-            "%(summary)s::jsonb, %(title)s, %(turns)s, %(count)s, %(bytes)s, %(first)s) "
+            "title, turns, message_count, bytes, first_user_line, data_key) VALUES (%(id)s, %(created_at)s, "
+            "%(updated_at)s, coalesce(to_timestamp(%(updated_epoch)s::float8), now()), %(llm_model)s, "
+            "%(system_prompt)s, %(summary)s::jsonb, %(title)s, %(turns)s, %(count)s, %(bytes)s, %(first)s, "
+            "%(data_key)s) "
             "ON CONFLICT (id) DO NOTHING RETURNING id")
         self.import_undone = (
             f"INSERT INTO {s}.undone (session_id, seq, at, start, messages) "
@@ -621,14 +663,15 @@ WHERE id = %(id)s"""
 
 def _search_statement(s: str, collate: str) -> str:
     return f"""
-SELECT h.id, h.title, h.updated_at, h.idx, h.role, h.text, h.as_json FROM (
+SELECT h.id, h.title, h.updated_at, h.idx, h.role, h.text, h.as_json, extract(epoch FROM h.updated_ts)::float8
+FROM (
     SELECT x.id, x.title, x.updated_at, x.updated_ts, -1 AS idx, 'title' AS role, x.title AS text, false AS as_json
     FROM {s}.sessions x
-    WHERE x.message_count > 0 AND x.title{collate} ILIKE %(like)s
+    WHERE x.message_count > 0 AND x.data_key IS NULL AND x.title{collate} ILIKE %(like)s
       AND (%(re)s::text IS NULL OR x.title{collate} ~* %(re)s::text)
     UNION ALL
     SELECT x.id, x.title, x.updated_at, x.updated_ts, m.idx, m.role, m.content, m.content_is_json
-    FROM {s}.messages m JOIN {s}.sessions x ON x.id = m.session_id
+    FROM {s}.messages m JOIN {s}.sessions x ON x.id = m.session_id AND x.data_key IS NULL
     WHERE m.content{collate} ILIKE %(like)s AND (%(re)s::text IS NULL OR m.content{collate} ~* %(re)s::text)
 ) h
 ORDER BY h.updated_ts DESC, h.id DESC, h.idx
@@ -644,29 +687,53 @@ def _odd_message(role: str, content: str, flags: int, extra: str | None) -> Mess
     return m
 
 
-def parse_load(session_id: str, rows: list[tuple[Any, ...]]) -> SessionRecord | None:
-    """The record of a ``Sql.load`` result (sorted here, in place), or None when there is no
-    such session."""
+def parse_load(session_id: str, rows: list[tuple[Any, ...]], keyring: Keyring | None = None,
+               where: str = "") -> tuple[SessionRecord, SessionCipher | None] | None:
+    """The record of a ``Sql.load`` result (sorted here, in place) and, for an encrypted
+    session, its cipher; None when there is no such session.  An encrypted session without its
+    key is an ``EncryptionKeyError``; a sealed value that fails authentication a
+    ``SessionFormatError``: nothing altered is ever returned."""
     rows.sort(key=_BY_INDEX)
     if not rows or rows[0][0] != -1:
         return None
+    where = where or f"session {session_id}"
     try:
         fields = json.loads(rows[0][2])
-        created_at, updated_at, llm_model, system_prompt, title, summary, count, undone = fields
-        # Most messages are plain {role, content}: built in one comprehension, the rest aside.
-        messages: list[MessageDict] = [
-            {"role": role, "content": content} if not flags and extra is None
-            else _odd_message(role, content, flags, extra)
-            for _, role, content, flags, extra in rows[1:]
-        ]
+        created_at, updated_at, llm_model, system_prompt, title, summary, count, undone, data_key = fields
+    except (ValueError, TypeError) as exc:  # pragma: no cover - the server builds the row
+        raise SessionFormatError(f"{where}: stored session is not readable ({exc})") from exc
+    cipher = None if data_key is None else _cipher(keyring, bytes.fromhex(data_key), session_id, where)
+    try:
+        if cipher is None:
+            # Most messages are plain {role, content}: built in one comprehension, the rest aside.
+            messages: list[MessageDict] = [
+                {"role": role, "content": content} if not flags and extra is None
+                else _odd_message(role, content, flags, extra)
+                for _, role, content, flags, extra in rows[1:]
+            ]
+        else:
+            messages = [open_message(cipher, idx, role, content, where) for idx, role, content, _f, _e in rows[1:]]
+            system_prompt = open_field(cipher, "system_prompt", system_prompt)
+            title = open_field(cipher, "title", title)
+            summary = open_summary(cipher, summary)
+            undone = [{**u, "messages": [open_message(cipher, u["start"] + i, m.get("role"), m.get("content"), where)
+                                         for i, m in enumerate(u["messages"])]} for u in undone]
         record = SessionRecord(session_id=session_id, llm_model=llm_model, created_at=created_at,
                                updated_at=updated_at or created_at, messages=messages, system_prompt=system_prompt,
                                summary=validate_summary(summary), title=title, undone=validate_undone(undone))
-    except (ValueError, TypeError) as exc:  # pragma: no cover - the server builds the row
-        raise SessionFormatError(f"session {session_id}: stored session is not readable ({exc})") from exc
-    if len(messages) != count:  # pragma: no cover - one snapshot: they always agree
-        raise SessionFormatError(f"session {session_id}: {count} messages counted, {len(messages)} stored")
-    return record
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SessionFormatError(f"{where}: stored session is not readable ({exc})") from exc
+    if len(messages) != count or [r[0] for r in rows[1:]] != list(range(count)):
+        raise SessionFormatError(f"{where}: {count} messages counted, {len(messages)} stored")
+    return record, cipher
+
+
+def _cipher(keyring: Keyring | None, wrapped: bytes, session_id: str, where: str) -> SessionCipher:
+    """An encrypted session's cipher; ``EncryptionKeyError`` without its key."""
+    if keyring is None:
+        raise EncryptionKeyError(f"{where} is encrypted; give its key (encryption_key=..., --key-file PATH or "
+                                 "$CONVERSATION_SESSION_KEY_FILE)")
+    return keyring.cipher(wrapped, session_id, where)
 
 
 def new_holder() -> str:
@@ -683,9 +750,11 @@ def locked_error(session_id: str, holder: str | None, remaining: float | None) -
     )
 
 
-def import_params(record: SessionRecord) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
-    """The statements' parameters for storing a whole record (the id filled in later): the
-    session row, its messages, its undone entries (None if it has none)."""
+def import_params(record: SessionRecord, cipher: SessionCipher | None = None
+                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """The statements' parameters for storing a whole record (the id filled in later, except in
+    an encrypted session, whose values are sealed for ``cipher.session_id``): the session row,
+    its messages, its undone entries (None if it has none)."""
     try:
         checked = SessionRecord.from_dict(json.loads(encode_json(record.to_dict())))  # validated like a load
     except (ValueError, UnicodeEncodeError) as exc:
@@ -703,21 +772,34 @@ def import_params(record: SessionRecord) -> tuple[dict[str, Any], dict[str, Any]
     session = {
         "created_at": checked.created_at, "updated_at": checked.updated_at or checked.created_at,
         "updated_epoch": _parse_local_iso(checked.updated_at or checked.created_at),
-        "llm_model": checked.llm_model, "system_prompt": checked.system_prompt, "turns": count_turns(msgs),
-        "summary": None if checked.summary is None else json.dumps(checked.summary, ensure_ascii=False),
-        "title": title, "count": len(msgs), "bytes": history_bytes([message_size(m) for m in msgs]),
-        "first": _first_user_line(msgs),
+        "llm_model": checked.llm_model, "system_prompt": seal_field(cipher, "system_prompt", checked.system_prompt),
+        "turns": count_turns(msgs), "summary": seal_summary(cipher, checked.summary),
+        "title": seal_field(cipher, "title", title), "count": len(msgs),
+        "bytes": history_bytes([message_size(m) for m in msgs]),
+        "first": seal_field(cipher, "first_user_line", _first_user_line(msgs)),
+        "data_key": None if cipher is None else cipher.wrapped,
     }
-    rows = {"base": 0, **message_rows(msgs)}
-    return session, rows, undone_rows(checked.undone)
+    rows = {"base": 0, **message_rows(msgs, cipher)}
+    return session, rows, undone_rows(checked.undone, cipher)
 
 
-def undone_rows(undone: list[UndoneDict]) -> dict[str, list[Any]] | None:
-    """The column arrays of the ``undone`` rows of an import (numbered from 1), or None."""
+def undone_rows(undone: list[UndoneDict], cipher: SessionCipher | None = None) -> dict[str, list[Any]] | None:
+    """The column arrays of the ``undone`` rows of an import (numbered from 1), or None.  In an
+    encrypted session each withdrawn message is sealed at the index it had, as the server's
+    copy of a sealed row would be."""
     if not undone:
         return None
     return {"at": [u["at"] for u in undone], "start": [u["start"] for u in undone],
-            "messages": [encode_json(u["messages"]) for u in undone]}
+            "messages": [encode_json(sealed_undone(u, cipher)) for u in undone]}
+
+
+def sealed_undone(entry: UndoneDict, cipher: SessionCipher | None) -> list[Any]:
+    """An undone entry's messages as stored: as they are, or (encrypted) each one's role and
+    sealed whole at its index."""
+    if cipher is None:
+        return list(entry["messages"])
+    return [{"role": m["role"], "content": seal_message(cipher, entry["start"] + i, m, encode_json)}
+            for i, m in enumerate(entry["messages"])]
 
 
 def import_candidates(preferred: str | None) -> Iterator[str]:
@@ -756,6 +838,10 @@ class PostgresStore:
         statement_timeout_s: a statement running longer is cancelled (the append returns False).
         connect_timeout_s: how long to wait for a connection before giving up.
         schema: the schema holding the tables (created on first use).
+        durability: ``"power"`` or ``"process"`` (docs/durability.md); default
+            ``$CONVERSATION_SESSION_DURABILITY``, else ``"power"``.
+        encryption_key: the 32 key bytes or a key file's path (default
+            ``$CONVERSATION_SESSION_KEY_FILE``): new sessions are encrypted (docs/encryption.md).
     """
 
     # Each append is a round trip to the server: the async session runs it off the event loop.
@@ -764,7 +850,7 @@ class PostgresStore:
     def __init__(self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE, lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
                  statement_timeout_s: float = DEFAULT_STATEMENT_TIMEOUT_S,
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, schema: str = DEFAULT_SCHEMA,
-                 durability: str | None = None):
+                 durability: str | None = None, encryption_key: bytes | str | os.PathLike[str] | None = None):
         if lease_ttl_s <= 0 or statement_timeout_s <= 0 or connect_timeout_s <= 0 or pool_size < 1:
             raise ValueError("pool_size, lease_ttl_s, statement_timeout_s and connect_timeout_s must be positive")
         self.url = url
@@ -784,6 +870,19 @@ class PostgresStore:
         self._search_sql: str | None = None  # with ICU case folding when the server has it
         self.durability = resolve_durability(durability)  # its writers' level (each may change it)
         self._levels: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        key = load_key(encryption_key)
+        self.keyring: Keyring | None = Keyring(key) if key is not None else None
+        if self.keyring is not None:
+            register_directory(host_kv_dir(self._description), self.keyring)  # this host's KV files
+
+    @property
+    def encrypted(self) -> bool:
+        """New sessions are encrypted (a key was given)."""
+        return self.keyring is not None
+
+    def kv_path(self, session_id: str) -> Path:
+        """Where this host keeps a session's KV cache file (the history is in the database)."""
+        return host_kv_dir(self._description) / f"{validate_session_id(session_id)}.kv"
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresStore:
@@ -917,18 +1016,21 @@ class PostgresStore:
         record = SessionRecord(session_id=base, llm_model=llm_model)
         preferred = None if session_id is None else validate_session_id(session_id)
 
-        def run(conn: psycopg.Connection[Any]) -> str:
+        def run(conn: psycopg.Connection[Any]) -> tuple[str, SessionCipher | None]:
             taken = {r[0] for r in conn.execute(self.sql.ids_like, (base, base.replace("_", r"\_") + r"\_%"))}
             for session_id in create_candidates(taken, base, preferred):
+                # The data key is bound to the id: one per candidate.
+                cipher = None if self.keyring is None else self.keyring.new_cipher(session_id)
                 row = conn.execute(self.sql.create, {"id": session_id, "created_at": record.created_at,
                                                      "llm_model": llm_model, "holder": holder,
-                                                     "ttl": self.lease_ttl_s}).fetchone()
+                                                     "ttl": self.lease_ttl_s,
+                                                     "data_key": None if cipher is None else cipher.wrapped}).fetchone()
                 if row:
-                    return session_id
+                    return session_id, cipher
             raise SessionError("no free session id")  # pragma: no cover
 
-        record.session_id = self._run("create a session", run)
-        return PostgresWriter(self, record, holder, gen=1, durable=0, persisted=False)
+        record.session_id, cipher = self._run("create a session", run)
+        return PostgresWriter(self, record, holder, gen=1, durable=0, persisted=False, cipher=cipher)
 
     def open(self, session_id: str) -> tuple[PostgresWriter, SessionRecord]:
         validate_session_id(session_id)
@@ -948,19 +1050,24 @@ class PostgresStore:
             return row[0], row[1], rows
 
         gen, count, rows = self._run("open a session", run)
-        record = parse_load(session_id, rows)
-        if record is None or len(record.messages) != count:  # pragma: no cover - one transaction
+        try:
+            loaded = parse_load(session_id, rows, self.keyring)
+        except BaseException:
+            _release(self, session_id, holder, gen, os.getpid())  # unreadable here: not held either
+            raise
+        if loaded is None or len(loaded[0].messages) != count:  # pragma: no cover - one transaction
             raise SessionFormatError(f"session {session_id}: changed while it was opened")
-        writer = PostgresWriter(self, record, holder, gen=gen, durable=count, persisted=True)
+        record, cipher = loaded
+        writer = PostgresWriter(self, record, holder, gen=gen, durable=count, persisted=True, cipher=cipher)
         return writer, record
 
     def load(self, session_id: str) -> SessionRecord:
         validate_session_id(session_id)
         rows = self._run("load a session", lambda conn: conn.execute(self.sql.load, {"id": session_id}).fetchall())
-        record = parse_load(session_id, rows)
-        if record is None:
+        loaded = parse_load(session_id, rows, self.keyring)
+        if loaded is None:
             raise SessionNotFoundError(f"no session {session_id} in {self._description}", session_id=session_id)
-        return record
+        return loaded[0]
 
     def load_newest(self, exclude: Iterable[str] = ()) -> SessionRecord | None:
         skip = list(exclude)
@@ -973,6 +1080,9 @@ class PostgresStore:
                 return self.load(row[0])
             except SessionNotFoundError:  # deleted in between
                 skip.append(row[0])
+            except (EncryptionKeyError, SessionFormatError) as exc:  # as the file store: skip what cannot be read
+                logger.warning("skipping session %s: %s", row[0], exc)
+                skip.append(row[0])
         return None
 
     def newest_first(self) -> list[str]:
@@ -980,9 +1090,20 @@ class PostgresStore:
 
     def list_sessions(self) -> list[SessionInfo]:
         rows = self._run("list sessions", lambda conn: conn.execute(self.sql.list).fetchall())
-        return [SessionInfo(session_id=r[0], location=f"{self._description}#{r[0]}", created_at=r[1],
-                            updated_at=r[2] or r[1], llm_model=r[3], turns=r[4], total_messages=r[5],
-                            size_bytes=r[6], first_user_line=r[7], title=r[8]) for r in rows]
+        return [self._info(r) for r in rows]
+
+    def _info(self, r: tuple[Any, ...]) -> SessionInfo:
+        first, title, sealed = r[7], r[8], r[9] is not None
+        if sealed:  # readable with the key; without it (or with another), a row that says so
+            try:
+                cipher = _cipher(self.keyring, bytes(r[9]), r[0], f"session {r[0]}")
+                first, title = open_field(cipher, "first_user_line", first), open_field(cipher, "title", title)
+            except (EncryptionKeyError, SessionFormatError) as exc:
+                logger.debug("listing %s without its text: %s", r[0], exc)
+                first, title = "(encrypted)", None
+        return SessionInfo(session_id=r[0], location=f"{self._description}#{r[0]}", created_at=r[1],
+                           updated_at=r[2] or r[1], llm_model=r[3], turns=r[4], total_messages=r[5],
+                           size_bytes=r[6], first_user_line=first or "", title=title, encrypted=sealed)
 
     def delete(self, session_id: str, *, idle_before: float | None = None) -> bool:
         """``StoreAPI.delete``; ``idle_before`` is checked in the same statement as the lease."""
@@ -1006,12 +1127,16 @@ class PostgresStore:
         raise locked_error(session_id, outcome[0], outcome[3])
 
     def import_record(self, record: SessionRecord) -> str:
-        session, rows, undone = import_params(record)
+        """``StoreAPI.import_record``; with a key, the session is stored encrypted."""
+        session, rows, undone = import_params(record)  # validated before anything is written
         preferred = record.session_id if SESSION_ID_RE.fullmatch(record.session_id) else None
 
         def run(conn: psycopg.Connection[Any]) -> str:
+            nonlocal session, rows, undone
             with conn.transaction():
                 for session_id in import_candidates(preferred):
+                    if self.keyring is not None:  # sealed for this very id
+                        session, rows, undone = import_params(record, self.keyring.new_cipher(session_id))
                     if conn.execute(self.sql.import_session, {**session, "id": session_id}).fetchone():
                         conn.execute(self.sql.insert_messages, {**rows, "id": session_id})
                         if undone is not None:
@@ -1028,7 +1153,13 @@ class PostgresStore:
 
         def run(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction():
-                if conn.execute(self.sql.set_title, {"title": clean, "id": session_id, "now": now_iso()}).fetchone():
+                stored: str | None = clean
+                row = conn.execute(self.sql.title_state, (session_id,)).fetchone()
+                if row is not None and row[0] is not None:  # encrypted: sealed (the same title stays as stored)
+                    cipher = _cipher(self.keyring, bytes(row[0]), session_id, f"session {session_id}")
+                    same = open_field(cipher, "title", row[1]) == clean
+                    stored = row[1] if same else seal_field(cipher, "title", clean)
+                if conn.execute(self.sql.set_title, {"title": stored, "id": session_id, "now": now_iso()}).fetchone():
                     return
                 state = conn.execute(self.sql.lease_state, (session_id,)).fetchone()
             if state is None:
@@ -1038,16 +1169,79 @@ class PostgresStore:
         self._run("rename a session", run)
 
     def search(self, text: str, *, limit: int = 50) -> list[SearchHit]:
+        """``StoreAPI.search``: the server searches plain sessions; encrypted ones (with the key)
+        are loaded and searched here, since the server cannot read them."""
         params, needle = search_params(text, limit)
         if params is None:
             return []
 
-        def run(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+        def run(conn: psycopg.Connection[Any]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
             if self._search_sql is None:
                 self._search_sql = self.sql.search_icu if conn.execute(self.sql.has_icu).fetchone() else self.sql.search
-            return conn.execute(self._search_sql, params).fetchall()
+            sealed = conn.execute(self.sql.encrypted_ids).fetchall() if self.keyring is not None else []
+            return conn.execute(self._search_sql, params).fetchall(), sealed
 
-        return search_hits(self._run("search sessions", run), needle, limit)
+        rows, sealed = self._run("search sessions", run)
+        found = search_hits(rows, needle, limit)
+        for session_id, ts in sealed:
+            try:
+                record = self.load(session_id)
+            except (SessionNotFoundError, EncryptionKeyError, SessionFormatError) as exc:
+                logger.debug("search: skipping %s: %s", session_id, exc)
+                continue
+            found.extend((ts, hit) for hit in search_record(record, needle, limit))
+        # Newest session first, then the title, then message order (as the statement orders).
+        found.sort(key=lambda p: (p[1].session_id, p[1].index))
+        found.sort(key=lambda p: (p[0], p[1].session_id), reverse=True)
+        return [hit for _, hit in found[:limit]]
+
+    def rekey(self, session_id: str) -> bool:
+        """Put a session under this store's key with a fresh data key (``sessions rekey``);
+        False if it already is.  A plain session is encrypted.  The store must also read the old
+        key (``keyring.also_read_with``).  ``SessionLockedError`` while someone has it open.
+
+        One transaction re-seals every value: a crash, ``kill -9`` or a lost connection rolls it
+        back, so the session is whole under the old key or the new one at every moment.  This
+        host's KV file of the session (under the old key) goes."""
+        keyring = self.keyring
+        if keyring is None:
+            raise SessionError("rekey needs the new key")
+        validate_session_id(session_id)
+        sql = self.sql
+
+        def run(conn: psycopg.Connection[Any]) -> bool:
+            with conn.transaction():
+                if conn.execute(sql.lock_idle, (session_id,)).fetchone() is None:
+                    state = conn.execute(sql.lease_state, (session_id,)).fetchone()
+                    if state is None:
+                        raise SessionNotFoundError(f"no session {session_id} in {self._description}",
+                                                   session_id=session_id)
+                    raise locked_error(session_id, state[0], state[3])
+                loaded = parse_load(session_id, conn.execute(sql.load, {"id": session_id}).fetchall(), keyring)
+                if loaded is None:  # pragma: no cover - the row is locked
+                    raise SessionNotFoundError(f"no session {session_id}", session_id=session_id)
+                record, old = loaded
+                if old is not None and old.key_id == keyring.key_id:
+                    return False
+                new = keyring.new_cipher(session_id)
+                msgs = record.messages
+                conn.execute(sql.reseal_messages, {"id": session_id, "idx": list(range(len(msgs))),
+                                                   "contents": message_rows(msgs, new)["contents"]})
+                if record.undone:
+                    conn.execute(sql.reseal_undone, {
+                        "id": session_id, "seq": list(range(1, len(record.undone) + 1)),
+                        "messages": [encode_json(sealed_undone(u, new)) for u in record.undone]})
+                conn.execute(sql.reseal_session, {
+                    "id": session_id, "data_key": new.wrapped,
+                    "system_prompt": seal_field(new, "system_prompt", record.system_prompt),
+                    "title": seal_field(new, "title", record.title), "summary": seal_summary(new, record.summary),
+                    "first": seal_field(new, "first_user_line", _first_user_line(msgs))})
+                return True
+
+        changed: bool = self._run("rekey a session", run)
+        if changed:
+            self.kv_path(session_id).unlink(missing_ok=True)
+        return changed
 
     def is_locked(self, session_id: str) -> bool:
         validate_session_id(session_id)
@@ -1251,8 +1445,9 @@ class PostgresWriter:
     """The one writer of an open session in PostgreSQL; holds its lease until ``close()``."""
 
     def __init__(self, store: PostgresStore, record: SessionRecord, holder: str, *, gen: int, durable: int,
-                 persisted: bool):
+                 persisted: bool, cipher: SessionCipher | None = None):
         self.store = store
+        self.cipher = cipher                    # an encrypted session's data key (_postgres_sealing.py)
         self._record = record
         self.holder = holder
         self.gen = gen
@@ -1361,7 +1556,7 @@ class PostgresWriter:
         try:
             self.durable = self.store.append_batch(self, lambda start: build_append(
                 self.session_id, self.holder, self.gen, self.store.lease_ttl_s, self._record, set_title,
-                start, sizes))
+                start, sizes, self.cipher))
         except _LeaseLost as exc:
             self._lost = str(exc)
             return self._write()
