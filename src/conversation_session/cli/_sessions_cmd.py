@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from .._exceptions import SessionError, SessionLockedError
 from ..stores import HistoryStore, open_store, validate_session_id
@@ -118,10 +118,9 @@ class _Commands:
     def rekey(self) -> int:
         """Every session under the key of ``--new-key-file``, each with a fresh data key; the
         old key (``--key-file``, or none for plain sessions) only reads."""
-        if not isinstance(self.store, HistoryStore):
-            raise CommandError(f"rekey works on a sessions folder, not {self.store.description}")
-        new = HistoryStore(self.store.directory, encryption_key=Path(self.args.new_key_file))
-        assert new.keyring is not None
+        new: Any = open_store(store_from(self.args), None, encryption_key=Path(self.args.new_key_file))
+        if not hasattr(new, "rekey"):
+            raise CommandError(f"rekey works on a sessions folder or PostgreSQL, not {self.store.description}")
         old = load_key(getattr(self.args, "key_file", None))
         if old is not None:
             new.keyring.also_read_with(old)
