@@ -319,3 +319,36 @@ def test_a_file_session_moves_to_postgresql_encrypted(pg_server, pg_url, key_fil
         new_id = store.import_record(record)
         assert store.load(new_id).messages == record.messages
     _assert_absent(_raw_database(pg_server, pg_url), canary)
+
+
+# -- the service ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["postgresql", "folder"])
+def test_serve_with_a_key_stores_nothing_readable_real_process(pg_server, pg_url, key_file, sessions_dir, canary,
+                                                               where):
+    """Native sessions with a persona, and the Ollama API's chat: neither the store nor the
+    service's ownership table (which keeps a persona until the first turn) holds plaintext."""
+    import httpx
+
+    from test_service import service
+
+    store = ("--store", pg_url) if where == "postgresql" else ()
+    with service(sessions_dir, *store, "--key-file", str(key_file)) as srv:
+        made = httpx.post(f"{srv.url}/v1/sessions", json={"system_prompt": f"persona {canary}"}, timeout=10)
+        assert made.status_code in (200, 201), made.text
+        sid = made.json()["session_id"]
+        idle = httpx.post(f"{srv.url}/v1/sessions", json={"system_prompt": f"idle persona {canary}"}, timeout=10)
+        assert idle.status_code in (200, 201), idle.text  # no turn yet: the persona is only in the table
+        reply = httpx.post(f"{srv.url}/v1/sessions/{sid}/messages", json={"text": f"served {canary}"}, timeout=30)
+        assert reply.status_code == 200 and reply.json()["figures"]["saved"], reply.text
+        ollama = httpx.post(f"{srv.url}/api/chat", timeout=30, json={
+            "model": "fake", "stream": False, "messages": [{"role": "user", "content": f"ollama {canary}"}]})
+        assert ollama.status_code == 200, ollama.text
+        listed = httpx.get(f"{srv.url}/v1/sessions", timeout=10).json()["sessions"]
+        assert f"served {canary}" in [x["first_user_line"] for x in listed]
+        got = httpx.get(f"{srv.url}/v1/sessions/{sid}", timeout=10).json()
+        assert canary in json.dumps(got)  # read back through the key
+        if where == "postgresql":
+            _assert_absent(_raw_database(pg_server, pg_url), canary)
+        for p in sessions_dir.rglob("*"):
+            if p.is_file():
+                _assert_absent({p.name: p.read_bytes()}, canary)

@@ -30,6 +30,7 @@ from ._errors import ApiError
 from ._log import session_id_var
 from ._owners import FileOwners, OwnerTable, PostgresOwners
 from ._registry import Registry
+from ._sealed_owners import SealedOwners
 
 __all__ = ['ServiceState', 'make_backend', 'make_owners', 'make_store', 'state_of']
 
@@ -53,6 +54,12 @@ def make_store(config: ServiceConfig) -> StoreAPI:
 
 
 def make_owners(store: StoreAPI, config: ServiceConfig) -> OwnerTable:
+    table = _owner_table(store)
+    keyring = getattr(store, "keyring", None)
+    return table if keyring is None else SealedOwners(table, keyring)  # personas sealed like the sessions
+
+
+def _owner_table(store: StoreAPI) -> OwnerTable:
     if isinstance(store, HistoryStore):
         return FileOwners(store.directory)
     url = getattr(store, "url", None)
