@@ -317,3 +317,26 @@ def test_search_folds_case_beyond_ascii_and_skips_sessions_without_messages(stor
 
 
 # -- async -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_search_only_within_the_given_sessions(pg_url, tmp_path, keyed):
+    """``only=``: the service searches a caller's own sessions, however many hits others hold
+    (plain sessions by the server, encrypted ones by the client)."""
+    from conversation_session.cli import main as cli_main
+
+    key = None
+    if keyed:
+        key = tmp_path / "key"
+        assert cli_main(["keygen", str(key)]) == 0
+    with PostgresStore(pg_url, encryption_key=key) as s:
+        ids = []
+        for n in range(3):
+            w = s.create("m")
+            w.append(0, _turn(n, " okapi"), {"title": f"okapi {n}"})
+            w.close()
+            ids.append(w.session_id)
+        assert {h.session_id for h in s.search("okapi")} == set(ids)
+        assert [(h.session_id, h.index) for h in s.search("okapi", only=[ids[1]])] == [
+            (ids[1], -1), (ids[1], 0), (ids[1], 1)]
+        assert s.search("okapi", only=[]) == []

@@ -228,3 +228,19 @@ def test_page_assets_are_in_the_package() -> None:
     for name in ("index.html", "app.js", "app.css"):
         assert (root / "src/conversation_session/service/web" / name).is_file()
     assert "service/web/*.js" in pyproject and "service/web/*.html" in pyproject
+
+
+def test_search_finds_the_callers_hit_behind_many_in_sessions_that_are_not_theirs(
+        server: ServiceProcess, client: httpx.Client) -> None:
+    """The store is searched within the caller's own sessions: hits in others' sessions (here a
+    newer session with 600 matching messages, made by the chat app in the same folder) never
+    crowd the caller's out."""
+    from conversation_session.testing import seed_session
+
+    sid = new_session(client)
+    resp = client.post(f"/v1/sessions/{sid}/messages", json={"text": "OKAPI-mine"})
+    assert resp.status_code == 200, resp.text
+    seed_session(server.sessions_dir, [{"role": "user" if i % 2 == 0 else "assistant", "content": f"okapi-{i}"}
+                                       for i in range(600)])
+    hits = client.get("/v1/search", params={"q": "okapi"}).json()["hits"]
+    assert {h["session_id"] for h in hits} == {sid} and 0 in [h["index"] for h in hits]

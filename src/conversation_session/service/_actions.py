@@ -264,7 +264,7 @@ async def search_sessions(request: Request) -> Response:
     store, owners = st.tables()
     mine = {e.get("store_id"): sid for sid, e in await st.io(owners.list, owner) if e.get("store_id")}
     try:
-        hits = await st.io(lambda: store.search(text, limit=500))
+        hits = await st.io(lambda: store.search(text, limit=100, only=list(mine)))
     except (SessionError, ValueError) as exc:
         raise turn_error(exc) from None
     out = [{"session_id": mine[h.session_id], "title": h.title, "updated_at": h.updated_at, "index": h.index,

@@ -48,7 +48,7 @@ Ids
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -195,10 +195,11 @@ class StoreAPI(Protocol):
         Raises ``SessionNotFoundError``, ``SessionLockedError`` (its writer sets it instead, with
         ``append(meta={"title": ...})``).  The title is cleaned by ``clean_title()``."""
 
-    def search(self, text: str, *, limit: int = 50) -> list[SearchHit]:
+    def search(self, text: str, *, limit: int = 50, only: Collection[str] | None = None) -> list[SearchHit]:
         """Where ``text`` occurs (case-insensitively; whitespace runs match any whitespace) in
         titles and messages, newest session first, in message order within a session, at most
-        ``limit`` hits.  Blank text is a ``ValueError``.  Reads each session at most once."""
+        ``limit`` hits.  ``only``: search these sessions alone (the service: a caller's own).
+        Blank text is a ``ValueError``.  Reads each session at most once."""
 
     def is_locked(self, session_id: str) -> bool:
         """True while some writer holds the session's lease."""

@@ -41,7 +41,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -966,7 +966,7 @@ class HistoryStore:
         finally:
             writer.close()
 
-    def search(self, text: str, *, limit: int = 50) -> list[SearchHit]:
+    def search(self, text: str, *, limit: int = 50, only: Collection[str] | None = None) -> list[SearchHit]:
         """Sessions whose title or messages hold ``text`` (see ``StoreAPI.search``).
 
         Each session's files are read once; only those whose bytes contain every word of the
@@ -977,7 +977,10 @@ class HistoryStore:
         needle = " ".join(words)
         plain = [w.casefold() for w in words if not any(c in w for c in '"\\') and w.isprintable()]
         hits: list[SearchHit] = []
+        wanted = None if only is None else set(only)
         for session_id in self.newest_first():
+            if wanted is not None and session_id not in wanted:
+                continue
             if len(hits) >= limit:
                 break
             try:

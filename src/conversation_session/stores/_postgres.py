@@ -69,7 +69,7 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -627,7 +627,9 @@ WHERE id = %(id)s"""
                      f"title, data_key FROM {s}.sessions WHERE message_count > 0 ORDER BY updated_ts DESC, id DESC")
         # Encrypted sessions are searched by the client (the server cannot read them).
         self.encrypted_ids = (f"SELECT id, extract(epoch FROM updated_ts)::float8 FROM {s}.sessions "
-                              "WHERE data_key IS NOT NULL AND message_count > 0 ORDER BY updated_ts DESC, id DESC")
+                              "WHERE data_key IS NOT NULL AND message_count > 0 "
+                              "AND (%(only)s::text[] IS NULL OR id = ANY(%(only)s::text[])) "
+                              "ORDER BY updated_ts DESC, id DESC")
         self.title_state = f"SELECT data_key, title FROM {s}.sessions WHERE id = %s"
         # rekey: the row locked, only when nobody holds the session; then every sealed value anew.
         self.lock_idle = (f"SELECT data_key FROM {s}.sessions WHERE id = %s "
@@ -668,11 +670,13 @@ FROM (
     SELECT x.id, x.title, x.updated_at, x.updated_ts, -1 AS idx, 'title' AS role, x.title AS text, false AS as_json
     FROM {s}.sessions x
     WHERE x.message_count > 0 AND x.data_key IS NULL AND x.title{collate} ILIKE %(like)s
+      AND (%(only)s::text[] IS NULL OR x.id = ANY(%(only)s::text[]))
       AND (%(re)s::text IS NULL OR x.title{collate} ~* %(re)s::text)
     UNION ALL
     SELECT x.id, x.title, x.updated_at, x.updated_ts, m.idx, m.role, m.content, m.content_is_json
     FROM {s}.messages m JOIN {s}.sessions x ON x.id = m.session_id AND x.data_key IS NULL
     WHERE m.content{collate} ILIKE %(like)s AND (%(re)s::text IS NULL OR m.content{collate} ~* %(re)s::text)
+      AND (%(only)s::text[] IS NULL OR m.session_id = ANY(%(only)s::text[]))
 ) h
 ORDER BY h.updated_ts DESC, h.id DESC, h.idx
 LIMIT %(limit)s"""
@@ -1168,17 +1172,19 @@ class PostgresStore:
 
         self._run("rename a session", run)
 
-    def search(self, text: str, *, limit: int = 50) -> list[SearchHit]:
+    def search(self, text: str, *, limit: int = 50, only: Collection[str] | None = None) -> list[SearchHit]:
         """``StoreAPI.search``: the server searches plain sessions; encrypted ones (with the key)
         are loaded and searched here, since the server cannot read them."""
         params, needle = search_params(text, limit)
         if params is None:
             return []
+        params["only"] = None if only is None else list(only)
 
         def run(conn: psycopg.Connection[Any]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
             if self._search_sql is None:
                 self._search_sql = self.sql.search_icu if conn.execute(self.sql.has_icu).fetchone() else self.sql.search
-            sealed = conn.execute(self.sql.encrypted_ids).fetchall() if self.keyring is not None else []
+            sealed = (conn.execute(self.sql.encrypted_ids, params).fetchall()
+                      if self.keyring is not None else [])
             return conn.execute(self._search_sql, params).fetchall(), sealed
 
         rows, sealed = self._run("search sessions", run)
