@@ -106,6 +106,8 @@ CASES: dict[str, tuple[list[str], list[object]]] = {
                                                            "### Load cost (median / p99)", *_persistence_peers()]),
     "bench_persistence_profile": (["bench/bench_persistence.py", "--profile"], ["steps of append(), timed alone",
                                                                                 "steps of load, timed alone"]),
+    "bench_pg_encryption": (["bench/bench_pg_encryption.py"], ["| PostgreSQL | plain | encrypted | ratio |",
+                                                               "| load 200 messages |"]),
     "bench_pgstore": (["bench/bench_pgstore.py"], _pgstore_expected()),
     "bench_service": (["bench/bench_service.py"], ['"killed_worker": {', "OK: no turn lost, duplicated or reordered"]),
     "bench_service_audio": (["bench/bench_service_audio.py"], ["with ?audio=wav",
