@@ -148,7 +148,7 @@ def test_plain_sessions_stay_plain_with_a_key_and_new_ones_are_encrypted(pg_url,
         w.append(0, [{"role": "user", "content": "plain"}, {"role": "assistant", "content": "ok"}])
         w.close()
     with PostgresStore(pg_url, encryption_key=key_file) as keyed:
-        w, record = keyed.open(w.session_id)
+        w, _record = keyed.open(w.session_id)
         w.append(2, [{"role": "user", "content": "still plain"}, {"role": "assistant", "content": "ok"}])
         w.close()
         assert [i.encrypted for i in keyed.list_sessions()] == [False]
@@ -242,7 +242,7 @@ def _fill(url: str, key: Path | None, n: int) -> dict[str, list[str]]:
             w.append(0, [{"role": "user", "content": t} for t in texts], {"title": f"title {i}"})
             if i % 2:
                 w.rewind(2, [{"role": "user", "content": f"s{i} retried"}])
-                texts = texts[:2] + [f"s{i} retried"]
+                texts = [*texts[:2], f"s{i} retried"]
             w.close()
             out[w.session_id] = texts
     return out
@@ -352,3 +352,40 @@ def test_serve_with_a_key_stores_nothing_readable_real_process(pg_server, pg_url
         for p in sessions_dir.rglob("*"):
             if p.is_file():
                 _assert_absent({p.name: p.read_bytes()}, canary)
+
+
+# -- this host's KV file of a PostgreSQL session ----------------------------------------------------------
+@pytest.mark.model
+def test_the_kv_file_of_a_postgresql_session_is_encrypted_and_restored_with_the_key(pg_url, key_file, tmp_path,
+                                                                                   canary):
+    from helpers import run_python
+
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    sid = run_python(f"""
+        from conversation_session import ConversationSession
+        with ConversationSession(max_tokens=8, temperature=0, store={pg_url!r},
+                                 encryption_key={str(key_file)!r}) as s:
+            s.chat("Remember the word {canary}. " * 3)
+            print(s.session_id)
+    """, env=env).stdout.split()[-1]
+    [kv] = list((tmp_path / "cache").rglob(f"{sid}.kv"))
+    raw = kv.read_bytes()
+    assert raw[:4] == b"CSKE" and canary.encode() not in raw
+    resume = f"""
+        import json
+        from conversation_session import ConversationSession
+        with ConversationSession(max_tokens=4, temperature=0, store={pg_url!r}, encryption_key={{key}}) as s:
+            s.backend.reset_cache()
+            try:
+                s.load_history({sid!r})
+            except Exception as exc:
+                print(json.dumps({{"error": type(exc).__name__}}))
+            else:
+                s.chat("Which word?")
+                st = s.get_cache_stats()
+                print(json.dumps({{"restored": st.get("kv_restored")}}))
+    """
+    with_key = json.loads(run_python(resume.replace("{key}", repr(str(key_file))), env=env).stdout.splitlines()[-1])
+    assert with_key["restored"] is True
+    without = json.loads(run_python(resume.replace("{key}", "None"), env=env).stdout.splitlines()[-1])
+    assert without == {"error": "EncryptionKeyError"}

@@ -93,6 +93,9 @@ class KVFile:
             previous.result()  # saves of one session never overlap
         path = self._path()
         try:
+            # A PostgreSQL session's KV file lives in this host's cache folder, made on first use
+            # (private: the cache holds what the conversation said).
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             figures = self._backend.save_state(path, messages, still_current=still_current, cache_key=self._key)
         except (OSError, SessionError) as exc:
             figures = {"kv_save": f"failed: {exc}"}
