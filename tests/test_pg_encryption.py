@@ -389,3 +389,24 @@ def test_the_kv_file_of_a_postgresql_session_is_encrypted_and_restored_with_the_
     assert with_key["restored"] is True
     without = json.loads(run_python(resume.replace("{key}", "None"), env=env).stdout.splitlines()[-1])
     assert without == {"error": "EncryptionKeyError"}
+
+
+def test_the_cli_lists_searches_and_checks_encrypted_postgresql_sessions(pg_url, key_file, capsys, canary):
+    chat = subprocess.run([sys.executable, "-m", "conversation_session", "--store", pg_url, "--key-file",
+                           str(key_file), "--backend", "fake", f"hello {canary}"], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0 and canary in chat.stdout, chat.stderr
+    assert cli_main(["--store", pg_url, "--key-file", str(key_file), "sessions", "list"]) == 0
+    assert f"hello {canary}" in capsys.readouterr().out
+    assert cli_main(["--store", pg_url, "sessions", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "(encrypted)" in out and canary not in out
+    assert cli_main(["--store", pg_url, "--key-file", str(key_file), "sessions", "search", canary]) == 0
+    assert "#0 user" in capsys.readouterr().out
+    assert cli_main(["--store", pg_url, "sessions", "search", canary]) == 1  # nothing readable holds it
+    # doctor without the key: reported as encrypted, not as damage (exit 0, as in a folder)
+    assert cli_main(["--store", pg_url, "doctor"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("encrypted ") and "1 encrypted (not checked without their key)" in out
+    assert cli_main(["--store", pg_url, "--key-file", str(key_file), "doctor"]) == 0
+    assert "0 unreadable" in capsys.readouterr().out

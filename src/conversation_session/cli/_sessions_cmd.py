@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from .._exceptions import SessionError, SessionLockedError
+from .._exceptions import EncryptionKeyError, SessionError, SessionLockedError
 from ..stores import HistoryStore, open_store, validate_session_id
 from ..stores._api import StoreAPI
 from ..stores._crypto import keygen, load_key
@@ -271,12 +271,17 @@ class _Commands:
             print(f"note: --fix moves damaged files aside; {store.description} has no files, so nothing is moved",
                   file=self.err)
         ids = store.newest_first()  # also the sessions a listing cannot summarise
-        unreadable, held = 0, 0
+        unreadable, held, sealed = 0, 0, 0
         for sid in ids:
             try:
                 record = store.load(sid)
             except FileNotFoundError:
                 continue  # deleted while we looked
+            except EncryptionKeyError as exc:  # as in a folder: reported, not a problem
+                sealed += 1
+                detail = str(exc).removeprefix(f"session {sid} ").removeprefix("is ")
+                self.say(_clean(f"{'encrypted':<16} {sid}: not checked ({detail})"))
+                continue
             except (SessionError, ValueError, OSError) as exc:
                 unreadable += 1
                 detail = str(exc)
@@ -293,7 +298,7 @@ class _Commands:
                 self.say(f"{'in use':<16} {sid}: {record.turns} turn(s); a writer holds its lease (open in a chat "
                          "or the service); it is released on close, or taken over once it expires")
         summary = (f"checked {len(ids)} session(s) in {store.description}: {unreadable} unreadable, "
-                   f"{held} in use")
+                   f"{held} in use" + (f", {sealed} encrypted (not checked without their key)" if sealed else ""))
         if unreadable:
             print(_clean(f"error: {summary}; export what can be read (`sessions export ID`) or delete them "
                          "(`sessions delete ID`)"), file=self.err)
