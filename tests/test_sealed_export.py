@@ -25,7 +25,7 @@ from conversation_session import (
 from conversation_session.cli import main as cli_main
 from conversation_session.cli._export import PlaintextNeeded, write_export
 from conversation_session.stores._crypto import is_encrypted_snapshot
-from conversation_session.stores._file import encode_snapshot
+from conversation_session.stores._file import _Core, encode_snapshot
 from conversation_session.stores._housekeeping import export_all, import_session
 from conversation_session.stores._postgres import PostgresStore
 from conversation_session.stores._sealed_export import open_export
@@ -192,6 +192,22 @@ def test_import_without_the_key_is_one_clear_line_and_writes_nothing(sessions_di
         assert not dest.exists() or not [p for p in dest.iterdir() if p.suffix in (".json", ".journal")]
     with pytest.raises(EncryptionKeyError):
         import_session(HistoryStore(dest), sealed)
+
+
+def test_import_of_a_sessions_folder_itself_is_refused(sessions_dir, key_file, tmp_path, canary, capsys,
+                                                      monkeypatch):
+    """Its .json files are snapshots: the turns still in its journals would be left behind."""
+    _encrypted_store(sessions_dir, key_file, canary)
+    monkeypatch.setattr(_Core, "_request_snapshot", lambda self: None)  # turns stay in the journal
+    with ConversationSession(backend=FakeBackend(), sessions_dir=sessions_dir, encryption_key=key_file,
+                             persist_kv_cache=False) as s:
+        s.chat("in the journal only")
+        assert list(sessions_dir.glob("*.journal"))
+        dest = tmp_path / "dest"
+        assert _cli("--sessions-dir", str(dest), "--key-file", str(key_file), "sessions", "import",
+                    str(sessions_dir)) == 1
+        assert "it is a sessions folder, not an export" in capsys.readouterr().err
+        assert not dest.exists() or not list(dest.iterdir())
 
 
 @pytest.mark.parametrize("how", ["body byte", "last byte", "header session id", "header data key", "cut off"])

@@ -215,7 +215,8 @@ def build_housekeeping_parser() -> argparse.ArgumentParser:
 
     q = ss.add_parser("import", parents=[common], help="add session files to the store",
                       description="Add session files, as export writes them (a folder: its *.json files, "
-                                  "as export --all writes them). A sealed export is opened with the key "
+                                  "as export --all writes them; a sessions folder itself is refused: export it first). "
+                                  "A sealed export is opened with the key "
                                   "(--key-file or $CONVERSATION_SESSION_KEY_FILE) and stored encrypted.")
     q.add_argument("paths", nargs="+", metavar="PATH",
                    help="session JSON files (plain or sealed), or folders of them")

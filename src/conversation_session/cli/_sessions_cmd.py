@@ -342,6 +342,9 @@ def _import_paths(path: Path) -> list[Path]:
     """``path``, or the session files of a folder (``export --all``'s), in name order."""
     if not path.is_dir():
         return [path]
+    if any(path.glob("*.journal")):  # its .json files alone would miss the turns in the journals
+        raise CommandError(f"cannot import {path}: it is a sessions folder, not an export; export it first "
+                           f"(`--sessions-dir {path} sessions export --all DIR`), then import DIR")
     found = sorted(p for p in path.glob("*.json") if not p.name.startswith("."))
     if not found:
         raise CommandError(f"cannot import {path}: a folder with no session files (*.json) in it")
