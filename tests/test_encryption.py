@@ -160,6 +160,8 @@ def test_export_writes_plaintext_only_where_asked(sessions_dir, key_file, tmp_pa
     assert cli_main(["sessions", "export", sid, "-o", str(out)]) == 1  # no key: nothing written
     assert "encrypted" in capsys.readouterr().err and not out.exists()
     assert cli_main(["--key-file", str(key_file), "sessions", "export", sid, "-o", str(out)]) == 0
+    _no_canary(tmp_path)  # sealed by default (tests/test_sealed_export.py)
+    assert cli_main(["--key-file", str(key_file), "sessions", "export", sid, "--plaintext", "-o", str(out)]) == 0
     assert CANARY in json.loads(out.read_text())["conversation_history"][0]["content"]
     _no_canary(sessions_dir)  # the store itself still holds no plaintext
     with _session(sessions_dir, None) as s:

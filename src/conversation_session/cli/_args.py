@@ -42,9 +42,10 @@ _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 _HOUSEKEEPING_HELP = """\
 housekeeping (no chat; exit status 0 ok, 1 error, 2 usage):
   sessions list [--json]                      saved sessions
-  sessions export ID [--format json|md] [-o PATH]   one session (stdout without -o)
-  sessions export --all DIR                   every session, one JSON file each
-  sessions import PATH...                     add session files (as export writes them)
+  sessions export ID [--format json|md] [-o PATH] [--plaintext]   one session (stdout without -o)
+  sessions export --all DIR [--plaintext]     every session, one JSON file each
+                                              (encrypted ones sealed unless --plaintext)
+  sessions import PATH...                     add session files or an export --all folder
   sessions delete ID [--yes]                  delete one session
   sessions rename ID TITLE                    name a session ("" removes the name)
   sessions search TEXT [--limit N] [--json]   sessions whose title or messages hold TEXT, with snippets
@@ -198,7 +199,9 @@ def build_housekeeping_parser() -> argparse.ArgumentParser:
 
     q = ss.add_parser("export", parents=[common], help="write one session, or all of them, to files",
                       description="Write a session from a full load (snapshot and journal), so the copy is "
-                                  "complete even while the session is in use.")
+                                  "complete even while the session is in use. An encrypted session is "
+                                  "written sealed (encrypted with the key; `sessions import` opens it with "
+                                  "the key) unless --plaintext; plain sessions are written as plain JSON.")
     q.add_argument("session_id", nargs="?", metavar="ID", help="the session to export")
     q.add_argument("--format", choices=["json", "md"], default=None,
                    help="json (default; md when PATH ends in .md) or md (Markdown)")
@@ -206,9 +209,17 @@ def build_housekeeping_parser() -> argparse.ArgumentParser:
                    help="file or folder to write (default: standard output)")
     q.add_argument("--all", metavar="DIR", dest="all_dir", default=None,
                    help="write every session to DIR/<id>.json instead")
+    q.add_argument("--plaintext", action="store_true",
+                   help="write encrypted sessions readable (JSON, or Markdown) instead of sealed; "
+                        "protect the files yourself")
 
-    q = ss.add_parser("import", parents=[common], help="add session files to the store")
-    q.add_argument("paths", nargs="+", metavar="PATH", help="session JSON files, as export writes them")
+    q = ss.add_parser("import", parents=[common], help="add session files to the store",
+                      description="Add session files, as export writes them (a folder: its *.json files, "
+                                  "as export --all writes them; a sessions folder itself is refused: export it first). "
+                                  "A sealed export is opened with the key "
+                                  "(--key-file or $CONVERSATION_SESSION_KEY_FILE) and stored encrypted.")
+    q.add_argument("paths", nargs="+", metavar="PATH",
+                   help="session JSON files (plain or sealed), or folders of them")
 
     q = ss.add_parser("delete", parents=[common], help="delete one session")
     q.add_argument("session_id", metavar="ID")

@@ -41,7 +41,7 @@ from ._args import store_from
 from ._commands import SETTINGS, Command, command_help, parse_line
 from ._confirm import NotConfirmed, confirm
 from ._console import Console, ConsoleLogHandler
-from ._export import export_session
+from ._export import PlaintextNeeded, write_export
 from ._listing import NothingDeleted, delete_saved, search_lines, session_table
 from ._models import find_local_model, list_models, print_models
 from ._prompt import make_prompt
@@ -1181,13 +1181,16 @@ class ChatApp:
             except ValueError:
                 dest = arg.strip()  # `/export chat.md`: this session, to that file
         try:
-            path = export_session(session.store, sid, Path(dest).expanduser() if dest else None)
+            path, sealed = write_export(session.store, sid, Path(dest).expanduser() if dest else None)
         except FileNotFoundError:
             c.error(f"no saved session {sid}")
+        except PlaintextNeeded as exc:
+            c.error(f"{exc}; /export to a .json file writes it sealed, or run "
+                    f"`sessions export {sid} --plaintext -o FILE.md` to write it readable")
         except (SessionError, ValueError, OSError) as exc:
             c.error(str(exc))
         else:
-            c.notice(f"📤 exported {sid} to {path}")
+            c.notice(f"📤 exported {sid} to {path}" + (" (sealed: encrypted with the key)" if sealed else ""))
 
     def _set(self, session: ConversationSession, arg: str) -> None:
         c = self.console

@@ -26,7 +26,7 @@ from ..stores._crypto import keygen, load_key
 from ..stores._housekeeping import INFO_KINDS, doctor, export_all, import_session, prune
 from ._args import store_from
 from ._confirm import confirm
-from ._export import encode_record, export_session
+from ._export import PlaintextNeeded, encode_export, write_export
 from ._listing import NothingDeleted, delete_saved, kv_bytes, one_line, search_lines, session_table
 from ._models import default_model, list_models, print_models
 from ._text import printable
@@ -143,15 +143,20 @@ class _Commands:
 
     # -- sessions export -----------------------------------------------------------------------
     def export(self) -> int:
+        """An encrypted session is written sealed (``_sealed_export``) unless ``--plaintext``."""
         a = self.args
+        plaintext = getattr(a, "plaintext", False)
         if a.all_dir is not None:
             if a.session_id or a.output or a.format:
                 raise _Usage("export --all DIR takes no ID, -o or --format (it writes JSON files)")
-            result = export_all(self.store, Path(a.all_dir))
+            result = export_all(self.store, Path(a.all_dir), plaintext=plaintext)
             for sid, why in result.skipped.items():
                 print(_clean(f"skipped {sid}: {why}"), file=self.err)
             self.say(f"exported {len(result.written)} session(s) to {a.all_dir}"
                      + (f"; {len(result.skipped)} damaged one(s) skipped (see `doctor`)" if result.skipped else ""))
+            if result.sealed:
+                print(_clean(f"{len(result.sealed)} encrypted session(s) written sealed: `sessions import` "
+                             "opens them with the key (--plaintext writes readable JSON)"), file=self.err)
             return 0
         if not a.session_id:
             raise _Usage("export needs a session ID, or --all DIR")
@@ -162,25 +167,52 @@ class _Commands:
             raise self._no_session(sid) from None
         if a.output and a.output != "-":
             try:
-                path = export_session(self.store, sid, Path(a.output), a.format, record=record)
+                path, sealed = write_export(self.store, sid, Path(a.output), a.format, record=record,
+                                            plaintext=plaintext)
+            except PlaintextNeeded as exc:
+                raise _Usage(f"{exc}; add --plaintext to write it readable, or export it as JSON "
+                             "(written sealed)") from None
             except OSError as exc:
                 raise CommandError(f"cannot write {a.output}: {exc.strerror or exc}; check the folder "
                                    "exists, is writable and has free space") from exc
-            print(_clean(f"exported {sid} to {path}"), file=self.err)
+            print(_clean(f"exported {sid} to {path}" + (" (sealed: encrypted with the key; `sessions import` "
+                                                         "opens it, --plaintext writes it readable)"
+                                                         if sealed else "")), file=self.err)
             return 0
-        text = encode_record(record, a.format or "json").decode("utf-8")
+        try:
+            data, sealed = encode_export(self.store, record, a.format or "json", plaintext=plaintext)
+        except PlaintextNeeded as exc:
+            raise _Usage(f"{exc}; add --plaintext to show it") from None
+        if sealed:
+            return self._write_sealed(sid, data)
+        text = data.decode("utf-8")
         # To a terminal, content is shown, not obeyed; to a pipe or file it is written exactly.
         self.out.write(_clean(text) if self.out.isatty() else text.encode("utf-8", "replace").decode("utf-8"))
         self.out.flush()
         return 0
 
+    def _write_sealed(self, sid: str, data: bytes) -> int:
+        """A sealed export to standard output: binary, so only to a file or a pipe
+        (``export ID > backup.json``), never to a terminal."""
+        buffer = getattr(self.out, "buffer", None)
+        if self.out.isatty() or buffer is None:
+            raise _Usage(f"session {sid} is encrypted: its export is sealed (binary), not for a terminal; "
+                         "add -o FILE to write it, or --plaintext to show it")
+        self.out.flush()
+        buffer.write(data)
+        buffer.flush()
+        return 0
+
     # -- sessions import -----------------------------------------------------------------------
     def import_(self) -> int:
-        """Each file in turn; one that fails is reported and the rest still go in (exit 1)."""
+        """Each file in turn (a folder: its ``*.json`` files, as ``export --all`` writes them);
+        one that fails is reported and the rest still go in (exit 1).  Sealed exports are opened
+        with the key (``import_session``)."""
         failed = 0
-        for path in self.args.paths:
+        paths = [p for path in self.args.paths for p in _import_paths(Path(path))]
+        for path in paths:
             try:
-                sid = import_session(self.store, Path(path))
+                sid = import_session(self.store, path)
             except FileNotFoundError:
                 error: Exception = CommandError(f"cannot import {path}: no such file")
             except SessionError as exc:
@@ -189,12 +221,12 @@ class _Commands:
                 self.say(sid)
                 print(_clean(f"imported {path} as {sid} into {self.store.description}"), file=self.err)
                 continue
-            if len(self.args.paths) == 1:
+            if len(paths) == 1:
                 raise error
             failed += 1
             print(_clean(f"error: {error}"), file=self.err)
         if failed:
-            print(f"error: {failed} of {len(self.args.paths)} file(s) not imported", file=self.err)
+            print(f"error: {failed} of {len(paths)} file(s) not imported", file=self.err)
         return 1 if failed else 0
 
     # -- sessions delete -----------------------------------------------------------------------
@@ -309,6 +341,19 @@ class _Commands:
 
 class _Usage(Exception):
     """Wrong combination of arguments: exit status 2."""
+
+
+def _import_paths(path: Path) -> list[Path]:
+    """``path``, or the session files of a folder (``export --all``'s), in name order."""
+    if not path.is_dir():
+        return [path]
+    if any(path.glob("*.journal")):  # its .json files alone would miss the turns in the journals
+        raise CommandError(f"cannot import {path}: it is a sessions folder, not an export; export it first "
+                           f"(`--sessions-dir {path} sessions export --all DIR`), then import DIR")
+    found = sorted(p for p in path.glob("*.json") if not p.name.startswith("."))
+    if not found:
+        raise CommandError(f"cannot import {path}: a folder with no session files (*.json) in it")
+    return found
 
 
 def _valid_id(text: str) -> str:

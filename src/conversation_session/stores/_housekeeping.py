@@ -27,6 +27,7 @@ from ._file import _CACHE_NAME, HistoryStore, aside_path, encode_snapshot, parse
 from ._fileio import FileTooLargeError, NotARegularFileError, atomic_write_bytes, dir_lock, read_regular_file
 from ._ids import SESSION_ID_RE
 from ._record import SessionRecord
+from ._sealed_export import encrypted_map, is_sealed_export, needs_seal, open_export, seal_export, store_keyring
 
 __all__ = [
     "INFO_KINDS",
@@ -79,15 +80,19 @@ class ExportResult:
 
     written: list[Path] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    sealed: list[Path] = field(default_factory=list)
+    """The files of encrypted sessions, written sealed (among ``written``)."""
 
 
-def export_all(store: StoreAPI, dest_dir: str | os.PathLike[str]) -> ExportResult:
+def export_all(store: StoreAPI, dest_dir: str | os.PathLike[str], *, plaintext: bool = False) -> ExportResult:
     """Write every session with at least one message to ``dest_dir/<id>.json``.
 
     Each copy comes from the store's consistent read (``store.load``) and is written
     atomically, so it is complete even while the session is being written; damaged sessions
     are skipped and listed in ``skipped``.  A failed write (disk full) raises
-    ``SessionError``; files already written stay.
+    ``SessionError``; files already written stay.  An encrypted session's file is sealed with
+    the store's key (``_sealed_export``; listed in ``sealed``) unless ``plaintext``; a plain
+    session's is the plain JSON.
     """
     dest = Path(dest_dir)
     directory = getattr(store, "directory", None)
@@ -99,12 +104,17 @@ def export_all(store: StoreAPI, dest_dir: str | os.PathLike[str]) -> ExportResul
     except OSError as exc:
         raise _disk_error("create the export folder", dest, exc) from exc
     result = ExportResult()
+    keyring = None if plaintext else store_keyring(store)
+    encrypted = None if keyring is None else encrypted_map(store)
     for session_id in store.newest_first():
         try:
             record = store.load(session_id)
             if not record.messages:
                 continue
             data = encode_snapshot(record, record.messages)
+            sealed = keyring is not None and needs_seal(session_id, encrypted)
+            if keyring is not None and sealed:
+                data = seal_export(data, session_id, keyring)
         except (SessionFormatError, EncryptionKeyError, OSError) as exc:  # encrypted: skipped without its key
             logger.warning("not exported: %s: %s", session_id, exc)
             result.skipped[session_id] = str(exc)
@@ -115,6 +125,8 @@ def export_all(store: StoreAPI, dest_dir: str | os.PathLike[str]) -> ExportResul
         except OSError as exc:
             raise _disk_error("write the export", path, exc) from exc
         result.written.append(path)
+        if sealed:
+            result.sealed.append(path)
     return result
 
 
@@ -122,6 +134,9 @@ def import_session(store: StoreAPI, path: str | os.PathLike[str], *,
                    max_file_bytes: int | None = None) -> str:
     """Copy a session file (as ``export`` writes it) into the store; returns its id there.
 
+    A sealed export (an encrypted session's, ``_sealed_export``) is opened with the store's key
+    (``EncryptionKeyError`` without it or with another one; ``SessionFormatError`` if it was
+    altered; either way nothing is written) and, the store having that key, stored encrypted.
     The file is validated like any session file (``SessionFormatError`` says what is wrong).
     It keeps its own id when that is a valid name not yet taken; otherwise it gets a new
     ``session_<unix seconds>`` id (``_2``, ``_3``, ... if that is taken too): the store's
@@ -130,16 +145,26 @@ def import_session(store: StoreAPI, path: str | os.PathLike[str], *,
     src = Path(path)
     limit = max_file_bytes or getattr(store, "max_file_bytes", None) or 64 * 1024 * 1024
     try:
-        raw = read_regular_file(src.resolve(), limit)
+        raw: bytes | bytearray = read_regular_file(src.resolve(), limit)
     except FileNotFoundError:
         raise
     except OSError as exc:
         raise SessionFormatError(f"cannot import {src}: {exc.strerror or exc}", path=src) from exc
+    sealed_for = None
+    if is_sealed_export(raw):
+        try:
+            raw, sealed_for = open_export(raw, store_keyring(store), src.name)
+        except EncryptionKeyError as exc:
+            raise EncryptionKeyError(f"cannot import {src}: {exc}") from None
+        except SessionFormatError as exc:
+            raise SessionFormatError(f"cannot import {src}: {exc}", path=src) from None
     data = parse_json_bytes(raw, f"cannot import {src}", src)
     try:
         record = SessionRecord.from_dict(data, raw=raw)
         if not record.messages:
             raise SessionFormatError("it has no messages")
+        if sealed_for is not None and record.session_id != sealed_for:
+            raise SessionFormatError(f"it was sealed for session {sealed_for} but holds {record.session_id}")
         return store.import_record(record)  # an id that is not a plain name gets a fresh one
     except SessionFormatError as exc:
         raise SessionFormatError(f"cannot import {src}: not a valid session file: {exc}", path=src) from exc
