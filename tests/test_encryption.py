@@ -474,7 +474,7 @@ def test_rekey_interrupted_by_kill_9_loses_nothing(sessions_dir, key_file, tmp_p
     """, check=False)
     assert proc.returncode == -signal.SIGKILL
     both = HistoryStore(sessions_dir, encryption_key=new)
-    both.keyring.also_read_with(key_file.read_bytes())
+    both.also_read_with(key_file)  # the old key, and its keystore beside it
     for sid, contents in made.items():  # every session whole, under one key or the other
         assert [m["content"] for m in both.load(sid).messages] == contents
     _no_canary(sessions_dir)
