@@ -481,6 +481,11 @@ def test_rekey_interrupted_by_kill_9_loses_nothing(sessions_dir, key_file, tmp_p
     assert cli_main(["--key-file", str(key_file), "sessions", "rekey", "--new-key-file", str(new)]) == 0
     for sid, contents in made.items():
         assert [m["content"] for m in HistoryStore(sessions_dir, encryption_key=new).load(sid).messages] == contents
+    # Each session's data key moved to the new key's keystore; none is left beside the old key.
+    old_keys, new_keys = Path(f"{key_file}.keystore"), Path(f"{new}.keystore")
+    assert not list(old_keys.glob("*.key"))
+    assert sorted(p.name.split(".")[0] for p in new_keys.glob("*.key")) == sorted(made)
+    _no_canary(new_keys)
 
 
 # -- power cuts ----------------------------------------------------------------------------------------

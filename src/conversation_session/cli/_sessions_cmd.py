@@ -262,7 +262,7 @@ class _Commands:
             self.say(f"{p.kind:<16} {p.path.name}: {_without_name(p.detail, p.path)}")
             if p.moved_to is not None:
                 self.say(f"{'':<16} moved aside to {p.moved_to.name}")
-            elif p.kind not in INFO_KINDS:
+            elif p.kind not in INFO_KINDS and not p.removed:
                 unresolved += 1
         if unresolved:
             hint = "" if self.args.fix else "; `doctor --fix` moves them aside (nothing is deleted)"

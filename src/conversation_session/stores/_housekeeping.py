@@ -220,6 +220,7 @@ class Problem:
     kind: str
     detail: str
     moved_to: Path | None = None
+    removed: bool = False  # an orphan key removed by ``fix``
 
     @property
     def fixable(self) -> bool:
@@ -414,15 +415,16 @@ def doctor(store: HistoryStore, fix: bool = False) -> list[Problem]:
         moved: Path | None = None
         if fix and kind == "orphan-key":
             assert store.keystore is not None
+            removed = False
             try:
                 with dir_lock(directory):  # no session of that id is created meanwhile
                     if not any(os.path.lexists(directory / f"{path.name.partition('.')[0]}.{ext}")
                                for ext in ("json", "journal")):
-                        store.keystore.remove_paths([path])
+                        removed = store.keystore.remove_paths([path]) > 0
                         detail = "the data key of a session that is gone: removed"
             except OSError as exc:
                 detail += f" (could not remove it: {exc.strerror or exc})"
-            problems.append(Problem(path, kind, detail, None))
+            problems.append(Problem(path, kind, detail, None, removed))
             continue
         if fix and kind not in INFO_KINDS:
             try:
