@@ -97,7 +97,7 @@ def test_the_journal_lines_name_the_key_and_are_shorter(sessions_dir, key_file, 
     snap = (sessions_dir / f"{sid}.json").read_bytes().split(b"\n")[0]
     entry_ref = json.loads(snap)["data_key"]
     assert entry_ref.startswith("keystore:") and len(entry_ref) == len("keystore:") + 33
-    key_id, entry_id = entry_ref[len("keystore:"):].split(".")
+    _key_id, entry_id = entry_ref[len("keystore:"):].split(".")
     entry = Path(str(key_file) + ".keystore") / f"{sid}.{entry_id}.key"
     data = json.loads(entry.read_bytes())
     assert data["format"] == "conversation-session-keystore" and data["session_id"] == sid
@@ -140,7 +140,7 @@ def test_keystore_flag_and_environment_and_the_default_beside_the_key_file(sessi
 def test_a_default_keystore_that_cannot_be_made_is_a_one_line_error_naming_the_flag(sessions_dir, key_file,
                                                                                     capsys):
     Path(str(key_file) + ".keystore").write_text("not a folder")  # as a read-only secrets mount refuses it
-    with pytest.raises(SessionError, match="cannot create the keystore .*--keystore DIR"):
+    with pytest.raises(SessionError, match=r"cannot create the keystore .*--keystore DIR"):
         HistoryStore(sessions_dir, encryption_key=key_file)
     assert cli_main(["--key-file", str(key_file), "sessions", "list"]) == 1
     err = capsys.readouterr().err.strip()
@@ -182,7 +182,7 @@ def test_a_missing_keystore_entry_is_a_clear_error_that_touches_nothing(sessions
         entry.unlink()
     before = _files(sessions_dir)
     store = HistoryStore(sessions_dir, encryption_key=key_file)
-    with pytest.raises(EncryptionKeyError, match="not in the keystore .*deleted, or the keystore is another one"):
+    with pytest.raises(EncryptionKeyError, match=r"not in the keystore .*deleted, or the keystore is another one"):
         store.load(sid)
     with pytest.raises(EncryptionKeyError):
         store.open(sid)
