@@ -476,13 +476,18 @@ def test_rekey_interrupted_by_kill_9_loses_nothing(sessions_dir, key_file, tmp_p
     """, check=False)
     assert proc.returncode == -signal.SIGKILL
     both = HistoryStore(sessions_dir, encryption_key=new)
-    both.keyring.also_read_with(key_file.read_bytes())
+    both.also_read_with(key_file)  # the old key, and its keystore beside it
     for sid, contents in made.items():  # every session whole, under one key or the other
         assert [m["content"] for m in both.load(sid).messages] == contents
     _no_canary(sessions_dir)
     assert cli_main(["--key-file", str(key_file), "sessions", "rekey", "--new-key-file", str(new)]) == 0
     for sid, contents in made.items():
         assert [m["content"] for m in HistoryStore(sessions_dir, encryption_key=new).load(sid).messages] == contents
+    # Each session's data key moved to the new key's keystore; none is left beside the old key.
+    old_keys, new_keys = Path(f"{key_file}.keystore"), Path(f"{new}.keystore")
+    assert not list(old_keys.glob("*.key"))
+    assert sorted(p.name.split(".")[0] for p in new_keys.glob("*.key")) == sorted(made)
+    _no_canary(new_keys)
 
 
 # -- power cuts ----------------------------------------------------------------------------------------

@@ -9,7 +9,11 @@ from typing import Any
 from .backends import BACKEND_NAMES
 from .session._limits import DEFAULT_TIMEOUT_S, parse_timeout
 
-__all__ = ["add_model_flags", "add_voice_flags", "positive_int", "seconds"]
+__all__ = ["KEYSTORE_HELP", "add_model_flags", "add_voice_flags", "positive_int", "seconds"]
+
+KEYSTORE_HELP = ("where encrypted sessions' data keys are kept (deleting a session deletes its key, so its copies "
+                 "in backups become unreadable); default $CONVERSATION_SESSION_KEYSTORE, else the folder "
+                 "<key file>.keystore beside the key file (docs/encryption.md)")
 
 DURABILITY_HELP = ("what a saved turn survives: the program dying (process) or also a power cut (power: "
                    "flushed to the disk, or committed with synchronous_commit on PostgreSQL, before the reply "

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from .._flags import add_model_flags, add_voice_flags, positive_int, seconds
+from .._flags import KEYSTORE_HELP, add_model_flags, add_voice_flags, positive_int, seconds
 from .._version import __version__
 from ..backends import BACKEND_NAMES
 from ..speech import PLAYBACK_CHOICES
@@ -96,6 +96,7 @@ def _global_flags(p: Any, *, suppress: bool) -> None:
     p.add_argument("--key-file", default=default, metavar="PATH",
                    help="encrypt new sessions at rest with this key file, and read encrypted ones (default "
                         "$CONVERSATION_SESSION_KEY_FILE; make one with `keygen PATH`)")
+    p.add_argument("--keystore", default=default, metavar="DIR", help=KEYSTORE_HELP)
     p.add_argument("--log-level", default=argparse.SUPPRESS if suppress else "WARNING", choices=_LOG_LEVELS,
                    help="log detail on standard error (default WARNING)")
     p.add_argument("--log-file", default=default, metavar="PATH",
@@ -315,7 +316,8 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> ar
         if before.prompt:
             parser.error(f"unexpected words before {argv[i]}: {' '.join(before.prompt)}")
         args = build_housekeeping_parser().parse_args(argv[i:])
-        for name in ("store", "sessions_dir", "log_level", "log_file", "key_file", "backend", "base_url", "model"):
+        for name in ("store", "sessions_dir", "log_level", "log_file", "key_file", "keystore", "backend", "base_url",
+                     "model"):
             if not hasattr(args, name):
                 setattr(args, name, getattr(before, name))
     args.config_sessions_dir = config_dir

@@ -286,7 +286,7 @@ class ChatApp:
                 persist_kv_cache=a.persist_kv, memory=getattr(a, "memory", "trim"),
                 summarizer=self.summarizer, durability=getattr(a, "durability", None),
                 tools=tools, approve=self._approve if getattr(a, "approve", False) else None,
-                encryption_key=getattr(a, "key_file", None), **extra,
+                encryption_key=getattr(a, "key_file", None), keystore=getattr(a, "keystore", None), **extra,
             )
         finally:
             self.console.stop_spinner()

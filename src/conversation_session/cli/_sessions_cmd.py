@@ -24,6 +24,7 @@ from ..stores import HistoryStore, open_store, validate_session_id
 from ..stores._api import StoreAPI
 from ..stores._crypto import keygen, load_key
 from ..stores._housekeeping import INFO_KINDS, doctor, export_all, import_session, prune
+from ..stores._keystore import store_options
 from ._args import store_from
 from ._confirm import confirm
 from ._export import PlaintextNeeded, encode_export, write_export
@@ -50,7 +51,9 @@ class _Commands:
     def __init__(self, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO):
         self.args = args
         self.stdin, self.out, self.err = stdin, stdout, stderr
-        self.store: StoreAPI = open_store(store_from(args), None, encryption_key=getattr(args, "key_file", None))
+        where = store_from(args)
+        self.store: StoreAPI = open_store(where, None, encryption_key=getattr(args, "key_file", None),
+                                          **store_options(where, None, getattr(args, "keystore", None)))
 
     def say(self, text: str = "") -> None:
         print(_clean(text), file=self.out)
@@ -118,12 +121,20 @@ class _Commands:
     def rekey(self) -> int:
         """Every session under the key of ``--new-key-file``, each with a fresh data key; the
         old key (``--key-file``, or none for plain sessions) only reads."""
-        new: Any = open_store(store_from(self.args), None, encryption_key=Path(self.args.new_key_file))
+        keystore = getattr(self.args, "keystore", None)
+        where = store_from(self.args)
+        new: Any = open_store(where, None, encryption_key=Path(self.args.new_key_file),
+                              **store_options(where, None, keystore))
         if not hasattr(new, "rekey"):
             raise CommandError(f"rekey works on a sessions folder or PostgreSQL, not {self.store.description}")
-        old = load_key(getattr(self.args, "key_file", None))
-        if old is not None:
-            new.keyring.also_read_with(old)
+        if isinstance(new, HistoryStore):
+            # The new key's data keys go to its keystore (beside it, unless one is named); those of
+            # the old key are read from the old key's and removed once their sessions changed over.
+            new.also_read_with(getattr(self.args, "key_file", None), keystore=keystore)
+        else:
+            old = load_key(getattr(self.args, "key_file", None))
+            if old is not None:
+                new.keyring.also_read_with(old)
         done, already, failed = 0, 0, 0
         for sid in self.store.newest_first():
             try:
@@ -283,7 +294,7 @@ class _Commands:
             self.say(f"{p.kind:<16} {p.path.name}: {_without_name(p.detail, p.path)}")
             if p.moved_to is not None:
                 self.say(f"{'':<16} moved aside to {p.moved_to.name}")
-            elif p.kind not in INFO_KINDS:
+            elif p.kind not in INFO_KINDS and not p.removed:
                 unresolved += 1
         if unresolved:
             hint = "" if self.args.fix else "; `doctor --fix` moves them aside (nothing is deleted)"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .._flags import add_model_flags, add_voice_flags
+from .._flags import KEYSTORE_HELP, add_model_flags, add_voice_flags
 from ..session._limits import parse_timeout
 from ..stores._durability import resolve_durability
 from ..stores._open import is_postgres_url
@@ -60,6 +60,7 @@ class ServiceConfig:
     durability: str | None = None        # "process" or "power" (None: $CONVERSATION_SESSION_DURABILITY, else power)
     retention_s: float | None = None     # sessions idle longer are deleted at start, then hourly (None: kept)
     key_file: str | None = None          # encrypt new sessions at rest (None: $CONVERSATION_SESSION_KEY_FILE)
+    keystore: str | None = None          # the data keys' folder (None: $CONVERSATION_SESSION_KEYSTORE, beside the key)
     # Speech: the WebSocket sends each sentence's audio to connections that ask (?audio=wav).
     tts: str = "none"                    # or "espeak"
     tts_voice: str | None = None         # one espeak-ng voice for all text (default: by language)
@@ -267,6 +268,7 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
     p.add_argument("--key-file", default=None, metavar="PATH",
                    help="encrypt sessions at rest with this key file (made by `conversation-session keygen PATH`); "
                         "default $CONVERSATION_SESSION_KEY_FILE, else plain JSON (docs/encryption.md)")
+    p.add_argument("--keystore", default=None, metavar="DIR", help=KEYSTORE_HELP)
     p.add_argument("--retention", type=parse_age, default=None, metavar="AGE",
                    help="delete sessions not updated for AGE (30d, 12h, 2w), at start and then hourly, with their "
                         "KV files; a session open anywhere (this service, another worker, the chat app) is never "
@@ -331,7 +333,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         allow_origins=tuple(dict.fromkeys(origins)), assistants=tuple(dict.fromkeys(args.assistant or [])),
         ready_wait_s=max(args.ready_wait, 0.0), timeout=args.timeout, max_tokens=args.max_tokens,
         system=args.system, tools_file=args.tools_file, memory=args.memory, durability=args.durability,
-        retention_s=args.retention, key_file=args.key_file,
+        retention_s=args.retention, key_file=args.key_file, keystore=args.keystore,
         tts=args.tts, tts_voice=args.tts_voice, tts_rate=args.tts_rate,
         log_level=args.log_level, log_format=args.log_format, rate=args.rate, burst=args.burst,
         lock_wait_s=max(args.lock_wait, 0.0), keep_open_s=args.keep_open, max_open=args.max_open,

@@ -23,6 +23,7 @@ from ..backends._fake import WordFakeBackend
 from ..speech import EspeakEngine, SpeechEngine
 from ..stores import StoreAPI, is_postgres_url, is_session_id, open_store
 from ..stores._file import HistoryStore
+from ..stores._keystore import store_options
 from ..stores._record import SessionRecord
 from ._auth import Authenticator, RateLimiter, subprotocol_token
 from ._config import ServiceConfig
@@ -50,7 +51,8 @@ def make_store(config: ServiceConfig) -> StoreAPI:
     url = config.store
     if config.lease_ttl_s is not None and is_postgres_url(url):
         return open_store(url, lease_ttl_s=config.lease_ttl_s, encryption_key=config.key_file)
-    return open_store(url, config.sessions_dir, encryption_key=config.key_file)
+    return open_store(url, config.sessions_dir, encryption_key=config.key_file,
+                      **store_options(url, config.sessions_dir, config.keystore))
 
 
 def make_owners(store: StoreAPI, config: ServiceConfig) -> OwnerTable:

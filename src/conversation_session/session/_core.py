@@ -30,6 +30,7 @@ from ..speech import create_speaker
 from ..stores import open_store, validate_session_id
 from ..stores._api import SessionWriterAPI, StoreAPI
 from ..stores._durability import resolve_durability
+from ..stores._keystore import store_options
 from ..stores._record import MessageDict, SessionRecord, clean_title, is_utf8_text
 from ..tools import NO_CLIENT_RESULT, UNKNOWN_OUTCOME, as_tools, orphan_calls, pending_client_calls, result_message
 from ._conversation import Conversation, Plan
@@ -96,7 +97,8 @@ class SessionCore:
         self.speaker = None
         self.writer: SessionWriterAPI | None = None
         try:
-            self.store = open_store(store, o.sessions_dir, encryption_key=o.encryption_key)
+            self.store = open_store(store, o.sessions_dir, encryption_key=o.encryption_key,
+                                    **store_options(store, o.sessions_dir, o.keystore))
             # Asked for, else the store's own level (a store object may carry one), else the
             # environment's or the default.
             self.durability = (o.durability or getattr(self.store, "durability", None)
@@ -784,6 +786,7 @@ class SessionView:
         max_tool_rounds: int = DEFAULT_TOOL_ROUNDS,
         encryption_key: bytes | str | os.PathLike[str] | None = None,
         approve: Callable[[dict[str, Any]], Any] | None = None,
+        keystore: str | os.PathLike[str] | None = None,
     ):
         """The one signature of both sessions (the arguments: ``ConversationSession``'s docs)."""
         # Every argument, by name, into one frozen options object checked once (_options.py).

@@ -53,6 +53,7 @@ class SessionOptions:
     max_tool_rounds: int = DEFAULT_TOOL_ROUNDS
     encryption_key: bytes | str | os.PathLike[str] | None = None
     approve: Callable[[dict[str, Any]], Any] | None = None
+    keystore: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
         # Every rule in its own function (session/_limits.py, stores/_durability.py), so the

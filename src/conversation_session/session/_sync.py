@@ -85,6 +85,10 @@ class ConversationSession(SessionView):
             exception) and the call is not run: its result is ``"error: not approved: <why>;
             it was not run"`` (a string answer is the why).  On ``AsyncConversationSession`` it
             may be ``async def``.  The call's intent is recorded before the question.
+        keystore: the folder keeping encrypted sessions' data keys, so that deleting a session
+            makes its copies in backups unreadable; default ``$CONVERSATION_SESSION_KEYSTORE``,
+            else ``<key file>.keystore`` beside a key file, else ``<sessions_dir>/.keystore``
+            for a key given as bytes (docs/encryption.md).
 
     Raises:
         BackendError: the backend cannot be set up (model file missing, ...).

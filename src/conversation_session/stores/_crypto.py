@@ -3,8 +3,10 @@
 The user's key (32 bytes, from ``encryption_key=``, ``--key-file`` or
 ``$CONVERSATION_SESSION_KEY_FILE``) never encrypts history itself: each session gets its own
 random *data key*, stored only wrapped by the user's key (AES-256-GCM, bound to the session
-id) inside the session's own files.  Deleting a session's files therefore destroys its data
-key, and copies of them in backups stay unreadable to anyone without the user's key.
+id): in a *keystore* outside the session files (``_keystore.py``; the files then hold a
+``keystore:<entry id>`` reference), so deleting a session destroys its data key and copies of
+its files in backups become unreadable; or, in the first format (still read, and what a keyring
+without a keystore writes: the PostgreSQL store), inline in the session's own files.
 
 Formats (both authenticated with AES-256-GCM from the ``cryptography`` package):
 
@@ -36,6 +38,7 @@ from typing import Any
 from .._exceptions import EncryptionKeyError, SessionError, SessionFormatError
 
 __all__ = [
+    "KEYSTORE_REF",
     "KEY_BYTES",
     "KEY_ENV",
     "Keyring",
@@ -59,6 +62,9 @@ KEY_ENV = "CONVERSATION_SESSION_KEY_FILE"
 FORMAT = "conversation-session-encrypted"
 SNAPSHOT_MAGIC = b'{"format": "' + FORMAT.encode() + b'"'
 JOURNAL_MAGIC = b'{"enc": 1, '
+KEYSTORE_REF = "keystore:"
+"""A key field ``keystore:<key id>.<entry id>`` names a data key kept in the keystore, wrapped by
+the user's key of that id."""
 _NONCE = 12
 _KEY_ID = 8
 _CRYPTO_HINT = "encryption needs the crypto extra: pip install 'conversation-session[crypto]'"
@@ -146,27 +152,63 @@ def load_key(value: bytes | str | os.PathLike[str] | None) -> bytes | None:
 
 
 class Keyring:
-    """The user's key: wraps and unwraps the sessions' data keys."""
+    """The user's key: wraps and unwraps the sessions' data keys.
 
-    def __init__(self, key: bytes):
+    With a ``keystore`` (``_keystore.Keystore``), new sessions' wrapped data keys are kept there
+    and their files name them by reference; without one (the PostgreSQL store) they travel
+    inline, as ``new_cipher``'s ``wrapped``."""
+
+    def __init__(self, key: bytes, keystore: Any = None):
+        self.keystore = keystore
         self._aead = _aead(key)
         self.key_id = _key_id(key)
         self._unwrapped: dict[tuple[bytes, str], bytes] = {}
         self._readers: dict[bytes, Any] = {self.key_id: self._aead}
+
+    def reads(self, key_id: bytes) -> bool:
+        """True if this keyring opens data keys wrapped by the key of ``key_id``."""
+        return key_id in self._readers
 
     def also_read_with(self, key: bytes) -> None:
         """Also open data keys wrapped by ``key`` (``rekey``: sessions still under the old key)."""
         self._readers.setdefault(_key_id(key), _aead(key))
 
     def new_cipher(self, session_id: str) -> SessionCipher:
-        """A fresh data key for a new session."""
+        """A fresh data key for a new session (kept in the keystore, if this keyring has one)."""
         data_key = os.urandom(KEY_BYTES)
         nonce = os.urandom(_NONCE)
         wrapped = self.key_id + nonce + self._aead.encrypt(nonce, data_key, _wrap_ad(session_id))
+        if self.keystore is not None:
+            return self.keystore.new_cipher(session_id, data_key, wrapped)
         return SessionCipher(session_id, data_key, wrapped)
 
     def cipher(self, wrapped: bytes, session_id: str, where: str) -> SessionCipher:
         """The session's cipher from its wrapped data key; ``EncryptionKeyError`` for another key."""
+        return SessionCipher(session_id, self.unwrap(wrapped, session_id, where), wrapped)
+
+    def cipher_for(self, field: str, session_id: str, where: str) -> SessionCipher:
+        """The cipher a file's key field names: a wrapped key inline, or a keystore reference."""
+        if field.startswith(KEYSTORE_REF):
+            if self.keystore is None:
+                raise EncryptionKeyError(f"{where}: its data key is kept in a keystore; give the keystore "
+                                         "(keystore=..., --keystore DIR or $CONVERSATION_SESSION_KEYSTORE)")
+            return self.keystore.cipher(self, field[len(KEYSTORE_REF):], session_id, where)
+        return self.cipher(_unb64(field), session_id, where)
+
+    def kv_cipher(self, stem: str) -> SessionCipher:
+        """The cipher a KV file is sealed with: its session's keystore data key when there is
+        one (so deleting the session makes the KV file unreadable too), else a fresh data key
+        of its own, carried inline in the KV file."""
+        found = self.keystore.kv_cipher(self, stem) if self.keystore is not None else None
+        if found is not None:
+            return found
+        data_key = os.urandom(KEY_BYTES)
+        nonce = os.urandom(_NONCE)
+        wrapped = self.key_id + nonce + self._aead.encrypt(nonce, data_key, _wrap_ad(f"kv\0{stem}"))
+        return SessionCipher(f"kv\0{stem}", data_key, wrapped)
+
+    def unwrap(self, wrapped: bytes, session_id: str, where: str) -> bytes:
+        """The data key inside ``wrapped``; ``EncryptionKeyError`` for another key."""
         cached = self._unwrapped.get((wrapped, session_id))
         if cached is None:
             reader = self._readers.get(wrapped[:_KEY_ID])
@@ -182,7 +224,7 @@ class Keyring:
             if len(self._unwrapped) > 4096:
                 self._unwrapped.clear()
             self._unwrapped[(wrapped, session_id)] = cached
-        return SessionCipher(session_id, cached, wrapped)
+        return cached
 
     def seal(self, data: bytes, label: bytes) -> str:
         """Small data under the user's key itself (the listing cache's entries)."""
@@ -210,14 +252,18 @@ def _line_ad(session_id: str, lineno: int) -> bytes:
 
 
 class SessionCipher:
-    """One session's data key: seals its snapshot and journal lines."""
+    """One session's data key: seals its snapshot and journal lines.
 
-    def __init__(self, session_id: str, data_key: bytes, wrapped: bytes):
+    ``field`` is what its files hold in their key field: the wrapped key in base64 (inline), or
+    a keystore reference."""
+
+    def __init__(self, session_id: str, data_key: bytes, wrapped: bytes, field: str | None = None):
         self.session_id = session_id
         self.wrapped = wrapped
         self.key_id = wrapped[:_KEY_ID]  # the user's key that wraps it
         self._aead = _aead(data_key)
-        self._wrapped_b64 = _b64(wrapped)
+        self._wrapped_b64 = field if field is not None else _b64(wrapped)
+        self.field = self._wrapped_b64
 
     def seal_snapshot(self, plain: bytes) -> bytes:
         header = snapshot_header(self.session_id, self._wrapped_b64)
@@ -291,12 +337,12 @@ def open_snapshot(raw: bytes | bytearray, session_id: str, keyring: Keyring | No
         head = json.loads(header)
         if not isinstance(head, dict) or head.get("version") != 1:
             raise ValueError("unknown encrypted format version")
-        wrapped = _unb64(head.get("data_key"))
+        field = _key_field(head.get("data_key"))
     except (ValueError, binascii.Error) as exc:
         raise SessionFormatError(f"{where}: damaged encrypted header ({exc}); refused") from None
     if head.get("session_id") != session_id:
         raise SessionFormatError(f"{where} is session {head.get('session_id')!r}'s, not {session_id}'s; refused")
-    cipher = keys.cipher(wrapped, session_id, where)
+    cipher = keys.cipher_for(field, session_id, where)
     return cipher.open_snapshot_body(header, bytes(raw[end + 1:]), where), cipher
 
 
@@ -328,15 +374,26 @@ def open_journal(raw: bytes | bytearray, session_id: str, keyring: Keyring | Non
             continue
         try:
             entry = json.loads(line)
-            wrapped, blob = _unb64(entry["key"]), _unb64(entry["data"])
+            field, blob = _key_field(entry["key"]), _unb64(entry["data"])
         except (ValueError, KeyError, TypeError, binascii.Error):
             out.append(line)  # damaged: replay reports it (torn if last)
             continue
         keys = _need(keyring, where)
-        if cipher is None or cipher.wrapped != wrapped:
-            cipher = keys.cipher(wrapped, session_id, f"{where} line {n}")
+        if cipher is None or cipher.field != field:
+            cipher = keys.cipher_for(field, session_id, f"{where} line {n}")
         out.append(cipher.open_line(blob, n, where))
     return b"\n".join(out), cipher
+
+
+def _key_field(value: object) -> str:
+    """A file's key field, checked: base64 (a wrapped key) or a keystore reference."""
+    if isinstance(value, str) and value.startswith(KEYSTORE_REF):
+        ref = value[len(KEYSTORE_REF):]  # <key id>.<entry id>, 16 hex digits each
+        if len(ref) != 33 or ref[16] != "." or not all(c in "0123456789abcdef" for c in ref[:16] + ref[17:]):
+            raise ValueError("not a keystore reference")
+        return value
+    _unb64(value)
+    return value  # type: ignore[return-value]
 
 
 def _is_json_object(line: bytes) -> bool:
@@ -375,7 +432,7 @@ def seal_kv(path: Path, data: bytes) -> bytes:
     keys = _kv_keyring(path)
     if keys is None:
         return data
-    cipher = keys.new_cipher(f"kv\0{path.stem}")
+    cipher = keys.kv_cipher(path.stem)
     head = json.dumps({"format": FORMAT + "-kv", "version": 1, "cipher": "AES-256-GCM",
                        "data_key": cipher._wrapped_b64}).encode()
     header = _KV_MAGIC + struct.pack("<I", len(head)) + head
@@ -396,8 +453,9 @@ def open_kv(path: Path, raw: bytearray) -> bytearray:
     try:
         (head_len,) = struct.unpack_from("<I", raw, 4)
         header = bytes(raw[:8 + head_len])
-        wrapped = _unb64(json.loads(header[8:])["data_key"])
-        cipher = keys.cipher(wrapped, f"kv\0{path.stem}", path.name)
+        field = _key_field(json.loads(header[8:])["data_key"])
+        sid = path.stem if field.startswith(KEYSTORE_REF) else f"kv\0{path.stem}"
+        cipher = keys.cipher_for(field, sid, path.name)
         body = memoryview(raw)[8 + head_len:]
         return bytearray(cipher._aead.decrypt(bytes(body[:_NONCE]), bytes(body[_NONCE:]), header + _kv_ad(path)))
     except (SessionError, ValueError, KeyError, TypeError, struct.error, binascii.Error, _invalid_tag()) as exc:

@@ -79,6 +79,7 @@ from ._fileio import (
     read_regular_file_stat,
 )
 from ._ids import SESSION_ID_RE, validate_session_id
+from ._keystore import Keystore, KeystoreCipher, refs_in, resolve_keystore
 from ._record import (
     META_FIELDS,
     UTF8_BOM,
@@ -330,7 +331,8 @@ class HistoryStore:
 
     def __init__(self, directory: str | os.PathLike[str], *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
                  durability: str | None = None,
-                 encryption_key: bytes | str | os.PathLike[str] | None = None):
+                 encryption_key: bytes | str | os.PathLike[str] | None = None,
+                 keystore: str | os.PathLike[str] | None = None):
         # Resolved once: a later os.chdir() must not send turns to another folder.
         self.directory = Path(os.path.abspath(os.fspath(directory)))
         self.max_file_bytes = max_file_bytes
@@ -338,7 +340,13 @@ class HistoryStore:
         self.durability = resolve_durability(durability)
         # With a key, new sessions are encrypted (docs/encryption.md); plain ones stay plain.
         key = load_key(encryption_key)
-        self.keyring: Keyring | None = Keyring(key) if key is not None else None
+        # Where the sessions' data keys are kept (docs/encryption.md): a folder named, or beside
+        # the key file, must be usable now; the default inside the folder is made at first need.
+        # Without a key it is still known, so that deleting a session deletes its key.
+        where, named = resolve_keystore(keystore, encryption_key, self.directory)
+        self.keystore: Keystore | None = None if where is None else Keystore(
+            where, self.directory, create=named and key is not None)
+        self.keyring: Keyring | None = Keyring(key, self.keystore) if key is not None else None
         if self.keyring is not None:
             register_directory(self.directory, self.keyring)  # the KV files beside the sessions
 
@@ -349,6 +357,21 @@ class HistoryStore:
 
     def new_cipher(self, session_id: str) -> SessionCipher | None:
         return self.keyring.new_cipher(session_id) if self.keyring is not None else None
+
+    def also_read_with(self, key: bytes | str | os.PathLike[str] | None,
+                       keystore: str | os.PathLike[str] | None = None) -> None:
+        """Also read sessions under another key (``rekey``: those not changed over yet), whose
+        data keys are in ``keystore`` (default: where that key's would be); ``key`` None:
+        ``$CONVERSATION_SESSION_KEY_FILE``'s, if set."""
+        if self.keyring is None or self.keystore is None:
+            raise SessionError("also_read_with needs a store with a key")
+        old = load_key(key)
+        if old is None:
+            return
+        self.keyring.also_read_with(old)
+        where, _named = resolve_keystore(keystore, key, self.directory)
+        if where is not None and where != self.keystore.directory:
+            self.keystore.also_from.append(Keystore(where, self.directory, create=False))
 
     @property
     def description(self) -> str:
@@ -854,6 +877,7 @@ class HistoryStore:
             try:
                 if idle_before is not None and self._updated_since(session_id, idle_before):
                     return False
+                refs = self._key_refs(session_id)
                 for p in (self.snapshot_path(session_id), self.journal_path(session_id)):
                     try:
                         p.unlink()
@@ -864,10 +888,24 @@ class HistoryStore:
                         logger.warning("not deleted: %s is a directory (doctor reports it)", p)
                 with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                     self.kv_path(session_id).unlink()
+                if self.keystore is not None:
+                    # Only now that no file names them: a crash before this leaves keys whose
+                    # session is gone (``doctor --fix`` removes them), never a session without its key.
+                    self.keystore.remove_session(session_id, refs)
             finally:
                 if fd is not None:
                     os.close(fd)
         return removed
+
+    def _key_refs(self, session_id: str) -> set[str]:
+        """The keystore entries a session's files name (snapshot header, journal lines, KV header)."""
+        refs: set[str] = set()
+        for path, limit in ((self.snapshot_path(session_id), 4096), (self.journal_path(session_id), None),
+                            (self.kv_path(session_id), 4096)):
+            with contextlib.suppress(OSError):
+                with open(path, "rb") as f:
+                    refs |= refs_in(f.read(limit if limit is not None else self.max_file_bytes))
+        return refs
 
     def _updated_since(self, session_id: str, when: float) -> bool:
         """True if the session changed at or after Unix time ``when`` (its ``updated_at``, else
@@ -937,21 +975,30 @@ class HistoryStore:
         one under the new data key; so the session is always whole under one key or the other,
         and running rekey again finishes the job.  Its KV file (a cache, under the old key) goes.
         """
-        if self.keyring is None:
+        if self.keyring is None or self.keystore is None:
             raise SessionError("rekey needs the new key")
         writer, _record = self.open(session_id)
         try:
             core = writer._core
-            if core.cipher is not None and core.cipher.key_id == self.keyring.key_id:
+            old = core.cipher
+            if (isinstance(old, KeystoreCipher) and old.key_id == self.keyring.key_id
+                    and old.keystore is self.keystore):
+                # Already changed over; an interrupted run may have left the old data key behind.
+                self.keystore.drop_others(session_id, keep=old.entry_id, refs=set())
                 return False
             writer.write_snapshot()
             with core.snapshot_lock:
                 if core.journal_size or core.journal_torn:
                     raise SessionError(f"session {session_id}: its journal could not be folded; not rekeyed")
-                core.cipher = self.keyring.new_cipher(session_id)
-                core._write_snapshot(background=False)
+                new = self.keyring.new_cipher(session_id)
+                assert isinstance(new, KeystoreCipher)
+                core.cipher = new
+                core._write_snapshot(background=False)  # its entry is written first, then the snapshot
             with contextlib.suppress(FileNotFoundError):
                 self.kv_path(session_id).unlink()
+            # Nothing names the old data key any more: it goes (old copies need it).
+            self.keystore.drop_others(session_id, keep=new.entry_id,
+                                      refs={old.entry_id} if isinstance(old, KeystoreCipher) else set())
             return True
         finally:
             writer.close()
@@ -1219,6 +1266,14 @@ class _Core:
             return True
         if self._gone():
             return False
+        if isinstance(self.cipher, KeystoreCipher):
+            try:
+                self.cipher.store()  # its data key in the keystore before a line names it
+            except (OSError, SessionError) as err:
+                self.last_error = err
+                logger.warning("could not save turn of %s: its data key cannot be written to the keystore (%s); "
+                               "the turn is kept in memory", self.session_id, getattr(err, "strerror", None) or err)
+                return False
         self.record.updated_at = now_iso()
         # Each message is encoded once, here; snapshots reuse these strings.
         new = [encode_json(m) for m in self.messages[start:end]]

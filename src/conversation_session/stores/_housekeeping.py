@@ -235,7 +235,9 @@ class Problem:
     ``unparseable``, ``malformed``, ``id-mismatch`` (loads; the file name wins),
     ``stray-temp``, ``orphan-journal``, ``torn-journal``, ``damaged-journal``,
     ``foreign-journal`` (lines of another session), ``tampered`` (an encrypted file that fails
-    authentication), ``encrypted`` (only reported: not checked without the key).
+    authentication), ``encrypted`` (only reported: not checked without the key, or its data key
+    is not in the keystore), ``orphan-key`` (a keystore entry of this folder whose session is
+    gone: a deletion interrupted by a crash; ``fix`` removes it, finishing the deletion).
     ``moved_to`` is set when ``doctor(fix=True)`` moved the file aside.
     """
 
@@ -243,6 +245,7 @@ class Problem:
     kind: str
     detail: str
     moved_to: Path | None = None
+    removed: bool = False  # an orphan key removed by ``fix``
 
     @property
     def fixable(self) -> bool:
@@ -367,7 +370,8 @@ def _move_journal_aside(store: HistoryStore, session_id: str, path: Path, stamp:
 def doctor(store: HistoryStore, fix: bool = False) -> list[Problem]:
     """List the problem files in the sessions folder; with ``fix``, move them aside.
 
-    Nothing is ever deleted.  Files of sessions open for writing are left alone, and so are
+    Nothing is ever deleted, but the keys of deleted sessions left in the keystore by an
+    interrupted deletion (``orphan-key``).  Files of sessions open for writing are left alone, and so are
     temporary files younger than ``STRAY_TEMP_AGE_S`` (a write may be in progress).  Before a
     damaged journal is moved aside, the turns it still holds are saved into the snapshot.
     """
@@ -426,9 +430,27 @@ def doctor(store: HistoryStore, fix: bool = False) -> list[Problem]:
         problem = _journal_problem(store, path, snapshot_counts.get(stem))
         if problem is not None:
             found.append((path, *problem, stem))
+    if store.keystore is not None:
+        names = {e.name for e in entries}
+        for key_path in store.keystore.orphans(lambda sid: any(n.startswith(sid + ".") for n in names)):
+            found.append((key_path, "orphan-key", "the data key of a session that is gone (its deletion was "
+                                                  "interrupted); --fix removes it", None))
     problems: list[Problem] = []
     for path, kind, detail, journal_of in found:
         moved: Path | None = None
+        if fix and kind == "orphan-key":
+            assert store.keystore is not None
+            removed = False
+            try:
+                with dir_lock(directory):  # no session of that id is created meanwhile
+                    if not any(os.path.lexists(directory / f"{path.name.partition('.')[0]}.{ext}")
+                               for ext in ("json", "journal")):
+                        removed = store.keystore.remove_paths([path]) > 0
+                        detail = "the data key of a session that is gone: removed"
+            except OSError as exc:
+                detail += f" (could not remove it: {exc.strerror or exc})"
+            problems.append(Problem(path, kind, detail, None, removed))
+            continue
         if fix and kind not in INFO_KINDS:
             try:
                 if journal_of is None:
