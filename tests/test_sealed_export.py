@@ -320,3 +320,19 @@ def test_sealed_export_all_moves_to_postgresql_and_back_with_nothing_lost(pg_ser
     again = HistoryStore(home, encryption_key=key_file)
     for sid, want in wanted.items():
         _same(again.load(sid), want)
+
+
+def test_a_sealed_export_opens_with_the_key_alone_after_its_session_and_keystore_entry_are_gone(
+        sessions_dir, key_file, tmp_path, canary, capsys):
+    """The export is a backup: its data key travels inside it (wrapped), never as a reference to
+    the keystore, whose entry goes with the session."""
+    store, sid = _encrypted_store(sessions_dir, key_file, canary)
+    want = store.load(sid)
+    out = tmp_path / "backup.json"
+    assert _cli("--key-file", str(key_file), "sessions", "export", sid, "-o", str(out)) == 0
+    assert b"keystore:" not in out.read_bytes()
+    assert store.delete(sid)
+    dest = tmp_path / "elsewhere"
+    assert _cli("--sessions-dir", str(dest), "--key-file", str(key_file), "--keystore", str(tmp_path / "ks2"),
+                "sessions", "import", str(out)) == 0, capsys.readouterr().err
+    _same(HistoryStore(dest, encryption_key=key_file, keystore=tmp_path / "ks2").load(sid), want)

@@ -173,12 +173,14 @@ class Keyring:
         """Also open data keys wrapped by ``key`` (``rekey``: sessions still under the old key)."""
         self._readers.setdefault(_key_id(key), _aead(key))
 
-    def new_cipher(self, session_id: str) -> SessionCipher:
-        """A fresh data key for a new session (kept in the keystore, if this keyring has one)."""
+    def new_cipher(self, session_id: str, *, inline: bool = False) -> SessionCipher:
+        """A fresh data key for a new session (kept in the keystore, if this keyring has one);
+        ``inline``: carried in the file itself, wrapped, for a file that must open on its own
+        (a sealed export, a KV file with no keystore key)."""
         data_key = os.urandom(KEY_BYTES)
         nonce = os.urandom(_NONCE)
         wrapped = self.key_id + nonce + self._aead.encrypt(nonce, data_key, _wrap_ad(session_id))
-        if self.keystore is not None:
+        if self.keystore is not None and not inline:
             return self.keystore.new_cipher(session_id, data_key, wrapped)
         return SessionCipher(session_id, data_key, wrapped)
 
@@ -200,12 +202,7 @@ class Keyring:
         one (so deleting the session makes the KV file unreadable too), else a fresh data key
         of its own, carried inline in the KV file."""
         found = self.keystore.kv_cipher(self, stem) if self.keystore is not None else None
-        if found is not None:
-            return found
-        data_key = os.urandom(KEY_BYTES)
-        nonce = os.urandom(_NONCE)
-        wrapped = self.key_id + nonce + self._aead.encrypt(nonce, data_key, _wrap_ad(f"kv\0{stem}"))
-        return SessionCipher(f"kv\0{stem}", data_key, wrapped)
+        return found if found is not None else self.new_cipher(f"kv\0{stem}", inline=True)
 
     def unwrap(self, wrapped: bytes, session_id: str, where: str) -> bytes:
         """The data key inside ``wrapped``; ``EncryptionKeyError`` for another key."""

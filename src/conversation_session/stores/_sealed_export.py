@@ -44,7 +44,7 @@ def needs_seal(session_id: str, encrypted: dict[str, bool] | None) -> bool:
 
 def seal_export(plain: bytes, session_id: str, keyring: Keyring) -> bytes:
     """``plain`` (a session's JSON export) sealed under a fresh data key wrapped by ``keyring``."""
-    return keyring.new_cipher(session_id).seal_snapshot(plain)
+    return keyring.new_cipher(session_id, inline=True).seal_snapshot(plain)  # opens with the key alone
 
 
 def is_sealed_export(raw: bytes | bytearray) -> bool:
