@@ -42,25 +42,49 @@ messages), not O(history)).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from .._exceptions import SessionError
 from .._result import ChatResult
 from ..session._aio import AsyncConversationSession
 from ..stores import is_session_id
 from ..stores._record import MessageDict, is_utf8_text
+from ._errors import ApiError, ClientGone, turn_error
 from ._log import session_id_var
 from ._requests import run_watched
 
-__all__ = ["CompatError", "CompatRequest", "PathToken", "Reconcile", "TurnEvent", "check_name", "derived_sid",
-           "durations", "finish", "first_event", "model_key", "parse_messages", "parse_tools", "reconcile",
-           "resolve_session", "run_turn", "served_models", "whole_turn"]
+__all__ = [
+    "CompatError",
+    "CompatRequest",
+    "PathToken",
+    "Reconcile",
+    "TurnEvent",
+    "answers_errors_as",
+    "check_name",
+    "derived_sid",
+    "durations",
+    "explicit_session",
+    "finish",
+    "first_event",
+    "model_key",
+    "parse_messages",
+    "parse_tools",
+    "reconcile",
+    "resolve_session",
+    "run_turn",
+    "served_models",
+    "whole_turn",
+]
 
 logger = logging.getLogger("conversation_session.service")
 
@@ -79,6 +103,40 @@ class CompatError(Exception):
         self.message = message
         self.param = param
         self.code = code
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+ErrorBody = Callable[[int, str, "str | None", "str | None"], dict[str, Any]]
+
+
+def answers_errors_as(body: ErrorBody) -> Callable[[Handler], Handler]:
+    """A route decorator: every failure answered in the shape of the API that received it,
+    ``body(status, message, param, code)`` with the HTTP status (a bad request, a service error
+    mapped by ``turn_error``, an unexpected one logged there); a client that went away gets 499."""
+    def decorate(fn: Handler) -> Handler:
+        @functools.wraps(fn)
+        async def wrapped(request: Request) -> Response:
+            try:
+                return await fn(request)
+            except CompatError as exc:
+                return JSONResponse(body(exc.status, exc.message, exc.param, exc.code), status_code=exc.status)
+            except ClientGone:
+                return Response(status_code=499)
+            except Exception as exc:  # noqa: BLE001 - mapped; unknown ones are logged by turn_error
+                err = exc if isinstance(exc, ApiError) else turn_error(exc)
+                return JSONResponse(body(err.status, err.message, None, err.code), status_code=err.status,
+                                    headers=err.headers)
+        return wrapped
+    return decorate
+
+
+def explicit_session(request: Request) -> str | None:
+    """The conversation a client names in a header (``SESSION_HEADERS``), checked; None if none."""
+    for header in SESSION_HEADERS:
+        value = request.headers.get(header)
+        if value:
+            return check_name(value, header)
+    return None
 
 
 def model_key(model: str) -> str:

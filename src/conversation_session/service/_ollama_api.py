@@ -12,7 +12,6 @@ accepted: the model stays loaded for the service's life.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import logging
@@ -26,13 +25,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from .._exceptions import SessionError
 from ..backends import GenerationRequest
 from ._compat import (
-    SESSION_HEADERS,
     WHOLE_HEADER,
     CompatError,
     CompatRequest,
     TurnEvent,
+    answers_errors_as,
     check_name,
     durations,
+    explicit_session,
     finish,
     first_event,
     model_key,
@@ -58,20 +58,12 @@ _NDJSON = "application/x-ndjson"
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _errors(fn: Handler) -> Handler:
+def _ollama_error(status: int, message: str, param: str | None, code: str | None) -> dict[str, Any]:
     """Every failure as Ollama says it: ``{"error": "..."}`` with the HTTP status."""
-    @functools.wraps(fn)
-    async def wrapped(request: Request) -> Response:
-        try:
-            return await fn(request)
-        except CompatError as exc:
-            return JSONResponse({"error": exc.message}, status_code=exc.status)
-        except ClientGone:
-            return Response(status_code=499)
-        except Exception as exc:  # noqa: BLE001 - mapped; unknown ones are logged by turn_error
-            err = exc if isinstance(exc, ApiError) else turn_error(exc)
-            return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
-    return wrapped
+    return {"error": message}
+
+
+_errors = answers_errors_as(_ollama_error)
 
 
 def _digest(name: str) -> str:
@@ -186,14 +178,6 @@ def _options(data: dict[str, Any]) -> dict[str, Any]:
     return {**options, "stop": [s for s in stop if s]}
 
 
-def _explicit(request: Request) -> str | None:
-    for header in SESSION_HEADERS:
-        value = request.headers.get(header)
-        if value:
-            return check_name(value, header)
-    return None
-
-
 def _chunk(model: str, **fields: Any) -> bytes:
     return (json.dumps({"model": model, "created_at": now_rfc3339(), **fields}, ensure_ascii=False) + "\n").encode()
 
@@ -236,7 +220,7 @@ async def chat(request: Request) -> Response:
                   "done": True, "done_reason": "load"}
         return JSONResponse(loaded) if not stream else Response(json.dumps(loaded) + "\n", media_type=_NDJSON)
     system, history, text, results = parse_messages(data.get("messages"), st.config.max_text_bytes)
-    req = CompatRequest(model=model, system=system, history=history, text=text, explicit=_explicit(request),
+    req = CompatRequest(model=model, system=system, history=history, text=text, explicit=explicit_session(request),
                         whole=bool(request.headers.get(WHOLE_HEADER)),
                         max_tokens=int(options["num_predict"]) if options.get("num_predict") else None,
                         temperature=options.get("temperature"), seed=options.get("seed"), stop=options["stop"],

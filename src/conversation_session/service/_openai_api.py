@@ -11,7 +11,6 @@ through (``_compat``): a call the model makes to one of the request's ``tools`` 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -25,12 +24,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from .._exceptions import SessionError
 from .._result import ChatResult
 from ._compat import (
-    SESSION_HEADERS,
     WHOLE_HEADER,
     CompatError,
     CompatRequest,
     TurnEvent,
+    answers_errors_as,
     check_name,
+    explicit_session,
     finish,
     first_event,
     parse_messages,
@@ -40,7 +40,7 @@ from ._compat import (
     served_models,
     whole_turn,
 )
-from ._errors import ApiError, ClientGone, turn_error
+from ._errors import ApiError, turn_error
 from ._requests import read_json
 from ._state import state_of as _state
 
@@ -59,20 +59,7 @@ def _error_body(status: int, message: str, param: str | None = None, code: str |
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _errors(fn: Handler) -> Handler:
-    @functools.wraps(fn)
-    async def wrapped(request: Request) -> Response:
-        try:
-            return await fn(request)
-        except CompatError as exc:
-            return JSONResponse(_error_body(exc.status, exc.message, exc.param, exc.code), status_code=exc.status)
-        except ClientGone:
-            return Response(status_code=499)
-        except Exception as exc:  # noqa: BLE001 - mapped; unknown ones are logged by turn_error
-            err = exc if isinstance(exc, ApiError) else turn_error(exc)
-            return JSONResponse(_error_body(err.status, err.message, None, err.code), status_code=err.status,
-                                headers=err.headers)
-    return wrapped
+_errors = answers_errors_as(_error_body)
 
 
 @_errors
@@ -111,11 +98,7 @@ def _request(data: dict[str, Any], request: Request, limit: int) -> CompatReques
     max_tokens = _number(data, "max_completion_tokens", int) or _number(data, "max_tokens", int)
     system, history, text, results = parse_messages(data.get("messages"), limit)
     tools = parse_tools(data.get("tools"), data.get("tool_choice"))
-    explicit = None
-    for header in SESSION_HEADERS:
-        if request.headers.get(header):
-            explicit = check_name(request.headers[header], header)
-            break
+    explicit = explicit_session(request)
     user = data.get("user")
     if explicit is None and isinstance(user, str) and user.strip():
         # A string only: some clients send an object here (user details), which names nothing.
