@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import re
@@ -41,7 +40,7 @@ from ._errors import ApiError, ClientGone, result_json, turn_error
 from ._guard import Guard
 from ._ha import ha_process
 from ._handoff import ask_release, holder_pid
-from ._live import finish_live
+from ._live import finish_live, sse_event
 from ._log import request_id_var, session_id_var, setup_json_logging
 from ._ollama_api import ollama_routes
 from ._openai_api import openai_routes
@@ -234,10 +233,6 @@ async def post_message(request: Request) -> Response:
     return JSONResponse({"session_id": sid, **result_json(result)})
 
 
-def _sse(event: str, data: dict[str, Any]) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
-
-
 class TurnStream(Response):
     """A turn as server-sent events: ``piece`` events, then one ``done`` (or ``error``).  Written
     as its own ASGI response so the session is always handed back, and a client that
@@ -279,22 +274,22 @@ class TurnStream(Response):
             async with self.session.stream(self.text) as turn:
                 async def tool_event(event: dict[str, Any]) -> None:  # sent as the call happens
                     await send({"type": "http.response.body", "more_body": True,
-                                "body": _sse(event["type"], {k: v for k, v in event.items() if k != "type"})})
+                                "body": sse_event(event["type"], {k: v for k, v in event.items() if k != "type"})})
 
                 turn.on_tool(tool_event)
                 async for piece in turn:
-                    await send({"type": "http.response.body", "body": _sse("piece", {"text": piece}),
+                    await send({"type": "http.response.body", "body": sse_event("piece", {"text": piece}),
                                 "more_body": True})
                 result = await turn.result()
         except (SessionError, ValueError, Busy, Gone) as exc:
             st.counters["turns_failed"] += 1
             err = turn_error(exc)
             await send({"type": "http.response.body", "more_body": True,
-                        "body": _sse("error", {**err.body()["error"], "status": err.status})})
+                        "body": sse_event("error", {**err.body()["error"], "status": err.status})})
             return
         st.counters["turns_completed"] += 1
         await send({"type": "http.response.body", "more_body": True,
-                    "body": _sse("done", {"session_id": self.hold_sid, **result_json(result)})})
+                    "body": sse_event("done", {"session_id": self.hold_sid, **result_json(result)})})
 
     @property
     def hold_sid(self) -> str | None:
