@@ -88,6 +88,7 @@ from ._record import (
     SessionRecord,
     UndoneDict,
     clean_title,
+    count_turns,
     now_iso,
     parse_journal_line,
 )
@@ -169,10 +170,6 @@ def parse_json_bytes(raw: bytes | bytearray, label: str, path: Path | None = Non
 
 def _cache_label(session_id: str) -> bytes:
     return b"conversation-session list cache\0" + session_id.encode()
-
-
-def _count_turns(messages: Iterable[MessageDict]) -> int:
-    return sum(1 for m in messages if m["role"] == "user")  # as count_turns: the user's turns
 
 
 def aside_path(path: Path, stamp: str | None = None) -> Path:
@@ -294,7 +291,7 @@ def replay_journal(raw: bytes | bytearray, session_id: str, base: int, folded: i
             if start >= out.keep:
                 del out.new_messages[start - out.keep:]
             else:
-                out.cut_turns += _count_turns(withdrawn[:out.keep - start])
+                out.cut_turns += count_turns(withdrawn[:out.keep - start])
                 out.keep = start
                 out.new_messages.clear()
             out.undone.append({"at": entry["updated_at"], "start": start, "messages": withdrawn})
@@ -586,7 +583,7 @@ class HistoryStore:
                     record = self._parse_snapshot(session_id, snapshot[0])
                     marks = _marks(snapshot[1])
                     head = {"created_at": record.created_at, "updated_at": record.updated_at,
-                            "llm_model": record.llm_model, "turns": _count_turns(record.messages),
+                            "llm_model": record.llm_model, "turns": count_turns(record.messages),
                             "total": len(record.messages), "first": _first_line(record.messages),
                             "title": record.title, "rewinds": len(record.undone)}
                     if is_encrypted_snapshot(snapshot[0]):
@@ -619,7 +616,7 @@ class HistoryStore:
                 first = "" if replay.keep == 0 else first
                 turns -= replay.cut_turns
             total = replay.count
-            turns += _count_turns(replay.new_messages)
+            turns += count_turns(replay.new_messages)
             updated_at = replay.updated_at or updated_at
             first = first or _first_line(replay.new_messages)
             if "title" in replay.meta:
@@ -1103,7 +1100,7 @@ class _Core:
         self.journaled = len(self.messages)    # messages[:journaled] are durable
         self.snapshot_upto = snapshot_upto     # messages in the .json, None if none/unknown
         self.persisted = persisted
-        self.turns = _count_turns(self.messages)
+        self.turns = count_turns(self.messages)
         self.encoded: list[str] = []           # encode_json of messages[: len(encoded)]
         self.size = self._initial_size()
         self.meta_dirty = False
@@ -1160,7 +1157,7 @@ class _Core:
                 self.meta_dirty = True
                 self.meta_seq += 1
             self.messages.extend(messages)
-            self.turns += _count_turns(messages)
+            self.turns += count_turns(messages)
         return self.save()
 
     def rewind(self, start: int, messages: list[MessageDict], meta: dict[str, Any] | None) -> bool:
@@ -1206,7 +1203,7 @@ class _Core:
                 setattr(self.record, k, getattr(after, k))
             self.record.updated_at = at
             self.messages.extend(messages)
-            self.turns += _count_turns(messages) - _count_turns(gone)
+            self.turns += count_turns(messages) - count_turns(gone)
             del self.encoded[start:]
             if len(self.encoded) == start:
                 self.encoded.extend(new)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -184,7 +184,7 @@ def clean_title(title: object) -> str | None:
     return line or None
 
 
-def count_turns(messages: list[MessageDict]) -> int:
+def count_turns(messages: Iterable[MessageDict]) -> int:
     """A turn is one exchange started by the user, so it is counted by the user's messages (a
     turn with tool calls holds several assistant messages; before schema 5 both counts agree)."""
     return sum(1 for m in messages if m["role"] == "user")
