@@ -37,20 +37,26 @@ def _ollama_url(base_url: str | None) -> str:
     return url if "://" in url else "http://" + url
 
 
-def _get(url: str, what: str, hint: str, timeout: float) -> object:
+def _get(url: str, what: str, hint: str, timeout: float, *, kind: str = "the right server",
+         headers: dict[str, str] | None = None, refused: str | None = None) -> object:
+    """The JSON ``what`` answers to ``GET url``, or a ``BackendError`` saying what to do
+    (``hint``: when it cannot be reached; ``kind``: what it should be; ``refused``: what to do
+    when it refuses the credentials)."""
     try:
-        response = httpx.get(url, timeout=timeout)
+        response = httpx.get(url, timeout=timeout, headers=headers)
     except httpx.TimeoutException as exc:
         raise BackendError(f"{what} accepted the connection but did not answer GET {url} within "
                            f"{timeout:g} s: is it stuck?") from exc
     except httpx.HTTPError as exc:
         raise BackendError(f"cannot reach {what} ({type(exc).__name__}): {hint}") from exc
+    if refused and response.status_code in (401, 403):
+        raise BackendError(f"{what} refused the key (HTTP {response.status_code}): {refused}")
     if response.status_code >= 400:
-        raise BackendError(f"{what} answered HTTP {response.status_code} to GET {url}; is it the right server?")
+        raise BackendError(f"{what} answered HTTP {response.status_code} to GET {url}; is it {kind}?")
     try:
         return response.json()
     except ValueError as exc:
-        raise BackendError(f"{what} did not answer GET {url} with JSON; is it the right kind of server?") from exc
+        raise BackendError(f"{what} did not answer GET {url} with JSON; is it {kind}?") from exc
 
 
 def _ollama(base_url: str | None, timeout: float) -> list[ModelEntry]:
@@ -80,27 +86,15 @@ def _openai(base_url: str | None, timeout: float) -> list[ModelEntry]:
     if not base_url:
         raise BackendError("the openai backend needs --base-url (the server's URL, e.g. http://127.0.0.1:8080/v1)")
     root = normalize_base_url(base_url)
-    headers_hint = "check --base-url and that the server is running"
-    try:
-        key = os.environ.get("OPENAI_API_KEY")
-        response = httpx.get(root + "/models", timeout=timeout,
-                             headers={"Authorization": f"Bearer {key}"} if key else None)
-    except httpx.TimeoutException as exc:
-        raise BackendError(f"the server at {root} accepted the connection but did not answer GET /models "
-                           f"within {timeout:g} s: is it stuck?") from exc
-    except httpx.HTTPError as exc:
-        raise BackendError(f"cannot reach the server at {root} ({type(exc).__name__}): {headers_hint}") from exc
-    if response.status_code in (401, 403):
-        raise BackendError(f"the server at {root} refused the key (HTTP {response.status_code}): set $OPENAI_API_KEY")
-    if response.status_code >= 400:
-        raise BackendError(f"the server at {root} answered HTTP {response.status_code} to GET /models; "
-                           "is it an OpenAI-compatible API?")
-    try:
-        data = response.json().get("data")
-    except (ValueError, AttributeError) as exc:
-        raise BackendError(f"{root}/models did not answer with a model list; is it an OpenAI-compatible API?") from exc
-    return [ModelEntry(str(m["id"]), None, str(m.get("owned_by") or ""))
-            for m in data or [] if isinstance(m, dict) and m.get("id")]
+    key = os.environ.get("OPENAI_API_KEY")
+    data = _get(root + "/models", f"the server at {root}", "check --base-url and that the server is running",
+                timeout, kind="an OpenAI-compatible API", headers={"Authorization": f"Bearer {key}"} if key else None,
+                refused="set $OPENAI_API_KEY")
+    models = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(models, list):
+        raise BackendError(f"{root}/models did not answer with a model list; is it an OpenAI-compatible API?")
+    return [ModelEntry(str(m["id"]), None, str(m.get("owned_by") or "")) for m in models
+            if isinstance(m, dict) and m.get("id")]
 
 
 def _gguf_files(model: str | None) -> list[Path]:
