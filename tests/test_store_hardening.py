@@ -145,14 +145,14 @@ def test_interrupted_replies_and_the_system_prompt_round_trip(sessions_dir):
 
 def test_counts_are_incremental_not_recounted_per_append(sessions_dir, monkeypatch):
     seen: list[int] = []
-    real = _store._count_turns
+    real = _store.count_turns
 
     def spy(messages):
         messages = list(messages)
         seen.append(len(messages))
         return real(messages)
 
-    monkeypatch.setattr(_store, "_count_turns", spy)
+    monkeypatch.setattr(_store, "count_turns", spy)
     writer = HistoryStore(sessions_dir).create("m")
     try:
         for n in range(200):

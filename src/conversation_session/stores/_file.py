@@ -899,8 +899,8 @@ class HistoryStore:
         refs: set[str] = set()
         for path, limit in ((self.snapshot_path(session_id), 4096), (self.journal_path(session_id), None),
                             (self.kv_path(session_id), 4096)):
-            with contextlib.suppress(OSError):
-                with open(path, "rb") as f:
+            with contextlib.suppress(OSError):  # a planted FIFO or link names no key: never opened blocking
+                with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as f:
                     refs |= refs_in(f.read(limit if limit is not None else self.max_file_bytes))
         return refs
 
