@@ -15,6 +15,7 @@ import pytest
 
 import pg_server as _pg
 from conversation_session import AsyncConversationSession, ConversationSession, FakeBackend, HistoryStore
+from conversation_session.cli._args import build_parser as build_chat_parser
 from conversation_session.cli._args import parse_args
 from conversation_session.cli._chat import ChatApp
 from conversation_session.service._config import ServiceConfig, build_parser, config_from_args
@@ -179,6 +180,18 @@ def test_the_chat_app_takes_durability(sessions_dir: Path) -> None:
     assert app.session is not None and app.session.durability == "process"
     with pytest.raises(SystemExit):
         parse_args(["--durability", "sometimes"])
+
+
+def test_both_command_lines_take_the_levels_of_the_one_definition() -> None:
+    from conversation_session.stores._durability import DURABILITY_LEVELS
+
+    for parser in (build_parser(), build_chat_parser()):
+        action = next(a for a in parser._actions if a.dest == "durability")
+        assert tuple(action.choices or ()) == DURABILITY_LEVELS
+        # Spelled as the environment variable takes them (any case), not only in lower case.
+        assert parser.parse_args(["--durability", "Power"]).durability == "power"
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--durability", "disk"])
 
 
 def test_the_service_config_checks_the_level() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from .backends import BACKEND_NAMES
 from .session._limits import DEFAULT_TIMEOUT_S, parse_timeout
+from .stores._durability import DURABILITY_LEVELS
 
 __all__ = ["KEYSTORE_HELP", "add_model_flags", "add_voice_flags", "positive_int", "seconds"]
 
@@ -38,6 +39,10 @@ def seconds(text: str) -> float | None:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _level(text: str) -> str:
+    return text.strip().lower()
+
+
 def add_model_flags(g: Any) -> None:
     """The model and the turn: --backend, --model, --base-url, --system, --max-tokens, --memory,
     --timeout, --durability."""
@@ -55,7 +60,8 @@ def add_model_flags(g: Any) -> None:
                         "out of the prompt (default); summary folds them into a running summary")
     g.add_argument("--timeout", type=seconds, default=DEFAULT_TIMEOUT_S,
                    help=f"seconds a reply may take; 0 for no limit (default {DEFAULT_TIMEOUT_S:g})")
-    g.add_argument("--durability", choices=["process", "power"], default=None, help=DURABILITY_HELP)
+    # The levels' one definition; any case, as $CONVERSATION_SESSION_DURABILITY takes them.
+    g.add_argument("--durability", type=_level, choices=DURABILITY_LEVELS, default=None, help=DURABILITY_HELP)
 
 
 def add_voice_flags(g: Any) -> None:
