@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from .backends import BACKEND_NAMES
+from .backends._llama_cpp import KV_CACHE_TYPES
 from .session._limits import DEFAULT_TIMEOUT_S, parse_timeout
 from .stores._durability import DURABILITY_LEVELS
 
@@ -44,8 +45,8 @@ def _level(text: str) -> str:
 
 
 def add_model_flags(g: Any) -> None:
-    """The model and the turn: --backend, --model, --base-url, --system, --max-tokens, --memory,
-    --timeout, --durability."""
+    """The model and the turn: --backend, --model, --base-url, --kv-type, --system, --max-tokens,
+    --memory, --timeout, --durability."""
     g.add_argument("--backend", choices=list(BACKEND_NAMES), default="llama-cpp",
                    metavar="{" + ",".join(b for b in BACKEND_NAMES if b != "fake") + "}",
                    help="llama-cpp: in-process, no server (default); ollama; openai: any "
@@ -53,6 +54,9 @@ def add_model_flags(g: Any) -> None:
     g.add_argument("--model", help="a .gguf path (llama-cpp; default: bundled SmolLM2-135M), or the "
                                    "server's model name (ollama default: qwen2.5:3b)")
     g.add_argument("--base-url", help="server URL (ollama: $OLLAMA_HOST or http://127.0.0.1:11434)")
+    g.add_argument("--kv-type", choices=list(KV_CACHE_TYPES), default=None,
+                   help="the embedded model's KV cache cell type: f16 (default), q8_0 (half the .kv file "
+                        "size, slower prompts) or q4_0")
     g.add_argument("--system", default=None, help="system prompt")
     g.add_argument("--max-tokens", type=positive_int, default=512, help="reply length limit (default 512)")
     g.add_argument("--memory", choices=["trim", "summary"], default="trim",

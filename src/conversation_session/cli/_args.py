@@ -124,9 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=positive_int, default=None, help="sample from the K likeliest tokens")
     g.add_argument("--repeat-penalty", type=float, default=None, help="penalty for repeated tokens")
     g.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the embedded model")
-    g.add_argument("--kv-type", choices=["f16", "q8_0", "q4_0"], default=None,
-                   help="the embedded model's KV cache cell type: f16 (default), q8_0 (half the .kv file "
-                        "size, slower prompts) or q4_0")
     g.add_argument("--context-length", type=positive_int, default=None,
                    help="context window in tokens (llama-cpp default 8192, ollama 4096)")
     g.add_argument("--tool", action="append", choices=["time"], default=None, dest="tools",

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .._flags import KEYSTORE_HELP, add_model_flags, add_voice_flags
+from ..backends._llama_cpp import KV_CACHE_TYPES
 from ..session._limits import parse_timeout
 from ..stores._durability import resolve_durability
 from ..stores._open import is_postgres_url
@@ -40,6 +41,7 @@ class ServiceConfig:
     backend: str = "llama-cpp"
     model: str | None = None
     base_url: str | None = None
+    kv_type: str | None = None           # the embedded model's KV cache cells (None: its default, f16)
     host: str = "127.0.0.1"
     port: int = 8765
     workers: int = 1
@@ -97,6 +99,14 @@ class ServiceConfig:
                 check(value)
         if self.durability is not None:
             object.__setattr__(self, "durability", resolve_durability(self.durability))
+        if self.kv_type is not None:
+            if self.kv_type not in KV_CACHE_TYPES:
+                raise ValueError(f"kv_type must be one of {', '.join(KV_CACHE_TYPES)}, not {self.kv_type!r}")
+            if self.backend not in ("llama-cpp", "llama_cpp", "embedded"):
+                # Other backends keep their cache in their server: refused, not ignored, so a
+                # service started with it does not run without what it was asked for.
+                raise ValueError(f"--kv-type sets the embedded model's KV cache (--backend llama-cpp), "
+                                 f"not {self.backend}'s")
 
     @property
     def keep_open(self) -> float:
@@ -328,7 +338,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
                              "can only name it (leave '=MODEL' out for the service's model)")
     return ServiceConfig(
         store=args.store, sessions_dir=args.sessions_dir, backend=args.backend, model=args.model,
-        base_url=args.base_url, host=args.host, port=args.port, workers=args.workers,
+        base_url=args.base_url, kv_type=args.kv_type, host=args.host, port=args.port, workers=args.workers,
         tokens=tuple(dict.fromkeys(tokens)), allowed_hosts=tuple(dict.fromkeys(args.allowed_host or [])),
         allow_origins=tuple(dict.fromkeys(origins)), assistants=tuple(dict.fromkeys(args.assistant or [])),
         ready_wait_s=max(args.ready_wait, 0.0), timeout=args.timeout, max_tokens=args.max_tokens,

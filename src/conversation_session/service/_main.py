@@ -23,7 +23,7 @@ def run(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-    except ValueError as exc:  # $CONVERSATION_SESSION_ORIGINS (the flags are checked by the parser)
+    except ValueError as exc:  # $CONVERSATION_SESSION_ORIGINS, flags that do not go together
         parser.error(str(exc))
     if not is_loopback(config.host) and not config.tokens:
         print(f"refusing to listen on {config.host} without a token: clients there could read and write every "

@@ -44,7 +44,8 @@ def make_backend(config: ServiceConfig) -> Backend:
         # (--tools-file) or a client's (the Ollama and OpenAI endpoints).
         return WordFakeBackend(piece_delay=config.fake_delay, context_length=config.fake_context,
                                script_calls=True)
-    return create_backend(config.backend, config.model, base_url=config.base_url)
+    options = {} if config.kv_type is None else {"kv_cache_type": config.kv_type}
+    return create_backend(config.backend, config.model, base_url=config.base_url, **options)
 
 
 def make_store(config: ServiceConfig) -> StoreAPI:
