@@ -14,7 +14,8 @@ import pytest
 
 import pg_server as _pg
 from conversation_session import HistoryStore, SessionLockedError, SessionRecord
-from conversation_session.service._config import build_parser, parse_age
+from conversation_session._flags import RETENTION_ENV
+from conversation_session.service._config import build_parser, config_from_args, parse_age
 from conversation_session.stores._housekeeping import prune
 from test_service import service, wait_for
 
@@ -142,3 +143,39 @@ def test_postgresql_prunes_by_age_in_the_statement_that_checks_the_lease(pg_url:
         assert listed == sorted([ids["held"].session_id, ids["fresh"].session_id])
     finally:
         store.close()
+
+
+def test_serve_takes_its_retention_from_the_chat_apps_variable(tmp_path: Path) -> None:
+    sessions_dir = tmp_path / "sessions"
+    store = HistoryStore(sessions_dir)
+    idle = _old_session(store, "session_idle")
+    fresh = _fresh_session(store)
+    with service(sessions_dir, env={RETENTION_ENV: "30"}) as svc:
+        wait_for(lambda: "retention: deleted 1 session" in svc.log(), 30, "the prune's log line")
+    assert idle not in [i.session_id for i in store.list_sessions()]
+    assert [i.session_id for i in store.list_sessions()] == [fresh]
+
+
+def test_serve_retention_flag_wins_over_the_variable_and_0_keeps_everything() -> None:
+    def retention(argv: list[str], env: dict[str, str]) -> float | None:
+        return config_from_args(build_parser().parse_args(argv), env).retention_s
+
+    assert retention([], {RETENTION_ENV: "30"}) == 30 * 86400
+    assert retention([], {RETENTION_ENV: "0.5"}) == 43200
+    assert retention(["--retention", "12h"], {RETENTION_ENV: "30"}) == 43200
+    assert retention(["--retention", "12h"], {RETENTION_ENV: "soon"}) == 43200  # not read at all
+    assert retention([], {RETENTION_ENV: "0"}) is None
+    assert retention([], {RETENTION_ENV: " "}) is None
+    assert retention([], {}) is None
+
+
+@pytest.mark.parametrize("value", ["soon", "-3", "inf"])
+def test_serve_refuses_a_bad_retention_variable_in_one_line(tmp_path: Path, value: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "conversation_session.service", "--backend", "fake",
+                           "--sessions-dir", str(tmp_path / "s")], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin",
+                                           RETENTION_ENV: value})
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"conversation-session serve: error: ${RETENTION_ENV}={value!r}: ")
+    assert not (tmp_path / "s").exists()

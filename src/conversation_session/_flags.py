@@ -4,6 +4,7 @@ each (the chat's and the service's parsers used to declare them twice and drifte
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any
 
 from .backends import BACKEND_NAMES
@@ -11,11 +12,15 @@ from .backends._llama_cpp import KV_CACHE_TYPES
 from .session._limits import DEFAULT_TIMEOUT_S, parse_timeout
 from .stores._durability import DURABILITY_LEVELS
 
-__all__ = ["KEYSTORE_HELP", "add_model_flags", "add_voice_flags", "positive_int", "seconds"]
+__all__ = ["KEYSTORE_HELP", "RETENTION_ENV", "add_model_flags", "add_voice_flags", "days", "positive_int",
+           "retention_days_from_env", "seconds"]
 
 KEYSTORE_HELP = ("where encrypted sessions' data keys are kept (deleting a session deletes its key, so its copies "
                  "in backups become unreadable); default $CONVERSATION_SESSION_KEYSTORE, else the folder "
                  "<key file>.keystore beside the key file (docs/encryption.md)")
+
+RETENTION_ENV = "CONVERSATION_SESSIONS_RETENTION_DAYS"
+"""Days of retention when neither the chat's ``--retention-days`` nor ``serve --retention`` is given."""
 
 DURABILITY_HELP = ("what a saved turn survives: the program dying (process) or also a power cut (power: "
                    "flushed to the disk, or committed with synchronous_commit on PostgreSQL, before the reply "
@@ -42,6 +47,29 @@ def seconds(text: str) -> float | None:
 
 def _level(text: str) -> str:
     return text.strip().lower()
+
+
+def days(text: str) -> float:
+    """A number of days, 0 or more (0: keep everything)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a number of days, 0 or more (0 keeps everything)")
+    return value
+
+
+def retention_days_from_env(environ: Mapping[str, str]) -> float | None:
+    """Days of retention from ``$CONVERSATION_SESSIONS_RETENTION_DAYS``; None when it is unset,
+    empty or 0 (keep everything).  ``ValueError`` naming the variable for a bad value."""
+    text = environ.get(RETENTION_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        return days(text) or None
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"${RETENTION_ENV}={text!r}: {exc}") from None
 
 
 def add_model_flags(g: Any) -> None:
