@@ -179,3 +179,89 @@ def test_serve_refuses_a_bad_retention_variable_in_one_line(tmp_path: Path, valu
     assert done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(f"conversation-session serve: error: ${RETENTION_ENV}={value!r}: ")
     assert not (tmp_path / "s").exists()
+
+
+# -- PostgreSQL: the KV files live on this host, not in the database ---------------------------------
+def _pg_session(store: object, text: str, *, aged: bool = False, pg_url: str = "") -> tuple[str, Path]:
+    """A PostgreSQL session (aged 40 days if asked) and a KV file for it in this host's cache."""
+    import psycopg
+
+    from conversation_session.memory._kvcache import kv_file_path
+
+    writer = store.create("fake")  # type: ignore[attr-defined]
+    assert writer.append(0, [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}])
+    writer.close()
+    sid = writer.session_id
+    if aged:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("UPDATE conversation_session.sessions SET updated_ts = now() - interval '40 days', "
+                         "updated_at = %s WHERE id = %s", (OLD, sid))
+    kv = kv_file_path(store, sid)
+    kv.parent.mkdir(parents=True, exist_ok=True)
+    kv.write_bytes(b"kv state of " + sid.encode())
+    return sid, kv
+
+
+def _cli(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "conversation_session", *argv], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, input="", env=env)
+
+
+def test_postgresql_sessions_deleted_or_pruned_by_the_commands_lose_their_local_kv_files(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conversation_session.stores._postgres import PostgresStore
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "XDG_CACHE_HOME": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    store = PostgresStore(pg_url)
+    try:
+        kept, kept_kv = _pg_session(store, "kept")
+        deleted, deleted_kv = _pg_session(store, "deleted")
+        done = _cli("--store", pg_url, "sessions", "delete", deleted, "--yes", env=env)
+        assert done.returncode == 0, done.stderr
+        assert not deleted_kv.exists() and kept_kv.exists()
+
+        _, pruned_kv = _pg_session(store, "pruned", aged=True, pg_url=pg_url)
+        done = _cli("--store", pg_url, "sessions", "prune", "--older-than", "30d", "--yes", env=env)
+        assert done.returncode == 0 and "deleted 1 session(s)" in done.stdout, done.stdout + done.stderr
+        assert not pruned_kv.exists() and kept_kv.exists()
+
+        _, retained_kv = _pg_session(store, "retained", aged=True, pg_url=pg_url)
+        done = _cli("--store", pg_url, "--retention-days", "30", "--backend", "fake", "hello", env=env)
+        assert done.returncode == 0 and "retention: deleted 1 session(s)" in done.stderr, done.stderr
+        assert not retained_kv.exists() and kept_kv.exists()
+
+        # (ids are reused once free: the chat's new session may carry a deleted one's id)
+        assert sorted(i.first_user_line for i in store.list_sessions()) == ["hello", "kept"]
+        assert kept in {i.session_id for i in store.list_sessions()}
+    finally:
+        store.close()
+
+
+def test_postgresql_sessions_deleted_or_retired_by_the_service_lose_their_local_kv_files(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    from conversation_session.memory._kvcache import kv_file_path
+    from conversation_session.stores._postgres import PostgresStore
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    store = PostgresStore(pg_url)
+    try:
+        _, kept_kv = _pg_session(store, "kept")
+        _, idle_kv = _pg_session(store, "idle", aged=True, pg_url=pg_url)
+        with service(tmp_path / "unused", "--store", pg_url, "--retention", "30d",
+                     env={"XDG_CACHE_HOME": str(tmp_path / "cache")}) as svc:
+            wait_for(lambda: "retention: deleted 1 session" in svc.log(), 30, "the prune's log line")
+            assert not idle_kv.exists() and kept_kv.exists()
+            with httpx.Client(base_url=svc.url, timeout=30) as client:
+                sid = client.post("/v1/sessions").json()["session_id"]
+                assert client.post(f"/v1/sessions/{sid}/messages", json={"text": "hello"}).json()["turn"] == 1
+                kv = kv_file_path(store, sid)  # the service names the row after its own id
+                kv.write_bytes(b"kv state")
+                assert client.delete(f"/v1/sessions/{sid}").json()["deleted"] is True
+            assert not kv.exists() and kept_kv.exists()
+        assert sid not in {i.session_id for i in store.list_sessions()}
+    finally:
+        store.close()
