@@ -15,6 +15,7 @@ import pytest
 
 import pg_server as _pg
 from conversation_session import AsyncConversationSession, ConversationSession, FakeBackend, HistoryStore
+from conversation_session.cli._args import build_parser as build_chat_parser
 from conversation_session.cli._args import parse_args
 from conversation_session.cli._chat import ChatApp
 from conversation_session.service._config import ServiceConfig, build_parser, config_from_args
@@ -22,6 +23,7 @@ from conversation_session.stores._fileio import GroupSync
 from test_service import service
 
 ENV = "CONVERSATION_SESSION_DURABILITY"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -169,6 +171,60 @@ def test_a_failed_flush_is_raised_to_its_committer(tmp_path: Path) -> None:
         os.close(w)
 
 
+_FORK_WHILE_FLUSHING = """
+import json, os, signal, sys, tempfile, threading, time
+from conversation_session import ConversationSession, FakeBackend, HistoryStore
+from conversation_session.stores import _fileio
+
+sessions_dir = sys.argv[1]
+parent, release, real = os.getpid(), threading.Event(), _fileio._fdatasync
+
+def held_in_the_parent(fd):
+    if os.getpid() == parent:
+        release.wait(60)  # the parent's leader stays mid-flush while the child is forked
+    real(fd)
+
+_fileio._fdatasync = held_in_the_parent
+fd = os.open(os.path.join(tempfile.mkdtemp(), "journal"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+os.write(fd, b"a line")
+leader = threading.Thread(target=_fileio.group_sync.sync, args=(fd,))
+leader.start()
+while not _fileio.group_sync._leading:
+    time.sleep(0.001)
+pid = os.fork()
+if pid == 0:
+    try:
+        with ConversationSession(backend=FakeBackend(), sessions_dir=sessions_dir, durability="power") as s:
+            result = s.chat("from the child")
+        os._exit(0 if result.saved and result.durability == "power" else 1)
+    except BaseException:
+        os._exit(2)
+release.set()
+leader.join(60)
+end = time.monotonic() + 30  # a bound on a hang, not a timing assert
+while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < end:
+    time.sleep(0.01)
+if done[0] == 0:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    print(json.dumps("the child's commit never returned"))
+else:
+    print(json.dumps(os.waitstatus_to_exitcode(done[1])))
+"""
+
+
+def test_a_child_forked_during_the_parents_flush_commits_at_the_power_level(sessions_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FORK_WHILE_FLUSHING, str(sessions_dir)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "0", done.stdout + done.stderr
+    store = HistoryStore(sessions_dir)
+    assert [store.load(i.session_id).messages[0]["content"] for i in store.list_sessions()] == ["from the child"]
+
+
 # -- the chat app and the service ---------------------------------------------------------------------
 def test_the_chat_app_takes_durability(sessions_dir: Path) -> None:
     args = parse_args(["--backend", "fake", "--durability", "process", "--sessions-dir", str(sessions_dir)])
@@ -179,6 +235,18 @@ def test_the_chat_app_takes_durability(sessions_dir: Path) -> None:
     assert app.session is not None and app.session.durability == "process"
     with pytest.raises(SystemExit):
         parse_args(["--durability", "sometimes"])
+
+
+def test_both_command_lines_take_the_levels_of_the_one_definition() -> None:
+    from conversation_session.stores._durability import DURABILITY_LEVELS
+
+    for parser in (build_parser(), build_chat_parser()):
+        action = next(a for a in parser._actions if a.dest == "durability")
+        assert tuple(action.choices or ()) == DURABILITY_LEVELS
+        # Spelled as the environment variable takes them (any case), not only in lower case.
+        assert parser.parse_args(["--durability", "Power"]).durability == "power"
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--durability", "disk"])
 
 
 def test_the_service_config_checks_the_level() -> None:

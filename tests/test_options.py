@@ -62,16 +62,16 @@ def test_the_async_session_can_change_its_system_prompt_between_turns(sessions_d
 
 
 def test_the_flags_both_command_lines_share_are_declared_once_and_agree():
-    """--backend, --model, --base-url, --system, --max-tokens, --memory, --timeout,
+    """--backend, --model, --base-url, --kv-type, --system, --max-tokens, --memory, --timeout,
     --durability, --tts-voice, --tts-rate: the same choices, defaults and validation on both."""
     chat = {a.dest: a for a in __import__("conversation_session.cli._args", fromlist=["build_parser"])
             .build_parser()._actions}
     serve = {a.dest: a for a in build_parser()._actions}
-    for dest in ("backend", "model", "base_url", "system", "max_tokens", "memory", "timeout", "durability",
+    for dest in ("backend", "model", "base_url", "kv_type", "system", "max_tokens", "memory", "timeout", "durability",
                  "tts_voice", "tts_rate"):
         a, b = chat[dest], serve[dest]
         assert (a.default, a.choices, a.type, a.help) == (b.default, b.choices, b.type, b.help), dest
-    for argv in (["--max-tokens", "0"], ["--tts-rate", "-5"], ["--memory", "forever"]):
+    for argv in (["--max-tokens", "0"], ["--tts-rate", "-5"], ["--memory", "forever"], ["--kv-type", "q3"]):
         with pytest.raises(SystemExit):
             parse_args(argv)
         with pytest.raises(SystemExit):

@@ -512,6 +512,25 @@ def test_real_embedded_model_through_the_service(tmp_path: Path) -> None:
         assert c.get(f"/v1/sessions/{sid}").json()["turns"] == 2
 
 
+@pytest.mark.model
+def test_serve_kv_type_sets_the_embedded_models_kv_cells(tmp_path: Path) -> None:
+    with service(tmp_path / "s", "--max-tokens", "4", "--kv-type", "q8_0", backend="llama-cpp") as srv, \
+            httpx.Client(base_url=srv.url, timeout=120) as c:
+        sid = c.post("/v1/sessions").json()["session_id"]
+        assert c.post(f"/v1/sessions/{sid}/messages", json={"text": "Say hello."}).json()["figures"]["saved"]
+        stats = c.get(f"/v1/sessions/{sid}/stats").json()["stats"]
+        assert stats["kv_cache_type"] == "q8_0"
+
+
+def test_serve_kv_type_is_refused_for_a_backend_without_embedded_cells(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "conversation_session.service", "--backend", "ollama",
+                           "--kv-type", "q8_0", "--sessions-dir", str(tmp_path / "s")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 2
+    assert "--kv-type sets the embedded model's KV cache (--backend llama-cpp), not ollama's" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "s").exists()
+
+
 def test_turn_timeout_is_a_504_and_keeps_the_history(tmp_path: Path) -> None:
     with service(tmp_path / "s", "--timeout", "0.3", "--fake-delay", "0.02") as srv, \
             httpx.Client(base_url=srv.url, timeout=30) as c:

@@ -147,6 +147,31 @@ def test_ws_rejects_missing_or_foreign_tokens(server: ServiceProcess, client: ht
         assert recv(ws)["type"] == "ready"
 
 
+def test_a_token_in_the_url_is_refused_on_plain_http(server: ServiceProcess, client: httpx.Client) -> None:
+    """Only a WebSocket takes ``?token=`` (old clients cannot set its headers); on HTTP a URL's
+    token would end up in logs, history and Referer headers, so it is refused, saying why."""
+    sid = new_session(client)
+    before = client.get("/v1/sessions").json()
+    with httpx.Client(base_url=server.url, timeout=30) as bare:
+        for method, path in (("GET", "/v1/sessions"), ("POST", "/v1/sessions"),
+                             ("GET", f"/v1/sessions/{sid}/export?format=json"),
+                             ("POST", f"/v1/sessions/{sid}/messages"), ("GET", "/api/tags")):
+            join = "&" if "?" in path else "?"
+            resp = bare.request(method, f"{path}{join}token={TOKEN_A}", json={"text": "via the URL"})
+            assert resp.status_code == 401, (path, resp.text)
+            error = resp.json()["error"]
+            message = error if isinstance(error, str) else error["message"]  # the Ollama API's shape: a string
+            assert "only on WebSocket" in message and "Authorization: Bearer" in message, message
+            assert resp.headers["www-authenticate"] == "Bearer"
+    assert client.get("/v1/sessions").json() == before       # nothing was created
+    assert client.get(f"/v1/sessions/{sid}").json()["turns"] == 0
+    # The header is what counts; a stray ?token= beside it changes nothing.
+    assert client.get(f"/v1/sessions?token={TOKEN_B}").json() == before
+    # The WebSocket still takes it.
+    with connect(ws_url(server, sid) + f"?token={TOKEN_A}", open_timeout=10) as ws:
+        assert recv(ws)["type"] == "ready"
+
+
 def test_ws_bad_messages_get_error_events_and_the_socket_stays_usable(server: ServiceProcess,
                                                                       client: httpx.Client) -> None:
     sid = new_session(client)

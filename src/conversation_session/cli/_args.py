@@ -23,7 +23,16 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from .._flags import KEYSTORE_HELP, add_model_flags, add_voice_flags, positive_int, seconds
+from .._flags import (
+    KEYSTORE_HELP,
+    RETENTION_ENV,
+    add_model_flags,
+    add_voice_flags,
+    positive_int,
+    retention_days_from_env,
+    seconds,
+)
+from .._flags import days as _days
 from .._version import __version__
 from ..backends import BACKEND_NAMES
 from ..speech import PLAYBACK_CHOICES
@@ -35,7 +44,6 @@ from ._text import parse_size
 __all__ = ["HOUSEKEEPING", "RETENTION_ENV", "build_parser", "parse_args", "parse_duration",
            "retention_days", "sessions_dir_from", "store_from"]
 
-RETENTION_ENV = "CONVERSATION_SESSIONS_RETENTION_DAYS"
 HOUSEKEEPING = ("sessions", "doctor", "models", "keygen")
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -124,9 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=positive_int, default=None, help="sample from the K likeliest tokens")
     g.add_argument("--repeat-penalty", type=float, default=None, help="penalty for repeated tokens")
     g.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the embedded model")
-    g.add_argument("--kv-type", choices=["f16", "q8_0", "q4_0"], default=None,
-                   help="the embedded model's KV cache cell type: f16 (default), q8_0 (half the .kv file "
-                        "size, slower prompts) or q4_0")
     g.add_argument("--context-length", type=positive_int, default=None,
                    help="context window in tokens (llama-cpp default 8192, ollama 4096)")
     g.add_argument("--tool", action="append", choices=["time"], default=None, dest="tools",
@@ -354,16 +359,6 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _days(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError("must be a number of days, 0 or more (0 keeps everything)")
-    return value
-
-
 def retention_days(args: argparse.Namespace, environ: dict[str, str]) -> float | None:
     """Days of retention from ``--retention-days`` or the environment; None (or 0) keeps everything.
 
@@ -371,13 +366,10 @@ def retention_days(args: argparse.Namespace, environ: dict[str, str]) -> float |
     """
     if args.retention_days is not None:
         return args.retention_days or None
-    text = environ.get(RETENTION_ENV, "").strip()
-    if not text:
-        return None
     try:
-        return _days(text) or None
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"${RETENTION_ENV}={text!r}: {exc}") from None
+        return retention_days_from_env(environ)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def sessions_dir_from(args: argparse.Namespace) -> str:

@@ -8,7 +8,7 @@ import stat
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..memory._kvcache import kv_file_path
+from ..memory._kvcache import kv_file_path, remove_kv_file
 from ..stores import StoreAPI, validate_session_id
 from ._text import format_bytes, printable
 
@@ -70,4 +70,5 @@ def delete_saved(store: StoreAPI, session_id: str, confirm: Callable[[str], bool
         raise NothingDeleted("not deleted")
     if not store.delete(sid):
         raise NothingDeleted(f"no saved session {sid} in {store.description}; see `sessions list`")
+    remove_kv_file(store, sid)
     return f"deleted {sid}"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .._exceptions import EncryptionKeyError, SessionError, SessionLockedError
+from ..memory._kvcache import remove_kv_file
 from ..stores import HistoryStore, open_store, validate_session_id
 from ..stores._api import StoreAPI
 from ..stores._crypto import keygen, load_key
@@ -275,9 +276,13 @@ class _Commands:
         deleted, busy = 0, []
         for sid in doomed:
             try:
-                deleted += self.store.delete(sid)
+                gone = self.store.delete(sid)
             except SessionLockedError:
                 busy.append(sid)
+                continue
+            if gone:
+                deleted += 1
+                remove_kv_file(self.store, sid)
         self.say(f"deleted {deleted} session(s)" + (f"; {len(busy)} in use, kept: {', '.join(busy)}" if busy else ""))
         return 0
 
@@ -459,6 +464,8 @@ def apply_retention(store_spec: str, days: float, *, stderr: TextIO | None = Non
         return []
     try:
         deleted = prune(store, older_than=timedelta(days=days))
+        for sid in deleted:
+            remove_kv_file(store, sid)
     except (SessionError, OSError) as exc:
         logger.warning("retention: could not prune %s: %s", store.description, exc)
         return []

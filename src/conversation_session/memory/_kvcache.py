@@ -29,7 +29,7 @@ from ..backends._kvstate import enforce_cap
 from ..stores._kvpaths import host_kv_dir
 from ..stores._record import MessageDict
 
-__all__ = ["KV_CACHE_MAX_BYTES", "KVFile", "Warmup", "kv_file_path"]
+__all__ = ["KV_CACHE_MAX_BYTES", "KVFile", "Warmup", "kv_file_path", "remove_kv_file"]
 
 logger = logging.getLogger("conversation_session")
 
@@ -55,6 +55,22 @@ def kv_file_path(store: object, session_id: str) -> Path:
     if kv_path is not None:
         return Path(kv_path(session_id))
     return host_kv_dir(str(getattr(store, "description", repr(store)))) / f"{session_id}.kv"
+
+
+def remove_kv_file(store: object, session_id: str) -> None:
+    """After ``session_id`` was deleted from ``store``: remove its KV file from this host's cache.
+    A folder store deletes ``<id>.kv`` itself, with the session and under its lock (removing it
+    again here could take the file of a new session given the freed id); a store without a
+    folder (PostgreSQL) deletes rows, not this host's files, so every path that deletes a
+    session (retention, prune, ``sessions delete``, the service's DELETE) calls this."""
+    if getattr(store, "directory", None) is not None:
+        return
+    try:
+        kv_file_path(store, session_id).unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # the history is gone either way; the cache cap evicts the file later
+        logger.warning("could not remove the KV file of deleted session %s: %s", session_id, exc)
 
 
 class KVFile:

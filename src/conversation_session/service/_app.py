@@ -30,6 +30,7 @@ from .._exceptions import (
     SessionLockedError,
 )
 from ..backends import Backend
+from ..memory._kvcache import remove_kv_file
 from ..session._aio import AsyncConversationSession
 from ..stores import StoreAPI
 from ..stores._file import encode_snapshot
@@ -179,7 +180,8 @@ async def delete_session(request: Request) -> Response:
             store_id = entry.get("store_id")
             while store_id:
                 try:
-                    await st.io(store.delete, store_id)
+                    if await st.io(store.delete, store_id):
+                        await st.io(remove_kv_file, store, store_id)
                     break
                 except SessionLockedError as exc:
                     pid = holder_pid(exc.holder)

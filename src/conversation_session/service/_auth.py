@@ -44,8 +44,8 @@ def owner_of(token: str) -> str:
 
 class Authenticator:
     """Maps an ``Authorization: Bearer <token>`` header (or, on a WebSocket, which browsers
-    cannot give headers, the ``bearer.<token>`` subprotocol or the older ``?token=``) to an
-    owner; None when it is missing or wrong."""
+    cannot give headers, the ``bearer.<token>`` subprotocol or the older ``?token=``, which the
+    caller passes only for a WebSocket) to an owner; None when it is missing or wrong."""
 
     def __init__(self, tokens: tuple[str, ...]):
         self._tokens = [(t.encode(), owner_of(t)) for t in tokens]

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .._flags import KEYSTORE_HELP, add_model_flags, add_voice_flags
+from .._flags import KEYSTORE_HELP, RETENTION_ENV, add_model_flags, add_voice_flags, retention_days_from_env
+from ..backends._llama_cpp import KV_CACHE_TYPES
 from ..session._limits import parse_timeout
 from ..stores._durability import resolve_durability
 from ..stores._open import is_postgres_url
@@ -40,6 +41,7 @@ class ServiceConfig:
     backend: str = "llama-cpp"
     model: str | None = None
     base_url: str | None = None
+    kv_type: str | None = None           # the embedded model's KV cache cells (None: its default, f16)
     host: str = "127.0.0.1"
     port: int = 8765
     workers: int = 1
@@ -97,6 +99,14 @@ class ServiceConfig:
                 check(value)
         if self.durability is not None:
             object.__setattr__(self, "durability", resolve_durability(self.durability))
+        if self.kv_type is not None:
+            if self.kv_type not in KV_CACHE_TYPES:
+                raise ValueError(f"kv_type must be one of {', '.join(KV_CACHE_TYPES)}, not {self.kv_type!r}")
+            if self.backend not in ("llama-cpp", "llama_cpp", "embedded"):
+                # Other backends keep their cache in their server: refused, not ignored, so a
+                # service started with it does not run without what it was asked for.
+                raise ValueError(f"--kv-type sets the embedded model's KV cache (--backend llama-cpp), "
+                                 f"not {self.backend}'s")
 
     @property
     def keep_open(self) -> float:
@@ -272,7 +282,7 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
     p.add_argument("--retention", type=parse_age, default=None, metavar="AGE",
                    help="delete sessions not updated for AGE (30d, 12h, 2w), at start and then hourly, with their "
                         "KV files; a session open anywhere (this service, another worker, the chat app) is never "
-                        "deleted (default: keep everything)")
+                        f"deleted (default ${RETENTION_ENV} days, as the chat app takes it; else keep everything)")
     p.add_argument("--tts", nargs="?", const="espeak", choices=["none", "espeak"], default="none",
                    help="synthesise each reply sentence (espeak-ng, WAV) for WebSocket clients that connect with "
                         "?audio=wav (--tts alone means espeak)")
@@ -320,6 +330,10 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
                 origins.append(origin_of(text))
             except ValueError as exc:
                 raise ValueError(f"${ORIGINS_ENV}: {exc}") from None
+    retention_s = args.retention
+    if retention_s is None:  # the flag wins; the chat app's variable otherwise (days; 0 keeps everything)
+        days = retention_days_from_env(env)
+        retention_s = None if days is None else days * 86400
     for spec in args.assistant or []:
         _, eq, served = spec.partition("=")
         if eq and args.model is not None and served not in (
@@ -328,12 +342,12 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
                              "can only name it (leave '=MODEL' out for the service's model)")
     return ServiceConfig(
         store=args.store, sessions_dir=args.sessions_dir, backend=args.backend, model=args.model,
-        base_url=args.base_url, host=args.host, port=args.port, workers=args.workers,
+        base_url=args.base_url, kv_type=args.kv_type, host=args.host, port=args.port, workers=args.workers,
         tokens=tuple(dict.fromkeys(tokens)), allowed_hosts=tuple(dict.fromkeys(args.allowed_host or [])),
         allow_origins=tuple(dict.fromkeys(origins)), assistants=tuple(dict.fromkeys(args.assistant or [])),
         ready_wait_s=max(args.ready_wait, 0.0), timeout=args.timeout, max_tokens=args.max_tokens,
         system=args.system, tools_file=args.tools_file, memory=args.memory, durability=args.durability,
-        retention_s=args.retention, key_file=args.key_file, keystore=args.keystore,
+        retention_s=retention_s, key_file=args.key_file, keystore=args.keystore,
         tts=args.tts, tts_voice=args.tts_voice, tts_rate=args.tts_rate,
         log_level=args.log_level, log_format=args.log_format, rate=args.rate, burst=args.burst,
         lock_wait_s=max(args.lock_wait, 0.0), keep_open_s=args.keep_open, max_open=args.max_open,

@@ -23,8 +23,10 @@ def run(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-    except ValueError as exc:  # $CONVERSATION_SESSION_ORIGINS (the flags are checked by the parser)
-        parser.error(str(exc))
+    except ValueError as exc:  # the environment's values, flags that do not go together
+        # One line: the usage (every flag of the service) would bury it.
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     if not is_loopback(config.host) and not config.tokens:
         print(f"refusing to listen on {config.host} without a token: clients there could read and write every "
               "session. Give --token TOKEN (or $CONVERSATION_SESSION_TOKENS), or listen on 127.0.0.1.",

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from .._exceptions import SessionError, SessionLockedError
 from ..backends import Backend
-from ..memory._kvcache import kv_file_path
+from ..memory._kvcache import remove_kv_file
 from ..session._aio import AsyncConversationSession
 from ..stores._api import StoreAPI
 from ..stores._housekeeping import prune
@@ -343,8 +343,7 @@ class Registry:
         assert self.config.retention_s
         gone = prune(self.store, older_than=timedelta(seconds=self.config.retention_s))
         for sid in gone:
-            with contextlib.suppress(OSError):
-                kv_file_path(self.store, sid).unlink()  # the file store's went with the session
+            remove_kv_file(self.store, sid)
         return gone
 
     async def close(self, grace: float) -> None:

@@ -44,7 +44,8 @@ def make_backend(config: ServiceConfig) -> Backend:
         # (--tools-file) or a client's (the Ollama and OpenAI endpoints).
         return WordFakeBackend(piece_delay=config.fake_delay, context_length=config.fake_context,
                                script_calls=True)
-    return create_backend(config.backend, config.model, base_url=config.base_url)
+    options = {} if config.kv_type is None else {"kv_cache_type": config.kv_type}
+    return create_backend(config.backend, config.model, base_url=config.base_url, **options)
 
 
 def make_store(config: ServiceConfig) -> StoreAPI:
@@ -148,11 +149,19 @@ class ServiceState:
 
     # -- per request ---------------------------------------------------------------------------
     async def owner(self, conn: HTTPConnection) -> str:
+        # ``?token=`` only on a WebSocket, for old clients that cannot set a header there: a
+        # token in a URL ends up in access logs, browser history and Referer headers, and every
+        # HTTP client (the web page too) can send the header.
+        query_token = conn.query_params.get("token")
+        websocket = conn.scope["type"] == "websocket"
         owner = self.auth.owner(conn.headers.get("authorization"),
-                                conn.query_params.get("token") or subprotocol_token(conn.headers))
+                                (query_token if websocket else None) or subprotocol_token(conn.headers))
         if owner is None:
-            raise ApiError(401, "unauthorized", "send Authorization: Bearer <token> (one of the server's --token)",
-                           headers={"WWW-Authenticate": "Bearer"})
+            why = ("a token in the URL (?token=) is accepted only on WebSocket connections (URLs end up in "
+                   "logs, history and Referer headers): send Authorization: Bearer <token> instead"
+                   if query_token and not websocket else
+                   "send Authorization: Bearer <token> (one of the server's --token)")
+            raise ApiError(401, "unauthorized", why, headers={"WWW-Authenticate": "Bearer"})
         await self.limit(owner)
         return owner
 

@@ -53,7 +53,8 @@ takes the session as a turn does, so it never interleaves with another turn on i
 Authentication: ``Authorization: Bearer <token>`` on the handshake; a browser, which cannot set
 that header, offers the subprotocols ``conversation-session`` and ``bearer.<token>``
 (``Sec-WebSocket-Protocol``) and the service selects ``conversation-session`` (the token is never
-echoed).  ``?token=`` still works for old clients, but puts the token in URLs and logs.
+echoed).  ``?token=`` still works here (only here) for old clients, but puts the token in URLs
+and logs; plain HTTP requests must send the header.
 
 A connection holds its session only while a turn runs, so REST calls and other devices can
 use the session between turns.  Disconnecting mid-reply cancels the turn (the backend stops,

@@ -9,6 +9,7 @@ import logging
 import os
 import stat
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,11 +200,19 @@ class GroupSync:
     """
 
     def __init__(self) -> None:
+        self._syncfs = _load_syncfs()
+        self.flushes = 0          # disk flushes issued (the benchmark reads it)
+        self._reset()
+        _instances.add(self)
+
+    def _reset(self) -> None:
+        """A fresh, idle committer.  Run in a forked child too (``os.register_at_fork``): only
+        the forking thread lives on there, so a leader flushing in the parent would never finish
+        and wake the child's committers, the lock may have been copied held, and the parent's
+        queued tickets are not the child's to flush."""
         self._cond = threading.Condition(threading.Lock())
         self._queue: list[_Ticket] = []
         self._leading = False
-        self._syncfs = _load_syncfs()
-        self.flushes = 0          # disk flushes issued (the benchmark reads it)
 
     def sync(self, fd: int) -> None:
         """Return once everything written to ``fd`` before the call is on the disk; raise
@@ -262,6 +271,16 @@ def _c_errno() -> int:
 
     return ctypes.get_errno()
 
+
+_instances: weakref.WeakSet[GroupSync] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for sync in list(_instances):
+        sync._reset()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 group_sync = GroupSync()
 """The process's one group committer (every writer at the ``power`` level goes through it)."""
