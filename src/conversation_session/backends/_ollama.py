@@ -26,8 +26,16 @@ import httpx
 
 from .._exceptions import BackendError, ModelNotFoundError
 from ..stores._record import MessageDict
-from ._base import Backend, CancelToken, GenerationRequest, ToolCall, Usage
-from ._http import AsyncClients, HttpTimeouts, cancel_extensions, make_client, probe_off_the_loop, server_message
+from ._base import CancelToken, GenerationRequest, ToolCall, Usage
+from ._http import (
+    AsyncClients,
+    HttpBackend,
+    HttpTimeouts,
+    cancel_extensions,
+    make_client,
+    probe_off_the_loop,
+    server_message,
+)
 
 __all__ = ["DEFAULT_KEEP_ALIVE", "DEFAULT_OLLAMA_MODEL", "PROBE_TIMEOUT", "OllamaBackend", "default_ollama_url"]
 
@@ -68,7 +76,7 @@ def _same_model(wanted: str, listed: str) -> bool:
     return norm(wanted) == norm(listed)
 
 
-class OllamaBackend(Backend):
+class OllamaBackend(HttpBackend):
     """A model served by Ollama.
 
     Args:
@@ -426,21 +434,6 @@ class OllamaBackend(Backend):
             return {"n_ctx": n_ctx, "base_url": self.base_url, "keep_alive": self.keep_alive,
                     "model_load_s": None if self.model_load_s is None else round(self.model_load_s, 3),
                     **self._last.get(cache_key, {})}
-
-    def reset_cache(self, *, cache_key: Any = None) -> None:
-        self.forget(cache_key)
-
-    def forget(self, cache_key: Any) -> None:
-        with self._stats_lock:
-            self._last.pop(cache_key, None)
-
-    def close(self) -> None:
-        self._client.close()
-        self._aclients.close()
-
-    async def aclose(self) -> None:
-        self._client.close()
-        await self._aclients.aclose()
 
 
 def _ollama_message(m: MessageDict) -> dict[str, Any]:

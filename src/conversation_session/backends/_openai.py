@@ -33,9 +33,10 @@ import httpx
 from .._exceptions import BackendError, ModelNotFoundError
 from .._runtime import shared_executor
 from ..stores._record import MessageDict
-from ._base import Backend, CancelToken, GenerationRequest, ToolCall, Usage
+from ._base import CancelToken, GenerationRequest, ToolCall, Usage
 from ._http import (
     AsyncClients,
+    HttpBackend,
     HttpTimeouts,
     aiter_sse_data,
     cancel_extensions,
@@ -132,7 +133,7 @@ def _rate(tokens: int | None, seconds: float | None) -> float | None:
     return round(tokens / seconds, 1) if tokens and seconds else None
 
 
-class OpenAIBackend(Backend):
+class OpenAIBackend(HttpBackend):
     """A model behind an OpenAI-compatible server.
 
     Args:
@@ -636,18 +637,3 @@ class OpenAIBackend(Backend):
         with self._stats_lock:
             return {"n_ctx": n_ctx, "n_ctx_source": self.context_length_source, "base_url": self.base_url,
                     **self._last.get(cache_key, {})}
-
-    def reset_cache(self, *, cache_key: Any = None) -> None:
-        self.forget(cache_key)
-
-    def forget(self, cache_key: Any) -> None:
-        with self._stats_lock:
-            self._last.pop(cache_key, None)
-
-    def close(self) -> None:
-        self._client.close()
-        self._aclients.close()
-
-    async def aclose(self) -> None:
-        self._client.close()
-        await self._aclients.aclose()
