@@ -278,6 +278,24 @@ class _TurnSteps:
             self.call_done(call, CallOutcome(None, text, 0.0, stopped=True))
         self.running = None
 
+    def another_round(self) -> bool:
+        """After a round's calls: set up the next request to the model, or say the turn ends
+        here (stopped while its tools ran, or the API client's calls are pending)."""
+        if self.request.cancel.cancelled or self.pending:
+            return False
+        self.next_round()
+        return True
+
+    def reraise(self, exc: BaseException) -> None:
+        """What leaves a round's loop: closing the loop (``GeneratorExit``) cancels the request;
+        any other error is raised as the session's, unless ``interrupt()`` asked for the stop (then
+        it returns, and the turn ends as an interrupt)."""
+        if isinstance(exc, GeneratorExit):
+            self.request.cancel.cancel()
+            raise exc
+        if self.interrupt_req is None:
+            raise self.map_error(exc) from exc
+
     def next_round(self) -> None:
         assert self.plan is not None
         self.rounds += 1
@@ -798,18 +816,11 @@ def _run(s: _TurnSteps) -> Generator[str, None, None]:
                         s.emit_tool_events()
                 finally:
                     s.settle_calls(calls)  # Ctrl-C while a tool ran: each call still gets its one result
-                if s.request.cancel.cancelled:
-                    completed = False  # the turn was stopped while its tools ran
+                if not s.another_round():
+                    completed = not s.request.cancel.cancelled
                     break
-                if s.pending:
-                    break  # the client's calls: the turn ends with them pending
-                s.next_round()
-        except (Exception, GeneratorExit) as exc:
-            if isinstance(exc, GeneratorExit):
-                s.request.cancel.cancel()
-                raise
-            if s.interrupt_req is None:
-                raise s.map_error(exc) from exc
+        except (Exception, GeneratorExit) as exc:  # noqa: BLE001 - reraise() raises all but an interrupt
+            s.reraise(exc)
         finally:
             if watchdog is not None:
                 watchdog.cancel()
@@ -1089,18 +1100,11 @@ async def _arun(s: _TurnSteps, session: Any) -> AsyncGenerator[str, None]:
                         await s.aemit_tool_events()
                 finally:
                     s.settle_calls(calls)  # a cancelled task: each call still gets its one result
-                if s.request.cancel.cancelled:
-                    completed = False
+                if not s.another_round():
+                    completed = not s.request.cancel.cancelled
                     break
-                if s.pending:
-                    break  # the client's calls: the turn ends with them pending
-                s.next_round()
-        except (Exception, GeneratorExit) as exc:
-            if isinstance(exc, GeneratorExit):
-                s.request.cancel.cancel()
-                raise
-            if s.interrupt_req is None:
-                raise s.map_error(exc) from exc
+        except (Exception, GeneratorExit) as exc:  # noqa: BLE001 - reraise() raises all but an interrupt
+            s.reraise(exc)
         finally:
             if handle is not None:
                 handle.cancel()
