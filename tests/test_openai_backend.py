@@ -517,6 +517,27 @@ def test_async_cancel_mid_reply_stops_the_server_and_the_next_request_is_served(
     backend.close()
 
 
+def test_async_prompt_over_the_servers_window_is_the_error_that_teaches_the_window(llama_server):
+    """The async face of the empty-stream diagnosis (``_adiagnose``, the implementation the sync
+    ``_diagnose`` is generated from): llama-cpp-python streams nothing for a prompt over its
+    window; asked again unstreamed it names the window, which the backend learns."""
+    import asyncio
+
+    from conversation_session.backends import GenerationRequest
+
+    backend = OpenAIBackend(base_url=llama_server)
+    assert backend.context_length() == 4096  # the server does not say its window (2048), as a session asks first
+    request = GenerationRequest(messages=[{"role": "user", "content": "word " * 2100}], max_tokens=8, temperature=0)
+
+    async def main() -> list[str]:
+        return [p async for p in backend.agenerate(request)]
+
+    with pytest.raises(BackendError, match=r"HTTP 400 .*maximum context length is 2048"):
+        asyncio.run(main())
+    assert backend.context_length() == 2048
+    backend.close()
+
+
 def test_async_cancel_before_the_first_byte_and_check(recorder):
     import asyncio
 

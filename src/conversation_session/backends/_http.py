@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 
 from .._runtime import run_in_background
-from ._base import CancelToken
+from ._base import Backend, CancelToken
 
-__all__ = ["AsyncClients", "HttpTimeouts", "aiter_sse_data", "cancel_extensions", "iter_sse_data", "make_client",
-           "on_event_loop", "probe_off_the_loop", "server_message"]
+__all__ = ["AsyncClients", "HttpBackend", "HttpTimeouts", "aiter_sse_data", "cancel_extensions", "iter_sse_data",
+           "make_client", "on_event_loop", "probe_off_the_loop", "server_message"]
 
 
 @dataclass(frozen=True)
@@ -217,3 +217,28 @@ async def aiter_sse_data(lines: AsyncIterable[str]) -> AsyncIterator[str]:
             yield data
     if (data := sse.end()) is not None:
         yield data
+
+
+class HttpBackend(Backend):
+    """What the Ollama and OpenAI-compatible backends share: a sync client, one async client
+    per event loop, and the last reply's server figures per ``cache_key`` (under ``_stats_lock``)."""
+
+    _client: httpx.Client
+    _aclients: AsyncClients
+    _stats_lock: threading.Lock
+    _last: dict[Any, dict[str, Any]]
+
+    def reset_cache(self, *, cache_key: Any = None) -> None:
+        self.forget(cache_key)
+
+    def forget(self, cache_key: Any) -> None:
+        with self._stats_lock:
+            self._last.pop(cache_key, None)
+
+    def close(self) -> None:
+        self._client.close()
+        self._aclients.close()
+
+    async def aclose(self) -> None:
+        self._client.close()
+        await self._aclients.aclose()
