@@ -17,7 +17,8 @@ __all__ = ["KEYSTORE_HELP", "RETENTION_ENV", "add_model_flags", "add_voice_flags
 
 KEYSTORE_HELP = ("where encrypted sessions' data keys are kept (deleting a session deletes its key, so its copies "
                  "in backups become unreadable); default $CONVERSATION_SESSION_KEYSTORE, else the folder "
-                 "<key file>.keystore beside the key file (docs/encryption.md)")
+                 "<key file>.keystore beside the key file; with --store postgresql://..., a postgresql:// URL "
+                 "(default: none, the keys stay in the sessions' rows) (docs/encryption.md)")
 
 RETENTION_ENV = "CONVERSATION_SESSIONS_RETENTION_DAYS"
 """Days of retention when neither the chat's ``--retention-days`` nor ``serve --retention`` is given."""

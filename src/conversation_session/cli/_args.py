@@ -104,7 +104,7 @@ def _global_flags(p: Any, *, suppress: bool) -> None:
     p.add_argument("--key-file", default=default, metavar="PATH",
                    help="encrypt new sessions at rest with this key file, and read encrypted ones (default "
                         "$CONVERSATION_SESSION_KEY_FILE; make one with `keygen PATH`)")
-    p.add_argument("--keystore", default=default, metavar="DIR", help=KEYSTORE_HELP)
+    p.add_argument("--keystore", default=default, metavar="DIR|URL", help=KEYSTORE_HELP)
     p.add_argument("--log-level", default=argparse.SUPPRESS if suppress else "WARNING", choices=_LOG_LEVELS,
                    help="log detail on standard error (default WARNING)")
     p.add_argument("--log-file", default=default, metavar="PATH",

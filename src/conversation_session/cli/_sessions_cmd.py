@@ -313,9 +313,11 @@ class _Commands:
         lists the sessions, loads each one in full, and reports those that cannot be read and
         those held by a writer (the lease: open in a chat or a service somewhere).  Nothing is
         changed: ``--fix`` moves files, and there are none; an unreadable session can be
-        exported by hand or deleted (``sessions delete ID``)."""
+        exported by hand or deleted (``sessions delete ID``).  With a keystore, it also reports
+        the data keys no session row names (``orphan-key``), which ``--fix`` removes."""
         store = self.store
-        if self.args.fix:
+        keystore = getattr(store, "keystore", None)
+        if self.args.fix and keystore is None:
             print(f"note: --fix moves damaged files aside; {store.description} has no files, so nothing is moved",
                   file=self.err)
         ids = store.newest_first()  # also the sessions a listing cannot summarise
@@ -345,8 +347,17 @@ class _Commands:
                 held += 1
                 self.say(f"{'in use':<16} {sid}: {record.turns} turn(s); a writer holds its lease (open in a chat "
                          "or the service); it is released on close, or taken over once it expires")
+        orphans = store.orphan_keys(fix=self.args.fix) if keystore is not None else []  # type: ignore[attr-defined]
+        for sid, entry_id, removed in orphans:
+            self.say(f"{'orphan-key':<16} {sid}.{entry_id}: a data key in the keystore that no session row names "
+                     "(left by a crash before its row was written)" + ("; removed" if removed else ""))
+        stray = sum(not removed for _sid, _entry, removed in orphans)
         summary = (f"checked {len(ids)} session(s) in {store.description}: {unreadable} unreadable, "
-                   f"{held} in use" + (f", {sealed} encrypted (not checked without their key)" if sealed else ""))
+                   f"{held} in use" + (f", {sealed} encrypted (not checked without their key)" if sealed else "")
+                   + (f", {len(orphans)} orphan key(s)" if orphans else ""))
+        if stray and not unreadable:
+            print(_clean(f"error: {summary}; `doctor --fix` removes the orphan keys"), file=self.err)
+            return 1
         if unreadable:
             print(_clean(f"error: {summary}; export what can be read (`sessions export ID`) or delete them "
                          "(`sessions delete ID`)"), file=self.err)

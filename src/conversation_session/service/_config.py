@@ -278,7 +278,7 @@ def build_parser(prog: str = "conversation-session serve") -> argparse.ArgumentP
     p.add_argument("--key-file", default=None, metavar="PATH",
                    help="encrypt sessions at rest with this key file (made by `conversation-session keygen PATH`); "
                         "default $CONVERSATION_SESSION_KEY_FILE, else plain JSON (docs/encryption.md)")
-    p.add_argument("--keystore", default=None, metavar="DIR", help=KEYSTORE_HELP)
+    p.add_argument("--keystore", default=None, metavar="DIR|URL", help=KEYSTORE_HELP)
     p.add_argument("--retention", type=parse_age, default=None, metavar="AGE",
                    help="delete sessions not updated for AGE (30d, 12h, 2w), at start and then hourly, with their "
                         "KV files; a session open anywhere (this service, another worker, the chat app) is never "

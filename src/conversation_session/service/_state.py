@@ -51,7 +51,8 @@ def make_backend(config: ServiceConfig) -> Backend:
 def make_store(config: ServiceConfig) -> StoreAPI:
     url = config.store
     if config.lease_ttl_s is not None and is_postgres_url(url):
-        return open_store(url, lease_ttl_s=config.lease_ttl_s, encryption_key=config.key_file)
+        return open_store(url, lease_ttl_s=config.lease_ttl_s, encryption_key=config.key_file,
+                          **store_options(url, None, config.keystore))
     return open_store(url, config.sessions_dir, encryption_key=config.key_file,
                       **store_options(url, config.sessions_dir, config.keystore))
 

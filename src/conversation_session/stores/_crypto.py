@@ -193,7 +193,7 @@ class Keyring:
         if field.startswith(KEYSTORE_REF):
             if self.keystore is None:
                 raise EncryptionKeyError(f"{where}: its data key is kept in a keystore; give the keystore "
-                                         "(keystore=..., --keystore DIR or $CONVERSATION_SESSION_KEYSTORE)")
+                                         "(keystore=..., --keystore DIR or URL, or $CONVERSATION_SESSION_KEYSTORE)")
             return self.keystore.cipher(self, field[len(KEYSTORE_REF):], session_id, where)
         return self.cipher(_unb64(field), session_id, where)
 

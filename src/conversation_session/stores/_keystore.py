@@ -73,9 +73,19 @@ def resolve_keystore(keystore: str | os.PathLike[str] | None, encryption_key: ob
     """The keystore folder and whether it was named (explicitly, by the environment or beside
     a key file: then it must be creatable now), from ``keystore=``, ``$CONVERSATION_SESSION_KEYSTORE``,
     else ``<key file>.keystore`` for a key given as a file, else ``<sessions_dir>/.keystore``."""
+    from ._open import is_postgres_url  # _open imports the file store, which imports this
+
     if keystore is not None:
+        if is_postgres_url(keystore):
+            raise SessionError("a PostgreSQL keystore (keystore=postgresql://..., --keystore URL) is for the "
+                               "PostgreSQL store; a sessions folder keeps its data keys in a folder (--keystore DIR)")
         return Path(os.path.abspath(os.path.expanduser(os.fspath(keystore)))), True
     env = os.environ.get(KEYSTORE_ENV, "").strip()
+    if is_postgres_url(env):
+        # The PostgreSQL store's keystore: a sessions folder's keys go where they would without it.
+        logger.debug("$%s is a PostgreSQL keystore; the folder %s keeps its keys in a folder", KEYSTORE_ENV,
+                     sessions_dir)
+        env = ""
     if env:
         return Path(os.path.abspath(os.path.expanduser(env))), True
     key_file: object = encryption_key
@@ -299,15 +309,22 @@ class KeystoreCipher(SessionCipher):
 
 
 def store_options(store: object, sessions_dir: object, keystore: str | os.PathLike[str] | None) -> dict[str, Any]:
-    """``keystore=`` for ``open_store``, refused where it means nothing: a keystore keeps a
-    sessions folder's data keys (PostgreSQL's live in the database with the session)."""
+    """``keystore=`` for ``open_store``, checked against the store: a folder for a sessions
+    folder, a ``postgresql://`` URL (another database) for the PostgreSQL store."""
     if keystore is None:
         return {}
     from ._open import STORE_ENV, is_postgres_url  # _open imports the file store, which imports this
 
     target = store if store is not None or sessions_dir is not None else os.environ.get(STORE_ENV) or None
     if is_postgres_url(target):
-        raise SessionError("a keystore (keystore=..., --keystore) is for a sessions folder, not the PostgreSQL store")
+        if not is_postgres_url(os.fspath(keystore)):
+            raise SessionError("the PostgreSQL store keeps its data keys in a PostgreSQL database: --keystore "
+                               "postgresql://... (keystore=...), not a folder (the hosts sharing the sessions do "
+                               "not share a disk)")
+        return {"keystore": os.fspath(keystore)}
+    if is_postgres_url(os.fspath(keystore)):
+        raise SessionError("a PostgreSQL keystore (--keystore postgresql://...) is for the PostgreSQL store "
+                           "(--store postgresql://...); a sessions folder keeps its data keys in a folder")
     if target is not None and not isinstance(target, (str, os.PathLike)):
         raise ValueError("give the keystore to the store object itself (HistoryStore(folder, keystore=...)), "
                          "not beside it")

@@ -85,11 +85,19 @@ from .._exceptions import (
 )
 from .._runtime import Deadline, run_in_background, schedule
 from ._api import SNIPPET_CHARS, SearchHit, SessionInfo, make_snippet
-from ._crypto import Keyring, SessionCipher, load_key, register_directory
+from ._crypto import KEYSTORE_REF, Keyring, SessionCipher, load_key, register_directory
 from ._durability import resolve_durability
 from ._file import encode_json, search_record
 from ._ids import SESSION_ID_RE, validate_session_id
 from ._kvpaths import host_kv_dir
+from ._postgres_keystore import (
+    ORPHAN_AGE_S,
+    PgKeystore,
+    check_keystore_url,
+    entry_of,
+    is_reference,
+    row_key,
+)
 from ._postgres_sealing import open_field, open_message, open_summary, seal_field, seal_message, seal_summary
 from ._record import (
     ROLES,
@@ -188,6 +196,19 @@ ALTER TABLE {s}.messages ADD COLUMN extra json;
     # wrapped by the user's key; NULL for a plain session.
     ("0005_encryption", """
 ALTER TABLE {s}.sessions ADD COLUMN data_key bytea;
+"""),
+    # The keystore (_postgres_keystore.py): this database's identity (the ``store`` of its
+    # entries in a keystore database), and the references dropped (a session deleted, a key
+    # rekeyed) whose keystore entries are still to be removed after the commit.
+    ("0006_keystore", """
+CREATE TABLE {s}.store_identity (id text PRIMARY KEY);
+INSERT INTO {s}.store_identity SELECT md5(random()::text || clock_timestamp()::text || txid_current()::text);
+CREATE TABLE {s}.dropped_keys (
+    session_id  text NOT NULL,
+    ref         bytea NOT NULL,                         -- keystore:<key id>.<entry id>
+    dropped_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (session_id, ref)
+);
 """),
 ]
 
@@ -551,9 +572,12 @@ SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM m)"""
         self.ids_like = f"SELECT id FROM {s}.sessions WHERE id = %s OR id LIKE %s"
         # Release: a session closed without a single message leaves nothing behind (as a file
         # session does); otherwise only the lease is cleared.
-        self.drop_empty = (f"DELETE FROM {s}.sessions x WHERE id = %s AND holder = %s AND lease_gen = %s "
+        self._drop_refs = (f"INSERT INTO {s}.dropped_keys (session_id, ref) SELECT id, data_key FROM d "
+                           "WHERE substring(data_key FROM 1 FOR 9) = 'keystore:'::bytea ON CONFLICT DO NOTHING")
+        self.drop_empty = (f"WITH d AS (DELETE FROM {s}.sessions x WHERE id = %s AND holder = %s AND lease_gen = %s "
                            f"AND message_count = 0 "
-                           f"AND NOT EXISTS (SELECT 1 FROM {s}.undone u WHERE u.session_id = x.id)")
+                           f"AND NOT EXISTS (SELECT 1 FROM {s}.undone u WHERE u.session_id = x.id) "
+                           f"RETURNING id, data_key), t AS ({self._drop_refs}) SELECT id, data_key FROM d")
         self.release = (f"UPDATE {s}.sessions SET holder = NULL, lease_expires = NULL "
                         "WHERE id = %s AND holder = %s AND lease_gen = %s")
         self.renew = (f"UPDATE {s}.sessions AS x SET lease_expires = now() + make_interval(secs => %s::float8) "
@@ -626,7 +650,7 @@ WHERE id = %(id)s"""
         self.list = (f"SELECT id, created_at, updated_at, llm_model, turns, message_count, bytes, first_user_line, "
                      f"title, data_key FROM {s}.sessions WHERE message_count > 0 ORDER BY updated_ts DESC, id DESC")
         # Encrypted sessions are searched by the client (the server cannot read them).
-        self.encrypted_ids = (f"SELECT id, extract(epoch FROM updated_ts)::float8 FROM {s}.sessions "
+        self.encrypted_ids = (f"SELECT id, extract(epoch FROM updated_ts)::float8, data_key FROM {s}.sessions "
                               "WHERE data_key IS NOT NULL AND message_count > 0 "
                               "AND (%(only)s::text[] IS NULL OR id = ANY(%(only)s::text[])) "
                               "ORDER BY updated_ts DESC, id DESC")
@@ -643,8 +667,18 @@ WHERE id = %(id)s"""
         self.reseal_session = (f"UPDATE {s}.sessions SET data_key = %(data_key)s, system_prompt = %(system_prompt)s, "
                                "title = %(title)s, summary = %(summary)s::jsonb, first_user_line = %(first)s "
                                "WHERE id = %(id)s")
-        self.delete = (f"DELETE FROM {s}.sessions WHERE id = %s AND (holder IS NULL OR lease_expires <= now()) "
-                       "AND (%s::float8 IS NULL OR updated_ts < to_timestamp(%s::float8)) RETURNING id")
+        # A deleted session's keystore reference is recorded in the same transaction, so its
+        # entry is removed even if this process dies before it gets to the keystore.
+        self.delete = (f"WITH d AS (DELETE FROM {s}.sessions WHERE id = %s AND (holder IS NULL OR lease_expires "
+                       "<= now()) AND (%s::float8 IS NULL OR updated_ts < to_timestamp(%s::float8)) "
+                       f"RETURNING id, data_key), t AS ({self._drop_refs}) SELECT id, data_key FROM d")
+        # The keystore's bookkeeping (_postgres_keystore.py).
+        self.store_identity = f"SELECT id FROM {s}.store_identity"
+        self.drop_ref = (f"INSERT INTO {s}.dropped_keys (session_id, ref) VALUES (%s, %s) ON CONFLICT DO NOTHING")
+        self.dropped = f"SELECT session_id, ref FROM {s}.dropped_keys ORDER BY dropped_at LIMIT 1000"
+        self.forget_dropped = (f"DELETE FROM {s}.dropped_keys WHERE (session_id, ref) IN "
+                               "(SELECT * FROM unnest(%s::text[], %s::bytea[]))")
+        self.keys_of = f"SELECT id, data_key FROM {s}.sessions WHERE id = ANY(%s::text[])"
         self.is_locked = (f"SELECT holder IS NOT NULL AND lease_expires > now() FROM {s}.sessions WHERE id = %s")
         self.import_session = (
             f"INSERT INTO {s}.sessions (id, created_at, updated_at, updated_ts, llm_model, system_prompt, summary, "
@@ -733,10 +767,16 @@ def parse_load(session_id: str, rows: list[tuple[Any, ...]], keyring: Keyring | 
 
 
 def _cipher(keyring: Keyring | None, wrapped: bytes, session_id: str, where: str) -> SessionCipher:
-    """An encrypted session's cipher; ``EncryptionKeyError`` without its key."""
+    """An encrypted session's cipher, from its row's ``data_key`` (the wrapped key inline, or a
+    keystore reference: _postgres_keystore.py); ``EncryptionKeyError`` without its key, or
+    when its keystore entry is gone."""
     if keyring is None:
         raise EncryptionKeyError(f"{where} is encrypted; give its key (encryption_key=..., --key-file PATH or "
                                  "$CONVERSATION_SESSION_KEY_FILE)")
+    if is_reference(wrapped):
+        if entry_of(wrapped) is None:
+            raise SessionFormatError(f"{where}: its data key reference is damaged; refused")
+        return keyring.cipher_for(bytes(wrapped).decode("ascii"), session_id, where)
     return keyring.cipher(wrapped, session_id, where)
 
 
@@ -781,7 +821,7 @@ def import_params(record: SessionRecord, cipher: SessionCipher | None = None
         "title": seal_field(cipher, "title", title), "count": len(msgs),
         "bytes": history_bytes([message_size(m) for m in msgs]),
         "first": seal_field(cipher, "first_user_line", _first_user_line(msgs)),
-        "data_key": None if cipher is None else cipher.wrapped,
+        "data_key": row_key(cipher),
     }
     rows = {"base": 0, **message_rows(msgs, cipher)}
     return session, rows, undone_rows(checked.undone, cipher)
@@ -846,6 +886,10 @@ class PostgresStore:
             ``$CONVERSATION_SESSION_DURABILITY``, else ``"power"``.
         encryption_key: the 32 key bytes or a key file's path (default
             ``$CONVERSATION_SESSION_KEY_FILE``): new sessions are encrypted (docs/encryption.md).
+        keystore: a ``postgresql://`` URL of the database keeping encrypted sessions' data keys
+            (_postgres_keystore.py), so that deleting a session deletes its key and copies of it in
+            backups of this database become unreadable; default ``$CONVERSATION_SESSION_KEYSTORE``
+            when it holds such a URL, else none: each data key is kept, wrapped, in its session's row.
     """
 
     # Each append is a round trip to the server: the async session runs it off the event loop.
@@ -854,7 +898,8 @@ class PostgresStore:
     def __init__(self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE, lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
                  statement_timeout_s: float = DEFAULT_STATEMENT_TIMEOUT_S,
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, schema: str = DEFAULT_SCHEMA,
-                 durability: str | None = None, encryption_key: bytes | str | os.PathLike[str] | None = None):
+                 durability: str | None = None, encryption_key: bytes | str | os.PathLike[str] | None = None,
+                 keystore: str | None = None):
         if lease_ttl_s <= 0 or statement_timeout_s <= 0 or connect_timeout_s <= 0 or pool_size < 1:
             raise ValueError("pool_size, lease_ttl_s, statement_timeout_s and connect_timeout_s must be positive")
         self.url = url
@@ -875,7 +920,8 @@ class PostgresStore:
         self.durability = resolve_durability(durability)  # its writers' level (each may change it)
         self._levels: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         key = load_key(encryption_key)
-        self.keyring: Keyring | None = Keyring(key) if key is not None else None
+        self.keystore: PgKeystore | None = self._open_keystore(keystore)
+        self.keyring: Keyring | None = Keyring(key, self.keystore) if key is not None else None
         if self.keyring is not None:
             register_directory(host_kv_dir(self._description), self.keyring)  # this host's KV files
 
@@ -883,6 +929,83 @@ class PostgresStore:
     def encrypted(self) -> bool:
         """New sessions are encrypted (a key was given)."""
         return self.keyring is not None
+
+    def _open_keystore(self, keystore: str | None) -> PgKeystore | None:
+        if keystore is None:
+            from ._keystore import KEYSTORE_ENV
+            from ._open import is_postgres_url
+
+            env = os.environ.get(KEYSTORE_ENV, "").strip()
+            if not is_postgres_url(env):  # a folder there is a sessions folder's keystore
+                return None
+            keystore = env
+        return PgKeystore(check_keystore_url(keystore), self._store_identity, connect_kwargs=self._connect_kwargs(),
+                          statement_timeout_s=self.statement_timeout_s, connect_timeout_s=self.connect_timeout_s)
+
+    def _store_identity(self) -> str:
+        """This database's name in a keystore (made by the migration ``0006_keystore``)."""
+        row = self._run("read the store's identity", lambda conn: conn.execute(self.sql.store_identity).fetchone())
+        if row is None:  # pragma: no cover - the migration inserts it
+            raise StoreUnavailableError(f"{self._description} has no store identity")
+        return str(row[0])
+
+    def _put_key(self, cipher: SessionCipher | None) -> bool:
+        """Commit a new cipher's keystore entry (before any row names it); True if there is one."""
+        if cipher is None or self.keystore is None or not cipher.field.startswith(KEYSTORE_REF):
+            return False
+        self.keystore.put(cipher)
+        return True
+
+    def _forget_key(self, cipher: SessionCipher) -> None:
+        """Remove an entry ``_put_key`` wrote that no row came to name (best effort: else
+        ``doctor --fix`` removes it once it is old)."""
+        assert self.keystore is not None
+        try:
+            self.keystore.drop([(cipher.session_id, cipher.field.rsplit(".", 1)[1])])
+        except StoreUnavailableError as exc:
+            logger.warning("could not remove an unused data key of %s from the keystore (%s); `doctor --fix` "
+                           "removes it later", cipher.session_id, exc)
+
+    def settle_dropped_keys(self) -> int:
+        """Remove from the keystore the entries of deleted sessions (and of rekeyed sessions'
+        old keys) recorded in ``dropped_keys``, then the records; how many entries went.  A
+        failure is logged: the records stay, for the next deletion or ``doctor --fix``."""
+        keys = self.keystore
+        if keys is None:
+            return 0
+        try:
+            pending = self._run("read dropped keys", lambda conn: conn.execute(self.sql.dropped).fetchall())
+            if not pending:
+                return 0
+            refs = [(sid, entry_of(bytes(ref))) for sid, ref in pending]
+            removed = keys.drop([(sid, entry) for sid, entry in refs if entry is not None])
+            self._run("forget dropped keys", lambda conn: conn.execute(
+                self.sql.forget_dropped, ([r[0] for r in pending], [bytes(r[1]) for r in pending])))
+        except StoreUnavailableError as exc:
+            logger.warning("the data keys of deleted sessions are still in the keystore (%s); the next deletion or "
+                           "`doctor --fix` removes them", exc)
+            return 0
+        return removed
+
+    def orphan_keys(self, *, fix: bool = False, min_age_s: float = ORPHAN_AGE_S) -> list[tuple[str, str, bool]]:
+        """Keystore entries of this store that no session row names and that are older than
+        ``min_age_s`` (a crash between writing a new entry and its row: create, import, rekey),
+        as (session id, entry id, removed); ``fix`` removes them.  Deleted sessions' entries
+        still in the keystore (``dropped_keys``) are removed first when ``fix``."""
+        keys = self.keystore
+        if keys is None:
+            return []
+        if fix:
+            self.settle_dropped_keys()
+        old = keys.older_than(min_age_s)
+        if not old:
+            return []
+        rows = self._run("read data key references", lambda conn: conn.execute(
+            self.sql.keys_of, (sorted({sid for sid, _ in old}),)).fetchall())
+        named = {(sid, entry_of(bytes(k))) for sid, k in rows if k is not None and is_reference(bytes(k))}
+        orphans = [ref for ref in old if ref not in named]
+        removed = keys.drop(orphans) if fix and orphans else 0
+        return [(sid, entry, removed > 0) for sid, entry in orphans]
 
     def kv_path(self, session_id: str) -> Path:
         """Where this host keeps a session's KV cache file (the history is in the database)."""
@@ -1025,12 +1148,20 @@ class PostgresStore:
             for session_id in create_candidates(taken, base, preferred):
                 # The data key is bound to the id: one per candidate.
                 cipher = None if self.keyring is None else self.keyring.new_cipher(session_id)
-                row = conn.execute(self.sql.create, {"id": session_id, "created_at": record.created_at,
-                                                     "llm_model": llm_model, "holder": holder,
-                                                     "ttl": self.lease_ttl_s,
-                                                     "data_key": None if cipher is None else cipher.wrapped}).fetchone()
+                stored = self._put_key(cipher)  # committed before the row names it
+                try:
+                    row = conn.execute(self.sql.create, {"id": session_id, "created_at": record.created_at,
+                                                         "llm_model": llm_model, "holder": holder,
+                                                         "ttl": self.lease_ttl_s,
+                                                         "data_key": row_key(cipher)}).fetchone()
+                except BaseException:
+                    if stored:
+                        self._forget_key(cipher)  # type: ignore[arg-type]
+                    raise
                 if row:
                     return session_id, cipher
+                if stored:
+                    self._forget_key(cipher)  # type: ignore[arg-type]  # the id is taken
             raise SessionError("no free session id")  # pragma: no cover
 
         record.session_id, cipher = self._run("create a session", run)
@@ -1094,15 +1225,32 @@ class PostgresStore:
 
     def list_sessions(self) -> list[SessionInfo]:
         rows = self._run("list sessions", lambda conn: conn.execute(self.sql.list).fetchall())
-        return [self._info(r) for r in rows]
+        missing = self._prefetch_keys((r[0], r[9]) for r in rows)
+        return [self._info(r, missing) for r in rows]
 
-    def _info(self, r: tuple[Any, ...]) -> SessionInfo:
+    def _prefetch_keys(self, keys: Iterable[tuple[str, Any]]) -> set[str]:
+        """The keystore entries the rows name, fetched in one query (not one per session); the
+        sessions whose entry is not there (or the keystore cannot be reached)."""
+        if self.keystore is None or self.keyring is None:
+            return set()
+        refs = [(sid, entry_of(bytes(k))) for sid, k in keys if k is not None and is_reference(bytes(k))]
+        wanted = [(sid, entry) for sid, entry in refs if entry is not None]
+        try:
+            found = self.keystore.fetch(wanted)
+        except StoreUnavailableError as exc:
+            logger.warning("%s; encrypted sessions are listed without their text", exc)
+            found = {}
+        return {sid for sid, entry in wanted if (sid, entry) not in found}
+
+    def _info(self, r: tuple[Any, ...], missing: Collection[str] = ()) -> SessionInfo:
         first, title, sealed = r[7], r[8], r[9] is not None
-        if sealed:  # readable with the key; without it (or with another), a row that says so
+        if sealed and r[0] in missing:
+            first, title = "(encrypted)", None  # its data key is not in the keystore
+        elif sealed:  # readable with the key; without it (or with another), a row that says so
             try:
                 cipher = _cipher(self.keyring, bytes(r[9]), r[0], f"session {r[0]}")
                 first, title = open_field(cipher, "first_user_line", first), open_field(cipher, "title", title)
-            except (EncryptionKeyError, SessionFormatError) as exc:
+            except (EncryptionKeyError, SessionFormatError, StoreUnavailableError) as exc:
                 logger.debug("listing %s without its text: %s", r[0], exc)
                 first, title = "(encrypted)", None
         return SessionInfo(session_id=r[0], location=f"{self._description}#{r[0]}", created_at=r[1],
@@ -1117,8 +1265,9 @@ class PostgresStore:
             """True: deleted; False: no such session, or updated since ``idle_before``; else the
             lease state of its holder."""
             with conn.transaction():
-                if conn.execute(self.sql.delete, (session_id, idle_before, idle_before)).fetchone():
-                    return True
+                gone = conn.execute(self.sql.delete, (session_id, idle_before, idle_before)).fetchone()
+                if gone:
+                    return True if gone[1] is None or not is_reference(bytes(gone[1])) else (gone[1],)
                 state: tuple[Any, ...] | None = conn.execute(self.sql.lease_state, (session_id,)).fetchone()
                 if state is None:
                     return False
@@ -1128,6 +1277,9 @@ class PostgresStore:
         outcome = self._run("delete a session", run)
         if isinstance(outcome, bool):
             return outcome
+        if len(outcome) == 1:  # deleted; its data key is in the keystore: removed now
+            self.settle_dropped_keys()
+            return True
         raise locked_error(session_id, outcome[0], outcome[3])
 
     def import_record(self, record: SessionRecord) -> str:
@@ -1139,9 +1291,15 @@ class PostgresStore:
             nonlocal session, rows, undone
             with conn.transaction():
                 for session_id in import_candidates(preferred):
+                    cipher = None
                     if self.keyring is not None:  # sealed for this very id
-                        session, rows, undone = import_params(record, self.keyring.new_cipher(session_id))
-                    if conn.execute(self.sql.import_session, {**session, "id": session_id}).fetchone():
+                        cipher = self.keyring.new_cipher(session_id)
+                        session, rows, undone = import_params(record, cipher)
+                    stored = self._put_key(cipher)  # committed before the row names it
+                    if not conn.execute(self.sql.import_session, {**session, "id": session_id}).fetchone():
+                        if stored:
+                            self._forget_key(cipher)  # type: ignore[arg-type]  # the id is taken
+                    else:
                         conn.execute(self.sql.insert_messages, {**rows, "id": session_id})
                         if undone is not None:
                             conn.execute(self.sql.import_undone, {**undone, "id": session_id})
@@ -1189,7 +1347,11 @@ class PostgresStore:
 
         rows, sealed = self._run("search sessions", run)
         found = search_hits(rows, needle, limit)
-        for session_id, ts in sealed:
+        missing = self._prefetch_keys((r[0], r[2]) for r in sealed)
+        for session_id, ts, _key in sealed:
+            if session_id in missing:
+                logger.debug("search: skipping %s: its data key is not in the keystore", session_id)
+                continue
             try:
                 record = self.load(session_id)
             except (SessionNotFoundError, EncryptionKeyError, SessionFormatError) as exc:
@@ -1208,12 +1370,21 @@ class PostgresStore:
 
         One transaction re-seals every value: a crash, ``kill -9`` or a lost connection rolls it
         back, so the session is whole under the old key or the new one at every moment.  This
-        host's KV file of the session (under the old key) goes."""
+        host's KV file of the session (under the old key) goes.
+
+        With a keystore, a session whose data key is inline in its row moves to the keystore:
+        the new entry is committed first, the transaction then points the row at it and records
+        the old reference (if any) as dropped, and the old entry is removed after the commit."""
         keyring = self.keyring
         if keyring is None:
             raise SessionError("rekey needs the new key")
         validate_session_id(session_id)
         sql = self.sql
+        row = self._run("read a session's key", lambda conn: conn.execute(sql.title_state, (session_id,)).fetchone())
+        if row is not None and self._is_current(row[0]):
+            return False  # under this key, where this store keeps its keys: nothing to write
+        new = keyring.new_cipher(session_id)
+        stored = self._put_key(new)  # committed before the row names it
 
         def run(conn: psycopg.Connection[Any]) -> bool:
             with conn.transaction():
@@ -1227,9 +1398,9 @@ class PostgresStore:
                 if loaded is None:  # pragma: no cover - the row is locked
                     raise SessionNotFoundError(f"no session {session_id}", session_id=session_id)
                 record, old = loaded
-                if old is not None and old.key_id == keyring.key_id:
+                old_key = None if old is None else row_key(old)
+                if self._is_current(old_key):
                     return False
-                new = keyring.new_cipher(session_id)
                 msgs = record.messages
                 conn.execute(sql.reseal_messages, {"id": session_id, "idx": list(range(len(msgs))),
                                                    "contents": message_rows(msgs, new)["contents"]})
@@ -1237,17 +1408,37 @@ class PostgresStore:
                     conn.execute(sql.reseal_undone, {
                         "id": session_id, "seq": list(range(1, len(record.undone) + 1)),
                         "messages": [encode_json(sealed_undone(u, new)) for u in record.undone]})
+                if old_key is not None and is_reference(old_key):  # its entry goes after the commit
+                    conn.execute(sql.drop_ref, (session_id, old_key))
                 conn.execute(sql.reseal_session, {
-                    "id": session_id, "data_key": new.wrapped,
+                    "id": session_id, "data_key": row_key(new),
                     "system_prompt": seal_field(new, "system_prompt", record.system_prompt),
                     "title": seal_field(new, "title", record.title), "summary": seal_summary(new, record.summary),
                     "first": seal_field(new, "first_user_line", _first_user_line(msgs))})
                 return True
 
-        changed: bool = self._run("rekey a session", run)
+        try:
+            changed: bool = self._run("rekey a session", run)
+        except BaseException:
+            if stored:
+                self._forget_key(new)  # rolled back (or never sent): no row names it
+            raise
+        if not changed and stored:
+            self._forget_key(new)
         if changed:
             self.kv_path(session_id).unlink(missing_ok=True)
+            self.settle_dropped_keys()
         return changed
+
+    def _is_current(self, data_key: bytes | None) -> bool:
+        """A row's ``data_key`` is under this store's key and kept where this store keeps new
+        ones (its keystore, or inline without one): ``rekey`` has nothing to do."""
+        if data_key is None or self.keyring is None:
+            return False
+        data_key = bytes(data_key)
+        if is_reference(data_key):
+            return self.keystore is not None and data_key[len(KEYSTORE_REF):][:16] == self.keyring.key_id.hex().encode()
+        return self.keystore is None and data_key[:8] == self.keyring.key_id
 
     def is_locked(self, session_id: str) -> bool:
         validate_session_id(session_id)
@@ -1264,6 +1455,8 @@ class PostgresStore:
                 self._beat = None
         if pool is not None and self._pid == os.getpid():
             pool.close()
+        if self.keystore is not None:
+            self.keystore.close()
 
     def __enter__(self) -> PostgresStore:
         return self
@@ -1406,21 +1599,23 @@ def _password_of(url: str) -> str | None:
     return m.group(1) if m else None
 
 
-def migrate(conn: Any, sql: Sql) -> list[str]:
-    """Apply the missing steps of ``MIGRATIONS`` in order, under an advisory lock (so two
-    processes starting at once do not both run them); returns the names applied."""
+def migrate(conn: Any, sql: Sql, migrations: list[tuple[str, str]] | None = None) -> list[str]:
+    """Apply the missing steps of ``migrations`` (default ``MIGRATIONS``) in order, under an
+    advisory lock (so two processes starting at once do not both run them); returns the names
+    applied."""
+    migrations = MIGRATIONS if migrations is None else migrations
     done: list[str] = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (sql.lock_key,))
         conn.execute(sql.bootstrap)
         applied = {r[0] for r in conn.execute(sql.applied)}
-        known = {name for name, _ in MIGRATIONS}
+        known = {name for name, _ in migrations}
         unknown = sorted(applied - known)
         if unknown:
             raise StoreUnavailableError(
                 f"the database schema {sql.schema!r} has steps this release does not know ({', '.join(unknown)}): "
                 "it was written by a newer conversation_session; upgrade this one")
-        for name, ddl in MIGRATIONS:
+        for name, ddl in migrations:
             if name not in applied:
                 conn.execute(ddl.format(s=sql.quoted))
                 conn.execute(sql.mark_applied, (name,))
@@ -1435,13 +1630,15 @@ def _release(store: PostgresStore, session_id: str, holder: str, gen: int, pid: 
     if os.getpid() != pid:  # a forked child never releases its parent's lease
         return
 
-    def run(conn: Any) -> None:
+    def run(conn: Any) -> bool:
         with conn.transaction():
-            conn.execute(store.sql.drop_empty, (session_id, holder, gen))
+            dropped = conn.execute(store.sql.drop_empty, (session_id, holder, gen)).fetchone()
             conn.execute(store.sql.release, (session_id, holder, gen))
+        return dropped is not None and is_reference(dropped[1])
 
     try:
-        store._run("release the session", run)
+        if store._run("release the session", run):
+            store.settle_dropped_keys()
     except (StoreUnavailableError, SessionError) as exc:
         logger.warning("could not release session %s (%s); its lease expires by itself within %g s",
                        session_id, exc, store.lease_ttl_s)
