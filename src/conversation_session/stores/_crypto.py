@@ -6,7 +6,7 @@ random *data key*, stored only wrapped by the user's key (AES-256-GCM, bound to 
 id): in a *keystore* outside the session files (``_keystore.py``; the files then hold a
 ``keystore:<entry id>`` reference), so deleting a session destroys its data key and copies of
 its files in backups become unreadable; or, in the first format (still read, and what a keyring
-without a keystore writes: the PostgreSQL store), inline in the session's own files.
+without a keystore writes: the PostgreSQL store by default), inline in the session's own files.
 
 Formats (both authenticated with AES-256-GCM from the ``cryptography`` package):
 
@@ -155,7 +155,7 @@ class Keyring:
     """The user's key: wraps and unwraps the sessions' data keys.
 
     With a ``keystore`` (``_keystore.Keystore``), new sessions' wrapped data keys are kept there
-    and their files name them by reference; without one (the PostgreSQL store) they travel
+    and their files name them by reference; without one (the PostgreSQL store by default) they travel
     inline, as ``new_cipher``'s ``wrapped``."""
 
     def __init__(self, key: bytes, keystore: Any = None):

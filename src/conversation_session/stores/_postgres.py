@@ -7,6 +7,7 @@ Tables (in their own schema, ``conversation_session`` unless told otherwise)::
     messages  one row per message, primary key (session_id, idx); never updated, never
               rewritten: a turn only ever inserts its own rows
     migrations  the named schema steps applied so far
+    store_identity, dropped_keys  the keystore's bookkeeping (_postgres_keystore.py)
 
 Each completed turn is **one statement** (so one transaction and one round trip): an ``UPDATE``
 of the session row guarded by the writer's lease and the expected message count, and an

@@ -1,7 +1,8 @@
 """Which values of a PostgreSQL session are encrypted, and how (docs/encryption.md).
 
 An encrypted session's row holds its data key wrapped by the user's key (``sessions.data_key``,
-NULL for a plain session).  Sealed under the data key (AES-256-GCM), as base64 text in the
+NULL for a plain session), or a reference to it in the keystore database (_postgres_keystore.py).
+Sealed under the data key (AES-256-GCM), as base64 text in the
 columns that hold them in a plain session:
 
 * each message as its whole JSON object (content, ``interrupted``, tool calls and results) in
