@@ -4,11 +4,19 @@ the library reads (so code that never passes sessions_dir is isolated too)."""
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import pytest
 
 from conversation_session import SESSIONS_DIR_ENV, FakeBackend
+
+# A test run started in the background by a non-interactive shell (`./scripts/test &`, nohup)
+# inherits SIGINT ignored, and so would every child it starts: Python keeps an inherited SIG_IGN,
+# so the Ctrl-C tests' children would never see their SIGINT.  Give them the default back (an
+# ignored signal stays ignored across exec; a handled one becomes the default).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parent.parent
 
