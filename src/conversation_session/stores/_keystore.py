@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .._exceptions import EncryptionKeyError, SessionError, SessionFormatError
+from ._addresses import STORE_ENV, is_postgres_url
 from ._crypto import KEY_ENV, KEYSTORE_REF, Keyring, SessionCipher
 from ._fileio import atomic_write_bytes, fsync_dir, read_regular_file
 
@@ -73,7 +74,6 @@ def resolve_keystore(keystore: str | os.PathLike[str] | None, encryption_key: ob
     """The keystore folder and whether it was named (explicitly, by the environment or beside
     a key file: then it must be creatable now), from ``keystore=``, ``$CONVERSATION_SESSION_KEYSTORE``,
     else ``<key file>.keystore`` for a key given as a file, else ``<sessions_dir>/.keystore``."""
-    from ._open import is_postgres_url  # _open imports the file store, which imports this
 
     if keystore is not None:
         if is_postgres_url(keystore):
@@ -313,7 +313,6 @@ def store_options(store: object, sessions_dir: object, keystore: str | os.PathLi
     folder, a ``postgresql://`` URL (another database) for the PostgreSQL store."""
     if keystore is None:
         return {}
-    from ._open import STORE_ENV, is_postgres_url  # _open imports the file store, which imports this
 
     target = store if store is not None or sessions_dir is not None else os.environ.get(STORE_ENV) or None
     if is_postgres_url(target):

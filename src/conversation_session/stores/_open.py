@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import os
-from typing import Any, TypeGuard
+from typing import Any
 
 from .._exceptions import SessionError
+from ._addresses import STORE_ENV, is_postgres_url
 from ._api import StoreAPI
 from ._file import HistoryStore
 
 __all__ = ["SESSIONS_DIR_ENV", "STORE_ENV", "default_sessions_dir", "is_postgres_url", "open_store"]
 
 SESSIONS_DIR_ENV = "CONVERSATION_SESSIONS_DIR"
-STORE_ENV = "CONVERSATION_SESSIONS_STORE"
-_PG_SCHEMES = ("postgresql://", "postgres://")
 
 
 def default_sessions_dir() -> str:
     return os.environ.get(SESSIONS_DIR_ENV) or "sessions"
-
-
-def is_postgres_url(value: object) -> TypeGuard[str]:
-    """True for a ``postgresql://`` (or ``postgres://``) address."""
-    return isinstance(value, str) and value.startswith(_PG_SCHEMES)
 
 
 def open_store(store: StoreAPI | str | os.PathLike[str] | None = None,

@@ -62,19 +62,16 @@ import json
 import logging
 import operator
 import os
-import re
 import secrets
 import socket
 import string
 import threading
 import time
 import weakref
-import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._exceptions import (
     EncryptionKeyError,
@@ -85,12 +82,14 @@ from .._exceptions import (
     StoreUnavailableError,
 )
 from .._runtime import Deadline, run_in_background, schedule
+from ._addresses import is_postgres_url, password_of, redact_url
 from ._api import SNIPPET_CHARS, SearchHit, SessionInfo, make_snippet
 from ._crypto import KEYSTORE_REF, Keyring, SessionCipher, load_key, register_directory
 from ._durability import resolve_durability
 from ._file import encode_json, search_record
 from ._ids import SESSION_ID_RE, validate_session_id
 from ._kvpaths import host_kv_dir
+from ._pg_schema import Schema, first_line, migrate
 from ._postgres_keystore import (
     ORPHAN_AGE_S,
     PgKeystore,
@@ -134,7 +133,6 @@ DEFAULT_LEASE_TTL_S = 15.0
 DEFAULT_POOL_SIZE = 10
 DEFAULT_STATEMENT_TIMEOUT_S = 10.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
-_SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 # Named, ordered schema steps.  Never edit a released step: add a new one.  ``{s}`` is the
 # quoted schema name.
@@ -219,26 +217,6 @@ _AS_JSON = 1
 _INTERRUPTED = 2
 
 
-def redact_url(url: str) -> str:
-    """The URL (or ``key=value`` conninfo) without its password, for messages and logs."""
-    if "://" in url:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hostport = netloc.rpartition("@")
-            netloc = f"{userinfo.split(':', 1)[0]}@{hostport}"
-        query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "password"])
-        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-    try:
-        from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-        params = conninfo_to_dict(url)
-        params.pop("password", None)
-        return make_conninfo(**params)  # type: ignore[arg-type]
-    except Exception:  # noqa: BLE001 - unparsable: say nothing of it rather than risk the password
-        return "(PostgreSQL conninfo)"
-
-
 def _import_psycopg() -> Any:
     try:
         import psycopg
@@ -249,11 +227,6 @@ def _import_psycopg() -> Any:
             "pip install 'conversation-session[postgres]'"
         ) from exc
     return psycopg
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0].strip()
 
 
 def _parse_local_iso(text: str) -> float | None:
@@ -521,21 +494,12 @@ def search_hits(rows: Iterable[tuple[Any, ...]], needle: str, limit: int) -> lis
     return hits
 
 
-class Sql:
+class Sql(Schema):
     """Every statement of the store, for one schema (built once per store)."""
 
     def __init__(self, schema: str):
-        if not _SCHEMA_RE.fullmatch(schema):
-            raise ValueError(f"invalid schema name {schema!r}: use lowercase letters, digits and '_'")
-        s = f'"{schema}"'
-        self.schema = schema
-        self.quoted = s
-        self.lock_key = zlib.crc32(f"conversation_session:{schema}".encode())
-        self.bootstrap = (f"CREATE SCHEMA IF NOT EXISTS {s}; "
-                          f"CREATE TABLE IF NOT EXISTS {s}.migrations "
-                          "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
-        self.applied = f"SELECT name FROM {s}.migrations"
-        self.mark_applied = f"INSERT INTO {s}.migrations (name) VALUES (%s)"
+        super().__init__(schema)
+        s = self.quoted
         # The hot path: one statement.  The INSERT reads from the UPDATE's RETURNING, so it
         # inserts nothing unless the lease (holder, lease_gen) and the count are still ours.
         self.append = f"""
@@ -934,7 +898,6 @@ class PostgresStore:
     def _open_keystore(self, keystore: str | None) -> PgKeystore | None:
         if keystore is None:
             from ._keystore import KEYSTORE_ENV
-            from ._open import is_postgres_url
 
             env = os.environ.get(KEYSTORE_ENV, "").strip()
             if not is_postgres_url(env):  # a folder there is a sessions folder's keystore
@@ -1050,11 +1013,11 @@ class PostgresStore:
             msg = (f"cannot {action}: PostgreSQL at {where} did not finish within statement_timeout_s="
                    f"{self.statement_timeout_s:g} s (server overloaded, or a lock held elsewhere)")
         elif isinstance(exc, psycopg.OperationalError):
-            msg = (f"cannot {action}: PostgreSQL at {where} is unreachable ({_first_line(exc)}); check that the "
+            msg = (f"cannot {action}: PostgreSQL at {where} is unreachable ({first_line(exc)}); check that the "
                    "server is running and that the URL (--store, $CONVERSATION_SESSIONS_STORE) is right")
         else:
-            msg = f"cannot {action} in PostgreSQL at {where}: {_first_line(exc)}"
-        password = _password_of(self.url)
+            msg = f"cannot {action} in PostgreSQL at {where}: {first_line(exc)}"
+        password = password_of(self.url)
         if password:
             msg = msg.replace(password, "***")
         return StoreUnavailableError(msg)
@@ -1076,7 +1039,7 @@ class PostgresStore:
             try:
                 with psycopg.connect(self.url, **self._connect_kwargs()) as conn:
                     self._configure(conn)
-                    migrate(conn, self.sql)
+                    migrate(conn, self.sql, MIGRATIONS)
             except psycopg.Error as exc:
                 raise self.unavailable(exc, "open the session store") from exc
             self._pool = self._new_pool()
@@ -1130,7 +1093,7 @@ class PostgresStore:
                 if attempt == 2 or not lost:
                     self._suspect = lost
                     raise self.unavailable(exc, action) from exc
-                logger.info("PostgreSQL connection lost (%s); retrying on a fresh one", _first_line(exc))
+                logger.info("PostgreSQL connection lost (%s); retrying on a fresh one", first_line(exc))
                 self._recover(action, pool)
                 pool = self._ready()
             except psycopg.Error as exc:
@@ -1587,43 +1550,6 @@ def reconcile(writer: PostgresWriter | Any, state: tuple[Any, ...] | None, durab
 
 def _is_broken(exc: BaseException, conn: Any) -> bool:
     return bool(getattr(conn, "broken", False) or getattr(conn, "closed", False)) or "terminat" in str(exc)
-
-
-def _password_of(url: str) -> str | None:
-    if "://" in url:
-        try:
-            parts = urlsplit(url)
-            return parts.password or dict(parse_qsl(parts.query)).get("password")
-        except ValueError:
-            return None
-    m = re.search(r"password\s*=\s*'?([^'\s]+)", url)
-    return m.group(1) if m else None
-
-
-def migrate(conn: Any, sql: Sql, migrations: list[tuple[str, str]] | None = None) -> list[str]:
-    """Apply the missing steps of ``migrations`` (default ``MIGRATIONS``) in order, under an
-    advisory lock (so two processes starting at once do not both run them); returns the names
-    applied."""
-    migrations = MIGRATIONS if migrations is None else migrations
-    done: list[str] = []
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (sql.lock_key,))
-        conn.execute(sql.bootstrap)
-        applied = {r[0] for r in conn.execute(sql.applied)}
-        known = {name for name, _ in migrations}
-        unknown = sorted(applied - known)
-        if unknown:
-            raise StoreUnavailableError(
-                f"the database schema {sql.schema!r} has steps this release does not know ({', '.join(unknown)}): "
-                "it was written by a newer conversation_session; upgrade this one")
-        for name, ddl in migrations:
-            if name not in applied:
-                conn.execute(ddl.format(s=sql.quoted))
-                conn.execute(sql.mark_applied, (name,))
-                done.append(name)
-    if done:
-        logger.info("PostgreSQL schema %s: applied %s", sql.schema, ", ".join(done))
-    return done
 
 
 def _release(store: PostgresStore, session_id: str, holder: str, gen: int, pid: int) -> None:

@@ -38,7 +38,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .._exceptions import EncryptionKeyError, SessionError, StoreUnavailableError
+from ._addresses import is_postgres_url, password_of, redact_url
 from ._crypto import KEYSTORE_REF, Keyring, SessionCipher
+from ._pg_schema import Schema, first_line, migrate
 
 __all__ = ["KEYSTORE_SCHEMA", "ORPHAN_AGE_S", "PgKeystore", "entry_of", "is_reference", "row_key"]
 
@@ -94,11 +96,10 @@ class PgKeystore:
 
     def __init__(self, url: str, store_name: Callable[[], str], *, connect_kwargs: dict[str, Any],
                  statement_timeout_s: float, connect_timeout_s: float, pool_size: int = 4):
-        from ._postgres import Sql, redact_url  # _postgres imports this module
 
         self.url = url
         self.description = redact_url(url)
-        self.sql = Sql(KEYSTORE_SCHEMA)  # its bootstrap, migrations table and advisory lock key
+        self.sql = Schema(KEYSTORE_SCHEMA)  # its bootstrap, migrations table and advisory lock key
         self._store_name = store_name
         self._name: str | None = None
         self._connect_kwargs = connect_kwargs
@@ -139,7 +140,6 @@ class PgKeystore:
             import psycopg
             from psycopg_pool import ConnectionPool
 
-            from ._postgres import migrate
 
             self._pid = os.getpid()  # a forked child: a pool of its own
             try:
@@ -156,10 +156,9 @@ class PgKeystore:
             return self._pool
 
     def _unavailable(self, exc: BaseException, action: str) -> StoreUnavailableError:
-        from ._postgres import _first_line, _password_of
 
-        msg = f"cannot {action}: the keystore PostgreSQL at {self.description} ({_first_line(exc)})"
-        password = _password_of(self.url)
+        msg = f"cannot {action}: the keystore PostgreSQL at {self.description} ({first_line(exc)})"
+        password = password_of(self.url)
         return StoreUnavailableError(msg.replace(password, "***") if password else msg)
 
     def _run(self, action: str, fn: Callable[[Any], Any]) -> Any:
@@ -256,7 +255,6 @@ class PgKeystore:
 def check_keystore_url(keystore: object) -> str:
     """A PostgreSQL store's ``keystore=``: a ``postgresql://`` URL (a folder keeps the keys of a
     sessions folder; the hosts sharing a database do not share a disk)."""
-    from ._open import is_postgres_url
 
     if not is_postgres_url(keystore):
         raise SessionError(f"the PostgreSQL store's keystore is a PostgreSQL database (keystore=postgresql://..., "
