@@ -538,6 +538,19 @@ def test_async_prompt_over_the_servers_window_is_the_error_that_teaches_the_wind
     backend.close()
 
 
+def test_a_window_learnt_before_it_was_ever_asked_is_the_servers_own(llama_server):
+    """A fresh backend (its window never asked) told "2048" by the server keeps 2048, not 90 %
+    of it: the margin is for a window it already trimmed to and still overflowed."""
+    from conversation_session.backends import GenerationRequest
+
+    backend = OpenAIBackend(base_url=llama_server)
+    request = GenerationRequest(messages=[{"role": "user", "content": "word " * 2100}], max_tokens=8, temperature=0)
+    with pytest.raises(BackendError, match=r"HTTP 400 .*maximum context length is 2048"):
+        list(backend.generate(request))
+    assert backend.context_length() == 2048
+    backend.close()
+
+
 def test_async_cancel_before_the_first_byte_and_check(recorder):
     import asyncio
 

@@ -306,9 +306,10 @@ class OpenAIBackend(HttpBackend):
             return None
         told = int(match.group(1))
         with self._ctx_lock:
-            current = self._context_length or told
+            current = self._context_length
             # Already at or under it: our token estimate ran low for this tokenizer, keep a margin.
-            self._context_length = told if told < current else int(current * 0.9)
+            # Not known before (never asked): the server's word is the window.
+            self._context_length = told if current is None or told < current else int(current * 0.9)
             self.context_length_source = "server error"
             logger.warning("the server at %s allows %d context tokens; trimming to %d from now on",
                            self.base_url, told, self._context_length)
