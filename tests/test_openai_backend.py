@@ -621,3 +621,25 @@ def test_tool_calls_streamed_as_deltas_are_assembled_and_sent_back(recorder, tmp
             "name": "set_light", "arguments": json.dumps({"room": "厨房", "on": True}, ensure_ascii=False)}}
         assert sent[2] == {"role": "tool", "tool_call_id": "call_srv0", "content": "ok"}
         assert [m["role"] for m in s.history] == ["user", "assistant", "tool", "tool", "assistant"]
+
+
+@pytest.mark.parametrize(("choice", "sent"), [
+    (None, None), ("auto", None), ("required", "required"),
+    ("set_light", {"type": "function", "function": {"name": "set_light"}}), ("none", "no tools")])
+def test_tool_choice_reaches_the_server_as_openai_spells_it(recorder, choice, sent):
+    """``chat(tool_choice=...)`` is sent on (a forced call is the server's to enforce); "none"
+    offers no tools at all, "auto" is the API's default and is not sent."""
+
+    def set_light(room: str) -> str:
+        """Switch a room's light."""
+        return "ok"
+
+    with ConversationSession("tiny-model", backend="openai", base_url=recorder.url, tools=[set_light]) as s:
+        s.chat("lights", tool_choice=choice)
+        body = recorder.chats[-1]["body"]
+    if sent == "no tools":
+        assert "tools" not in body and "tool_choice" not in body
+    else:
+        assert body["tools"][0]["function"]["name"] == "set_light"
+        assert body.get("tool_choice") == sent
+

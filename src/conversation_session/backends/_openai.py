@@ -563,8 +563,13 @@ class OpenAIBackend(HttpBackend):
         if any("tool_calls" in m or m["role"] == "tool" for m in messages):
             messages = [_openai_message(m) for m in messages]  # type: ignore[misc]
         body = self._body(messages, request.max_tokens, request.temperature, request.options)
-        if request.tools:
+        if request.tools and request.tool_choice != "none":
             body["tools"] = request.tools
+            choice = request.tool_choice
+            if choice == "required" or isinstance(choice, dict):
+                body["tool_choice"] = choice
+            elif isinstance(choice, str) and choice != "auto":  # a tool's name: OpenAI's object for it
+                body["tool_choice"] = {"type": "function", "function": {"name": choice}}
         return body
 
     # unasync: generated generate
