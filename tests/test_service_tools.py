@@ -102,6 +102,24 @@ def test_sse_stream_has_call_and_result_events_in_order(server: tuple[ServicePro
     assert runs(log)[before:] == ["hall False"]
 
 
+def test_a_detached_turn_and_its_followers_get_the_call_and_result_events(server: tuple[ServiceProcess, Path],
+                                                                           client: httpx.Client) -> None:
+    """The web page's turns are detached: their stream, and ``GET .../live`` (a reloaded tab
+    following the turn), carry the calls in their place among the pieces."""
+    _, log = server
+    before = len(runs(log))
+    sid = client.post("/v1/sessions").json()["session_id"]
+    text = '!call set_light {"room": "porch", "on": true}'
+    with client.stream("POST", f"/v1/sessions/{sid}/messages",
+                       json={"text": text, "stream": True, "detach": True}) as resp:
+        events = list(sse_events(resp.iter_lines()))
+    kinds = [k for k, _ in events]
+    assert kinds[:3] == ["start", "tool_call", "tool_result"], kinds
+    assert kinds[-1] == "done" and set(kinds[3:-1]) == {"piece"}, kinds
+    assert events[1][1]["arguments"] == {"room": "porch", "on": True} and events[2][1]["result"] == "porch is on"
+    assert runs(log)[before:] == ["porch True"]  # followed, never run again
+
+
 def test_websocket_has_call_and_result_events(server: tuple[ServiceProcess, Path], client: httpx.Client) -> None:
     proc, log = server
     before = len(runs(log))

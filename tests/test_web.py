@@ -44,11 +44,25 @@ TOKEN_KEY = "conversation-session.token"
 ARTIFACTS = Path(os.environ.get("CS_TEST_ARTIFACTS") or Path(tempfile.gettempdir()) / "conversation-session-artifacts")
 
 
+# A server-side tool slow enough to be seen running in the page (a call shows before its result).
+TOOLS = '''
+import time
+
+
+def open_blinds(room: str) -> str:
+    """Open a room's blinds."""
+    time.sleep(1.5)
+    return f"<b>{room}</b> blinds open"
+'''
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     base = tmp_path_factory.mktemp("web")
+    tools = base / "house.py"
+    tools.write_text(TOOLS)
     with service(base / "sessions", "--token", TOKEN_A, "--fake-delay", "0.05", "--rate", "1000",
-                 "--burst", "1000") as proc:
+                 "--burst", "1000", "--tools-file", str(tools)) as proc:
         yield proc
 
 
@@ -325,6 +339,25 @@ def test_content_is_rendered_as_text(page: WebDriver, api: httpx.Client) -> None
     assert attack in (reply.get_attribute("textContent") or "")  # ...and its HTML shown as text
     violations = [e for e in page.get_log("browser") if "Content Security Policy" in e.get("message", "")]
     assert not violations, violations  # the page keeps its own policy
+
+
+def test_a_tool_call_shows_while_it_runs_then_its_result(page: WebDriver, api: httpx.Client) -> None:
+    """The reply's calls appear in the streaming bubble as they happen (the turn is detached:
+    its events come through the same stream a reloaded tab follows), as text."""
+    sid = new_session(page)
+    type_and_send(page, '!call open_blinds {"room": "<i>den</i>"}')
+
+    def running_call(driver: WebDriver) -> str:
+        found = driver.find_elements(By.CSS_SELECTOR, "#messages .msg.streaming ul.calls li")
+        return (found[0].get_attribute("textContent") or "") if found else ""
+
+    line = wait(page, running_call, "the call's line while it runs")
+    assert line.startswith("🔧 open_blinds(") and "<i>den</i>" in line and "→" not in line
+    wait(page, lambda d: "→ <b><i>den</i></b> blinds open" in running_call(d) or reply_done("blinds open.")(d),
+         "the call's result")
+    wait(page, reply_done("blinds open."), "the reply")
+    assert not page.find_elements(By.CSS_SELECTOR, "#messages i, #messages b")  # the tool's text stayed text
+    assert [m["role"] for m in saved(api, sid)] == ["user", "assistant", "tool", "assistant"]
 
 
 def test_phone_size_and_labels(page: WebDriver) -> None:

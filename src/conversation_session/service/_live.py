@@ -38,13 +38,15 @@ def sse_event(event: str, data: dict[str, Any]) -> bytes:
 
 
 class LiveTurn:
-    """One detached turn: its pieces so far, its end (``done`` / ``interrupted`` / ``error``)."""
+    """One detached turn: its events so far (pieces of text, and with server-side tools the
+    ``tool_call`` / ``tool_result`` events in their place among them), its end (``done`` /
+    ``interrupted`` / ``error``)."""
 
     def __init__(self, sid: str, text: str, *, retry: bool):
         self.sid = sid
         self.text = text
         self.retry = retry
-        self.pieces: list[str] = []
+        self.events: list[tuple[str, Any]] = []  # ("piece", text) or (tool event type, its data)
         self.final: tuple[str, dict[str, Any]] | None = None
         self.turn: Any = None
         self.stopped = False
@@ -67,8 +69,14 @@ class LiveTurn:
                 turn = session.stream_retry() if self.retry else session.stream(self.text)
                 async with turn:
                     self.turn = turn
+
+                    def tool_event(event: dict[str, Any]) -> None:  # a call as it happens, in its place
+                        self.events.append((event["type"], {k: v for k, v in event.items() if k != "type"}))
+                        self._notify()
+
+                    turn.on_tool(tool_event)
                     async for piece in turn:
-                        self.pieces.append(piece)
+                        self.events.append(("piece", piece))
                         self._notify()
                     final = await self._result(st, turn)
         except asyncio.CancelledError:  # the service is shutting down
@@ -111,14 +119,23 @@ class LiveTurn:
             turn.cancel()
 
     async def follow(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        """``start``, the reply so far as one ``piece``, each new piece, then the end event."""
+        """``start``, the turn so far (runs of pieces joined into one ``piece``, tool events as
+        they were), each new event, then the end event."""
         yield "start", self.start_event()
         sent = 0
         while True:
             changed = self._changed
-            if sent < len(self.pieces):
-                text = "".join(self.pieces[sent:])
-                sent = len(self.pieces)
+            if sent < len(self.events):
+                kind, data = self.events[sent]
+                if kind != "piece":
+                    sent += 1
+                    yield kind, data
+                    continue
+                end = sent
+                while end < len(self.events) and self.events[end][0] == "piece":
+                    end += 1
+                text = "".join(piece for _, piece in self.events[sent:end])
+                sent = end
                 yield "piece", {"text": text}
                 continue
             if self.final is not None:

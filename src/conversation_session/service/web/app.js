@@ -228,6 +228,26 @@ function callsNode(calls) {
   return list;
 }
 
+// A call of a reply still being written, as it happens: its line when it starts, its result
+// (or error) added to that line once saved; as text, like the saved history's calls.
+function showToolEvent(bubble, event, data) {
+  let list = bubble.querySelector("ul.calls");
+  if (!list) { list = el("ul", { class: "calls", "aria-label": "tool calls" }); bubble.append(list); }
+  const id = String(data.id || "");
+  let line = Array.from(list.children).find((li) => li.dataset.id === id);
+  if (!line) {
+    let args = data.arguments;
+    if (typeof args !== "string") { try { args = JSON.stringify(args || {}); } catch (e) { args = "{}"; } }
+    line = el("li", { text: "🔧 " + String(data.name || "?") + "(" + args + ")" });
+    line.dataset.id = id;
+    list.append(line);
+  }
+  if (event === "tool_result") {
+    const outcome = data.error !== undefined ? data.error : data.result;
+    line.append(document.createTextNode(" → " + String(outcome === undefined ? "" : outcome)));
+  }
+}
+
 function fillBody(node, role, content) {
   const body = node.querySelector(".body");
   body.replaceChildren();
@@ -356,6 +376,8 @@ async function stream(resp, controller, sid, onStart) {
       if (event === "piece") {
         reply += data.text;
         if (!drawn) { drawn = true; requestAnimationFrame(redraw); }
+      } else if (event === "tool_call" || event === "tool_result") {
+        if (bubble) { showToolEvent(bubble, event, data); scrollDown(); }
       } else if (event === "done" || event === "interrupted") {
         ended = true;
       } else if (event === "error") {
