@@ -98,7 +98,7 @@ from ._postgres_keystore import (
     is_reference,
     row_key,
 )
-from ._postgres_sealing import open_field, open_message, open_summary, seal_field, seal_message, seal_summary
+from ._postgres_sealing import open_field, open_messages, open_summary, seal_field, seal_message, seal_summary
 from ._record import (
     ROLES,
     MessageDict,
@@ -715,12 +715,13 @@ def parse_load(session_id: str, rows: list[tuple[Any, ...]], keyring: Keyring | 
                 for _, role, content, flags, extra in rows[1:]
             ]
         else:
-            messages = [open_message(cipher, idx, role, content, where) for idx, role, content, _f, _e in rows[1:]]
+            messages = open_messages(cipher, ((idx, role, content) for idx, role, content, _f, _e in rows[1:]), where)
             system_prompt = open_field(cipher, "system_prompt", system_prompt)
             title = open_field(cipher, "title", title)
             summary = open_summary(cipher, summary)
-            undone = [{**u, "messages": [open_message(cipher, u["start"] + i, m.get("role"), m.get("content"), where)
-                                         for i, m in enumerate(u["messages"])]} for u in undone]
+            undone = [{**u, "messages": open_messages(cipher, ((u["start"] + i, m.get("role"), m.get("content"))
+                                                               for i, m in enumerate(u["messages"])), where)}
+                      for u in undone]
         record = SessionRecord(session_id=session_id, llm_model=llm_model, created_at=created_at,
                                updated_at=updated_at or created_at, messages=messages, system_prompt=system_prompt,
                                summary=validate_summary(summary), title=title, undone=validate_undone(undone))
