@@ -245,3 +245,25 @@ def test_the_kv_file_of_a_deleted_session_is_unreadable_from_a_backup(sessions_d
     with pytest.raises(ValueError, match="cannot be decrypted"):
         open_kv(backup / kv.name, bytearray((backup / kv.name).read_bytes()))
     _no_canary(backup, Path(str(key_file) + ".keystore"))
+
+
+def test_a_delete_without_the_key_still_destroys_the_data_key(sessions_dir, tmp_path):
+    """`sessions delete` needs no key; the folder remembers where its data keys went
+    (``.keystores/``), so a deletion run without the key still makes the backup unreadable."""
+    key = tmp_path / "key"
+    assert cli_main(["keygen", str(key)]) == 0
+    with ConversationSession(backend=FakeBackend(), sessions_dir=sessions_dir, encryption_key=key,
+                             persist_kv_cache=False) as s:
+        s.chat(f"secret {CANARY}")
+        sid = s.session_id
+    backup = tmp_path / "backup"
+    shutil.copytree(sessions_dir, backup)
+    env = {k: v for k, v in os.environ.items() if k not in ("CONVERSATION_SESSION_KEY_FILE",
+                                                              "CONVERSATION_SESSION_KEYSTORE")}
+    done = subprocess.run([sys.executable, "-m", "conversation_session", "--sessions-dir", str(sessions_dir),
+                           "sessions", "delete", sid, "--yes"], env=env, capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert not list(Path(str(key) + ".keystore").glob(f"{sid}.*.key"))
+    with pytest.raises(EncryptionKeyError, match="not in the keystore"):
+        HistoryStore(backup, encryption_key=key).load(sid)

@@ -79,7 +79,7 @@ from ._fileio import (
     read_regular_file_stat,
 )
 from ._ids import SESSION_ID_RE, validate_session_id
-from ._keystore import Keystore, KeystoreCipher, refs_in, resolve_keystore
+from ._keystore import Keystore, KeystoreCipher, recorded_keystores, refs_in, resolve_keystore
 from ._record import (
     META_FIELDS,
     UTF8_BOM,
@@ -885,14 +885,24 @@ class HistoryStore:
                         logger.warning("not deleted: %s is a directory (doctor reports it)", p)
                 with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                     self.kv_path(session_id).unlink()
-                if self.keystore is not None:
-                    # Only now that no file names them: a crash before this leaves keys whose
-                    # session is gone (``doctor --fix`` removes them), never a session without its key.
-                    self.keystore.remove_session(session_id, refs)
+                # Only now that no file names them: a crash before this leaves keys whose session
+                # is gone (``doctor --fix`` removes them), never a session without its key.  Every
+                # keystore this folder ever wrote to, so that a deletion without the key (or with
+                # another keystore) still destroys the session's data keys.
+                for keystore in self._keystores():
+                    keystore.remove_session(session_id, refs)
             finally:
                 if fd is not None:
                     os.close(fd)
         return removed
+
+    def _keystores(self) -> list[Keystore]:
+        """This store's keystore and the others the folder's sessions used (``.keystores/``)."""
+        own = [self.keystore] if self.keystore is not None else []
+        known = {k.directory for k in own}
+        others = [Keystore(p, self.directory, create=False) for p in recorded_keystores(self.directory)
+                  if p not in known]
+        return own + others
 
     def _key_refs(self, session_id: str) -> set[str]:
         """The keystore entries a session's files name (snapshot header, journal lines, KV header)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ from ._addresses import STORE_ENV, is_postgres_url
 from ._crypto import KEY_ENV, KEYSTORE_REF, Keyring, SessionCipher
 from ._fileio import atomic_write_bytes, fsync_dir, read_regular_file
 
-__all__ = ["KEYSTORE_ENV", "Keystore", "KeystoreCipher", "resolve_keystore"]
+__all__ = ["KEYSTORE_ENV", "RECORD_DIR", "Keystore", "KeystoreCipher", "recorded_keystores", "resolve_keystore"]
 
 logger = logging.getLogger("conversation_session.store")
 
@@ -99,6 +100,26 @@ def resolve_keystore(keystore: str | os.PathLike[str] | None, encryption_key: ob
     return sessions_dir / ".keystore", False
 
 
+RECORD_DIR = ".keystores"
+"""In a sessions folder: one small file per keystore that ever held one of its data keys (its
+path), so that deleting a session removes its keys wherever they are, key given or not."""
+
+
+def recorded_keystores(folder: Path) -> list[Path]:
+    """The keystores a sessions folder's data keys were written to (``.keystores/``)."""
+    try:
+        names = sorted(os.listdir(folder / RECORD_DIR))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for name in names:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = read_regular_file(folder / RECORD_DIR / name, 4096).decode("utf-8", "surrogateescape").strip()
+            if text and os.path.isabs(text):
+                out.append(Path(text))
+    return out
+
+
 class Keystore:
     """One keystore folder, as used by one sessions folder's store."""
 
@@ -106,6 +127,7 @@ class Keystore:
         self.directory = directory
         self.folder = str(folder)        # recorded in each entry: whose sessions it serves
         self.also_from: list[Keystore] = []  # rekey: the old key's keystore, read (and emptied) too
+        self._recorded = False
         if create:
             self.ensure()
 
@@ -123,6 +145,18 @@ class Keystore:
             raise SessionError(f"cannot create the keystore {self.directory} ({exc.strerror or exc}); give a "
                                f"writable folder with --keystore DIR (keystore=..., ${KEYSTORE_ENV})") from exc
 
+    def _record_in_folder(self) -> None:
+        """Note this keystore's place in the sessions folder (``.keystores/<hash>``, one small
+        file per keystore, so two processes never rewrite one list), so that a deletion run
+        without the key, or with another keystore, still finds and removes the data keys."""
+        if self._recorded:
+            return
+        note = Path(self.folder) / RECORD_DIR / (hashlib.sha256(str(self.directory).encode()).hexdigest()[:16])
+        if not note.exists():
+            note.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            atomic_write_bytes(note, str(self.directory).encode("utf-8", "surrogateescape"), mode=0o600)
+        self._recorded = True
+
     def path(self, session_id: str, entry_id: str) -> Path:
         return self.directory / f"{session_id}.{entry_id}.key"
 
@@ -130,6 +164,7 @@ class Keystore:
     def put(self, session_id: str, entry_id: str, wrapped: bytes) -> None:
         """Write an entry durably (before any session file names it)."""
         self.ensure()
+        self._record_in_folder()
         data = json.dumps({"format": FORMAT, "version": 1, "session_id": session_id, "folder": self.folder,
                            "data_key": base64.b64encode(wrapped).decode("ascii")}) + "\n"
         atomic_write_bytes(self.path(session_id, entry_id), data.encode(), mode=0o600)
