@@ -294,3 +294,26 @@ def test_the_keystore_url_is_checked_and_taken_from_the_environment(pg_url, ks_u
     monkeypatch.setenv("CONVERSATION_SESSION_KEYSTORE", str(tmp_path / "dir"))
     with PostgresStore(pg_url, encryption_key=key_file) as store:  # a folder there is a folder's keystore
         assert store.keystore is None
+
+
+def test_serve_with_a_postgresql_keystore_keeps_keys_there_and_a_delete_removes_them(pg_url, ks_url, key_file,
+                                                                                     sessions_dir, canary):
+    """`serve --store URL --key-file K --keystore URL2` as a real process: the session's data
+    key is in the keystore database, its row names it, and `DELETE /v1/sessions/{id}` (the
+    web page's delete) removes both."""
+    import httpx
+
+    from test_service import service
+
+    with service(sessions_dir, "--store", pg_url, "--key-file", str(key_file), "--keystore", ks_url) as srv:
+        sid = httpx.post(f"{srv.url}/v1/sessions", timeout=10).json()["session_id"]
+        reply = httpx.post(f"{srv.url}/v1/sessions/{sid}/messages", json={"text": f"kept {canary}"}, timeout=30)
+        assert reply.status_code == 200 and reply.json()["figures"]["saved"], reply.text
+        [(store_id,)] = _rows(pg_url, "SELECT id FROM conversation_session.sessions")
+        assert _data_key(pg_url, store_id).startswith(b"keystore:")
+        assert [s for s, _ in _entries(ks_url)] == [store_id]
+        assert httpx.get(f"{srv.url}/v1/sessions/{sid}", timeout=10).json()["history"][0]["content"] == \
+            f"kept {canary}"
+        assert httpx.delete(f"{srv.url}/v1/sessions/{sid}", timeout=10).status_code in (200, 204)
+    assert _entries(ks_url) == []
+    assert _rows(pg_url, "SELECT id FROM conversation_session.sessions") == []
