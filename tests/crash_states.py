@@ -54,12 +54,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SYSCALLS = ("openat,write,pwrite64,rename,renameat,renameat2,ftruncate,fsync,fdatasync,syncfs,"
             "unlink,unlinkat,close,mkdir")
 SESSIONS = "sessions"
+KEYSTORE = "keystore/"  # a state's files of the keystore (a ``*.keystore`` folder in the run's folder)
 ACKS = "acks"
 FOLD_LINES = 3  # the driver's journal cut threshold (the library's is 64): cuts happen in a short run
 
 
 # -- 1. the driver -------------------------------------------------------------------------------
-BREAKS = ("none", "no-folder-fsync", "no-journal-flush", "unsynced-snapshot")
+BREAKS = ("none", "no-folder-fsync", "no-journal-flush", "unsynced-snapshot", "unsynced-keystore")
 """Defects the driver can plant in its own copy of the library, for the harness's self-test: a
 checker that finds nothing wrong with them would prove nothing."""
 
@@ -81,6 +82,15 @@ def drive(base: Path, level: str, load_turns: int, breaks: str = "none") -> None
     elif breaks == "unsynced-snapshot":
         plain = _file.atomic_write_bytes
         _file.atomic_write_bytes = lambda path, data, **kw: plain(path, data, durable=False)  # type: ignore
+    elif breaks == "unsynced-keystore":  # an encrypted run whose data keys are not flushed
+        from conversation_session.stores import _keystore
+        from conversation_session.stores._crypto import KEY_ENV, keygen
+
+        if not os.environ.get(KEY_ENV):
+            os.environ[KEY_ENV] = str(keygen(base / "key"))  # the keystore beside it, in the run's folder
+        unsynced = _keystore.atomic_write_bytes
+        _keystore.atomic_write_bytes = lambda path, data, **kw: unsynced(  # type: ignore
+            path, data, **{**kw, "durable": False})
     sessions = base / SESSIONS
     ack_fd = os.open(base / ACKS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     states: list[dict[str, object]] = []
@@ -405,7 +415,9 @@ def _make_durable(node: Node) -> None:
 
 
 # -- 4. the states of a crash point ---------------------------------------------------------------
-State = dict[str, bytes]  # file name in the sessions folder -> content; absent folder: {"": b""}
+# file name in the sessions folder (or "keystore/" + name in the keystore, for an encrypted run
+# whose data keys are kept beside its key file) -> content
+State = dict[str, bytes]
 
 
 def _materialise(root: Node, choice: dict[int, tuple[int, bytes | None]], default_all: bool) -> State | None:
@@ -418,16 +430,25 @@ def _materialise(root: Node, choice: dict[int, tuple[int, bytes | None]], defaul
         return (None, None) if default_all else (0, None)
 
     k, _ = upto(root)
-    folder = root.names(k).get(SESSIONS)
+    top = root.names(k)
+    folder = top.get(SESSIONS)
     if folder is None:
         return None
-    k, _ = upto(folder)
     out: State = {}
-    for name, node in folder.names(k).items():
-        if node.is_dir:
-            continue
-        kk, torn = upto(node)
-        out[name] = node.content(kk, torn)
+
+    def files(of: Node, prefix: str) -> None:
+        kf, _ = upto(of)
+        for name, node in of.names(kf).items():
+            if not node.is_dir:
+                kk, torn = upto(node)
+                out[prefix + name] = node.content(kk, torn)
+
+    files(folder, "")
+    # The data keys of an encrypted run are on the disk as the cut left them too: a journal line
+    # naming a key the cut lost would be a session lost.
+    for name, node in top.items():
+        if node.is_dir and name.endswith(".keystore"):
+            files(node, KEYSTORE)
     return out
 
 
@@ -481,7 +502,8 @@ def _norm(state: dict[str, object]) -> tuple[str, str | None]:
     return json.dumps(state["messages"], ensure_ascii=False), state["title"]  # type: ignore[return-value]
 
 
-def load_state(state: State | None, session_id: str, scratch: Path) -> tuple[str, object]:
+def load_state(state: State | None, session_id: str, scratch: Path,
+               key: Path | None = None) -> tuple[str, object]:
     """Load one state with the library: ``("ok", (messages, title))``, ``("missing", None)`` or
     ``("error", text)``."""
     sys.path.insert(0, str(ROOT / "src"))
@@ -489,14 +511,18 @@ def load_state(state: State | None, session_id: str, scratch: Path) -> tuple[str
     from conversation_session.stores._file import HistoryStore
 
     folder = scratch / SESSIONS
+    keystore = scratch / "state.keystore"
     shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(keystore, ignore_errors=True)
     if state is None:
         return "missing", None
     folder.mkdir(parents=True)
+    keystore.mkdir()
     for name, data in state.items():
-        (folder / name).write_bytes(data)
+        target = keystore / name[len(KEYSTORE):] if name.startswith(KEYSTORE) else folder / name
+        target.write_bytes(data)
     try:
-        record = HistoryStore(folder).load(session_id)
+        record = HistoryStore(folder, keystore=keystore, encryption_key=key).load(session_id)
     except SessionNotFoundError:
         return "missing", None
     except Exception as exc:  # noqa: BLE001 - any failure to load is what the check reports
@@ -535,9 +561,12 @@ def check(rec: Recording, *, limit: int | None = None, seed: int = 25, pairs: bo
     log = logging.getLogger("conversation_session")
     log_level, log.level = log.level, logging.CRITICAL
 
+    # An encrypted run's key: the environment's, or the one the driver made in its folder.
+    key = rec.base / "key" if (rec.base / "key").is_file() else None
+
     def load(fp: str) -> tuple[str, object]:
         if fp not in seen:
-            seen[fp] = load_state(contents[fp], rec.session_id, scratch)
+            seen[fp] = load_state(contents[fp], rec.session_id, scratch, key)
         return seen[fp]
 
     floor = -1  # the latest operation whose result was durable (nothing may go back behind it)
