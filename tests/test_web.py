@@ -51,7 +51,7 @@ import time
 
 def open_blinds(room: str) -> str:
     """Open a room's blinds."""
-    time.sleep(1.5)
+    time.sleep(3.0)  # long enough for the page to be seen showing the call before its result
     return f"<b>{room}</b> blinds open"
 '''
 
