@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -312,3 +314,34 @@ def test_an_unused_session_survives_a_restart_on_postgresql(tmp_path: Path, pg_u
         assert co.post(f"/v1/sessions/{sid}/messages", json={"text": "first"}).json()["turn"] == 1
         assert cb.post(f"/v1/sessions/{sid}/messages", json={"text": "second"}).json()["turn"] == 2
         assert _turns(co, sid) == ["first", "second"]
+
+
+def test_a_dead_workers_socket_does_not_make_a_reused_pid_a_worker(tmp_path: Path, monkeypatch) -> None:
+    """A worker killed with -9 leaves its hand-over socket file; when its pid is reused by
+    another program (the chat), a 409 must name that program, not "another worker" (seen in
+    CI: a chat holding a session was called a worker of the service)."""
+    import socket as socket_mod
+
+    from conversation_session.service import _handoff
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    chat = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        folder = _handoff._folder()
+        folder.mkdir(mode=0o700)
+        stale = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_DGRAM)
+        stale.bind(str(folder / f"{chat.pid}.sock"))
+        stale.close()  # the file stays, nobody is bound: what a killed worker leaves
+        holder = f"{socket_mod.gethostname()}:{chat.pid}:abcd"
+        assert not _handoff.is_worker(chat.pid)
+        assert _handoff.describe_holder(holder).startswith(f"another program, process {chat.pid}")
+        live = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_DGRAM)  # a live worker's socket
+        (folder / f"{chat.pid}.sock").unlink()
+        live.bind(str(folder / f"{chat.pid}.sock"))
+        try:
+            assert _handoff.is_worker(chat.pid)
+        finally:
+            live.close()
+    finally:
+        chat.kill()
+        chat.wait()

@@ -63,8 +63,16 @@ def is_worker(pid: int) -> bool:
     hand-over requests); False for another program holding a session (the chat, a script)."""
     try:
         os.kill(pid, 0)
-        return stat.S_ISSOCK(os.stat(_path(pid)).st_mode)
-    except (OSError, ValueError):  # gone, or no socket: not a worker (or hand-over is off)
+        path = _path(pid)
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return False
+        # The file alone proves nothing: a worker killed with -9 leaves it, and its pid may since
+        # belong to another program (the chat).  Connecting is refused unless a live socket is
+        # bound there, and sends nothing.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+            probe.connect(str(path))
+        return True
+    except (OSError, ValueError):  # gone, no socket, or a dead worker's: not a worker (or hand-over is off)
         return False
 
 
