@@ -19,6 +19,7 @@ Markdown on stdout.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -85,15 +86,29 @@ def time_load(folder: Path, key: bytes | None, sid: str) -> float:
     return dt
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def size_flags(ap: argparse.ArgumentParser) -> None:
+    """The sizes of a run (both encryption benchmarks): messages, rounds, turns, ``--smoke``."""
     ap.add_argument("--messages", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--turns", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="200 messages, 2 rounds of 3 turns: proves the script runs")
-    a = ap.parse_args()
+
+
+def sizes(a: argparse.Namespace) -> argparse.Namespace:
     if a.smoke:
         a.messages, a.rounds, a.turns = 200, 2, 3
+    return a
+
+
+def p90(xs: list[float]) -> float:
+    """The 90th percentile in ms (the largest sample below it: a small run's p90 is its maximum)."""
+    return sorted(xs)[min(len(xs) - 1, max(math.ceil(len(xs) * 0.9) - 1, 0))] * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    size_flags(ap)
+    a = sizes(ap.parse_args())
     key = os.urandom(32)
     res: dict[str, dict[str, list[float]]] = {"plain": {}, "encrypted": {}}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
@@ -126,9 +141,6 @@ def main() -> None:
                         ("load", f"load {a.messages:,} messages + 2 journal lines")):
         p, e = res["plain"][name], res["encrypted"][name]
         mp, me = statistics.median(p) * 1000, statistics.median(e) * 1000
-
-        def p90(xs: list[float]) -> float:
-            return sorted(xs)[int(len(xs) * 0.9) - 1] * 1000
         print(f"| {title} | {mp:.3f} ({p90(p):.3f}) | {me:.3f} ({p90(e):.3f}) | {me / mp:.2f}x |")
     bp, be = statistics.median(res["plain"]["bytes"]), statistics.median(res["encrypted"]["bytes"])
     print(f"| size on disk (snapshot + journal) | {bp / 1e6:.2f} MB | {be / 1e6:.2f} MB | {be / bp:.2f}x |")

@@ -21,7 +21,6 @@ Run: ``.venv/bin/python bench/bench_pg_encryption.py [--messages 5000] [--rounds
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from bench_encryption import turn  # noqa: E402  (the same turns as the file store's figures)
+from bench_encryption import p90, size_flags, sizes, turn  # noqa: E402  (the file store's turns and sizes)
 
 from conversation_session import PostgresStore  # noqa: E402
 
@@ -78,20 +77,11 @@ def time_rekey(url: str, old: bytes | None, sid: str, schema: str) -> float:
         return time.perf_counter() - t0
 
 
-def p90(xs: list[float]) -> float:
-    return sorted(xs)[min(len(xs) - 1, max(math.ceil(len(xs) * 0.9) - 1, 0))] * 1000
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", help="an existing PostgreSQL database (default: start a throwaway server)")
-    ap.add_argument("--messages", type=int, default=5000)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--turns", type=int, default=20)
-    ap.add_argument("--smoke", action="store_true", help="200 messages, 2 rounds of 3 turns: proves the script runs")
-    a = ap.parse_args()
-    if a.smoke:
-        a.messages, a.rounds, a.turns = 200, 2, 3
+    size_flags(ap)
+    a = sizes(ap.parse_args())
     server = None
     url = a.url
     if url is None:

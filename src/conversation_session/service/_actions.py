@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from .._exceptions import SessionError
 from ..stores._record import clean_title
 from ._errors import ApiError, ClientGone, result_json, turn_error
-from ._live import LiveTurn, live_turns, sse_event, start_live
+from ._live import LiveTurn, live_turns, sse_event, start_live, start_sse
 from ._requests import read_json, run_watched
 from ._state import state_of
 
@@ -53,9 +53,7 @@ class FollowStream(Response):
         self.live = live
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no")]})
+        await start_sse(send)
         try:
             await run_watched(self._produce(send), receive)
         except ClientGone:

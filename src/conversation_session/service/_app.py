@@ -41,7 +41,7 @@ from ._errors import ApiError, ClientGone, result_json, turn_error
 from ._guard import Guard
 from ._ha import ha_process
 from ._handoff import ask_release, holder_pid
-from ._live import finish_live, sse_event
+from ._live import finish_live, sse_event, start_sse
 from ._log import request_id_var, session_id_var, setup_json_logging
 from ._ollama_api import ollama_routes
 from ._openai_api import openai_routes
@@ -251,9 +251,7 @@ class TurnStream(Response):
         st = self.state
         failure: BaseException | None = None
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no")]})
+            await start_sse(send)
             try:
                 await run_watched(self._produce(send), receive)
             except ClientGone:

@@ -22,19 +22,28 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.types import Send
 
 from .._exceptions import SessionError
 from ._errors import ApiError, result_json, turn_error
 from ._log import session_id_var
 from ._state import ServiceState
 
-__all__ = ["LiveTurn", "finish_live", "live_turns", "sse_event", "start_live"]
+__all__ = ["LiveTurn", "finish_live", "live_turns", "sse_event", "start_live", "start_sse"]
 
 logger = logging.getLogger("conversation_session.service")
 
 
 def sse_event(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+async def start_sse(send: Send) -> None:
+    """The start of a server-sent-events response (streamed and detached turns alike): never
+    cached, never buffered by a proxy in front (``x-accel-buffering``)."""
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+        (b"x-accel-buffering", b"no")]})
 
 
 class LiveTurn:

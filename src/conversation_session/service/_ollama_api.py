@@ -162,6 +162,16 @@ async def pull(request: Request) -> Response:
     return Response("".join(json.dumps(s) + "\n" for s in steps), media_type=_NDJSON)
 
 
+def _generation_fields(data: dict[str, Any]) -> tuple[str, bool, dict[str, Any]]:
+    """What /api/chat and /api/generate both take, checked: the model's name, ``stream``
+    (Ollama's default: true) and the ``options``."""
+    model = check_name(data.get("model"), '"model"')
+    stream = data.get("stream", True)
+    if not isinstance(stream, bool):
+        raise CompatError(400, '"stream" must be true or false')
+    return model, stream, _options(data)
+
+
 def _options(data: dict[str, Any]) -> dict[str, Any]:
     options = data.get("options") or {}
     if not isinstance(options, dict):
@@ -208,11 +218,7 @@ async def chat(request: Request) -> Response:
     st = _state(request)
     owner = await st.owner(request)
     data = await read_json(request, st.config.max_chat_body_bytes)
-    model = check_name(data.get("model"), '"model"')
-    stream = data.get("stream", True)
-    if not isinstance(stream, bool):
-        raise CompatError(400, '"stream" must be true or false')
-    options = _options(data)
+    model, stream, options = _generation_fields(data)
     if not data.get("messages"):
         # An empty chat loads the model (what `ollama run` and keep_alive requests send).
         await st.wait_ready()
@@ -268,11 +274,7 @@ async def generate(request: Request) -> Response:
     st = _state(request)
     await st.owner(request)
     data = await read_json(request, st.config.max_body_bytes)
-    model = check_name(data.get("model"), '"model"')
-    stream = data.get("stream", True)
-    if not isinstance(stream, bool):
-        raise CompatError(400, '"stream" must be true or false')
-    options = _options(data)
+    model, stream, options = _generation_fields(data)
     prompt = data.get("prompt") or ""
     system = data.get("system")
     if not isinstance(prompt, str) or (system is not None and not isinstance(system, str)):
