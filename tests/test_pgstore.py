@@ -382,3 +382,20 @@ def test_urls_are_shown_without_their_password():
     assert json.dumps(PostgresStore.from_url("postgresql://u:pw@h/d").description) == '"postgresql://u@h/d"'
 
 
+
+
+def test_delete_takes_this_hosts_kv_file_with_the_session(pg_url, tmp_path, monkeypatch):
+    """Deleting through the store itself (a library caller, not only the commands and the
+    service) removes the session's KV file from this host's cache, as a folder's delete does."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with PostgresStore(pg_url) as s:
+        ids = []
+        for i in range(2):
+            w = s.create("m")
+            w.append(0, _turn(i))
+            w.close()
+            ids.append(w.session_id)
+            s.kv_path(w.session_id).parent.mkdir(parents=True, exist_ok=True)
+            s.kv_path(w.session_id).write_bytes(b"kv state")
+        assert s.delete(ids[0])
+        assert not s.kv_path(ids[0]).exists() and s.kv_path(ids[1]).exists()

@@ -59,11 +59,11 @@ def kv_file_path(store: object, session_id: str) -> Path:
 
 def remove_kv_file(store: object, session_id: str) -> None:
     """After ``session_id`` was deleted from ``store``: remove its KV file from this host's cache.
-    A folder store deletes ``<id>.kv`` itself, with the session and under its lock (removing it
-    again here could take the file of a new session given the freed id); a store without a
-    folder (PostgreSQL) deletes rows, not this host's files, so every path that deletes a
-    session (retention, prune, ``sessions delete``, the service's DELETE) calls this."""
-    if getattr(store, "directory", None) is not None:
+    A store that names its KV files (``kv_path``: the folder store, PostgreSQL) removes the file
+    itself in ``delete`` (a folder with the session, under its lock: removing it again here could
+    take the file of a new session given the freed id); for any other store, every path that
+    deletes a session (retention, prune, ``sessions delete``, the service's DELETE) calls this."""
+    if getattr(store, "kv_path", None) is not None:
         return
     try:
         kv_file_path(store, session_id).unlink()

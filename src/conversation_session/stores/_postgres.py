@@ -1240,12 +1240,24 @@ class PostgresStore:
                 return state if held else False  # not held: it was updated since idle_before
 
         outcome = self._run("delete a session", run)
-        if isinstance(outcome, bool):
-            return outcome
-        if len(outcome) == 1:  # deleted; its data key is in the keystore: removed now
+        if outcome is False:
+            return False
+        if outcome is not True and len(outcome) != 1:
+            raise locked_error(session_id, outcome[0], outcome[3])
+        if outcome is not True:  # its data key is in the keystore: removed now
             self.settle_dropped_keys()
-            return True
-        raise locked_error(session_id, outcome[0], outcome[3])
+        self._drop_kv_file(session_id)
+        return True
+
+    def _drop_kv_file(self, session_id: str) -> None:
+        """This host's KV file of a deleted session goes with it (as a folder's ``<id>.kv``
+        does), whoever deletes: the commands, the service, retention or a library caller."""
+        try:
+            self.kv_path(session_id).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # the history is gone either way; the cache cap evicts the file later
+            logger.warning("could not remove the KV file of deleted session %s: %s", session_id, exc)
 
     def import_record(self, record: SessionRecord) -> str:
         """``StoreAPI.import_record``; with a key, the session is stored encrypted."""
