@@ -264,13 +264,11 @@ class SessionCipher:
 
     def seal_snapshot(self, plain: bytes) -> bytes:
         header = snapshot_header(self.session_id, self._wrapped_b64)
-        nonce = os.urandom(_NONCE)
-        return header + nonce + self._aead.encrypt(nonce, plain, header)
+        return header + self.seal(plain, header)
 
     def seal_line(self, plain: bytes, lineno: int) -> bytes:
         """A journal line (``plain`` without its newline) sealed at position ``lineno`` (1-based)."""
-        nonce = os.urandom(_NONCE)
-        blob = nonce + self._aead.encrypt(nonce, plain, _line_ad(self.session_id, lineno))
+        blob = self.seal(plain, _line_ad(self.session_id, lineno))
         return JOURNAL_MAGIC + f'"key": "{self._wrapped_b64}", "data": "{_b64(blob)}"}}\n'.encode()
 
     def open_snapshot_body(self, header: bytes, body: bytes, where: str) -> bytes:
@@ -281,8 +279,8 @@ class SessionCipher:
                                      "nothing loaded from it") from None
 
     def seal(self, plain: bytes, ad: bytes) -> bytes:
-        """``plain`` under the data key (nonce + ciphertext), bound to ``ad`` (a store's own
-        values: PostgreSQL's columns)."""
+        """``plain`` under the data key (a fresh nonce + the ciphertext), bound to ``ad``: every
+        seal of this module (snapshots, journal lines, KV files) and PostgreSQL's columns."""
         nonce = os.urandom(_NONCE)
         return nonce + self._aead.encrypt(nonce, plain, ad)
 
@@ -433,8 +431,7 @@ def seal_kv(path: Path, data: bytes) -> bytes:
     head = json.dumps({"format": FORMAT + "-kv", "version": 1, "cipher": "AES-256-GCM",
                        "data_key": cipher._wrapped_b64}).encode()
     header = _KV_MAGIC + struct.pack("<I", len(head)) + head
-    nonce = os.urandom(_NONCE)
-    return header + nonce + cipher._aead.encrypt(nonce, data, header + _kv_ad(path))
+    return header + cipher.seal(data, header + _kv_ad(path))
 
 
 def open_kv(path: Path, raw: bytearray) -> bytearray:

@@ -1403,7 +1403,7 @@ class PostgresStore:
         if not changed and stored:
             self._forget_key(new)
         if changed:
-            self.kv_path(session_id).unlink(missing_ok=True)
+            self._drop_kv_file(session_id)  # sealed under the old key
             self.settle_dropped_keys()
         return changed
 
