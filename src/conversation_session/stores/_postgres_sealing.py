@@ -23,12 +23,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .._exceptions import SessionFormatError
-from ._crypto import SessionCipher
+from ._crypto import SessionCipher, unb64
 from ._record import MessageDict
 
 __all__ = ["open_field", "open_messages", "open_summary", "seal_field", "seal_message", "seal_summary"]
@@ -42,20 +41,11 @@ def _seal(cipher: SessionCipher, place: str, plain: bytes) -> str:
     return base64.b64encode(cipher.seal(plain, _ad(cipher, place))).decode("ascii")
 
 
-def _unb64(text: str) -> bytes:
-    if _STRICT:
-        return binascii.a2b_base64(text, strict_mode=True)  # type: ignore[call-arg]  # (3.11+; mypy checks as 3.10)
-    return base64.b64decode(text.encode("ascii"), validate=True)  # pragma: no cover - Python 3.10
-
-
-_STRICT = sys.version_info >= (3, 11)  # a2b_base64's strict mode: one C call, no regex first
-
-
 def _open(cipher: SessionCipher, place: str, text: object, where: str) -> bytes:
     try:
         if not isinstance(text, str):
             raise ValueError(f"a {type(text).__name__}, not sealed text")
-        blob = _unb64(text)
+        blob = unb64(text)
     except (ValueError, binascii.Error) as exc:
         raise SessionFormatError(f"{where}: not an encrypted value ({exc}); refused") from None
     return cipher.open(blob, _ad(cipher, place), where)
